@@ -1,0 +1,153 @@
+"""AdapterConfig: adapter_config.json, parsed, with PEFT's rules for per-module rank, alpha and scale."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+from ..errors import AdapterConfigError, InputNotFoundError
+
+CONFIG_NAME = "adapter_config.json"
+
+# Variants whose weights are not "W0 + s·B·A" on an unchanged base: refused by name.
+_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")
+_UNSUPPORTED_KEYS = {
+    "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
+    "arrow_config": "Arrow routing (arrow_config)",
+    "use_qalora": "QA-LoRA (use_qalora)",
+    "kasa_config": "KaSA (kasa_config)",
+    "use_bdlora": "BD-LoRA (use_bdlora)",
+    "target_parameters": "LoRA on parameters such as fused MoE experts (target_parameters)",
+}
+
+
+def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
+    """The first key of ``patterns`` (file order) matching ``module`` as PEFT's ``get_pattern_key`` does."""
+    for key in patterns:
+        if re.match(rf"(.*\.)?({key})$", module):
+            return key
+    return None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """The fields of a PEFT LoRA config that decide what its tensors mean."""
+
+    raw: Mapping[str, Any] = field(repr=False)
+    peft_type: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    use_dora: bool
+    target_modules: tuple[str, ...] | str | None
+    exclude_modules: tuple[str, ...] | str | None
+    rank_pattern: Mapping[str, int]
+    alpha_pattern: Mapping[str, float]
+    layers_to_transform: tuple[int, ...] | None
+    modules_to_save: tuple[str, ...]
+    bias: str
+    lora_bias: bool
+    trainable_token_indices: Mapping[str, tuple[int, ...]] | None
+    base_model: str | None
+
+    @classmethod
+    def load(cls, folder: str | Path) -> "AdapterConfig":
+        """Read ``adapter_config.json`` from an adapter folder (or the file itself)."""
+        path = Path(folder)
+        if path.is_dir():
+            path = path / CONFIG_NAME
+        if not path.is_file():
+            raise InputNotFoundError(f"{path}: not found; a PEFT adapter folder needs {CONFIG_NAME}")
+        try:
+            raw = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise AdapterConfigError(f"{path}: not valid JSON ({exc})") from None
+        if not isinstance(raw, dict):
+            raise AdapterConfigError(f"{path}: expected a JSON object")
+        try:
+            return cls.from_dict(raw)
+        except (TypeError, ValueError) as exc:
+            raise AdapterConfigError(f"{path}: {exc}") from None
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> "AdapterConfig":
+        """Build from a config mapping; raises ValueError/TypeError on fields of the wrong type."""
+        def names(value: Any, key: str) -> tuple[str, ...] | str | None:
+            if value is None or isinstance(value, str):
+                return value
+            if isinstance(value, (list, tuple, set)) and all(isinstance(v, str) for v in value):
+                return tuple(value)
+            raise TypeError(f"{key} must be a string or a list of strings")
+
+        tti = raw.get("trainable_token_indices")
+        if isinstance(tti, list):
+            tti = {"embed_tokens": tti}
+        if tti is not None:
+            tti = {str(k): tuple(int(i) for i in v) for k, v in dict(tti).items()}
+        layers = raw.get("layers_to_transform")
+        if isinstance(layers, int):
+            layers = [layers]
+        r = raw.get("r", 8)
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"r must be a positive integer, got {r!r}")
+        return cls(
+            raw=dict(raw),
+            peft_type=str(raw.get("peft_type", "LORA")),
+            r=r,
+            lora_alpha=float(raw.get("lora_alpha", 8)),
+            use_rslora=bool(raw.get("use_rslora", False)),
+            use_dora=bool(raw.get("use_dora", False)),
+            target_modules=names(raw.get("target_modules"), "target_modules"),
+            exclude_modules=names(raw.get("exclude_modules"), "exclude_modules"),
+            rank_pattern={str(k): int(v) for k, v in dict(raw.get("rank_pattern") or {}).items()},
+            alpha_pattern={str(k): float(v) for k, v in dict(raw.get("alpha_pattern") or {}).items()},
+            layers_to_transform=tuple(int(i) for i in layers) if layers else None,
+            modules_to_save=tuple(names(raw.get("modules_to_save"), "modules_to_save") or ()),
+            bias=str(raw.get("bias", "none")),
+            lora_bias=bool(raw.get("lora_bias", False)),
+            trainable_token_indices=tti,
+            base_model=raw.get("base_model_name_or_path"),
+        )
+
+    def alpha_for(self, module: str) -> float:
+        """lora_alpha for a module: the first matching ``alpha_pattern`` key (file order), else the default."""
+        key = pattern_key(self.alpha_pattern, module)
+        return self.alpha_pattern[key] if key is not None else self.lora_alpha
+
+    def rank_for(self, module: str) -> int:
+        """The configured rank of a module (the tensors' own rank is what merging trusts)."""
+        key = pattern_key(self.rank_pattern, module)
+        return self.rank_pattern[key] if key is not None else self.r
+
+    def scale(self, module: str, rank: int) -> float:
+        """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA; ``rank`` from the tensors."""
+        alpha = self.alpha_for(module)
+        return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+    def unsupported(self) -> list[str]:
+        """Names of the variants this config uses that are not plain LoRA (empty when it is)."""
+        found = []
+        if self.peft_type.upper() != "LORA":
+            found.append(f"peft_type {self.peft_type} (only LORA is supported)")
+        init = self.raw.get("init_lora_weights")
+        if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
+            found.append(f"init_lora_weights={init!r} (the base was changed when training started)")
+        for key, label in _UNSUPPORTED_KEYS.items():
+            if self.raw.get(key):
+                found.append(label)
+        return found
+
+    def features(self) -> list[str]:
+        """Which LoRA features the config turns on, for reports."""
+        flags = {
+            "dora": self.use_dora, "rslora": self.use_rslora, "rank_pattern": bool(self.rank_pattern),
+            "alpha_pattern": bool(self.alpha_pattern), "modules_to_save": bool(self.modules_to_save),
+            "bias": self.bias != "none", "lora_bias": self.lora_bias,
+            "trainable_tokens": bool(self.trainable_token_indices),
+            "layers_to_transform": bool(self.layers_to_transform),
+        }
+        return [name for name, on in flags.items() if on]

@@ -1,0 +1,69 @@
+"""Key names of LoRA tensors: in PEFT's saved adapter files and in the augmented (in-memory) form.
+
+Every naming fact about the PEFT format lives in these tables.
+"""
+
+from __future__ import annotations
+
+SAVED_PREFIX = "base_model.model."
+ADAPTER_NAME = "default"
+
+# role -> suffix after "<module>." in a saved adapter file (no adapter name inside).
+SAVED_SUFFIX = {
+    "A": "lora_A.weight",
+    "B": "lora_B.weight",
+    "B_bias": "lora_B.bias",
+    "emb_A": "lora_embedding_A",
+    "emb_B": "lora_embedding_B",
+    "magnitude": "lora_magnitude_vector",
+    "tokens_delta": "token_adapter.trainable_tokens_delta",
+    "base_weight": "base_layer.weight",
+}
+
+# role -> suffix after "<module>." in a PEFT-wrapped model's state dict (adapter name inside).
+AUGMENTED_SUFFIX = {
+    "A": f"lora_A.{ADAPTER_NAME}.weight",
+    "B": f"lora_B.{ADAPTER_NAME}.weight",
+    "B_bias": f"lora_B.{ADAPTER_NAME}.bias",
+    "emb_A": f"lora_embedding_A.{ADAPTER_NAME}",
+    "emb_B": f"lora_embedding_B.{ADAPTER_NAME}",
+    "magnitude": f"lora_magnitude_vector.{ADAPTER_NAME}.weight",
+    "tokens_delta": f"token_adapter.trainable_tokens_delta.{ADAPTER_NAME}",
+}
+
+# Roles that make a module a LoRA module (the rest ride along with one).
+LORA_ROLES = ("A", "emb_A")
+
+
+def strip_prefix(key: str) -> str:
+    """``base_model.model.x.y`` -> ``x.y`` (keys without the prefix are returned unchanged)."""
+    return key[len(SAVED_PREFIX):] if key.startswith(SAVED_PREFIX) else key
+
+
+def split_saved_key(key: str) -> tuple[str, str | None]:
+    """(module, role) for a LoRA tensor key; (base tensor name, None) for a plain tensor.
+
+    ``base_model.model.layers.0.q_proj.lora_A.weight`` -> ``("layers.0.q_proj", "A")``;
+    ``base_model.model.lm_head.weight`` -> ``("lm_head.weight", None)``.
+    """
+    name = strip_prefix(key)
+    for role, suffix in SAVED_SUFFIX.items():
+        if name.endswith("." + suffix):
+            return name[: -len(suffix) - 1], role
+    return name, None
+
+
+def saved_key(module: str, role: str) -> str:
+    """The key of a LoRA tensor in a saved adapter file."""
+    return f"{SAVED_PREFIX}{module}.{SAVED_SUFFIX[role]}"
+
+
+def augmented_key(module: str, role: str) -> str:
+    """The key of a LoRA tensor in the augmented form (a PEFT-wrapped model's state dict)."""
+    return f"{module}.{AUGMENTED_SUFFIX[role]}"
+
+
+def base_layer_key(param: str) -> str:
+    """``x.q_proj.weight`` -> ``x.q_proj.base_layer.weight``: a wrapped module's own parameter."""
+    module, _, leaf = param.rpartition(".")
+    return f"{module}.base_layer.{leaf}"

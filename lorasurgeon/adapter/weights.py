@@ -1,0 +1,93 @@
+"""LoraAdapter: a PEFT adapter folder read as modules with their LoRA tensors, from headers only."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..errors import AdapterConfigError, IncompatibleError
+from ..io.checkpoint import Checkpoint, open_checkpoint
+from .config import AdapterConfig
+from .names import split_saved_key
+
+
+@dataclass(frozen=True)
+class LoraModule:
+    """One adapted module: its name in the base model and the adapter keys of each role."""
+
+    name: str
+    kind: str  # "linear" (Linear or Conv1D, told apart by the base weight), "embedding", "conv"
+    keys: dict[str, str]  # role -> key in the adapter file
+    rank: int
+    alpha: float
+    scale: float
+
+    @property
+    def weight_name(self) -> str:
+        return f"{self.name}.weight"
+
+    @property
+    def bias_name(self) -> str:
+        return f"{self.name}.bias"
+
+
+@dataclass(frozen=True)
+class LoraAdapter:
+    """An adapter: its config, its checkpoint, its LoRA modules and its full-tensor replacements."""
+
+    path: Path
+    config: AdapterConfig
+    checkpoint: Checkpoint
+    modules: dict[str, LoraModule]
+    replacements: dict[str, str]  # base tensor name -> adapter key (modules_to_save, bias)
+
+    def close(self) -> None:
+        self.checkpoint.close()
+
+
+def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
+    """Open a PEFT adapter folder: config + tensor headers, grouped by module.
+
+    Raises:
+        AdapterConfigError: the config or tensors do not describe a valid LoRA adapter.
+    """
+    folder = Path(path)
+    config = AdapterConfig.load(folder)
+    ckpt = open_checkpoint(folder)
+    groups: dict[str, dict[str, str]] = {}
+    replacements: dict[str, str] = {}
+    for key in ckpt:
+        module, role = split_saved_key(key)
+        if role is None:
+            replacements[module] = key
+        else:
+            groups.setdefault(module, {})[role] = key
+    modules = {}
+    for name, keys in groups.items():
+        if "A" in keys or "emb_A" in keys:
+            modules[name] = _module(folder, config, ckpt, name, keys)
+        elif set(keys) - {"base_weight", "tokens_delta"}:
+            raise AdapterConfigError(
+                f"{folder}: module {name!r} has {', '.join(sorted(keys))} but no lora_A"
+            )
+    return LoraAdapter(folder, config, ckpt, modules, replacements)
+
+
+def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str,
+            keys: dict[str, str]) -> LoraModule:
+    embedding = "emb_A" in keys
+    a_key, b_key = (keys.get("emb_A"), keys.get("emb_B")) if embedding else (keys.get("A"), keys.get("B"))
+    if b_key is None:
+        raise AdapterConfigError(f"{folder}: module {name!r} has lora_A but no lora_B")
+    a, b = ckpt.info(a_key), ckpt.info(b_key)
+    kind = "embedding" if embedding else ("conv" if len(a.shape) == 4 else "linear")
+    # Embedding A is (r, num_embeddings); Linear A is (r, in); Conv A is (r, in, k, k).
+    rank = a.shape[0]
+    rank_b = b.shape[1] if len(b.shape) >= 2 else None
+    if len(a.shape) not in (2, 4) or rank_b != rank:
+        raise IncompatibleError(
+            f"{folder}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
+            "do not share a rank"
+        )
+    return LoraModule(name, kind, dict(keys), rank, config.alpha_for(name), config.scale(name, rank))

@@ -1,0 +1,151 @@
+"""Describe a checkpoint or adapter from its headers: the ``inspect`` command."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from .adapter.config import CONFIG_NAME
+from .adapter.weights import load_adapter
+from .io.checkpoint import open_checkpoint
+from .io.dtypes import safetensors_name
+from .io.source import resolve
+
+
+@dataclass(frozen=True)
+class DtypeCount:
+    tensors: int
+    parameters: int
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    name: str
+    kind: str
+    rank: int
+    alpha: float
+    scale: float
+
+
+@dataclass(frozen=True)
+class AdapterReport:
+    peft_type: str
+    base_model: str | None
+    r: int
+    lora_alpha: float
+    target_modules: list[str] | str | None
+    features: list[str]
+    unsupported: list[str]
+    modules_to_save: list[str]
+    replaced_tensors: list[str]
+    modules: list[ModuleReport]
+
+
+@dataclass(frozen=True)
+class CheckpointReport:
+    """What ``inspect`` reports. ``to_dict()`` is the ``--json`` document."""
+
+    path: str
+    format: str
+    files: list[str]
+    tensors: int
+    parameters: int
+    bytes: int
+    dtypes: dict[str, DtypeCount]
+    metadata: dict[str, str]
+    adapter: AdapterReport | None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
+    """Describe the checkpoint or PEFT adapter at ``path`` without reading any tensor data."""
+    root = resolve(path)
+    is_adapter = (root if root.is_dir() else root.parent).joinpath(CONFIG_NAME).is_file()
+    adapter = load_adapter(root) if is_adapter and root.is_dir() else None
+    ckpt = adapter.checkpoint if adapter else open_checkpoint(root)
+    dtypes: dict[str, list[int]] = {}
+    for info in ckpt.infos():
+        counts = dtypes.setdefault(safetensors_name(info.dtype), [0, 0])
+        counts[0] += 1
+        counts[1] += info.numel
+    files = [ckpt.index_file] if ckpt.index_file else []
+    files += list(ckpt.files)
+    report = CheckpointReport(
+        path=str(root),
+        format=ckpt.format,
+        files=[str(_rel(f, ckpt.folder)) for f in files],
+        tensors=len(ckpt),
+        parameters=sum(i.numel for i in ckpt.infos()),
+        bytes=ckpt.nbytes,
+        dtypes={k: DtypeCount(*v) for k, v in sorted(dtypes.items())},
+        metadata=dict(ckpt.metadata),
+        adapter=_adapter_report(adapter) if adapter else None,
+    )
+    ckpt.close()
+    return report
+
+
+def _rel(path: Path, folder: Path) -> Path:
+    try:
+        return path.relative_to(folder)
+    except ValueError:
+        return path
+
+
+def _adapter_report(adapter) -> AdapterReport:
+    cfg = adapter.config
+    kinds = {m.kind for m in adapter.modules.values()}
+    features = cfg.features() + sorted(k for k in kinds if k != "linear")
+    if any("base_weight" in m.keys for m in adapter.modules.values()):
+        features.append("base_layer_weights")
+    target = cfg.target_modules
+    return AdapterReport(
+        peft_type=cfg.peft_type,
+        base_model=cfg.base_model,
+        r=cfg.r,
+        lora_alpha=cfg.lora_alpha,
+        target_modules=sorted(target) if isinstance(target, tuple) else target,
+        features=features,
+        unsupported=cfg.unsupported(),
+        modules_to_save=list(cfg.modules_to_save),
+        replaced_tensors=sorted(adapter.replacements),
+        modules=[ModuleReport(m.name, m.kind, m.rank, m.alpha, m.scale)
+                 for m in adapter.modules.values()],
+    )
+
+
+def format_report(report: CheckpointReport) -> str:
+    """A readable multi-line summary (the output of ``inspect`` without ``--json``)."""
+    lines = [
+        f"{report.path}",
+        f"  format      {report.format}",
+        f"  files       {len(report.files)}: {', '.join(report.files[:4])}"
+        + (" ..." if len(report.files) > 4 else ""),
+        f"  tensors     {report.tensors:,}",
+        f"  parameters  {report.parameters:,}",
+        f"  bytes       {report.bytes:,} ({report.bytes / 2**20:.1f} MiB)",
+        "  dtypes      " + ", ".join(
+            f"{k} ({v.tensors} tensors, {v.parameters:,} params)" for k, v in report.dtypes.items()),
+    ]
+    a = report.adapter
+    if a is None:
+        return "\n".join(lines)
+    target = a.target_modules if isinstance(a.target_modules, str) else ", ".join(a.target_modules or [])
+    lines += [
+        f"  adapter     {a.peft_type}, r={a.r}, lora_alpha={a.lora_alpha:g}, base={a.base_model or '?'}",
+        f"  targets     {target}",
+        f"  features    {', '.join(a.features) or 'plain LoRA'}",
+    ]
+    if a.unsupported:
+        lines.append(f"  unsupported {'; '.join(a.unsupported)}")
+    if a.replaced_tensors:
+        lines.append(f"  replaces    {', '.join(a.replaced_tensors)}")
+    if a.modules:
+        width = max(len(m.name) for m in a.modules)
+        lines.append(f"  {'module'.ljust(width)}  {'kind':<9} {'rank':>4} {'alpha':>7} {'scale':>8}")
+        for m in a.modules:
+            lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g}")
+    return "\n".join(lines)

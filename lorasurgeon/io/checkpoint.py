@@ -1,0 +1,246 @@
+"""Checkpoint: the tensors of a model or adapter, indexed from headers, read one at a time.
+
+A checkpoint is opened from a folder (``model.safetensors``, a sharded
+``model.safetensors.index.json``, a PEFT adapter folder, legacy ``pytorch_model.bin`` with or
+without its index) or from a single file. Names, dtypes and shapes come from the headers alone.
+``read(name)`` returns a fresh tensor that owns its memory: nothing is cached, no file is
+memory-mapped for safetensors, so memory does not grow with the number of tensors read and
+nothing the caller does to a tensor can reach an input file.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from ..errors import CorruptCheckpointError, InputNotFoundError
+from .dtypes import itemsize
+from .header import read_header
+from .legacy import LegacyFile
+
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+BIN_INDEX = "pytorch_model.bin.index.json"
+# Folder layouts, most preferred first: (file to look for, format name).
+FOLDER_LAYOUTS = (
+    (SAFETENSORS_INDEX, "safetensors-sharded"),
+    ("model.safetensors", "safetensors"),
+    ("adapter_model.safetensors", "safetensors"),
+    (BIN_INDEX, "pytorch-bin-sharded"),
+    ("pytorch_model.bin", "pytorch-bin"),
+    ("adapter_model.bin", "pytorch-bin"),
+)
+BIN_SUFFIXES = (".bin", ".pt", ".pth")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """Where one tensor lives and what it is, known without reading it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int | None  # absolute byte offset in a safetensors file; None for pickles
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * itemsize(self.dtype)
+
+
+class Checkpoint:
+    """A lazily read set of tensors. Use :func:`open_checkpoint` to make one."""
+
+    def __init__(self, root: Path, format: str, files: list[Path], infos: list[TensorInfo],
+                 metadata: dict[str, str], index_file: Path | None = None):
+        self.root = root
+        self.format = format
+        self.files = tuple(files)
+        self.index_file = index_file
+        self.metadata = metadata
+        self._infos = {i.name: i for i in infos}
+        self._legacy: LegacyFile | None = None
+
+    # --- what is in it -------------------------------------------------------------
+    @property
+    def is_adapter(self) -> bool:
+        """True for a PEFT adapter (its folder has adapter_config.json, or the file says so)."""
+        folder = self.root if self.root.is_dir() else self.root.parent
+        return (folder / "adapter_config.json").is_file() or any(
+            f.name.startswith("adapter_model.") for f in self.files
+        )
+
+    @property
+    def folder(self) -> Path:
+        return self.root if self.root.is_dir() else self.root.parent
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._infos
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._infos)
+
+    def __len__(self) -> int:
+        return len(self._infos)
+
+    def names(self) -> list[str]:
+        return list(self._infos)
+
+    def info(self, name: str) -> TensorInfo:
+        try:
+            return self._infos[name]
+        except KeyError:
+            raise KeyError(f"{self.root}: no tensor named {name!r}") from None
+
+    def infos(self) -> list[TensorInfo]:
+        return list(self._infos.values())
+
+    @property
+    def nbytes(self) -> int:
+        return sum(i.nbytes for i in self._infos.values())
+
+    # --- reading --------------------------------------------------------------------
+    def read(self, name: str) -> torch.Tensor:
+        """Read one tensor into new, writable CPU memory that this checkpoint keeps no reference to."""
+        info = self.info(name)
+        if info.offset is None:
+            return self._read_legacy(info)
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            view = memoryview(out.numpy())
+            fd = os.open(info.file, os.O_RDONLY)
+            try:
+                done = 0
+                while done < info.nbytes:
+                    n = os.preadv(fd, [view[done:]], info.offset + done)
+                    if n == 0:
+                        raise CorruptCheckpointError(
+                            f"{info.file}: truncated while reading tensor {name!r}"
+                        )
+                    done += n
+            finally:
+                os.close(fd)
+        return out.view(info.dtype).reshape(info.shape)
+
+    def _read_legacy(self, info: TensorInfo) -> torch.Tensor:
+        # One pickle is mapped at a time: moving to the next shard unmaps the previous one.
+        if self._legacy is None or self._legacy.path != info.file:
+            self.close()
+            self._legacy = LegacyFile(info.file)
+        return self._legacy.read(info.name)
+
+    def close(self) -> None:
+        if self._legacy is not None:
+            self._legacy.close()
+            self._legacy = None
+
+    def __enter__(self) -> "Checkpoint":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"Checkpoint({str(self.root)!r}, format={self.format!r}, tensors={len(self)})"
+
+
+def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
+    """Open a checkpoint folder or file, reading headers only.
+
+    Raises:
+        InputNotFoundError: the path, or a shard its index names, does not exist.
+        CorruptCheckpointError: a header or index is malformed, truncated or inconsistent.
+        UnsafeCheckpointError: a pickle asks for anything but tensors.
+    """
+    root = Path(path)
+    if not root.exists():
+        raise InputNotFoundError(f"{root}: no such file or folder")
+    if root.is_dir():
+        for filename, fmt in FOLDER_LAYOUTS:
+            if (root / filename).is_file():
+                return _open_file(root, root / filename, fmt)
+        found = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json") + BIN_SUFFIXES)
+        raise InputNotFoundError(
+            f"{root}: no checkpoint found (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)}; "
+            f"found {', '.join(found) or 'nothing usable'})"
+        )
+    if root.name.endswith(".index.json"):
+        fmt = "safetensors-sharded" if ".safetensors." in root.name else "pytorch-bin-sharded"
+        return _open_file(root.parent, root, fmt)
+    if root.suffix == ".safetensors":
+        return _open_file(root, root, "safetensors")
+    if root.suffix in BIN_SUFFIXES:
+        return _open_file(root, root, "pytorch-bin")
+    raise CorruptCheckpointError(
+        f"{root}: not a checkpoint (expected .safetensors, .bin or an .index.json file, or a folder)"
+    )
+
+
+def _open_file(root: Path, file: Path, fmt: str) -> Checkpoint:
+    if fmt.endswith("-sharded"):
+        shards = _read_index(file)
+        infos: list[TensorInfo] = []
+        metadata: dict[str, str] = {}
+        for shard, names in shards.items():
+            shard_infos, meta = _scan(shard)
+            metadata = metadata or meta
+            by_name = {i.name: i for i in shard_infos}
+            for name in names:
+                if name not in by_name:
+                    raise CorruptCheckpointError(
+                        f"{file}: the index puts tensor {name!r} in {shard.name}, "
+                        "which does not contain it"
+                    )
+                infos.append(by_name[name])
+        return Checkpoint(root, fmt, list(shards), infos, metadata, index_file=file)
+    infos, metadata = _scan(file)
+    return Checkpoint(root, fmt, [file], infos, metadata)
+
+
+def _scan(file: Path) -> tuple[list[TensorInfo], dict[str, str]]:
+    if file.suffix == ".safetensors":
+        size = file.stat().st_size
+        with open(file, "rb") as fh:
+            header = read_header(file, size, fh)
+        infos = [TensorInfo(e.name, e.dtype, e.shape, file, e.begin) for e in header.entries]
+        return infos, header.metadata
+    with LegacyFile(file) as legacy:
+        return [TensorInfo(n, d, s, file, None) for n, d, s in legacy.entries()], {}
+
+
+def _read_index(index: Path) -> dict[Path, list[str]]:
+    """The shards an index names, in order, each with its tensor names."""
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CorruptCheckpointError(f"{index}: not valid JSON ({exc})") from None
+    weight_map = doc.get("weight_map") if isinstance(doc, dict) else None
+    if not isinstance(weight_map, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
+    ):
+        raise CorruptCheckpointError(f"{index}: no \"weight_map\" of tensor name -> shard file")
+    folder = index.parent.resolve()
+    shards: dict[Path, list[str]] = {}
+    for name, filename in weight_map.items():
+        shard = (index.parent / filename)
+        if folder not in shard.resolve().parents:
+            raise CorruptCheckpointError(
+                f"{index}: shard {filename!r} (for {name!r}) lies outside the checkpoint folder"
+            )
+        shards.setdefault(shard, []).append(name)
+    for shard in shards:
+        if not shard.is_file():
+            raise InputNotFoundError(
+                f"{index}: names shard {shard.name}, which is not there "
+                "(download the missing shard, or pass a complete checkpoint)"
+            )
+    return shards

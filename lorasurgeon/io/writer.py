@@ -1,0 +1,206 @@
+"""CheckpointWriter: streams tensors into safetensors shards, atomically.
+
+Every shard's header is written first, from the planned names, dtypes and shapes, so each
+tensor's place in its file is known before any data arrives; a tensor is written to that place
+as soon as it is handed over (in any order) and then dropped. No shard is ever held in memory.
+
+Everything goes into a hidden sibling folder (``.NAME.XXXX.lorasurgeon-partial``). ``commit``
+fsyncs the files, writes the index last, and renames the folder into place; any failure before
+that removes the partial folder. With ``overwrite`` an existing output is replaced only after
+the new one is complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import OutputError, OutputExistsError
+from .header import build_header
+from .layout import Shard, TensorSpec
+
+PARTIAL_SUFFIX = ".lorasurgeon-partial"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    while data:
+        n = os.pwrite(fd, data, offset)
+        data, offset = data[n:], offset + n
+
+
+class CheckpointWriter:
+    """Write a planned set of tensors as safetensors shards under ``out``.
+
+    Args:
+        out: the result folder; must not exist unless ``overwrite``.
+        shards: the planned files and their tensors (see :mod:`lorasurgeon.io.layout`).
+        index_name: the index written when there is more than one shard (None: never).
+        metadata: the safetensors ``__metadata__`` of every shard.
+        overwrite: replace an existing ``out`` once the new result is complete.
+
+    Use as a context manager: a clean exit commits, an exception aborts.
+    """
+
+    def __init__(self, out: str | os.PathLike[str], shards: Sequence[Shard], *,
+                 index_name: str | None = "model.safetensors.index.json",
+                 metadata: dict[str, str] | None = None, overwrite: bool = False):
+        self.out = Path(out)
+        self.shards = list(shards)
+        self.index_name = index_name if len(self.shards) > 1 else None
+        if self.out.exists() and not overwrite:
+            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        if self.out.exists() and not self.out.is_dir():
+            raise OutputError(f"{self.out}: exists and is not a folder")
+        names = [t.name for s in self.shards for t in s.tensors]
+        if len(set(names)) != len(names):
+            raise ValueError("a tensor is planned twice")
+        parent = self.out.parent
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{parent}: cannot create the output's folder ({exc.strerror})") from None
+        need = sum(s.nbytes for s in self.shards)
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise OutputError(
+                f"{parent}: not enough free space: the result needs {need / 1e9:.2f} GB, "
+                f"{free / 1e9:.2f} GB are free"
+            )
+        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=PARTIAL_SUFFIX, dir=parent))
+        self._fds: dict[str, int] = {}
+        self._slots: dict[str, tuple[str, int, TensorSpec]] = {}
+        self._done = False
+        try:
+            meta = {"format": "pt"} if metadata is None else metadata
+            for shard in self.shards:
+                header, offsets = build_header(
+                    [(t.name, t.dtype, t.shape) for t in shard.tensors], meta)
+                fd = os.open(self._tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+                self._fds[shard.filename] = fd
+                _pwrite_all(fd, memoryview(header), 0)
+                for spec, off in zip(shard.tensors, offsets):
+                    self._slots[spec.name] = (shard.filename, len(header) + off, spec)
+        except BaseException:
+            self.abort()
+            raise
+
+    @property
+    def partial_dir(self) -> Path:
+        """The hidden folder the result is assembled in (for sidecar files)."""
+        return self._tmp
+
+    @property
+    def pending(self) -> list[str]:
+        """Planned tensors not yet written."""
+        return list(self._slots)
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Write one planned tensor; its dtype and shape must be the planned ones."""
+        try:
+            filename, offset, spec = self._slots.pop(name)
+        except KeyError:
+            raise ValueError(f"tensor {name!r} was not planned, or was already written") from None
+        if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
+            raise ValueError(
+                f"tensor {name!r}: planned {spec.dtype}{list(spec.shape)}, "
+                f"got {tensor.dtype}{list(tensor.shape)}"
+            )
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
+        _pwrite_all(self._fds[filename], data, offset)
+
+    def add_file(self, relname: str, data: bytes | str) -> None:
+        """Put a small file (config, model card) into the result."""
+        path = self._tmp / relname
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+
+    def copy_file(self, src: Path, relname: str | None = None) -> None:
+        """Copy a file (tokenizer, generation config) into the result."""
+        dst = self._tmp / (relname or src.name)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src, dst)
+
+    def commit(self) -> Path:
+        """Make the result durable and visible at ``out``; the index is the last file written."""
+        if self._done:
+            raise RuntimeError("writer already finished")
+        if self._slots:
+            missing = ", ".join(list(self._slots)[:5])
+            self.abort()
+            raise RuntimeError(f"{len(self._slots)} planned tensors were never written ({missing} ...)")
+        try:
+            for fd in self._fds.values():
+                os.fsync(fd)
+                os.close(fd)
+            self._fds.clear()
+            for path in self._tmp.rglob("*"):
+                if path.is_file() and path.suffix != ".safetensors":
+                    with open(path, "rb+") as fh:
+                        os.fsync(fh.fileno())
+            if self.index_name:
+                self._write_index()
+            _fsync_dir(self._tmp)
+            old = None
+            if self.out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".lorasurgeon-old",
+                                            dir=self.out.parent))
+                os.replace(self.out, old / "result")
+            os.replace(self._tmp, self.out)
+            _fsync_dir(self.out.parent)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.out}: could not finish writing ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
+        self._done = True
+        return self.out
+
+    def _write_index(self) -> None:
+        weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
+        doc = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+               "weight_map": dict(sorted(weight_map.items()))}
+        path = self._tmp / self.index_name
+        with open(path, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(doc, indent=2) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    def abort(self) -> None:
+        """Throw away everything written so far."""
+        for fd in self._fds.values():
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._fds.clear()
+        self._done = True
+        shutil.rmtree(self._tmp, ignore_errors=True)
+
+    def __enter__(self) -> "CheckpointWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if self._done:
+            return
+        if exc_type is None:
+            self.commit()
+        else:
+            self.abort()

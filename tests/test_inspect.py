@@ -1,0 +1,98 @@
+"""inspect: headers-only reports, with per-module rank and scale checked against PEFT's own layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import make_fixtures as mf
+from lorasurgeon import inspect
+
+from conftest import ROOT, run_cli
+
+
+def peft_scalings(base_config, adapter_dir, seed=0):
+    """{module name: (r, scaling)} as PEFT computes them after loading the saved adapter."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(mf.build_model(base_config, seed=seed), adapter_dir)
+    out = {}
+    for name, module in model.base_model.model.named_modules():
+        if isinstance(getattr(module, "scaling", None), dict) and "default" in module.scaling:
+            out[name] = (module.r["default"], module.scaling["default"])
+    return out
+
+
+ADAPTERS = {
+    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                     rank_pattern={"v_proj": 2, r"layers\.1\..*q_proj": 6},
+                     alpha_pattern={"q_proj": 3, "down_proj": 32}),
+    "rslora+dora": dict(r=8, lora_alpha=4, use_rslora=True, use_dora=True, target_modules=["q_proj", "o_proj"]),
+    "embedding+modules_to_save": dict(r=2, lora_alpha=2, target_modules=["embed_tokens", "k_proj"],
+                                      modules_to_save=["lm_head"]),
+}
+
+
+@pytest.mark.parametrize("kind", list(ADAPTERS))
+def test_adapter_ranks_and_scales_match_peft(tmp_path, kind):
+    config = mf.llama_config(tied=False)
+    out = mf.make_adapter(mf.build_model(config), tmp_path / "adapter", **ADAPTERS[kind])
+    report = inspect(out)
+    expected = peft_scalings(config, out)
+    assert report.adapter is not None
+    got = {m.name: (m.rank, m.scale) for m in report.adapter.modules}
+    assert set(got) == set(expected)
+    for name, (r, s) in expected.items():
+        assert got[name][0] == r and got[name][1] == pytest.approx(s, rel=1e-12), name
+
+
+def test_adapter_features_and_json_keys(tmp_path):
+    config = mf.llama_config(tied=False)
+    out = mf.make_adapter(mf.build_model(config), tmp_path / "adapter", **ADAPTERS["embedding+modules_to_save"])
+    result = run_cli("inspect", out, "--json")
+    assert result.exit_code == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert {"format", "files", "tensors", "parameters", "bytes", "dtypes", "adapter"} <= set(doc)
+    assert doc["format"] == "safetensors" and doc["files"] == ["adapter_model.safetensors"]
+    assert set(doc["adapter"]["features"]) >= {"modules_to_save", "embedding"}
+    assert doc["adapter"]["replaced_tensors"] == ["lm_head.weight"]
+    kinds = {m["name"]: m["kind"] for m in doc["adapter"]["modules"]}
+    assert kinds["model.embed_tokens"] == "embedding"
+    assert doc["parameters"] == sum(v["parameters"] for v in doc["dtypes"].values())
+
+
+def test_checkpoint_counts_are_exact(tmp_path):
+    tensors = {"a": torch.zeros(3, 4), "b": torch.zeros(5, dtype=torch.bfloat16), "c": torch.tensor(1)}
+    save_file(tensors, tmp_path / "m.safetensors")
+    report = inspect(tmp_path / "m.safetensors")
+    assert (report.tensors, report.parameters, report.bytes) == (3, 18, 12 * 4 + 5 * 2 + 8)
+    assert report.adapter is None
+    assert {k: (v.tensors, v.parameters) for k, v in report.dtypes.items()} == {
+        "F32": (1, 12), "BF16": (1, 5), "I64": (1, 1)}
+
+
+def test_sharded_model_lists_index_and_shards(llama_sharded_dir):
+    report = inspect(llama_sharded_dir)
+    assert report.format == "safetensors-sharded"
+    assert report.files[0] == "model.safetensors.index.json" and len(report.files) > 2
+
+
+def test_table_output_on_committed_fixtures():
+    result = run_cli("inspect", ROOT / "fixtures" / "adapter")
+    assert result.exit_code == 0
+    assert "model.layers.0.self_attn.q_proj" in result.stdout and "scale" in result.stdout
+    result = run_cli("inspect", ROOT / "fixtures" / "base")
+    assert "BF16" in result.stdout and "parameters" in result.stdout
+
+
+def test_unsupported_variants_are_named(tmp_path):
+    config = mf.llama_config(tied=False)
+    out = mf.make_adapter(mf.build_model(config), tmp_path / "adapter", r=2)
+    cfg = json.loads((out / "adapter_config.json").read_text())
+    cfg["init_lora_weights"] = "pissa"
+    (out / "adapter_config.json").write_text(json.dumps(cfg))
+    report = inspect(out)
+    assert report.adapter and any("pissa" in u for u in report.adapter.unsupported)
