@@ -65,5 +65,117 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         click.echo(format_report(report))
 
 
+def _progress(quiet: bool, total: int):
+    """A tqdm bar in bytes on stderr, only for a terminal and without --quiet."""
+    if quiet or not sys.stderr.isatty():
+        return None, lambda: None
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
+    return bar.update, bar.close
+
+
+def _run_with_progress(fn, quiet: bool, **kwargs):
+    dry = fn(**{**kwargs, "dry_run": True})
+    if kwargs.get("dry_run"):
+        return dry
+    update, close = _progress(quiet, dry.plan.nbytes)
+    try:
+        return fn(**kwargs, progress=update)
+    finally:
+        close()
+
+
+def _common(f):
+    options = [
+        click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder."),
+        click.option("--weight", "weights", type=float, multiple=True,
+                     help="Weight of each adapter, in order (default 1.0 each)."),
+        click.option("--dtype", default="auto", show_default=True,
+                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
+                     help="Output dtype of floating tensors; auto keeps the base's."),
+        click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
+        click.option("--max-shard-size", default=None, help="e.g. 5GB; default keeps the base's layout."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete."),
+        click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _print(report, quiet: bool) -> None:
+    if report.dry_run or not quiet:
+        click.echo(report.summary())
+
+
+@cli.command("merge")
+@click.argument("base")
+@click.argument("adapters", nargs=-1, required=True)
+@click.option("--form", default="merged", show_default=True, type=click.Choice(["merged", "augmented"]),
+              help="merged: plain architecture; augmented: LoRA layers inside.")
+@_common
+def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet):
+    """Merge PEFT LoRA adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
+
+    \b
+    Examples:
+      lorasurgeon merge fixtures/base fixtures/adapter -o merged
+      lorasurgeon merge ./Llama-3-8B ./my-lora --dtype bfloat16 -o ./Llama-3-8B-merged
+      lorasurgeon merge BASE A1 A2 --weight 1 --weight 0.5 -o OUT
+    """
+    from .merge import merge
+
+    report = _run_with_progress(merge, quiet, base=base, adapters=adapters, out=out, weights=weights,
+                                form=form, dtype=dtype, device=device, max_shard_size=max_shard_size,
+                                overwrite=overwrite, dry_run=dry_run)
+    _print(report, quiet)
+
+
+@cli.command("unmerge")
+@click.argument("merged")
+@click.argument("adapters", nargs=-1, required=True)
+@_common
+def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet):
+    """Take adapters back out of MERGED: W0 = W − Σ w·(α/r)·B·A.
+
+    \b
+    Example:
+      lorasurgeon unmerge merged fixtures/adapter -o base-again
+    """
+    from .merge import unmerge
+
+    report = _run_with_progress(unmerge, quiet, merged=merged, adapters=adapters, out=out, weights=weights,
+                                dtype=dtype, device=device, max_shard_size=max_shard_size,
+                                overwrite=overwrite, dry_run=dry_run)
+    _print(report, quiet)
+
+
+@cli.command("convert")
+@click.argument("augmented")
+@click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter"]), help="Target form.")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder.")
+@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--max-shard-size", default=None, help="e.g. 5GB.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
+@click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
+def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dry_run, quiet):
+    """Turn an AUGMENTED checkpoint (from merge --form augmented) into merged or adapter form.
+
+    \b
+    Example:
+      lorasurgeon convert aug --to adapter -o adapter-again
+    """
+    from .merge import convert
+
+    report = _run_with_progress(convert, quiet, augmented=augmented, to=to, out=out, dtype=dtype,
+                                device=device, max_shard_size=max_shard_size, overwrite=overwrite,
+                                dry_run=dry_run)
+    _print(report, quiet)
+
+
 def main() -> None:
     cli(prog_name="lorasurgeon")

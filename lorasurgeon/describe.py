@@ -99,7 +99,7 @@ def _adapter_report(adapter) -> AdapterReport:
     cfg = adapter.config
     kinds = {m.kind for m in adapter.modules.values()}
     features = cfg.features() + sorted(k for k in kinds if k != "linear")
-    if any("base_weight" in m.keys for m in adapter.modules.values()):
+    if adapter.base_weights:
         features.append("base_layer_weights")
     target = cfg.target_modules
     return AdapterReport(

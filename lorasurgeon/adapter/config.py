@@ -113,6 +113,13 @@ class AdapterConfig:
             base_model=raw.get("base_model_name_or_path"),
         )
 
+    def token_indices(self, module: str) -> tuple[int, ...] | None:
+        """The token ids of trainable tokens for ``module`` (keys match as module-name suffixes)."""
+        for key, ids in (self.trainable_token_indices or {}).items():
+            if module == key or module.endswith("." + key):
+                return ids
+        return None
+
     def alpha_for(self, module: str) -> float:
         """lora_alpha for a module: the first matching ``alpha_pattern`` key (file order), else the default."""
         key = pattern_key(self.alpha_pattern, module)

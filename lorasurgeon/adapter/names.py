@@ -67,3 +67,21 @@ def base_layer_key(param: str) -> str:
     """``x.q_proj.weight`` -> ``x.q_proj.base_layer.weight``: a wrapped module's own parameter."""
     module, _, leaf = param.rpartition(".")
     return f"{module}.base_layer.{leaf}"
+
+# Tied embeddings: the output embedding transformers omits from the files when tied, and the
+# input embeddings it then shares its weight with (first present wins).
+OUTPUT_EMBEDDING = "lm_head.weight"
+INPUT_EMBEDDINGS = (
+    "model.embed_tokens.weight",
+    "transformer.wte.weight",
+    "model.decoder.embed_tokens.weight",
+    "model.language_model.embed_tokens.weight",
+    "language_model.model.embed_tokens.weight",
+    "gpt_neox.embed_in.weight",
+    "embed_tokens.weight",
+)
+
+# Architectures whose linear layers are transformers' Conv1D (weight stored (in, out)).
+CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
+
+TOKEN_ADAPTER = "token_adapter"

@@ -9,7 +9,7 @@ from pathlib import Path
 from ..errors import AdapterConfigError, IncompatibleError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from .config import AdapterConfig
-from .names import split_saved_key
+from .names import TOKEN_ADAPTER, split_saved_key
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,8 @@ class LoraAdapter:
     checkpoint: Checkpoint
     modules: dict[str, LoraModule]
     replacements: dict[str, str]  # base tensor name -> adapter key (modules_to_save, bias)
+    base_weights: dict[str, str]  # base weight name -> adapter key of a saved base_layer.weight (W0)
+    token_deltas: dict[str, str]  # module -> key of its trainable_tokens_delta rows
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -53,25 +55,35 @@ def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
         AdapterConfigError: the config or tensors do not describe a valid LoRA adapter.
     """
     folder = Path(path)
-    config = AdapterConfig.load(folder)
-    ckpt = open_checkpoint(folder)
+    return adapter_from(folder, AdapterConfig.load(folder), open_checkpoint(folder))
+
+
+def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:
+    """Group the saved-format keys of ``ckpt`` into modules (also used for views of augmented files)."""
     groups: dict[str, dict[str, str]] = {}
     replacements: dict[str, str] = {}
     for key in ckpt:
         module, role = split_saved_key(key)
-        if role is None:
-            replacements[module] = key
+        if role is None:  # a full tensor; a wrapped module's own bias is saved as base_layer.bias
+            replacements[module.replace(".base_layer.", ".")] = key
         else:
             groups.setdefault(module, {})[role] = key
-    modules = {}
+    modules, base_weights, token_deltas = {}, {}, {}
     for name, keys in groups.items():
+        if "base_weight" in keys:  # the W0 PEFT saved for an embedding / lm_head
+            base_weights[f"{name.removesuffix('.' + TOKEN_ADAPTER)}.weight"] = keys["base_weight"]
+        if "tokens_delta" in keys:
+            token_deltas[name] = keys["tokens_delta"]
+            if config.token_indices(name) is None:
+                raise AdapterConfigError(
+                    f"{folder}: trainable tokens for {name!r} but trainable_token_indices does not name it")
         if "A" in keys or "emb_A" in keys:
             modules[name] = _module(folder, config, ckpt, name, keys)
         elif set(keys) - {"base_weight", "tokens_delta"}:
             raise AdapterConfigError(
                 f"{folder}: module {name!r} has {', '.join(sorted(keys))} but no lora_A"
             )
-    return LoraAdapter(folder, config, ckpt, modules, replacements)
+    return LoraAdapter(folder, config, ckpt, modules, replacements, base_weights, token_deltas)
 
 
 def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str,

@@ -10,6 +10,7 @@ nothing the caller does to a tensor can reach an input file.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -47,6 +48,11 @@ class TensorInfo:
     shape: tuple[int, ...]
     file: Path
     offset: int | None  # absolute byte offset in a safetensors file; None for pickles
+    key: str = ""  # the name inside the file, when a renamed view calls it something else
+
+    @property
+    def file_key(self) -> str:
+        return self.key or self.name
 
     @property
     def numel(self) -> int:
@@ -136,7 +142,13 @@ class Checkpoint:
         if self._legacy is None or self._legacy.path != info.file:
             self.close()
             self._legacy = LegacyFile(info.file)
-        return self._legacy.read(info.name)
+        return self._legacy.read(info.file_key)
+
+    def renamed(self, names: dict[str, str]) -> "Checkpoint":
+        """A view of some tensors under other names: ``names`` maps new name -> name here."""
+        infos = [dataclasses.replace(self.info(old), name=new, key=self.info(old).file_key)
+                 for new, old in names.items()]
+        return Checkpoint(self.root, self.format, list(self.files), infos, self.metadata, self.index_file)
 
     def close(self) -> None:
         if self._legacy is not None:

@@ -81,6 +81,9 @@ class CheckpointWriter:
                 f"{free / 1e9:.2f} GB are free"
             )
         self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=PARTIAL_SUFFIX, dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
         self._fds: dict[str, int] = {}
         self._slots: dict[str, tuple[str, int, TensorSpec]] = {}
         self._done = False

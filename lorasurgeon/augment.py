@@ -1,0 +1,114 @@
+"""The augmented form: the base architecture with the LoRA layers inside.
+
+Its keys are those of ``get_peft_model(model, config).base_model.model.state_dict()`` (adapter
+name ``default``). ``augmented_ops`` writes one; ``split_augmented`` reads one back as a base
+view plus an adapter view, so ``convert`` reuses the merge planner unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .adapter.config import AdapterConfig
+from .adapter.names import (
+    ADAPTER_NAME, AUGMENTED_SUFFIX, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, SAVED_PREFIX, TOKEN_ADAPTER,
+    augmented_key, saved_key,
+)
+from .adapter.weights import LoraAdapter, adapter_from
+from .errors import CorruptCheckpointError
+from .io.checkpoint import Checkpoint
+from .plan import Ref, TensorOp
+
+ORIGINAL = "original_module"
+SAVED_COPY = f"modules_to_save.{ADAPTER_NAME}"
+TOKENS_DELTA = f"{TOKEN_ADAPTER}.trainable_tokens_delta.{ADAPTER_NAME}"
+
+
+def _split(name: str) -> tuple[str, str]:
+    module, _, leaf = name.rpartition(".")
+    return module, leaf
+
+
+def _saved_module(adapter: LoraAdapter, module: str) -> bool:
+    """True when ``module`` is one of modules_to_save (PEFT's match: a whole name segment)."""
+    return any(module == m or module.endswith("." + m) for m in adapter.config.modules_to_save)
+
+
+def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool,
+                  dtype: torch.dtype | None) -> list[TensorOp]:
+    """Ops writing base + adapter as one checkpoint with PEFT's in-memory key names (adapter = input 1)."""
+    ops: list[TensorOp] = []
+    lora = set(adapter.modules)
+    tokens = set(adapter.token_deltas)
+    embedding = next((n for n in INPUT_EMBEDDINGS if n in base), None)
+    names = list(base)
+    if tied and OUTPUT_EMBEDDING not in base and embedding is not None:
+        names.append(OUTPUT_EMBEDDING)
+        if _split(embedding)[0] in tokens:
+            tokens.add(_split(OUTPUT_EMBEDDING)[0])
+
+    def add(name: str, src: Ref, action: str = "copy") -> None:
+        info = (base if src.source == 0 else adapter.checkpoint).info(src.key)
+        out = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
+        ops.append(TensorOp(name, src, out, info.shape, action))
+
+    for name in names:
+        module, leaf = _split(name)
+        src = Ref(0, name if name in base else embedding)
+        if name in adapter.base_weights:
+            src = Ref(1, adapter.base_weights[name])
+        if name in adapter.replacements and not _saved_module(adapter, module):
+            src = Ref(1, adapter.replacements[name])  # bias="all"/"lora_only": loaded over the base
+        if module in lora:
+            add(f"{module}.base_layer.{leaf}", src)
+        elif module in tokens:
+            add(f"{module}.{TOKEN_ADAPTER}.base_layer.{leaf}", src)
+        elif _saved_module(adapter, module):
+            add(f"{module}.{ORIGINAL}.{leaf}", src)
+            add(f"{module}.{SAVED_COPY}.{leaf}", Ref(1, adapter.replacements.get(name, name)), "replace")
+        else:
+            add(name, src)
+    for module in adapter.modules.values():
+        for role, key in module.keys.items():
+            if role in AUGMENTED_SUFFIX:
+                add(augmented_key(module.name, role), Ref(1, key), "lora")
+    for module in sorted(tokens):
+        owner = module if module in adapter.token_deltas else _split(embedding)[0]
+        add(f"{module}.{TOKENS_DELTA}", Ref(1, adapter.token_deltas[owner]), "lora")
+    return ops
+
+
+def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tuple[Checkpoint, LoraAdapter]:
+    """Read an augmented checkpoint back as (base view, adapter view), both over the same file."""
+    base_names: dict[str, str] = {}
+    saved_names: dict[str, str] = {}
+    suffixes = {f".{suffix}": role for role, suffix in AUGMENTED_SUFFIX.items() if role != "tokens_delta"}
+    for key in ckpt:
+        role = next((r for s, r in suffixes.items() if key.endswith(s)), None)
+        if role is not None:
+            saved_names[saved_key(key[: -len(next(s for s, r in suffixes.items() if r == role))], role)] = key
+        elif key.endswith("." + TOKENS_DELTA):
+            module = key[: -len(TOKENS_DELTA) - 1]
+            saved_names[saved_key(module, "tokens_delta")] = key
+        elif f".{SAVED_COPY}." in key:
+            module, leaf = key.split(f".{SAVED_COPY}.")
+            saved_names[f"{SAVED_PREFIX}{module}.{leaf}"] = key
+        elif f".{ORIGINAL}." in key:
+            base_names[key.replace(f".{ORIGINAL}.", ".")] = key
+        elif f".{TOKEN_ADAPTER}.base_layer." in key:
+            base_names[key.replace(f".{TOKEN_ADAPTER}.base_layer.", ".")] = key
+        elif ".base_layer." in key:
+            base_names[key.replace(".base_layer.", ".")] = key
+        else:
+            base_names[key] = key
+    if not saved_names:
+        raise CorruptCheckpointError(f"{ckpt.root}: no LoRA tensors (lora_A.default...): not an augmented checkpoint")
+    # A tied lm_head is in a PEFT model's state dict but not in a transformers checkpoint.
+    if tied and OUTPUT_EMBEDDING in base_names and any(n in base_names for n in INPUT_EMBEDDINGS):
+        del base_names[OUTPUT_EMBEDDING]
+    # trainable tokens mirrored onto a tied lm_head are the embedding's: keep one copy.
+    lm_tokens = saved_key(_split(OUTPUT_EMBEDDING)[0], "tokens_delta")
+    if tied and lm_tokens in saved_names and len([k for k in saved_names if k.endswith("trainable_tokens_delta")]) > 1:
+        del saved_names[lm_tokens]
+    adapter = adapter_from(ckpt.folder, config, ckpt.renamed(saved_names))
+    return ckpt.renamed(base_names), adapter

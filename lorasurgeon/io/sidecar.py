@@ -1,0 +1,66 @@
+"""The files around the weights: config.json, tokenizer and generation files.
+
+Copied into a result unchanged, except config.json, which is edited where the result differs
+from its source (dtype, untied embeddings).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+CONFIG = "config.json"
+# Weights and indexes are written, never copied; a base's model card describes another model.
+_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
+_NOT_COPIED_NAMES = {"README.md", "adapter_config.json"}
+
+
+def sidecar_files(folder: Path) -> list[Path]:
+    """The top-level non-weight files of a model folder (config, tokenizer, generation config, code)."""
+    if not folder.is_dir():
+        return []
+    return sorted(
+        p for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_COPIED_NAMES
+        and not p.name.endswith(_NOT_COPIED_SUFFIXES) and not p.name.endswith(".index.json")
+    )
+
+
+def read_config(folder: Path) -> dict[str, Any]:
+    """config.json as a dict ({} when absent or unreadable: it is optional for the math)."""
+    path = folder / CONFIG
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def is_tied(config: dict[str, Any]) -> bool:
+    """transformers' default is tied unless the config says otherwise (top level or text_config)."""
+    text = config.get("text_config")
+    if isinstance(text, dict) and "tie_word_embeddings" in text:
+        return bool(text["tie_word_embeddings"])
+    return bool(config.get("tie_word_embeddings", True))
+
+
+def edit_config(config: dict[str, Any], *, dtype: torch.dtype | None, untie: bool) -> dict[str, Any]:
+    """A copy of config with the dtype and tie_word_embeddings the result really has."""
+    out = json.loads(json.dumps(config))
+    targets = [out] + [v for k, v in out.items() if k == "text_config" and isinstance(v, dict)]
+    for doc in targets:
+        if dtype is not None:
+            name = str(dtype).removeprefix("torch.")
+            for key in ("dtype", "torch_dtype"):
+                if key in doc or (doc is out and key == "dtype" and "torch_dtype" not in doc):
+                    doc[key] = name
+        if untie:
+            doc["tie_word_embeddings"] = False
+    return out
+
+
+def config_bytes(config: dict[str, Any]) -> bytes:
+    return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")

@@ -1,0 +1,247 @@
+"""merge, unmerge and convert: plan from headers, execute streaming, write atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+from . import augment
+from .adapter.config import CONFIG_NAME, AdapterConfig
+from .adapter.names import SAVED_PREFIX
+from .adapter.weights import LoraAdapter, load_adapter
+from .errors import IncompatibleError, LorasurgeonError, OutputError
+from .execute import run
+from .io.checkpoint import Checkpoint, open_checkpoint
+from .io.dtypes import parse_dtype
+from .io.layout import Shard, parse_size, plan_shards, shards_like
+from .io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
+from .io.source import resolve
+from .io.writer import CheckpointWriter
+from .mergeplan import ModelFacts, check_supported, plan_merge
+from .plan import Plan, Ref, TensorOp, describe
+
+FORMS = ("merged", "augmented")
+DEFAULT_SHARD = "5GB"
+
+
+@dataclass(frozen=True)
+class MergeReport:
+    """What a merge/unmerge/convert did (or, with dry_run, would do)."""
+
+    output: str | None
+    form: str
+    plan: Plan
+    tensors_changed: int
+    tensors_copied: int
+    bytes: int
+    seconds: float
+    untied_embeddings: bool
+    dry_run: bool
+
+    @property
+    def throughput(self) -> float:
+        return self.bytes / self.seconds if self.seconds else 0.0
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return describe(self.plan)
+        text = (f"Wrote {self.output} ({self.form}): {self.tensors_changed} tensors changed, "
+                f"{self.tensors_copied} copied, {self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s "
+                f"({self.throughput / 2**20:.0f} MiB/s).")
+        if self.untied_embeddings:
+            text += " Input and output embeddings now differ: written separately, tie_word_embeddings=false."
+        return text
+
+
+def _check_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is an input, lies inside one, or would contain (and so replace) one."""
+    target = out.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise OutputError(f"{out}: overlaps the input {path}; choose an output folder apart from the inputs")
+
+
+def _dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+    if text is None or text == "auto":
+        return None
+    try:
+        return text if isinstance(text, torch.dtype) else parse_dtype(text)
+    except ValueError as exc:
+        raise LorasurgeonError(str(exc)) from None
+
+
+def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: str | int | None,
+            prefix: str = "model") -> list[Shard]:
+    specs = [op.spec for op in ops]
+    if max_shard_size is not None:
+        return plan_shards(specs, max_shard_size=parse_size(max_shard_size), prefix=prefix)
+    if base.format == "safetensors-sharded" and base.index_file is not None:
+        weight_map = json.loads(base.index_file.read_text())["weight_map"]
+        by_name = {op.name: op for op in ops}
+        fallback = next((weight_map[op.src.key] for op in ops if op.name not in weight_map
+                         and op.src.key in weight_map), None) or sorted(set(weight_map.values()))[-1]
+        return shards_like(specs, {n: f for n, f in weight_map.items() if n in by_name}, fallback)
+    if base.format == "safetensors":
+        return plan_shards(specs, max_shard_size=None, prefix=prefix)
+    return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)
+
+
+def _write(out: Path, ops: list[TensorOp], inputs: list[Checkpoint], shards: list[Shard], *,
+           extra_files: dict[str, bytes], copy_files: list[Path], overwrite: bool, device: str,
+           progress: Callable[[int], None] | None, index_name: str | None = "model.safetensors.index.json"):
+    with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
+        for path in copy_files:
+            writer.copy_file(path)
+        for name, data in extra_files.items():
+            writer.add_file(name, data)
+        stats = run(ops, inputs, writer, device=device, progress=progress)
+    return stats
+
+
+def _report(out, form, plan, stats, untie, dry_run) -> MergeReport:
+    changed = sum(op.action in ("merge", "unmerge", "replace") for op in plan.ops)
+    return MergeReport(None if dry_run else str(out), form, plan, changed, len(plan.ops) - changed,
+                       plan.nbytes, stats.seconds if stats else 0.0, untie, dry_run)
+
+
+def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
+          out: str | os.PathLike[str] | None, *, weights: Sequence[float] | None = None,
+          form: str = "merged", dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+          max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
+          unmerge: bool = False, progress: Callable[[int], None] | None = None) -> MergeReport:
+    """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, one rounding, streamed.
+
+    Args:
+        base: the base model folder or file.
+        adapters: PEFT adapter folders, applied in order.
+        out: the result folder (must not exist unless ``overwrite``); may be None with ``dry_run``.
+        weights: one per adapter (default 1.0 each).
+        form: "merged" (plain architecture) or "augmented" (LoRA layers inside; one adapter).
+        dtype: "auto" (each tensor keeps the base's dtype) or a floating dtype for all floats.
+        device: "cpu", "cuda" or "cuda:N" for the arithmetic.
+        max_shard_size: e.g. "5GB"; default keeps the base's file names and shard layout.
+        unmerge: subtract instead of add (see :func:`unmerge`).
+
+    Returns:
+        A MergeReport; raises a LorasurgeonError subclass, with nothing written, on bad input.
+    """
+    if form not in FORMS:
+        raise LorasurgeonError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
+    if not adapters:
+        raise LorasurgeonError("give at least one adapter")
+    weights = list(weights) if weights else [1.0] * len(adapters)
+    if len(weights) != len(adapters):
+        raise LorasurgeonError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
+    out_dtype = _dtype(dtype)
+    base_path = resolve(base)
+    adapter_paths = [resolve(a) for a in adapters]
+    if out is not None:
+        _check_output(Path(out), [base_path, *adapter_paths])
+    _check_device(device)
+    ckpt = open_checkpoint(base_path)
+    loaded: list[LoraAdapter] = []
+    try:
+        for path, w in zip(adapter_paths, weights):
+            adapter = load_adapter(path)
+            loaded.append(adapter)
+            check_supported(adapter, unmerge=unmerge, weight=w)
+        config = read_config(ckpt.folder)
+        facts = ModelFacts(config.get("model_type"), is_tied(config))
+        if form == "augmented":
+            if len(loaded) != 1 or weights[0] != 1.0 or unmerge:
+                raise LorasurgeonError("the augmented form holds exactly one adapter, with weight 1")
+            ops = augment.augmented_ops(ckpt, loaded[0], facts.tied, out_dtype)
+            untie = False
+        else:
+            ops, tie = plan_merge(ckpt, loaded, weights, facts, dtype=out_dtype, unmerge=unmerge)
+            untie = tie.untie
+        plan = Plan(tuple(ops), (str(base_path), *map(str, adapter_paths)))
+        if dry_run:
+            return _report(out, form, plan, None, untie, True)
+        if out is None:
+            raise LorasurgeonError("an output folder is needed (or use dry_run)")
+        extra = {}
+        if config:
+            new_dtype = out_dtype if out_dtype is not None else None
+            extra["config.json"] = config_bytes(edit_config(config, dtype=new_dtype, untie=untie))
+        if form == "augmented":
+            extra[CONFIG_NAME] = (json.dumps(dict(loaded[0].config.raw), indent=2, sort_keys=True) + "\n").encode()
+        copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+        stats = _write(Path(out), ops, [ckpt] + [a.checkpoint for a in loaded],
+                       _layout(ops, ckpt, max_shard_size), extra_files=extra, copy_files=copies,
+                       overwrite=overwrite, device=device, progress=progress)
+        return _report(out, form, plan, stats, untie, False)
+    finally:
+        ckpt.close()
+        for a in loaded:
+            a.close()
+
+
+def unmerge(merged: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
+            out: str | os.PathLike[str] | None, **kwargs) -> MergeReport:
+    """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ (same options as :func:`merge`).
+
+    DoRA, modules_to_save and trainable tokens replaced weights outright and are refused.
+    """
+    return merge(merged, adapters, out, unmerge=True, **kwargs)
+
+
+def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | None, *, to: str,
+            dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+            max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
+            progress: Callable[[int], None] | None = None) -> MergeReport:
+    """Turn an augmented checkpoint into the merged form or back into a PEFT adapter folder."""
+    if to not in ("merged", "adapter"):
+        raise LorasurgeonError(f"unknown target form {to!r}: choose merged or adapter")
+    path = resolve(augmented)
+    if out is not None:
+        _check_output(Path(out), [path])
+    _check_device(device)
+    ckpt = open_checkpoint(path)
+    try:
+        config = read_config(ckpt.folder)
+        adapter_config = AdapterConfig.load(ckpt.folder)
+        base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
+        out_dtype = _dtype(dtype)
+        if to == "merged":
+            facts = ModelFacts(config.get("model_type"), is_tied(config))
+            ops, tie = plan_merge(base, [adapter], [1.0], facts, dtype=out_dtype)
+            inputs, untie = [base, adapter.checkpoint], tie.untie
+            shards = _layout(ops, base, max_shard_size)
+            extra = {"config.json": config_bytes(edit_config(config, dtype=out_dtype, untie=untie))} if config else {}
+            copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+            index_name = "model.safetensors.index.json"
+        else:
+            ops = [TensorOp(k, Ref(0, k), out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype,
+                            i.shape, "lora") for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)]
+            inputs, untie = [adapter.checkpoint], False
+            shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
+            extra = {CONFIG_NAME: (json.dumps(dict(adapter_config.raw), indent=2, sort_keys=True) + "\n").encode()}
+            copies, index_name = [], None
+        plan = Plan(tuple(ops), (str(path),))
+        if dry_run:
+            return _report(out, to, plan, None, untie, True)
+        if out is None:
+            raise LorasurgeonError("an output folder is needed (or use dry_run)")
+        stats = _write(Path(out), ops, inputs, shards, extra_files=extra, copy_files=copies,
+                       overwrite=overwrite, device=device, progress=progress, index_name=index_name)
+        return _report(out, to, plan, stats, untie, False)
+    finally:
+        ckpt.close()
+
+
+def _check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise LorasurgeonError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise LorasurgeonError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise LorasurgeonError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")

@@ -1,0 +1,153 @@
+"""Planning a merge or unmerge: which base tensors change, by which LoRA terms, checked from headers.
+
+The result is a list of TensorOps (see ``plan.py``) for the merged form; ``augment.py`` renames
+them for the augmented form. Nothing here reads tensor data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .adapter.names import CONV1D_MODEL_TYPES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
+from .adapter.weights import LoraAdapter, LoraModule
+from .errors import IncompatibleError, UnsupportedError
+from .io.checkpoint import Checkpoint
+from .ops.lora import delta_shape
+from .plan import LoraTerm, Ref, RowPatch, TensorOp
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the plan needs from config.json."""
+
+    model_type: str | None
+    tied: bool
+
+
+@dataclass(frozen=True)
+class Tie:
+    """How the tied output embedding ends up: its op (if written) and whether it stays tied."""
+
+    embedding: str | None
+    untie: bool
+
+
+def module_kind(module: LoraModule, weight_shape: tuple[int, ...], facts: ModelFacts,
+                adapter: LoraAdapter) -> str:
+    """linear / conv1d / embedding / conv, checked against the base weight's shape."""
+    a = adapter.checkpoint.info(module.keys["emb_A" if module.kind == "embedding" else "A"]).shape
+    b = adapter.checkpoint.info(module.keys["emb_B" if module.kind == "embedding" else "B"]).shape
+    candidates = [module.kind]
+    if module.kind == "linear":
+        square = delta_shape(a, b, "linear") == delta_shape(a, b, "conv1d")
+        conv1d_first = square and (facts.model_type in CONV1D_MODEL_TYPES
+                                   or bool(adapter.config.raw.get("fan_in_fan_out")))
+        candidates = ["conv1d", "linear"] if conv1d_first else ["linear", "conv1d"]
+    for kind in candidates:
+        if delta_shape(a, b, kind) == tuple(weight_shape):
+            return kind
+    raise IncompatibleError(
+        f"{adapter.path}: module {module.name!r}: lora_A {list(a)} / lora_B {list(b)} do not fit "
+        f"the base weight {list(weight_shape)} (is this adapter for another model?)"
+    )
+
+
+def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> None:
+    """Refuse, by name, what cannot be merged (or unmerged) as plain LoRA."""
+    found = adapter.config.unsupported()
+    if adapter.config.raw.get("ensure_weight_tying"):
+        found.append("ensure_weight_tying (adapters tied between embedding and lm_head)")
+    if found:
+        raise UnsupportedError(f"{adapter.path}: not plain LoRA, cannot be merged: {'; '.join(found)}")
+    has_dora = any("magnitude" in m.keys for m in adapter.modules.values())
+    if has_dora and unmerge:
+        raise UnsupportedError(
+            f"{adapter.path}: DoRA cannot be unmerged from the merged weights alone: every merged row "
+            "has norm |m|, so the norm of W0 + ΔW that DoRA divided by is lost; keep the base model"
+        )
+    if has_dora and weight != 1.0:
+        raise UnsupportedError(f"{adapter.path}: a DoRA adapter cannot be merged with a weight other than 1")
+    if unmerge:
+        lost = [what for what, on in (
+            ("modules_to_save / full trained tensors", bool(adapter.replacements)),
+            ("trainable tokens", bool(adapter.token_deltas)),
+        ) if on]
+        if lost:
+            raise UnsupportedError(
+                f"{adapter.path}: cannot unmerge: the adapter replaced tensors outright "
+                f"({', '.join(lost)}), so the originals are not in the merged model"
+            )
+
+
+def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[float], facts: ModelFacts,
+               *, dtype: torch.dtype | None, unmerge: bool = False) -> tuple[list[TensorOp], Tie]:
+    """One op per output tensor, in base order (plus an untied lm_head where needed)."""
+    sign = -1.0 if unmerge else 1.0
+    terms: dict[str, list[LoraTerm]] = {}
+    srcs: dict[str, Ref] = {}
+    rows: dict[str, list[RowPatch]] = {}
+    replaced: dict[str, Ref] = {}
+    embedding = next((n for n in INPUT_EMBEDDINGS if n in base), None)
+    tied = facts.tied and OUTPUT_EMBEDDING not in base and embedding is not None
+
+    def target(name: str, adapter: LoraAdapter, what: str) -> str:
+        if name in base:
+            return name
+        if tied and name == OUTPUT_EMBEDDING:
+            return name
+        raise IncompatibleError(
+            f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
+            "(is this adapter for another model?)")
+
+    def shape_of(name: str) -> tuple[int, ...]:
+        return base.info(embedding if name not in base else name).shape
+
+    for i, (adapter, w) in enumerate(zip(adapters, weights), start=1):
+        for module in adapter.modules.values():
+            wname = target(module.weight_name, adapter, f"module {module.name!r}")
+            kind = module_kind(module, shape_of(wname), facts, adapter)
+            emb = module.kind == "embedding"
+            a, b = Ref(i, module.keys["emb_A" if emb else "A"]), Ref(i, module.keys["emb_B" if emb else "B"])
+            mag = Ref(i, module.keys["magnitude"]) if "magnitude" in module.keys else None
+            terms.setdefault(wname, []).append(LoraTerm(kind, a, b, sign * w * module.scale, mag))
+            if "B_bias" in module.keys:
+                bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
+                terms.setdefault(bname, []).append(
+                    LoraTerm("bias", None, Ref(i, module.keys["B_bias"]), sign * w * module.scale))
+        for name, key in ({} if unmerge else adapter.base_weights).items():
+            srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
+        for name, key in adapter.replacements.items():
+            replaced[target(name, adapter, "a full trained tensor")] = Ref(i, key)
+        for module, key in adapter.token_deltas.items():
+            indices = adapter.config.token_indices(module)
+            wname = target(f"{module}.weight", adapter, "trainable tokens")
+            patch = RowPatch(indices, Ref(i, key))
+            rows.setdefault(wname, []).append(patch)
+            if tied and wname == embedding:  # PEFT wraps the tied lm_head with the same tokens
+                rows.setdefault(OUTPUT_EMBEDDING, []).append(patch)
+
+    if tied:  # a saved W0 of either tied module is loaded by PEFT into the one shared tensor
+        shared = srcs.get(embedding) or srcs.get(OUTPUT_EMBEDDING)
+        if shared is not None:
+            srcs[embedding] = srcs[OUTPUT_EMBEDDING] = shared
+
+    def op_for(name: str, src_name: str) -> TensorOp:
+        info = base.info(src_name)
+        src = replaced.get(name) or srcs.get(name) or Ref(0, src_name)
+        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        t, r = tuple(terms.get(name, ())), tuple(rows.get(name, ()))
+        action = ("unmerge" if unmerge else "merge") if (t or r) else (
+            "replace" if name in replaced else "copy")
+        return TensorOp(name, src, out_dtype, info.shape, action, t, r)
+
+    ops = [op_for(name, name) for name in base]
+    untie = False
+    if tied:
+        lm = op_for(OUTPUT_EMBEDDING, embedding)
+        emb_op = next(op for op in ops if op.name == embedding)
+        untie = (lm.src, lm.terms, lm.rows) != (emb_op.src, emb_op.terms, emb_op.rows)
+        if untie:
+            ops.append(lm)
+    return ops, Tie(embedding if tied else None, untie)

@@ -1,0 +1,75 @@
+"""LoRA math, exactly as PEFT defines it. Pure functions of tensors; inputs are never modified.
+
+Everything is computed in float32 (callers pass float32 or get it back) and rounded once, by the
+caller, to the output dtype.
+
+Layouts (s = scale):
+  linear     W (out, in),        A (r, in),          B (out, r)        ΔW = s·B@A
+  conv1d     W (in, out),        A (r, in),          B (out, r)        ΔW = (s·B@A)ᵀ   (GPT-2's Conv1D)
+  embedding  W (num, dim),       A (r, num),         B (dim, r)        ΔW = (s·B@A)ᵀ
+  conv       W (out, in, k, k),  A (r, in, k, k),    B (out, r, 1, 1)  ΔW = s·einsum(B, A)
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("linear", "conv1d", "embedding", "conv")
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
+    """ΔW in float32, shaped like the base weight of a module of ``kind``."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if kind == "linear":
+        return (b32 @ a32) * scale
+    if kind in ("conv1d", "embedding"):
+        return ((b32 @ a32) * scale).T
+    if kind == "conv":
+        if a32.shape[2:] == (1, 1) and a32.dim() == 4:
+            return ((b32.flatten(1) @ a32.flatten(1)) * scale)[:, :, None, None]
+        return torch.einsum("or,rikl->oikl", b32.flatten(1), a32) * scale
+    raise ValueError(f"unknown LoRA module kind {kind!r}")
+
+
+def delta_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
+    """The base weight shape an A/B pair of ``kind`` implies (for validation from headers)."""
+    if kind == "linear":
+        return (b_shape[0], a_shape[1])
+    if kind in ("conv1d", "embedding"):
+        return (a_shape[1], b_shape[0])
+    if kind == "conv":
+        return (b_shape[0], *a_shape[1:])
+    raise ValueError(f"unknown LoRA module kind {kind!r}")
+
+
+def _norm_dims(kind: str, ndim: int) -> tuple[int, ...]:
+    # DoRA normalises each output unit: rows of a Linear, columns of a Conv1D (stored transposed)
+    # and of an Embedding (PEFT treats it as fan_in_fan_out), and each output channel of a conv.
+    if kind == "linear":
+        return (1,)
+    if kind in ("conv1d", "embedding"):
+        return (0,)
+    return tuple(range(1, ndim))
+
+
+def dora_apply(base: torch.Tensor, current: torch.Tensor, delta: torch.Tensor,
+               magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+    """One DoRA adapter merged: ``(m / ‖W0 + ΔW‖) · (current + ΔW)``.
+
+    ``base`` is the original W0 (the norm is always taken from it, as PEFT's forward does);
+    ``current`` is the weight with any previous adapters already merged (== base for one adapter).
+    """
+    dims = _norm_dims(kind, base.dim())
+    norm = torch.linalg.vector_norm(base.to(torch.float32) + delta, dim=dims, keepdim=True)
+    mag = magnitude.to(torch.float32).reshape(norm.shape)
+    return (mag / norm) * (current.to(torch.float32) + delta)
+
+
+def replace_rows(weight: torch.Tensor, rows: list[int], values: torch.Tensor, kind: str) -> torch.Tensor:
+    """A copy of ``weight`` with token rows replaced (PEFT trainable tokens).
+
+    For an Embedding (num, dim) these are rows; for a tied lm_head stored as (num, dim) too.
+    """
+    out = weight.clone()
+    out[torch.tensor(rows, dtype=torch.long)] = values.to(out.dtype)
+    return out

@@ -1,0 +1,109 @@
+"""The plan: one TensorOp per output tensor, built from headers before any tensor is read.
+
+A TensorOp says where its source tensor lives (``Ref``: input number + key), which LoRA terms
+to apply to it, and the dtype and shape it is written with. ``execute`` runs them; ``describe``
+prints them for ``--dry-run``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from .io.dtypes import itemsize
+from .io.layout import TensorSpec
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor in one of the plan's inputs (0 = the model, 1.. = adapters in command-line order)."""
+
+    source: int
+    key: str
+
+
+@dataclass(frozen=True)
+class LoraTerm:
+    """``± weight · scale · ΔW`` of one module of one adapter (DoRA when ``magnitude`` is set).
+
+    ``kind`` "bias" adds ``scale · lora_B.bias`` to a bias (``lora_bias``); then ``a`` is None.
+    """
+
+    kind: str
+    a: Ref | None
+    b: Ref
+    scale: float
+    magnitude: Ref | None = None
+
+
+@dataclass(frozen=True)
+class RowPatch:
+    """Trainable tokens: replace the rows ``indices`` of the weight with the tensor at ``values``."""
+
+    indices: tuple[int, ...]
+    values: Ref
+
+
+@dataclass(frozen=True)
+class TensorOp:
+    """How one output tensor is made."""
+
+    name: str
+    src: Ref
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    action: str  # copy | merge | unmerge | replace | lora (adapter tensor carried into the output)
+    terms: tuple[LoraTerm, ...] = ()
+    rows: tuple[RowPatch, ...] = ()
+    note: str = field(default="", compare=False)
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * itemsize(self.dtype)
+
+    @property
+    def spec(self) -> TensorSpec:
+        return TensorSpec(self.name, self.dtype, self.shape)
+
+    @property
+    def is_plain_copy(self) -> bool:
+        return not self.terms and not self.rows
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything a run will do: the ops, the inputs' paths, and what else goes in the folder."""
+
+    ops: tuple[TensorOp, ...]
+    inputs: tuple[str, ...]
+    notes: tuple[str, ...] = ()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(op.nbytes for op in self.ops)
+
+    def count(self, action: str) -> int:
+        return sum(op.action == action for op in self.ops)
+
+
+def describe(plan: Plan) -> str:
+    """A readable listing of the plan (``--dry-run``)."""
+    lines = [f"inputs:"] + [f"  [{i}] {p}" for i, p in enumerate(plan.inputs)]
+    actions = sorted({op.action for op in plan.ops})
+    lines.append(f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
+                 + ", ".join(f"{plan.count(a)} {a}" for a in actions))
+    for op in plan.ops:
+        dtype = str(op.dtype).removeprefix("torch.")
+        line = f"  {op.action:<8} {op.name}  {dtype}{list(op.shape)}"
+        if op.src.key != op.name or op.src.source:
+            line += f"  <- [{op.src.source}] {op.src.key}"
+        for t in op.terms:
+            what = "DoRA" if t.magnitude else ("lora_bias" if t.kind == "bias" else t.kind)
+            line += f"  {'+' if t.scale >= 0 else '-'} {abs(t.scale):.6g}·[{t.b.source}] {what}"
+        for r in op.rows:
+            line += f"  rows {len(r.indices)} <- [{r.values.source}]"
+        lines.append(line)
+    lines += [f"note: {n}" for n in plan.notes]
+    return "\n".join(lines)

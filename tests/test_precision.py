@@ -1,0 +1,114 @@
+"""One rounding: bf16 merges no worse than PEFT's, and unmerge gives the base back."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import make_fixtures as mf
+from lorasurgeon.merge import merge, unmerge
+
+from reference import peft_merged_state, read_folder
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+
+
+def ulp_bf16(x: torch.Tensor) -> torch.Tensor:
+    """The spacing of bf16 numbers at |x| (8 significant bits)."""
+    x = x.float().abs().clamp_min(2.0**-126)
+    return torch.exp2(torch.floor(torch.log2(x)) - 7)
+
+
+def make(root, dtype, b_scale=1.0):
+    """A base in ``dtype`` and an fp32 adapter; ``b_scale`` < 1 gives the small deltas training gives."""
+    cfg = mf.llama_config(hidden=128)
+    base = mf.save_model(mf.build_model(cfg, seed=0, dtype=dtype), root / "base")
+    adapter = mf.make_adapter(mf.build_model(cfg, seed=0), root / "adapter", r=16, lora_alpha=32, target_modules=TARGETS)
+    path = adapter / "adapter_model.safetensors"
+    save_file({k: v * b_scale if "lora_B" in k else v for k, v in load_file(path).items()}, path)
+    return base, adapter
+
+
+def exact_merge(base_t: dict, adapter_t: dict, name: str, scale: float) -> torch.Tensor:
+    module = name.removesuffix(".weight")
+    a = adapter_t[f"base_model.model.{module}.lora_A.weight"].double()
+    b = adapter_t[f"base_model.model.{module}.lora_B.weight"].double()
+    return base_t[name].double() + scale * (b @ a)
+
+
+def test_bf16_merge_error_never_exceeds_peft(tmp_path):
+    base, adapter = make(tmp_path, torch.bfloat16)
+    merge(base, [adapter], tmp_path / "merged")
+    ours, base_t = read_folder(tmp_path / "merged"), read_folder(base)
+    theirs = peft_merged_state(base, [adapter], dtype=torch.bfloat16)
+    adapter_t = load_file(adapter / "adapter_model.safetensors")
+    checked = 0
+    for name in ours:
+        if not any(t in name for t in TARGETS):
+            assert torch.equal(ours[name], base_t[name])
+            continue
+        assert ours[name].dtype == torch.bfloat16
+        exact = exact_merge(base_t, adapter_t, name, 32 / 16)
+        err_ours = (ours[name].double() - exact).abs()
+        err_peft = (theirs[name].double() - exact).abs()
+        assert (err_ours <= err_peft).all(), name
+        # and it is the fp32 sum rounded once: within half a bf16 ulp of the exact sum, give or
+        # take fp32's own error, relative to the operands (W0 + ΔW can cancel)
+        operands = base_t[name].double().abs() + (exact - base_t[name].double()).abs()
+        assert (err_ours <= ulp_bf16(exact) / 2 + 1e-6 * operands).all(), name
+        checked += 1
+    assert checked == 6
+
+
+def test_bf16_unmerge_gives_the_base_back(tmp_path):
+    base, adapter = make(tmp_path, torch.bfloat16, b_scale=0.01)
+    merge(base, [adapter], tmp_path / "merged")
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "back")
+    base_t, merged_t, back_t = read_folder(base), read_folder(tmp_path / "merged"), read_folder(tmp_path / "back")
+    same = total = 0
+    for name, w0 in base_t.items():
+        got = back_t[name]
+        assert got.dtype == w0.dtype
+        same += (got.view(torch.int16) == w0.view(torch.int16)).sum().item()
+        total += w0.numel()
+        # Off by at most one bf16 unit of the merged value: where |ΔW| ≫ |W0| the merged weight
+        # has no bits left for W0, so W0's own last place cannot be promised there.
+        bound = ulp_bf16(torch.maximum(w0.float().abs(), merged_t[name].float().abs()))
+        assert ((got.float() - w0.float()).abs() <= bound).all(), name
+    assert same / total >= 0.99, f"only {same / total:.4%} bit for bit"
+
+
+def test_fp32_round_trip(tmp_path):
+    base, adapter = make(tmp_path, torch.float32)
+    merge(base, [adapter], tmp_path / "merged")
+    unmerge(tmp_path / "merged", [adapter], tmp_path / "back")
+    for name, w0 in read_folder(base).items():
+        torch.testing.assert_close(read_folder(tmp_path / "back")[name], w0, rtol=1e-6, atol=1e-6)
+
+
+def test_dtype_option_rounds_once(tmp_path):
+    base, adapter = make(tmp_path, torch.float32)
+    merge(base, [adapter], tmp_path / "merged", dtype="bfloat16")
+    ours, base_t = read_folder(tmp_path / "merged"), read_folder(base)
+    adapter_t = load_file(adapter / "adapter_model.safetensors")
+    name = "model.layers.1.self_attn.q_proj.weight"
+    module = name.removesuffix(".weight")
+    a = adapter_t[f"base_model.model.{module}.lora_A.weight"]
+    b = adapter_t[f"base_model.model.{module}.lora_B.weight"]
+    fp32_sum = base_t[name] + (b @ a) * 2.0
+    assert torch.equal(ours[name], fp32_sum.to(torch.bfloat16))  # not bf16(W0) + bf16(ΔW)
+    assert all(t.dtype == torch.bfloat16 for t in ours.values())
+    import json
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_merge_matches_peft_logits(tmp_path, dtype):
+    from reference import load_model, logits, peft_model
+
+    base, adapter = make(tmp_path, dtype, b_scale=0.1)
+    merge(base, [adapter], tmp_path / "merged")
+    model, _ = peft_model(base, [adapter], dtype=torch.float32)
+    ours = logits(load_model(tmp_path / "merged", torch.float32))
+    torch.testing.assert_close(ours, logits(model), rtol=0.05, atol=0.05)
