@@ -11,7 +11,7 @@ import torch
 
 from .adapter.config import AdapterConfig
 from .adapter.names import (
-    ADAPTER_NAME, AUGMENTED_SUFFIX, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, SAVED_PREFIX, TOKEN_ADAPTER,
+    ADAPTER_NAME, AUGMENTED_SUFFIX, EMBEDDING_LAYER_NAMES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, SAVED_PREFIX, TOKEN_ADAPTER,
     augmented_key, saved_key,
 )
 from .adapter.weights import LoraAdapter, adapter_from
@@ -78,6 +78,12 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool,
     return ops
 
 
+def _saves_embedding_layers(config: AdapterConfig) -> bool:
+    """PEFT's save_embedding_layers="auto": an embedding layer name among the targets, no trainable tokens."""
+    targets = config.target_modules or ()
+    return any(name in targets for name in EMBEDDING_LAYER_NAMES) and not config.trainable_token_indices
+
+
 def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tuple[Checkpoint, LoraAdapter]:
     """Read an augmented checkpoint back as (base view, adapter view), both over the same file."""
     base_names: dict[str, str] = {}
@@ -110,5 +116,18 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tupl
     lm_tokens = saved_key(_split(OUTPUT_EMBEDDING)[0], "tokens_delta")
     if tied and lm_tokens in saved_names and len([k for k in saved_names if k.endswith("trainable_tokens_delta")]) > 1:
         del saved_names[lm_tokens]
+    # PEFT saves a wrapped embedding's W0 with the adapter when an embedding layer is targeted.
+    if _saves_embedding_layers(config):
+        for name in (*INPUT_EMBEDDINGS, OUTPUT_EMBEDDING):
+            module = _split(name)[0]
+            if f"{module}.base_layer.weight" in ckpt:
+                saved_names[saved_key(module, "base_weight")] = f"{module}.base_layer.weight"
+    # bias="all" / "lora_only": PEFT saves those trained biases in full, under their wrapped names.
+    if config.bias in ("all", "lora_only"):
+        for key in ckpt:
+            wrapped = key.endswith(".base_layer.bias") and not key.endswith(f".{TOKEN_ADAPTER}.base_layer.bias")
+            if wrapped or (config.bias == "all" and key.endswith(".bias") and key in base_names.values()
+                           and f".{ORIGINAL}." not in key):
+                saved_names[SAVED_PREFIX + key] = key
     adapter = adapter_from(ckpt.folder, config, ckpt.renamed(saved_names))
     return ckpt.renamed(base_names), adapter

@@ -14,6 +14,10 @@ class LorasurgeonError(Exception):
     """Base class of every error lorasurgeon raises on purpose."""
 
 
+class InvalidOptionError(LorasurgeonError, ValueError):
+    """An option value that cannot be used (a size, a dtype, a device, a weight count)."""
+
+
 class InputNotFoundError(LorasurgeonError, FileNotFoundError):
     """A path (or the file a folder should contain) does not exist."""
 

@@ -14,7 +14,7 @@ from . import augment
 from .adapter.config import CONFIG_NAME, AdapterConfig
 from .adapter.names import SAVED_PREFIX
 from .adapter.weights import LoraAdapter, load_adapter
-from .errors import IncompatibleError, LorasurgeonError, OutputError
+from .errors import InvalidOptionError as OptionError, LorasurgeonError, OutputError
 from .execute import run
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.dtypes import parse_dtype
@@ -71,16 +71,26 @@ def _dtype(text: str | torch.dtype | None) -> torch.dtype | None:
     if text is None or text == "auto":
         return None
     try:
-        return text if isinstance(text, torch.dtype) else parse_dtype(text)
+        dtype = text if isinstance(text, torch.dtype) else parse_dtype(text)
     except ValueError as exc:
-        raise LorasurgeonError(str(exc)) from None
+        raise OptionError(str(exc)) from None
+    if not dtype.is_floating_point:
+        raise OptionError(f"--dtype must be a floating dtype, not {dtype}")
+    return dtype
 
 
-def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: str | int | None,
+def _size(text: str | int | None) -> int | None:
+    try:
+        return None if text is None else parse_size(text)
+    except ValueError as exc:
+        raise OptionError(str(exc)) from None
+
+
+def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None,
             prefix: str = "model") -> list[Shard]:
     specs = [op.spec for op in ops]
     if max_shard_size is not None:
-        return plan_shards(specs, max_shard_size=parse_size(max_shard_size), prefix=prefix)
+        return plan_shards(specs, max_shard_size=max_shard_size, prefix=prefix)
     if base.format == "safetensors-sharded" and base.index_file is not None:
         weight_map = json.loads(base.index_file.read_text())["weight_map"]
         by_name = {op.name: op for op in ops}
@@ -132,13 +142,13 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
         A MergeReport; raises a LorasurgeonError subclass, with nothing written, on bad input.
     """
     if form not in FORMS:
-        raise LorasurgeonError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
+        raise OptionError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
     if not adapters:
-        raise LorasurgeonError("give at least one adapter")
+        raise OptionError("give at least one adapter")
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
-        raise LorasurgeonError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
-    out_dtype = _dtype(dtype)
+        raise OptionError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
+    out_dtype, shard_size = _dtype(dtype), _size(max_shard_size)
     base_path = resolve(base)
     adapter_paths = [resolve(a) for a in adapters]
     if out is not None:
@@ -174,7 +184,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
             extra[CONFIG_NAME] = (json.dumps(dict(loaded[0].config.raw), indent=2, sort_keys=True) + "\n").encode()
         copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
         stats = _write(Path(out), ops, [ckpt] + [a.checkpoint for a in loaded],
-                       _layout(ops, ckpt, max_shard_size), extra_files=extra, copy_files=copies,
+                       _layout(ops, ckpt, shard_size), extra_files=extra, copy_files=copies,
                        overwrite=overwrite, device=device, progress=progress)
         return _report(out, form, plan, stats, untie, False)
     finally:
@@ -198,7 +208,8 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
             progress: Callable[[int], None] | None = None) -> MergeReport:
     """Turn an augmented checkpoint into the merged form or back into a PEFT adapter folder."""
     if to not in ("merged", "adapter"):
-        raise LorasurgeonError(f"unknown target form {to!r}: choose merged or adapter")
+        raise OptionError(f"unknown target form {to!r}: choose merged or adapter")
+    out_dtype, shard_size = _dtype(dtype), _size(max_shard_size)
     path = resolve(augmented)
     if out is not None:
         _check_output(Path(out), [path])
@@ -208,12 +219,11 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         config = read_config(ckpt.folder)
         adapter_config = AdapterConfig.load(ckpt.folder)
         base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
-        out_dtype = _dtype(dtype)
         if to == "merged":
             facts = ModelFacts(config.get("model_type"), is_tied(config))
             ops, tie = plan_merge(base, [adapter], [1.0], facts, dtype=out_dtype)
             inputs, untie = [base, adapter.checkpoint], tie.untie
-            shards = _layout(ops, base, max_shard_size)
+            shards = _layout(ops, base, shard_size)
             extra = {"config.json": config_bytes(edit_config(config, dtype=out_dtype, untie=untie))} if config else {}
             copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
             index_name = "model.safetensors.index.json"
@@ -240,8 +250,8 @@ def _check_device(device: str) -> None:
     try:
         dev = torch.device(device)
     except RuntimeError:
-        raise LorasurgeonError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+        raise OptionError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise LorasurgeonError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+        raise OptionError(f"device {device!r} asked for, but torch sees no CUDA GPU")
     if dev.type not in ("cpu", "cuda"):
-        raise LorasurgeonError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+        raise OptionError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")

@@ -81,6 +81,9 @@ INPUT_EMBEDDINGS = (
     "embed_tokens.weight",
 )
 
+# Target names for which PEFT saves the embedding layers' W0 with the adapter (EMBEDDING_LAYER_NAMES).
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+
 # Architectures whose linear layers are transformers' Conv1D (weight stored (in, out)).
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 

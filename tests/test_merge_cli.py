@@ -1,0 +1,173 @@
+"""merge / unmerge / convert from the command line: reports, layouts, and every refusal (exit 2, nothing written)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import make_fixtures as mf
+
+from conftest import ROOT, listing, run_cli
+from reference import read_folder
+
+FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
+
+
+def test_quick_start_on_committed_fixtures(tmp_path):
+    result = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "merged")
+    assert result.exit_code == 0, result.stderr
+    assert "14 tensors changed, 7 copied" in result.stdout and "MiB/s" in result.stdout
+    assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
+        "config.json", "generation_config.json", "model.safetensors"]
+    merged = load_file(tmp_path / "merged" / "model.safetensors")
+    assert all(t.dtype == torch.bfloat16 for t in merged.values())
+    assert (FIX_BASE / "config.json").read_text() == (tmp_path / "merged" / "config.json").read_text() or \
+        json.loads((FIX_BASE / "config.json").read_text()) == json.loads((tmp_path / "merged" / "config.json").read_text())
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
+    result = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "merged", "--dry-run")
+    assert result.exit_code == 0
+    assert "14 merge" in result.stdout and "7 copy" in result.stdout
+    assert "model.layers.0.self_attn.q_proj.weight" in result.stdout and "+ 2" in result.stdout
+    assert listing(tmp_path) == set()
+
+
+def test_quiet_prints_nothing(tmp_path):
+    result = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--quiet")
+    assert result.exit_code == 0 and result.stdout == "" and result.stderr == ""
+
+
+def test_overwrite(tmp_path):
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m").exit_code == 0
+    again = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m")
+    assert again.exit_code == 2 and "--overwrite" in again.stderr
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--overwrite", "--weight", "0.5").exit_code == 0
+    assert listing(tmp_path) == {"m", "m/config.json", "m/generation_config.json", "m/model.safetensors"}
+
+
+def test_sharded_base_keeps_its_layout_unless_asked(llama_sharded_dir, adapter_dir, tmp_path):
+    assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "same").exit_code == 0
+    shards = sorted(p.name for p in llama_sharded_dir.glob("*.safetensors"))
+    assert sorted(p.name for p in (tmp_path / "same").glob("*.safetensors")) == shards
+    ours = json.loads((tmp_path / "same" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert ours == json.loads((llama_sharded_dir / "model.safetensors.index.json").read_text())["weight_map"]
+    assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "one", "--max-shard-size", "10GB").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    a, b = read_folder(tmp_path / "same"), read_folder(tmp_path / "one")
+    assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
+
+
+def test_legacy_bin_base_gives_safetensors(llama_dir, adapter_dir, tmp_path):
+    base = tmp_path / "bin_base"
+    base.mkdir()
+    shutil.copy(llama_dir / "config.json", base)
+    torch.save(load_file(llama_dir / "model.safetensors"), base / "pytorch_model.bin")
+    assert run_cli("merge", base, adapter_dir, "-o", tmp_path / "a").exit_code == 0
+    assert run_cli("merge", llama_dir, adapter_dir, "-o", tmp_path / "b").exit_code == 0
+    a, b = read_folder(tmp_path / "a"), read_folder(tmp_path / "b")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def with_config(src, dst, **changes):
+    shutil.copytree(src, dst)
+    cfg = json.loads((dst / "adapter_config.json").read_text())
+    cfg.update(changes)
+    (dst / "adapter_config.json").write_text(json.dumps(cfg))
+    return dst
+
+
+UNSUPPORTED = {
+    "pissa": dict(init_lora_weights="pissa_niter_4"), "olora": dict(init_lora_weights="olora"),
+    "corda": dict(init_lora_weights="corda"), "loftq": dict(init_lora_weights="loftq"),
+    "aLoRA": dict(alora_invocation_tokens=[1, 2]), "arrow": dict(arrow_config={"top_k": 2}),
+    "QA-LoRA": dict(use_qalora=True), "KaSA": dict(kasa_config={"x": 1}), "BD-LoRA": dict(use_bdlora={"x": 1}),
+    "target_parameters": dict(target_parameters=["experts.gate_up_proj"]), "peft_type IA3": dict(peft_type="IA3"),
+}
+
+
+def assert_refused(result, tmp_path, *phrases, before=None):
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("variant", list(UNSUPPORTED))
+def test_variants_that_are_not_plain_lora_are_refused_by_name(tmp_path, variant):
+    adapter = with_config(FIX_ADAPTER, tmp_path / "adapter", **UNSUPPORTED[variant])
+    result = run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out")
+    assert_refused(result, tmp_path, variant.split()[0])
+
+
+def test_dora_unmerge_is_refused_with_the_reason(tmp_path):
+    config = mf.llama_config()
+    adapter = mf.make_adapter(mf.build_model(config), tmp_path / "dora", use_dora=True, target_modules=["q_proj"])
+    base = mf.save_model(mf.build_model(config), tmp_path / "base")
+    assert run_cli("merge", base, adapter, "-o", tmp_path / "merged").exit_code == 0
+    result = run_cli("unmerge", tmp_path / "merged", adapter, "-o", tmp_path / "out")
+    assert_refused(result, tmp_path, "DoRA cannot be unmerged", "norm")
+
+
+def test_unmerge_of_replaced_tensors_is_refused(tmp_path):
+    config = mf.llama_config()
+    adapter = mf.make_adapter(mf.build_model(config), tmp_path / "mts", modules_to_save=["lm_head"], target_modules=["q_proj"])
+    result = run_cli("unmerge", FIX_BASE, adapter, "-o", tmp_path / "out")
+    assert_refused(result, tmp_path, "cannot unmerge", "modules_to_save")
+
+
+def test_adapter_for_another_model_is_refused(tmp_path):
+    small = mf.llama_config(hidden=32)
+    adapter = mf.make_adapter(mf.build_model(small), tmp_path / "small_adapter", target_modules=["q_proj"])
+    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path,
+                   "model.layers.0.self_attn.q_proj", "another model")
+    gpt2 = mf.make_adapter(mf.build_model(mf.gpt2_config()), tmp_path / "gpt2_adapter", target_modules=["c_attn"])
+    assert_refused(run_cli("merge", FIX_BASE, gpt2, "-o", tmp_path / "out"), tmp_path, "c_attn", "does not have")
+
+
+@pytest.mark.parametrize("where", ["base", "inside base", "adapter", "parent of base"])
+def test_output_overlapping_an_input_is_refused(tmp_path, where):
+    base = shutil.copytree(FIX_BASE, tmp_path / "work" / "base")
+    out = {"base": base, "inside base": base / "merged", "adapter": FIX_ADAPTER,
+           "parent of base": tmp_path / "work"}[where]
+    before = {p: p.stat().st_mtime_ns for p in base.rglob("*")}
+    result = run_cli("merge", base, FIX_ADAPTER, "-o", out, "--overwrite")
+    assert result.exit_code == 2 and "overlaps the input" in result.stderr
+    assert {p: p.stat().st_mtime_ns for p in base.rglob("*")} == before
+
+
+def test_option_errors_exit_2(tmp_path):
+    r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", "1", "--weight", "2")
+    assert_refused(r, tmp_path, "2 weights for 1 adapters")
+    r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--max-shard-size", "lots")
+    assert_refused(r, tmp_path, "invalid size")
+    if not torch.cuda.is_available():
+        r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--device", "cuda")
+        assert_refused(r, tmp_path, "no CUDA GPU")
+    r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--device", "tpu")
+    assert_refused(r, tmp_path, "device")
+
+
+def test_unmerge_and_convert_commands(tmp_path):
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--dtype", "float32").exit_code == 0
+    r = run_cli("unmerge", tmp_path / "m", FIX_ADAPTER, "-o", tmp_path / "u", "--dtype", "bfloat16")
+    assert r.exit_code == 0, r.stderr
+    back, base = read_folder(tmp_path / "u"), read_folder(FIX_BASE)
+    # fp32 merge, fp32 subtraction, one rounding back to bf16: the base, bit for bit except
+    # where |ΔW| is ~10^5 × |W0| (fp32's rounding of the merged value reaches W0's last bf16 bit)
+    same = sum((back[k] == base[k]).sum().item() for k in base)
+    assert same / sum(t.numel() for t in base.values()) >= 0.9999
+    assert all(torch.allclose(back[k].float(), base[k].float(), rtol=0, atol=1e-6) for k in base)
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
+    assert run_cli("convert", tmp_path / "aug", "--to", "adapter", "-o", tmp_path / "ad").exit_code == 0
+    a, b = load_file(tmp_path / "ad" / "adapter_model.safetensors"), load_file(FIX_ADAPTER / "adapter_model.safetensors")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    r = run_cli("convert", FIX_BASE, "--to", "merged", "-o", tmp_path / "out")
+    assert_refused(r, tmp_path, "adapter_config.json")
