@@ -28,6 +28,14 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             click.echo("error: interrupted; nothing was written", err=True)
             sys.exit(130)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug, not bad input: still one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: internal error: {type(exc).__name__}: {exc} "
+                       "(run with --debug for the traceback, and please report it)", err=True)
+            sys.exit(1)
 
 
 @click.group(cls=_Group, context_settings=CONTEXT)
@@ -65,25 +73,27 @@ def inspect_cmd(path: str, as_json: bool) -> None:
         click.echo(format_report(report))
 
 
-def _progress(quiet: bool, total: int):
-    """A tqdm bar in bytes on stderr, only for a terminal and without --quiet."""
-    if quiet or not sys.stderr.isatty():
-        return None, lambda: None
-    from tqdm import tqdm
+class _Bar:
+    """A tqdm bar in bytes on stderr: only on a terminal, and never with --quiet."""
 
-    bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False)
-    return bar.update, bar.close
+    def __init__(self) -> None:
+        self._bar = None
+
+    def start(self, total: int) -> None:
+        from tqdm import tqdm
+
+        self._bar = tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                         leave=False, dynamic_ncols=True)
+
+    def advance(self, nbytes: int) -> None:
+        self._bar.update(nbytes)
+
+    def finish(self) -> None:
+        self._bar.close()
 
 
-def _run_with_progress(fn, quiet: bool, **kwargs):
-    dry = fn(**{**kwargs, "dry_run": True})
-    if kwargs.get("dry_run"):
-        return dry
-    update, close = _progress(quiet, dry.plan.nbytes)
-    try:
-        return fn(**kwargs, progress=update)
-    finally:
-        close()
+def _bar(quiet: bool, dry_run: bool) -> _Bar | None:
+    return None if quiet or dry_run or not sys.stderr.isatty() else _Bar()
 
 
 def _common(f):
@@ -99,6 +109,7 @@ def _common(f):
         click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete."),
         click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
+        click.option("--allow-nonfinite", is_flag=True, help="Write results holding NaN/Inf instead of stopping."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -116,7 +127,8 @@ def _print(report, quiet: bool) -> None:
 @click.option("--form", default="merged", show_default=True, type=click.Choice(["merged", "augmented"]),
               help="merged: plain architecture; augmented: LoRA layers inside.")
 @_common
-def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet):
+def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet,
+              allow_nonfinite):
     """Merge PEFT LoRA adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
 
     \b
@@ -127,9 +139,9 @@ def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size,
     """
     from .merge import merge
 
-    report = _run_with_progress(merge, quiet, base=base, adapters=adapters, out=out, weights=weights,
-                                form=form, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                                overwrite=overwrite, dry_run=dry_run)
+    report = merge(base, adapters, out, weights=weights, form=form, dtype=dtype, device=device,
+                   max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
+                   allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
     _print(report, quiet)
 
 
@@ -137,7 +149,8 @@ def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size,
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
 @_common
-def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet):
+def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet,
+                allow_nonfinite):
     """Take adapters back out of MERGED: W0 = W − Σ w·(α/r)·B·A.
 
     \b
@@ -146,9 +159,9 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
     """
     from .merge import unmerge
 
-    report = _run_with_progress(unmerge, quiet, merged=merged, adapters=adapters, out=out, weights=weights,
-                                dtype=dtype, device=device, max_shard_size=max_shard_size,
-                                overwrite=overwrite, dry_run=dry_run)
+    report = unmerge(merged, adapters, out, weights=weights, dtype=dtype, device=device,
+                     max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
+                     allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
     _print(report, quiet)
 
 
@@ -171,9 +184,8 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
     """
     from .merge import convert
 
-    report = _run_with_progress(convert, quiet, augmented=augmented, to=to, out=out, dtype=dtype,
-                                device=device, max_shard_size=max_shard_size, overwrite=overwrite,
-                                dry_run=dry_run)
+    report = convert(augmented, out, to=to, dtype=dtype, device=device, max_shard_size=max_shard_size,
+                     overwrite=overwrite, dry_run=dry_run, progress=_bar(quiet, dry_run))
     _print(report, quiet)
 
 

@@ -12,7 +12,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Protocol, Sequence
 
 import torch
 
@@ -35,6 +35,16 @@ class ExecStats:
 
 class NonFiniteError(LorasurgeonError, ValueError):
     """A result holds NaN or Inf."""
+
+
+class Progress(Protocol):
+    """Told the total bytes to write, then each tensor's bytes as it is written, then done."""
+
+    def start(self, total: int) -> None: ...
+
+    def advance(self, nbytes: int) -> None: ...
+
+    def finish(self) -> None: ...
 
 
 def _fetch(inputs: Sequence[Checkpoint], op: TensorOp) -> dict[Ref, torch.Tensor]:
@@ -68,7 +78,7 @@ def compute(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device
 
 
 def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: CheckpointWriter, *,
-        device: str = "cpu", progress: Callable[[int], None] | None = None,
+        device: str = "cpu", progress: Progress | None = None,
         allow_nonfinite: bool = False) -> ExecStats:
     """Execute ``ops`` in order, streaming: read ahead, compute, write behind."""
     dev = torch.device(device)
@@ -99,18 +109,23 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
 
     def write_stage() -> None:
         try:
-            while True:
-                item = write_q.get()
+            while not stop.is_set():
+                try:
+                    item = write_q.get(timeout=0.1)
+                except queue.Empty:
+                    continue
                 if item is _DONE:
                     return
                 op, tensor = item
                 writer.write(op.name, tensor)
-                if progress:
-                    progress(op.nbytes)
+                if progress is not None:
+                    progress.advance(op.nbytes)
         except BaseException as exc:
             errors.append(exc)
             stop.set()
 
+    if progress is not None:
+        progress.start(sum(op.nbytes for op in ops))
     threads = [threading.Thread(target=reader, daemon=True, name="lorasurgeon-read"),
                threading.Thread(target=write_stage, daemon=True, name="lorasurgeon-write")]
     for t in threads:
@@ -127,7 +142,8 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
             op, tensors = item
             out = compute(op, tensors, dev)
             del tensors
-            if not allow_nonfinite and out.is_floating_point() and not torch.isfinite(out).all():
+            if (not allow_nonfinite and not op.is_plain_copy and out.is_floating_point()
+                    and not torch.isfinite(out).all()):
                 raise NonFiniteError(
                     f"tensor {op.name!r}: the result holds NaN or Inf; nothing was written "
                     "(check the adapter, or pass --allow-nonfinite)")
@@ -139,11 +155,11 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
         raise
     finally:
         if not stop.is_set():
-            write_q.put(_DONE)
-        else:
-            stop.set()
+            put(write_q, _DONE)  # gives up if the writer has failed meanwhile
         for t in threads:
             t.join()
+        if progress is not None:
+            progress.finish()
     if errors:
         raise errors[0]
     return ExecStats(len(ops), written, time.perf_counter() - start)

@@ -6,7 +6,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 
@@ -15,7 +15,7 @@ from .adapter.config import CONFIG_NAME, AdapterConfig
 from .adapter.names import SAVED_PREFIX
 from .adapter.weights import LoraAdapter, load_adapter
 from .errors import InvalidOptionError as OptionError, LorasurgeonError, OutputError
-from .execute import run
+from .execute import Progress, run
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.dtypes import parse_dtype
 from .io.layout import Shard, parse_size, plan_shards, shards_like
@@ -104,13 +104,14 @@ def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | Non
 
 def _write(out: Path, ops: list[TensorOp], inputs: list[Checkpoint], shards: list[Shard], *,
            extra_files: dict[str, bytes], copy_files: list[Path], overwrite: bool, device: str,
-           progress: Callable[[int], None] | None, index_name: str | None = "model.safetensors.index.json"):
+           progress: Progress | None, allow_nonfinite: bool,
+           index_name: str | None = "model.safetensors.index.json"):
     with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
         for path in copy_files:
             writer.copy_file(path)
         for name, data in extra_files.items():
             writer.add_file(name, data)
-        stats = run(ops, inputs, writer, device=device, progress=progress)
+        stats = run(ops, inputs, writer, device=device, progress=progress, allow_nonfinite=allow_nonfinite)
     return stats
 
 
@@ -124,7 +125,8 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
           out: str | os.PathLike[str] | None, *, weights: Sequence[float] | None = None,
           form: str = "merged", dtype: str | torch.dtype | None = "auto", device: str = "cpu",
           max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
-          unmerge: bool = False, progress: Callable[[int], None] | None = None) -> MergeReport:
+          unmerge: bool = False, allow_nonfinite: bool = False,
+          progress: Progress | None = None) -> MergeReport:
     """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, one rounding, streamed.
 
     Args:
@@ -137,6 +139,8 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
         device: "cpu", "cuda" or "cuda:N" for the arithmetic.
         max_shard_size: e.g. "5GB"; default keeps the base's file names and shard layout.
         unmerge: subtract instead of add (see :func:`unmerge`).
+        allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
+        progress: told the bytes to write and each tensor written (the CLI's progress bar).
 
     Returns:
         A MergeReport; raises a LorasurgeonError subclass, with nothing written, on bad input.
@@ -185,7 +189,8 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
         copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
         stats = _write(Path(out), ops, [ckpt] + [a.checkpoint for a in loaded],
                        _layout(ops, ckpt, shard_size), extra_files=extra, copy_files=copies,
-                       overwrite=overwrite, device=device, progress=progress)
+                       overwrite=overwrite, device=device, progress=progress,
+                       allow_nonfinite=allow_nonfinite)
         return _report(out, form, plan, stats, untie, False)
     finally:
         ckpt.close()
@@ -205,7 +210,7 @@ def unmerge(merged: str | os.PathLike[str], adapters: Sequence[str | os.PathLike
 def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | None, *, to: str,
             dtype: str | torch.dtype | None = "auto", device: str = "cpu",
             max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
-            progress: Callable[[int], None] | None = None) -> MergeReport:
+            allow_nonfinite: bool = False, progress: Progress | None = None) -> MergeReport:
     """Turn an augmented checkpoint into the merged form or back into a PEFT adapter folder."""
     if to not in ("merged", "adapter"):
         raise OptionError(f"unknown target form {to!r}: choose merged or adapter")
@@ -240,7 +245,8 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         if out is None:
             raise LorasurgeonError("an output folder is needed (or use dry_run)")
         stats = _write(Path(out), ops, inputs, shards, extra_files=extra, copy_files=copies,
-                       overwrite=overwrite, device=device, progress=progress, index_name=index_name)
+                       overwrite=overwrite, device=device, progress=progress,
+                       allow_nonfinite=allow_nonfinite, index_name=index_name)
         return _report(out, to, plan, stats, untie, False)
     finally:
         ckpt.close()

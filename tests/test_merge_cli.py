@@ -171,3 +171,19 @@ def test_unmerge_and_convert_commands(tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = run_cli("convert", FIX_BASE, "--to", "merged", "-o", tmp_path / "out")
     assert_refused(r, tmp_path, "adapter_config.json")
+
+
+def test_nonfinite_result_stops_the_merge_unless_allowed(tmp_path):
+    from safetensors.torch import save_file
+
+    adapter = shutil.copytree(FIX_ADAPTER, tmp_path / "adapter")
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, path)
+    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path,
+                   "model.layers.1.mlp.up_proj.weight", "NaN or Inf")
+    ok = run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out", "--allow-nonfinite")
+    assert ok.exit_code == 0
+    assert not torch.isfinite(load_file(tmp_path / "out" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]).all()

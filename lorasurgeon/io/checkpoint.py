@@ -122,19 +122,15 @@ class Checkpoint:
             return self._read_legacy(info)
         out = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
-            view = memoryview(out.numpy())
-            fd = os.open(info.file, os.O_RDONLY)
             try:
-                done = 0
-                while done < info.nbytes:
-                    n = os.preadv(fd, [view[done:]], info.offset + done)
-                    if n == 0:
-                        raise CorruptCheckpointError(
-                            f"{info.file}: truncated while reading tensor {name!r}"
-                        )
-                    done += n
-            finally:
-                os.close(fd)
+                _pread_into(info.file, memoryview(out.numpy()), info.offset)
+            except EOFError:
+                raise CorruptCheckpointError(
+                    f"{info.file}: truncated while reading tensor {name!r} (was it changed while in use?)"
+                ) from None
+            except OSError as exc:
+                raise CorruptCheckpointError(
+                    f"{info.file}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
         return out.view(info.dtype).reshape(info.shape)
 
     def _read_legacy(self, info: TensorInfo) -> torch.Tensor:
@@ -163,6 +159,19 @@ class Checkpoint:
 
     def __repr__(self) -> str:
         return f"Checkpoint({str(self.root)!r}, format={self.format!r}, tensors={len(self)})"
+
+
+def _pread_into(path: Path, view: memoryview, offset: int) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done = 0
+        while done < len(view):
+            n = os.preadv(fd, [view[done:]], offset + done)
+            if n == 0:
+                raise EOFError
+            done += n
+    finally:
+        os.close(fd)
 
 
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:

@@ -124,7 +124,11 @@ class CheckpointWriter:
             )
         flat = tensor.detach().to("cpu").contiguous().reshape(-1)
         data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
-        _pwrite_all(self._fds[filename], data, offset)
+        try:
+            _pwrite_all(self._fds[filename], data, offset)
+        except OSError as exc:
+            raise OutputError(
+                f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept") from None
 
     def add_file(self, relname: str, data: bytes | str) -> None:
         """Put a small file (config, model card) into the result."""
