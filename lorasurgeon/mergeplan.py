@@ -45,6 +45,9 @@ def module_kind(module: LoraModule, weight_shape: tuple[int, ...], facts: ModelF
         conv1d_first = square and (facts.model_type in CONV1D_MODEL_TYPES
                                    or bool(adapter.config.raw.get("fan_in_fan_out")))
         candidates = ["conv1d", "linear"] if conv1d_first else ["linear", "conv1d"]
+    for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
+        if role in module.keys and not adapter.checkpoint.info(module.keys[role]).dtype.is_floating_point:
+            raise IncompatibleError(f"{adapter.path}: module {module.name!r}: {module.keys[role]} is not a float tensor")
     for kind in candidates:
         if delta_shape(a, b, kind) == tuple(weight_shape):
             return kind
@@ -101,13 +104,17 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
             "(is this adapter for another model?)")
 
-    def shape_of(name: str) -> tuple[int, ...]:
-        return base.info(embedding if name not in base else name).shape
+    def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
+        info = base.info(embedding if name not in base else name)
+        if not info.dtype.is_floating_point:
+            raise IncompatibleError(
+                f"{adapter.path}: targets {name!r}, a {info.dtype} tensor in the base: only float weights can be merged")
+        return info.shape
 
     for i, (adapter, w) in enumerate(zip(adapters, weights), start=1):
         for module in adapter.modules.values():
             wname = target(module.weight_name, adapter, f"module {module.name!r}")
-            kind = module_kind(module, shape_of(wname), facts, adapter)
+            kind = module_kind(module, shape_of(wname, adapter), facts, adapter)
             emb = module.kind == "embedding"
             a, b = Ref(i, module.keys["emb_A" if emb else "A"]), Ref(i, module.keys["emb_B" if emb else "B"])
             mag = Ref(i, module.keys["magnitude"]) if "magnitude" in module.keys else None

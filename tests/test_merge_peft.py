@@ -144,3 +144,31 @@ def test_hand_computed_linear_merge(tmp_path):
     # ΔW = 3 · [[2],[0.5]] @ [[1, -1]] = [[6, -6], [1.5, -1.5]]
     assert torch.equal(out["lin.weight"], torch.tensor([[7.0, -4.0], [4.5, 2.5]]))
     assert torch.equal(out["other"], torch.tensor([5.0]))
+
+
+def test_several_dora_adapters_in_order(built, tmp_path):
+    """Each DoRA adapter normalises by ‖W0 + ΔWᵢ‖ and scales the weight merged so far, as PEFT does."""
+    _, base, a1 = built("dora")
+    config_fn, _ = CASES["dora"]
+    a2 = mf.make_adapter(mf.build_model(config_fn(), seed=0), tmp_path / "a2", seed=9,
+                         target_modules=["q_proj", "up_proj"], use_dora=True, r=2)
+    train_noise(a2)
+    merge(base, [a1, a2], tmp_path / "merged")
+    ours, ref = read_folder(tmp_path / "merged"), peft_merged_state(base, [a1, a2])
+    for name, theirs in ref.items():
+        torch.testing.assert_close(ours[name], theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+
+
+def test_config_tokenizer_and_generation_files_are_carried(built, tmp_path):
+    _, base, adapter = built("linear")
+    import shutil
+
+    folder = shutil.copytree(base, tmp_path / "base")
+    (folder / "tokenizer.json").write_text('{"version": "1.0"}')
+    (folder / "tokenizer_config.json").write_text("{}")
+    (folder / "README.md").write_text("# the base model's card")
+    merge(folder, [adapter], tmp_path / "merged")
+    names = sorted(p.name for p in (tmp_path / "merged").iterdir())
+    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+                     "tokenizer_config.json"]
+    assert (tmp_path / "merged" / "tokenizer.json").read_text() == '{"version": "1.0"}'
