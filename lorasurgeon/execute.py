@@ -19,7 +19,7 @@ import torch
 from .errors import LorasurgeonError
 from .io.checkpoint import Checkpoint
 from .io.writer import CheckpointWriter
-from .ops.lora import dora_apply, lora_delta
+from .ops.lora import add_lora, all_finite, dora_apply, lora_delta, replace_rows
 from .plan import Ref, TensorOp
 
 _DONE = object()
@@ -65,15 +65,14 @@ def compute(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device
         if term.kind == "bias":
             cur = cur + term.scale * b.to(torch.float32)
             continue
-        delta = lora_delta(tensors[term.a].to(device), b, term.scale, term.kind)
+        a = tensors[term.a].to(device)
         if term.magnitude is not None:
+            delta = lora_delta(a, b, term.scale, term.kind)
             cur = dora_apply(base, cur, delta, tensors[term.magnitude].to(device), term.kind)
         else:
-            cur = cur + delta
+            cur = add_lora(cur, a, b, term.scale, term.kind)
     for patch in op.rows:
-        cur = cur.clone() if cur is base else cur
-        index = torch.tensor(patch.indices, dtype=torch.long, device=device)
-        cur[index] = tensors[patch.values].to(device=device, dtype=torch.float32)
+        cur = replace_rows(cur, patch.indices, tensors[patch.values])
     return cur.to(op.dtype).to("cpu")
 
 
@@ -142,8 +141,7 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
             op, tensors = item
             out = compute(op, tensors, dev)
             del tensors
-            if (not allow_nonfinite and not op.is_plain_copy and out.is_floating_point()
-                    and not torch.isfinite(out).all()):
+            if not allow_nonfinite and not op.is_plain_copy and not all_finite(out):
                 raise NonFiniteError(
                     f"tensor {op.name!r}: the result holds NaN or Inf; nothing was written "
                     "(check the adapter, or pass --allow-nonfinite)")

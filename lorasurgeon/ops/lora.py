@@ -31,6 +31,17 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> tor
     raise ValueError(f"unknown LoRA module kind {kind!r}")
 
 
+def add_lora(weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+             kind: str) -> torch.Tensor:
+    """``weight32 + ΔW`` as a new float32 tensor, fused into one matrix multiply-add where possible."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    if kind == "linear":
+        return torch.addmm(weight32, b32, a32, alpha=scale)
+    if kind in ("conv1d", "embedding"):  # (B@A)ᵀ = Aᵀ@Bᵀ
+        return torch.addmm(weight32, a32.T, b32.T, alpha=scale)
+    return weight32 + lora_delta(a, b, scale, kind)
+
+
 def delta_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
     """The base weight shape an A/B pair of ``kind`` implies (for validation from headers)."""
     if kind == "linear":
@@ -65,11 +76,17 @@ def dora_apply(base: torch.Tensor, current: torch.Tensor, delta: torch.Tensor,
     return (mag / norm) * (current.to(torch.float32) + delta)
 
 
-def replace_rows(weight: torch.Tensor, rows: list[int], values: torch.Tensor, kind: str) -> torch.Tensor:
-    """A copy of ``weight`` with token rows replaced (PEFT trainable tokens).
-
-    For an Embedding (num, dim) these are rows; for a tied lm_head stored as (num, dim) too.
-    """
+def replace_rows(weight: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:
+    """A copy of ``weight`` (num, dim) with the token rows ``rows`` replaced (PEFT trainable tokens)."""
     out = weight.clone()
-    out[torch.tensor(rows, dtype=torch.long)] = values.to(out.dtype)
+    out[torch.tensor(rows, dtype=torch.long, device=out.device)] = values.to(device=out.device, dtype=out.dtype)
     return out
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """True when no element is NaN or ±Inf; one cheap reduction first, the exact test only if it fails."""
+    if not x.is_floating_point():
+        return True
+    if torch.isfinite(x.sum(dtype=torch.float32)):
+        return True  # NaN and Inf propagate through a sum
+    return bool(torch.isfinite(x).all())  # the sum may also have overflowed

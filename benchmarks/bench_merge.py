@@ -1,0 +1,144 @@
+"""Merge benchmark: lorasurgeon against the physical limit (cp + sync) and transformers + PEFT.
+
+    python benchmarks/bench_merge.py --size-mb 600 --reps 3
+    python benchmarks/bench_merge.py --size-mb 50 --reps 1 --no-peft     # smoke
+
+Generates a Llama-shaped bf16 checkpoint of about the requested size (streamed to disk with
+lorasurgeon's own writer, so generating a large one needs no RAM) and a PEFT LoRA adapter
+(r=16 on every projection), then times each tool in its own process under /usr/bin/time -v,
+page cache warm, and prints a markdown table of medians with peak RSS and ratios.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import re
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+from lorasurgeon.io import CheckpointWriter, TensorSpec, plan_shards
+
+PEFT_SCRIPT = """
+import sys, torch
+from transformers import AutoModelForCausalLM
+from peft import PeftModel
+model = AutoModelForCausalLM.from_pretrained(sys.argv[1], dtype=torch.bfloat16)
+model = PeftModel.from_pretrained(model, sys.argv[2]).merge_and_unload()
+model.save_pretrained(sys.argv[3])
+"""
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def llama_shapes(hidden: int, layers: int, vocab: int = 32000) -> dict[str, tuple[int, ...]]:
+    inter, kv = int(hidden * 8 / 3) // 64 * 64, hidden // 4
+    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
+              "model.norm.weight": (hidden,)}
+    for i in range(layers):
+        p = f"model.layers.{i}."
+        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
+                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
+                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
+                   p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
+                   p + "post_attention_layernorm.weight": (hidden,)}
+    return shapes
+
+
+def write_random(out: Path, shapes: dict, dtype: torch.dtype, max_shard: int | None, prefix="model"):
+    specs = [TensorSpec(n, dtype, s) for n, s in shapes.items()]
+    g = torch.Generator().manual_seed(0)
+    with CheckpointWriter(out, plan_shards(specs, max_shard_size=max_shard, prefix=prefix)) as w:
+        for spec in specs:
+            w.write(spec.name, (torch.randn(spec.shape, generator=g) * 0.02).to(dtype))
+    return out
+
+
+def generate(root: Path, size_mb: int, hidden: int, rank: int) -> tuple[Path, Path, int]:
+    per_layer = sum(math.prod(s) for n, s in llama_shapes(hidden, 1).items() if "layers" in n) * 2
+    fixed = 2 * 32000 * hidden * 2
+    layers = max(1, round((size_mb * 2**20 - fixed) / per_layer))
+    shapes = llama_shapes(hidden, layers)
+    base = write_random(root / "base", shapes, torch.bfloat16, 500 * 2**20)
+    from transformers import LlamaConfig
+
+    inter = shapes["model.layers.0.mlp.gate_proj.weight"][0]
+    LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=hidden // 64,
+                num_key_value_heads=hidden // 256, vocab_size=32000, tie_word_embeddings=False,
+                dtype="bfloat16").save_pretrained(base)
+    lora = {}
+    for n, s in shapes.items():
+        if n.endswith(tuple(f"{p}.weight" for p in PROJ)):
+            m = "base_model.model." + n.removesuffix(".weight")
+            lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"] = (rank, s[1]), (s[0], rank)
+    adapter = write_random(root / "adapter", lora, torch.float32, None, prefix="adapter_model")
+    (adapter / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJ),
+        "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"}))
+    return base, adapter, layers
+
+
+def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float]:
+    """(wall seconds, peak RSS MiB) of a command, as /usr/bin/time -v reports them."""
+    full = ["/usr/bin/time", "-v"] + (["bash", "-c", cmd] if shell else cmd)
+    res = subprocess.run(full, capture_output=True, text=True)
+    if res.returncode:
+        raise SystemExit(f"failed: {cmd}\n{res.stderr[-2000:]}")
+    wall = re.search(r"Elapsed \(wall clock\) time .*: (?:(\d+):)?(\d+):([\d.]+)", res.stderr)
+    h, m, s = (float(x) if x else 0.0 for x in wall.groups())
+    rss = int(re.search(r"Maximum resident set size \(kbytes\): (\d+)", res.stderr).group(1))
+    return h * 3600 + m * 60 + s, rss / 1024
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-mb", type=int, default=600)
+    ap.add_argument("--hidden", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--no-peft", action="store_true", help="skip transformers + PEFT")
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args()
+    root = Path(tempfile.mkdtemp(dir=args.workdir, prefix="lorasurgeon-bench-"))
+    try:
+        base, adapter, layers = generate(root, args.size_mb, args.hidden, args.rank)
+        size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
+        runs = {
+            "cp -r + sync": lambda o: timed(f"cp -r {base} {o} && sync {o}/*", shell=True),
+            "lorasurgeon merge": lambda o: timed([sys.executable, "-m", "lorasurgeon", "merge", str(base),
+                                                  str(adapter), "-o", str(o), "--quiet"]),
+        }
+        if not args.no_peft:
+            runs["transformers + PEFT"] = lambda o: timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(o)])
+        timed(f"cat {base}/*.safetensors > /dev/null", shell=True)  # warm the page cache
+        results = {}
+        for name, fn in runs.items():
+            samples = []
+            for rep in range(args.reps):
+                out = root / f"out-{rep}"
+                samples.append(fn(out))
+                shutil.rmtree(out)
+            results[name] = (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
+        cp_wall = results["cp -r + sync"][0]
+        ours = results["lorasurgeon merge"]
+        print(f"\nLlama-shaped bf16 checkpoint: {layers} layers, hidden {args.hidden}, {size / 2**20:.0f} MiB; "
+              f"LoRA r={args.rank} on all 7 projections; {args.reps} runs each, medians.")
+        print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
+              f"torch {torch.__version__}\n")
+        print("| tool | wall (s) | peak RSS (MiB) | wall / cp+sync | wall / lorasurgeon | RSS / lorasurgeon |")
+        print("|---|---:|---:|---:|---:|---:|")
+        for name, (wall, rss) in results.items():
+            print(f"| {name} | {wall:.2f} | {rss:.0f} | {wall / cp_wall:.2f} | {wall / ours[0]:.2f} | {rss / ours[1]:.2f} |")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
