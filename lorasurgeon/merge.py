@@ -31,17 +31,20 @@ DEFAULT_SHARD = "5GB"
 
 @dataclass(frozen=True)
 class MergeReport:
-    """What a merge/unmerge/convert did (or, with dry_run, would do)."""
+    """What a merge/unmerge/convert did (or, with dry_run, would do). Every figure is measured in the run."""
 
     output: str | None
     form: str
     plan: Plan
-    tensors_changed: int
-    tensors_copied: int
+    counts: dict[str, int]  # output tensors by action: merge, unmerge, replace, copy, lora
     bytes: int
     seconds: float
     untied_embeddings: bool
     dry_run: bool
+
+    @property
+    def tensors_changed(self) -> int:
+        return sum(n for a, n in self.counts.items() if a in ("merge", "unmerge", "replace"))
 
     @property
     def throughput(self) -> float:
@@ -50,11 +53,13 @@ class MergeReport:
     def summary(self) -> str:
         if self.dry_run:
             return describe(self.plan)
-        text = (f"Wrote {self.output} ({self.form}): {self.tensors_changed} tensors changed, "
-                f"{self.tensors_copied} copied, {self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s "
-                f"({self.throughput / 2**20:.0f} MiB/s).")
+        words = {"merge": "merged", "unmerge": "unmerged", "replace": "replaced by the adapter",
+                 "copy": "copied", "lora": "LoRA tensors"}
+        done = ", ".join(f"{n} {words[a]}" for a, n in self.counts.items() if n)
+        text = (f"Wrote {self.output} ({self.form}): {sum(self.counts.values())} tensors ({done}), "
+                f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s ({self.throughput / 2**20:.0f} MiB/s).")
         if self.untied_embeddings:
-            text += " Input and output embeddings now differ: written separately, tie_word_embeddings=false."
+            text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
         return text
 
 
@@ -116,9 +121,10 @@ def _write(out: Path, ops: list[TensorOp], inputs: list[Checkpoint], shards: lis
 
 
 def _report(out, form, plan, stats, untie, dry_run) -> MergeReport:
-    changed = sum(op.action in ("merge", "unmerge", "replace") for op in plan.ops)
-    return MergeReport(None if dry_run else str(out), form, plan, changed, len(plan.ops) - changed,
-                       plan.nbytes, stats.seconds if stats else 0.0, untie, dry_run)
+    counts = {a: plan.count(a) for a in ("merge", "unmerge", "replace", "copy", "lora")}
+    return MergeReport(None if dry_run else str(out), form, plan, counts,
+                       stats.bytes_written if stats else plan.nbytes, stats.seconds if stats else 0.0,
+                       untie, dry_run)
 
 
 def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
@@ -177,7 +183,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
             untie = tie.untie
         plan = Plan(tuple(ops), (str(base_path), *map(str, adapter_paths)))
         if dry_run:
-            return _report(out, form, plan, None, untie, True)
+            return _report(out, "unmerged" if unmerge else form, plan, None, untie, True)
         if out is None:
             raise LorasurgeonError("an output folder is needed (or use dry_run)")
         extra = {}
@@ -191,7 +197,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
                        _layout(ops, ckpt, shard_size), extra_files=extra, copy_files=copies,
                        overwrite=overwrite, device=device, progress=progress,
                        allow_nonfinite=allow_nonfinite)
-        return _report(out, form, plan, stats, untie, False)
+        return _report(out, "unmerged" if unmerge else form, plan, stats, untie, False)
     finally:
         ckpt.close()
         for a in loaded:

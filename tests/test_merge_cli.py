@@ -20,7 +20,7 @@ FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter
 def test_quick_start_on_committed_fixtures(tmp_path):
     result = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "merged")
     assert result.exit_code == 0, result.stderr
-    assert "14 tensors changed, 7 copied" in result.stdout and "MiB/s" in result.stdout
+    assert "21 tensors (14 merged, 7 copied)" in result.stdout and "MiB/s" in result.stdout
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
         "config.json", "generation_config.json", "model.safetensors"]
     merged = load_file(tmp_path / "merged" / "model.safetensors")
