@@ -1,9 +1,13 @@
 """The streaming executor: the only place that moves tensor data.
 
 Three stages connected by bounded queues: a reader thread reads the next ops' tensors, the
-calling thread computes (on ``device``), a writer thread hands results to the CheckpointWriter.
-At most a few tensors are alive at once, whatever the model size. File reads, writes and torch
-kernels release the GIL, so the stages overlap.
+calling thread computes (on ``device``), a writer thread hands results to the sink (a
+CheckpointWriter or SpoolWriter). At most a few tensors are alive at once, whatever the model
+size. File reads, writes and torch kernels release the GIL, so the stages overlap.
+
+Every command uses this one loop; what differs is the op type and its ``compute`` function
+(``compute_merge`` here for merge/unmerge/convert, ``extract.compute_extract`` for extract).
+An op needs ``name``, ``nbytes`` (its share of the progress bar) and ``refs()`` (what to read).
 """
 
 from __future__ import annotations
@@ -12,13 +16,12 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
 from .errors import LorasurgeonError
 from .io.checkpoint import Checkpoint
-from .io.writer import CheckpointWriter
 from .ops.lora import add_lora, all_finite, dora_apply, lora_delta, replace_rows
 from .plan import Ref, TensorOp
 
@@ -31,6 +34,19 @@ class ExecStats:
     tensors: int
     bytes_written: int
     seconds: float
+    infos: tuple[Any, ...] = ()  # what each op's compute reported (extract: per-module statistics)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What computing one op gave: tensors to write (possibly none) and anything to report."""
+
+    outputs: list[tuple[str, torch.Tensor]]
+    info: Any = None
+
+
+class Sink(Protocol):
+    def write(self, name: str, tensor: torch.Tensor) -> None: ...
 
 
 class NonFiniteError(LorasurgeonError, ValueError):
@@ -47,17 +63,23 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-def _fetch(inputs: Sequence[Checkpoint], op: TensorOp) -> dict[Ref, torch.Tensor]:
-    refs = [op.src] + [r for t in op.terms for r in (t.a, t.b, t.magnitude) if r is not None]
-    refs += [p.values for p in op.rows]
-    return {r: inputs[r.source].read(r.key) for r in dict.fromkeys(refs)}
+def _fetch(inputs: Sequence[Checkpoint], op) -> dict[Ref, torch.Tensor]:
+    return {r: inputs[r.source].read(r.key) for r in dict.fromkeys(op.refs())}
 
 
-def compute(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device) -> torch.Tensor:
-    """Apply one op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
+def check_finite(name: str, tensor: torch.Tensor) -> None:
+    if not all_finite(tensor):
+        raise NonFiniteError(
+            f"tensor {name!r}: the result holds NaN or Inf; nothing was written "
+            "(check the inputs, or pass --allow-nonfinite)")
+
+
+def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
+                  allow_nonfinite: bool = False) -> Outcome:
+    """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
     src = tensors[op.src]
     if op.is_plain_copy:
-        return src if src.dtype == op.dtype else src.to(device).to(op.dtype)
+        return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())])
     base = src.to(device=device, dtype=torch.float32)
     cur = base
     for term in op.terms:
@@ -73,12 +95,15 @@ def compute(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device
             cur = add_lora(cur, a, b, term.scale, term.kind)
     for patch in op.rows:
         cur = replace_rows(cur, patch.indices, tensors[patch.values])
-    return cur.to(op.dtype).to("cpu")
+    out = cur.to(op.dtype).to("cpu")
+    if not allow_nonfinite:
+        check_finite(op.name, out)
+    return Outcome([(op.name, out)])
 
 
-def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: CheckpointWriter, *,
-        device: str = "cpu", progress: Progress | None = None,
-        allow_nonfinite: bool = False) -> ExecStats:
+def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
+        compute: Callable[[Any, dict, torch.device], Outcome] = compute_merge,
+        device: str = "cpu", progress: Progress | None = None) -> ExecStats:
     """Execute ``ops`` in order, streaming: read ahead, compute, write behind."""
     dev = torch.device(device)
     start = time.perf_counter()
@@ -115,8 +140,9 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
                     continue
                 if item is _DONE:
                     return
-                op, tensor = item
-                writer.write(op.name, tensor)
+                op, outputs = item
+                for name, tensor in outputs:
+                    sink.write(name, tensor)
                 if progress is not None:
                     progress.advance(op.nbytes)
         except BaseException as exc:
@@ -130,6 +156,7 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
     for t in threads:
         t.start()
     written = 0
+    infos = []
     try:
         while not stop.is_set():
             try:
@@ -139,15 +166,12 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
             if item is _DONE:
                 break
             op, tensors = item
-            out = compute(op, tensors, dev)
+            outcome = compute(op, tensors, dev)
             del tensors
-            if not allow_nonfinite and not op.is_plain_copy and not all_finite(out):
-                raise NonFiniteError(
-                    f"tensor {op.name!r}: the result holds NaN or Inf; nothing was written "
-                    "(check the adapter, or pass --allow-nonfinite)")
-            if not put(write_q, (op, out)):
+            infos.append(outcome.info)
+            if not put(write_q, (op, outcome.outputs)):
                 break
-            written += op.nbytes
+            written += sum(t.nbytes for _, t in outcome.outputs)
     except BaseException:
         stop.set()
         raise
@@ -160,4 +184,4 @@ def run(ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], writer: Checkpoin
             progress.finish()
     if errors:
         raise errors[0]
-    return ExecStats(len(ops), written, time.perf_counter() - start)
+    return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos))

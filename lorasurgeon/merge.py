@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Sequence
 
@@ -12,10 +13,9 @@ import torch
 
 from . import augment
 from .adapter.config import CONFIG_NAME, AdapterConfig
-from .adapter.names import SAVED_PREFIX
 from .adapter.weights import LoraAdapter, load_adapter
 from .errors import InvalidOptionError as OptionError, LorasurgeonError, OutputError
-from .execute import Progress, run
+from .execute import Progress, compute_merge, run
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.dtypes import parse_dtype
 from .io.layout import Shard, parse_size, plan_shards, shards_like
@@ -116,7 +116,8 @@ def _write(out: Path, ops: list[TensorOp], inputs: list[Checkpoint], shards: lis
             writer.copy_file(path)
         for name, data in extra_files.items():
             writer.add_file(name, data)
-        stats = run(ops, inputs, writer, device=device, progress=progress, allow_nonfinite=allow_nonfinite)
+        stats = run(ops, inputs, writer, device=device, progress=progress,
+                    compute=partial(compute_merge, allow_nonfinite=allow_nonfinite))
     return stats
 
 

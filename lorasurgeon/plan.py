@@ -67,6 +67,11 @@ class TensorOp:
     def spec(self) -> TensorSpec:
         return TensorSpec(self.name, self.dtype, self.shape)
 
+    def refs(self) -> list[Ref]:
+        """Every input tensor this op reads."""
+        refs = [self.src] + [r for t in self.terms for r in (t.a, t.b, t.magnitude) if r is not None]
+        return refs + [p.values for p in self.rows]
+
     @property
     def is_plain_copy(self) -> bool:
         return not self.terms and not self.rows
@@ -90,7 +95,7 @@ class Plan:
 
 def describe(plan: Plan) -> str:
     """A readable listing of the plan (``--dry-run``)."""
-    lines = [f"inputs:"] + [f"  [{i}] {p}" for i, p in enumerate(plan.inputs)]
+    lines = ["inputs:"] + [f"  [{i}] {p}" for i, p in enumerate(plan.inputs)]
     actions = sorted({op.action for op in plan.ops})
     lines.append(f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
                  + ", ".join(f"{plan.count(a)} {a}" for a in actions))

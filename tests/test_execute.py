@@ -46,6 +46,7 @@ def test_streams_every_tensor_in_order(tmp_path):
         stats = run(ops, [ckpt], w, progress=Count())
     assert stats.tensors == 12 and stats.bytes_written == 12 * 256 * 256 * 4
     assert seen[0] == stats.bytes_written and seen[-1] == "done" and sum(seen[1:-1]) == stats.bytes_written
+    assert stats.infos == (None,) * 12
     out = open_checkpoint(tmp_path / "out")
     assert all(torch.equal(out.read(n), ckpt.read(n)) for n in ckpt)
 
