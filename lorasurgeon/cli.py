@@ -189,5 +189,47 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
     _print(report, quiet)
 
 
+@cli.command("extract")
+@click.argument("base")
+@click.argument("finetuned")
+@click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter folder to write.")
+@click.option("--rank", type=int, default=None, help="Fixed rank for every module.")
+@click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
+@click.option("--max-rank", type=int, default=None, help="Cap for --energy.")
+@click.option("--include", default=None, help="Regex: only tensors whose name matches.")
+@click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches.")
+@click.option("--embeddings", default="lowrank", show_default=True, type=click.Choice(["lowrank", "full", "skip"]))
+@click.option("--extras", default="full", show_default=True, type=click.Choice(["full", "skip"]),
+              help="Changed norms, biases and other non-matrix tensors.")
+@click.option("--solver", default="auto", show_default=True, type=click.Choice(["auto", "randomized", "exact"]))
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
+              help="dtype of the LoRA factors.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
+@click.option("--dry-run", is_flag=True, help="Print what would be compared; write nothing.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
+@click.option("--allow-nonfinite", is_flag=True, help="Do not stop at NaN/Inf deltas.")
+def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, embeddings, extras, solver,
+                device, seed, dtype, overwrite, dry_run, quiet, allow_nonfinite):
+    """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD.
+
+    Writes OUT/adapter_config.json, OUT/adapter_model.safetensors and OUT/extract_report.json
+    (per module: rank, share of ‖ΔW‖² kept, relative error).
+
+    \b
+    Examples:
+      lorasurgeon extract ./Llama-3-8B ./my-finetune --rank 16 -o my-lora
+      lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
+    """
+    from .extract import extract
+
+    report = extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, include=include,
+                     exclude=exclude, embeddings=embeddings, extras=extras, solver=solver, device=device,
+                     seed=seed, dtype=dtype, overwrite=overwrite, dry_run=dry_run,
+                     allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
+    _print(report, quiet)
+
+
 def main() -> None:
     cli(prog_name="lorasurgeon")

@@ -88,3 +88,9 @@ EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
 
 TOKEN_ADAPTER = "token_adapter"
+
+# Leaf names of nn.Embedding modules in transformers models (LoRA uses lora_embedding_A/B there).
+EMBEDDING_LEAVES = frozenset({
+    "embed_tokens", "wte", "wpe", "embed_positions", "word_embeddings", "position_embeddings",
+    "token_type_embeddings", "embed_in", "shared",
+})

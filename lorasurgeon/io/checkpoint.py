@@ -123,7 +123,7 @@ class Checkpoint:
         out = torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             try:
-                _pread_into(info.file, memoryview(out.numpy()), info.offset)
+                pread_into(info.file, memoryview(out.numpy()), info.offset)
             except EOFError:
                 raise CorruptCheckpointError(
                     f"{info.file}: truncated while reading tensor {name!r} (was it changed while in use?)"
@@ -161,7 +161,7 @@ class Checkpoint:
         return f"Checkpoint({str(self.root)!r}, format={self.format!r}, tensors={len(self)})"
 
 
-def _pread_into(path: Path, view: memoryview, offset: int) -> None:
+def pread_into(path: Path, view: memoryview, offset: int) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0

@@ -1,0 +1,142 @@
+"""extract: a fine-tune minus its base becomes a PEFT LoRA adapter, streamed tensor by tensor."""
+
+from __future__ import annotations
+
+import os
+import re
+import zlib
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from .adapter.names import SAVED_PREFIX, saved_key
+from .errors import InvalidOptionError as OptionError, LorasurgeonError
+from .execute import Outcome, Progress, check_finite, run
+from .extractplan import ExtractOp, ExtractOptions, plan_extract
+from .extractresult import ExtractReport, ModuleStats, OpInfo, finish_adapter
+from .io.checkpoint import open_checkpoint
+from .io.dtypes import parse_dtype
+from .io.sidecar import is_tied, read_config
+from .io.source import resolve
+from .io.spool import SpoolWriter
+from .ops.lowrank import SOLVERS, factorize, relative_error
+from .plan import Ref
+
+
+def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
+                    rank: int | None, energy: float | None, max_rank: int | None, solver: str,
+                    seed: int, dtype: torch.dtype, allow_nonfinite: bool) -> Outcome:
+    """ΔW of one tensor -> LoRA factors, a lora_B.bias, the full tensor, or nothing."""
+    tuned = tensors[op.tuned]
+    base = tensors[op.base] if op.base is not None else None
+    if base is not None and base.dtype == tuned.dtype and torch.equal(base, tuned):
+        return Outcome([], OpInfo(op, "unchanged"))
+    if op.kind == "full" or base is None or not tuned.is_floating_point():
+        same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
+        change = float(torch.sum((tuned.double() - base.double()) ** 2)) if same_shape else 0.0
+        return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
+    delta = tuned.to(device, torch.float32) - base.to(device, torch.float32)
+    if not allow_nonfinite:
+        check_finite(op.name, delta)
+    total = float(torch.sum(delta.double() ** 2))
+    if total == 0.0:  # same values in another dtype
+        return Outcome([], OpInfo(op, "unchanged"))
+    if op.kind == "skip":
+        return Outcome([], OpInfo(op, "skipped", total))
+    if op.kind == "bias":
+        return Outcome([(saved_key(op.module, "B_bias"), delta.to(dtype).cpu())], OpInfo(op, "bias", total))
+    # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
+    m = delta.T if op.kind in ("conv1d", "embedding") else delta.reshape(delta.shape[0], -1)
+    lr = factorize(m, rank=rank, energy=energy, max_rank=max_rank, solver=solver,
+                   seed=seed + zlib.crc32(op.name.encode()))
+    a, b = lr.a.to(dtype), lr.b.to(dtype)
+    stats = ModuleStats(op.module, op.kind, list(op.shape), lr.rank, lr.kept,
+                        relative_error(m, a, b), lr.solver)
+    if op.kind == "conv":
+        a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
+    roles = ("emb_A", "emb_B") if op.kind == "embedding" else ("A", "B")
+    outputs = [(saved_key(op.module, roles[0]), a.cpu()), (saved_key(op.module, roles[1]), b.cpu())]
+    return Outcome(outputs, OpInfo(op, "lowrank", total, stats))
+
+
+def _options(rank, energy, max_rank, solver, dtype, include, exclude, embeddings, extras):
+    if (rank is None) == (energy is None):
+        raise OptionError("give exactly one of --rank N or --energy F")
+    if rank is not None and rank < 1:
+        raise OptionError(f"--rank must be at least 1, got {rank}")
+    if energy is not None and not 0.0 < energy <= 1.0:
+        raise OptionError(f"--energy must be in (0, 1], got {energy}")
+    if max_rank is not None and (energy is None or max_rank < 1):
+        raise OptionError("--max-rank caps --energy and must be at least 1")
+    if solver not in SOLVERS:
+        raise OptionError(f"unknown solver {solver!r}: choose {', '.join(SOLVERS)}")
+    if embeddings not in ("lowrank", "full", "skip") or extras not in ("full", "skip"):
+        raise OptionError("--embeddings is lowrank|full|skip and --extras is full|skip")
+    try:
+        out_dtype = parse_dtype(dtype) if isinstance(dtype, str) else dtype
+        patterns = [re.compile(p) if p else None for p in (include, exclude)]
+    except (ValueError, re.error) as exc:
+        raise OptionError(str(exc)) from None
+    if not out_dtype.is_floating_point:
+        raise OptionError(f"--dtype must be a floating dtype, not {out_dtype}")
+    return out_dtype, ExtractOptions(embeddings, extras, *patterns)
+
+
+def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out: str | os.PathLike[str] | None,
+            *, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
+            include: str | None = None, exclude: str | None = None, embeddings: str = "lowrank",
+            extras: str = "full", solver: str = "auto", device: str = "cpu", seed: int = 0,
+            dtype: str | torch.dtype = "float32", overwrite: bool = False, dry_run: bool = False,
+            allow_nonfinite: bool = False, progress: Progress | None = None) -> ExtractReport:
+    """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD.
+
+    Args:
+        rank: a fixed rank for every module (capped by each matrix's own), or
+        energy: per module, the smallest rank keeping this fraction of ‖ΔW‖² (capped by max_rank).
+        include / exclude: regexes on tensor names (re.search) choosing what is considered.
+        embeddings: embedding deltas as LoRA ("lowrank"), in full, or skipped.
+        extras: changed norms, biases and other non-matrix tensors: stored in full, or skipped.
+        solver: auto | randomized (block Krylov) | exact (full SVD); device: cpu or cuda.
+        dtype: of the LoRA factors (full tensors keep the fine-tune's dtype).
+
+    Returns:
+        An ExtractReport (also written as extract_report.json in ``out``).
+    """
+    from .merge import _check_device, _check_output
+
+    out_dtype, opts = _options(rank, energy, max_rank, solver, dtype, include, exclude, embeddings, extras)
+    base_path, tuned_path = resolve(base), resolve(finetuned)
+    if base_path.resolve() == tuned_path.resolve():
+        raise OptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
+    if out is not None:
+        _check_output(Path(out), [base_path, tuned_path])
+    _check_device(device)
+    with open_checkpoint(base_path) as b_ckpt, open_checkpoint(tuned_path) as t_ckpt:
+        b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)
+        ops, excluded = plan_extract(b_ckpt, t_ckpt, base_tied=is_tied(b_cfg), tuned_tied=is_tied(t_cfg),
+                                     model_type=t_cfg.get("model_type") or b_cfg.get("model_type"), opts=opts)
+        method = {"rank": rank, "energy": energy, "max_rank": max_rank, "solver": solver, "seed": seed,
+                  "dtype": str(out_dtype).removeprefix("torch."), "embeddings": embeddings, "extras": extras}
+        if dry_run:
+            counts = {k: sum(o.kind == k for o in ops) for k in ("linear", "conv1d", "conv", "embedding", "bias", "full", "skip")}
+            notes = [f"{len(ops)} tensors compared ({excluded} excluded): "
+                     + ", ".join(f"{n} {k}" for k, n in counts.items() if n)] + [o.note for o in ops if o.note]
+            return ExtractReport(None, str(base_path), str(tuned_path), method, [], [], {}, {}, notes, True)
+        if out is None:
+            raise OptionError("an output folder is needed (or use dry_run)")
+        spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
+        try:
+            compute = partial(compute_extract, rank=rank, energy=energy, max_rank=max_rank, solver=solver,
+                              seed=seed, dtype=out_dtype, allow_nonfinite=allow_nonfinite)
+            stats = run(ops, [b_ckpt, t_ckpt], spool, compute=compute, device=device, progress=progress)
+            if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
+                raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
+            report = finish_adapter(spool, list(stats.infos), t_ckpt, out=str(out), base=str(base_path),
+                                    finetuned=str(tuned_path), method=method, excluded=excluded,
+                                    fixed_rank=rank, seconds=stats.seconds, dtype=out_dtype)
+            spool.commit()
+            return report
+        except BaseException:
+            spool.abort()
+            raise

@@ -1,0 +1,98 @@
+"""SpoolWriter: for results whose tensor shapes are known only once computed (extract --energy).
+
+Tensors are appended to a hidden spool file as they come; ``commit`` lays them out as
+safetensors (header first, as CheckpointWriter does) and makes the result appear atomically.
+Memory stays at one tensor: commit copies the spooled tensors across one at a time. The spool
+holds adapter-sized data (a few % of a model), so the extra copy is cheap.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from ..errors import OutputError, OutputExistsError
+from .checkpoint import TensorInfo, pread_into
+from .layout import TensorSpec, plan_shards
+from .writer import CheckpointWriter
+
+
+class SpoolWriter:
+    """Collect tensors of any shape, in any order; write them as one checkpoint at commit."""
+
+    def __init__(self, out: str | os.PathLike[str], *, prefix: str = "model", overwrite: bool = False,
+                 metadata: dict[str, str] | None = None):
+        self.out = Path(out)
+        self.prefix, self.overwrite, self.metadata = prefix, overwrite, metadata
+        if self.out.exists() and not overwrite:
+            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        try:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise OutputError(f"{self.out.parent}: cannot create the output's folder ({exc.strerror})") from None
+        self._dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".lorasurgeon-spool",
+                                          dir=self.out.parent))
+        self._path = self._dir / "spool.bin"
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._end = 0
+        self._items: dict[str, TensorInfo] = {}
+        self._files: dict[str, bytes] = {}
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Spool one tensor (a later write of the same name replaces it)."""
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
+        try:
+            while data:
+                n = os.write(self._fd, data)
+                data = data[n:]
+                self._end += n
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc})") from None
+        nbytes = flat.numel() * flat.element_size()
+        self._items[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), self._path, self._end - nbytes)
+
+    def discard(self, name: str) -> None:
+        self._items.pop(name, None)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._items
+
+    def names(self) -> list[str]:
+        return list(self._items)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._items[name]
+
+    def add_file(self, relname: str, data: bytes | str) -> None:
+        self._files[relname] = data.encode("utf-8") if isinstance(data, str) else data
+
+    def commit(self) -> Path:
+        """Write the spooled tensors as ``{prefix}.safetensors`` plus the added files, atomically."""
+        os.close(self._fd)
+        self._fd = -1
+        try:
+            specs = [TensorSpec(i.name, i.dtype, i.shape) for i in self._items.values()]
+            shards = plan_shards(specs, max_shard_size=None, prefix=self.prefix)
+            with CheckpointWriter(self.out, shards, overwrite=self.overwrite, index_name=None,
+                                  metadata=self.metadata) as writer:
+                for name, data in self._files.items():
+                    writer.add_file(name, data)
+                for info in self._items.values():
+                    buf = torch.empty(info.nbytes, dtype=torch.uint8)
+                    if info.nbytes:
+                        pread_into(self._path, memoryview(buf.numpy()), info.offset)
+                    writer.write(info.name, buf.view(info.dtype).reshape(info.shape))
+        finally:
+            self.abort()
+        return self.out
+
+    def abort(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+        shutil.rmtree(self._dir, ignore_errors=True)

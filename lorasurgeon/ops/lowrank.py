@@ -1,0 +1,132 @@
+"""Truncated SVD of a weight delta, and its split into LoRA factors. Pure functions of tensors.
+
+The randomized solver is block Krylov iteration (Musco & Musco, 2015): the range of
+[MΩ, (MMᵀ)MΩ, …, (MMᵀ)^q MΩ] captures the top singular directions far better than plain
+subspace iteration at the same cost, which matters for the slowly decaying spectra of
+fine-tuning deltas. Whatever the solver, the factors are an orthogonal projection of M onto the
+kept left singular directions, so the kept energy Σσᵢ² is exact and ‖M − BA‖² = ‖M‖² − Σσᵢ².
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SOLVERS = ("auto", "randomized", "exact")
+KRYLOV_ITERS = 4
+EXACT_FP64_NUMEL = 512 * 512  # small exact cases are solved in float64
+
+
+@dataclass(frozen=True)
+class LowRank:
+    """M ≈ B @ A with A = √S·Vᵀ (r, n) and B = U·√S (m, r), both float32."""
+
+    a: torch.Tensor
+    b: torch.Tensor
+    kept: float  # Σ of the kept σᵢ², as a fraction of ‖M‖²
+    energy: float  # ‖M‖² (float64 sum)
+    solver: str
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+def _oversample(k: int) -> int:
+    return max(16, k // 4)
+
+
+def block_krylov_svd(m: torch.Tensor, k: int, *, iters: int = KRYLOV_ITERS,
+                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Approximate top-k SVD (U, S, Vh) of ``m`` (float32), with block size k + oversampling."""
+    rows, cols = m.shape
+    block = min(k + _oversample(k), rows, cols)
+    omega = torch.randn(cols, block, generator=generator, device="cpu").to(m.device, m.dtype)
+    y = torch.linalg.qr(m @ omega).Q
+    blocks = [y]
+    for _ in range(iters):
+        y = torch.linalg.qr(m @ (m.T @ y)).Q
+        blocks.append(y)
+    q = torch.linalg.qr(torch.cat(blocks, dim=1)).Q
+    ub, s, vh = torch.linalg.svd(q.T @ m, full_matrices=False)
+    return (q @ ub)[:, :k], s[:k], vh[:k]
+
+
+def exact_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Full thin SVD; float64 for small matrices, where it is cheap and removes all doubt."""
+    work = m.double() if m.numel() <= EXACT_FP64_NUMEL else m
+    u, s, vh = torch.linalg.svd(work, full_matrices=False)
+    return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
+
+
+def choose_solver(shape: tuple[int, int], k: int, solver: str) -> str:
+    """auto: exact when the rank asked for is a large share of the matrix (or it is small)."""
+    if solver != "auto":
+        return solver
+    small = min(shape)
+    return "exact" if small <= 64 or (k + _oversample(k)) * (KRYLOV_ITERS + 1) >= small else "randomized"
+
+
+def rank_for_energy(s: torch.Tensor, energy: float, fraction: float) -> int:
+    """Smallest r with Σ_{i<r} σᵢ² ≥ fraction·energy (len(s) if even all of them fall short)."""
+    cumulative = torch.cumsum(s.double() ** 2, dim=0)
+    hit = torch.nonzero(cumulative >= fraction * energy * (1 - 1e-12))
+    return int(hit[0].item()) + 1 if len(hit) else len(s)
+
+
+def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+              max_rank: int | None = None, solver: str = "auto", seed: int = 0) -> LowRank:
+    """Truncated SVD of a 2-D float tensor, split √S between the factors.
+
+    Exactly one of ``rank`` (fixed; capped by the matrix's own) or ``energy`` (the smallest rank
+    keeping that fraction of ‖M‖², capped by ``max_rank``) is given. ``solver`` is auto,
+    randomized or exact; the randomized one falls back to exact if it fails to converge.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank and energy")
+    m = m.to(torch.float32)
+    full = min(m.shape)
+    total = float(torch.sum(m.double() ** 2))
+    if total == 0.0:
+        return LowRank(m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 1.0, 0.0, "zero")
+    cap = min(full, max_rank or full)
+    k = min(rank, full) if rank is not None else min(cap, 64)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        kind = choose_solver(tuple(m.shape), k, solver)
+        u, s, vh = _solve(m, k if kind == "randomized" else full, kind, gen)
+        if energy is None or kind == "exact" or k >= cap:
+            break
+        if rank_for_energy(s, total, energy) < k or float(torch.sum(s.double() ** 2)) >= energy * total:
+            break
+        k = min(cap, k * 4)  # not enough energy in the top k: widen the search
+    r = min(rank, full) if rank is not None else min(rank_for_energy(s, total, energy), cap)
+    u, s, vh = u[:, :r], s[:r], vh[:r]
+    root = torch.sqrt(s)
+    kept = min(1.0, float(torch.sum(s.double() ** 2)) / total)
+    return LowRank((root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous(), kept, total, kind)
+
+
+def _solve(m: torch.Tensor, k: int, kind: str, gen: torch.Generator):
+    if kind == "exact":
+        return exact_svd(m)
+    try:
+        u, s, vh = block_krylov_svd(m, k, generator=gen)
+    except RuntimeError:  # LAPACK did not converge
+        return exact_svd(m)
+    if not (torch.isfinite(s).all() and torch.isfinite(u).all() and torch.isfinite(vh).all()):
+        return exact_svd(m)
+    return u, s, vh
+
+
+def relative_error(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> float:
+    """‖M − B·A‖ / ‖M‖ for the factors as stored (after any rounding of their dtype)."""
+    m32 = m.to(torch.float32)
+    norm = float(torch.linalg.vector_norm(m32))
+    if norm == 0.0:
+        return 0.0
+    if a.shape[0] == 0:
+        return 1.0
+    residual = torch.addmm(m32, b.to(torch.float32), a.to(torch.float32), alpha=-1.0)
+    return float(torch.linalg.vector_norm(residual)) / norm
