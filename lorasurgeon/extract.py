@@ -20,7 +20,7 @@ from .io.dtypes import parse_dtype
 from .io.sidecar import is_tied, read_config
 from .io.source import resolve
 from .io.spool import SpoolWriter
-from .ops.lowrank import SOLVERS, factorize, relative_error
+from .ops.lowrank import SOLVERS, factorize, relative_error, squared_norm
 from .plan import Ref
 
 
@@ -34,12 +34,12 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
         return Outcome([], OpInfo(op, "unchanged"))
     if op.kind == "full" or base is None or not tuned.is_floating_point():
         same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
-        change = float(torch.sum((tuned.double() - base.double()) ** 2)) if same_shape else 0.0
+        change = squared_norm(tuned.float() - base.float()) if same_shape else 0.0
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
     delta = tuned.to(device, torch.float32) - base.to(device, torch.float32)
     if not allow_nonfinite:
         check_finite(op.name, delta)
-    total = float(torch.sum(delta.double() ** 2))
+    total = squared_norm(delta)
     if total == 0.0:  # same values in another dtype
         return Outcome([], OpInfo(op, "unchanged"))
     if op.kind == "skip":

@@ -33,6 +33,13 @@ class LowRank:
         return self.a.shape[0]
 
 
+def squared_norm(m: torch.Tensor, chunk_elements: int = 1 << 20) -> float:
+    """‖M‖² accumulated in float64, a block of rows at a time (no float64 copy of M)."""
+    flat = m.reshape(m.shape[0], -1) if m.dim() > 1 else m.reshape(1, -1)
+    rows = max(1, chunk_elements // max(1, flat.shape[1]))
+    return float(sum(torch.sum(flat[i:i + rows].double() ** 2) for i in range(0, flat.shape[0], rows)))
+
+
 def _oversample(k: int) -> int:
     return max(16, k // 4)
 
@@ -87,7 +94,7 @@ def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None 
         raise ValueError("give exactly one of rank and energy")
     m = m.to(torch.float32)
     full = min(m.shape)
-    total = float(torch.sum(m.double() ** 2))
+    total = squared_norm(m)
     if total == 0.0:
         return LowRank(m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 1.0, 0.0, "zero")
     cap = min(full, max_rank or full)
