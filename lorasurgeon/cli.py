@@ -231,5 +231,32 @@ def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, 
     _print(report, quiet)
 
 
+@cli.command("diff")
+@click.argument("a")
+@click.argument("b")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
+@click.option("--rank-profile", is_flag=True, help="Ranks keeping 50/90/99% of each changed matrix's ‖B − A‖².")
+@click.option("--top", type=int, default=20, show_default=True, help="How many changed tensors the table shows.")
+@click.option("--atol", type=float, default=None, help="Values within this absolute tolerance count as equal.")
+@click.option("--include", default=None, help="Regex: only tensors whose name matches.")
+@click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+def diff_cmd(a, b, as_json, rank_profile, top, atol, include, exclude, device, quiet):
+    """Compare checkpoints A and B tensor by tensor; exit 0 if identical, 1 if not, 2 on error.
+
+    \b
+    Examples:
+      lorasurgeon diff fixtures/base merged --rank-profile
+      lorasurgeon diff ./model-fp32 ./model-bf16 --atol 1e-2 --json
+    """
+    from .diff import diff
+
+    report = diff(a, b, rank_profile=rank_profile, atol=atol, include=include, exclude=exclude,
+                  device=device, progress=_bar(quiet, False))
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(top))
+    sys.exit(report.exit_code)
+
+
 def main() -> None:
     cli(prog_name="lorasurgeon")

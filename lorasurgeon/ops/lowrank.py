@@ -82,6 +82,32 @@ def rank_for_energy(s: torch.Tensor, energy: float, fraction: float) -> int:
     return int(hit[0].item()) + 1 if len(hit) else len(s)
 
 
+def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
+                 max_rank: int | None = None, solver: str = "auto", seed: int = 0):
+    """(U, S, Vh, ‖M‖², solver) with enough leading singular triplets for ``rank`` or ``energy``.
+
+    For ``energy`` the search widens (×4) until the triplets found hold that share of ‖M‖², or
+    reach ``max_rank`` / the matrix's own rank; ``solver`` auto switches to the exact SVD when
+    the rank needed is a large share of the matrix.
+    """
+    if (rank is None) == (energy is None):
+        raise ValueError("give exactly one of rank and energy")
+    m = m.to(torch.float32)
+    full = min(m.shape)
+    total = squared_norm(m)
+    cap = min(full, max_rank or full)
+    k = min(rank, full) if rank is not None else min(cap, 64)
+    gen = torch.Generator().manual_seed(seed)
+    while True:
+        kind = choose_solver(tuple(m.shape), k, solver)
+        u, s, vh = _solve(m, k if kind == "randomized" else full, kind, gen)
+        if energy is None or kind == "exact" or k >= cap:
+            return u, s, vh, total, kind
+        if float(torch.sum(s.double() ** 2)) >= energy * total:
+            return u, s, vh, total, kind
+        k = min(cap, k * 4)  # not enough energy in the top k: widen the search
+
+
 def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
               max_rank: int | None = None, solver: str = "auto", seed: int = 0) -> LowRank:
     """Truncated SVD of a 2-D float tensor, split √S between the factors.
@@ -92,22 +118,11 @@ def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None 
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank and energy")
-    m = m.to(torch.float32)
-    full = min(m.shape)
-    total = squared_norm(m)
-    if total == 0.0:
+    if not m.any():
+        m = m.to(torch.float32)
         return LowRank(m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 1.0, 0.0, "zero")
-    cap = min(full, max_rank or full)
-    k = min(rank, full) if rank is not None else min(cap, 64)
-    gen = torch.Generator().manual_seed(seed)
-    while True:
-        kind = choose_solver(tuple(m.shape), k, solver)
-        u, s, vh = _solve(m, k if kind == "randomized" else full, kind, gen)
-        if energy is None or kind == "exact" or k >= cap:
-            break
-        if rank_for_energy(s, total, energy) < k or float(torch.sum(s.double() ** 2)) >= energy * total:
-            break
-        k = min(cap, k * 4)  # not enough energy in the top k: widen the search
+    u, s, vh, total, kind = top_singular(m, rank=rank, energy=energy, max_rank=max_rank, solver=solver, seed=seed)
+    full, cap = min(m.shape), min(min(m.shape), max_rank or min(m.shape))
     r = min(rank, full) if rank is not None else min(rank_for_energy(s, total, energy), cap)
     u, s, vh = u[:, :r], s[:r], vh[:r]
     root = torch.sqrt(s)

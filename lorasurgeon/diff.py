@@ -1,0 +1,190 @@
+"""diff: what changed between two checkpoints, and how much of it is low-rank. Streamed."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import zlib
+from dataclasses import asdict, dataclass
+from functools import partial
+
+import torch
+
+from .errors import InvalidOptionError as OptionError
+from .execute import Outcome, Progress, run
+from .io.checkpoint import open_checkpoint
+from .io.source import resolve
+from .ops.compare import change, rank_profile, same_bits
+from .plan import Ref
+
+STATUSES = ("identical", "changed", "shape_mismatch", "dtype_mismatch")
+
+
+@dataclass(frozen=True)
+class DiffOp:
+    name: str
+    a: Ref
+    b: Ref
+    comparable: bool  # same shape
+    nbytes: int
+
+    def refs(self) -> list[Ref]:
+        return [self.a, self.b]
+
+
+@dataclass(frozen=True)
+class TensorDiff:
+    name: str
+    status: str
+    rel_change: float | None = None
+    max_abs_diff: float | None = None
+    cosine: float | None = None
+    rank_50: int | None = None
+    rank_90: int | None = None
+    rank_99: int | None = None
+
+    def to_dict(self) -> dict:
+        doc = asdict(self)
+        for key in ("rank_50", "rank_90", "rank_99"):
+            if doc[key] is None:
+                del doc[key]
+        return doc
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    """The result of comparing A with B; ``to_dict()`` is the ``--json`` document."""
+
+    a: str
+    b: str
+    only_in_a: list[str]
+    only_in_b: list[str]
+    tensors: list[TensorDiff]
+    atol: float | None
+    seconds: float
+
+    @property
+    def identical(self) -> bool:
+        """Same keys and shapes; same dtypes and bits (with atol: values within it)."""
+        if self.only_in_a or self.only_in_b:
+            return False
+        if self.atol is None:
+            return all(t.status == "identical" for t in self.tensors)
+        return all(t.status == "identical" or (t.status != "shape_mismatch" and t.max_abs_diff is not None
+                                               and t.max_abs_diff <= self.atol) for t in self.tensors)
+
+    @property
+    def exit_code(self) -> int:
+        """As diff(1): 0 identical, 1 different."""
+        return 0 if self.identical else 1
+
+    def summary(self) -> dict:
+        counts = {s: sum(t.status == s for t in self.tensors) for s in STATUSES}
+        return {**counts, "only_in_a": len(self.only_in_a), "only_in_b": len(self.only_in_b),
+                "common": len(self.tensors), "identical_checkpoints": self.identical,
+                "atol": self.atol, "seconds": round(self.seconds, 3)}
+
+    def to_dict(self) -> dict:
+        return {"a": self.a, "b": self.b, "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
+                "tensors": [_json_safe(t.to_dict()) for t in self.tensors], "summary": self.summary()}
+
+    def table(self, top: int = 20) -> str:
+        """The most changed tensors first, then a summary line."""
+        changed = sorted((t for t in self.tensors if t.status in ("changed", "dtype_mismatch")),
+                         key=lambda t: -(t.rel_change or 0.0))
+        shown = changed[:top]
+        lines = []
+        if shown:
+            profile = any(t.rank_50 is not None for t in shown)
+            width = max(len(t.name) for t in shown)
+            head = f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9}"
+            lines.append(head + ("  rank50 rank90 rank99" if profile else ""))
+            for t in shown:
+                line = (f"{t.name.ljust(width)}  {t.status:<14} {t.rel_change:>10.3g} "
+                        f"{t.max_abs_diff:>10.3g} {t.cosine:>9.6f}")
+                if profile and t.rank_50 is not None:
+                    line += f"  {t.rank_50:>6} {t.rank_90:>6} {t.rank_99:>6}"
+                lines.append(line)
+            if len(changed) > top:
+                lines.append(f"... {len(changed) - top} more changed tensors (--top N shows more)")
+        for t in self.tensors:
+            if t.status == "shape_mismatch":
+                lines.append(f"{t.name}: shapes differ")
+        lines += [f"only in A: {n}" for n in self.only_in_a[:top]] + [f"only in B: {n}" for n in self.only_in_b[:top]]
+        s = self.summary()
+        lines.append(
+            f"{'identical' if self.identical else 'different'}: {s['common']} common tensors — {s['identical']} identical, "
+            f"{s['changed']} changed, {s['dtype_mismatch']} dtype mismatches, {s['shape_mismatch']} shape mismatches; "
+            f"{s['only_in_a']} only in A, {s['only_in_b']} only in B")
+        return "\n".join(lines)
+
+
+def _json_safe(doc: dict) -> dict:
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in doc.items()}
+
+
+def compute_diff(op: DiffOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
+                 profile: bool, seed: int) -> Outcome:
+    a, b = tensors[op.a], tensors[op.b]
+    if not op.comparable:
+        return Outcome([], TensorDiff(op.name, "shape_mismatch"))
+    if same_bits(a, b):
+        return Outcome([], TensorDiff(op.name, "identical", 0.0, 0.0, 1.0))
+    status = "dtype_mismatch" if a.dtype != b.dtype else "changed"
+    if not a.dtype.is_floating_point and a.dtype == b.dtype:  # integers: exact in float64
+        a, b = a.to(torch.float64), b.to(torch.float64)
+    a, b = a.to(device), b.to(device)
+    stats = change(a, b)
+    ranks = [None, None, None]
+    if profile and a.dim() == 2 and stats.max_abs_diff > 0:
+        ranks = rank_profile(b.to(torch.float32) - a.to(torch.float32), seed=seed + zlib.crc32(op.name.encode()))
+    return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, *ranks))
+
+
+class _NoOutput:
+    def write(self, name: str, tensor: torch.Tensor) -> None:  # diff writes nothing
+        raise AssertionError("diff produced an output tensor")
+
+
+def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: bool = False,
+         atol: float | None = None, include: str | None = None, exclude: str | None = None,
+         device: str = "cpu", seed: int = 0, progress: Progress | None = None) -> DiffReport:
+    """Compare two checkpoints tensor by tensor (any layouts the reader supports).
+
+    Args:
+        rank_profile: for each changed 2-D tensor, the ranks keeping 50/90/99% of ‖B − A‖².
+        atol: values within this absolute tolerance count as equal for the verdict.
+        include / exclude: regexes on tensor names (re.search).
+    """
+    from .merge import _check_device
+
+    if atol is not None and not atol >= 0:
+        raise OptionError(f"--atol must be a non-negative number, got {atol}")
+    try:
+        patterns = [re.compile(p) if p else None for p in (include, exclude)]
+    except re.error as exc:
+        raise OptionError(f"invalid regex: {exc}") from None
+    _check_device(device)
+
+    def keep(name: str) -> bool:
+        return not ((patterns[0] and not patterns[0].search(name)) or (patterns[1] and patterns[1].search(name)))
+
+    path_a, path_b = resolve(a), resolve(b)
+    with open_checkpoint(path_a) as ca, open_checkpoint(path_b) as cb:
+        names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
+        set_a, set_b = set(names_a), set(names_b)
+        ops = []
+        for name in names_a:
+            if name in set_b:
+                ia, ib = ca.info(name), cb.info(name)
+                ops.append(DiffOp(name, Ref(0, name), Ref(1, name), ia.shape == ib.shape,
+                                  ia.nbytes + ib.nbytes if ia.shape == ib.shape else 0))
+        # shape mismatches need no data: don't read them
+        stats = run([o for o in ops if o.comparable], [ca, cb], _NoOutput(),
+                    compute=partial(compute_diff, profile=rank_profile, seed=seed), device=device,
+                    progress=progress)
+        found = {t.name: t for t in stats.infos}
+        tensors = [found.get(o.name) or TensorDiff(o.name, "shape_mismatch") for o in ops]
+    return DiffReport(str(path_a), str(path_b), [n for n in names_a if n not in set_b],
+                      [n for n in names_b if n not in set_a], tensors, atol, stats.seconds)

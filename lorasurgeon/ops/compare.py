@@ -1,0 +1,54 @@
+"""Statistics of the difference of two tensors. Pure functions of tensors."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .lowrank import rank_for_energy, squared_norm, top_singular
+
+PROFILE = (0.5, 0.9, 0.99)
+
+
+@dataclass(frozen=True)
+class Change:
+    rel_change: float  # ‖B − A‖ / ‖A‖ (inf when A is zero and B is not)
+    max_abs_diff: float
+    cosine: float  # of A and B flattened (1.0 when both are zero)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (so NaNs with equal payloads count as equal, -0.0 ≠ 0.0)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+
+
+def change(a: torch.Tensor, b: torch.Tensor) -> Change:
+    """How far B is from A, computed in float32 (float64 accumulation for the norms)."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    diff = b32 - a32
+    na, nb, nd = squared_norm(a32) ** 0.5, squared_norm(b32) ** 0.5, squared_norm(diff) ** 0.5
+    rel = nd / na if na else (0.0 if nd == 0 else float("inf"))
+    max_abs = float(diff.abs().max()) if diff.numel() else 0.0
+    if na == 0 or nb == 0:
+        cosine = 1.0 if na == nb else 0.0
+    else:
+        cosine = min(1.0, max(-1.0, _dot64(a32, b32) / (na * nb)))
+    return Change(rel, max_abs, cosine)
+
+
+def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    return float(sum(torch.dot(fa[i:i + chunk].double(), fb[i:i + chunk].double())
+                     for i in range(0, fa.numel(), chunk)))
+
+
+def rank_profile(diff: torch.Tensor, *, seed: int = 0, fractions=PROFILE) -> list[int]:
+    """For each fraction, the smallest rank keeping it of ‖diff‖² (randomized solver, widening as needed)."""
+    m = diff.to(torch.float32).reshape(diff.shape[0], -1)
+    if not m.any():
+        return [0 for _ in fractions]
+    _, s, _, total, _ = top_singular(m, energy=max(fractions), seed=seed)
+    return [rank_for_energy(s, total, f) for f in fractions]
