@@ -16,7 +16,6 @@ import argparse
 import math
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time

@@ -16,6 +16,7 @@ from .execute import Outcome, Progress, run
 from .io.checkpoint import open_checkpoint
 from .io.source import resolve
 from .ops.compare import change, rank_profile, same_bits
+from .options import check_device
 from .plan import Ref
 
 STATUSES = ("identical", "changed", "shape_mismatch", "dtype_mismatch")
@@ -157,15 +158,13 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: 
         atol: values within this absolute tolerance count as equal for the verdict.
         include / exclude: regexes on tensor names (re.search).
     """
-    from .merge import _check_device
-
     if atol is not None and not atol >= 0:
         raise OptionError(f"--atol must be a non-negative number, got {atol}")
     try:
         patterns = [re.compile(p) if p else None for p in (include, exclude)]
     except re.error as exc:
         raise OptionError(f"invalid regex: {exc}") from None
-    _check_device(device)
+    check_device(device)
 
     def keep(name: str) -> bool:
         return not ((patterns[0] and not patterns[0].search(name)) or (patterns[1] and patterns[1].search(name)))

@@ -21,6 +21,7 @@ from .io.sidecar import is_tied, read_config
 from .io.source import resolve
 from .io.spool import SpoolWriter
 from .ops.lowrank import SOLVERS, factorize, relative_error, squared_norm
+from .options import check_device, check_output
 from .plan import Ref
 
 
@@ -103,15 +104,13 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
     Returns:
         An ExtractReport (also written as extract_report.json in ``out``).
     """
-    from .merge import _check_device, _check_output
-
     out_dtype, opts = _options(rank, energy, max_rank, solver, dtype, include, exclude, embeddings, extras)
     base_path, tuned_path = resolve(base), resolve(finetuned)
     if base_path.resolve() == tuned_path.resolve():
         raise OptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     if out is not None:
-        _check_output(Path(out), [base_path, tuned_path])
-    _check_device(device)
+        check_output(Path(out), [base_path, tuned_path])
+    check_device(device)
     with open_checkpoint(base_path) as b_ckpt, open_checkpoint(tuned_path) as t_ckpt:
         b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)
         ops, excluded = plan_extract(b_ckpt, t_ckpt, base_tied=is_tied(b_cfg), tuned_tied=is_tied(t_cfg),

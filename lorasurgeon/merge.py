@@ -14,15 +14,15 @@ import torch
 from . import augment
 from .adapter.config import CONFIG_NAME, AdapterConfig
 from .adapter.weights import LoraAdapter, load_adapter
-from .errors import InvalidOptionError as OptionError, LorasurgeonError, OutputError
+from .errors import InvalidOptionError as OptionError, LorasurgeonError
 from .execute import Progress, compute_merge, run
 from .io.checkpoint import Checkpoint, open_checkpoint
-from .io.dtypes import parse_dtype
 from .io.layout import Shard, parse_size, plan_shards, shards_like
 from .io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
 from .io.source import resolve
 from .io.writer import CheckpointWriter
 from .mergeplan import ModelFacts, check_supported, plan_merge
+from .options import check_device, check_output, output_dtype, parse_shard_size
 from .plan import Plan, Ref, TensorOp, describe
 
 FORMS = ("merged", "augmented")
@@ -61,34 +61,6 @@ class MergeReport:
         if self.untied_embeddings:
             text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
         return text
-
-
-def _check_output(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is an input, lies inside one, or would contain (and so replace) one."""
-    target = out.resolve()
-    for path in inputs:
-        src = path.resolve()
-        if target == src or src in target.parents or target in src.parents:
-            raise OutputError(f"{out}: overlaps the input {path}; choose an output folder apart from the inputs")
-
-
-def _dtype(text: str | torch.dtype | None) -> torch.dtype | None:
-    if text is None or text == "auto":
-        return None
-    try:
-        dtype = text if isinstance(text, torch.dtype) else parse_dtype(text)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
-    if not dtype.is_floating_point:
-        raise OptionError(f"--dtype must be a floating dtype, not {dtype}")
-    return dtype
-
-
-def _size(text: str | int | None) -> int | None:
-    try:
-        return None if text is None else parse_size(text)
-    except ValueError as exc:
-        raise OptionError(str(exc)) from None
 
 
 def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None,
@@ -159,12 +131,12 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
-    out_dtype, shard_size = _dtype(dtype), _size(max_shard_size)
+    out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
     base_path = resolve(base)
     adapter_paths = [resolve(a) for a in adapters]
     if out is not None:
-        _check_output(Path(out), [base_path, *adapter_paths])
-    _check_device(device)
+        check_output(Path(out), [base_path, *adapter_paths])
+    check_device(device)
     ckpt = open_checkpoint(base_path)
     loaded: list[LoraAdapter] = []
     try:
@@ -195,7 +167,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
             extra[CONFIG_NAME] = (json.dumps(dict(loaded[0].config.raw), indent=2, sort_keys=True) + "\n").encode()
         copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
         stats = _write(Path(out), ops, [ckpt] + [a.checkpoint for a in loaded],
-                       _layout(ops, ckpt, shard_size), extra_files=extra, copy_files=copies,
+                       _layout(ops, ckpt, shard_bytes), extra_files=extra, copy_files=copies,
                        overwrite=overwrite, device=device, progress=progress,
                        allow_nonfinite=allow_nonfinite)
         return _report(out, "unmerged" if unmerge else form, plan, stats, untie, False)
@@ -221,11 +193,11 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     """Turn an augmented checkpoint into the merged form or back into a PEFT adapter folder."""
     if to not in ("merged", "adapter"):
         raise OptionError(f"unknown target form {to!r}: choose merged or adapter")
-    out_dtype, shard_size = _dtype(dtype), _size(max_shard_size)
+    out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
     path = resolve(augmented)
     if out is not None:
-        _check_output(Path(out), [path])
-    _check_device(device)
+        check_output(Path(out), [path])
+    check_device(device)
     ckpt = open_checkpoint(path)
     try:
         config = read_config(ckpt.folder)
@@ -235,7 +207,7 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
             facts = ModelFacts(config.get("model_type"), is_tied(config))
             ops, tie = plan_merge(base, [adapter], [1.0], facts, dtype=out_dtype)
             inputs, untie = [base, adapter.checkpoint], tie.untie
-            shards = _layout(ops, base, shard_size)
+            shards = _layout(ops, base, shard_bytes)
             extra = {"config.json": config_bytes(edit_config(config, dtype=out_dtype, untie=untie))} if config else {}
             copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
             index_name = "model.safetensors.index.json"
@@ -257,14 +229,3 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         return _report(out, to, plan, stats, untie, False)
     finally:
         ckpt.close()
-
-
-def _check_device(device: str) -> None:
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise OptionError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise OptionError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    if dev.type not in ("cpu", "cuda"):
-        raise OptionError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")

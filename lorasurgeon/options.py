@@ -1,0 +1,51 @@
+"""Option checks shared by the commands: output placement, device, dtype, sizes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from .errors import InvalidOptionError, OutputError
+from .io.dtypes import parse_dtype
+from .io.layout import parse_size
+
+
+def check_output(out: Path, inputs: Sequence[Path]) -> None:
+    """Refuse an output that is an input, lies inside one, or would contain (and so replace) one."""
+    target = out.resolve()
+    for path in inputs:
+        src = path.resolve()
+        if target == src or src in target.parents or target in src.parents:
+            raise OutputError(f"{out}: overlaps the input {path}; choose an output folder apart from the inputs")
+
+
+def output_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+    if text is None or text == "auto":
+        return None
+    try:
+        dtype = text if isinstance(text, torch.dtype) else parse_dtype(text)
+    except ValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
+    if not dtype.is_floating_point:
+        raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
+    return dtype
+
+
+def parse_shard_size(text: str | int | None) -> int | None:
+    try:
+        return None if text is None else parse_size(text)
+    except ValueError as exc:
+        raise InvalidOptionError(str(exc)) from None
+
+
+def check_device(device: str) -> None:
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise InvalidOptionError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidOptionError(f"device {device!r} asked for, but torch sees no CUDA GPU")
+    if dev.type not in ("cpu", "cuda"):
+        raise InvalidOptionError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
