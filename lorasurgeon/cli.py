@@ -51,6 +51,10 @@ def cli(ctx: click.Context, debug: bool) -> None:
       lorasurgeon inspect ./Llama-3-8B --json
     """
     ctx.obj = {"debug": debug}
+    if not debug:  # huggingface_hub logs retries and warnings; errors reach the user as one line
+        import logging
+
+        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
 
 
 @cli.command("inspect")
@@ -121,14 +125,30 @@ def _print(report, quiet: bool) -> None:
         click.echo(report.summary())
 
 
+def _push_options(f):
+    f = click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private.")(f)
+    return click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
+                        help="Upload the result to this Hub repo when it is complete.")(f)
+
+
+def _maybe_push(report, push_to_hub: str | None, private: bool, quiet: bool) -> None:
+    if push_to_hub and not report.dry_run:
+        from .hub import push
+
+        pushed = push(report.output, push_to_hub, private=private)
+        if not quiet:
+            click.echo(pushed.summary())
+
+
 @cli.command("merge")
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--form", default="merged", show_default=True, type=click.Choice(["merged", "augmented"]),
               help="merged: plain architecture; augmented: LoRA layers inside.")
 @_common
+@_push_options
 def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet,
-              allow_nonfinite):
+              allow_nonfinite, push_to_hub, private):
     """Merge PEFT LoRA adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
 
     \b
@@ -143,14 +163,16 @@ def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size,
                    max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
                    allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
     _print(report, quiet)
+    _maybe_push(report, push_to_hub, private, quiet)
 
 
 @cli.command("unmerge")
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
 @_common
+@_push_options
 def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, overwrite, dry_run, quiet,
-                allow_nonfinite):
+                allow_nonfinite, push_to_hub, private):
     """Take adapters back out of MERGED: W0 = W − Σ w·(α/r)·B·A.
 
     \b
@@ -163,6 +185,7 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
                      max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
                      allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
     _print(report, quiet)
+    _maybe_push(report, push_to_hub, private, quiet)
 
 
 @cli.command("convert")
@@ -175,7 +198,8 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
-def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dry_run, quiet):
+@_push_options
+def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dry_run, quiet, push_to_hub, private):
     """Turn an AUGMENTED checkpoint (from merge --form augmented) into merged or adapter form.
 
     \b
@@ -187,6 +211,7 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
     report = convert(augmented, out, to=to, dtype=dtype, device=device, max_shard_size=max_shard_size,
                      overwrite=overwrite, dry_run=dry_run, progress=_bar(quiet, dry_run))
     _print(report, quiet)
+    _maybe_push(report, push_to_hub, private, quiet)
 
 
 @cli.command("extract")
@@ -210,8 +235,9 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
 @click.option("--dry-run", is_flag=True, help="Print what would be compared; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
 @click.option("--allow-nonfinite", is_flag=True, help="Do not stop at NaN/Inf deltas.")
+@_push_options
 def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, embeddings, extras, solver,
-                device, seed, dtype, overwrite, dry_run, quiet, allow_nonfinite):
+                device, seed, dtype, overwrite, dry_run, quiet, allow_nonfinite, push_to_hub, private):
     """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD.
 
     Writes OUT/adapter_config.json, OUT/adapter_model.safetensors and OUT/extract_report.json
@@ -229,6 +255,29 @@ def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, 
                      seed=seed, dtype=dtype, overwrite=overwrite, dry_run=dry_run,
                      allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
     _print(report, quiet)
+    _maybe_push(report, push_to_hub, private, quiet)
+
+
+@cli.command("push")
+@click.argument("folder", type=click.Path())
+@click.argument("repo_id")
+@click.option("--private", is_flag=True, help="Create the repo private (if it does not exist).")
+@click.option("--revision", default=None, help="Branch to push to (created if missing).")
+@click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
+@click.option("--message", "-m", default=None, help="Commit message.")
+def push_cmd(folder, repo_id, private, revision, create_pr, message):
+    """Upload a result FOLDER (with its model card) to the Hub repo REPO_ID.
+
+    Uses HF_TOKEN (or your saved login) and HF_ENDPOINT.
+
+    \b
+    Example:
+      lorasurgeon push merged my-org/my-model-merged --private
+    """
+    from .hub import push
+
+    click.echo(push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
+                    message=message).summary())
 
 
 @cli.command("diff")

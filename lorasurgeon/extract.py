@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 
 from .adapter.names import SAVED_PREFIX, saved_key
+from .cards import CARD_NAME, extract_card
 from .errors import InvalidOptionError as OptionError, LorasurgeonError
 from .execute import Outcome, Progress, check_finite, run
 from .extractplan import ExtractOp, ExtractOptions, plan_extract
@@ -18,7 +19,7 @@ from .extractresult import ExtractReport, ModuleStats, OpInfo, finish_adapter
 from .io.checkpoint import open_checkpoint
 from .io.dtypes import parse_dtype
 from .io.sidecar import is_tied, read_config
-from .io.source import resolve
+from .io.source import resolve_source
 from .io.spool import SpoolWriter
 from .ops.lowrank import SOLVERS, factorize, relative_error, squared_norm
 from .options import check_device, check_output
@@ -105,7 +106,8 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
         An ExtractReport (also written as extract_report.json in ``out``).
     """
     out_dtype, opts = _options(rank, energy, max_rank, solver, dtype, include, exclude, embeddings, extras)
-    base_path, tuned_path = resolve(base), resolve(finetuned)
+    base_src, tuned_src = resolve_source(base), resolve_source(finetuned)
+    base_path, tuned_path = base_src.path, tuned_src.path
     if base_path.resolve() == tuned_path.resolve():
         raise OptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     if out is not None:
@@ -121,7 +123,7 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
             counts = {k: sum(o.kind == k for o in ops) for k in ("linear", "conv1d", "conv", "embedding", "bias", "full", "skip")}
             notes = [f"{len(ops)} tensors compared ({excluded} excluded): "
                      + ", ".join(f"{n} {k}" for k, n in counts.items() if n)] + [o.note for o in ops if o.note]
-            return ExtractReport(None, str(base_path), str(tuned_path), method, [], [], {}, {}, notes, True)
+            return ExtractReport(None, base_src.label, tuned_src.label, method, [], [], {}, {}, notes, True)
         if out is None:
             raise OptionError("an output folder is needed (or use dry_run)")
         spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
@@ -131,9 +133,12 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
             stats = run(ops, [b_ckpt, t_ckpt], spool, compute=compute, device=device, progress=progress)
             if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
                 raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
-            report = finish_adapter(spool, list(stats.infos), t_ckpt, out=str(out), base=str(base_path),
-                                    finetuned=str(tuned_path), method=method, excluded=excluded,
+            report = finish_adapter(spool, list(stats.infos), t_ckpt, out=str(out), base=base_src.label,
+                                    finetuned=tuned_src.label, method=method, excluded=excluded,
                                     fixed_rank=rank, seconds=stats.seconds, dtype=out_dtype)
+            spool.add_file(CARD_NAME, extract_card(title=Path(out).name, base=base_src.label,
+                                                   finetuned=tuned_src.label, method=method,
+                                                   modules=report.modules, totals=report.totals, full=report.full))
             spool.commit()
             return report
         except BaseException:

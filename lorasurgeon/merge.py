@@ -19,8 +19,9 @@ from .execute import Progress, compute_merge, run
 from .io.checkpoint import Checkpoint, open_checkpoint
 from .io.layout import Shard, parse_size, plan_shards, shards_like
 from .io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
-from .io.source import resolve
+from .io.source import resolve_source
 from .io.writer import CheckpointWriter
+from .cards import CARD_NAME, convert_card, merge_card
 from .mergeplan import ModelFacts, check_supported, plan_merge
 from .options import check_device, check_output, output_dtype, parse_shard_size
 from .plan import Plan, Ref, TensorOp, describe
@@ -132,8 +133,9 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
     out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
-    base_path = resolve(base)
-    adapter_paths = [resolve(a) for a in adapters]
+    base_src = resolve_source(base)
+    adapter_srcs = [resolve_source(a) for a in adapters]
+    base_path, adapter_paths = base_src.path, [a.path for a in adapter_srcs]
     if out is not None:
         check_output(Path(out), [base_path, *adapter_paths])
     check_device(device)
@@ -165,6 +167,10 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
             extra["config.json"] = config_bytes(edit_config(config, dtype=new_dtype, untie=untie))
         if form == "augmented":
             extra[CONFIG_NAME] = (json.dumps(dict(loaded[0].config.raw), indent=2, sort_keys=True) + "\n").encode()
+        extra[CARD_NAME] = merge_card(
+            title=Path(out).name, form=form, unmerge=unmerge, base=base_src.label,
+            adapters=[a.label for a in adapter_srcs], weights=weights, untied=untie,
+            dtype=str(out_dtype).removeprefix("torch.") if out_dtype else "as the base").encode()
         copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
         stats = _write(Path(out), ops, [ckpt] + [a.checkpoint for a in loaded],
                        _layout(ops, ckpt, shard_bytes), extra_files=extra, copy_files=copies,
@@ -194,7 +200,8 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     if to not in ("merged", "adapter"):
         raise OptionError(f"unknown target form {to!r}: choose merged or adapter")
     out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
-    path = resolve(augmented)
+    source = resolve_source(augmented)
+    path = source.path
     if out is not None:
         check_output(Path(out), [path])
     check_device(device)
@@ -221,6 +228,8 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         plan = Plan(tuple(ops), (str(path),))
         if dry_run:
             return _report(out, to, plan, None, untie, True)
+        extra[CARD_NAME] = convert_card(title=Path(out).name if out else "", source=source.label,
+                                        base=adapter_config.base_model, to=to).encode()
         if out is None:
             raise LorasurgeonError("an output folder is needed (or use dry_run)")
         stats = _write(Path(out), ops, inputs, shards, extra_files=extra, copy_files=copies,

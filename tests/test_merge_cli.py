@@ -22,7 +22,9 @@ def test_quick_start_on_committed_fixtures(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "21 tensors (14 merged, 7 copied)" in result.stdout and "MiB/s" in result.stdout
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
-        "config.json", "generation_config.json", "model.safetensors"]
+        "README.md", "config.json", "generation_config.json", "model.safetensors"]
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert f"base_model: {FIX_BASE}" in card and "base_model_relation: merge" in card and "- lorasurgeon" in card
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
     assert (FIX_BASE / "config.json").read_text() == (tmp_path / "merged" / "config.json").read_text() or \
@@ -47,7 +49,7 @@ def test_overwrite(tmp_path):
     again = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
     assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--overwrite", "--weight", "0.5").exit_code == 0
-    assert listing(tmp_path) == {"m", "m/config.json", "m/generation_config.json", "m/model.safetensors"}
+    assert listing(tmp_path) == {"m", "m/README.md", "m/config.json", "m/generation_config.json", "m/model.safetensors"}
 
 
 def test_sharded_base_keeps_its_layout_unless_asked(llama_sharded_dir, adapter_dir, tmp_path):
@@ -57,7 +59,8 @@ def test_sharded_base_keeps_its_layout_unless_asked(llama_sharded_dir, adapter_d
     ours = json.loads((tmp_path / "same" / "model.safetensors.index.json").read_text())["weight_map"]
     assert ours == json.loads((llama_sharded_dir / "model.safetensors.index.json").read_text())["weight_map"]
     assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "one", "--max-shard-size", "10GB").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["README.md", "config.json", "generation_config.json",
+                                                                    "model.safetensors"]
     a, b = read_folder(tmp_path / "same"), read_folder(tmp_path / "one")
     assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
 

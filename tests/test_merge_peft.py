@@ -169,6 +169,7 @@ def test_config_tokenizer_and_generation_files_are_carried(built, tmp_path):
     (folder / "README.md").write_text("# the base model's card")
     merge(folder, [adapter], tmp_path / "merged")
     names = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert names == ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
+    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
                      "tokenizer_config.json"]
+    assert "the base model's card" not in (tmp_path / "merged" / "README.md").read_text()
     assert (tmp_path / "merged" / "tokenizer.json").read_text() == '{"version": "1.0"}'

@@ -249,11 +249,12 @@ def _read_index(index: Path) -> dict[Path, list[str]]:
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
         raise CorruptCheckpointError(f"{index}: no \"weight_map\" of tensor name -> shard file")
-    folder = index.parent.resolve()
     shards: dict[Path, list[str]] = {}
+    folder = Path(os.path.normpath(index.parent))
     for name, filename in weight_map.items():
-        shard = (index.parent / filename)
-        if folder not in shard.resolve().parents:
+        # Checked lexically: shards may be symlinks (the Hugging Face cache links them to blobs).
+        shard = Path(os.path.normpath(index.parent / filename))
+        if folder not in shard.parents or os.path.isabs(filename):
             raise CorruptCheckpointError(
                 f"{index}: shard {filename!r} (for {name!r}) lies outside the checkpoint folder"
             )

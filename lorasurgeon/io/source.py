@@ -1,25 +1,140 @@
-"""Turn what the user typed into local files.
+"""Turn what the user typed into local files: a path, or a Hub repo id (``org/name[@revision]``).
 
-This is the single place that resolves an input string. Today it accepts local paths; Hub repo
-ids (``org/name@revision``) resolve here too once the Hub issue lands, so every command gets
-them at once.
+This is the single place that resolves an input string, so every command takes Hub ids. From
+the Hub only what a command needs is downloaded: the weights in one format (safetensors
+preferred, never both), the index and its shards, config, tokenizer and generation files,
+into huggingface_hub's cache (``HF_HOME``). ``HF_TOKEN``, ``HF_ENDPOINT`` and ``HF_HUB_OFFLINE``
+are honoured, read when the call is made.
 """
 
 from __future__ import annotations
 
+import fnmatch
 import os
+import re
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..errors import InputNotFoundError
+from ..errors import InputNotFoundError, LorasurgeonError
+from .checkpoint import FOLDER_LAYOUTS
+
+REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
+# Non-weight files a model or adapter folder carries (top level only).
+SIDECARS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
+            "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json",
+            "processor_config.json", "*.tiktoken")
 
 
-def resolve(spec: str | os.PathLike[str]) -> Path:
-    """The local path for an input given as a path.
+@dataclass(frozen=True)
+class Source:
+    """An input: where its files are, and the Hub repo (and revision) they came from, if any."""
+
+    path: Path
+    repo_id: str | None = None
+    revision: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The repo id (with @revision) for Hub inputs, the path otherwise: what model cards cite."""
+        if self.repo_id is None:
+            return str(self.path)
+        return self.repo_id + (f"@{self.revision}" if self.revision else "")
+
+
+def resolve_source(spec: str | os.PathLike[str]) -> Source:
+    """A local path if one exists, else a Hub repo id downloaded into the cache.
 
     Raises:
-        InputNotFoundError: nothing exists at that path.
+        InputNotFoundError: neither a local path nor a Hub repo (or revision) that can be had.
+        LorasurgeonError: the Hub refused (gated repo, server error) or could not be reached.
     """
     path = Path(spec).expanduser()
     if path.exists():
-        return path
-    raise InputNotFoundError(f"{spec}: no such file or folder")
+        return Source(path)
+    match = REPO_ID.match(str(spec))
+    if not match:
+        raise InputNotFoundError(f"{spec}: no such file or folder")
+    repo_id, revision = match.group("repo"), match.group("rev")
+    return Source(download(repo_id, revision), repo_id, revision)
+
+
+def resolve(spec: str | os.PathLike[str]) -> Path:
+    """The local path for an input (see :func:`resolve_source`)."""
+    return resolve_source(spec).path
+
+
+def needed_files(files: list[str]) -> list[str]:
+    """From a repo's file list, the weights of one format (the first layout found) and the sidecar files."""
+    top = [f for f in files if "/" not in f]
+    for filename, _ in FOLDER_LAYOUTS:
+        if filename in top:
+            if filename.endswith(".index.json"):
+                prefix, ext = filename.split(".")[0], filename.split(".")[1]
+                weights = [filename] + [f for f in top if fnmatch.fnmatch(f, f"{prefix}-*-of-*.{ext}")]
+            else:
+                weights = [filename]
+            break
+    else:
+        raise InputNotFoundError(
+            f"no weights lorasurgeon can read (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)})")
+    sidecars = [f for f in top if any(fnmatch.fnmatch(f, p) for p in SIDECARS) and f not in weights]
+    return weights + sidecars
+
+
+def _offline() -> bool:
+    from huggingface_hub import constants
+
+    return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+
+
+def download(repo_id: str, revision: str | None) -> Path:
+    """Fetch what a command needs from a Hub repo (or find it in the cache when offline)."""
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
+
+    quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
+    if quiet:  # huggingface_hub's bars only where someone watches
+        disable_progress_bars()
+    try:
+        return _download(repo_id, revision)
+    finally:
+        if quiet:
+            enable_progress_bars()
+
+
+def _download(repo_id: str, revision: str | None) -> Path:
+    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import errors as hf
+
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    token = os.environ.get("HF_TOKEN") or None
+    name = repo_id + (f"@{revision}" if revision else "")
+    try:
+        if _offline():
+            return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
+        files = [s.rfilename for s in info.siblings or []]
+        try:
+            patterns = needed_files(files)
+        except InputNotFoundError as exc:
+            raise InputNotFoundError(f"{name}: {exc}") from None
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
+                                      endpoint=endpoint, token=token))
+    except hf.GatedRepoError:
+        raise LorasurgeonError(f"{name}: this repo is gated: accept its terms on the Hub, then set HF_TOKEN") from None
+    except hf.RevisionNotFoundError:
+        raise InputNotFoundError(f"{name}: no such revision on the Hub") from None
+    except hf.RepositoryNotFoundError:
+        raise InputNotFoundError(
+            f"{repo_id}: not a local path, and not found on the Hub (private? set HF_TOKEN)") from None
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+        raise InputNotFoundError(
+            f"{name}: offline (HF_HUB_OFFLINE) and not in the local cache; download it once online") from None
+    except hf.HfHubHTTPError as exc:
+        raise LorasurgeonError(f"{name}: the Hub answered {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # connection refused, DNS, disk
+        raise LorasurgeonError(f"{name}: cannot download from the Hub ({exc.__class__.__name__}: {exc})") from None
+    except Exception as exc:  # httpx transport errors are not OSErrors
+        if "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            raise LorasurgeonError(f"{name}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
+        raise

@@ -1,0 +1,81 @@
+"""Model cards (README.md) for every result: Hub metadata, and how the result was made."""
+
+from __future__ import annotations
+
+import shlex
+from typing import Sequence
+
+from . import __version__
+
+CARD_NAME = "README.md"
+
+
+def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str]) -> str:
+    """README.md text: metadata (base_model, base_model_relation, library_name, tags) + body.
+
+    ``kind``: "merged" (relation merge, library transformers), "adapter" / "augmented"
+    (relation adapter, library peft), "unmerged" (a base model recovered: no relation).
+    """
+    from huggingface_hub import ModelCard, ModelCardData
+
+    relation = {"merged": "merge", "adapter": "adapter", "augmented": "adapter"}.get(kind)
+    data = ModelCardData(
+        base_model=base,
+        base_model_relation=relation,
+        library_name="peft" if kind in ("adapter", "augmented") else "transformers",
+        tags=["lora", "lorasurgeon"] + (["merge"] if kind == "merged" else []),
+    )
+    text = (f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n" + "\n".join(lines) +
+            f"\n\nMade with lorasurgeon {__version__}.\n")
+    return str(ModelCard(text))
+
+
+def command(*words: object) -> list[str]:
+    """A shell-quoted command line as a markdown code block."""
+    return ["```bash", shlex.join(str(w) for w in words if w is not None and w != ""), "```"]
+
+
+def merge_card(*, title: str, form: str, unmerge: bool, base: str, adapters: Sequence[str],
+               weights: Sequence[float], dtype: str, untied: bool) -> str:
+    verb = "unmerge" if unmerge else "merge"
+    args = [a for a, w in zip(adapters, weights)]
+    flags = [f"--weight={w:g}" for w in weights] if any(w != 1.0 for w in weights) else []
+    if form != "merged":
+        flags.append(f"--form={form}")
+    what = {("merge", "merged"): f"`{base}` with LoRA adapters merged into its weights (W0 + Σ wᵢ·(α/r)·BᵢAᵢ, "
+                                 "computed in float32 and rounded once).",
+            ("merge", "augmented"): f"`{base}` with the LoRA layers inside (PEFT's in-memory key names, "
+                                    "adapter_config.json beside them).",
+            ("unmerge", "merged"): f"`{base}` with LoRA adapters subtracted from its weights (W − Σ wᵢ·(α/r)·BᵢAᵢ)."}
+    lines = [f"This model is {what[(verb, form)]}", "", "| adapter | weight |", "|---|---:|"]
+    lines += [f"| `{a}` | {w:g} |" for a, w in zip(adapters, weights)]
+    lines += ["", f"Output dtype: {dtype}."]
+    if untied:
+        lines.append("The adapters changed the input embedding and lm_head differently, so both are stored and "
+                     "`tie_word_embeddings` is false.")
+    lines += ["", "Made by:"] + command("lorasurgeon", verb, base, *args, *flags, "-o", title)
+    kind = "unmerged" if unmerge else ("augmented" if form == "augmented" else "merged")
+    return model_card(kind=kind, base=base, title=title, lines=lines)
+
+
+def convert_card(*, title: str, source: str, base: str | None, to: str) -> str:
+    lines = [f"Converted from the augmented checkpoint `{source}` to the {to} form."] + \
+        ["", "Made by:"] + command("lorasurgeon", "convert", source, f"--to={to}", "-o", title)
+    return model_card(kind="merged" if to == "merged" else "adapter", base=base, title=title, lines=lines)
+
+
+def extract_card(*, title: str, base: str, finetuned: str, method: dict, modules: Sequence, totals: dict,
+                 full: Sequence) -> str:
+    how = f"rank {method['rank']}" if method.get("rank") else f"energy {method['energy']:g}" + (
+        f", max rank {method['max_rank']}" if method.get("max_rank") else "")
+    lines = [f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
+             f"each weight delta ({how}; solver {method['solver']}).", "",
+             f"It keeps **{totals['kept']:.2%}** of the fine-tune's change (share of Σ‖ΔW‖²) in "
+             f"{totals['parameters']:,} parameters.", "",
+             "| module | rank | kept ‖ΔW‖² | rel. error |", "|---|---:|---:|---:|"]
+    lines += [f"| `{m.name}` | {m.rank} | {m.kept:.2%} | {m.rel_error:.4f} |" for m in modules]
+    if full:
+        lines += ["", "Stored in full: " + ", ".join(f"`{f.name}` ({f.reason})" for f in full) + "."]
+    flag = f"--rank={method['rank']}" if method.get("rank") else f"--energy={method['energy']:g}"
+    lines += ["", "Made by:"] + command("lorasurgeon", "extract", base, finetuned, flag, "-o", title)
+    return model_card(kind="adapter", base=base, title=title, lines=lines)

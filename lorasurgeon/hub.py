@@ -1,0 +1,51 @@
+"""Pushing a result folder to a Hub repo (inputs from the Hub are resolved in io/source.py)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import __version__
+from .errors import InputNotFoundError, LorasurgeonError
+
+@dataclass(frozen=True)
+class PushReport:
+    repo_id: str
+    url: str  # the commit, or the pull request with create_pr
+    files: int
+
+    def summary(self) -> str:
+        return f"Pushed {self.files} files to {self.repo_id}: {self.url}"
+
+
+def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,
+         create_pr: bool = False, message: str | None = None) -> PushReport:
+    """Upload a result folder to a Hub repo (created if missing, ``exist_ok``).
+
+    Honours HF_TOKEN and HF_ENDPOINT. ``revision`` names a branch (created if missing);
+    ``create_pr`` opens a pull request instead of committing to it.
+    """
+    from huggingface_hub import HfApi
+    from huggingface_hub import errors as hf
+
+    path = Path(folder)
+    if not path.is_dir():
+        raise InputNotFoundError(f"{folder}: no such folder to push")
+    files = [p for p in path.rglob("*") if p.is_file()]
+    api = HfApi(endpoint=os.environ.get("HF_ENDPOINT") or None, token=os.environ.get("HF_TOKEN") or None)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if revision and not create_pr:
+            api.create_branch(repo_id, branch=revision, exist_ok=True)
+        info = api.upload_folder(folder_path=path, repo_id=repo_id, revision=revision, create_pr=create_pr,
+                                 commit_message=message or f"Upload {path.name} with lorasurgeon {__version__}")
+    except hf.HfHubHTTPError as exc:
+        raise LorasurgeonError(f"{repo_id}: the Hub refused the push: {str(exc).splitlines()[0]}") from None
+    except (ValueError, OSError) as exc:
+        raise LorasurgeonError(f"{repo_id}: cannot push ({exc.__class__.__name__}: {exc})") from None
+    except Exception as exc:  # httpx transport errors
+        if "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+            raise LorasurgeonError(f"{repo_id}: cannot reach the Hub ({exc})") from None
+        raise
+    return PushReport(repo_id, info.pr_url or info.commit_url, len(files))
