@@ -1,7 +1,7 @@
 """Merge benchmark: lorasurgeon against the physical limit (cp + sync) and transformers + PEFT.
 
-    python benchmarks/bench_merge.py --size-mb 600 --reps 3
-    python benchmarks/bench_merge.py --size-mb 50 --reps 1 --no-peft     # smoke
+    python benchmarks/bench_merge.py --size-mb 620 1860 --reps 3   # 1860 MB = the same shapes, 3x the layers
+    python benchmarks/bench_merge.py --size-mb 50 --reps 1 --no-peft  # smoke
 
 Generates a Llama-shaped bf16 checkpoint of about the requested size (streamed to disk with
 lorasurgeon's own writer, so generating a large one needs no RAM) and a PEFT LoRA adapter
@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import re
 import shutil
@@ -99,16 +100,26 @@ def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--size-mb", type=int, default=600)
+    ap.add_argument("--size-mb", type=int, nargs="+", default=[620])
     ap.add_argument("--hidden", type=int, default=1024)
     ap.add_argument("--rank", type=int, default=16)
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--no-peft", action="store_true", help="skip transformers + PEFT")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
+    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+          f"Python {platform.python_version()}, torch {torch.__version__}; LoRA r={args.rank} on all 7 "
+          f"projections; {args.reps} runs each, medians; page cache warm.\n")
+    print("| checkpoint | tool | wall (s) | peak RSS (MiB) | wall / cp+sync | wall / lorasurgeon | RSS / lorasurgeon |")
+    print("|---|---|---:|---:|---:|---:|---:|")
+    for size_mb in args.size_mb:
+        bench_one(size_mb, args)
+
+
+def bench_one(size_mb: int, args) -> None:
     root = Path(tempfile.mkdtemp(dir=args.workdir, prefix="lorasurgeon-bench-"))
     try:
-        base, adapter, layers = generate(root, args.size_mb, args.hidden, args.rank)
+        base, adapter, layers = generate(root, size_mb, args.hidden, args.rank)
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         runs = {
             "cp -r + sync": lambda o: timed(f"cp -r {base} {o} && sync {o}/*", shell=True),
@@ -128,14 +139,10 @@ def main() -> None:
             results[name] = (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))
         cp_wall = results["cp -r + sync"][0]
         ours = results["lorasurgeon merge"]
-        print(f"\nLlama-shaped bf16 checkpoint: {layers} layers, hidden {args.hidden}, {size / 2**20:.0f} MiB; "
-              f"LoRA r={args.rank} on all 7 projections; {args.reps} runs each, medians.")
-        print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, Python {platform.python_version()}, "
-              f"torch {torch.__version__}\n")
-        print("| tool | wall (s) | peak RSS (MiB) | wall / cp+sync | wall / lorasurgeon | RSS / lorasurgeon |")
-        print("|---|---:|---:|---:|---:|---:|")
+        label = f"{layers} layers, {size / 2**20:.0f} MiB"
         for name, (wall, rss) in results.items():
-            print(f"| {name} | {wall:.2f} | {rss:.0f} | {wall / cp_wall:.2f} | {wall / ours[0]:.2f} | {rss / ours[1]:.2f} |")
+            print(f"| {label} | {name} | {wall:.2f} | {rss:.0f} | {wall / cp_wall:.2f} | {wall / ours[0]:.2f} | "
+                  f"{rss / ours[1]:.2f} |", flush=True)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -16,6 +16,7 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Protocol, Sequence
 
 import torch
@@ -35,6 +36,17 @@ class ExecStats:
     bytes_written: int
     seconds: float
     infos: tuple[Any, ...] = ()  # what each op's compute reported (extract: per-module statistics)
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor's bytes left in its file: written by copying file to file, never through memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
 
 
 @dataclass(frozen=True)
@@ -63,7 +75,11 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-def _fetch(inputs: Sequence[Checkpoint], op) -> dict[Ref, torch.Tensor]:
+def _fetch(inputs: Sequence[Checkpoint], op) -> dict[Ref, torch.Tensor | FileSlice]:
+    if getattr(op, "is_plain_copy", False):  # same bytes out as in: leave them on disk
+        info = inputs[op.src.source].info(op.src.key)
+        if info.offset is not None and info.dtype == op.dtype and info.shape == op.shape:
+            return {op.src: FileSlice(info.file, info.offset, info.nbytes, info.dtype, info.shape)}
     return {r: inputs[r.source].read(r.key) for r in dict.fromkeys(op.refs())}
 
 
@@ -81,7 +97,10 @@ def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.
     if op.is_plain_copy:
         return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())])
     base = src.to(device=device, dtype=torch.float32)
-    cur = base
+    # The fetched tensor is ours (a fresh read), so the sum can be built in place in its fp32 copy,
+    # except that DoRA needs the untouched W0 for its norms.
+    dora = any(t.magnitude is not None for t in op.terms)
+    cur = base.clone() if dora else base
     for term in op.terms:
         b = tensors[term.b].to(device)
         if term.kind == "bias":
@@ -92,12 +111,14 @@ def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.
             delta = lora_delta(a, b, term.scale, term.kind)
             cur = dora_apply(base, cur, delta, tensors[term.magnitude].to(device), term.kind)
         else:
-            cur = add_lora(cur, a, b, term.scale, term.kind)
+            cur = add_lora(cur, a, b, term.scale, term.kind, inplace=not dora)
     for patch in op.rows:
         cur = replace_rows(cur, patch.indices, tensors[patch.values])
-    out = cur.to(op.dtype).to("cpu")
     if not allow_nonfinite:
-        check_finite(op.name, out)
+        check_finite(op.name, cur)  # cheap on fp32
+    out = cur.to(op.dtype).to("cpu")
+    if not allow_nonfinite and out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(torch.float32).max:
+        check_finite(op.name, out)  # a narrower dtype (float16) can overflow when rounding
     return Outcome([(op.name, out)])
 
 

@@ -12,6 +12,7 @@ the new one is complete.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import OutputError, OutputExistsError
+from ..errors import CorruptCheckpointError, OutputError, OutputExistsError
 from .header import build_header
 from .layout import Shard, TensorSpec
 
@@ -40,6 +41,31 @@ def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
+
+
+def _copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+    """Copy bytes between files in the kernel (copy_file_range), or through a small buffer."""
+    fd = os.open(src, os.O_RDONLY)
+    try:
+        done = 0
+        use_kernel = hasattr(os, "copy_file_range")
+        while done < nbytes:
+            if use_kernel:
+                try:
+                    n = os.copy_file_range(fd, dst_fd, nbytes - done, src_offset + done, dst_offset + done)
+                except OSError as exc:
+                    if exc.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                        raise
+                    use_kernel = False
+                    continue
+            else:
+                chunk = os.pread(fd, min(nbytes - done, 16 << 20), src_offset + done)
+                n = len(chunk) and os.pwrite(dst_fd, chunk, dst_offset + done)
+            if n == 0:
+                raise EOFError(src)
+            done += n
+    finally:
+        os.close(fd)
 
 
 class CheckpointWriter:
@@ -111,8 +137,11 @@ class CheckpointWriter:
         """Planned tensors not yet written."""
         return list(self._slots)
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Write one planned tensor; its dtype and shape must be the planned ones."""
+    def write(self, name: str, tensor) -> None:
+        """Write one planned tensor; its dtype and shape must be the planned ones.
+
+        ``tensor`` may also be a FileSlice (bytes of an input file), copied file to file.
+        """
         try:
             filename, offset, spec = self._slots.pop(name)
         except KeyError:
@@ -122,10 +151,15 @@ class CheckpointWriter:
                 f"tensor {name!r}: planned {spec.dtype}{list(spec.shape)}, "
                 f"got {tensor.dtype}{list(tensor.shape)}"
             )
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
         try:
-            _pwrite_all(self._fds[filename], data, offset)
+            if isinstance(tensor, torch.Tensor):
+                flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+                _pwrite_all(self._fds[filename], memoryview(flat.view(torch.uint8).numpy()).cast("B"), offset)
+            else:
+                _copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
+        except EOFError:
+            raise CorruptCheckpointError(
+                f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)") from None
         except OSError as exc:
             raise OutputError(
                 f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept") from None

@@ -32,13 +32,20 @@ def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> tor
 
 
 def add_lora(weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-             kind: str) -> torch.Tensor:
-    """``weight32 + ΔW`` as a new float32 tensor, fused into one matrix multiply-add where possible."""
+             kind: str, *, inplace: bool = False) -> torch.Tensor:
+    """``weight32 + ΔW`` in float32, fused into one matrix multiply-add where possible.
+
+    With ``inplace`` the caller hands ``weight32`` over (it must own it) and gets it back updated,
+    which saves allocating and faulting in a second model-sized buffer.
+    """
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    if kind == "linear":
-        return torch.addmm(weight32, b32, a32, alpha=scale)
-    if kind in ("conv1d", "embedding"):  # (B@A)ᵀ = Aᵀ@Bᵀ
-        return torch.addmm(weight32, a32.T, b32.T, alpha=scale)
+    if kind in ("linear", "conv1d", "embedding"):
+        left, right = (b32, a32) if kind == "linear" else (a32.T, b32.T)  # (B@A)ᵀ = Aᵀ@Bᵀ
+        if inplace:
+            return weight32.addmm_(left, right, alpha=scale)
+        return torch.addmm(weight32, left, right, alpha=scale)
+    if inplace:
+        return weight32.add_(lora_delta(a, b, scale, kind))
     return weight32 + lora_delta(a, b, scale, kind)
 
 
