@@ -8,7 +8,6 @@ import sys
 import click
 
 from . import __version__
-from .describe import format_report, inspect
 from .errors import LorasurgeonError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
@@ -60,21 +59,35 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @cli.command("inspect")
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
-def inspect_cmd(path: str, as_json: bool) -> None:
+@click.option("--verify", "check", is_flag=True,
+              help="Also read every byte: index, layout, readability, NaN/Inf. Exit 1 if anything is wrong.")
+def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
     """Describe a checkpoint or PEFT adapter from its headers (no tensor data is read).
 
-    PATH is a folder (model, sharded model or PEFT adapter) or a single .safetensors/.bin file.
+    PATH is a folder (model, sharded model or PEFT adapter), a single .safetensors/.bin file,
+    or a Hub repo id. --verify reads every byte and checks what headers cannot show.
 
     \b
     Examples:
       lorasurgeon inspect fixtures/base
       lorasurgeon inspect fixtures/adapter --json
+      lorasurgeon inspect merged --verify
     """
+    from .describe import format_report, inspect
+
     report = inspect(path)
+    verified = None
+    if check:
+        from .verify import verify
+
+        verified = verify(path)
     if as_json:
-        click.echo(json.dumps(report.to_dict(), indent=2))
+        doc = report.to_dict() | ({"verify": verified.to_dict()} if verified else {})
+        click.echo(json.dumps(doc, indent=2))
     else:
-        click.echo(format_report(report))
+        click.echo(format_report(report) + (f"\n{verified.summary()}" if verified else ""))
+    if verified is not None and not verified.ok:
+        sys.exit(1)
 
 
 class _Bar:

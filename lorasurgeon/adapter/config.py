@@ -92,8 +92,20 @@ class AdapterConfig:
         if isinstance(layers, int):
             layers = [layers]
         r = raw.get("r", 8)
-        if not isinstance(r, int) or r <= 0:
+        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            for key in dict(raw.get(field_name) or {}):
+                try:
+                    re.compile(rf"(.*\.)?({key})$")
+                except (re.error, TypeError) as exc:
+                    raise ValueError(f"{field_name} key {key!r} is not a valid regex ({exc})") from None
+        for field_name in ("target_modules", "exclude_modules"):
+            if isinstance(raw.get(field_name), str):
+                try:
+                    re.compile(raw[field_name])
+                except re.error as exc:
+                    raise ValueError(f"{field_name} {raw[field_name]!r} is not a valid regex ({exc})") from None
         return cls(
             raw=dict(raw),
             peft_type=str(raw.get("peft_type", "LORA")),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import pickle
 import re
-import zipfile
 from pathlib import Path
 
 import torch
@@ -31,14 +30,16 @@ class LegacyFile:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
         except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(
-                f"{path}: refused to load this pickle, it asks for more than tensors "
-                f"({_reason(exc)}); convert it to safetensors with a tool you trust"
-            ) from None
-        except (RuntimeError, zipfile.BadZipFile, EOFError, OSError, ValueError) as exc:
+            if "Unsupported global" in str(exc) or "GLOBAL" in str(exc):
+                raise UnsafeCheckpointError(
+                    f"{path}: refused to load this pickle, it asks for more than tensors "
+                    f"({_reason(exc)}); convert it to safetensors with a tool you trust"
+                ) from None
+            raise CorruptCheckpointError(f"{path}: not a readable PyTorch checkpoint ({_reason(exc)})") from None
+        except Exception as exc:  # a damaged zip or pickle makes torch raise almost anything
             raise CorruptCheckpointError(
-                f"{path}: cannot read as a PyTorch checkpoint ({_reason(exc)}); only the zip "
-                "format of torch >= 1.6 is supported"
+                f"{path}: cannot read as a PyTorch checkpoint ({type(exc).__name__}: {_reason(exc)}); "
+                "only the zip format of torch >= 1.6 is supported"
             ) from None
         if not isinstance(state, dict) or not all(
             isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()
@@ -56,7 +57,10 @@ class LegacyFile:
         """A contiguous copy in anonymous memory; the mapped original is never handed out."""
         assert self._state is not None
         src = self._state[name]
-        return torch.empty(src.shape, dtype=src.dtype).copy_(src)
+        try:
+            return torch.empty(src.shape, dtype=src.dtype).copy_(src)
+        except Exception as exc:  # storage that points past the mapped data
+            raise CorruptCheckpointError(f"{self.path}: tensor {name!r} cannot be read ({exc})") from None
 
     def close(self) -> None:
         self._state = None

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -18,6 +17,7 @@ import torch
 from ..errors import OutputError, OutputExistsError
 from .checkpoint import TensorInfo, pread_into
 from .layout import TensorSpec, plan_shards
+from .scratch import clean_stale, make_scratch
 from .writer import CheckpointWriter
 
 
@@ -34,8 +34,8 @@ class SpoolWriter:
             self.out.parent.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
             raise OutputError(f"{self.out.parent}: cannot create the output's folder ({exc.strerror})") from None
-        self._dir = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".lorasurgeon-spool",
-                                          dir=self.out.parent))
+        clean_stale(self.out)
+        self._dir = make_scratch(self.out, "spool")
         self._path = self._dir / "spool.bin"
         self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._end = 0

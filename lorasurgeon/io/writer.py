@@ -4,7 +4,7 @@ Every shard's header is written first, from the planned names, dtypes and shapes
 tensor's place in its file is known before any data arrives; a tensor is written to that place
 as soon as it is handed over (in any order) and then dropped. No shard is ever held in memory.
 
-Everything goes into a hidden sibling folder (``.NAME.XXXX.lorasurgeon-partial``). ``commit``
+Everything goes into a hidden sibling folder (``.NAME.PID.XXXX.lorasurgeon-partial``). ``commit``
 fsyncs the files, writes the index last, and renames the folder into place; any failure before
 that removes the partial folder. With ``overwrite`` an existing output is replaced only after
 the new one is complete.
@@ -16,7 +16,6 @@ import errno
 import json
 import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -25,8 +24,8 @@ import torch
 from ..errors import CorruptCheckpointError, OutputError, OutputExistsError
 from .header import build_header
 from .layout import Shard, TensorSpec
+from .scratch import clean_stale, make_scratch
 
-PARTIAL_SUFFIX = ".lorasurgeon-partial"
 
 
 def _fsync_dir(path: Path) -> None:
@@ -106,7 +105,8 @@ class CheckpointWriter:
                 f"{parent}: not enough free space: the result needs {need / 1e9:.2f} GB, "
                 f"{free / 1e9:.2f} GB are free"
             )
-        self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=PARTIAL_SUFFIX, dir=parent))
+        clean_stale(self.out)  # debris of a killed run for this same output
+        self._tmp = make_scratch(self.out, "partial")
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
@@ -198,8 +198,7 @@ class CheckpointWriter:
             _fsync_dir(self._tmp)
             old = None
             if self.out.exists():
-                old = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.", suffix=".lorasurgeon-old",
-                                            dir=self.out.parent))
+                old = make_scratch(self.out, "old")
                 os.replace(self.out, old / "result")
             os.replace(self._tmp, self.out)
             _fsync_dir(self.out.parent)
