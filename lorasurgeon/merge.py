@@ -69,12 +69,13 @@ def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | Non
     specs = [op.spec for op in ops]
     if max_shard_size is not None:
         return plan_shards(specs, max_shard_size=max_shard_size, prefix=prefix)
-    if base.format == "safetensors-sharded" and base.index_file is not None:
-        weight_map = json.loads(base.index_file.read_text())["weight_map"]
-        by_name = {op.name: op for op in ops}
-        fallback = next((weight_map[op.src.key] for op in ops if op.name not in weight_map
-                         and op.src.key in weight_map), None) or sorted(set(weight_map.values()))[-1]
-        return shards_like(specs, {n: f for n, f in weight_map.items() if n in by_name}, fallback)
+    if base.format == "safetensors-sharded":
+        # Each tensor goes to the shard its source lives in (the base's own, for a tensor the
+        # adapter replaced): the base's file names and layout, also for renamed views.
+        def shard_of(op: TensorOp) -> str:
+            name = op.src.key if op.src.source == 0 else op.name
+            return (base.info(name) if name in base else base.info(base.names()[-1])).file.name
+        return shards_like(specs, {op.name: shard_of(op) for op in ops}, fallback=base.files[-1].name)
     if base.format == "safetensors":
         return plan_shards(specs, max_shard_size=None, prefix=prefix)
     return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)

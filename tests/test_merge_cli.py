@@ -190,3 +190,13 @@ def test_nonfinite_result_stops_the_merge_unless_allowed(tmp_path):
     ok = run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out", "--allow-nonfinite")
     assert ok.exit_code == 0
     assert not torch.isfinite(load_file(tmp_path / "out" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]).all()
+
+
+def test_augmented_and_convert_keep_a_sharded_layout(llama_sharded_dir, adapter_dir, tmp_path):
+    shards = sorted(p.name for p in llama_sharded_dir.glob("*.safetensors"))
+    assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
+    assert sorted(p.name for p in (tmp_path / "aug").glob("*.safetensors")) == shards
+    assert run_cli("convert", tmp_path / "aug", "--to", "merged", "-o", tmp_path / "back").exit_code == 0
+    assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "direct").exit_code == 0
+    for name in shards:
+        assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
