@@ -44,10 +44,15 @@ class _Group(click.Group):
 def cli(ctx: click.Context, debug: bool) -> None:
     """LoRA checkpoint surgery: merge, unmerge, extract, diff and inspect, streamed tensor by tensor.
 
+    Inputs are local folders/files or Hub repo ids (org/name[@revision]).
+
     \b
     Examples:
+      lorasurgeon merge fixtures/base fixtures/adapter -o merged
+      lorasurgeon merge meta-llama/Llama-3.1-8B my-org/my-lora -o merged --push-to-hub my-org/merged
+      lorasurgeon extract BASE FINETUNED --rank 16 -o lora
+      lorasurgeon diff fixtures/base merged --rank-profile
       lorasurgeon inspect fixtures/adapter
-      lorasurgeon inspect ./Llama-3-8B --json
     """
     ctx.obj = {"debug": debug}
     if not debug:  # huggingface_hub logs retries and warnings; errors reach the user as one line

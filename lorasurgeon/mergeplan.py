@@ -104,6 +104,13 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
             "(is this adapter for another model?)")
 
+    def same_shape(name: str, adapter: LoraAdapter, key: str, what: str) -> None:
+        want, got = shape_of(name, adapter), adapter.checkpoint.info(key).shape
+        if got != want:
+            raise IncompatibleError(
+                f"{adapter.path}: {what} {key!r} is {list(got)}, the base's {name!r} is {list(want)} "
+                "(is this adapter for another model, or for a resized vocabulary?)")
+
     def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
         info = base.info(embedding if name not in base else name)
         if not info.dtype.is_floating_point:
@@ -118,6 +125,12 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             emb = module.kind == "embedding"
             a, b = Ref(i, module.keys["emb_A" if emb else "A"]), Ref(i, module.keys["emb_B" if emb else "B"])
             mag = Ref(i, module.keys["magnitude"]) if "magnitude" in module.keys else None
+            if mag is not None:
+                shape, numel = shape_of(wname, adapter), adapter.checkpoint.info(mag.key).numel
+                units = shape[1] if kind in ("conv1d", "embedding") else shape[0]
+                if numel != units:
+                    raise IncompatibleError(f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
+                                            f"{wname!r} has {units} output units")
             terms.setdefault(wname, []).append(LoraTerm(kind, a, b, sign * w * module.scale, mag))
             if "B_bias" in module.keys:
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
@@ -125,11 +138,18 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
                     LoraTerm("bias", None, Ref(i, module.keys["B_bias"]), sign * w * module.scale))
         for name, key in ({} if unmerge else adapter.base_weights).items():
             srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
+            same_shape(name, adapter, key, "the saved base_layer weight")
         for name, key in adapter.replacements.items():
             replaced[target(name, adapter, "a full trained tensor")] = Ref(i, key)
+            same_shape(name, adapter, key, "the full trained tensor")
         for module, key in adapter.token_deltas.items():
             indices = adapter.config.token_indices(module)
             wname = target(f"{module}.weight", adapter, "trainable tokens")
+            rows_, dim = shape_of(wname, adapter)[:2]
+            if adapter.checkpoint.info(key).shape != (len(indices), dim) or not all(0 <= t < rows_ for t in indices):
+                raise IncompatibleError(
+                    f"{adapter.path}: trainable tokens {key!r} {list(adapter.checkpoint.info(key).shape)} do not fit "
+                    f"token ids {list(indices)[:5]}... of {wname!r} {[rows_, dim]}")
             patch = RowPatch(indices, Ref(i, key))
             rows.setdefault(wname, []).append(patch)
             if tied and wname == embedding:  # PEFT wraps the tied lm_head with the same tokens

@@ -200,3 +200,20 @@ def test_augmented_and_convert_keep_a_sharded_layout(llama_sharded_dir, adapter_
     assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "direct").exit_code == 0
     for name in shards:
         assert (tmp_path / "back" / name).read_bytes() == (tmp_path / "direct" / name).read_bytes()
+
+
+def test_replacements_of_the_wrong_shape_are_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    config = mf.llama_config()
+    adapter = mf.make_adapter(mf.build_model(config), tmp_path / "mts", modules_to_save=["lm_head"],
+                              target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2]})
+    path = adapter / "adapter_model.safetensors"
+    tensors = load_file(path)
+    good = dict(tensors)
+    tensors["base_model.model.lm_head.weight"] = torch.zeros(260, config.hidden_size)  # a resized vocabulary
+    save_file(tensors, path)
+    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path, "lm_head", "resized")
+    key = next(k for k in good if "trainable_tokens_delta" in k)
+    save_file({**good, key: torch.zeros(3, config.hidden_size)}, path)
+    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path, "trainable tokens")
