@@ -16,17 +16,13 @@ from .io.checkpoint import Checkpoint
 from .io.dtypes import itemsize
 from .plan import Ref
 
-# What an op does with a changed tensor.
-KINDS = ("linear", "conv1d", "embedding", "conv", "bias", "full", "skip")
-
-
 @dataclass(frozen=True)
 class ExtractOp:
     """One fine-tune tensor: compare with its base tensor, and factorize / store / skip the change."""
 
     name: str
     module: str
-    kind: str
+    kind: str  # linear | conv1d | embedding | conv (factors) | bias (lora_B.bias) | full | skip
     tuned: Ref
     base: Ref | None  # None when the base has no counterpart (a resized vocabulary)
     shape: tuple[int, ...]

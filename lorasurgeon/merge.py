@@ -155,8 +155,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
             ops = augment.augmented_ops(ckpt, loaded[0], facts.tied, out_dtype)
             untie = False
         else:
-            ops, tie = plan_merge(ckpt, loaded, weights, facts, dtype=out_dtype, unmerge=unmerge)
-            untie = tie.untie
+            ops, untie = plan_merge(ckpt, loaded, weights, facts, dtype=out_dtype, unmerge=unmerge)
         plan = Plan(tuple(ops), (str(base_path), *map(str, adapter_paths)))
         if dry_run:
             return _report(out, "unmerged" if unmerge else form, plan, None, untie, True)
@@ -213,8 +212,8 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
         base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
         if to == "merged":
             facts = ModelFacts(config.get("model_type"), is_tied(config))
-            ops, tie = plan_merge(base, [adapter], [1.0], facts, dtype=out_dtype)
-            inputs, untie = [base, adapter.checkpoint], tie.untie
+            ops, untie = plan_merge(base, [adapter], [1.0], facts, dtype=out_dtype)
+            inputs = [base, adapter.checkpoint]
             shards = _layout(ops, base, shard_bytes)
             extra = {"config.json": config_bytes(edit_config(config, dtype=out_dtype, untie=untie))} if config else {}
             copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]

@@ -26,14 +26,6 @@ class ModelFacts:
     tied: bool
 
 
-@dataclass(frozen=True)
-class Tie:
-    """How the tied output embedding ends up: its op (if written) and whether it stays tied."""
-
-    embedding: str | None
-    untie: bool
-
-
 def module_kind(module: LoraModule, weight_shape: tuple[int, ...], facts: ModelFacts,
                 adapter: LoraAdapter) -> str:
     """linear / conv1d / embedding / conv, checked against the base weight's shape."""
@@ -85,8 +77,8 @@ def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> No
 
 
 def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[float], facts: ModelFacts,
-               *, dtype: torch.dtype | None, unmerge: bool = False) -> tuple[list[TensorOp], Tie]:
-    """One op per output tensor, in base order (plus an untied lm_head where needed)."""
+               *, dtype: torch.dtype | None, unmerge: bool = False) -> tuple[list[TensorOp], bool]:
+    """One op per output tensor, in base order, and whether a tied lm_head had to be untied (and added)."""
     sign = -1.0 if unmerge else 1.0
     terms: dict[str, list[LoraTerm]] = {}
     srcs: dict[str, Ref] = {}
@@ -177,4 +169,4 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
         untie = (lm.src, lm.terms, lm.rows) != (emb_op.src, emb_op.terms, emb_op.rows)
         if untie:
             ops.append(lm)
-    return ops, Tie(embedding if tied else None, untie)
+    return ops, untie

@@ -137,11 +137,6 @@ class AdapterConfig:
         key = pattern_key(self.alpha_pattern, module)
         return self.alpha_pattern[key] if key is not None else self.lora_alpha
 
-    def rank_for(self, module: str) -> int:
-        """The configured rank of a module (the tensors' own rank is what merging trusts)."""
-        key = pattern_key(self.rank_pattern, module)
-        return self.rank_pattern[key] if key is not None else self.r
-
     def scale(self, module: str, rank: int) -> float:
         """PEFT's scaling: alpha / r, or alpha / sqrt(r) with rsLoRA; ``rank`` from the tensors."""
         alpha = self.alpha_for(module)

@@ -31,9 +31,6 @@ AUGMENTED_SUFFIX = {
     "tokens_delta": f"token_adapter.trainable_tokens_delta.{ADAPTER_NAME}",
 }
 
-# Roles that make a module a LoRA module (the rest ride along with one).
-LORA_ROLES = ("A", "emb_A")
-
 
 def strip_prefix(key: str) -> str:
     """``base_model.model.x.y`` -> ``x.y`` (keys without the prefix are returned unchanged)."""
@@ -62,11 +59,6 @@ def augmented_key(module: str, role: str) -> str:
     """The key of a LoRA tensor in the augmented form (a PEFT-wrapped model's state dict)."""
     return f"{module}.{AUGMENTED_SUFFIX[role]}"
 
-
-def base_layer_key(param: str) -> str:
-    """``x.q_proj.weight`` -> ``x.q_proj.base_layer.weight``: a wrapped module's own parameter."""
-    module, _, leaf = param.rpartition(".")
-    return f"{module}.base_layer.{leaf}"
 
 # Tied embeddings: the output embedding transformers omits from the files when tied, and the
 # input embeddings it then shares its weight with (first present wins).

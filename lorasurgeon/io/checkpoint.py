@@ -78,14 +78,6 @@ class Checkpoint:
 
     # --- what is in it -------------------------------------------------------------
     @property
-    def is_adapter(self) -> bool:
-        """True for a PEFT adapter (its folder has adapter_config.json, or the file says so)."""
-        folder = self.root if self.root.is_dir() else self.root.parent
-        return (folder / "adapter_config.json").is_file() or any(
-            f.name.startswith("adapter_model.") for f in self.files
-        )
-
-    @property
     def folder(self) -> Path:
         return self.root if self.root.is_dir() else self.root.parent
 

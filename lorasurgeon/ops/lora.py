@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import torch
 
-KINDS = ("linear", "conv1d", "embedding", "conv")
-
-
 def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
     """ΔW in float32, shaped like the base weight of a module of ``kind``."""
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
