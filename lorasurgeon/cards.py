@@ -38,7 +38,6 @@ def command(*words: object) -> list[str]:
 def merge_card(*, title: str, form: str, unmerge: bool, base: str, adapters: Sequence[str],
                weights: Sequence[float], dtype: str, untied: bool) -> str:
     verb = "unmerge" if unmerge else "merge"
-    args = [a for a, w in zip(adapters, weights)]
     flags = [f"--weight={w:g}" for w in weights] if any(w != 1.0 for w in weights) else []
     if form != "merged":
         flags.append(f"--form={form}")
@@ -53,7 +52,7 @@ def merge_card(*, title: str, form: str, unmerge: bool, base: str, adapters: Seq
     if untied:
         lines.append("The adapters changed the input embedding and lm_head differently, so both are stored and "
                      "`tie_word_embeddings` is false.")
-    lines += ["", "Made by:"] + command("lorasurgeon", verb, base, *args, *flags, "-o", title)
+    lines += ["", "Made by:"] + command("lorasurgeon", verb, base, *adapters, *flags, "-o", title)
     kind = "unmerged" if unmerge else ("augmented" if form == "augmented" else "merged")
     return model_card(kind=kind, base=base, title=title, lines=lines)
 

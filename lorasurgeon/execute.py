@@ -142,6 +142,15 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
                 continue
         return False
 
+    def take(q: queue.Queue) -> object:
+        """The next item, or _DONE once the run is stopping (a failed stage sets ``stop``)."""
+        while not stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _DONE
+
     def reader() -> None:
         try:
             for op in ops:
@@ -154,13 +163,7 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
 
     def write_stage() -> None:
         try:
-            while not stop.is_set():
-                try:
-                    item = write_q.get(timeout=0.1)
-                except queue.Empty:
-                    continue
-                if item is _DONE:
-                    return
+            while (item := take(write_q)) is not _DONE:
                 op, outputs = item
                 for name, tensor in outputs:
                     sink.write(name, tensor)
@@ -179,13 +182,7 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
     written = 0
     infos = []
     try:
-        while not stop.is_set():
-            try:
-                item = read_q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-            if item is _DONE:
-                break
+        while (item := take(read_q)) is not _DONE:
             op, tensors = item
             outcome = compute(op, tensors, dev)
             del tensors

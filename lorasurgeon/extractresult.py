@@ -130,11 +130,10 @@ def finish_adapter(spool: SpoolWriter, infos: list[OpInfo], tuned: Checkpoint, *
             if module not in bias_modules:
                 spool.write(saved_key(module, "B_bias"), torch.zeros(_out_features(stats), dtype=dtype))
     # modules_to_save replaces whole modules: store every parameter of each, changed or not.
-    names = {i.op.name: i.op.tuned.key for i in infos}
     for module in sorted(full_modules):
-        for name in [n for n in tuned if n.rpartition(".")[0] == module] or []:
+        for name in [n for n in tuned if n.rpartition(".")[0] == module]:
             if SAVED_PREFIX + name not in spool:
-                spool.write(SAVED_PREFIX + name, tuned.read(names.get(name, name)))
+                spool.write(SAVED_PREFIX + name, tuned.read(name))
     ranks = {m: s.rank for m, s in lowrank.items()}
     r = fixed_rank or (Counter(ranks.values()).most_common(1)[0][0] if ranks else 8)
     all_modules = {n.rpartition(".")[0] for n in tuned}

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from . import __version__
 from .errors import InputNotFoundError, LorasurgeonError
+from .io.source import is_transport_error
 
 @dataclass(frozen=True)
 class PushReport:
@@ -45,7 +46,7 @@ def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False,
     except (ValueError, OSError) as exc:
         raise LorasurgeonError(f"{repo_id}: cannot push ({exc.__class__.__name__}: {exc})") from None
     except Exception as exc:  # httpx transport errors
-        if "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+        if is_transport_error(exc):
             raise LorasurgeonError(f"{repo_id}: cannot reach the Hub ({exc})") from None
         raise
     return PushReport(repo_id, info.pr_url or info.commit_url, len(files))

@@ -72,10 +72,9 @@ def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | Non
     if base.format == "safetensors-sharded":
         # Each tensor goes to the shard its source lives in (the base's own, for a tensor the
         # adapter replaced): the base's file names and layout, also for renamed views.
-        def shard_of(op: TensorOp) -> str:
-            name = op.src.key if op.src.source == 0 else op.name
-            return (base.info(name) if name in base else base.info(base.names()[-1])).file.name
-        return shards_like(specs, {op.name: shard_of(op) for op in ops}, fallback=base.files[-1].name)
+        homes = {op.name: op.src.key if op.src.source == 0 else op.name for op in ops}
+        weight_map = {name: base.info(home).file.name for name, home in homes.items() if home in base}
+        return shards_like(specs, weight_map, fallback=base.files[-1].name)
     if base.format == "safetensors":
         return plan_shards(specs, max_shard_size=None, prefix=prefix)
     return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)

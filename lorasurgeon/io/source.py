@@ -82,6 +82,11 @@ def needed_files(files: list[str]) -> list[str]:
     return weights + sidecars
 
 
+def is_transport_error(exc: BaseException) -> bool:
+    """httpx's connection and timeout errors, which are not OSErrors (huggingface_hub uses httpx)."""
+    return "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__
+
+
 def _offline() -> bool:
     from huggingface_hub import constants
 
@@ -135,6 +140,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
     except OSError as exc:  # connection refused, DNS, disk
         raise LorasurgeonError(f"{name}: cannot download from the Hub ({exc.__class__.__name__}: {exc})") from None
     except Exception as exc:  # httpx transport errors are not OSErrors
-        if "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__:
+        if is_transport_error(exc):
             raise LorasurgeonError(f"{name}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
         raise
