@@ -27,6 +27,14 @@ VALID = save_bytes({"a.weight": torch.arange(12, dtype=torch.float32).reshape(3,
                     "b": torch.ones(5, dtype=torch.bfloat16), "c": torch.tensor(7)}, metadata={"format": "pt"})
 
 
+def mutate(original: bytes, cuts, truncate) -> bytes:
+    """``original`` with junk written over it at the given places, then cut short (or not)."""
+    data = bytearray(original)
+    for pos, junk in cuts:
+        data[pos:pos + len(junk)] = junk
+    return bytes(data if truncate is None else data[:truncate])
+
+
 def open_and_read_all(path) -> None:
     """What commands do with an input: open from headers, read every tensor, verify."""
     try:
@@ -62,13 +70,8 @@ def test_generated_headers(tmp_path_factory, header, data, length_delta):
 @given(cuts=st.lists(st.tuples(st.integers(0, len(VALID)), st.binary(min_size=0, max_size=8)), min_size=1, max_size=6),
        truncate=st.one_of(st.none(), st.integers(0, len(VALID))))
 def test_mutated_safetensors_bytes(tmp_path_factory, cuts, truncate):
-    data = bytearray(VALID)
-    for pos, junk in cuts:
-        data[pos:pos + len(junk)] = junk
-    if truncate is not None:
-        data = data[:truncate]
     path = tmp_path_factory.mktemp("m") / "model.safetensors"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate(VALID, cuts, truncate))
     open_and_read_all(path)
 
 
@@ -131,13 +134,8 @@ PICKLE = torch_zip({"w": torch.ones(3, 3), "b": torch.arange(4)})
 @given(cuts=st.lists(st.tuples(st.integers(0, len(PICKLE)), st.binary(min_size=1, max_size=6)), min_size=1, max_size=4),
        truncate=st.one_of(st.none(), st.integers(0, len(PICKLE))))
 def test_mutated_pickles(tmp_path_factory, cuts, truncate):
-    data = bytearray(PICKLE)
-    for pos, junk in cuts:
-        data[pos:pos + len(junk)] = junk
-    if truncate is not None:
-        data = data[:truncate]
     path = tmp_path_factory.mktemp("p") / "pytorch_model.bin"
-    path.write_bytes(bytes(data))
+    path.write_bytes(mutate(PICKLE, cuts, truncate))
     open_and_read_all(path)
 
 
