@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -165,7 +164,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
             new_dtype = out_dtype if out_dtype is not None else None
             extra["config.json"] = config_bytes(edit_config(config, dtype=new_dtype, untie=untie))
         if form == "augmented":
-            extra[CONFIG_NAME] = (json.dumps(dict(loaded[0].config.raw), indent=2, sort_keys=True) + "\n").encode()
+            extra[CONFIG_NAME] = config_bytes(dict(loaded[0].config.raw))
         extra[CARD_NAME] = merge_card(
             title=Path(out).name, form=form, unmerge=unmerge, base=base_src.label,
             adapters=[a.label for a in adapter_srcs], weights=weights, untied=untie,
@@ -222,7 +221,7 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
                             i.shape, "lora") for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)]
             inputs, untie = [adapter.checkpoint], False
             shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
-            extra = {CONFIG_NAME: (json.dumps(dict(adapter_config.raw), indent=2, sort_keys=True) + "\n").encode()}
+            extra = {CONFIG_NAME: config_bytes(dict(adapter_config.raw))}
             copies, index_name = [], None
         plan = Plan(tuple(ops), (str(path),))
         if dry_run:

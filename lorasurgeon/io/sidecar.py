@@ -63,4 +63,5 @@ def edit_config(config: dict[str, Any], *, dtype: torch.dtype | None, untie: boo
 
 
 def config_bytes(config: dict[str, Any]) -> bytes:
+    """A JSON config (config.json, adapter_config.json) as written: indented, sorted keys, newline."""
     return (json.dumps(config, indent=2, sort_keys=True) + "\n").encode("utf-8")

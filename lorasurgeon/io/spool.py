@@ -18,7 +18,7 @@ from ..errors import OutputError, OutputExistsError
 from .checkpoint import TensorInfo, pread_into
 from .layout import TensorSpec, plan_shards
 from .scratch import clean_stale, make_scratch
-from .writer import CheckpointWriter
+from .writer import CheckpointWriter, pwrite_all, tensor_bytes
 
 
 class SpoolWriter:
@@ -37,24 +37,20 @@ class SpoolWriter:
         clean_stale(self.out)
         self._dir = make_scratch(self.out, "spool")
         self._path = self._dir / "spool.bin"
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
         self._end = 0
         self._items: dict[str, TensorInfo] = {}
         self._files: dict[str, bytes] = {}
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
         """Spool one tensor (a later write of the same name replaces it)."""
-        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-        data = memoryview(flat.view(torch.uint8).numpy()).cast("B")
+        data = tensor_bytes(tensor)
         try:
-            while data:
-                n = os.write(self._fd, data)
-                data = data[n:]
-                self._end += n
+            pwrite_all(self._fd, data, self._end)
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc})") from None
-        nbytes = flat.numel() * flat.element_size()
-        self._items[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), self._path, self._end - nbytes)
+        self._items[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), self._path, self._end)
+        self._end += len(data)
 
     def discard(self, name: str) -> None:
         self._items.pop(name, None)

@@ -36,7 +36,13 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """A tensor's bytes in C order, as safetensors stores them (a CPU copy only if needed)."""
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
     while data:
         n = os.pwrite(fd, data, offset)
         data, offset = data[n:], offset + n
@@ -120,7 +126,7 @@ class CheckpointWriter:
                     [(t.name, t.dtype, t.shape) for t in shard.tensors], meta)
                 fd = os.open(self._tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
                 self._fds[shard.filename] = fd
-                _pwrite_all(fd, memoryview(header), 0)
+                pwrite_all(fd, memoryview(header), 0)
                 for spec, off in zip(shard.tensors, offsets):
                     self._slots[spec.name] = (shard.filename, len(header) + off, spec)
         except BaseException:
@@ -153,8 +159,7 @@ class CheckpointWriter:
             )
         try:
             if isinstance(tensor, torch.Tensor):
-                flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-                _pwrite_all(self._fds[filename], memoryview(flat.view(torch.uint8).numpy()).cast("B"), offset)
+                pwrite_all(self._fds[filename], tensor_bytes(tensor), offset)
             else:
                 _copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
         except EOFError:
