@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -326,4 +327,8 @@ def diff_cmd(a, b, as_json, rank_profile, top, atol, include, exclude, device, q
 
 
 def main() -> None:
+    # Before torch (and its OpenMP runtime) is imported: idle OpenMP workers sleep instead of
+    # spinning, so they do not take the cores the reading and writing threads need. Measured in
+    # docs/benchmarks.md; set the variable yourself to override.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     cli(prog_name="lorasurgeon")

@@ -35,15 +35,55 @@ def add_lora(weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
     With ``inplace`` the caller hands ``weight32`` over (it must own it) and gets it back updated,
     which saves allocating and faulting in a second model-sized buffer.
     """
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
     if kind in ("linear", "conv1d", "embedding"):
-        left, right = (b32, a32) if kind == "linear" else (a32.T, b32.T)  # (B@A)ᵀ = Aᵀ@Bᵀ
+        left, right = factors(a, b, kind)
         if inplace:
             return weight32.addmm_(left, right, alpha=scale)
         return torch.addmm(weight32, left, right, alpha=scale)
     if inplace:
         return weight32.add_(lora_delta(a, b, scale, kind))
     return weight32 + lora_delta(a, b, scale, kind)
+
+
+def factors(a: torch.Tensor, b: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(left, right) in float32 with ΔW = scale · left @ right, for the kinds that are one product."""
+    a32, b32 = a.to(torch.float32), b.to(torch.float32)
+    return (b32, a32) if kind == "linear" else (a32.T, b32.T)  # (B@A)ᵀ = Aᵀ@Bᵀ
+
+
+def add_lora_rowwise(weight: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+                     out: torch.Tensor, *, block: int = 1 << 18) -> bool:
+    """``out = round(weight + Σ scale · left @ right)``, a block of rows at a time.
+
+    The same arithmetic as converting ``weight`` to float32, ``addmm_`` of each term in order and
+    one rounding to ``out.dtype`` -- but each block of about ``block`` elements is converted,
+    updated and rounded while it sits in the CPU cache, instead of three passes over memory with a
+    model-sized float32 copy. ``out`` may be ``weight`` itself (each block is read before it is
+    overwritten). ``terms`` are (left (rows, r), right (r, cols), scale) in float32.
+
+    Returns True when every element of ``out`` is provably finite; False means some element may
+    be NaN/Inf (or the check's own sum overflowed) and the caller must look exactly.
+    """
+    rows, cols = weight.shape
+    step = max(1, block // max(cols, 1))
+    work = torch.empty(min(step, rows), cols, dtype=torch.float32, device=weight.device)
+    sums = torch.empty(-(-rows // step), dtype=torch.float32, device=weight.device)
+    # Σx² finite means every |x| < 2^64: finite, and still finite once rounded to a dtype with
+    # bf16's range. Narrower dtypes (float16) can overflow when rounding: sum the rounded block.
+    wide = torch.finfo(out.dtype).max >= torch.finfo(torch.bfloat16).max
+    for k, i in enumerate(range(0, rows, step)):
+        j = min(i + step, rows)
+        w = work[: j - i].copy_(weight[i:j])
+        for left, right, scale in terms:
+            w.addmm_(left[i:j], right, alpha=scale)
+        if wide:
+            flat = w.view(-1)
+            sums[k] = torch.dot(flat, flat)  # NaN and Inf propagate, and cheaper than a sum of bf16
+        o = out[i:j]
+        o.copy_(w)
+        if not wide:
+            sums[k] = o.sum(dtype=torch.float32)
+    return bool(torch.isfinite(sums.sum()))
 
 
 def delta_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
