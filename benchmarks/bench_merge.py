@@ -6,7 +6,8 @@
 Generates a Llama-shaped bf16 checkpoint of about the requested size (streamed to disk with
 lorasurgeon's own writer, so generating a large one needs no RAM) and a PEFT LoRA adapter
 (r=16 on every projection), then times each tool in its own process under /usr/bin/time -v,
-page cache warm, and prints a markdown table of medians with peak RSS and ratios.
+page cache warm (when the checkpoint fits in it), each run starting from a synced disk, and
+prints a markdown table of medians with peak RSS and ratios.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -98,6 +100,12 @@ def timed(cmd: list[str] | str, shell: bool = False) -> tuple[float, float]:
     return h * 3600 + m * 60 + s, rss / 1024
 
 
+def settle() -> None:
+    """Start each run with no dirty pages and no pending discards left by the previous one."""
+    os.sync()
+    time.sleep(3)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=int, nargs="+", default=[620])
@@ -134,6 +142,7 @@ def bench_one(size_mb: int, args) -> None:
             samples = []
             for rep in range(args.reps):
                 out = root / f"out-{rep}"
+                settle()
                 samples.append(fn(out))
                 shutil.rmtree(out)
             results[name] = (statistics.median(s[0] for s in samples), statistics.median(s[1] for s in samples))

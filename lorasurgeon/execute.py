@@ -22,6 +22,7 @@ from typing import Any, Callable, Protocol, Sequence
 import torch
 
 from .errors import LorasurgeonError
+from .io.buffers import ReadBuffers
 from .io.checkpoint import Checkpoint
 from .ops.lora import add_lora, add_lora_rowwise, all_finite, dora_apply, factors, lora_delta, replace_rows
 from .plan import Ref, TensorOp
@@ -75,12 +76,12 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-def _fetch(inputs: Sequence[Checkpoint], op) -> dict[Ref, torch.Tensor | FileSlice]:
+def _fetch(inputs: Sequence[Checkpoint], op, alloc: ReadBuffers) -> dict[Ref, torch.Tensor | FileSlice]:
     if getattr(op, "is_plain_copy", False):  # same bytes out as in: leave them on disk
         info = inputs[op.src.source].info(op.src.key)
         if info.offset is not None and info.dtype == op.dtype and info.shape == op.shape:
             return {op.src: FileSlice(info.file, info.offset, info.nbytes, info.dtype, info.shape)}
-    return {r: inputs[r.source].read(r.key) for r in dict.fromkeys(op.refs())}
+    return {r: inputs[r.source].read(r.key, alloc) for r in dict.fromkeys(op.refs())}
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -175,8 +176,9 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
 
     def reader() -> None:
         try:
+            buffers = ReadBuffers()
             for op in ops:
-                if not put(read_q, (op, _fetch(inputs, op))):
+                if not put(read_q, (op, _fetch(inputs, op, buffers))):
                     return
         except BaseException as exc:  # handed to the main thread, re-raised there
             errors.append(exc)

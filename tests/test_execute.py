@@ -11,9 +11,10 @@ from safetensors.torch import save_file
 from lorasurgeon.errors import CorruptCheckpointError
 from lorasurgeon.execute import run
 from lorasurgeon.io import CheckpointWriter, open_checkpoint, plan_shards
+from lorasurgeon.io.buffers import ReadBuffers
 from lorasurgeon.plan import Ref, TensorOp
 
-from conftest import listing
+from conftest import listing, seeded
 
 
 def copy_ops(ckpt):
@@ -75,3 +76,45 @@ def test_a_write_failure_midway_aborts_cleanly(tmp_path):
         with Failing(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
             run(ops, [ckpt], w)
     assert listing(tmp_path) == {"src", "src/model.safetensors"}
+
+
+def test_read_buffers_are_reused_only_when_nothing_holds_them():
+    pool = ReadBuffers(slots=2, min_bytes=0)
+    a = pool(1000)
+    first = a.data_ptr()
+    b = pool(1000)
+    assert b.data_ptr() != first  # a is still held
+    view = a.view(torch.int16)[:3]
+    del a
+    c = pool(1000)  # a's memory is still viewed and both slots are taken: fresh, unpooled memory
+    assert c.data_ptr() not in (first, b.data_ptr())
+    del view
+    assert pool(800).data_ptr() == first  # nothing holds it any more: reused
+
+
+def test_merge_through_reused_buffers_gives_each_tensor_its_own_result(tmp_path):
+    # Tensors above the pool's 1 MiB threshold, each with its own values: a buffer reused while
+    # a tensor still lived in it would put one layer's numbers into another's.
+    from lorasurgeon.merge import merge
+    from lorasurgeon.ops.lora import add_lora
+
+    n, rows, cols, r = 10, 1024, 640, 4
+    base = {f"model.layers.{i}.mlp.up_proj.weight": seeded((rows, cols), seed=i).to(torch.bfloat16) + i
+            for i in range(n)}
+    lora = {}
+    for i in range(n):
+        m = f"base_model.model.model.layers.{i}.mlp.up_proj"
+        lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"] = seeded((r, cols), seed=100 + i), seeded((rows, r), seed=200 + i)
+    (tmp_path / "base").mkdir()
+    (tmp_path / "adapter").mkdir()
+    save_file(base, tmp_path / "base" / "model.safetensors")
+    save_file(lora, tmp_path / "adapter" / "adapter_model.safetensors")
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]}')
+    merge(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "out")
+    out = open_checkpoint(tmp_path / "out")
+    for i, (name, w) in enumerate(base.items()):
+        m = f"base_model.model.model.layers.{i}.mlp.up_proj"
+        expect = add_lora(w.float(), lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"], 2.0, "linear")
+        got = out.read(name).float()
+        assert (got - expect).abs().max() <= expect.abs().max() * 2**-7  # within one bf16 unit

@@ -16,7 +16,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
@@ -107,12 +107,16 @@ class Checkpoint:
         return sum(i.nbytes for i in self._infos.values())
 
     # --- reading --------------------------------------------------------------------
-    def read(self, name: str) -> torch.Tensor:
-        """Read one tensor into new, writable CPU memory that this checkpoint keeps no reference to."""
+    def read(self, name: str, alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Read one tensor into writable CPU memory that this checkpoint keeps no reference to.
+
+        ``alloc(nbytes)`` gives that memory as a uint8 tensor (default: new memory; the executor
+        passes reused buffers, io.buffers).
+        """
         info = self.info(name)
         if info.offset is None:
             return self._read_legacy(info)
-        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        out = alloc(info.nbytes) if alloc is not None else torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             try:
                 pread_into(info.file, memoryview(out.numpy()), info.offset)
