@@ -4,7 +4,8 @@ Every shard's header is written first, from the planned names, dtypes and shapes
 tensor's place in its file is known before any data arrives; a tensor is written to that place
 as soon as it is handed over (in any order) and then dropped. No shard is ever held in memory.
 
-Everything goes into a hidden sibling folder (``.NAME.PID.XXXX.lorasurgeon-partial``). ``commit``
+Everything goes into a hidden sibling folder (``.NAME.PID.XXXX.lorasurgeon-partial``). Each
+shard is synced to disk by a background thread as soon as its last tensor is in; ``commit``
 fsyncs the files, writes the index last, and renames the folder into place; any failure before
 that removes the partial folder. With ``overwrite`` an existing output is replaced only after
 the new one is complete.
@@ -15,7 +16,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+import queue
 import shutil
+import threading
 from pathlib import Path
 from typing import Sequence
 
@@ -118,6 +121,9 @@ class CheckpointWriter:
         os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
         self._fds: dict[str, int] = {}
         self._slots: dict[str, tuple[str, int, TensorSpec]] = {}
+        self._unwritten = {s.filename: len(s.tensors) for s in self.shards}
+        self._sync_q: queue.SimpleQueue = queue.SimpleQueue()
+        self._syncer: threading.Thread | None = None
         self._done = False
         try:
             meta = {"format": "pt"} if metadata is None else metadata
@@ -162,12 +168,41 @@ class CheckpointWriter:
                 pwrite_all(self._fds[filename], tensor_bytes(tensor), offset)
             else:
                 _copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
+            self._unwritten[filename] -= 1
+            if not self._unwritten[filename]:
+                self._sync_early(self._fds[filename])
         except EOFError:
             raise CorruptCheckpointError(
                 f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)") from None
         except OSError as exc:
             raise OutputError(
                 f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept") from None
+
+    def _sync_early(self, fd: int) -> None:
+        """A complete shard goes to disk now, from a thread of its own, while the next is produced.
+
+        Left to the kernel, data reaches the disk only past a dirty-memory threshold or at the
+        final fsync, so the disk idles first and everything waits for it at the end. One thread
+        syncs the shards in order; commit() still fsyncs every file (a no-op for these by then)
+        and reports any error.
+        """
+        if self._syncer is None:
+            self._syncer = threading.Thread(target=self._sync_loop, daemon=True, name="lorasurgeon-sync")
+            self._syncer.start()
+        self._sync_q.put(fd)
+
+    def _sync_loop(self) -> None:
+        while (fd := self._sync_q.get()) is not None:
+            try:
+                os.fdatasync(fd)
+            except OSError:
+                pass  # commit's fsync meets it again and reports it
+
+    def _join_syncs(self) -> None:
+        if self._syncer is not None:
+            self._sync_q.put(None)
+            self._syncer.join()
+            self._syncer = None
 
     def add_file(self, relname: str, data: bytes | str) -> None:
         """Put a small file (config, model card) into the result."""
@@ -190,6 +225,7 @@ class CheckpointWriter:
             self.abort()
             raise RuntimeError(f"{len(self._slots)} planned tensors were never written ({missing} ...)")
         try:
+            self._join_syncs()
             for fd in self._fds.values():
                 os.fsync(fd)
                 os.close(fd)
@@ -230,6 +266,7 @@ class CheckpointWriter:
 
     def abort(self) -> None:
         """Throw away everything written so far."""
+        self._join_syncs()  # before the files they sync are closed
         for fd in self._fds.values():
             try:
                 os.close(fd)
