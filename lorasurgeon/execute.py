@@ -133,7 +133,7 @@ def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
 
 def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: dict[Ref, torch.Tensor],
                    allow_nonfinite: bool) -> Outcome:
-    """compute_merge's common case on CPU, the same bits in one cache-friendly pass.
+    """compute_merge's common case on CPU: the same arithmetic, in one cache-friendly pass.
 
     The fetched ``src`` is ours (a fresh read), so a result of the same dtype overwrites it.
     """
