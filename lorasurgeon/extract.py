@@ -38,7 +38,9 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
         same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
         change = squared_norm(tuned.float() - base.float()) if same_shape else 0.0
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
-    delta = tuned.to(device, torch.float32) - base.to(device, torch.float32)
+    # One float32 copy, then subtract in place: never three model-sized float32 tensors at once.
+    # (tuned is ours, a fresh read, should .to() hand it back unchanged.)
+    delta = tuned.to(device, torch.float32).sub_(base.to(device))
     if not allow_nonfinite:
         check_finite(op.name, delta)
     total = squared_norm(delta)

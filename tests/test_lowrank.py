@@ -68,3 +68,15 @@ def test_energy_respects_max_rank():
 def test_zero_matrix():
     got = factorize(torch.zeros(5, 4), rank=2)
     assert got.rank == 0 and got.energy == 0.0
+
+
+@pytest.mark.parametrize("transposed", [False, True])
+def test_relative_error_by_blocks_is_the_whole_residual(transposed):
+    # extract passes an embedding's ΔW transposed (a strided view); blocks of 1, 7 and all rows
+    g = torch.Generator().manual_seed(5)
+    m = torch.randn(90, 60, generator=g)
+    m = m.T if transposed else m
+    a, b = torch.randn(3, m.shape[1], generator=g), torch.randn(m.shape[0], 3, generator=g)
+    whole = float(torch.linalg.vector_norm((m.double() - b.double() @ a.double())) / torch.linalg.vector_norm(m.double()))
+    for chunk in (1, 7 * m.shape[1], m.numel()):
+        assert relative_error(m, a, b, chunk_elements=chunk) == pytest.approx(whole, rel=1e-6)

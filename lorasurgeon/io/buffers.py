@@ -20,7 +20,10 @@ def _use_count(t: torch.Tensor) -> int | None:
 
 
 class ReadBuffers:
-    """At most ``slots`` reusable uint8 buffers; called from one thread (the reader)."""
+    """At most ``slots`` reusable uint8 buffers, each lent for tensors of half to all its size.
+
+    Called from one thread (the reader). Requests under ``min_bytes`` get fresh memory.
+    """
 
     def __init__(self, slots: int = 8, min_bytes: int = 1 << 20):
         self.slots, self.min_bytes = slots, min_bytes
@@ -33,14 +36,15 @@ class ReadBuffers:
         if not self._enabled or nbytes < self.min_bytes:  # small ones cost little
             return torch.empty(nbytes, dtype=torch.uint8)
         free = [i for i, (buf, idle) in enumerate(self._bufs) if _use_count(buf) == idle]
-        fits = [i for i in free if self._bufs[i][0].numel() >= nbytes]
+        # Not a big buffer for a small tensor: the next big one would then need fresh memory.
+        fits = [i for i in free if nbytes <= self._bufs[i][0].numel() <= 2 * nbytes]
         if fits:
             buf = self._bufs[min(fits, key=lambda i: self._bufs[i][0].numel())][0]
             return buf[:nbytes]
         if len(self._bufs) >= self.slots:
             if not free:
                 return torch.empty(nbytes, dtype=torch.uint8)  # all in use: not pooled
-            del self._bufs[min(free, key=lambda i: self._bufs[i][0].numel())]  # too small: replace
+            del self._bufs[free[0]]  # the longest-pooled free one makes room
         buf = torch.empty(nbytes, dtype=torch.uint8)
         self._bufs.append((buf, _use_count(buf)))
         return buf[:nbytes]
