@@ -39,7 +39,8 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
         change = squared_norm(tuned.float() - base.float()) if same_shape else 0.0
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
     # One float32 copy, then subtract in place: never three model-sized float32 tensors at once.
-    # (tuned is ours, a fresh read, should .to() hand it back unchanged.)
+    # If tuned is float32 already, .to() returns it and it is changed in place: it is ours (a
+    # fresh read) and not used again.
     delta = tuned.to(device, torch.float32).sub_(base.to(device))
     if not allow_nonfinite:
         check_finite(op.name, delta)
