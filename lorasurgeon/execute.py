@@ -29,6 +29,7 @@ from .plan import Ref, TensorOp
 
 _DONE = object()
 QUEUE_DEPTH = 2
+READ_AHEAD_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,49 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-def _fetch(inputs: Sequence[Checkpoint], op, alloc: ReadBuffers) -> dict[Ref, torch.Tensor | FileSlice]:
-    if getattr(op, "is_plain_copy", False):  # same bytes out as in: leave them on disk
+def _slice(inputs: Sequence[Checkpoint], op) -> FileSlice | None:
+    """A plain copy's bytes, left on disk (same bytes out as in), where they can be."""
+    if getattr(op, "is_plain_copy", False):
         info = inputs[op.src.source].info(op.src.key)
         if info.offset is not None and info.dtype == op.dtype and info.shape == op.shape:
-            return {op.src: FileSlice(info.file, info.offset, info.nbytes, info.dtype, info.shape)}
+            return FileSlice(info.file, info.offset, info.nbytes, info.dtype, info.shape)
+    return None
+
+
+def _fetch(inputs: Sequence[Checkpoint], op, alloc: ReadBuffers) -> dict[Ref, torch.Tensor | FileSlice]:
+    if (piece := _slice(inputs, op)) is not None:
+        return {op.src: piece}
     return {r: inputs[r.source].read(r.key, alloc) for r in dict.fromkeys(op.refs())}
+
+
+def _fetch_bytes(inputs: Sequence[Checkpoint], op) -> int:
+    """The memory ``_fetch`` will take for ``op``."""
+    if _slice(inputs, op) is not None:
+        return 0
+    return sum(inputs[r.source].info(r.key).nbytes for r in dict.fromkeys(op.refs()))
+
+
+class _ReadAhead:
+    """Bytes fetched but not yet taken by compute: the reader waits while a fetch would pass
+    ``limit``, unless nothing is held (one op always goes ahead, however large)."""
+
+    def __init__(self, limit: int):
+        self.limit, self.held = limit, 0
+        self._cond = threading.Condition()
+
+    def acquire(self, nbytes: int, stop: threading.Event) -> bool:
+        with self._cond:
+            while self.held and self.held + nbytes > self.limit:
+                if stop.is_set():
+                    return False
+                self._cond.wait(0.1)
+            self.held += nbytes
+            return True
+
+    def release(self, nbytes: int) -> None:
+        with self._cond:
+            self.held -= nbytes
+            self._cond.notify_all()
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:
@@ -147,9 +185,16 @@ def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: dict[Ref, torch.Ten
 
 def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
         compute: Callable[[Any, dict, torch.device], Outcome] = compute_merge,
-        device: str = "cpu", progress: Progress | None = None) -> ExecStats:
-    """Execute ``ops`` in order, streaming: read ahead, compute, write behind."""
+        device: str = "cpu", progress: Progress | None = None,
+        read_ahead: int = READ_AHEAD_BYTES) -> ExecStats:
+    """Execute ``ops`` in order, streaming: read ahead, compute, write behind.
+
+    The reader runs ahead of compute by at most QUEUE_DEPTH ops and ``read_ahead`` bytes (but
+    always by one op), so huge tensors (a 128 K-token embedding is 1 GB in bf16) are not queued
+    several deep.
+    """
     dev = torch.device(device)
+    ahead = _ReadAhead(read_ahead)
     start = time.perf_counter()
     read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
     write_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
@@ -178,7 +223,8 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
         try:
             buffers = ReadBuffers()
             for op in ops:
-                if not put(read_q, (op, _fetch(inputs, op, buffers))):
+                nbytes = _fetch_bytes(inputs, op)
+                if not ahead.acquire(nbytes, stop) or not put(read_q, (op, _fetch(inputs, op, buffers), nbytes)):
                     return
         except BaseException as exc:  # handed to the main thread, re-raised there
             errors.append(exc)
@@ -207,7 +253,8 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
     infos = []
     try:
         while (item := take(read_q)) is not _DONE:
-            op, tensors = item
+            op, tensors, nbytes = item
+            ahead.release(nbytes)  # the reader may fetch the next ops while this one computes
             outcome = compute(op, tensors, dev)
             del tensors
             infos.append(outcome.info)

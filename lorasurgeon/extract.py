@@ -21,7 +21,7 @@ from .io.dtypes import parse_dtype
 from .io.sidecar import is_tied, read_config
 from .io.source import resolve_source
 from .io.spool import SpoolWriter
-from .ops.lowrank import SOLVERS, factorize, relative_error, squared_norm
+from .ops.lowrank import SOLVERS, difference, factorize, relative_error, squared_norm
 from .options import check_device, check_output
 from .plan import Ref
 
@@ -38,10 +38,7 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
         same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
         change = squared_norm(tuned.float() - base.float()) if same_shape else 0.0
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
-    # One float32 copy, then subtract in place: never three model-sized float32 tensors at once.
-    # If tuned is float32 already, .to() returns it and it is changed in place: it is ours (a
-    # fresh read) and not used again.
-    delta = tuned.to(device, torch.float32).sub_(base.to(device))
+    delta = difference(tuned, base, device)  # tuned is ours (a fresh read) and not used again
     if not allow_nonfinite:
         check_finite(op.name, delta)
     total = squared_norm(delta)

@@ -118,3 +118,37 @@ def test_merge_through_reused_buffers_gives_each_tensor_its_own_result(tmp_path)
         expect = add_lora(w.float(), lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"], 2.0, "linear")
         got = out.read(name).float()
         assert (got - expect).abs().max() <= expect.abs().max() * 2**-7  # within one bf16 unit
+
+
+@pytest.mark.parametrize("read_ahead,most", [(1, 1), (None, 3)])
+def test_read_ahead_is_bounded_in_bytes(tmp_path, read_ahead, most):
+    # Reads of 1 MiB tensors against a slow compute: how far ahead of compute does the reader get?
+    import time
+
+    from lorasurgeon.execute import READ_AHEAD_BYTES, Outcome
+
+    src = tmp_path / "src"
+    src.mkdir()
+    save_file({f"t{i:02d}": torch.full((512, 512), float(i)) for i in range(8)}, src / "model.safetensors")
+    ckpt = open_checkpoint(src)
+    reads, lead = [], []
+
+    class Counting:
+        def info(self, name):
+            return ckpt.info(name)
+
+        def read(self, name, alloc=None):
+            t = ckpt.read(name, alloc)
+            reads.append(name)
+            return t
+
+    def slow(op, tensors, device):
+        time.sleep(0.05)  # time for the reader to get as far ahead as it may
+        lead.append(len(reads) - (len(lead) + 1))  # fetched beyond the op being computed
+        return Outcome([(op.name, tensors[op.src].to(op.dtype))])
+
+    # a dtype change: the tensors are read, not copied file to file
+    ops = [TensorOp(i.name, Ref(0, i.name), torch.bfloat16, i.shape, "copy") for i in ckpt.infos()]
+    with CheckpointWriter(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
+        run(ops, [Counting()], w, compute=slow, read_ahead=read_ahead or READ_AHEAD_BYTES)
+    assert max(lead) == most  # one op ahead under a tiny byte budget; the queue's depth (+1 in hand) otherwise

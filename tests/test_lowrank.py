@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasurgeon.ops.lowrank import factorize, rank_for_energy, relative_error
+from lorasurgeon.ops.lowrank import difference, factorize, rank_for_energy, relative_error
 
 
 def spectrum_matrix(m, n, decay, seed=0):
@@ -80,3 +80,12 @@ def test_relative_error_by_blocks_is_the_whole_residual(transposed):
     whole = float(torch.linalg.vector_norm((m.double() - b.double() @ a.double())) / torch.linalg.vector_norm(m.double()))
     for chunk in (1, 7 * m.shape[1], m.numel()):
         assert relative_error(m, a, b, chunk_elements=chunk) == pytest.approx(whole, rel=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(37,), (300, 70), (5, 4, 3, 3)])
+def test_difference_by_blocks(shape):
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(shape, generator=g).to(torch.bfloat16)
+    b = torch.randn(shape, generator=g).to(torch.bfloat16)
+    got = difference(a.clone(), b, chunk_elements=100)  # several blocks and a partial last one
+    assert got.dtype == torch.float32 and torch.equal(got, a.float() - b.float())

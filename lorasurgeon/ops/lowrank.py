@@ -41,6 +41,20 @@ def squared_norm(m: torch.Tensor, chunk_elements: int = 1 << 20) -> float:
     return float(sum(torch.sum(flat[i:i + rows].double() ** 2) for i in range(0, flat.shape[0], rows)))
 
 
+def difference(a: torch.Tensor, b: torch.Tensor, device: torch.device | str = "cpu",
+               chunk_elements: int = 1 << 20) -> torch.Tensor:
+    """``a − b`` in float32 on ``device``: one float32 copy of ``a``, ``b`` subtracted a block
+    at a time (subtracting a bf16 ``b`` whole would make a float32 copy of it first).
+
+    ``a`` must be the caller's to give: if it is float32 on ``device`` already it is reused.
+    """
+    out = a.to(device, torch.float32)
+    flat_out, flat_b = out.view(-1), b.reshape(-1)
+    for i in range(0, flat_out.numel(), chunk_elements):
+        flat_out[i:i + chunk_elements].sub_(flat_b[i:i + chunk_elements].to(device))
+    return out
+
+
 def _oversample(k: int) -> int:
     return max(16, k // 4)
 
