@@ -89,3 +89,9 @@ def test_difference_by_blocks(shape):
     b = torch.randn(shape, generator=g).to(torch.bfloat16)
     got = difference(a.clone(), b, chunk_elements=100)  # several blocks and a partial last one
     assert got.dtype == torch.float32 and torch.equal(got, a.float() - b.float())
+
+
+def test_difference_of_a_strided_float32_tensor():
+    g = torch.Generator().manual_seed(3)
+    a, b = torch.randn(40, 30, generator=g).T, torch.randn(30, 40, generator=g)
+    assert torch.equal(difference(a, b, chunk_elements=64), a - b)

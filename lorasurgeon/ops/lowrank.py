@@ -48,7 +48,7 @@ def difference(a: torch.Tensor, b: torch.Tensor, device: torch.device | str = "c
 
     ``a`` must be the caller's to give: if it is float32 on ``device`` already it is reused.
     """
-    out = a.to(device, torch.float32)
+    out = a.to(device, torch.float32).contiguous()
     flat_out, flat_b = out.view(-1), b.reshape(-1)
     for i in range(0, flat_out.numel(), chunk_elements):
         flat_out[i:i + chunk_elements].sub_(flat_b[i:i + chunk_elements].to(device))
