@@ -36,7 +36,8 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
         return Outcome([], OpInfo(op, "unchanged"))
     if op.kind == "full" or base is None or not tuned.is_floating_point():
         same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
-        change = squared_norm(tuned.float() - base.float()) if same_shape else 0.0
+        # ‖base − tuned‖² = ‖ΔW‖²; tuned is what gets written, base is ours and not used again
+        change = squared_norm(difference(base, tuned)) if same_shape else 0.0
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
     delta = difference(tuned, base, device)  # tuned is ours (a fresh read) and not used again
     if not allow_nonfinite:
@@ -51,10 +52,10 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     m = delta.T if op.kind in ("conv1d", "embedding") else delta.reshape(delta.shape[0], -1)
     lr = factorize(m, rank=rank, energy=energy, max_rank=max_rank, solver=solver,
-                   seed=seed + zlib.crc32(op.name.encode()))
+                   seed=seed + zlib.crc32(op.name.encode()), total=total)  # ‖m‖² = ‖ΔW‖²: same elements
     a, b = lr.a.to(dtype), lr.b.to(dtype)
     stats = ModuleStats(op.module, op.kind, list(op.shape), lr.rank, lr.kept,
-                        relative_error(m, a, b), lr.solver)
+                        relative_error(m, a, b, total=total), lr.solver)
     if op.kind == "conv":
         a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
     roles = ("emb_A", "emb_B") if op.kind == "embedding" else ("A", "B")

@@ -98,18 +98,19 @@ def rank_for_energy(s: torch.Tensor, energy: float, fraction: float) -> int:
 
 
 def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-                 max_rank: int | None = None, solver: str = "auto", seed: int = 0):
+                 max_rank: int | None = None, solver: str = "auto", seed: int = 0,
+                 total: float | None = None):
     """(U, S, Vh, ‖M‖², solver) with enough leading singular triplets for ``rank`` or ``energy``.
 
     For ``energy`` the search widens (×4) until the triplets found hold that share of ‖M‖², or
     reach ``max_rank`` / the matrix's own rank; ``solver`` auto switches to the exact SVD when
-    the rank needed is a large share of the matrix.
+    the rank needed is a large share of the matrix. ``total`` is ‖M‖² if the caller has it.
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank and energy")
     m = m.to(torch.float32)
     full = min(m.shape)
-    total = squared_norm(m)
+    total = squared_norm(m) if total is None else total
     cap = min(full, max_rank or full)
     k = min(rank, full) if rank is not None else min(cap, 64)
     gen = torch.Generator().manual_seed(seed)
@@ -124,19 +125,23 @@ def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | No
 
 
 def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-              max_rank: int | None = None, solver: str = "auto", seed: int = 0) -> LowRank:
+              max_rank: int | None = None, solver: str = "auto", seed: int = 0,
+              total: float | None = None) -> LowRank:
     """Truncated SVD of a 2-D float tensor, split √S between the factors.
 
     Exactly one of ``rank`` (fixed; capped by the matrix's own) or ``energy`` (the smallest rank
     keeping that fraction of ‖M‖², capped by ``max_rank``) is given. ``solver`` is auto,
     randomized or exact; the randomized one falls back to exact if it fails to converge.
+    ``total`` is ‖M‖² if the caller has it (each pass over a large M costs).
     """
     if (rank is None) == (energy is None):
         raise ValueError("give exactly one of rank and energy")
-    if not m.any():
+    total = squared_norm(m) if total is None else total
+    if total == 0.0:  # all zeros
         m = m.to(torch.float32)
         return LowRank(m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 1.0, 0.0, "zero")
-    u, s, vh, total, kind = top_singular(m, rank=rank, energy=energy, max_rank=max_rank, solver=solver, seed=seed)
+    u, s, vh, total, kind = top_singular(m, rank=rank, energy=energy, max_rank=max_rank, solver=solver, seed=seed,
+                                         total=total)
     full, cap = min(m.shape), min(min(m.shape), max_rank or min(m.shape))
     r = min(rank, full) if rank is not None else min(rank_for_energy(s, total, energy), cap)
     u, s, vh = u[:, :r], s[:r], vh[:r]
@@ -157,10 +162,12 @@ def _solve(m: torch.Tensor, k: int, kind: str, gen: torch.Generator):
     return u, s, vh
 
 
-def relative_error(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 20) -> float:
-    """‖M − B·A‖ / ‖M‖ for the factors as stored (after any rounding of their dtype)."""
+def relative_error(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 20,
+                   total: float | None = None) -> float:
+    """‖M − B·A‖ / ‖M‖ for the factors as stored (after any rounding of their dtype); ``total``
+    is ‖M‖² if the caller has it."""
     m32 = m.to(torch.float32)
-    total = squared_norm(m32)
+    total = squared_norm(m32) if total is None else total
     if total == 0.0:
         return 0.0
     if a.shape[0] == 0:
