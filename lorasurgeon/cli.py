@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import click
@@ -12,6 +13,31 @@ from . import __version__
 from .errors import LorasurgeonError
 
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Stopped(BaseException):
+    """A signal asked the run to stop (SIGINT, SIGTERM, SIGHUP). Like KeyboardInterrupt it is not an
+    Exception, so it unwinds through every ``except Exception`` and each writer's abort removes the
+    unfinished result on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop(signum: int, frame: object) -> None:
+    # Only the first signal stops the run; later ones must not cut its clean-up short.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def _stopped_message(signum: int) -> str:
+    name = signal.Signals(signum).name
+    return f"error: stopped by {name}; no unfinished result is left behind"
 
 
 class _Group(click.Group):
@@ -25,9 +51,12 @@ class _Group(click.Group):
                 raise
             click.echo(f"error: {exc}", err=True)
             sys.exit(2)
+        except Stopped as exc:
+            click.echo(_stopped_message(exc.signum), err=True)
+            sys.exit(128 + exc.signum)
         except KeyboardInterrupt:
-            click.echo("error: interrupted; nothing was written", err=True)
-            sys.exit(130)
+            click.echo(_stopped_message(signal.SIGINT), err=True)
+            sys.exit(128 + signal.SIGINT)
         except (click.exceptions.Exit, click.ClickException, SystemExit):
             raise
         except Exception as exc:  # a bug, not bad input: still one line unless --debug
@@ -331,4 +360,9 @@ def main() -> None:
     # spinning, so they do not take the cores the reading and writing threads need. Measured in
     # docs/benchmarks.md; set the variable yourself to override.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    # timeout, docker stop, batch schedulers and a closed terminal send SIGTERM or SIGHUP: stop as
+    # for Ctrl-C, removing the unfinished result, instead of dying with it on disk.
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, _stop)
     cli(prog_name="lorasurgeon")

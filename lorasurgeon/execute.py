@@ -245,13 +245,16 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
 
     if progress is not None:
         progress.start(sum(op.nbytes for op in ops))
-    threads = [threading.Thread(target=reader, daemon=True, name="lorasurgeon-read"),
-               threading.Thread(target=write_stage, daemon=True, name="lorasurgeon-write")]
-    for t in threads:
-        t.start()
+    # Not daemons: a daemon thread still inside torch when the interpreter exits is unwound
+    # through C++ destructors and aborts the process. Every way out of the try below sets
+    # ``stop`` or sends _DONE, so both threads end within one tensor and are joined.
+    threads = [threading.Thread(target=reader, name="lorasurgeon-read"),
+               threading.Thread(target=write_stage, name="lorasurgeon-write")]
     written = 0
     infos = []
     try:
+        for t in threads:
+            t.start()
         while (item := take(read_q)) is not _DONE:
             op, tensors, nbytes = item
             ahead.release(nbytes)  # the reader may fetch the next ops while this one computes
@@ -268,7 +271,8 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
         if not stop.is_set():
             put(write_q, _DONE)  # gives up if the writer has failed meanwhile
         for t in threads:
-            t.join()
+            if t.ident is not None:
+                t.join()
         if progress is not None:
             progress.finish()
     if errors:

@@ -112,7 +112,7 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
     if base_path.resolve() == tuned_path.resolve():
         raise OptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     if out is not None:
-        check_output(Path(out), [base_path, tuned_path])
+        check_output(out, [base_path, tuned_path], overwrite=overwrite)
     check_device(device)
     with open_checkpoint(base_path) as b_ckpt, open_checkpoint(tuned_path) as t_ckpt:
         b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)

@@ -136,7 +136,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
     adapter_srcs = [resolve_source(a) for a in adapters]
     base_path, adapter_paths = base_src.path, [a.path for a in adapter_srcs]
     if out is not None:
-        check_output(Path(out), [base_path, *adapter_paths])
+        check_output(out, [base_path, *adapter_paths], overwrite=overwrite)
     check_device(device)
     ckpt = open_checkpoint(base_path)
     loaded: list[LoraAdapter] = []
@@ -201,7 +201,7 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     source = resolve_source(augmented)
     path = source.path
     if out is not None:
-        check_output(Path(out), [path])
+        check_output(out, [path], overwrite=overwrite)
     check_device(device)
     ckpt = open_checkpoint(path)
     try:

@@ -2,23 +2,22 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .errors import InvalidOptionError, OutputError
+from .errors import InvalidOptionError
+from .io.destination import check_destination
 from .io.dtypes import parse_dtype
 from .io.layout import parse_size
 
 
-def check_output(out: Path, inputs: Sequence[Path]) -> None:
-    """Refuse an output that is an input, lies inside one, or would contain (and so replace) one."""
-    target = out.resolve()
-    for path in inputs:
-        src = path.resolve()
-        if target == src or src in target.parents or target in src.parents:
-            raise OutputError(f"{out}: overlaps the input {path}; choose an output folder apart from the inputs")
+def check_output(out: str | os.PathLike[str], inputs: Sequence[Path], *, overwrite: bool) -> None:
+    """Refuse, before any work, an output that overlaps an input, is a protected folder, or exists
+    and is not ours to replace (see :mod:`lorasurgeon.io.destination`)."""
+    check_destination(out, inputs, overwrite=overwrite)
 
 
 def output_dtype(text: str | torch.dtype | None) -> torch.dtype | None:

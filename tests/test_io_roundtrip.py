@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasurgeon.errors import OutputExistsError
+from lorasurgeon.errors import OutputError, OutputExistsError
 from lorasurgeon.io import CheckpointWriter, TensorSpec, open_checkpoint, plan_shards, shards_like
 from lorasurgeon.io.dtypes import TORCH_DTYPES
 
@@ -141,12 +141,19 @@ def test_reading_returns_private_memory(tmp_path):
     assert (tmp_path / "m.safetensors").read_bytes() == before
 
 
+CARD = "---\ntags:\n- lora\n- lorasurgeon\n---\n\n# a result\n"
+
+
 def test_existing_output_is_refused_then_replaced_whole(tmp_path):
     out = tmp_path / "out"
     write_all(out, {"a": torch.zeros(2)})
     with pytest.raises(OutputExistsError):
         write_all(out, {"b": torch.ones(2)})
     assert set(load_file(out / "model.safetensors")) == {"a"}
+    with pytest.raises(OutputError, match="no lorasurgeon model card"):  # not known to be ours
+        write_all(out, {"b": torch.ones(2)}, overwrite=True)
+    assert set(load_file(out / "model.safetensors")) == {"a"}
+    (out / "README.md").write_text(CARD)  # what every command's result carries
     write_all(out, {"b": torch.ones(2)}, overwrite=True)
     assert set(load_file(out / "model.safetensors")) == {"b"}
     assert listing(tmp_path) == {"out", "out/model.safetensors"}

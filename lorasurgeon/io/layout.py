@@ -116,3 +116,15 @@ def parse_size(text: str | int) -> int:
     if value <= 0:
         raise ValueError(f"invalid size {text!r}: must be positive")
     return value
+
+
+def human_bytes(n: int) -> str:
+    """A size for people: ``812 B``, ``212 KiB``, ``3.41 GiB`` (three significant digits)."""
+    value, unit = float(n), "B"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB", "PiB"):
+        if abs(value) < 1024 or unit == "PiB":
+            break
+        value /= 1024
+    if unit == "B":
+        return f"{n} B"
+    return f"{value:.3g} {unit}" if value < 100 else f"{value:.0f} {unit}"

@@ -6,6 +6,7 @@ from its source (dtype, untied embeddings).
 
 from __future__ import annotations
 
+import fnmatch
 import json
 from pathlib import Path
 from typing import Any
@@ -13,20 +14,26 @@ from typing import Any
 import torch
 
 CONFIG = "config.json"
-# Weights and indexes are written, never copied; a base's model card describes another model.
-_NOT_COPIED_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf", ".onnx")
-_NOT_COPIED_NAMES = {"README.md", "adapter_config.json"}
+# The files around the weights that a model or adapter folder carries (top level only): what is
+# fetched from the Hub, copied into a result, and expected in one. Custom code (*.py) and the
+# licence travel with the weights; training logs, optimizer states and the like do not.
+SIDECARS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
+            "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json",
+            "processor_config.json", "*.tiktoken", "*.py", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
+# A base's model card describes another model; an adapter config belongs to the adapter.
+_NOT_COPIED = {"README.md", "adapter_config.json"}
+
+
+def is_sidecar(name: str) -> bool:
+    return any(fnmatch.fnmatchcase(name, pattern) for pattern in SIDECARS)
 
 
 def sidecar_files(folder: Path) -> list[Path]:
-    """The top-level non-weight files of a model folder (config, tokenizer, generation config, code)."""
+    """The sidecar files of a model folder to copy into a result (config, tokenizer, generation config, code)."""
     if not folder.is_dir():
         return []
-    return sorted(
-        p for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.name not in _NOT_COPIED_NAMES
-        and not p.name.endswith(_NOT_COPIED_SUFFIXES) and not p.name.endswith(".index.json")
-    )
+    return sorted(p for p in folder.iterdir()
+                  if p.is_file() and is_sidecar(p.name) and p.name not in _NOT_COPIED)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

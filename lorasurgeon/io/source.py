@@ -18,12 +18,9 @@ from pathlib import Path
 
 from ..errors import InputNotFoundError, LorasurgeonError
 from .checkpoint import FOLDER_LAYOUTS
+from .sidecar import is_sidecar
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
-# Non-weight files a model or adapter folder carries (top level only).
-SIDECARS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
-            "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json",
-            "processor_config.json", "*.tiktoken")
 
 
 @dataclass(frozen=True)
@@ -78,7 +75,7 @@ def needed_files(files: list[str]) -> list[str]:
     else:
         raise InputNotFoundError(
             f"no weights lorasurgeon can read (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)})")
-    sidecars = [f for f in top if any(fnmatch.fnmatch(f, p) for p in SIDECARS) and f not in weights]
+    sidecars = [f for f in top if is_sidecar(f) and f not in weights]
     return weights + sidecars
 
 

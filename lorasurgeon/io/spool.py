@@ -16,6 +16,7 @@ import torch
 
 from ..errors import OutputError, OutputExistsError
 from .checkpoint import TensorInfo, pread_into
+from .destination import absolute, check_replaceable
 from .layout import TensorSpec, plan_shards
 from .scratch import clean_stale, make_scratch
 from .writer import CheckpointWriter, pwrite_all, tensor_bytes
@@ -26,18 +27,26 @@ class SpoolWriter:
 
     def __init__(self, out: str | os.PathLike[str], *, prefix: str = "model", overwrite: bool = False,
                  metadata: dict[str, str] | None = None):
-        self.out = Path(out)
+        self.out = absolute(out)
         self.prefix, self.overwrite, self.metadata = prefix, overwrite, metadata
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
+        if os.path.lexists(self.out):
+            if not overwrite:
+                raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace an earlier result)")
+            check_replaceable(self.out)
+        self._dir: Path | None = None
+        self._fd = -1
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.out)
+            self._dir = make_scratch(self.out, "spool")
+            self._path = self._dir / "spool.bin"
+            self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
         except OSError as exc:
-            raise OutputError(f"{self.out.parent}: cannot create the output's folder ({exc.strerror})") from None
-        clean_stale(self.out)
-        self._dir = make_scratch(self.out, "spool")
-        self._path = self._dir / "spool.bin"
-        self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
+            self.abort()
+            raise OutputError(f"{self.out}: cannot write the result here ({exc.strerror or exc})") from None
+        except BaseException:
+            self.abort()
+            raise
         self._end = 0
         self._items: dict[str, TensorInfo] = {}
         self._files: dict[str, bytes] = {}
@@ -91,4 +100,6 @@ class SpoolWriter:
         if self._fd >= 0:
             os.close(self._fd)
             self._fd = -1
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None

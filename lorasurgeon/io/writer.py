@@ -25,11 +25,10 @@ from typing import Sequence
 import torch
 
 from ..errors import CorruptCheckpointError, OutputError, OutputExistsError
+from .destination import absolute, check_replaceable
 from .header import build_header
-from .layout import Shard, TensorSpec
+from .layout import Shard, TensorSpec, human_bytes
 from .scratch import clean_stale, make_scratch
-
-
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -37,6 +36,15 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _put_back(old: Path, out: Path) -> None:
+    """The earlier result, moved aside for the new one, goes back where it was."""
+    try:
+        os.replace(old / "result", out)
+        shutil.rmtree(old, ignore_errors=True)
+    except OSError:
+        pass  # left in ``old``; the next run for this output puts it back (scratch.clean_stale)
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -80,7 +88,8 @@ class CheckpointWriter:
     """Write a planned set of tensors as safetensors shards under ``out``.
 
     Args:
-        out: the result folder; must not exist unless ``overwrite``.
+        out: the result folder; must not exist unless ``overwrite``, and then only an earlier
+            result is replaced (see :mod:`lorasurgeon.io.destination`).
         shards: the planned files and their tensors (see :mod:`lorasurgeon.io.layout`).
         index_name: the index written when there is more than one shard (None: never).
         metadata: the safetensors ``__metadata__`` of every shard.
@@ -92,56 +101,57 @@ class CheckpointWriter:
     def __init__(self, out: str | os.PathLike[str], shards: Sequence[Shard], *,
                  index_name: str | None = "model.safetensors.index.json",
                  metadata: dict[str, str] | None = None, overwrite: bool = False):
-        self.out = Path(out)
+        self.out = absolute(out)
         self.shards = list(shards)
         self.index_name = index_name if len(self.shards) > 1 else None
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace it)")
-        if self.out.exists() and not self.out.is_dir():
-            raise OutputError(f"{self.out}: exists and is not a folder")
         names = [t.name for s in self.shards for t in s.tensors]
         if len(set(names)) != len(names):
             raise ValueError("a tensor is planned twice")
-        parent = self.out.parent
-        try:
-            parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OutputError(f"{parent}: cannot create the output's folder ({exc.strerror})") from None
-        need = sum(s.nbytes for s in self.shards)
-        free = shutil.disk_usage(parent).free
-        if need > free:
-            raise OutputError(
-                f"{parent}: not enough free space: the result needs {need / 1e9:.2f} GB, "
-                f"{free / 1e9:.2f} GB are free"
-            )
-        clean_stale(self.out)  # debris of a killed run for this same output
-        self._tmp = make_scratch(self.out, "partial")
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
+        if os.path.lexists(self.out):
+            if not overwrite:
+                raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace an earlier result)")
+            check_replaceable(self.out)
         self._fds: dict[str, int] = {}
         self._slots: dict[str, tuple[str, int, TensorSpec]] = {}
         self._unwritten = {s.filename: len(s.tensors) for s in self.shards}
         self._sync_q: queue.SimpleQueue = queue.SimpleQueue()
         self._syncer: threading.Thread | None = None
+        self._tmp: Path | None = None
         self._done = False
         try:
-            meta = {"format": "pt"} if metadata is None else metadata
-            for shard in self.shards:
-                header, offsets = build_header(
-                    [(t.name, t.dtype, t.shape) for t in shard.tensors], meta)
-                fd = os.open(self._tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-                self._fds[shard.filename] = fd
-                pwrite_all(fd, memoryview(header), 0)
-                for spec, off in zip(shard.tensors, offsets):
-                    self._slots[spec.name] = (shard.filename, len(header) + off, spec)
+            self._start(sum(s.nbytes for s in self.shards), {"format": "pt"} if metadata is None else metadata)
+        except OSError as exc:
+            self.abort()
+            raise OutputError(f"{self.out}: cannot write the result here ({exc.strerror or exc})") from None
         except BaseException:
             self.abort()
             raise
 
+    def _start(self, need: int, meta: dict[str, str]) -> None:
+        """Check the space, make the hidden folder and lay out every shard's header."""
+        parent = self.out.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        free = shutil.disk_usage(parent).free
+        if need > free:
+            raise OutputError(
+                f"{parent}: not enough free space: the result needs {human_bytes(need)}, {human_bytes(free)} are free")
+        clean_stale(self.out)  # debris of a killed run for this same output
+        self._tmp = make_scratch(self.out, "partial")
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
+        for shard in self.shards:
+            header, offsets = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors], meta)
+            fd = os.open(self._tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            self._fds[shard.filename] = fd
+            pwrite_all(fd, memoryview(header), 0)
+            for spec, off in zip(shard.tensors, offsets):
+                self._slots[spec.name] = (shard.filename, len(header) + off, spec)
+
     @property
     def partial_dir(self) -> Path:
         """The hidden folder the result is assembled in (for sidecar files)."""
+        assert self._tmp is not None
         return self._tmp
 
     @property
@@ -206,15 +216,22 @@ class CheckpointWriter:
 
     def add_file(self, relname: str, data: bytes | str) -> None:
         """Put a small file (config, model card) into the result."""
-        path = self._tmp / relname
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        path = self.partial_dir / relname
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(data.encode("utf-8") if isinstance(data, str) else data)
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot write {relname} ({exc.strerror or exc}); nothing was kept") from None
 
     def copy_file(self, src: Path, relname: str | None = None) -> None:
         """Copy a file (tokenizer, generation config) into the result."""
-        dst = self._tmp / (relname or src.name)
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
+        dst = self.partial_dir / (relname or src.name)
+        try:
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(src, dst)
+        except OSError as exc:
+            raise OutputError(f"{self.out}: cannot copy {src} into the result ({exc.strerror or exc}); "
+                              "nothing was kept") from None
 
     def commit(self) -> Path:
         """Make the result durable and visible at ``out``; the index is the last file written."""
@@ -224,41 +241,48 @@ class CheckpointWriter:
             missing = ", ".join(list(self._slots)[:5])
             self.abort()
             raise RuntimeError(f"{len(self._slots)} planned tensors were never written ({missing} ...)")
+        tmp = self.partial_dir
+        old: Path | None = None
         try:
             self._join_syncs()
             for fd in self._fds.values():
                 os.fsync(fd)
                 os.close(fd)
             self._fds.clear()
-            for path in self._tmp.rglob("*"):
+            for path in tmp.rglob("*"):
                 if path.is_file() and path.suffix != ".safetensors":
                     with open(path, "rb+") as fh:
                         os.fsync(fh.fileno())
             if self.index_name:
                 self._write_index()
-            _fsync_dir(self._tmp)
-            old = None
-            if self.out.exists():
+            _fsync_dir(tmp)
+            if os.path.lexists(self.out):
                 old = make_scratch(self.out, "old")
                 os.replace(self.out, old / "result")
-            os.replace(self._tmp, self.out)
-            _fsync_dir(self.out.parent)
-            if old is not None:
-                shutil.rmtree(old, ignore_errors=True)
-        except OSError as exc:
+            os.replace(tmp, self.out)
+            self._tmp = None
+        except BaseException as exc:
+            if old is not None and not os.path.lexists(self.out):
+                _put_back(old, self.out)
             self.abort()
-            raise OutputError(f"{self.out}: could not finish writing ({exc.strerror or exc})") from None
-        except BaseException:
-            self.abort()
+            if isinstance(exc, OSError):
+                raise OutputError(f"{self.out}: could not finish writing ({exc.strerror or exc})") from None
             raise
         self._done = True
+        try:
+            _fsync_dir(self.out.parent)
+        except OSError:
+            pass  # the result is complete and in place; only its durability across a power cut is left to the OS
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
         return self.out
 
     def _write_index(self) -> None:
         weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
         doc = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)},
                "weight_map": dict(sorted(weight_map.items()))}
-        path = self._tmp / self.index_name
+        assert self.index_name is not None
+        path = self.partial_dir / self.index_name
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(doc, indent=2) + "\n")
             fh.flush()
@@ -274,7 +298,9 @@ class CheckpointWriter:
                 pass
         self._fds.clear()
         self._done = True
-        shutil.rmtree(self._tmp, ignore_errors=True)
+        if self._tmp is not None:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
 
     def __enter__(self) -> "CheckpointWriter":
         return self

@@ -1,0 +1,227 @@
+"""Where a result may go: --overwrite replaces only an earlier result, protected folders are never
+replaced, signals remove the unfinished result, and every output-side OSError is one line, exit 2."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from conftest import ROOT, listing, run_cli
+
+FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def assert_one_line(result, *phrases: str) -> str:
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
+    for phrase in phrases:
+        assert phrase in lines[0], lines[0]
+    return lines[0]
+
+
+def no_scratch(folder: Path) -> bool:
+    return not [p for p in folder.iterdir() if "lorasurgeon-" in p.name]
+
+
+# --- what --overwrite may replace -----------------------------------------------------------
+
+def test_overwrite_never_replaces_a_folder_of_the_users_files(tmp_path):
+    thesis = tmp_path / "thesis"
+    thesis.mkdir()
+    (thesis / "thesis.tex").write_text("three years of work")
+    (thesis / "figures").mkdir()
+    (thesis / "figures" / "plot.png").write_bytes(b"\x89PNG")
+    merged = tmp_path / "merged"
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", merged).exit_code == 0
+    before = snapshot(thesis)
+    for command in (["merge", FIX_BASE, FIX_ADAPTER], ["extract", FIX_BASE, merged, "--rank", "2"],
+                    ["unmerge", merged, FIX_ADAPTER]):
+        line = assert_one_line(run_cli(*command, "-o", thesis, "--overwrite"), "not replaced", "thesis")
+        assert "--overwrite replaces only an earlier lorasurgeon result" in line
+    assert snapshot(thesis) == before and no_scratch(tmp_path)
+
+
+def test_overwrite_never_replaces_a_model_it_did_not_write(tmp_path):
+    """A user's own model folder (transformers' save_pretrained: weights + config, no card of ours)."""
+    theirs = shutil.copytree(FIX_BASE, tmp_path / "my-finetune")
+    before = snapshot(theirs)
+    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", theirs, "--overwrite"),
+                    "not replaced", "no lorasurgeon model card")
+    assert snapshot(theirs) == before and no_scratch(tmp_path)
+
+
+@pytest.mark.parametrize("extra", ["notes.txt", "sub/", ".hidden"])
+def test_overwrite_refuses_a_result_holding_something_we_did_not_write(tmp_path, extra):
+    out = tmp_path / "merged"
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out).exit_code == 0
+    if extra.endswith("/"):
+        (out / extra).mkdir()
+    else:
+        (out / extra).write_text("mine")
+    before = snapshot(out)
+    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--overwrite"), "not replaced",
+                    extra.rstrip("/"))
+    assert snapshot(out) == before and no_scratch(tmp_path)
+
+
+def test_overwrite_replaces_an_earlier_result_and_an_empty_folder(tmp_path):
+    out = tmp_path / "merged"
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out).exit_code == 0
+    (out / "tokenizer.json").write_text("{}")  # a sidecar a result may carry
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--overwrite", "--weight", "0.5").exit_code == 0
+    assert "--weight=0.5" in (out / "README.md").read_text() and not (out / "tokenizer.json").exists()
+    lora = tmp_path / "lora"
+    assert run_cli("extract", FIX_BASE, out, "--rank", "2", "-o", lora).exit_code == 0
+    assert run_cli("extract", FIX_BASE, out, "--rank", "3", "-o", lora, "--overwrite").exit_code == 0
+    assert json.loads((lora / "adapter_config.json").read_text())["r"] == 3
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", empty, "--overwrite").exit_code == 0
+    assert (empty / "model.safetensors").is_file() and no_scratch(tmp_path)
+
+
+def test_a_file_is_never_replaced(tmp_path):
+    target = tmp_path / "model.safetensors"
+    target.write_bytes(b"not ours")
+    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target, "--overwrite"), "not a folder")
+    assert target.read_bytes() == b"not ours"
+
+
+@pytest.mark.parametrize("spelling", [".", "$PWD", "..", "$HOME", "/"])
+def test_protected_folders_are_never_the_output(tmp_path, monkeypatch, spelling):
+    home = tmp_path / "home"
+    work = home / "project"
+    work.mkdir(parents=True)
+    (work / "notes.txt").write_text("keep me")
+    (home / "photo.jpg").write_bytes(b"keep me too")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(work)
+    out = {"$PWD": str(work), "$HOME": str(home)}.get(spelling, spelling)
+    before = snapshot(home)
+    for overwrite in ([], ["--overwrite"]):
+        line = assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, *overwrite))
+        assert any(w in line for w in ("current folder", "home folder", "root folder")), line
+    assert snapshot(home) == before
+    assert not [p for p in home.rglob("*") if "lorasurgeon" in p.name]  # no ..PID.*-old debris
+
+
+def test_the_dry_run_refuses_what_the_run_would_refuse(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", ".", "--dry-run"), "current folder")
+
+
+# --- signals ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def slow_pair(tmp_path_factory):
+    """A 256 MiB float32 base and an adapter for all of it: long enough to be stopped mid-write."""
+    root = tmp_path_factory.mktemp("slow")
+    (root / "base").mkdir()
+    (root / "adapter").mkdir()
+    save_file({f"layers.{i}.proj.weight": torch.zeros(1024, 1024) for i in range(64)}, root / "base" / "model.safetensors")
+    lora = {}
+    for i in range(64):
+        lora[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.ones(4, 1024)
+        lora[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.ones(1024, 4)
+    save_file(lora, root / "adapter" / "adapter_model.safetensors")
+    (root / "adapter" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]}))
+    return root
+
+
+def signal_midway(args: list[str], cwd: Path, sig: int, scratch: str) -> subprocess.CompletedProcess:
+    """Run the real CLI; once its hidden ``scratch`` folder exists, freeze it, signal it, let it go on."""
+    child = subprocess.Popen([sys.executable, "-m", "lorasurgeon", *args], cwd=cwd, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    while not any(p.name.endswith(f".lorasurgeon-{scratch}") for p in cwd.iterdir()):
+        assert child.poll() is None, "the run ended before it could be signalled: " + child.stderr.read()
+        time.sleep(0.001)
+    child.send_signal(signal.SIGSTOP)  # so the signal lands while the result is unfinished
+    child.send_signal(sig)
+    child.send_signal(signal.SIGCONT)
+    out, err = child.communicate(timeout=120)
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
+def test_a_signal_removes_the_unfinished_merge(slow_pair, tmp_path, sig):
+    work = tmp_path / "work"
+    work.mkdir()
+    done = signal_midway(["merge", str(slow_pair / "base"), str(slow_pair / "adapter"), "-o", "out", "-q"],
+                         work, sig, "partial")
+    assert done.returncode == 128 + sig, done.stderr
+    assert done.stderr.strip() == f"error: stopped by {signal.Signals(sig).name}; no unfinished result is left behind"
+    assert listing(work) == set()
+
+
+def test_a_signal_removes_the_unfinished_extract(slow_pair, tmp_path):
+    work = tmp_path / "work"
+    work.mkdir()
+    tuned = work.parent / "tuned"
+    tuned.mkdir()
+    save_file({f"layers.{i}.proj.weight": torch.randn(1024, 1024) for i in range(64)}, tuned / "model.safetensors")
+    done = signal_midway(["extract", str(slow_pair / "base"), str(tuned), "--rank", "4", "-o", "lora", "-q"],
+                         work, signal.SIGTERM, "spool")
+    assert done.returncode == 128 + signal.SIGTERM, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "SIGTERM" in done.stderr
+    assert listing(work) == set()
+
+
+# --- the output side's OSErrors -----------------------------------------------------------------
+
+@pytest.fixture
+def read_only(tmp_path):
+    mount = tmp_path / "ro"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here: {done.stderr.decode().strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], capture_output=True)
+
+
+@pytest.mark.parametrize("where", ["ro/out", "ro/sub/out"])
+def test_a_read_only_location_is_one_line_exit_2(read_only, tmp_path, where):
+    out = tmp_path / where
+    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out), "Read-only file system")
+    tuned = shutil.copytree(FIX_BASE, tmp_path / "tuned")
+    tensors = {"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)}
+    from safetensors.torch import load_file
+    save_file({**load_file(tuned / "model.safetensors"), **tensors}, tuned / "model.safetensors", metadata={"format": "pt"})
+    assert_one_line(run_cli("extract", FIX_BASE, tuned, "--rank", "2", "-o", out), "Read-only file system")
+    assert listing(read_only) == set()
+
+
+def test_an_unwritable_folder_is_one_line_exit_2(tmp_path):
+    """Permissions, as a user who is not root meets them (run as nobody when the tests run as root)."""
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    os.chmod(locked, 0o555)
+    os.chmod(tmp_path, 0o755)
+    kwargs = {}
+    if os.geteuid() == 0:
+        kwargs = {"user": 65534, "group": 65534, "env": {**os.environ, "HOME": str(tmp_path)}}
+    try:
+        done = subprocess.run([sys.executable, "-m", "lorasurgeon", "merge", str(FIX_BASE), str(FIX_ADAPTER),
+                               "-o", str(locked / "out")], capture_output=True, text=True, cwd=tmp_path, **kwargs)
+    except PermissionError:
+        pytest.skip("root ignores permissions, and nobody cannot run this interpreter "
+                    "(test_a_read_only_location_is_one_line_exit_2 covers the same path)")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.strip().splitlines() == [f"error: {locked / 'out'}: cannot write the result here (Permission denied)"]
+    assert listing(locked) == set()
