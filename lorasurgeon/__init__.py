@@ -2,7 +2,9 @@
 
 Library entry points mirror the CLI commands; each returns a frozen report dataclass and raises
 a :class:`LorasurgeonError` subclass on bad input. Names are imported on first use, so that
-``lorasurgeon --version`` does not pay for importing torch.
+``lorasurgeon --version`` does not pay for importing torch. No submodule of this package is
+named like a public function (the commands live in ``lorasurgeon.commands``), so
+``lorasurgeon.merge`` is the function however often it is called and whatever was imported before.
 """
 
 from __future__ import annotations
@@ -13,21 +15,29 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "inspect": "describe", "CheckpointReport": "describe",
-    "merge": "merge", "unmerge": "merge", "convert": "merge", "MergeReport": "merge",
-    "extract": "extract", "ExtractReport": "extractresult",
-    "diff": "diff", "DiffReport": "diff",
-    "push": "hub", "verify": "verify",
+    "inspect": "commands.inspect", "CheckpointReport": "commands.inspect",
+    "verify": "commands.verify", "VerifyReport": "commands.verify",
+    "merge": "commands.merge", "unmerge": "commands.merge", "convert": "commands.merge",
+    "MergeReport": "commands.merge",
+    "extract": "commands.extract", "ExtractReport": "commands.extract.finish",
+    "diff": "commands.diff", "DiffReport": "commands.diff",
+    "push": "hub.push", "PushReport": "hub.push",
     "open_checkpoint": "io", "Checkpoint": "io", "CheckpointWriter": "io",
     "LorasurgeonError": "errors", "AdapterConfigError": "errors", "CorruptCheckpointError": "errors",
     "IncompatibleError": "errors", "InputNotFoundError": "errors", "InvalidOptionError": "errors",
-    "OutputError": "errors", "OutputExistsError": "errors", "UnsafeCheckpointError": "errors",
-    "UnsupportedError": "errors",
+    "NonFiniteError": "errors", "OutputError": "errors", "OutputExistsError": "errors",
+    "UnsafeCheckpointError": "errors", "UnsupportedError": "errors",
 }
 __all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
-        return getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value  # resolved once; later lookups do not come here
+        return value
     raise AttributeError(f"module 'lorasurgeon' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -108,12 +108,12 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
       lorasurgeon inspect fixtures/adapter --json
       lorasurgeon inspect merged --verify
     """
-    from .describe import format_report, inspect
+    from .commands.inspect import format_report, inspect
 
     report = inspect(path)
     verified = None
     if check:
-        from .verify import verify
+        from .commands.verify import verify
 
         verified = verify(path)
     if as_json:
@@ -181,7 +181,7 @@ def _push_options(f):
 
 def _maybe_push(report, push_to_hub: str | None, private: bool, quiet: bool) -> None:
     if push_to_hub and not report.dry_run:
-        from .hub import push
+        from .hub.push import push
 
         pushed = push(report.output, push_to_hub, private=private)
         if not quiet:
@@ -205,7 +205,7 @@ def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size,
       lorasurgeon merge ./Llama-3-8B ./my-lora --dtype bfloat16 -o ./Llama-3-8B-merged
       lorasurgeon merge BASE A1 A2 --weight 1 --weight 0.5 -o OUT
     """
-    from .merge import merge
+    from .commands.merge import merge
 
     report = merge(base, adapters, out, weights=weights, form=form, dtype=dtype, device=device,
                    max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
@@ -227,7 +227,7 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
     Example:
       lorasurgeon unmerge merged fixtures/adapter -o base-again
     """
-    from .merge import unmerge
+    from .commands.merge import unmerge
 
     report = unmerge(merged, adapters, out, weights=weights, dtype=dtype, device=device,
                      max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
@@ -254,7 +254,7 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
     Example:
       lorasurgeon convert aug --to adapter -o adapter-again
     """
-    from .merge import convert
+    from .commands.merge import convert
 
     report = convert(augmented, out, to=to, dtype=dtype, device=device, max_shard_size=max_shard_size,
                      overwrite=overwrite, dry_run=dry_run, progress=_bar(quiet, dry_run))
@@ -296,7 +296,7 @@ def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, 
       lorasurgeon extract ./Llama-3-8B ./my-finetune --rank 16 -o my-lora
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
     """
-    from .extract import extract
+    from .commands.extract import extract
 
     report = extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, include=include,
                      exclude=exclude, embeddings=embeddings, extras=extras, solver=solver, device=device,
@@ -322,7 +322,7 @@ def push_cmd(folder, repo_id, private, revision, create_pr, message):
     Example:
       lorasurgeon push merged my-org/my-model-merged --private
     """
-    from .hub import push
+    from .hub.push import push
 
     click.echo(push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
                     message=message).summary())
@@ -347,7 +347,7 @@ def diff_cmd(a, b, as_json, rank_profile, top, atol, include, exclude, device, q
       lorasurgeon diff fixtures/base merged --rank-profile
       lorasurgeon diff ./model-fp32 ./model-bf16 --atol 1e-2 --json
     """
-    from .diff import diff
+    from .commands.diff import diff
 
     report = diff(a, b, rank_profile=rank_profile, atol=atol, include=include, exclude=exclude,
                   device=device, progress=_bar(quiet, False))

@@ -48,3 +48,7 @@ class OutputExistsError(LorasurgeonError, FileExistsError):
 
 class OutputError(LorasurgeonError, OSError):
     """The output could not be written (no space, an output inside an input, ...)."""
+
+
+class NonFiniteError(LorasurgeonError, ValueError):
+    """A result holds NaN or Inf (pass ``allow_nonfinite`` to write it anyway)."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from lorasurgeon.diff import diff
+from lorasurgeon import diff
 
 from conftest import run_cli, seeded
 

@@ -9,10 +9,12 @@ import torch
 from safetensors.torch import save_file
 
 from lorasurgeon.errors import CorruptCheckpointError
-from lorasurgeon.execute import run
+from lorasurgeon.commands.merge.compute import compute_merge
+from lorasurgeon.engine.execute import run
 from lorasurgeon.io import CheckpointWriter, open_checkpoint, plan_shards
 from lorasurgeon.io.buffers import ReadBuffers
-from lorasurgeon.plan import Ref, TensorOp
+from lorasurgeon.commands.merge.ops import TensorOp
+from lorasurgeon.engine.plan import Ref
 
 from conftest import listing, seeded
 
@@ -44,7 +46,7 @@ def test_streams_every_tensor_in_order(tmp_path):
             seen.append("done")
 
     with CheckpointWriter(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
-        stats = run(ops, [ckpt], w, progress=Count())
+        stats = run(ops, [ckpt], w, compute=compute_merge, progress=Count())
     assert stats.tensors == 12 and stats.bytes_written == 12 * 256 * 256 * 4
     assert seen[0] == stats.bytes_written and seen[-1] == "done" and sum(seen[1:-1]) == stats.bytes_written
     assert stats.infos == (None,) * 12
@@ -58,7 +60,7 @@ def test_a_read_failure_midway_aborts_cleanly(tmp_path):
     os.truncate(tmp_path / "src" / "model.safetensors", 200_000)  # the file changed after planning
     with pytest.raises(CorruptCheckpointError, match="truncated while reading"):
         with CheckpointWriter(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
-            run(ops, [ckpt], w)
+            run(ops, [ckpt], w, compute=compute_merge)
     assert listing(tmp_path) == {"src", "src/model.safetensors"}
 
 
@@ -74,7 +76,7 @@ def test_a_write_failure_midway_aborts_cleanly(tmp_path):
 
     with pytest.raises(OSError, match="No space"):
         with Failing(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
-            run(ops, [ckpt], w)
+            run(ops, [ckpt], w, compute=compute_merge)
     assert listing(tmp_path) == {"src", "src/model.safetensors"}
 
 
@@ -95,7 +97,7 @@ def test_read_buffers_are_reused_only_when_nothing_holds_them():
 def test_merge_through_reused_buffers_gives_each_tensor_its_own_result(tmp_path):
     # Tensors above the pool's 1 MiB threshold, each with its own values: a buffer reused while
     # a tensor still lived in it would put one layer's numbers into another's.
-    from lorasurgeon.merge import merge
+    from lorasurgeon import merge
     from lorasurgeon.ops.lora import add_lora
 
     n, rows, cols, r = 10, 1024, 640, 4
@@ -125,7 +127,7 @@ def test_read_ahead_is_bounded_in_bytes(tmp_path, read_ahead, most):
     # Reads of 1 MiB tensors against a slow compute: how far ahead of compute does the reader get?
     import time
 
-    from lorasurgeon.execute import READ_AHEAD_BYTES, Outcome
+    from lorasurgeon.engine.execute import READ_AHEAD_BYTES, Outcome
 
     src = tmp_path / "src"
     src.mkdir()

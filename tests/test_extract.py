@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import load_file
 
 import make_fixtures as mf
-from lorasurgeon.extract import extract
-from lorasurgeon.merge import merge
+from lorasurgeon import extract
+from lorasurgeon import merge
 
 from conftest import listing, run_cli
 from reference import load_model, logits, read_folder

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 import make_fixtures as mf
-from lorasurgeon.merge import convert, merge, unmerge
+from lorasurgeon import convert, merge, unmerge
 
 from reference import load_model, logits, peft_model, read_folder
 

@@ -20,7 +20,7 @@ from safetensors.torch import save as save_bytes
 from lorasurgeon.adapter.weights import load_adapter
 from lorasurgeon.errors import LorasurgeonError
 from lorasurgeon.io import open_checkpoint
-from lorasurgeon.verify import verify
+from lorasurgeon import verify
 
 SETTINGS = settings(max_examples=150, deadline=2000, suppress_health_check=list(HealthCheck), derandomize=True)
 VALID = save_bytes({"a.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4),

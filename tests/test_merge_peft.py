@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import make_fixtures as mf
-from lorasurgeon.merge import merge
+from lorasurgeon import merge
 
 from reference import load_model, logits, peft_merged_state, peft_model, read_folder
 

@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import make_fixtures as mf
-from lorasurgeon.merge import merge, unmerge
+from lorasurgeon import merge, unmerge
 
 from reference import peft_merged_state, read_folder
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from lorasurgeon.errors import OutputError
 from lorasurgeon.io.scratch import clean_stale
-from lorasurgeon.merge import merge
+from lorasurgeon import merge
 
 from conftest import ROOT, listing, run_cli
 from reference import read_folder
@@ -25,7 +25,7 @@ FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter
 
 CHILD = """
 import sys
-from lorasurgeon.merge import merge
+from lorasurgeon import merge
 class Tell:
     def start(self, total): print("start", flush=True)
     def advance(self, n): print("tensor", flush=True)

@@ -1,8 +1,8 @@
-"""The plan: one TensorOp per output tensor, built from headers before any tensor is read.
+"""A merge's plan: one TensorOp per output tensor, built from headers before any tensor is read.
 
 A TensorOp says where its source tensor lives (``Ref``: input number + key), which LoRA terms
-to apply to it, and the dtype and shape it is written with. ``execute`` runs them; ``describe``
-prints them for ``--dry-run``.
+to apply to it, and the dtype and shape it is written with. The engine runs them with
+``compute.compute_merge``; ``describe`` prints them for ``--dry-run``.
 """
 
 from __future__ import annotations
@@ -12,16 +12,9 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .io.dtypes import itemsize
-from .io.layout import TensorSpec
-
-
-@dataclass(frozen=True)
-class Ref:
-    """A tensor in one of the plan's inputs (0 = the model, 1.. = adapters in command-line order)."""
-
-    source: int
-    key: str
+from ...engine.plan import Ref
+from ...io.dtypes import itemsize
+from ...io.layout import TensorSpec
 
 
 @dataclass(frozen=True)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import shlex
 from typing import Sequence
 
-from . import __version__
+from .. import __version__
 
 CARD_NAME = "README.md"
 

@@ -6,7 +6,8 @@ CheckpointWriter or SpoolWriter). At most a few tensors are alive at once, whate
 size. File reads, writes and torch kernels release the GIL, so the stages overlap.
 
 Every command uses this one loop; what differs is the op type and its ``compute`` function
-(``compute_merge`` here for merge/unmerge/convert, ``extract.compute_extract`` for extract).
+(``commands.merge.compute.compute_merge``, ``commands.extract.compute.compute_extract``,
+``commands.diff.compute_diff``). The loop holds no command's math.
 An op needs ``name``, ``nbytes`` (its share of the progress bar) and ``refs()`` (what to read).
 """
 
@@ -21,11 +22,9 @@ from typing import Any, Callable, Protocol, Sequence
 
 import torch
 
-from .errors import LorasurgeonError
-from .io.buffers import ReadBuffers
-from .io.checkpoint import Checkpoint
-from .ops.lora import add_lora, add_lora_rowwise, all_finite, dora_apply, factors, lora_delta, replace_rows
-from .plan import Ref, TensorOp
+from ..io.buffers import ReadBuffers
+from ..io.checkpoint import Checkpoint
+from .plan import Ref
 
 _DONE = object()
 QUEUE_DEPTH = 2
@@ -61,10 +60,6 @@ class Outcome:
 
 class Sink(Protocol):
     def write(self, name: str, tensor: torch.Tensor) -> None: ...
-
-
-class NonFiniteError(LorasurgeonError, ValueError):
-    """A result holds NaN or Inf."""
 
 
 class Progress(Protocol):
@@ -122,70 +117,8 @@ class _ReadAhead:
             self._cond.notify_all()
 
 
-def check_finite(name: str, tensor: torch.Tensor) -> None:
-    if not all_finite(tensor):
-        raise NonFiniteError(
-            f"tensor {name!r}: the result holds NaN or Inf; nothing was written "
-            "(check the inputs, or pass --allow-nonfinite)")
-
-
-def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
-                  allow_nonfinite: bool = False) -> Outcome:
-    """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
-    src = tensors[op.src]
-    if op.is_plain_copy:
-        return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())])
-    if device.type == "cpu" and _rowwise(op, src):
-        return _merge_rowwise(op, src, tensors, allow_nonfinite)
-    base = src.to(device=device, dtype=torch.float32)
-    # The fetched tensor is ours (a fresh read), so the sum can be built in place in its fp32 copy,
-    # except that DoRA needs the untouched W0 for its norms.
-    dora = any(t.magnitude is not None for t in op.terms)
-    cur = base.clone() if dora else base
-    for term in op.terms:
-        b = tensors[term.b].to(device)
-        if term.kind == "bias":
-            cur = cur + term.scale * b.to(torch.float32)
-            continue
-        a = tensors[term.a].to(device)
-        if term.magnitude is not None:
-            delta = lora_delta(a, b, term.scale, term.kind)
-            cur = dora_apply(base, cur, delta, tensors[term.magnitude].to(device), term.kind)
-        else:
-            cur = add_lora(cur, a, b, term.scale, term.kind, inplace=not dora)
-    for patch in op.rows:
-        cur = replace_rows(cur, patch.indices, tensors[patch.values])
-    if not allow_nonfinite:
-        check_finite(op.name, cur)  # cheap on fp32
-    out = cur.to(op.dtype).to("cpu")
-    if not allow_nonfinite and out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(torch.float32).max:
-        check_finite(op.name, out)  # a narrower dtype (float16) can overflow when rounding
-    return Outcome([(op.name, out)])
-
-
-def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
-    """Whether an op is the common case: plain LoRA products added to a float matrix."""
-    return (src.dim() == 2 and src.is_floating_point() and op.dtype.is_floating_point and not op.rows
-            and all(t.kind in ("linear", "conv1d", "embedding") and t.magnitude is None for t in op.terms))
-
-
-def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: dict[Ref, torch.Tensor],
-                   allow_nonfinite: bool) -> Outcome:
-    """compute_merge's common case on CPU: the same arithmetic, in one cache-friendly pass.
-
-    The fetched ``src`` is ours (a fresh read), so a result of the same dtype overwrites it.
-    """
-    terms = [(*factors(tensors[t.a], tensors[t.b], t.kind), t.scale) for t in op.terms]
-    out = src if src.dtype == op.dtype and src.is_contiguous() else torch.empty(op.shape, dtype=op.dtype)
-    finite = add_lora_rowwise(src, terms, out)
-    if not finite and not allow_nonfinite:
-        check_finite(op.name, out)
-    return Outcome([(op.name, out)])
-
-
 def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
-        compute: Callable[[Any, dict, torch.device], Outcome] = compute_merge,
-        device: str = "cpu", progress: Progress | None = None,
+        compute: Callable[[Any, dict, torch.device], Outcome], device: str = "cpu", progress: Progress | None = None,
         read_ahead: int = READ_AHEAD_BYTES) -> ExecStats:
     """Execute ``ops`` in order, streaming: read ahead, compute, write behind.
 

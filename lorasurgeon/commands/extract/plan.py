@@ -10,11 +10,11 @@ import math
 import re
 from dataclasses import dataclass
 
-from .adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
-from .errors import IncompatibleError
-from .io.checkpoint import Checkpoint
-from .io.dtypes import itemsize
-from .plan import Ref
+from ...adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
+from ...engine.plan import Ref
+from ...errors import IncompatibleError
+from ...io.checkpoint import Checkpoint
+from ...io.dtypes import itemsize
 
 @dataclass(frozen=True)
 class ExtractOp:

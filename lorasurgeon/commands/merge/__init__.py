@@ -10,20 +10,22 @@ from typing import Sequence
 
 import torch
 
-from . import augment
-from .adapter.config import CONFIG_NAME, AdapterConfig
-from .adapter.weights import LoraAdapter, load_adapter
-from .errors import InvalidOptionError as OptionError, LorasurgeonError
-from .execute import Progress, compute_merge, run
-from .io.checkpoint import Checkpoint, open_checkpoint
-from .io.layout import Shard, parse_size, plan_shards, shards_like
-from .io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
-from .io.source import resolve_source
-from .io.writer import CheckpointWriter
-from .cards import CARD_NAME, convert_card, merge_card
-from .mergeplan import ModelFacts, check_supported, plan_merge
-from .options import check_device, check_output, output_dtype, parse_shard_size
-from .plan import Plan, Ref, TensorOp, describe
+from ...adapter.config import CONFIG_NAME, AdapterConfig
+from ...adapter.weights import LoraAdapter, load_adapter
+from ...engine.execute import Progress, run
+from ...engine.plan import Ref
+from ...errors import InvalidOptionError as OptionError, LorasurgeonError
+from ...hub.cards import CARD_NAME, convert_card, merge_card
+from ...hub.source import resolve_source
+from ...io.checkpoint import Checkpoint, open_checkpoint
+from ...io.layout import Shard, parse_size, plan_shards, shards_like
+from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
+from ...io.writer import CheckpointWriter
+from .._inputs import check_device, check_output, output_dtype, parse_shard_size
+from . import augmented as augment
+from .compute import compute_merge
+from .ops import Plan, TensorOp, describe
+from .plan import ModelFacts, check_supported, plan_merge
 
 FORMS = ("merged", "augmented")
 DEFAULT_SHARD = "5GB"

@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import torch
 
-from .adapter.config import AdapterConfig
-from .adapter.names import (
+from ...adapter.config import AdapterConfig
+from ...adapter.names import (
     ADAPTER_NAME, AUGMENTED_SUFFIX, EMBEDDING_LAYER_NAMES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, SAVED_PREFIX, TOKEN_ADAPTER,
     augmented_key, saved_key,
 )
-from .adapter.weights import LoraAdapter, adapter_from
-from .errors import CorruptCheckpointError
-from .io.checkpoint import Checkpoint
-from .plan import Ref, TensorOp
+from ...adapter.weights import LoraAdapter, adapter_from
+from ...engine.plan import Ref
+from ...errors import CorruptCheckpointError
+from ...io.checkpoint import Checkpoint
+from .ops import TensorOp
 
 ORIGINAL = "original_module"
 SAVED_COPY = f"modules_to_save.{ADAPTER_NAME}"

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from .adapter.config import CONFIG_NAME
-from .adapter.weights import load_adapter
-from .errors import LorasurgeonError
-from .io.checkpoint import open_checkpoint
-from .io.header import read_header
-from .io.source import resolve
+from ..adapter.config import CONFIG_NAME
+from ..adapter.weights import load_adapter
+from ..errors import LorasurgeonError
+from ..hub.source import resolve
+from ..io.checkpoint import open_checkpoint
+from ..io.header import read_header
 
 
 @dataclass(frozen=True)

@@ -11,13 +11,13 @@ from functools import partial
 
 import torch
 
-from .errors import InvalidOptionError as OptionError
-from .execute import Outcome, Progress, run
-from .io.checkpoint import open_checkpoint
-from .io.source import resolve
-from .ops.compare import change, rank_profile, same_bits
-from .options import check_device
-from .plan import Ref
+from ..engine.execute import Outcome, Progress, run
+from ..engine.plan import Ref
+from ..errors import InvalidOptionError as OptionError
+from ..hub.source import resolve
+from ..io.checkpoint import open_checkpoint
+from ..ops.compare import change, rank_profile, same_bits
+from ._inputs import check_device
 
 STATUSES = ("identical", "changed", "shape_mismatch", "dtype_mismatch")
 

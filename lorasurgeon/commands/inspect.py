@@ -6,11 +6,11 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .adapter.config import CONFIG_NAME
-from .adapter.weights import load_adapter
-from .io.checkpoint import open_checkpoint
-from .io.dtypes import safetensors_name
-from .io.source import resolve
+from ..adapter.config import CONFIG_NAME
+from ..adapter.weights import load_adapter
+from ..hub.source import resolve
+from ..io.checkpoint import open_checkpoint
+from ..io.dtypes import safetensors_name
 
 
 @dataclass(frozen=True)

@@ -8,10 +8,10 @@ from typing import Sequence
 
 import torch
 
-from .errors import InvalidOptionError
-from .io.destination import check_destination
-from .io.dtypes import parse_dtype
-from .io.layout import parse_size
+from ..errors import InvalidOptionError
+from ..io.destination import check_destination
+from ..io.dtypes import parse_dtype
+from ..io.layout import parse_size
 
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[Path], *, overwrite: bool) -> None:

@@ -1,6 +1,6 @@
 """Planning a merge or unmerge: which base tensors change, by which LoRA terms, checked from headers.
 
-The result is a list of TensorOps (see ``plan.py``) for the merged form; ``augment.py`` renames
+The result is a list of TensorOps (see ``ops.py``) for the merged form; ``augmented.py`` renames
 them for the augmented form. Nothing here reads tensor data.
 """
 
@@ -10,12 +10,13 @@ from dataclasses import dataclass
 
 import torch
 
-from .adapter.names import CONV1D_MODEL_TYPES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
-from .adapter.weights import LoraAdapter, LoraModule
-from .errors import IncompatibleError, UnsupportedError
-from .io.checkpoint import Checkpoint
-from .ops.lora import delta_shape
-from .plan import LoraTerm, Ref, RowPatch, TensorOp
+from ...adapter.names import CONV1D_MODEL_TYPES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
+from ...adapter.weights import LoraAdapter, LoraModule
+from ...engine.plan import Ref
+from ...errors import IncompatibleError, UnsupportedError
+from ...io.checkpoint import Checkpoint
+from ...ops.lora import delta_shape
+from .ops import LoraTerm, RowPatch, TensorOp
 
 
 @dataclass(frozen=True)

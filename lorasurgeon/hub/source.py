@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..errors import InputNotFoundError, LorasurgeonError
-from .checkpoint import FOLDER_LAYOUTS
-from .sidecar import is_sidecar
+from ..io.checkpoint import FOLDER_LAYOUTS
+from ..io.sidecar import is_sidecar
 
 REPO_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*)(?:@(?P<rev>[\w./-]+))?$")
 

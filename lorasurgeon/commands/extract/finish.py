@@ -9,11 +9,11 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from . import __version__
-from .adapter.names import SAVED_PREFIX, saved_key
-from .extractplan import ExtractOp
-from .io.checkpoint import Checkpoint
-from .io.spool import SpoolWriter
+from ... import __version__
+from ...adapter.names import SAVED_PREFIX, saved_key
+from ...io.checkpoint import Checkpoint
+from ...io.spool import SpoolWriter
+from .plan import ExtractOp
 
 REPORT_NAME = "extract_report.json"
 

@@ -6,9 +6,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import __version__
-from .errors import InputNotFoundError, LorasurgeonError
-from .io.source import is_transport_error
+from .. import __version__
+from ..errors import InputNotFoundError, LorasurgeonError
+from .source import is_transport_error
 
 @dataclass(frozen=True)
 class PushReport:

@@ -1,0 +1,65 @@
+"""One merge op computed: W0 + Σ ΔW in float32, rounded once to the output dtype."""
+
+from __future__ import annotations
+
+import torch
+
+from ...engine.execute import Outcome
+from ...engine.plan import Ref
+from ...ops.lora import add_lora, add_lora_rowwise, dora_apply, factors, lora_delta, replace_rows
+from .._results import check_finite
+from .ops import TensorOp
+
+
+def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
+                  allow_nonfinite: bool = False) -> Outcome:
+    """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
+    src = tensors[op.src]
+    if op.is_plain_copy:
+        return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())])
+    if device.type == "cpu" and _rowwise(op, src):
+        return _merge_rowwise(op, src, tensors, allow_nonfinite)
+    base = src.to(device=device, dtype=torch.float32)
+    # The fetched tensor is ours (a fresh read), so the sum can be built in place in its fp32 copy,
+    # except that DoRA needs the untouched W0 for its norms.
+    dora = any(t.magnitude is not None for t in op.terms)
+    cur = base.clone() if dora else base
+    for term in op.terms:
+        b = tensors[term.b].to(device)
+        if term.kind == "bias":
+            cur = cur + term.scale * b.to(torch.float32)
+            continue
+        a = tensors[term.a].to(device)
+        if term.magnitude is not None:
+            delta = lora_delta(a, b, term.scale, term.kind)
+            cur = dora_apply(base, cur, delta, tensors[term.magnitude].to(device), term.kind)
+        else:
+            cur = add_lora(cur, a, b, term.scale, term.kind, inplace=not dora)
+    for patch in op.rows:
+        cur = replace_rows(cur, patch.indices, tensors[patch.values])
+    if not allow_nonfinite:
+        check_finite(op.name, cur)  # cheap on fp32
+    out = cur.to(op.dtype).to("cpu")
+    if not allow_nonfinite and out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(torch.float32).max:
+        check_finite(op.name, out)  # a narrower dtype (float16) can overflow when rounding
+    return Outcome([(op.name, out)])
+
+
+def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
+    """Whether an op is the common case: plain LoRA products added to a float matrix."""
+    return (src.dim() == 2 and src.is_floating_point() and op.dtype.is_floating_point and not op.rows
+            and all(t.kind in ("linear", "conv1d", "embedding") and t.magnitude is None for t in op.terms))
+
+
+def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: dict[Ref, torch.Tensor],
+                   allow_nonfinite: bool) -> Outcome:
+    """compute_merge's common case on CPU: the same arithmetic, in one cache-friendly pass.
+
+    The fetched ``src`` is ours (a fresh read), so a result of the same dtype overwrites it.
+    """
+    terms = [(*factors(tensors[t.a], tensors[t.b], t.kind), t.scale) for t in op.terms]
+    out = src if src.dtype == op.dtype and src.is_contiguous() else torch.empty(op.shape, dtype=op.dtype)
+    finite = add_lora_rowwise(src, terms, out)
+    if not finite and not allow_nonfinite:
+        check_finite(op.name, out)
+    return Outcome([(op.name, out)])
