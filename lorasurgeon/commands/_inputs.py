@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 
-from ..errors import InvalidOptionError
+from ..errors import InvalidOptionError, UnsupportedError
+from ..formats.detect import detect
+from ..io.checkpoint import Checkpoint
 from ..io.destination import check_destination
 from ..io.dtypes import parse_dtype
 from ..io.layout import parse_size
@@ -48,3 +50,12 @@ def check_device(device: str) -> None:
         raise InvalidOptionError(f"device {device!r} asked for, but torch sees no CUDA GPU")
     if dev.type not in ("cpu", "cuda"):
         raise InvalidOptionError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+
+
+def refuse_quantized(ckpt: Checkpoint, config: Mapping[str, Any], *, role: str, command: str) -> None:
+    """Refuse, by name, a quantized checkpoint: its stored codes are not weights (formats.detect)."""
+    found = detect(((i.name, i.dtype) for i in ckpt.infos()), config)
+    if found is not None:
+        raise UnsupportedError(
+            f"{ckpt.root}: {role} is quantized: {found.describe()}; {command} would read its stored codes as "
+            "weights, so it refuses quantized checkpoints for now: give the unquantized (bf16/fp16/fp32) checkpoint")

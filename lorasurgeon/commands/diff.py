@@ -17,7 +17,8 @@ from ..errors import InvalidOptionError as OptionError
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..ops.compare import change, rank_profile, same_bits
-from ._inputs import check_device
+from ..io.sidecar import read_config
+from ._inputs import check_device, refuse_quantized
 
 STATUSES = ("identical", "changed", "shape_mismatch", "dtype_mismatch")
 
@@ -171,6 +172,8 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: 
 
     path_a, path_b = resolve(a), resolve(b)
     with open_checkpoint(path_a) as ca, open_checkpoint(path_b) as cb:
+        for ckpt, role in ((ca, "A"), (cb, "B")):
+            refuse_quantized(ckpt, read_config(ckpt.folder), role=role, command="diff")
         names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
         set_a, set_b = set(names_a), set(names_b)
         ops = []

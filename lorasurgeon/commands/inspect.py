@@ -8,9 +8,11 @@ from pathlib import Path
 
 from ..adapter.config import CONFIG_NAME
 from ..adapter.weights import load_adapter
+from ..formats.detect import Quantization, detect
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..io.dtypes import safetensors_name
+from ..io.sidecar import read_config
 
 
 @dataclass(frozen=True)
@@ -55,6 +57,7 @@ class CheckpointReport:
     dtypes: dict[str, DtypeCount]
     metadata: dict[str, str]
     adapter: AdapterReport | None
+    quantization: Quantization | None = None  # how the weights are quantized (merge, extract, diff refuse these)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,6 +86,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         dtypes={k: DtypeCount(*v) for k, v in sorted(dtypes.items())},
         metadata=dict(ckpt.metadata),
         adapter=_adapter_report(adapter) if adapter else None,
+        quantization=detect(((i.name, i.dtype) for i in ckpt.infos()), read_config(ckpt.folder)),
     )
     ckpt.close()
     return report
@@ -130,6 +134,8 @@ def format_report(report: CheckpointReport) -> str:
         "  dtypes      " + ", ".join(
             f"{k} ({v.tensors} tensors, {v.parameters:,} params)" for k, v in report.dtypes.items()),
     ]
+    if report.quantization is not None:
+        lines.append(f"  quantized   {report.quantization.describe()}: merge, extract and diff refuse it for now")
     a = report.adapter
     if a is None:
         return "\n".join(lines)

@@ -99,6 +99,9 @@ def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> Tensor
     if not isinstance(dtype_name, str):
         raise _fail(path, f"tensor {name!r} has no dtype")
     if dtype_name not in TORCH_DTYPES:
+        if dtype_name.startswith(("F4", "F6", "F8")):
+            raise UnsupportedError(f"{path}: tensor {name!r} has dtype {dtype_name}, a quantized format "
+                                   "lorasurgeon cannot read yet: give the unquantized checkpoint")
         raise UnsupportedError(
             f"{path}: tensor {name!r} has dtype {dtype_name}, which this torch cannot hold"
         )

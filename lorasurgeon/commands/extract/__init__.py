@@ -18,7 +18,7 @@ from ...io.dtypes import parse_dtype
 from ...io.sidecar import is_tied, read_config
 from ...io.spool import SpoolWriter
 from ...ops.lowrank import SOLVERS
-from .._inputs import check_device, check_output
+from .._inputs import check_device, check_output, refuse_quantized
 from .compute import compute_extract
 from .finish import ExtractReport, finish_adapter
 from .plan import ExtractOptions, plan_extract
@@ -77,6 +77,8 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
     check_device(device)
     with open_checkpoint(base_path) as b_ckpt, open_checkpoint(tuned_path) as t_ckpt:
         b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)
+        refuse_quantized(b_ckpt, b_cfg, role="the base model", command="extract")
+        refuse_quantized(t_ckpt, t_cfg, role="the fine-tune", command="extract")
         ops, excluded = plan_extract(b_ckpt, t_ckpt, base_tied=is_tied(b_cfg), tuned_tied=is_tied(t_cfg),
                                      model_type=t_cfg.get("model_type") or b_cfg.get("model_type"), opts=opts)
         method = {"rank": rank, "energy": energy, "max_rank": max_rank, "solver": solver, "seed": seed,

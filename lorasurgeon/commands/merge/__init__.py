@@ -21,7 +21,7 @@ from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
 from ...io.writer import CheckpointWriter
-from .._inputs import check_device, check_output, output_dtype, parse_shard_size
+from .._inputs import check_device, check_output, output_dtype, parse_shard_size, refuse_quantized
 from . import augmented as augment
 from .compute import compute_merge
 from .ops import Plan, TensorOp, describe
@@ -143,11 +143,13 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
     ckpt = open_checkpoint(base_path)
     loaded: list[LoraAdapter] = []
     try:
+        config = read_config(ckpt.folder)
+        refuse_quantized(ckpt, config, role="the merged model" if unmerge else "the base model",
+                         command="unmerge" if unmerge else "merge")
         for path, w in zip(adapter_paths, weights):
             adapter = load_adapter(path)
             loaded.append(adapter)
             check_supported(adapter, unmerge=unmerge, weight=w)
-        config = read_config(ckpt.folder)
         facts = ModelFacts(config.get("model_type"), is_tied(config))
         if form == "augmented":
             if len(loaded) != 1 or weights[0] != 1.0 or unmerge:
@@ -208,6 +210,7 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     ckpt = open_checkpoint(path)
     try:
         config = read_config(ckpt.folder)
+        refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
         adapter_config = AdapterConfig.load(ckpt.folder)
         base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
         if to == "merged":
