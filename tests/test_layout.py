@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lorasurgeon.io.layout import TensorSpec, in_file_order, parse_size, plan_shards, split_greedy
+from lorasurgeon.io.layout import TensorSpec, human_bytes, in_file_order, parse_size, plan_shards, split_greedy
 
 
 def test_split_greedy_fills_in_order():
@@ -45,3 +45,8 @@ def test_parse_size(text, value):
 def test_parse_size_rejects(text):
     with pytest.raises(ValueError):
         parse_size(text)
+
+
+def test_sizes_for_people():
+    assert [human_bytes(n) for n in (0, 812, 1024, 1536, 212 * 1024, 48 * 2**20 + 2**19, 3.41 * 2**30, 2**60)] == [
+        "0 B", "812 B", "1 KiB", "1.5 KiB", "212 KiB", "48.5 MiB", "3.41 GiB", "1024 PiB"]

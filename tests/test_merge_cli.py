@@ -158,6 +158,25 @@ def test_option_errors_exit_2(tmp_path):
     assert_refused(r, tmp_path, "device")
 
 
+@pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e40"])
+def test_weights_must_be_finite_numbers_float32_can_hold(tmp_path, weight):
+    assert_refused(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", weight), tmp_path,
+                   f"--weight {float(weight)!r}", "finite")
+    assert_refused(run_cli("unmerge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", weight), tmp_path,
+                   "finite")
+    from lorasurgeon import InvalidOptionError, merge
+
+    with pytest.raises(InvalidOptionError, match="finite"):
+        merge(FIX_BASE, [FIX_ADAPTER], tmp_path / "out", weights=[float(weight)])
+    assert listing(tmp_path) == set()
+
+
+def test_a_scale_beyond_float32_is_refused_by_module(tmp_path):
+    adapter = with_config(FIX_ADAPTER, tmp_path / "adapter", lora_alpha=1e40)
+    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path,
+                   "module 'model.layers.", "does not fit float32")
+
+
 def test_unmerge_and_convert_commands(tmp_path):
     assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--dtype", "float32").exit_code == 0
     r = run_cli("unmerge", tmp_path / "m", FIX_ADAPTER, "-o", tmp_path / "u", "--dtype", "bfloat16")

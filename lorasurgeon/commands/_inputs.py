@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,6 +34,17 @@ def output_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
     if not dtype.is_floating_point:
         raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
     return dtype
+
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
+
+
+def check_weights(weights: Sequence[float]) -> None:
+    """Adapter weights are finite numbers that float32 arithmetic can hold."""
+    for w in weights:
+        if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w) or abs(w) > FLOAT32_MAX:
+            raise InvalidOptionError(
+                f"--weight {w!r}: a weight must be a finite number within float32's range (|w| <= {FLOAT32_MAX:.3g})")
 
 
 def parse_shard_size(text: str | int | None) -> int | None:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import OutputError, OutputExistsError
+from ..errors import LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import TensorInfo, pread_into
 from .destination import absolute, check_replaceable
 from .layout import TensorSpec, plan_shards
@@ -41,6 +41,9 @@ class SpoolWriter:
             self._dir = make_scratch(self.out, "spool")
             self._path = self._dir / "spool.bin"
             self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
+        except LorasurgeonError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.out}: cannot write the result here ({exc.strerror or exc})") from None

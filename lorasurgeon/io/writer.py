@@ -24,7 +24,7 @@ from typing import Sequence
 
 import torch
 
-from ..errors import CorruptCheckpointError, OutputError, OutputExistsError
+from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
 from .destination import absolute, check_replaceable
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
@@ -120,6 +120,9 @@ class CheckpointWriter:
         self._done = False
         try:
             self._start(sum(s.nbytes for s in self.shards), {"format": "pt"} if metadata is None else metadata)
+        except LorasurgeonError:
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             raise OutputError(f"{self.out}: cannot write the result here ({exc.strerror or exc})") from None
@@ -134,7 +137,8 @@ class CheckpointWriter:
         free = shutil.disk_usage(parent).free
         if need > free:
             raise OutputError(
-                f"{parent}: not enough free space: the result needs {human_bytes(need)}, {human_bytes(free)} are free")
+                f"{parent}: not enough free space: the result needs {human_bytes(need)}, {human_bytes(free)} are free; "
+                "free some space or choose another -o")
         clean_stale(self.out)  # debris of a killed run for this same output
         self._tmp = make_scratch(self.out, "partial")
         umask = os.umask(0)
@@ -265,7 +269,7 @@ class CheckpointWriter:
             if old is not None and not os.path.lexists(self.out):
                 _put_back(old, self.out)
             self.abort()
-            if isinstance(exc, OSError):
+            if isinstance(exc, OSError) and not isinstance(exc, LorasurgeonError):
                 raise OutputError(f"{self.out}: could not finish writing ({exc.strerror or exc})") from None
             raise
         self._done = True

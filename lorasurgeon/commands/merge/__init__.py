@@ -21,7 +21,7 @@ from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
 from ...io.writer import CheckpointWriter
-from .._inputs import check_device, check_output, output_dtype, parse_shard_size, refuse_quantized
+from .._inputs import check_device, check_output, check_weights, output_dtype, parse_shard_size, refuse_quantized
 from . import augmented as augment
 from .compute import compute_merge
 from .ops import Plan, TensorOp, describe
@@ -133,6 +133,7 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
     weights = list(weights) if weights else [1.0] * len(adapters)
     if len(weights) != len(adapters):
         raise OptionError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
+    check_weights(weights)
     out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
     base_src = resolve_source(base)
     adapter_srcs = [resolve_source(a) for a in adapters]

@@ -6,6 +6,7 @@ them for the augmented form. Nothing here reads tensor data.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,9 +14,10 @@ import torch
 from ...adapter.names import CONV1D_MODEL_TYPES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
-from ...errors import IncompatibleError, UnsupportedError
+from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...ops.lora import delta_shape
+from .._inputs import FLOAT32_MAX
 from .ops import LoraTerm, RowPatch, TensorOp
 
 
@@ -124,11 +126,16 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
                 if numel != units:
                     raise IncompatibleError(f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
                                             f"{wname!r} has {units} output units")
-            terms.setdefault(wname, []).append(LoraTerm(kind, a, b, sign * w * module.scale, mag))
+            scale = sign * w * module.scale
+            if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
+                raise AdapterConfigError(
+                    f"{adapter.path}: module {module.name!r}: its scale (weight {w:g} x alpha/r {module.scale:g}) "
+                    "does not fit float32 arithmetic; check lora_alpha and the weight")
+            terms.setdefault(wname, []).append(LoraTerm(kind, a, b, scale, mag))
             if "B_bias" in module.keys:
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
                 terms.setdefault(bname, []).append(
-                    LoraTerm("bias", None, Ref(i, module.keys["B_bias"]), sign * w * module.scale))
+                    LoraTerm("bias", None, Ref(i, module.keys["B_bias"]), scale))
         for name, key in ({} if unmerge else adapter.base_weights).items():
             srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
             same_shape(name, adapter, key, "the saved base_layer weight")
