@@ -221,3 +221,18 @@ def test_bad_pairs_are_refused(llama, tmp_path):
     refused(run_cli("extract", base, tuned, "--energy", "1.5", "-o", tmp_path / "out"), tmp_path, "--energy")
     refused(run_cli("extract", base, tuned, "--rank", "2", "--include", "(", "-o", tmp_path / "out"), tmp_path, "")
     assert set(listing(tmp_path)) == {p for p in listing(tmp_path) if not p.startswith(".")}
+
+
+def test_embeddings_full_on_a_tied_model_stores_the_head_in_full_too(tmp_path):
+    """--embeddings full: the tied head is the embedding's tensor, so it is stored whole as well (it was
+    given a low-rank factor, and the adapter model's head was then not the fine-tune's)."""
+    base, tuned = build_pair(tmp_path, mf.llama_config(tied=True), noise=0.0)
+    report = extract(base, tuned, tmp_path / "lora", rank=4, embeddings="full")
+    assert {f.name for f in report.full} >= {"model.embed_tokens.weight", "lm_head.weight"}
+    assert not {"model.embed_tokens", "lm_head"} & {m.name for m in report.modules}
+    config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
+    assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"])
+    torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)),
+                               rtol=1e-4, atol=1e-4)
+    report = extract(base, tuned, tmp_path / "skip", rank=4, embeddings="skip")
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(report.skipped["not_stored"])

@@ -112,3 +112,51 @@ def test_low_precision_merge_matches_peft_logits(tmp_path, dtype):
     model, _ = peft_model(base, [adapter], dtype=torch.float32)
     ours = logits(load_model(tmp_path / "merged", torch.float32))
     torch.testing.assert_close(ours, logits(model), rtol=0.05, atol=0.05)
+
+
+@pytest.fixture(scope="module")
+def embedding_pair(tmp_path_factory):
+    """A bf16 base and an adapter trained on its float32 original, targeting the embedding: PEFT saves the
+    float32 W0 (base_layer.weight) with it. B is scaled so ‖ΔW‖ is 2% of ‖W0‖, as trained adapters are.
+    Each model gets its own config: save_pretrained records dtype=bfloat16 on the config object."""
+    root = tmp_path_factory.mktemp("emb")
+    base = mf.save_model(mf.build_model(mf.llama_config(), seed=0, dtype=torch.bfloat16), root / "base")
+    adapter = mf.make_adapter(mf.build_model(mf.llama_config(), seed=0), root / "adapter",
+                              target_modules=["embed_tokens", "q_proj"], r=4, lora_alpha=8)
+    path, key = adapter / "adapter_model.safetensors", "base_model.model.model.embed_tokens."
+    t = load_file(path)
+    assert t[key + "base_layer.weight"].dtype == torch.float32
+    w0 = t[key + "base_layer.weight"]
+    assert not torch.equal(w0, w0.bfloat16().float()), "the saved W0 must carry more than bf16 precision"
+    delta = (t[key + "lora_embedding_B"] @ t[key + "lora_embedding_A"]).T * 2.0
+    t[key + "lora_embedding_B"] *= 0.02 * w0.norm() / delta.norm()
+    save_file(t, path)
+    return base, adapter
+
+
+def test_a_saved_float32_w0_is_taken_at_the_base_dtype(embedding_pair, tmp_path):
+    """The adapter model holds W0 in the base's bf16: merged = round(W0_bf16 + ΔW), bit for bit (was 74%)."""
+    from peft import PeftModel
+
+    from reference import load_model
+
+    base, adapter = embedding_pair
+    layer = PeftModel.from_pretrained(load_model(base), adapter).base_model.model.model.embed_tokens
+    w0 = layer.base_layer.weight.detach()
+    assert w0.dtype == torch.bfloat16
+    expected = (w0.float() + layer.get_delta_weight("default").float()).to(torch.bfloat16)
+    merge(base, [adapter], tmp_path / "merged")
+    assert torch.equal(read_folder(tmp_path / "merged")["model.embed_tokens.weight"], expected)
+    merge(base, [adapter], tmp_path / "aug", form="augmented")  # PEFT's state dict holds the bf16 W0 too
+    assert torch.equal(read_folder(tmp_path / "aug")["model.embed_tokens.base_layer.weight"], w0)
+
+
+def test_unmerge_restores_a_saved_w0_exactly(embedding_pair, tmp_path):
+    base, adapter = embedding_pair
+    merge(base, [adapter], tmp_path / "merged")
+    report = unmerge(tmp_path / "merged", [adapter], tmp_path / "back")
+    assert report.counts["restore"] == 1 and "1 restored exactly from the adapter's saved W0" in report.summary()
+    original, back = read_folder(base), read_folder(tmp_path / "back")
+    assert torch.equal(back["model.embed_tokens.weight"], original["model.embed_tokens.weight"])  # was 74%
+    dry = unmerge(tmp_path / "merged", [adapter], None, dry_run=True).summary()
+    assert "restore  model.embed_tokens.weight" in dry

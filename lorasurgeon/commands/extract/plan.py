@@ -50,9 +50,12 @@ def _tied_views(ckpt: Checkpoint, tied: bool) -> dict[str, str]:
     return names
 
 
-def _kind(name: str, ndim: int, model_type: str | None, opts: ExtractOptions) -> str:
+def _kind(name: str, ndim: int, model_type: str | None, opts: ExtractOptions, tied_head: bool) -> str:
     module, _, leaf = name.rpartition(".")
-    is_embedding = module.rpartition(".")[2] in EMBEDDING_LEAVES
+    # A tied head is the embedding's tensor: --embeddings decides for both (full means full for both).
+    is_embedding = module.rpartition(".")[2] in EMBEDDING_LEAVES or (tied_head and name == OUTPUT_EMBEDDING)
+    if leaf == "weight" and ndim == 2 and is_embedding and name == OUTPUT_EMBEDDING and opts.embeddings == "lowrank":
+        return "linear"  # PEFT's LoRA on a head is a Linear's, whatever tensor it shares
     if leaf == "weight" and ndim == 2 and is_embedding:
         return {"lowrank": "embedding", "full": "full", "skip": "skip"}[opts.embeddings]
     if leaf == "weight" and ndim == 2:
@@ -74,6 +77,7 @@ def plan_extract(base: Checkpoint, tuned: Checkpoint, *, base_tied: bool, tuned_
         raise IncompatibleError(
             f"{tuned.root} and {base.root} do not share an architecture: {len(only_tuned)} tensors only in the "
             f"fine-tune, {len(only_base)} only in the base (e.g. {sample})")
+    tied_head = OUTPUT_EMBEDDING in tuned_names and OUTPUT_EMBEDDING not in (set(base) & set(tuned))
     lora_modules = set()
     ops, excluded = [], 0
     for name, key in tuned_names.items():
@@ -81,7 +85,7 @@ def plan_extract(base: Checkpoint, tuned: Checkpoint, *, base_tied: bool, tuned_
             excluded += 1
             continue
         t_info, b_info = tuned.info(key), base.info(base_names[name])
-        kind = _kind(name, len(t_info.shape), model_type, opts)
+        kind = _kind(name, len(t_info.shape), model_type, opts, tied_head)
         note, base_ref = "", Ref(0, base_names[name])
         if t_info.shape != b_info.shape:
             resized = (name in INPUT_EMBEDDINGS or name == OUTPUT_EMBEDDING) and len(t_info.shape) == 2 \

@@ -38,7 +38,7 @@ class MergeReport:
     output: str | None
     form: str
     plan: Plan
-    counts: dict[str, int]  # output tensors by action: merge, unmerge, replace, copy, lora
+    counts: dict[str, int]  # output tensors by action: merge, unmerge, restore, replace, copy, lora
     bytes: int
     seconds: float
     untied_embeddings: bool
@@ -46,7 +46,7 @@ class MergeReport:
 
     @property
     def tensors_changed(self) -> int:
-        return sum(n for a, n in self.counts.items() if a in ("merge", "unmerge", "replace"))
+        return sum(n for a, n in self.counts.items() if a in ("merge", "unmerge", "restore", "replace"))
 
     @property
     def throughput(self) -> float:
@@ -55,7 +55,8 @@ class MergeReport:
     def summary(self) -> str:
         if self.dry_run:
             return describe(self.plan)
-        words = {"merge": "merged", "unmerge": "unmerged", "replace": "replaced by the adapter",
+        words = {"merge": "merged", "unmerge": "unmerged",
+                 "restore": "restored exactly from the adapter's saved W0", "replace": "replaced by the adapter",
                  "copy": "copied", "lora": "LoRA tensors"}
         done = ", ".join(f"{n} {words[a]}" for a, n in self.counts.items() if n)
         text = (f"Wrote {self.output} ({self.form}): {sum(self.counts.values())} tensors ({done}), "
@@ -96,7 +97,7 @@ def _write(out: Path, ops: list[TensorOp], inputs: list[Checkpoint], shards: lis
 
 
 def _report(out, form, plan, stats, untie, dry_run) -> MergeReport:
-    counts = {a: plan.count(a) for a in ("merge", "unmerge", "replace", "copy", "lora")}
+    counts = {a: plan.count(a) for a in ("merge", "unmerge", "restore", "replace", "copy", "lora")}
     return MergeReport(None if dry_run else str(out), form, plan, counts,
                        stats.bytes_written if stats else plan.nbytes, stats.seconds if stats else 0.0,
                        untie, dry_run)

@@ -48,27 +48,31 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool,
         if _split(embedding)[0] in tokens:
             tokens.add(_split(OUTPUT_EMBEDDING)[0])
 
-    def add(name: str, src: Ref, action: str = "copy") -> None:
+    def add(name: str, src: Ref, action: str = "copy", like: torch.dtype | None = None) -> None:
+        """One output tensor; ``like``: the base dtype a saved W0 is taken at (as PEFT's model holds it)."""
         info = (base if src.source == 0 else adapter.checkpoint).info(src.key)
-        out = dtype if dtype is not None and info.dtype.is_floating_point else info.dtype
-        ops.append(TensorOp(name, src, out, info.shape, action))
+        held = like or info.dtype
+        out = dtype if dtype is not None and info.dtype.is_floating_point else held
+        ops.append(TensorOp(name, src, out, info.shape, action, src_dtype=held if held != info.dtype else None))
 
     for name in names:
         module, leaf = _split(name)
         src = Ref(0, name if name in base else embedding)
+        like = None
         if name in adapter.base_weights:
+            like = base.info(src.key).dtype  # the base tensor's dtype, then the saved W0 as the source
             src = Ref(1, adapter.base_weights[name])
         if name in adapter.replacements and not _saved_module(adapter, module):
-            src = Ref(1, adapter.replacements[name])  # bias="all"/"lora_only": loaded over the base
+            src, like = Ref(1, adapter.replacements[name]), None  # bias="all"/"lora_only": loaded over the base
         if module in lora:
-            add(f"{module}.base_layer.{leaf}", src)
+            add(f"{module}.base_layer.{leaf}", src, like=like)
         elif module in tokens:
-            add(f"{module}.{TOKEN_ADAPTER}.base_layer.{leaf}", src)
+            add(f"{module}.{TOKEN_ADAPTER}.base_layer.{leaf}", src, like=like)
         elif _saved_module(adapter, module):
-            add(f"{module}.{ORIGINAL}.{leaf}", src)
+            add(f"{module}.{ORIGINAL}.{leaf}", src, like=like)
             add(f"{module}.{SAVED_COPY}.{leaf}", Ref(1, adapter.replacements.get(name, name)), "replace")
         else:
-            add(name, src)
+            add(name, src, like=like)
     for module in adapter.modules.values():
         for role, key in module.keys.items():
             if role in AUGMENTED_SUFFIX:

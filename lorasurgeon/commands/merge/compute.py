@@ -15,7 +15,9 @@ def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.
                   allow_nonfinite: bool = False) -> Outcome:
     """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
     src = tensors[op.src]
-    if op.is_plain_copy:
+    if op.src_dtype is not None and src.dtype != op.src_dtype:
+        src = src.to(op.src_dtype)
+    if not (op.terms or op.rows):  # a copy, a replacement, a restored W0: one rounding at most
         return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())])
     if device.type == "cpu" and _rowwise(op, src):
         return _merge_rowwise(op, src, tensors, allow_nonfinite)

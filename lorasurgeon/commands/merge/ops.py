@@ -8,7 +8,7 @@ to apply to it, and the dtype and shape it is written with. The engine runs them
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -47,10 +47,12 @@ class TensorOp:
     src: Ref
     dtype: torch.dtype
     shape: tuple[int, ...]
-    action: str  # copy | merge | unmerge | replace | lora (adapter tensor carried into the output)
+    action: str  # copy | merge | unmerge | replace | restore (a saved W0 written back) | lora (adapter tensor)
     terms: tuple[LoraTerm, ...] = ()
     rows: tuple[RowPatch, ...] = ()
-    note: str = field(default="", compare=False)
+    # Round the source to this dtype before anything else: a W0 that PEFT saved (often in float32)
+    # is held by the adapter model at the base's dtype, so it is taken at that dtype here too.
+    src_dtype: torch.dtype | None = None
 
     @property
     def nbytes(self) -> int:
@@ -67,7 +69,8 @@ class TensorOp:
 
     @property
     def is_plain_copy(self) -> bool:
-        return not self.terms and not self.rows
+        """The output is the source's values (perhaps in another dtype), rounded once."""
+        return not self.terms and not self.rows and self.src_dtype is None
 
 
 @dataclass(frozen=True)

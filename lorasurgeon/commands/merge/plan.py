@@ -136,7 +136,7 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
                 terms.setdefault(bname, []).append(
                     LoraTerm("bias", None, Ref(i, module.keys["B_bias"]), scale))
-        for name, key in ({} if unmerge else adapter.base_weights).items():
+        for name, key in adapter.base_weights.items():  # W0 itself: merge adds to it, unmerge restores it
             srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
             same_shape(name, adapter, key, "the saved base_layer weight")
         for name, key in adapter.replacements.items():
@@ -162,19 +162,26 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
 
     def op_for(name: str, src_name: str) -> TensorOp:
         info = base.info(src_name)
-        src = replaced.get(name) or srcs.get(name) or Ref(0, src_name)
         out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        saved = srcs.get(name) if name not in replaced else None
+        # A saved W0 is taken at the base's dtype, as the adapter model holds it.
+        src_dtype = None
+        if saved is not None and adapters[saved.source - 1].checkpoint.info(saved.key).dtype != info.dtype:
+            src_dtype = info.dtype
+        if unmerge and saved is not None:  # the adapter holds W0 itself: write it back, exactly
+            return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype=src_dtype)
+        src = replaced.get(name) or saved or Ref(0, src_name)
         t, r = tuple(terms.get(name, ())), tuple(rows.get(name, ()))
         action = ("unmerge" if unmerge else "merge") if (t or r) else (
             "replace" if name in replaced else "copy")
-        return TensorOp(name, src, out_dtype, info.shape, action, t, r)
+        return TensorOp(name, src, out_dtype, info.shape, action, t, r, src_dtype)
 
     ops = [op_for(name, name) for name in base]
     untie = False
     if tied:
         lm = op_for(OUTPUT_EMBEDDING, embedding)
         emb_op = next(op for op in ops if op.name == embedding)
-        untie = (lm.src, lm.terms, lm.rows) != (emb_op.src, emb_op.terms, emb_op.rows)
+        untie = (lm.src, lm.terms, lm.rows, lm.src_dtype) != (emb_op.src, emb_op.terms, emb_op.rows, emb_op.src_dtype)
         if untie:
             ops.append(lm)
     return ops, untie
