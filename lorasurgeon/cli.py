@@ -333,7 +333,8 @@ def push_cmd(folder, repo_id, private, revision, create_pr, message):
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 @click.option("--rank-profile", is_flag=True, help="Ranks keeping 50/90/99% of each changed matrix's ‖B − A‖².")
-@click.option("--top", type=int, default=20, show_default=True, help="How many changed tensors the table shows.")
+@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
+              help="How many changed tensors the table shows.")
 @click.option("--atol", type=float, default=None, help="Values within this absolute tolerance count as equal.")
 @click.option("--include", default=None, help="Regex: only tensors whose name matches.")
 @click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches.")

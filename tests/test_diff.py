@@ -50,7 +50,7 @@ def test_exit_codes_and_json(tmp_path):
     assert different.exit_code == 1
     doc = json.loads(different.stdout)
     assert set(doc) >= {"only_in_a", "only_in_b", "tensors", "summary"}
-    assert set(doc["tensors"][0]) == {"name", "status", "rel_change", "max_abs_diff", "cosine"}
+    assert set(doc["tensors"][0]) == {"name", "status", "rel_change", "max_abs_diff", "cosine", "identical_fraction"}
     assert run_cli("diff", a, b, "--atol", "1e-2").exit_code == 0
     assert run_cli("diff", a, b, "--atol", "1e-4").exit_code == 1
     missing = run_cli("diff", a, tmp_path / "nope")
@@ -106,3 +106,53 @@ def test_include_exclude_and_table(llama_dir, tmp_path):
     assert result.exit_code == 1
     assert "q_proj" in result.stdout and "1 more changed tensors" in result.stdout
     assert "2 changed" in result.stdout
+
+
+def test_identical_fraction_counts_elements(tmp_path):
+    w = seeded((50, 20))
+    b = w.clone()
+    b.view(-1)[:300] += 1.0  # 300 of 1000 elements changed
+    report = diff(write(tmp_path / "a.safetensors", {"w": w, "same": w.clone(), "half": w.half()}),
+                  write(tmp_path / "b.safetensors", {"w": b, "same": w.clone(), "half": w.clone()}))
+    got = {t.name: t.identical_fraction for t in report.tensors}
+    exact_in_half = float((w.half().float() == w).double().mean())  # dtypes differ: equal in value
+    assert got == {"w": pytest.approx(0.7), "same": 1.0, "half": pytest.approx(exact_in_half)}
+    table = run_cli("diff", tmp_path / "a.safetensors", tmp_path / "b.safetensors").stdout
+    assert "identical" in table.splitlines()[0] and "70.00%" in table
+
+
+def test_atol_separates_what_it_forgives_from_what_differs(tmp_path):
+    w = seeded((4, 4))
+    a = write(tmp_path / "a.safetensors", {"small": w, "big": w.clone(), "same": w.clone()})
+    b = write(tmp_path / "b.safetensors", {"small": w + 1e-3, "big": w + 1.0, "same": w.clone()})
+    result = run_cli("diff", a, b, "--atol", "1e-2")
+    assert result.exit_code == 1
+    assert "big" in result.stdout and "small" not in result.stdout
+    assert result.stdout.strip().splitlines()[-1].startswith(
+        "different (within --atol 0.01): 3 common tensors — 1 identical, 1 within --atol, 1 changed")
+    doc = json.loads(run_cli("diff", a, b, "--atol", "1e-2", "--json").stdout)
+    assert {t["name"]: t["within_atol"] for t in doc["tensors"]} == {"small": True, "big": False, "same": False}
+    assert doc["summary"]["within_atol"] == 1
+    forgiving = run_cli("diff", a, b, "--atol", "2")
+    assert forgiving.exit_code == 0 and "changed  " not in forgiving.stdout
+    assert forgiving.stdout.strip().splitlines() == [
+        "identical (within --atol 2): 3 common tensors — 1 identical, 2 within --atol, 0 changed, "
+        "0 dtype mismatches, 0 shape mismatches; 0 only in A, 0 only in B"]
+
+
+def test_top_must_not_be_negative_and_zero_shows_only_the_count(tmp_path):
+    w = seeded((4, 4))
+    a, b = write(tmp_path / "a.safetensors", {"x": w, "y": w.clone()}), write(tmp_path / "b.safetensors", {"x": w + 1, "y": w + 2})
+    bad = run_cli("diff", a, b, "--top", "-1")
+    assert bad.exit_code == 2 and "-1" in bad.stderr
+    zero = run_cli("diff", a, b, "--top", "0")
+    assert zero.exit_code == 1 and "... 2 more changed tensors" in zero.stdout
+
+
+def test_a_filter_that_matches_nothing_is_an_error(tmp_path):
+    w = seeded((4, 4))
+    a, b = write(tmp_path / "a.safetensors", {"x.weight": w}), write(tmp_path / "b.safetensors", {"x.weight": w + 1})
+    result = run_cli("diff", a, b, "--include", "q_proj")
+    assert result.exit_code == 2 and result.stdout == ""
+    assert result.stderr.strip() == ("error: --include 'q_proj' leaves none of the 1 + 1 tensors of A and B to compare "
+                                     "(names look like 'x.weight')")

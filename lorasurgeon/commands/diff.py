@@ -16,7 +16,7 @@ from ..engine.plan import Ref
 from ..errors import InvalidOptionError as OptionError
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
-from ..ops.compare import change, rank_profile, same_bits
+from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ..io.sidecar import read_config
 from ._inputs import check_device, refuse_quantized
 
@@ -42,6 +42,7 @@ class TensorDiff:
     rel_change: float | None = None
     max_abs_diff: float | None = None
     cosine: float | None = None
+    identical_fraction: float | None = None  # share of elements bit-identical (equal in value across dtypes)
     rank_50: int | None = None
     rank_90: int | None = None
     rank_99: int | None = None
@@ -66,15 +67,22 @@ class DiffReport:
     atol: float | None
     seconds: float
 
+    def within_atol(self, t: TensorDiff) -> bool:
+        """A tensor that differs, but by no more than ``atol`` anywhere (never without an atol)."""
+        return (self.atol is not None and t.status in ("changed", "dtype_mismatch") and t.max_abs_diff is not None
+                and t.max_abs_diff <= self.atol)
+
+    def differing(self) -> list[TensorDiff]:
+        """The tensors that count as different: changed beyond ``atol`` (if any), most changed first."""
+        return sorted((t for t in self.tensors if t.status in ("changed", "dtype_mismatch") and not self.within_atol(t)),
+                      key=lambda t: -(t.rel_change or 0.0))
+
     @property
     def identical(self) -> bool:
         """Same keys and shapes; same dtypes and bits (with atol: values within it)."""
         if self.only_in_a or self.only_in_b:
             return False
-        if self.atol is None:
-            return all(t.status == "identical" for t in self.tensors)
-        return all(t.status == "identical" or (t.status != "shape_mismatch" and t.max_abs_diff is not None
-                                               and t.max_abs_diff <= self.atol) for t in self.tensors)
+        return all(t.status == "identical" or self.within_atol(t) for t in self.tensors)
 
     @property
     def exit_code(self) -> int:
@@ -83,41 +91,52 @@ class DiffReport:
 
     def summary(self) -> dict:
         counts = {s: sum(t.status == s for t in self.tensors) for s in STATUSES}
-        return {**counts, "only_in_a": len(self.only_in_a), "only_in_b": len(self.only_in_b),
+        within = {"within_atol": sum(self.within_atol(t) for t in self.tensors)} if self.atol is not None else {}
+        return {**counts, **within, "only_in_a": len(self.only_in_a), "only_in_b": len(self.only_in_b),
                 "common": len(self.tensors), "identical_checkpoints": self.identical,
                 "atol": self.atol, "seconds": round(self.seconds, 3)}
 
     def to_dict(self) -> dict:
+        tensors = [_json_safe(t.to_dict() | ({"within_atol": self.within_atol(t)} if self.atol is not None else {}))
+                   for t in self.tensors]
         return {"a": self.a, "b": self.b, "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-                "tensors": [_json_safe(t.to_dict()) for t in self.tensors], "summary": self.summary()}
+                "tensors": tensors, "summary": self.summary()}
 
     def table(self, top: int = 20) -> str:
-        """The most changed tensors first, then a summary line."""
-        changed = sorted((t for t in self.tensors if t.status in ("changed", "dtype_mismatch")),
-                         key=lambda t: -(t.rel_change or 0.0))
+        """The most changed tensors first (beyond ``atol``, if given), then a summary line."""
+        if top < 0:
+            raise ValueError(f"top must be at least 0, got {top}")
+        changed = self.differing()
         shown = changed[:top]
         lines = []
         if shown:
             profile = any(t.rank_50 is not None for t in shown)
             width = max(len(t.name) for t in shown)
-            head = f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9}"
+            head = (f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9} "
+                    f"{'identical':>9}")
             lines.append(head + ("  rank50 rank90 rank99" if profile else ""))
             for t in shown:
                 line = (f"{t.name.ljust(width)}  {t.status:<14} {t.rel_change:>10.3g} "
-                        f"{t.max_abs_diff:>10.3g} {t.cosine:>9.6f}")
+                        f"{t.max_abs_diff:>10.3g} {t.cosine:>9.6f} {t.identical_fraction:>9.2%}")
                 if profile and t.rank_50 is not None:
                     line += f"  {t.rank_50:>6} {t.rank_90:>6} {t.rank_99:>6}"
                 lines.append(line)
-            if len(changed) > top:
-                lines.append(f"... {len(changed) - top} more changed tensors (--top N shows more)")
+        if len(changed) > len(shown):
+            lines.append(f"... {len(changed) - len(shown)} more changed tensors (--top N shows more)")
         for t in self.tensors:
             if t.status == "shape_mismatch":
                 lines.append(f"{t.name}: shapes differ")
         lines += [f"only in A: {n}" for n in self.only_in_a[:top]] + [f"only in B: {n}" for n in self.only_in_b[:top]]
         s = self.summary()
+        verdict = "identical" if self.identical else "different"
+        if self.atol is not None:
+            verdict += f" (within --atol {self.atol:g})"
+        beyond = sum(t.status == "changed" and not self.within_atol(t) for t in self.tensors)
+        dtype = sum(t.status == "dtype_mismatch" and not self.within_atol(t) for t in self.tensors)
+        within = f"{s['within_atol']} within --atol, " if self.atol is not None else ""
         lines.append(
-            f"{'identical' if self.identical else 'different'}: {s['common']} common tensors — {s['identical']} identical, "
-            f"{s['changed']} changed, {s['dtype_mismatch']} dtype mismatches, {s['shape_mismatch']} shape mismatches; "
+            f"{verdict}: {s['common']} common tensors — {s['identical']} identical, {within}"
+            f"{beyond} changed, {dtype} dtype mismatches, {s['shape_mismatch']} shape mismatches; "
             f"{s['only_in_a']} only in A, {s['only_in_b']} only in B")
         return "\n".join(lines)
 
@@ -132,7 +151,8 @@ def compute_diff(op: DiffOp, tensors: dict[Ref, torch.Tensor], device: torch.dev
     if not op.comparable:
         return Outcome([], TensorDiff(op.name, "shape_mismatch"))
     if same_bits(a, b):
-        return Outcome([], TensorDiff(op.name, "identical", 0.0, 0.0, 1.0))
+        return Outcome([], TensorDiff(op.name, "identical", 0.0, 0.0, 1.0, 1.0))
+    same = identical_fraction(a, b)
     status = "dtype_mismatch" if a.dtype != b.dtype else "changed"
     if not a.dtype.is_floating_point and a.dtype == b.dtype:  # integers: exact in float64
         a, b = a.to(torch.float64), b.to(torch.float64)
@@ -141,7 +161,7 @@ def compute_diff(op: DiffOp, tensors: dict[Ref, torch.Tensor], device: torch.dev
     ranks = [None, None, None]
     if profile and a.dim() == 2 and stats.max_abs_diff > 0:
         ranks = rank_profile(b.to(torch.float32) - a.to(torch.float32), seed=seed + zlib.crc32(op.name.encode()))
-    return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, *ranks))
+    return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks))
 
 
 class _NoOutput:
@@ -175,6 +195,11 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: 
         for ckpt, role in ((ca, "A"), (cb, "B")):
             refuse_quantized(ckpt, read_config(ckpt.folder), role=role, command="diff")
         names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
+        if (include or exclude) and not names_a and not names_b and (len(ca) or len(cb)):
+            example = next(iter(ca), None) or next(iter(cb))
+            chosen = " and ".join(f"{flag} {p!r}" for flag, p in (("--include", include), ("--exclude", exclude)) if p)
+            raise OptionError(f"{chosen} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to compare "
+                              f"(names look like {example!r})")
         set_a, set_b = set(names_a), set(names_b)
         ops = []
         for name in names_a:

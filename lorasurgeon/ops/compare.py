@@ -25,6 +25,27 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
+_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def identical_fraction(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
+    """The share of elements that are the same: bit for bit when the dtypes match (as ``same_bits``),
+    equal in value when they differ (compared in float64). Counted a block at a time."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    if fa.numel() != fb.numel():
+        raise ValueError("identical_fraction needs tensors of the same size")
+    if not fa.numel():
+        return 1.0
+    if a.dtype == b.dtype and a.element_size() in _SAME_SIZE_INT and a.dtype != torch.bool:
+        as_int = _SAME_SIZE_INT[a.element_size()]
+        fa, fb = fa.contiguous().view(as_int), fb.contiguous().view(as_int)
+        same = sum(int((fa[i:i + chunk] == fb[i:i + chunk]).sum()) for i in range(0, fa.numel(), chunk))
+    else:
+        same = sum(int((fa[i:i + chunk].double() == fb[i:i + chunk].double()).sum())
+                   for i in range(0, fa.numel(), chunk))
+    return same / fa.numel()
+
+
 def change(a: torch.Tensor, b: torch.Tensor) -> Change:
     """How far B is from A, computed in float32 (float64 accumulation for the norms)."""
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
