@@ -113,3 +113,19 @@ def test_debug_shows_the_traceback(tmp_path):
 
 def test_every_case_is_tested(tmp_path):
     assert set(bad_inputs(tmp_path)) == set(CASES)
+
+
+@pytest.mark.parametrize("typo,phrase", [
+    ("fixtures/bse", "fixtures/bse: no such file or folder (did you mean fixtures/base?)"),
+    ("fixtures/adaptr/", "no such file or folder (did you mean fixtures/adapter?)"),
+    ("fixtures/bse/model.safetensors", "(did you mean fixtures/base?)"),
+    ("fixtures/zzzzzz", "fixtures/zzzzzz: no such file or folder"),
+])
+def test_a_mistyped_local_path_is_not_sent_to_the_hub(typo, phrase, monkeypatch):
+    """The first part of the path exists here, so it is a path with a typo, not an org/name repo id."""
+    from conftest import ROOT
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # were the Hub asked, this would say "cannot reach"
+    result = run_cli("inspect", typo)
+    assert result.exit_code == 2 and phrase in result.stderr and "hub" not in result.stderr.lower(), result.stderr

@@ -192,7 +192,7 @@ def test_unmerge_and_convert_commands(tmp_path):
     a, b = load_file(tmp_path / "ad" / "adapter_model.safetensors"), load_file(FIX_ADAPTER / "adapter_model.safetensors")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = run_cli("convert", FIX_BASE, "--to", "merged", "-o", tmp_path / "out")
-    assert_refused(r, tmp_path, "adapter_config.json")
+    assert_refused(r, tmp_path, "is a model, not an augmented checkpoint", "merge --form augmented")
 
 
 def test_nonfinite_result_stops_the_merge_unless_allowed(tmp_path):
@@ -236,3 +236,38 @@ def test_replacements_of_the_wrong_shape_are_refused(tmp_path):
     key = next(k for k in good if "trainable_tokens_delta" in k)
     save_file({**good, key: torch.zeros(3, config.hidden_size)}, path)
     assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path, "trainable tokens")
+
+
+@pytest.fixture(scope="module")
+def augmented(tmp_path_factory):
+    out = tmp_path_factory.mktemp("aug") / "aug"
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--form", "augmented").exit_code == 0
+    return out
+
+
+WRONG_KIND = {  # arguments -> what the one line must say
+    "merge swapped": (["merge", "{adapter}", "{base}"], ["BASE is a PEFT adapter, not a model", "look swapped",
+                                                          "takes BASE first, then ADAPTER"]),
+    "unmerge swapped": (["unmerge", "{adapter}", "{base}"], ["MERGED is a PEFT adapter", "MERGED first, then ADAPTER"]),
+    "augmented as adapter": (["merge", "{base}", "{aug}"], ["ADAPTER is an augmented checkpoint",
+                                                            "lorasurgeon convert {aug} --to adapter -o OUT"]),
+    "augmented as base": (["merge", "{aug}", "{adapter}"], ["BASE is an augmented checkpoint",
+                                                            "lorasurgeon convert {aug} --to merged -o OUT"]),
+    "model as adapter": (["merge", "{base}", "{base}"], ["ADAPTER is a model, not a PEFT adapter",
+                                                          "adapter_config.json and adapter_model.safetensors"]),
+    "adapter to extract": (["extract", "{base}", "{adapter}", "--rank", "2"],
+                           ["FINETUNED is a PEFT adapter, not a model", "lorasurgeon merge BASE {adapter} -o OUT"]),
+    "extract swapped": (["extract", "{adapter}", "{base}", "--rank", "2"], ["look swapped", "BASE, then FINETUNED"]),
+    "augmented to extract": (["extract", "{base}", "{aug}", "--rank", "2"], ["FINETUNED is an augmented checkpoint",
+                                                                            "--to merged"]),
+    "adapter to convert": (["convert", "{adapter}", "--to", "merged"], ["AUGMENTED is a PEFT adapter",
+                                                                         "it is already an adapter"]),
+}
+
+
+@pytest.mark.parametrize("case", list(WRONG_KIND))
+def test_an_argument_of_the_wrong_kind_is_named_with_what_to_do(tmp_path, augmented, case):
+    args, phrases = WRONG_KIND[case]
+    paths = {"base": FIX_BASE, "adapter": FIX_ADAPTER, "aug": augmented}
+    result = run_cli(*[a.format(**paths) for a in args], "-o", tmp_path / "out")
+    assert_refused(result, tmp_path, *[p.format(**paths) for p in phrases])

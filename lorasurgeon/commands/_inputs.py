@@ -6,13 +6,15 @@ import math
 import numbers
 import os
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Literal, Mapping, Sequence
 
 import torch
 
-from ..errors import InvalidOptionError, UnsupportedError
+from ..adapter.config import CONFIG_NAME
+from ..adapter.names import AUGMENTED_SUFFIX, SAVED_PREFIX, SAVED_SUFFIX
+from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
 from ..formats.detect import detect
-from ..io.checkpoint import Checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.destination import check_destination
 from ..io.dtypes import parse_dtype
 from ..io.layout import parse_size
@@ -72,3 +74,50 @@ def refuse_quantized(ckpt: Checkpoint, config: Mapping[str, Any], *, role: str, 
         raise UnsupportedError(
             f"{ckpt.root}: {role} is quantized: {found.describe()}; {command} would read its stored codes as "
             "weights, so it refuses quantized checkpoints for now: give the unquantized (bf16/fp16/fp32) checkpoint")
+
+
+InputKind = Literal["model", "adapter", "augmented"]
+_ORDER = {"merge": "BASE first, then ADAPTER", "unmerge": "MERGED first, then ADAPTER", "extract": "BASE, then FINETUNED"}
+_KIND_WORDS = {"model": "a model", "adapter": "a PEFT adapter",
+               "augmented": "an augmented checkpoint (a model with LoRA layers inside)"}
+
+
+def input_kind(ckpt: Checkpoint) -> InputKind:
+    """What a checkpoint is, from its keys: a PEFT adapter, an augmented model, or a plain model."""
+    augmented = tuple(f".{s}" for s in AUGMENTED_SUFFIX.values())
+    saved = tuple(f".{SAVED_SUFFIX[r]}" for r in ("A", "emb_A", "tokens_delta"))
+    keys = ckpt.names()
+    if any(k.endswith(augmented) for k in keys):
+        return "augmented"
+    if any(k.startswith(SAVED_PREFIX) and k.endswith(saved) for k in keys):
+        return "adapter"
+    if ckpt.files and ckpt.files[0].name.startswith("adapter_model") and (ckpt.folder / CONFIG_NAME).is_file():
+        return "adapter"  # an adapter of full tensors only (modules_to_save)
+    return "model"
+
+
+def expect_kind(path: Path, label: str, *, role: str, want: InputKind, command: str,
+                others: Sequence[tuple[Path, str]] = ()) -> None:
+    """Refuse an input of the wrong kind, saying what it is and what to run instead.
+
+    ``others``: the command's other inputs (path, label), to recognise swapped arguments.
+    """
+    with open_checkpoint(path) as ckpt:
+        kind = input_kind(ckpt)
+    if kind == want:
+        return
+    what = f"{label}: {role} is {_KIND_WORDS[kind]}, not {_KIND_WORDS[want]}"
+    if kind == "augmented" and want in ("adapter", "model"):
+        target = "adapter" if want == "adapter" else "merged"
+        raise IncompatibleError(f"{what}; `lorasurgeon convert {label} --to {target} -o OUT` gives its {target} form")
+    for other, other_label in others:
+        with open_checkpoint(other) as ckpt:
+            if input_kind(ckpt) == want:
+                raise IncompatibleError(f"{what}, and {other_label} is {_KIND_WORDS[want]}: the arguments look "
+                                        f"swapped (lorasurgeon {command} takes {_ORDER[command]})")
+    hints = {("model", "merge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
+             ("model", "unmerge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
+             ("adapter", "extract"): f"; extract compares two full models (to apply an adapter: lorasurgeon merge BASE {label} -o OUT)",
+             ("model", "convert"): "; convert takes what `lorasurgeon merge --form augmented` writes",
+             ("adapter", "convert"): f"; it is already an adapter (`lorasurgeon merge BASE {label} --form augmented` makes the augmented form)"}
+    raise IncompatibleError(what + hints.get((kind, command), ""))

@@ -9,6 +9,7 @@ are honoured, read when the call is made.
 
 from __future__ import annotations
 
+import difflib
 import fnmatch
 import os
 import re
@@ -50,10 +51,24 @@ def resolve_source(spec: str | os.PathLike[str]) -> Source:
     if path.exists():
         return Source(path)
     match = REPO_ID.match(str(spec))
-    if not match:
-        raise InputNotFoundError(f"{spec}: no such file or folder")
+    if not match or Path(str(spec).split("/", 1)[0]).exists():
+        # Not a repo id, or its first part is a local folder: a path with a typo, not a Hub repo.
+        raise InputNotFoundError(f"{spec}: no such file or folder{_did_you_mean(path)}")
     repo_id, revision = match.group("repo"), match.group("rev")
     return Source(download(repo_id, revision), repo_id, revision)
+
+
+def _did_you_mean(path: Path) -> str:
+    """A near miss among the names beside the deepest part of ``path`` that exists."""
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        path, parent = parent, parent.parent
+    try:
+        names = [p.name for p in parent.iterdir()]
+    except OSError:
+        return ""
+    close = difflib.get_close_matches(path.name, names, n=1, cutoff=0.6)
+    return f" (did you mean {parent / close[0] if str(parent) != '.' else close[0]}?)" if close else ""
 
 
 def resolve(spec: str | os.PathLike[str]) -> Path:
@@ -138,5 +153,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
         raise LorasurgeonError(f"{name}: cannot download from the Hub ({exc.__class__.__name__}: {exc})") from None
     except Exception as exc:  # httpx transport errors are not OSErrors
         if is_transport_error(exc):
-            raise LorasurgeonError(f"{name}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
+            raise LorasurgeonError(
+                f"{name}: no such local file or folder, and the Hub at {endpoint or 'huggingface.co'}, where it would "
+                f"be a repo id, cannot be reached ({exc})") from None
         raise

@@ -18,7 +18,7 @@ from ...io.dtypes import parse_dtype
 from ...io.sidecar import is_tied, read_config
 from ...io.spool import SpoolWriter
 from ...ops.lowrank import SOLVERS
-from .._inputs import check_device, check_output, refuse_quantized
+from .._inputs import check_device, check_output, expect_kind, refuse_quantized
 from .compute import compute_extract
 from .finish import ExtractReport, finish_adapter
 from .plan import ExtractOptions, plan_extract
@@ -70,6 +70,9 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
     out_dtype, opts = _options(rank, energy, max_rank, solver, dtype, include, exclude, embeddings, extras)
     base_src, tuned_src = resolve_source(base), resolve_source(finetuned)
     base_path, tuned_path = base_src.path, tuned_src.path
+    expect_kind(base_path, base_src.label, role="BASE", want="model", command="extract",
+                others=[(tuned_path, tuned_src.label)])
+    expect_kind(tuned_path, tuned_src.label, role="FINETUNED", want="model", command="extract")
     if base_path.resolve() == tuned_path.resolve():
         raise OptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     if out is not None:

@@ -21,7 +21,9 @@ from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
 from ...io.writer import CheckpointWriter
-from .._inputs import check_device, check_output, check_weights, output_dtype, parse_shard_size, refuse_quantized
+from .._inputs import (
+    check_device, check_output, check_weights, expect_kind, output_dtype, parse_shard_size, refuse_quantized,
+)
 from . import augmented as augment
 from .compute import compute_merge
 from .ops import Plan, TensorOp, describe
@@ -139,6 +141,11 @@ def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str
     base_src = resolve_source(base)
     adapter_srcs = [resolve_source(a) for a in adapters]
     base_path, adapter_paths = base_src.path, [a.path for a in adapter_srcs]
+    command = "unmerge" if unmerge else "merge"
+    expect_kind(base_path, base_src.label, role="MERGED" if unmerge else "BASE", want="model", command=command,
+                others=[(a.path, a.label) for a in adapter_srcs])
+    for a in adapter_srcs:
+        expect_kind(a.path, a.label, role="ADAPTER", want="adapter", command=command)
     if out is not None:
         check_output(out, [base_path, *adapter_paths], overwrite=overwrite)
     check_device(device)
@@ -206,6 +213,7 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
     source = resolve_source(augmented)
     path = source.path
+    expect_kind(path, source.label, role="AUGMENTED", want="augmented", command="convert")
     if out is not None:
         check_output(out, [path], overwrite=overwrite)
     check_device(device)
