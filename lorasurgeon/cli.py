@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import signal
 import sys
 
@@ -179,11 +180,24 @@ def _push_options(f):
                         help="Upload the result to this Hub repo when it is complete.")(f)
 
 
+def _check_push(push_to_hub: str | None, dry_run: bool) -> None:
+    """Before any work: the repo id, the token and the Hub, so a bad push fails in seconds, not after a merge."""
+    if push_to_hub and not dry_run:
+        from .hub.push import check_push_target
+
+        check_push_target(push_to_hub)
+
+
 def _maybe_push(report, push_to_hub: str | None, private: bool, quiet: bool) -> None:
     if push_to_hub and not report.dry_run:
         from .hub.push import push
 
-        pushed = push(report.output, push_to_hub, private=private)
+        try:
+            pushed = push(report.output, push_to_hub, private=private)
+        except LorasurgeonError as exc:  # the result stays; say how to send it again
+            retry = shlex.join(["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else []))
+            raise LorasurgeonError(f"{exc}; the result is complete in {report.output}: retry the upload with "
+                                   f"`{retry}`") from None
         if not quiet:
             click.echo(pushed.summary())
 
@@ -207,6 +221,7 @@ def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size,
     """
     from .commands.merge import merge
 
+    _check_push(push_to_hub, dry_run)
     report = merge(base, adapters, out, weights=weights, form=form, dtype=dtype, device=device,
                    max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
                    allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
@@ -229,6 +244,7 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
     """
     from .commands.merge import unmerge
 
+    _check_push(push_to_hub, dry_run)
     report = unmerge(merged, adapters, out, weights=weights, dtype=dtype, device=device,
                      max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
                      allow_nonfinite=allow_nonfinite, progress=_bar(quiet, dry_run))
@@ -256,6 +272,7 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
     """
     from .commands.merge import convert
 
+    _check_push(push_to_hub, dry_run)
     report = convert(augmented, out, to=to, dtype=dtype, device=device, max_shard_size=max_shard_size,
                      overwrite=overwrite, dry_run=dry_run, progress=_bar(quiet, dry_run))
     _print(report, quiet)
@@ -298,6 +315,7 @@ def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, 
     """
     from .commands.extract import extract
 
+    _check_push(push_to_hub, dry_run)
     report = extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, include=include,
                      exclude=exclude, embeddings=embeddings, extras=extras, solver=solver, device=device,
                      seed=seed, dtype=dtype, overwrite=overwrite, dry_run=dry_run,
@@ -322,8 +340,9 @@ def push_cmd(folder, repo_id, private, revision, create_pr, message):
     Example:
       lorasurgeon push merged my-org/my-model-merged --private
     """
-    from .hub.push import push
+    from .hub.push import check_push_target, push
 
+    check_push_target(repo_id)
     click.echo(push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
                     message=message).summary())
 

@@ -47,6 +47,8 @@ class HubStandIn:
         self.requests: list[tuple[str, str]] = []
         self.token_seen: list[str | None] = []
         self.validated: list[str] = []  # README.md contents upload_folder asked to validate
+        self.tokens: set[str] | None = None  # the tokens the Hub knows (None: any token is a user's)
+        self.read_only_orgs: set[str] = set()  # namespaces the user cannot create repos in
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
@@ -153,6 +155,9 @@ class HubStandIn:
                 if parts == ["api", "repos", "create"] and method == "POST":
                     doc = json.loads(body)
                     repo_id = f"{doc['organization']}/{doc['name']}" if doc.get("organization") else doc["name"]
+                    if doc.get("organization") in hub.read_only_orgs:
+                        return self._error(403, "Forbidden", "You don't have the rights to create a model under the "
+                                                             f"namespace \"{doc['organization']}\"")
                     if repo_id in hub.repos:
                         return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
                     private = bool(doc.get("private")) or doc.get("visibility") == "private"
@@ -196,6 +201,9 @@ class HubStandIn:
                     hub.validated.append(json.loads(body)["content"])
                     return self._send(200, {"warnings": []})
                 if parts[:2] == ["api", "whoami-v2"]:
+                    token = (self.headers.get("Authorization") or "").removeprefix("Bearer ")
+                    if not token or (hub.tokens is not None and token not in hub.tokens):
+                        return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                     return self._send(200, {"type": "user", "name": "tester", "orgs": []})
                 self._error(404, "NotImplemented", f"stand-in has no {method} {url.path}")
 

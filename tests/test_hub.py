@@ -171,3 +171,46 @@ def test_environment_is_honoured_in_a_real_process(tmp_path):
     missing = subprocess.run([sys.executable, "-m", "lorasurgeon", "inspect", "org/other"], env=env,
                              capture_output=True, text=True)
     assert missing.returncode == 2 and "offline" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def _no_work_was_done(hub, out) -> None:
+    assert not out.exists() and not [p for p in out.parent.iterdir() if "lorasurgeon" in p.name]
+    assert not [p for m, p in hub.requests if "/resolve/" in p], "inputs were fetched before the push was checked"
+
+
+@pytest.mark.parametrize("case", ["bad id", "no token", "wrong token", "offline"])
+def test_push_to_hub_is_checked_before_any_work(hub, tmp_path, monkeypatch, case):
+    from huggingface_hub import constants
+
+    repo = "me/merged"
+    if case == "bad id":
+        repo, phrase = "me/my model", "not a Hub repo id"
+    elif case == "no token":
+        monkeypatch.delenv("HF_TOKEN")
+        monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-saved-token"))
+        phrase = "no Hub token to push with: set HF_TOKEN, or run `hf auth login`"
+    elif case == "wrong token":
+        hub.tokens = {"hf_someone_else"}
+        phrase = "the Hub refuses this token (HTTP 401)"
+    else:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        phrase = "HF_HUB_OFFLINE is set"
+    hub.requests.clear()
+    for command in (["merge", "org/base", "org/adapter"], ["extract", "org/base", FIX_BASE, "--rank", "2"]):
+        r = run_cli(*command, "-o", tmp_path / "out", "--push-to-hub", repo)
+        assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1 and phrase in r.stderr, r.stderr
+        _no_work_was_done(hub, tmp_path / "out")
+
+
+def test_a_failed_push_keeps_the_result_and_says_how_to_retry(hub, tmp_path):
+    hub.read_only_orgs = {"someone-else"}
+    out = tmp_path / "my merged"
+    r = run_cli("merge", "org/base", "org/adapter", "-o", out, "--push-to-hub", "someone-else/merged", "--private")
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "You don't have the rights" in r.stderr
+    retry = f"lorasurgeon push '{out}' someone-else/merged --private"
+    assert f"the result is complete in {out}: retry the upload with `{retry}`" in r.stderr
+    assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
+    hub.read_only_orgs.clear()  # the user is given the rights; the printed command now works
+    again = run_cli("push", out, "someone-else/merged", "--private")
+    assert again.exit_code == 0 and "Pushed 4 files to someone-else/merged" in again.stdout

@@ -7,8 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .. import __version__
-from ..errors import InputNotFoundError, LorasurgeonError
-from .source import is_transport_error
+from ..errors import InputNotFoundError, InvalidOptionError, LorasurgeonError
+from .source import is_transport_error, offline
 
 @dataclass(frozen=True)
 class PushReport:
@@ -18,6 +18,44 @@ class PushReport:
 
     def summary(self) -> str:
         return f"Pushed {self.files} files to {self.repo_id}: {self.url}"
+
+
+def check_push_target(repo_id: str) -> None:
+    """Everything a push needs that can be known before any work: a valid repo id, the Hub online,
+    a token, and a Hub that accepts the token (``whoami``).
+
+    Raises:
+        InvalidOptionError: ``repo_id`` cannot be a repo id, or the Hub is switched off (HF_HUB_OFFLINE).
+        LorasurgeonError: no token, a token the Hub refuses, or a Hub that cannot be reached.
+    """
+    from huggingface_hub import HfApi, get_token
+    from huggingface_hub import errors as hf
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise InvalidOptionError(f"{repo_id!r}: not a Hub repo id ({str(exc).split('. ')[0]}); use org/name") from None
+    if offline():
+        raise InvalidOptionError(f"{repo_id}: pushing needs the Hub, and HF_HUB_OFFLINE is set")
+    token = get_token()
+    if not token:
+        raise LorasurgeonError(f"{repo_id}: no Hub token to push with: set HF_TOKEN, or run `hf auth login`")
+    endpoint = os.environ.get("HF_ENDPOINT") or None
+    try:
+        HfApi(endpoint=endpoint, token=token).whoami()
+    except hf.HfHubHTTPError as exc:
+        status = exc.response.status_code if exc.response is not None else None
+        if status == 401:
+            raise LorasurgeonError(f"{repo_id}: the Hub refuses this token (HTTP 401): set a valid HF_TOKEN, "
+                                   "or run `hf auth login`") from None
+        raise LorasurgeonError(f"{repo_id}: the Hub answered {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise LorasurgeonError(f"{repo_id}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
+    except Exception as exc:  # httpx transport errors
+        if is_transport_error(exc):
+            raise LorasurgeonError(f"{repo_id}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
+        raise
 
 
 def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,

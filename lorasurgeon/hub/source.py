@@ -99,7 +99,7 @@ def is_transport_error(exc: BaseException) -> bool:
     return "Connect" in type(exc).__name__ or "Timeout" in type(exc).__name__
 
 
-def _offline() -> bool:
+def offline() -> bool:
     from huggingface_hub import constants
 
     return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
@@ -127,7 +127,7 @@ def _download(repo_id: str, revision: str | None) -> Path:
     token = os.environ.get("HF_TOKEN") or None
     name = repo_id + (f"@{revision}" if revision else "")
     try:
-        if _offline():
+        if offline():
             return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
         files = [s.rfilename for s in info.siblings or []]
