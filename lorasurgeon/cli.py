@@ -41,6 +41,25 @@ def _stopped_message(signum: int) -> str:
     return f"error: stopped by {name}; no unfinished result is left behind"
 
 
+class _Dtype(click.Choice):
+    """A dtype choice that also takes the short names people type (bf16, fp16, fp32, half), as the library does."""
+
+    ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+    def convert(self, value, param, ctx):
+        return super().convert(self.ALIASES.get(str(value).lower(), value), param, ctx)
+
+
+def _debug_option(f):
+    """--debug after the command too (lorasurgeon merge ... --debug), as the error messages suggest it."""
+    def turn_on(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.find_root().obj["debug"] = True
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=turn_on,
+                        help="Show full tracebacks on errors.")(f)
+
+
 class _Group(click.Group):
     """Turns library errors into one line on stderr and exit status 2 (tracebacks with --debug)."""
 
@@ -93,6 +112,7 @@ def cli(ctx: click.Context, debug: bool) -> None:
 
 
 @cli.command("inspect")
+@_debug_option
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 @click.option("--verify", "check", is_flag=True,
@@ -155,8 +175,8 @@ def _common(f):
         click.option("--weight", "weights", type=float, multiple=True,
                      help="Weight of each adapter, in order (default 1.0 each)."),
         click.option("--dtype", default="auto", show_default=True,
-                     type=click.Choice(["auto", "float32", "bfloat16", "float16"]),
-                     help="Output dtype of floating tensors; auto keeps the base's."),
+                     type=_Dtype(["auto", "float32", "bfloat16", "float16"]),
+                     help="Output dtype of floating tensors; auto keeps the base's (bf16, fp16, fp32 work too)."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
         click.option("--max-shard-size", default=None, help="e.g. 5GB; default keeps the base's layout."),
         click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete."),
@@ -203,6 +223,7 @@ def _maybe_push(report, push_to_hub: str | None, private: bool, quiet: bool) -> 
 
 
 @cli.command("merge")
+@_debug_option
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
 @click.option("--form", default="merged", show_default=True, type=click.Choice(["merged", "augmented"]),
@@ -230,6 +251,7 @@ def merge_cmd(base, adapters, form, out, weights, dtype, device, max_shard_size,
 
 
 @cli.command("unmerge")
+@_debug_option
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
 @_common
@@ -253,10 +275,12 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
 
 
 @cli.command("convert")
+@_debug_option
 @click.argument("augmented")
 @click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter"]), help="Target form.")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder.")
-@click.option("--dtype", default="auto", show_default=True, type=click.Choice(["auto", "float32", "bfloat16", "float16"]))
+@click.option("--dtype", default="auto", show_default=True, type=_Dtype(["auto", "float32", "bfloat16", "float16"]),
+              help="Output dtype of floating tensors; auto keeps the checkpoint's (bf16, fp16, fp32 work too).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default=None, help="e.g. 5GB.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
@@ -280,6 +304,7 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
 
 
 @cli.command("extract")
+@_debug_option
 @click.argument("base")
 @click.argument("finetuned")
 @click.option("-o", "--output", "out", required=True, type=click.Path(), help="Adapter folder to write.")
@@ -288,14 +313,16 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
 @click.option("--max-rank", type=int, default=None, help="Cap for --energy.")
 @click.option("--include", default=None, help="Regex: only tensors whose name matches.")
 @click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches.")
-@click.option("--embeddings", default="lowrank", show_default=True, type=click.Choice(["lowrank", "full", "skip"]))
+@click.option("--embeddings", default="lowrank", show_default=True, type=click.Choice(["lowrank", "full", "skip"]),
+              help="Embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.")
 @click.option("--extras", default="full", show_default=True, type=click.Choice(["full", "skip"]),
               help="Changed norms, biases and other non-matrix tensors.")
-@click.option("--solver", default="auto", show_default=True, type=click.Choice(["auto", "randomized", "exact"]))
+@click.option("--solver", default="auto", show_default=True, type=click.Choice(["auto", "randomized", "exact"]),
+              help="Truncated SVD: randomized block Krylov, the exact full SVD, or auto (exact where cheaper).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--dtype", default="float32", show_default=True, type=click.Choice(["float32", "bfloat16", "float16"]),
-              help="dtype of the LoRA factors.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized solver (same seed, same adapter).")
+@click.option("--dtype", default="float32", show_default=True, type=_Dtype(["float32", "bfloat16", "float16"]),
+              help="dtype of the LoRA factors (bf16, fp16, fp32 work too).")
 @click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
 @click.option("--dry-run", is_flag=True, help="Print what would be compared; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
@@ -325,6 +352,7 @@ def extract_cmd(base, finetuned, out, rank, energy, max_rank, include, exclude, 
 
 
 @cli.command("push")
+@_debug_option
 @click.argument("folder", type=click.Path())
 @click.argument("repo_id")
 @click.option("--private", is_flag=True, help="Create the repo private (if it does not exist).")
@@ -348,6 +376,7 @@ def push_cmd(folder, repo_id, private, revision, create_pr, message):
 
 
 @cli.command("diff")
+@_debug_option
 @click.argument("a")
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")

@@ -236,3 +236,29 @@ def test_embeddings_full_on_a_tied_model_stores_the_head_in_full_too(tmp_path):
                                rtol=1e-4, atol=1e-4)
     report = extract(base, tuned, tmp_path / "skip", rank=4, embeddings="skip")
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(report.skipped["not_stored"])
+
+
+def test_rank_options_say_what_they_mean(llama, tmp_path):
+    base, tuned = llama
+    r = run_cli("extract", base, tuned, "--rank", "8", "--max-rank", "4", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--max-rank caps the ranks --energy chooses; with --rank 8" in r.stderr, r.stderr
+    r = run_cli("extract", base, tuned, "--energy", "0.9", "--max-rank", "0", "-o", tmp_path / "x")
+    assert r.exit_code == 2 and "--max-rank must be at least 1, got 0" in r.stderr
+    report = extract(base, tuned, tmp_path / "big", rank=100)  # hidden 64: no matrix allows rank 100
+    capped = [m for m in report.modules if m.rank < 100]
+    assert capped and all(m.rank == min(m.shape) for m in capped)
+    note = next(n for n in report.notes if n.startswith("--rank 100 is more than"))
+    assert f"{len(capped)} modules' matrices allow" in note
+    assert note in json.loads((tmp_path / "big" / "extract_report.json").read_text())["notes"]
+
+
+def test_a_tensor_in_another_dtype_with_the_same_values_is_unchanged(tmp_path):
+    """A float32 merge of a bf16 base: its norms hold the same values in float32; nothing to store
+    (they were stored in full as 'changed')."""
+    from conftest import ROOT
+
+    fixtures = ROOT / "fixtures"
+    merge(fixtures / "base", [fixtures / "adapter"], tmp_path / "fp32", dtype="float32")
+    report = extract(fixtures / "base", tmp_path / "fp32", tmp_path / "lora", rank=8)
+    assert report.full == [] and report.skipped["unchanged"] == 7 and len(report.modules) == 14
+    assert not json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"]

@@ -96,3 +96,16 @@ def test_unsupported_variants_are_named(tmp_path):
     (out / "adapter_config.json").write_text(json.dumps(cfg))
     report = inspect(out)
     assert report.adapter and any("pissa" in u for u in report.adapter.unsupported)
+
+
+def test_an_augmented_checkpoint_is_recognised_with_its_ranks(tmp_path):
+    """It was listed as an adapter that 'replaces' every tensor."""
+    fixtures = ROOT / "fixtures"
+    assert run_cli("merge", fixtures / "base", fixtures / "adapter", "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
+    doc = json.loads(run_cli("inspect", tmp_path / "aug", "--json").stdout)
+    original = json.loads(run_cli("inspect", fixtures / "adapter", "--json").stdout)
+    assert (doc["form"], original["form"]) == ("augmented", "adapter")
+    assert doc["adapter"]["modules"] == original["adapter"]["modules"] and doc["adapter"]["replaced_tensors"] == []
+    table = run_cli("inspect", tmp_path / "aug").stdout
+    assert f"lorasurgeon convert {tmp_path / 'aug'} --to adapter|merged" in table
+    assert json.loads(run_cli("inspect", fixtures / "base", "--json").stdout)["form"] == "model"

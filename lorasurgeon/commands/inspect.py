@@ -6,13 +6,15 @@ import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from ..adapter.config import CONFIG_NAME
+from ..adapter.config import CONFIG_NAME, AdapterConfig
 from ..adapter.weights import load_adapter
 from ..formats.detect import Quantization, detect
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..io.dtypes import safetensors_name
-from ..io.sidecar import read_config
+from ..io.sidecar import is_tied, read_config
+from ._inputs import input_kind
+from .merge.augmented import split_augmented
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,7 @@ class CheckpointReport:
     metadata: dict[str, str]
     adapter: AdapterReport | None
     quantization: Quantization | None = None  # how the weights are quantized (merge, extract, diff refuse these)
+    form: str = "model"  # model | adapter | augmented (a model with the LoRA layers inside)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -66,9 +69,16 @@ class CheckpointReport:
 def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
     """Describe the checkpoint or PEFT adapter at ``path`` without reading any tensor data."""
     root = resolve(path)
-    is_adapter = (root if root.is_dir() else root.parent).joinpath(CONFIG_NAME).is_file()
-    adapter = load_adapter(root) if is_adapter and root.is_dir() else None
-    ckpt = adapter.checkpoint if adapter else open_checkpoint(root)
+    ckpt = open_checkpoint(root)
+    form = input_kind(ckpt)
+    has_config = ckpt.folder.joinpath(CONFIG_NAME).is_file()
+    adapter = None
+    if form == "adapter" and has_config:
+        ckpt.close()
+        adapter = load_adapter(ckpt.folder)
+        ckpt = adapter.checkpoint
+    elif form == "augmented" and has_config:  # the adapter inside, read as convert reads it
+        _, adapter = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), is_tied(read_config(ckpt.folder)))
     dtypes: dict[str, list[int]] = {}
     for info in ckpt.infos():
         counts = dtypes.setdefault(safetensors_name(info.dtype), [0, 0])
@@ -87,6 +97,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         metadata=dict(ckpt.metadata),
         adapter=_adapter_report(adapter) if adapter else None,
         quantization=detect(((i.name, i.dtype) for i in ckpt.infos()), read_config(ckpt.folder)),
+        form=form,
     )
     ckpt.close()
     return report
@@ -121,11 +132,17 @@ def _adapter_report(adapter) -> AdapterReport:
     )
 
 
+_FORMS = {"model": "model", "adapter": "PEFT adapter",
+          "augmented": "augmented: a model with LoRA layers inside (lorasurgeon convert {path} --to adapter|merged "
+                       "-o OUT gives the adapter or the merged model)"}
+
+
 def format_report(report: CheckpointReport) -> str:
     """A readable multi-line summary (the output of ``inspect`` without ``--json``)."""
     lines = [
         f"{report.path}",
         f"  format      {report.format}",
+        f"  form        {_FORMS[report.form].format(path=report.path)}",
         f"  files       {len(report.files)}: {', '.join(report.files[:4])}"
         + (" ..." if len(report.files) > 4 else ""),
         f"  tensors     {report.tensors:,}",

@@ -31,8 +31,11 @@ def _options(rank, energy, max_rank, solver, dtype, include, exclude, embeddings
         raise OptionError(f"--rank must be at least 1, got {rank}")
     if energy is not None and not 0.0 < energy <= 1.0:
         raise OptionError(f"--energy must be in (0, 1], got {energy}")
-    if max_rank is not None and (energy is None or max_rank < 1):
-        raise OptionError("--max-rank caps --energy and must be at least 1")
+    if max_rank is not None and energy is None:
+        raise OptionError(f"--max-rank caps the ranks --energy chooses; with --rank {rank} every module gets rank "
+                          f"{rank} (or its matrix's own, if smaller): drop --max-rank, or use --energy")
+    if max_rank is not None and max_rank < 1:
+        raise OptionError(f"--max-rank must be at least 1, got {max_rank}")
     if solver not in SOLVERS:
         raise OptionError(f"unknown solver {solver!r}: choose {', '.join(SOLVERS)}")
     if embeddings not in ("lowrank", "full", "skip") or extras not in ("full", "skip"):

@@ -27,6 +27,8 @@ def compute_extract(op: ExtractOp, tensors: dict[Ref, torch.Tensor], device: tor
         same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
         # ‖base − tuned‖² = ‖ΔW‖²; tuned is what gets written, base is ours and not used again
         change = squared_norm(difference(base, tuned)) if same_shape else 0.0
+        if same_shape and change == 0.0:  # the same values in another dtype: nothing to store
+            return Outcome([], OpInfo(op, "unchanged"))
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
     delta = difference(tuned, base, device)  # tuned is ours (a fresh read) and not used again
     if not allow_nonfinite:

@@ -106,6 +106,10 @@ def finish_adapter(spool: SpoolWriter, infos: list[OpInfo], tuned: Checkpoint, *
     lowrank = {i.op.module: i.stats for i in infos if i.status == "lowrank"}
     full_modules = {i.op.module for i in infos if i.status == "full"}
     notes = sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
+    capped = sorted((s.rank, s.name) for s in lowrank.values() if fixed_rank is not None and s.rank < fixed_rank)
+    if capped:
+        notes.append(f"--rank {fixed_rank} is more than {len(capped)} modules' matrices allow; each of those got its "
+                     f"full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}; see rank_pattern)")
     # A bias that changed while its module's weight did not: no factors to hang it on, keep the module in full.
     bias_modules = set()
     for i in infos:
