@@ -208,20 +208,20 @@ def test_a_read_only_location_is_one_line_exit_2(read_only, tmp_path, where):
 
 
 def test_an_unwritable_folder_is_one_line_exit_2(tmp_path):
-    """Permissions, as a user who is not root meets them (run as nobody when the tests run as root)."""
+    """Permissions, as a user meets them. Root ignores them through CAP_DAC_OVERRIDE, so as root the
+    command runs without that capability (setpriv), and meets them too."""
     locked = tmp_path / "locked"
     locked.mkdir()
     os.chmod(locked, 0o555)
-    os.chmod(tmp_path, 0o755)
-    kwargs = {}
+    prefix: list[str] = []
     if os.geteuid() == 0:
-        kwargs = {"user": 65534, "group": 65534, "env": {**os.environ, "HOME": str(tmp_path)}}
-    try:
-        done = subprocess.run([sys.executable, "-m", "lorasurgeon", "merge", str(FIX_BASE), str(FIX_ADAPTER),
-                               "-o", str(locked / "out")], capture_output=True, text=True, cwd=tmp_path, **kwargs)
-    except PermissionError:
-        pytest.skip("root ignores permissions, and nobody cannot run this interpreter "
-                    "(test_a_read_only_location_is_one_line_exit_2 covers the same path)")
+        setpriv = shutil.which("setpriv")
+        if setpriv is None:
+            pytest.skip("running as root without setpriv: permissions cannot be met")
+        caps = "-dac_override,-dac_read_search"
+        prefix = [setpriv, "--bounding-set", caps, "--inh-caps", caps]
+    done = subprocess.run([*prefix, sys.executable, "-m", "lorasurgeon", "merge", str(FIX_BASE), str(FIX_ADAPTER),
+                           "-o", str(locked / "out")], capture_output=True, text=True, cwd=tmp_path)
     assert done.returncode == 2, done.stderr
     assert done.stderr.strip().splitlines() == [f"error: {locked / 'out'}: cannot write the result here (Permission denied)"]
     assert listing(locked) == set()
