@@ -179,7 +179,7 @@ def _common(f):
                      help="Output dtype of floating tensors; auto keeps the base's (bf16, fp16, fp32 work too)."),
         click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N."),
         click.option("--max-shard-size", default=None, help="e.g. 5GB; default keeps the base's layout."),
-        click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete."),
+        click.option("--overwrite", is_flag=True, help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete."),
         click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
         click.option("--allow-nonfinite", is_flag=True, help="Write results holding NaN/Inf instead of stopping."),
@@ -283,7 +283,7 @@ def unmerge_cmd(merged, adapters, out, weights, dtype, device, max_shard_size, o
               help="Output dtype of floating tensors; auto keeps the checkpoint's (bf16, fp16, fp32 work too).")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 @click.option("--max-shard-size", default=None, help="e.g. 5GB.")
-@click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.")
 @click.option("--dry-run", is_flag=True, help="Print the plan; read and write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
 @_push_options
@@ -323,7 +323,7 @@ def convert_cmd(augmented, to, out, dtype, device, max_shard_size, overwrite, dr
 @click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized solver (same seed, same adapter).")
 @click.option("--dtype", default="float32", show_default=True, type=_Dtype(["float32", "bfloat16", "float16"]),
               help="dtype of the LoRA factors (bf16, fp16, fp32 work too).")
-@click.option("--overwrite", is_flag=True, help="Replace OUT once the new result is complete.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.")
 @click.option("--dry-run", is_flag=True, help="Print what would be compared; write nothing.")
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or report.")
 @click.option("--allow-nonfinite", is_flag=True, help="Do not stop at NaN/Inf deltas.")
