@@ -184,8 +184,8 @@ def test_skip_options_include_exclude_and_dtype(llama, tmp_path):
                      exclude=r"mlp\.", dtype="bfloat16")
     names = {m.name for m in report.modules}
     assert not any("mlp" in n or "embed" in n for n in names) and "lm_head" in names
-    assert report.full == [] and report.skipped["excluded"] == 6
-    assert any("norm" in n for n in report.skipped["not_stored"]) and "model.embed_tokens.weight" in report.skipped["not_stored"]
+    assert report.full == [] and report.skipped.excluded == 6
+    assert any("norm" in n for n in report.skipped.not_stored) and "model.embed_tokens.weight" in report.skipped.not_stored
     tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     report = extract(base, tuned, tmp_path / "lora2", rank=2, include=r"q_proj", embeddings="full")
@@ -219,7 +219,8 @@ def test_bad_pairs_are_refused(llama, tmp_path):
     refused(run_cli("extract", base, copy, "--rank", "4", "-o", tmp_path / "out"), tmp_path, "nothing to extract")
     refused(run_cli("extract", base, tuned, "-o", tmp_path / "out"), tmp_path, "exactly one of --rank")
     refused(run_cli("extract", base, tuned, "--energy", "1.5", "-o", tmp_path / "out"), tmp_path, "--energy")
-    refused(run_cli("extract", base, tuned, "--rank", "2", "--include", "(", "-o", tmp_path / "out"), tmp_path, "")
+    refused(run_cli("extract", base, tuned, "--rank", "2", "--include", "(", "-o", tmp_path / "out"), tmp_path,
+            "--include '(' is not a valid regex")
     assert set(listing(tmp_path)) == {p for p in listing(tmp_path) if not p.startswith(".")}
 
 
@@ -235,7 +236,7 @@ def test_embeddings_full_on_a_tied_model_stores_the_head_in_full_too(tmp_path):
     torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)),
                                rtol=1e-4, atol=1e-4)
     report = extract(base, tuned, tmp_path / "skip", rank=4, embeddings="skip")
-    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(report.skipped["not_stored"])
+    assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(report.skipped.not_stored)
 
 
 def test_rank_options_say_what_they_mean(llama, tmp_path):
@@ -260,5 +261,5 @@ def test_a_tensor_in_another_dtype_with_the_same_values_is_unchanged(tmp_path):
     fixtures = ROOT / "fixtures"
     merge(fixtures / "base", [fixtures / "adapter"], tmp_path / "fp32", dtype="float32")
     report = extract(fixtures / "base", tmp_path / "fp32", tmp_path / "lora", rank=8)
-    assert report.full == [] and report.skipped["unchanged"] == 7 and len(report.modules) == 14
+    assert report.full == [] and report.skipped.unchanged == 7 and len(report.modules) == 14
     assert not json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["modules_to_save"]

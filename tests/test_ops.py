@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lorasurgeon.ops.lora import add_lora, add_lora_rowwise, factors
+from lorasurgeon.ops.lora import LAYER_KINDS, add_lora, add_lora_rowwise
 
 
 def test_hand_computed():
@@ -13,7 +13,7 @@ def test_hand_computed():
     a = torch.tensor([[1.0, -1.0]])          # r=1, in=2
     b = torch.tensor([[2.0], [0.0], [-1.0]])  # out=3, r=1
     out = torch.empty(3, 2)
-    assert add_lora_rowwise(w, [(*factors(a, b, "linear"), 0.5)], out, block=2)  # one row per block
+    assert add_lora_rowwise(w, [(*LAYER_KINDS["linear"].factors(a, b), 0.5)], out, block=2)  # one row per block
     assert torch.equal(out, torch.tensor([[2.0, 1.0], [3.0, 4.0], [4.5, 6.5]]))
 
 
@@ -33,10 +33,10 @@ def test_matches_float64_in_float32(kind, rows, cols, block):
     w, terms = operands(kind, rows, cols, 8, torch.float32)
     exact = w.double()
     for a, b, s in terms:
-        left, right = factors(a, b, kind)
+        left, right = LAYER_KINDS[kind].factors(a, b)
         exact = exact + s * (left.double() @ right.double())
     out = torch.empty(rows, cols)
-    assert add_lora_rowwise(w, [(*factors(a, b, kind), s) for a, b, s in terms], out, block=block)
+    assert add_lora_rowwise(w, [(*LAYER_KINDS[kind].factors(a, b), s) for a, b, s in terms], out, block=block)
     torch.testing.assert_close(out.double(), exact, rtol=2e-6, atol=2e-6)
 
 
@@ -45,9 +45,9 @@ def test_bf16_is_rounded_once_and_matches_the_whole_matrix_path(kind):
     w, terms = operands(kind, 512, 384, 16, torch.bfloat16, seed=1)
     whole = w.float()
     for a, b, s in terms:
-        whole = add_lora(whole, a, b, s, kind, inplace=True)
+        whole = add_lora(whole, a, b, s, LAYER_KINDS[kind], inplace=True)
     out = torch.empty_like(w)
-    add_lora_rowwise(w, [(*factors(a, b, kind), s) for a, b, s in terms], out, block=4096)
+    add_lora_rowwise(w, [(*LAYER_KINDS[kind].factors(a, b), s) for a, b, s in terms], out, block=4096)
     # Both round an fp32 sum once; fp32 sums formed in another order may differ in their last
     # bit, which moves a bf16 result only when it sits on a rounding boundary: rare, one unit.
     differ = out != whole.to(torch.bfloat16)
@@ -58,7 +58,7 @@ def test_bf16_is_rounded_once_and_matches_the_whole_matrix_path(kind):
 
 def test_result_may_overwrite_the_input():
     w, terms = operands("linear", 200, 96, 4, torch.bfloat16)
-    f = [(*factors(a, b, "linear"), s) for a, b, s in terms]
+    f = [(*LAYER_KINDS["linear"].factors(a, b), s) for a, b, s in terms]
     separate = torch.empty_like(w)
     add_lora_rowwise(w, f, separate, block=500)
     inplace = w.clone()
@@ -77,7 +77,7 @@ def test_reports_nonfinite_results(where):
     else:  # finite in float32, too large for float16
         w[2, 2], out_dtype = 70000.0, torch.float16
     out = torch.empty(64, 32, dtype=out_dtype)
-    assert not add_lora_rowwise(w, [(*factors(a, b, "linear"), s) for a, b, s in terms], out, block=256)
+    assert not add_lora_rowwise(w, [(*LAYER_KINDS["linear"].factors(a, b), s) for a, b, s in terms], out, block=256)
     assert not torch.isfinite(out).all()
 
 

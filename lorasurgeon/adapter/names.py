@@ -5,6 +5,8 @@ Every naming fact about the PEFT format lives in these tables.
 
 from __future__ import annotations
 
+from typing import Container
+
 SAVED_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 
@@ -72,6 +74,13 @@ INPUT_EMBEDDINGS = (
     "gpt_neox.embed_in.weight",
     "embed_tokens.weight",
 )
+
+
+
+def input_embedding(names: Container[str]) -> str | None:
+    """The input embedding among a checkpoint's tensor names (the first of INPUT_EMBEDDINGS present)."""
+    return next((n for n in INPUT_EMBEDDINGS if n in names), None)
+
 
 # Target names for which PEFT saves the embedding layers' W0 with the adapter (EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")

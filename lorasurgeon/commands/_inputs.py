@@ -1,10 +1,13 @@
-"""Option checks shared by the commands: output placement, device, dtype, sizes."""
+"""What every command checks before any work: its inputs (resolved, of the right kind, not quantized),
+its output's place, its options (device, dtype, sizes, weights, name filters)."""
 
 from __future__ import annotations
 
 import math
 import numbers
 import os
+import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, Sequence
 
@@ -14,10 +17,67 @@ from ..adapter.config import CONFIG_NAME
 from ..adapter.names import AUGMENTED_SUFFIX, SAVED_PREFIX, SAVED_SUFFIX
 from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
 from ..formats.detect import detect
+from ..hub.source import Source, resolve_source
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.destination import check_destination
 from ..io.dtypes import parse_dtype
 from ..io.layout import parse_size
+
+
+@dataclass(frozen=True)
+class Input:
+    """One input of a command: what the user typed, its role in messages, and the kind it must be (None: any)."""
+
+    spec: str | os.PathLike[str]
+    role: str
+    want: InputKind | None = None
+
+
+def prepare(inputs: Sequence[Input], out: str | os.PathLike[str] | None, *, command: str, overwrite: bool,
+            device: str) -> list[Source]:
+    """Every command's first step, before any tensor is read: resolve each input (a path, or a Hub repo
+    id), check its kind (the first one's message names swapped arguments), check the output's place
+    and the device. Returns the resolved inputs, in order."""
+    sources = [resolve_source(i.spec) for i in inputs]
+    for n, (wanted, source) in enumerate(zip(inputs, sources)):
+        if wanted.want is not None:
+            others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
+            expect_kind(source.path, source.label, role=wanted.role, want=wanted.want, command=command, others=others)
+    if out is not None:
+        check_output(out, [s.path for s in sources], overwrite=overwrite)
+    check_device(device)
+    return sources
+
+
+@dataclass(frozen=True)
+class NameFilter:
+    """--include / --exclude: regexes searched in tensor names (re.search), compiled once."""
+
+    include: re.Pattern[str] | None = None
+    exclude: re.Pattern[str] | None = None
+
+    @classmethod
+    def parse(cls, include: str | None, exclude: str | None) -> NameFilter:
+        def compiled(flag: str, pattern: str | None) -> re.Pattern[str] | None:
+            try:
+                return re.compile(pattern) if pattern else None
+            except re.error as exc:
+                raise InvalidOptionError(f"{flag} {pattern!r} is not a valid regex ({exc})") from None
+
+        return cls(compiled("--include", include), compiled("--exclude", exclude))
+
+    @property
+    def active(self) -> bool:
+        return self.include is not None or self.exclude is not None
+
+    def __call__(self, name: str) -> bool:
+        """Whether ``name`` is kept."""
+        return not ((self.include is not None and not self.include.search(name))
+                    or (self.exclude is not None and self.exclude.search(name)))
+
+    def describe(self) -> str:
+        return " and ".join(f"{flag} {p.pattern!r}" for flag, p in (("--include", self.include),
+                                                                     ("--exclude", self.exclude)) if p)
 
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[Path], *, overwrite: bool) -> None:

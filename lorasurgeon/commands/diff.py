@@ -4,23 +4,24 @@ from __future__ import annotations
 
 import math
 import os
-import re
 import zlib
 from dataclasses import asdict, dataclass
 from functools import partial
+from typing import Literal, Mapping, get_args
 
 import torch
 
 from ..engine.execute import Outcome, Progress, run
 from ..engine.plan import Ref
 from ..errors import InvalidOptionError as OptionError
-from ..hub.source import resolve
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import FileSlice, open_checkpoint
+from ..io.layout import TensorSpec
 from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ..io.sidecar import read_config
-from ._inputs import check_device, refuse_quantized
+from ._inputs import Input, NameFilter, prepare, refuse_quantized
 
-STATUSES = ("identical", "changed", "shape_mismatch", "dtype_mismatch")
+Status = Literal["identical", "changed", "shape_mismatch", "dtype_mismatch"]
+STATUSES: tuple[Status, ...] = get_args(Status)
 
 
 @dataclass(frozen=True)
@@ -30,6 +31,7 @@ class DiffOp:
     b: Ref
     comparable: bool  # same shape
     nbytes: int
+    byte_copy: TensorSpec | None = None  # diff writes nothing
 
     def refs(self) -> list[Ref]:
         return [self.a, self.b]
@@ -38,7 +40,7 @@ class DiffOp:
 @dataclass(frozen=True)
 class TensorDiff:
     name: str
-    status: str
+    status: Status
     rel_change: float | None = None
     max_abs_diff: float | None = None
     cosine: float | None = None
@@ -145,27 +147,27 @@ def _json_safe(doc: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in doc.items()}
 
 
-def compute_diff(op: DiffOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
-                 profile: bool, seed: int) -> Outcome:
+def compute_diff(op: DiffOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *,
+                 profile: bool, seed: int) -> Outcome[TensorDiff]:
     a, b = tensors[op.a], tensors[op.b]
     if not op.comparable:
         return Outcome([], TensorDiff(op.name, "shape_mismatch"))
     if same_bits(a, b):
         return Outcome([], TensorDiff(op.name, "identical", 0.0, 0.0, 1.0, 1.0))
     same = identical_fraction(a, b)
-    status = "dtype_mismatch" if a.dtype != b.dtype else "changed"
+    status: Status = "dtype_mismatch" if a.dtype != b.dtype else "changed"
     if not a.dtype.is_floating_point and a.dtype == b.dtype:  # integers: exact in float64
         a, b = a.to(torch.float64), b.to(torch.float64)
     a, b = a.to(device), b.to(device)
     stats = change(a, b)
-    ranks = [None, None, None]
+    ranks: list[int | None] = [None, None, None]
     if profile and a.dim() == 2 and stats.max_abs_diff > 0:
         ranks = rank_profile(b.to(torch.float32) - a.to(torch.float32), seed=seed + zlib.crc32(op.name.encode()))
     return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks))
 
 
 class _NoOutput:
-    def write(self, name: str, tensor: torch.Tensor) -> None:  # diff writes nothing
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:  # diff writes nothing
         raise AssertionError("diff produced an output tensor")
 
 
@@ -181,25 +183,17 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: 
     """
     if atol is not None and not atol >= 0:
         raise OptionError(f"--atol must be a non-negative number, got {atol}")
-    try:
-        patterns = [re.compile(p) if p else None for p in (include, exclude)]
-    except re.error as exc:
-        raise OptionError(f"invalid regex: {exc}") from None
-    check_device(device)
-
-    def keep(name: str) -> bool:
-        return not ((patterns[0] and not patterns[0].search(name)) or (patterns[1] and patterns[1].search(name)))
-
-    path_a, path_b = resolve(a), resolve(b)
+    keep = NameFilter.parse(include, exclude)
+    src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
+    path_a, path_b = src_a.path, src_b.path
     with open_checkpoint(path_a) as ca, open_checkpoint(path_b) as cb:
         for ckpt, role in ((ca, "A"), (cb, "B")):
             refuse_quantized(ckpt, read_config(ckpt.folder), role=role, command="diff")
         names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
-        if (include or exclude) and not names_a and not names_b and (len(ca) or len(cb)):
+        if keep.active and not names_a and not names_b and (len(ca) or len(cb)):
             example = next(iter(ca), None) or next(iter(cb))
-            chosen = " and ".join(f"{flag} {p!r}" for flag, p in (("--include", include), ("--exclude", exclude)) if p)
-            raise OptionError(f"{chosen} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to compare "
-                              f"(names look like {example!r})")
+            raise OptionError(f"{keep.describe()} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to "
+                              f"compare (names look like {example!r})")
         set_a, set_b = set(names_a), set(names_b)
         ops = []
         for name in names_a:

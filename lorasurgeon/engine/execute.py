@@ -1,14 +1,14 @@
-"""The streaming executor: the only place that moves tensor data.
+"""The streaming executor: the one loop in which every command reads, computes and writes tensors.
 
 Three stages connected by bounded queues: a reader thread reads the next ops' tensors, the
 calling thread computes (on ``device``), a writer thread hands results to the sink (a
 CheckpointWriter or SpoolWriter). At most a few tensors are alive at once, whatever the model
 size. File reads, writes and torch kernels release the GIL, so the stages overlap.
 
-Every command uses this one loop; what differs is the op type and its ``compute`` function
-(``commands.merge.compute.compute_merge``, ``commands.extract.compute.compute_extract``,
-``commands.diff.compute_diff``). The loop holds no command's math.
-An op needs ``name``, ``nbytes`` (its share of the progress bar) and ``refs()`` (what to read).
+What differs between commands is the op type (see ``plan.Op``) and the ``compute`` function
+(``commands.merge.compute``, ``commands.extract.compute``, ``commands.diff``, ``commands.verify``);
+the loop holds no command's math. An op whose output is an input's bytes unchanged
+(``Op.byte_copy``) is not computed at all: its bytes are copied file to file.
 """
 
 from __future__ import annotations
@@ -17,49 +17,49 @@ import queue
 import threading
 import time
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Protocol, Sequence
+from typing import Callable, Generic, Mapping, Protocol, Sequence, TypeVar
 
 import torch
 
+from ..errors import LorasurgeonError
 from ..io.buffers import ReadBuffers
-from ..io.checkpoint import Checkpoint
-from .plan import Ref
+from ..io.checkpoint import FileSlice, TensorInfo
+from .plan import Op, Ref
 
-_DONE = object()
 QUEUE_DEPTH = 2
 READ_AHEAD_BYTES = 256 << 20
 
+OpT = TypeVar("OpT", bound=Op)
+InfoT = TypeVar("InfoT")
+Written = torch.Tensor | FileSlice
+
 
 @dataclass(frozen=True)
-class ExecStats:
+class Outcome(Generic[InfoT]):
+    """What computing one op gave: tensors to write (possibly none) and what to report about it."""
+
+    outputs: list[tuple[str, torch.Tensor]]
+    info: InfoT
+
+
+@dataclass(frozen=True)
+class ExecStats(Generic[InfoT]):
     tensors: int
     bytes_written: int
     seconds: float
-    infos: tuple[Any, ...] = ()  # what each op's compute reported (extract: per-module statistics)
+    infos: tuple[InfoT, ...]  # what each computed op reported (extract: per-module statistics), in order
 
 
-@dataclass(frozen=True)
-class FileSlice:
-    """A tensor's bytes left in its file: written by copying file to file, never through memory."""
+class Source(Protocol):
+    """What the engine needs of an input: its tensors' descriptions, and reading one (a Checkpoint)."""
 
-    path: Path
-    offset: int
-    nbytes: int
-    dtype: torch.dtype
-    shape: tuple[int, ...]
+    def info(self, name: str) -> TensorInfo: ...
 
-
-@dataclass(frozen=True)
-class Outcome:
-    """What computing one op gave: tensors to write (possibly none) and anything to report."""
-
-    outputs: list[tuple[str, torch.Tensor]]
-    info: Any = None
+    def read(self, name: str, alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor: ...
 
 
 class Sink(Protocol):
-    def write(self, name: str, tensor: torch.Tensor) -> None: ...
+    def write(self, name: str, tensor: Written) -> None: ...
 
 
 class Progress(Protocol):
@@ -72,26 +72,20 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-def _slice(inputs: Sequence[Checkpoint], op) -> FileSlice | None:
-    """A plain copy's bytes, left on disk (same bytes out as in), where they can be."""
-    if getattr(op, "is_plain_copy", False):
-        info = inputs[op.src.source].info(op.src.key)
-        if info.offset is not None and info.dtype == op.dtype and info.shape == op.shape:
-            return FileSlice(info.file, info.offset, info.nbytes, info.dtype, info.shape)
+Compute = Callable[[OpT, Mapping[Ref, torch.Tensor], torch.device], Outcome[InfoT]]
+
+
+def _byte_copy(inputs: Sequence[Source], op: Op) -> FileSlice | None:
+    """An op's output as its input's bytes left on disk, where they can be (same bytes out as in)."""
+    spec = op.byte_copy
+    if spec is None:
+        return None
+    (ref,) = op.refs()[:1]
+    info = inputs[ref.source].info(ref.key)
+    piece: FileSlice | None = info.file_slice()
+    if piece is not None and piece.dtype == spec.dtype and piece.shape == spec.shape:
+        return piece
     return None
-
-
-def _fetch(inputs: Sequence[Checkpoint], op, alloc: ReadBuffers) -> dict[Ref, torch.Tensor | FileSlice]:
-    if (piece := _slice(inputs, op)) is not None:
-        return {op.src: piece}
-    return {r: inputs[r.source].read(r.key, alloc) for r in dict.fromkeys(op.refs())}
-
-
-def _fetch_bytes(inputs: Sequence[Checkpoint], op) -> int:
-    """The memory ``_fetch`` will take for ``op``."""
-    if _slice(inputs, op) is not None:
-        return 0
-    return sum(inputs[r.source].info(r.key).nbytes for r in dict.fromkeys(op.refs()))
 
 
 class _ReadAhead:
@@ -117,24 +111,39 @@ class _ReadAhead:
             self._cond.notify_all()
 
 
-def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
-        compute: Callable[[Any, dict, torch.device], Outcome], device: str = "cpu", progress: Progress | None = None,
-        read_ahead: int = READ_AHEAD_BYTES) -> ExecStats:
+@dataclass(frozen=True)
+class _Fetched:
+    """What the reader hands on for one op: its tensors, its bytes left on disk, or why it could not be read."""
+
+    op: Op
+    tensors: dict[Ref, torch.Tensor]
+    piece: FileSlice | None
+    error: LorasurgeonError | None
+    nbytes: int
+
+
+_DONE = object()
+
+
+def run(ops: Sequence[OpT], inputs: Sequence[Source], sink: Sink, *, compute: Compute[OpT, InfoT],
+        device: str = "cpu", progress: Progress | None = None, read_ahead: int = READ_AHEAD_BYTES,
+        unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None = None) -> ExecStats[InfoT]:
     """Execute ``ops`` in order, streaming: read ahead, compute, write behind.
 
     The reader runs ahead of compute by at most QUEUE_DEPTH ops and ``read_ahead`` bytes (but
     always by one op), so huge tensors (a 128 K-token embedding is 1 GB in bf16) are not queued
-    several deep.
+    several deep. A failure in any stage stops all three and is raised here; with ``unreadable``,
+    an op whose input cannot be read is reported by it instead, and the run goes on.
     """
     dev = torch.device(device)
     ahead = _ReadAhead(read_ahead)
     start = time.perf_counter()
-    read_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
-    write_q: queue.Queue = queue.Queue(QUEUE_DEPTH)
+    read_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+    write_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
     errors: list[BaseException] = []
     stop = threading.Event()
 
-    def put(q: queue.Queue, item: object) -> bool:
+    def put(q: queue.Queue[object], item: object) -> bool:
         while not stop.is_set():
             try:
                 q.put(item, timeout=0.1)
@@ -143,7 +152,7 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
                 continue
         return False
 
-    def take(q: queue.Queue) -> object:
+    def take(q: queue.Queue[object]) -> object:
         """The next item, or _DONE once the run is stopping (a failed stage sets ``stop``)."""
         while not stop.is_set():
             try:
@@ -152,13 +161,29 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
                 continue
         return _DONE
 
+    def fetch(op: Op, buffers: ReadBuffers) -> _Fetched:
+        piece = _byte_copy(inputs, op)
+        if piece is not None:
+            return _Fetched(op, {}, piece, None, 0)
+        refs = list(dict.fromkeys(op.refs()))
+        nbytes = sum(inputs[r.source].info(r.key).nbytes for r in refs)
+        if not ahead.acquire(nbytes, stop):
+            raise _Stopping
+        try:
+            return _Fetched(op, {r: inputs[r.source].read(r.key, buffers) for r in refs}, None, None, nbytes)
+        except LorasurgeonError as exc:
+            if unreadable is None:
+                raise
+            return _Fetched(op, {}, None, exc, nbytes)
+
     def reader() -> None:
         try:
             buffers = ReadBuffers()
             for op in ops:
-                nbytes = _fetch_bytes(inputs, op)
-                if not ahead.acquire(nbytes, stop) or not put(read_q, (op, _fetch(inputs, op, buffers), nbytes)):
+                if not put(read_q, fetch(op, buffers)):
                     return
+        except _Stopping:
+            return
         except BaseException as exc:  # handed to the main thread, re-raised there
             errors.append(exc)
             stop.set()
@@ -167,7 +192,7 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
     def write_stage() -> None:
         try:
             while (item := take(write_q)) is not _DONE:
-                op, outputs = item
+                op, outputs = item  # type: ignore[misc]  # the main loop puts (op, outputs)
                 for name, tensor in outputs:
                     sink.write(name, tensor)
                 if progress is not None:
@@ -184,19 +209,29 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
     threads = [threading.Thread(target=reader, name="lorasurgeon-read"),
                threading.Thread(target=write_stage, name="lorasurgeon-write")]
     written = 0
-    infos = []
+    infos: list[InfoT] = []
     try:
         for t in threads:
             t.start()
         while (item := take(read_q)) is not _DONE:
-            op, tensors, nbytes = item
-            ahead.release(nbytes)  # the reader may fetch the next ops while this one computes
-            outcome = compute(op, tensors, dev)
-            del tensors
-            infos.append(outcome.info)
-            if not put(write_q, (op, outcome.outputs)):
+            assert isinstance(item, _Fetched)
+            ahead.release(item.nbytes)  # the reader may fetch the next ops while this one computes
+            op: OpT = item.op  # type: ignore[assignment]  # the reader fetched this run's ops
+            outputs: list[tuple[str, Written]]
+            if item.piece is not None:
+                outputs = [(op.name, item.piece)]
+            elif item.error is not None:
+                assert unreadable is not None
+                infos.append(unreadable(op, item.error))
+                outputs = []
+            else:
+                outcome = compute(op, item.tensors, dev)
+                infos.append(outcome.info)
+                outputs = list(outcome.outputs)
+            del item
+            if not put(write_q, (op, outputs)):
                 break
-            written += sum(t.nbytes for _, t in outcome.outputs)
+            written += sum(t.nbytes for _, t in outputs)
     except BaseException:
         stop.set()
         raise
@@ -211,3 +246,7 @@ def run(ops: Sequence[Any], inputs: Sequence[Checkpoint], sink: Sink, *,
     if errors:
         raise errors[0]
     return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos))
+
+
+class _Stopping(Exception):
+    """The run stopped while the reader waited for room to read ahead."""

@@ -1,12 +1,15 @@
-"""What the engine knows of a plan: where an op's input tensors live.
+"""What the engine knows of a plan: where an op's inputs live, and what it asks of an op.
 
-Each command defines its own op type (merge's TensorOp, extract's ExtractOp, diff's DiffOp);
-the engine needs from an op only ``name``, ``nbytes`` and ``refs()`` (see ``execute.run``).
+Each command defines its own op type (merge's TensorOp, extract's ExtractOp, diff's DiffOp, ...);
+the engine imports none of them and asks only for what ``Op`` declares.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+from ..io.layout import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -15,3 +18,25 @@ class Ref:
 
     source: int
     key: str
+
+
+class Op(Protocol):
+    """One step of a plan, as the engine sees it."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def nbytes(self) -> int:
+        """Its share of the progress bar (the bytes it writes, or reads when it writes nothing)."""
+        ...
+
+    @property
+    def byte_copy(self) -> TensorSpec | None:
+        """When set, the output is ``refs()[0]`` unchanged, stored as this spec: if the input already
+        has that dtype and shape, its bytes go file to file and the op is never computed."""
+        ...
+
+    def refs(self) -> Sequence[Ref]:
+        """The input tensors it reads."""
+        ...

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import shlex
-from typing import Sequence
+from typing import Any, Mapping, Protocol, Sequence
 
 from .. import __version__
 
@@ -63,14 +63,26 @@ def convert_card(*, title: str, source: str, base: str | None, to: str) -> str:
     return model_card(kind="merged" if to == "merged" else "adapter", base=base, title=title, lines=lines)
 
 
-def extract_card(*, title: str, base: str, finetuned: str, method: dict, modules: Sequence, totals: dict,
-                 full: Sequence) -> str:
+class _ModuleLine(Protocol):
+    name: str
+    rank: int
+    kept: float
+    rel_error: float
+
+
+class _FullLine(Protocol):
+    name: str
+    reason: str
+
+
+def extract_card(*, title: str, base: str, finetuned: str, method: Mapping[str, Any],
+                 modules: Sequence[_ModuleLine], kept: float, parameters: int, full: Sequence[_FullLine]) -> str:
     how = f"rank {method['rank']}" if method.get("rank") else f"energy {method['energy']:g}" + (
         f", max rank {method['max_rank']}" if method.get("max_rank") else "")
     lines = [f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
              f"each weight delta ({how}; solver {method['solver']}).", "",
-             f"It keeps **{totals['kept']:.2%}** of the fine-tune's change (share of Σ‖ΔW‖²) in "
-             f"{totals['parameters']:,} parameters.", "",
+             f"It keeps **{kept:.2%}** of the fine-tune's change (share of Σ‖ΔW‖²) in "
+             f"{parameters:,} parameters.", "",
              "| module | rank | kept ‖ΔW‖² | rel. error |", "|---|---:|---:|---:|"]
     lines += [f"| `{m.name}` | {m.rank} | {m.kept:.2%} | {m.rel_error:.4f} |" for m in modules]
     if full:

@@ -62,6 +62,21 @@ class TensorInfo:
     def nbytes(self) -> int:
         return self.numel * itemsize(self.dtype)
 
+    def file_slice(self) -> FileSlice | None:
+        """Where this tensor's bytes lie in its file (None for a pickle, whose layout is not ours to read)."""
+        return None if self.offset is None else FileSlice(self.file, self.offset, self.nbytes, self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class FileSlice:
+    """A tensor's bytes left in its file: written by copying file to file, never through memory."""
+
+    path: Path
+    offset: int
+    nbytes: int
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
 
 class Checkpoint:
     """A lazily read set of tensors. Use :func:`open_checkpoint` to make one."""

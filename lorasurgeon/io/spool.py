@@ -15,11 +15,11 @@ from pathlib import Path
 import torch
 
 from ..errors import LorasurgeonError, OutputError, OutputExistsError
-from .checkpoint import TensorInfo, pread_into
+from .checkpoint import FileSlice, TensorInfo
 from .destination import absolute, check_replaceable
 from .layout import TensorSpec, plan_shards
 from .scratch import clean_stale, make_scratch
-from .writer import CheckpointWriter, pwrite_all, tensor_bytes
+from .writer import CheckpointWriter, copy_range, pwrite_all, tensor_bytes
 
 
 class SpoolWriter:
@@ -54,15 +54,20 @@ class SpoolWriter:
         self._items: dict[str, TensorInfo] = {}
         self._files: dict[str, bytes] = {}
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Spool one tensor (a later write of the same name replaces it)."""
-        data = tensor_bytes(tensor)
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:
+        """Spool one tensor, or copy a FileSlice's bytes in (a later write of the same name replaces it)."""
         try:
-            pwrite_all(self._fd, data, self._end)
+            if isinstance(tensor, FileSlice):
+                copy_range(tensor.path, tensor.offset, self._fd, self._end, tensor.nbytes)
+                nbytes = tensor.nbytes
+            else:
+                data = tensor_bytes(tensor)
+                pwrite_all(self._fd, data, self._end)
+                nbytes = len(data)
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc})") from None
         self._items[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), self._path, self._end)
-        self._end += len(data)
+        self._end += nbytes
 
     def discard(self, name: str) -> None:
         self._items.pop(name, None)
@@ -90,11 +95,10 @@ class SpoolWriter:
                                   metadata=self.metadata) as writer:
                 for name, data in self._files.items():
                     writer.add_file(name, data)
-                for info in self._items.values():
-                    buf = torch.empty(info.nbytes, dtype=torch.uint8)
-                    if info.nbytes:
-                        pread_into(self._path, memoryview(buf.numpy()), info.offset)
-                    writer.write(info.name, buf.view(info.dtype).reshape(info.shape))
+                for info in self._items.values():  # spool file to result file, never through memory
+                    piece = info.file_slice()
+                    assert piece is not None
+                    writer.write(info.name, piece)
         finally:
             self.abort()
         return self.out

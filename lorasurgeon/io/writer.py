@@ -25,6 +25,7 @@ from typing import Sequence
 import torch
 
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
+from .checkpoint import FileSlice
 from .destination import absolute, check_replaceable
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
@@ -59,7 +60,7 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
         data, offset = data[n:], offset + n
 
 
-def _copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
+def copy_range(src: Path, src_offset: int, dst_fd: int, dst_offset: int, nbytes: int) -> None:
     """Copy bytes between files in the kernel (copy_file_range), or through a small buffer."""
     fd = os.open(src, os.O_RDONLY)
     try:
@@ -163,7 +164,7 @@ class CheckpointWriter:
         """Planned tensors not yet written."""
         return list(self._slots)
 
-    def write(self, name: str, tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:
         """Write one planned tensor; its dtype and shape must be the planned ones.
 
         ``tensor`` may also be a FileSlice (bytes of an input file), copied file to file.
@@ -181,7 +182,7 @@ class CheckpointWriter:
             if isinstance(tensor, torch.Tensor):
                 pwrite_all(self._fds[filename], tensor_bytes(tensor), offset)
             else:
-                _copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
+                copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
             self._unwritten[filename] -= 1
             if not self._unwritten[filename]:
                 self._sync_early(self._fds[filename])

@@ -12,43 +12,88 @@ Layouts (s = scale):
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Literal
+
 import torch
 
-def lora_delta(a: torch.Tensor, b: torch.Tensor, scale: float, kind: str) -> torch.Tensor:
-    """ΔW in float32, shaped like the base weight of a module of ``kind``."""
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    if kind == "linear":
-        return (b32 @ a32) * scale
-    if kind in ("conv1d", "embedding"):
-        return ((b32 @ a32) * scale).T
-    if kind == "conv":
+LayerName = Literal["linear", "conv1d", "embedding", "conv"]
+
+
+@dataclass(frozen=True)
+class LayerKind:
+    """How one kind of base layer turns LoRA factors into ΔW (PEFT's layer variants, one object each).
+
+    ``transposed``: the base weight is stored (in, out), so ΔW = (s·B@A)ᵀ (GPT-2's Conv1D; an
+    Embedding, which PEFT treats as fan_in_fan_out). ``lora_roles``: the adapter roles of its A and B.
+    """
+
+    name: LayerName
+    transposed: bool
+    lora_roles: tuple[str, str] = ("A", "B")
+
+    def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The base weight shape an A/B pair implies (for validation from headers)."""
+        return (a_shape[1], b_shape[0]) if self.transposed else (b_shape[0], a_shape[1])
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(left, right) in float32 with ΔW = scale · left @ right."""
+        a32, b32 = a.to(torch.float32), b.to(torch.float32)
+        return (a32.T, b32.T) if self.transposed else (b32, a32)  # (B@A)ᵀ = Aᵀ@Bᵀ
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        """ΔW in float32, shaped like the base weight."""
+        product = (b.to(torch.float32) @ a.to(torch.float32)) * scale
+        return product.T if self.transposed else product
+
+    def norm_dims(self, ndim: int) -> tuple[int, ...]:
+        """The axes DoRA's norm runs over: each output unit (a row; a column when stored transposed)."""
+        return (0,) if self.transposed else (1,)
+
+
+@dataclass(frozen=True)
+class _ConvKind(LayerKind):
+    """Conv2d: W (out, in, k, k), A (r, in, k, k), B (out, r, 1, 1), ΔW = s·einsum(B, A)."""
+
+    def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+        return (b_shape[0], *a_shape[1:])
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError("a conv LoRA is not one matrix product of the weight's shape: use delta()")
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        a32, b32 = a.to(torch.float32), b.to(torch.float32)
         if a32.shape[2:] == (1, 1) and a32.dim() == 4:
             return ((b32.flatten(1) @ a32.flatten(1)) * scale)[:, :, None, None]
         return torch.einsum("or,rikl->oikl", b32.flatten(1), a32) * scale
-    raise ValueError(f"unknown LoRA module kind {kind!r}")
+
+    def norm_dims(self, ndim: int) -> tuple[int, ...]:
+        return tuple(range(1, ndim))
+
+
+LINEAR = LayerKind("linear", transposed=False)
+CONV1D = LayerKind("conv1d", transposed=True)
+EMBEDDING = LayerKind("embedding", transposed=True, lora_roles=("emb_A", "emb_B"))
+CONV = _ConvKind("conv", transposed=False)
+LAYER_KINDS: dict[str, LayerKind] = {k.name: k for k in (LINEAR, CONV1D, EMBEDDING, CONV)}
+MATRIX_KINDS = (LINEAR, CONV1D, EMBEDDING)  # ΔW is one matrix product of the weight's own shape
 
 
 def add_lora(weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-             kind: str, *, inplace: bool = False) -> torch.Tensor:
+             kind: LayerKind, *, inplace: bool = False) -> torch.Tensor:
     """``weight32 + ΔW`` in float32, fused into one matrix multiply-add where possible.
 
     With ``inplace`` the caller hands ``weight32`` over (it must own it) and gets it back updated,
     which saves allocating and faulting in a second model-sized buffer.
     """
-    if kind in ("linear", "conv1d", "embedding"):
-        left, right = factors(a, b, kind)
+    if kind in MATRIX_KINDS:
+        left, right = kind.factors(a, b)
         if inplace:
             return weight32.addmm_(left, right, alpha=scale)
         return torch.addmm(weight32, left, right, alpha=scale)
     if inplace:
-        return weight32.add_(lora_delta(a, b, scale, kind))
-    return weight32 + lora_delta(a, b, scale, kind)
-
-
-def factors(a: torch.Tensor, b: torch.Tensor, kind: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(left, right) in float32 with ΔW = scale · left @ right, for the kinds that are one product."""
-    a32, b32 = a.to(torch.float32), b.to(torch.float32)
-    return (b32, a32) if kind == "linear" else (a32.T, b32.T)  # (B@A)ᵀ = Aᵀ@Bᵀ
+        return weight32.add_(kind.delta(a, b, scale))
+    return weight32 + kind.delta(a, b, scale)
 
 
 def add_lora_rowwise(weight: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
@@ -86,35 +131,15 @@ def add_lora_rowwise(weight: torch.Tensor, terms: list[tuple[torch.Tensor, torch
     return bool(torch.isfinite(sums.sum()))
 
 
-def delta_shape(a_shape: tuple[int, ...], b_shape: tuple[int, ...], kind: str) -> tuple[int, ...]:
-    """The base weight shape an A/B pair of ``kind`` implies (for validation from headers)."""
-    if kind == "linear":
-        return (b_shape[0], a_shape[1])
-    if kind in ("conv1d", "embedding"):
-        return (a_shape[1], b_shape[0])
-    if kind == "conv":
-        return (b_shape[0], *a_shape[1:])
-    raise ValueError(f"unknown LoRA module kind {kind!r}")
-
-
-def _norm_dims(kind: str, ndim: int) -> tuple[int, ...]:
-    # DoRA normalises each output unit: rows of a Linear, columns of a Conv1D (stored transposed)
-    # and of an Embedding (PEFT treats it as fan_in_fan_out), and each output channel of a conv.
-    if kind == "linear":
-        return (1,)
-    if kind in ("conv1d", "embedding"):
-        return (0,)
-    return tuple(range(1, ndim))
-
 
 def dora_apply(base: torch.Tensor, current: torch.Tensor, delta: torch.Tensor,
-               magnitude: torch.Tensor, kind: str) -> torch.Tensor:
+               magnitude: torch.Tensor, kind: LayerKind) -> torch.Tensor:
     """One DoRA adapter merged: ``(m / ‖W0 + ΔW‖) · (current + ΔW)``.
 
     ``base`` is the original W0 (the norm is always taken from it, as PEFT's forward does);
     ``current`` is the weight with any previous adapters already merged (== base for one adapter).
     """
-    dims = _norm_dims(kind, base.dim())
+    dims = kind.norm_dims(base.dim())
     norm = torch.linalg.vector_norm(base.to(torch.float32) + delta, dim=dims, keepdim=True)
     mag = magnitude.to(torch.float32).reshape(norm.shape)
     return (mag / norm) * (current.to(torch.float32) + delta)

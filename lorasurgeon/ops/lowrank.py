@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
-SOLVERS = ("auto", "randomized", "exact")
+Solver = Literal["auto", "randomized", "exact"]
 KRYLOV_ITERS = 4
 EXACT_FP64_NUMEL = 512 * 512  # small exact cases are solved in float64
 
@@ -82,7 +83,7 @@ def exact_svd(m: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor
     return u.to(m.dtype), s.to(m.dtype), vh.to(m.dtype)
 
 
-def choose_solver(shape: tuple[int, int], k: int, solver: str) -> str:
+def choose_solver(shape: tuple[int, int], k: int, solver: Solver) -> str:
     """auto: exact when the rank asked for is a large share of the matrix (or it is small)."""
     if solver != "auto":
         return solver
@@ -98,7 +99,7 @@ def rank_for_energy(s: torch.Tensor, energy: float, fraction: float) -> int:
 
 
 def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-                 max_rank: int | None = None, solver: str = "auto", seed: int = 0,
+                 max_rank: int | None = None, solver: Solver = "auto", seed: int = 0,
                  total: float | None = None):
     """(U, S, Vh, ‖M‖², solver) with enough leading singular triplets for ``rank`` or ``energy``.
 
@@ -125,7 +126,7 @@ def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | No
 
 
 def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-              max_rank: int | None = None, solver: str = "auto", seed: int = 0,
+              max_rank: int | None = None, solver: Solver = "auto", seed: int = 0,
               total: float | None = None) -> LowRank:
     """Truncated SVD of a 2-D float tensor, split √S between the factors.
 

@@ -1,86 +1,55 @@
-"""The end of an extraction: complete the adapter (config, full modules), and report what was kept."""
+"""The end of an extraction: complete the adapter (whole modules, bias mode, config) and report what was kept."""
 
 from __future__ import annotations
 
 import json
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
+from typing import Any, Mapping, Sequence
 
 import torch
 
 from ... import __version__
 from ...adapter.names import SAVED_PREFIX, saved_key
+from ...engine.execute import Outcome, run
+from ...engine.plan import Ref
 from ...io.checkpoint import Checkpoint
+from ...io.layout import TensorSpec
 from ...io.spool import SpoolWriter
+from ...ops.lora import LAYER_KINDS
 from .plan import ExtractOp
+from .report import ExtractReport, FullTensor, ModuleStats, OpInfo, Skipped, Totals
+from .settings import ExtractSettings
 
 REPORT_NAME = "extract_report.json"
 
 
 @dataclass(frozen=True)
-class ModuleStats:
-    name: str
-    kind: str
-    shape: list[int]
-    rank: int
-    kept: float  # fraction of ‖ΔW‖² the factors keep
-    rel_error: float  # ‖ΔW − BA‖ / ‖ΔW‖, measured on the factors as stored
-    solver: str
+class Origin:
+    """Where an extraction came from and went (as the user named them: paths or Hub ids)."""
 
-
-@dataclass(frozen=True)
-class FullTensor:
-    name: str
-    reason: str
-    parameters: int
-
-
-@dataclass(frozen=True)
-class OpInfo:
-    """What computing one extract op found (the executor hands these back)."""
-
-    op: ExtractOp
-    status: str  # unchanged | lowrank | bias | full | skipped
-    energy: float = 0.0  # ‖ΔW‖²
-    stats: ModuleStats | None = None
-
-
-@dataclass(frozen=True)
-class ExtractReport:
-    """What extract did; ``to_dict()`` is extract_report.json."""
-
-    output: str | None
     base: str
     finetuned: str
-    method: dict
-    modules: list[ModuleStats]
-    full: list[FullTensor]
-    skipped: dict
-    totals: dict
-    notes: list[str] = field(default_factory=list)
-    dry_run: bool = False
+    output: str
 
-    def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if k != "dry_run"}
 
-    def summary(self) -> str:
-        if self.dry_run:
-            return "\n".join([f"would extract from {self.finetuned} (base {self.base}):"] + self.notes)
-        lines = []
-        if self.modules:
-            width = max(len(m.name) for m in self.modules)
-            lines.append(f"{'module'.ljust(width)}  {'kind':<9} {'rank':>5} {'kept':>8} {'rel.err':>8}")
-            lines += [f"{m.name.ljust(width)}  {m.kind:<9} {m.rank:>5} {m.kept:>8.2%} {m.rel_error:>8.4f}"
-                      for m in self.modules]
-        lines += [f"stored in full: {f.name} ({f.reason})" for f in self.full]
-        t = self.totals
-        lines.append(
-            f"Wrote {self.output}: {len(self.modules)} low-rank modules, {len(self.full)} full tensors, "
-            f"{t['parameters']:,} parameters ({t['bytes'] / 2**20:.1f} MiB); kept {t['kept']:.2%} of the "
-            f"fine-tune's change; {self.skipped['unchanged']} tensors unchanged; {t['seconds']:.1f} s.")
-        lines += [f"note: {n}" for n in self.notes]
-        return "\n".join(lines)
+@dataclass(frozen=True)
+class CarryOp:
+    """A fine-tune tensor stored whole in the adapter, under PEFT's name for it (copied, never computed)."""
+
+    name: str  # its key in the adapter
+    src: Ref
+    nbytes: int
+    byte_copy: TensorSpec | None
+
+    def refs(self) -> list[Ref]:
+        return [self.src]
+
+
+def _carry(op: CarryOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Outcome[None]:
+    """A carried tensor the engine could not copy byte for byte (a legacy .bin input): as read."""
+    return Outcome([(op.name, tensors[op.src])], None)
 
 
 def compress_targets(modules: set[str], all_modules: set[str]) -> list[str]:
@@ -96,20 +65,20 @@ def compress_targets(modules: set[str], all_modules: set[str]) -> list[str]:
 
 
 def _out_features(stats: ModuleStats) -> int:
-    return stats.shape[1] if stats.kind == "conv1d" else stats.shape[0]
+    return stats.shape[1] if LAYER_KINDS[stats.kind].transposed else stats.shape[0]
 
 
-def finish_adapter(spool: SpoolWriter, infos: list[OpInfo], tuned: Checkpoint, *, out: str, base: str,
-                   finetuned: str, method: dict, excluded: int, fixed_rank: int | None, seconds: float,
-                   dtype: torch.dtype) -> ExtractReport:
-    """Add adapter_config.json, complete full modules, write extract_report.json; return the report."""
-    lowrank = {i.op.module: i.stats for i in infos if i.status == "lowrank"}
+def finish_adapter(spool: SpoolWriter, infos: Sequence[OpInfo], tuned: Checkpoint, settings: ExtractSettings,
+                   origin: Origin, *, excluded: int, seconds: float) -> ExtractReport:
+    """Add the whole tensors PEFT needs, adapter_config.json and extract_report.json; return the report."""
+    lowrank = {i.op.module: i.stats for i in infos if i.status == "lowrank" and i.stats is not None}
     full_modules = {i.op.module for i in infos if i.status == "full"}
     notes = sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
-    capped = sorted((s.rank, s.name) for s in lowrank.values() if fixed_rank is not None and s.rank < fixed_rank)
+    capped = sorted((s.rank, s.name) for s in lowrank.values() if settings.rank is not None and s.rank < settings.rank)
     if capped:
-        notes.append(f"--rank {fixed_rank} is more than {len(capped)} modules' matrices allow; each of those got its "
-                     f"full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}; see rank_pattern)")
+        notes.append(f"--rank {settings.rank} is more than {len(capped)} modules' matrices allow; each of those got "
+                     f"its full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}; see rank_pattern)")
+    carried: dict[str, str] = {}  # adapter key -> fine-tune tensor stored whole
     # A bias that changed while its module's weight did not: no factors to hang it on, keep the module in full.
     bias_modules = set()
     for i in infos:
@@ -128,21 +97,34 @@ def finish_adapter(spool: SpoolWriter, infos: list[OpInfo], tuned: Checkpoint, *
         for module in sorted(lowrank):
             spool.discard(saved_key(module, "B_bias"))
             if f"{module}.bias" in tuned:
-                spool.write(f"{SAVED_PREFIX}{module}.base_layer.bias", tuned.read(f"{module}.bias"))
+                carried[f"{SAVED_PREFIX}{module}.base_layer.bias"] = f"{module}.bias"
     elif bias_modules:  # lora_bias gives every LoRA module a lora_B.bias: zero where nothing changed
         for module, stats in lowrank.items():
             if module not in bias_modules:
-                spool.write(saved_key(module, "B_bias"), torch.zeros(_out_features(stats), dtype=dtype))
+                spool.write(saved_key(module, "B_bias"), torch.zeros(_out_features(stats), dtype=settings.factor_dtype))
     # modules_to_save replaces whole modules: store every parameter of each, changed or not.
     for module in sorted(full_modules):
         for name in [n for n in tuned if n.rpartition(".")[0] == module]:
             if SAVED_PREFIX + name not in spool:
-                spool.write(SAVED_PREFIX + name, tuned.read(name))
+                carried[SAVED_PREFIX + name] = name
+    ops = [CarryOp(key, Ref(0, name), tuned.info(name).nbytes,
+                   TensorSpec(key, tuned.info(name).dtype, tuned.info(name).shape)) for key, name in carried.items()]
+    seconds += run(ops, [tuned], spool, compute=_carry).seconds
+    spool.add_file("adapter_config.json", json.dumps(
+        _config(settings, origin, lowrank, full_modules, bias_mode, bias_modules, tuned), indent=2, sort_keys=True) + "\n")
+    report = _report(spool, infos, tuned, lowrank, full_modules, settings, origin, excluded, seconds, notes)
+    spool.add_file(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _config(settings: ExtractSettings, origin: Origin, lowrank: Mapping[str, ModuleStats], full_modules: set[str],
+            bias_mode: str, bias_modules: set[str], tuned: Checkpoint) -> dict[str, Any]:
+    """adapter_config.json: scale 1 everywhere (lora_alpha = r), per-module ranks as patterns."""
     ranks = {m: s.rank for m, s in lowrank.items()}
-    r = fixed_rank or (Counter(ranks.values()).most_common(1)[0][0] if ranks else 8)
+    r = settings.rank or (Counter(ranks.values()).most_common(1)[0][0] if ranks else 8)
     all_modules = {n.rpartition(".")[0] for n in tuned}
-    config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base,
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": origin.base,
         "r": r, "lora_alpha": r, "use_rslora": False, "use_dora": False, "lora_dropout": 0.0,
         "init_lora_weights": True, "fan_in_fan_out": False, "bias": bias_mode, "inference_mode": True,
         "target_modules": compress_targets(set(lowrank), all_modules) if lowrank else None,
@@ -151,11 +133,6 @@ def finish_adapter(spool: SpoolWriter, infos: list[OpInfo], tuned: Checkpoint, *
         "modules_to_save": sorted(full_modules) or None,
         "lora_bias": bias_mode == "none" and bool(bias_modules),
     }
-    spool.add_file("adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
-    report = _report(spool, infos, tuned, lowrank, full_modules, out=out, base=base, finetuned=finetuned,
-                     method=method, excluded=excluded, seconds=seconds, notes=notes)
-    spool.add_file(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
-    return report
 
 
 def _reason(op: ExtractOp) -> str:
@@ -164,17 +141,18 @@ def _reason(op: ExtractOp) -> str:
     return "changed and not a matrix (--extras full)"
 
 
-def _report(spool, infos, tuned, lowrank, full_modules, *, out, base, finetuned, method, excluded,
-            seconds, notes) -> ExtractReport:
+def _report(spool: SpoolWriter, infos: Sequence[OpInfo], tuned: Checkpoint, lowrank: Mapping[str, ModuleStats],
+            full_modules: set[str], settings: ExtractSettings, origin: Origin, excluded: int, seconds: float,
+            notes: list[str]) -> ExtractReport:
     change = sum(i.energy for i in infos)
     kept = sum(i.energy * (i.stats.kept if i.stats else 1.0) for i in infos if i.status in ("lowrank", "bias", "full"))
     full = [FullTensor(i.op.name, i.op.note or _reason(i.op), tuned.info(i.op.tuned.key).numel)
             for i in infos if i.status == "full"]
-    parameters = sum(spool.info(n).numel for n in spool.names())
-    nbytes = sum(spool.info(n).nbytes for n in spool.names())
-    skipped = {"unchanged": sum(i.status == "unchanged" for i in infos), "excluded": excluded,
-               "not_stored": [i.op.name for i in infos if i.status == "skipped"]}
-    totals = {"parameters": parameters, "bytes": nbytes, "kept": kept / change if change else 1.0,
-              "change_energy": change, "seconds": seconds, "lorasurgeon": __version__,
-              "modules_to_save": sorted(full_modules)}
-    return ExtractReport(out, base, finetuned, method, list(lowrank.values()), full, skipped, totals, notes)
+    skipped = Skipped(sum(i.status == "unchanged" for i in infos), excluded,
+                      [i.op.name for i in infos if i.status == "skipped"])
+    totals = Totals(parameters=sum(spool.info(n).numel for n in spool.names()),
+                    bytes=sum(spool.info(n).nbytes for n in spool.names()), kept=kept / change if change else 1.0,
+                    change_energy=change, seconds=seconds, lorasurgeon=__version__,
+                    modules_to_save=sorted(full_modules))
+    return ExtractReport(origin.output, origin.base, origin.finetuned, settings.method(), list(lowrank.values()), full,
+                         skipped, totals, notes)

@@ -12,7 +12,7 @@ import torch
 from ...adapter.config import AdapterConfig
 from ...adapter.names import (
     ADAPTER_NAME, AUGMENTED_SUFFIX, EMBEDDING_LAYER_NAMES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, SAVED_PREFIX, TOKEN_ADAPTER,
-    augmented_key, saved_key,
+    augmented_key, input_embedding, saved_key,
 )
 from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
@@ -41,7 +41,7 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool,
     ops: list[TensorOp] = []
     lora = set(adapter.modules)
     tokens = set(adapter.token_deltas)
-    embedding = next((n for n in INPUT_EMBEDDINGS if n in base), None)
+    embedding = input_embedding(base)
     names = list(base)
     if tied and OUTPUT_EMBEDDING not in base and embedding is not None:
         names.append(OUTPUT_EMBEDDING)

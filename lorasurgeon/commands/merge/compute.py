@@ -2,38 +2,40 @@
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import torch
 
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
-from ...ops.lora import add_lora, add_lora_rowwise, dora_apply, factors, lora_delta, replace_rows
+from ...ops.lora import MATRIX_KINDS, add_lora, add_lora_rowwise, dora_apply, replace_rows
 from .._results import check_finite
-from .ops import TensorOp
+from .ops import BiasTerm, LoraTerm, TensorOp
 
 
-def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.device, *,
-                  allow_nonfinite: bool = False) -> Outcome:
+def compute_merge(op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *,
+                  allow_nonfinite: bool = False) -> Outcome[None]:
     """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
     src = tensors[op.src]
     if op.src_dtype is not None and src.dtype != op.src_dtype:
         src = src.to(op.src_dtype)
     if not (op.terms or op.rows):  # a copy, a replacement, a restored W0: one rounding at most
-        return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())])
+        return Outcome([(op.name, src if src.dtype == op.dtype else src.to(device).to(op.dtype).cpu())], None)
     if device.type == "cpu" and _rowwise(op, src):
         return _merge_rowwise(op, src, tensors, allow_nonfinite)
     base = src.to(device=device, dtype=torch.float32)
     # The fetched tensor is ours (a fresh read), so the sum can be built in place in its fp32 copy,
     # except that DoRA needs the untouched W0 for its norms.
-    dora = any(t.magnitude is not None for t in op.terms)
+    dora = any(isinstance(t, LoraTerm) and t.magnitude is not None for t in op.terms)
     cur = base.clone() if dora else base
     for term in op.terms:
         b = tensors[term.b].to(device)
-        if term.kind == "bias":
+        if isinstance(term, BiasTerm):
             cur = cur + term.scale * b.to(torch.float32)
             continue
         a = tensors[term.a].to(device)
         if term.magnitude is not None:
-            delta = lora_delta(a, b, term.scale, term.kind)
+            delta = term.kind.delta(a, b, term.scale)
             cur = dora_apply(base, cur, delta, tensors[term.magnitude].to(device), term.kind)
         else:
             cur = add_lora(cur, a, b, term.scale, term.kind, inplace=not dora)
@@ -44,24 +46,24 @@ def compute_merge(op: TensorOp, tensors: dict[Ref, torch.Tensor], device: torch.
     out = cur.to(op.dtype).to("cpu")
     if not allow_nonfinite and out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(torch.float32).max:
         check_finite(op.name, out)  # a narrower dtype (float16) can overflow when rounding
-    return Outcome([(op.name, out)])
+    return Outcome([(op.name, out)], None)
 
 
 def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
     """Whether an op is the common case: plain LoRA products added to a float matrix."""
     return (src.dim() == 2 and src.is_floating_point() and op.dtype.is_floating_point and not op.rows
-            and all(t.kind in ("linear", "conv1d", "embedding") and t.magnitude is None for t in op.terms))
+            and all(isinstance(t, LoraTerm) and t.kind in MATRIX_KINDS and t.magnitude is None for t in op.terms))
 
 
-def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: dict[Ref, torch.Tensor],
-                   allow_nonfinite: bool) -> Outcome:
+def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: Mapping[Ref, torch.Tensor],
+                   allow_nonfinite: bool) -> Outcome[None]:
     """compute_merge's common case on CPU: the same arithmetic, in one cache-friendly pass.
 
     The fetched ``src`` is ours (a fresh read), so a result of the same dtype overwrites it.
     """
-    terms = [(*factors(tensors[t.a], tensors[t.b], t.kind), t.scale) for t in op.terms]
+    terms = [(*t.kind.factors(tensors[t.a], tensors[t.b]), t.scale) for t in op.terms if isinstance(t, LoraTerm)]
     out = src if src.dtype == op.dtype and src.is_contiguous() else torch.empty(op.shape, dtype=op.dtype)
     finite = add_lora_rowwise(src, terms, out)
     if not finite and not allow_nonfinite:
         check_finite(op.name, out)
-    return Outcome([(op.name, out)])
+    return Outcome([(op.name, out)], None)

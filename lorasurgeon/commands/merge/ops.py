@@ -9,26 +9,41 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 
 from ...engine.plan import Ref
 from ...io.dtypes import itemsize
 from ...io.layout import TensorSpec
+from ...ops.lora import LayerKind
+
+# copy | merge | unmerge | replace (by a full tensor of the adapter) | restore (the adapter's saved W0,
+# written back by unmerge) | lora (an adapter tensor carried into the augmented form)
+Action = Literal["copy", "merge", "unmerge", "replace", "restore", "lora"]
+ACTIONS: tuple[Action, ...] = ("merge", "unmerge", "restore", "replace", "copy", "lora")
 
 
 @dataclass(frozen=True)
 class LoraTerm:
-    """``± weight · scale · ΔW`` of one module of one adapter (DoRA when ``magnitude`` is set).
+    """``± weight · scale · ΔW`` of one module of one adapter (DoRA when ``magnitude`` is set)."""
 
-    ``kind`` "bias" adds ``scale · lora_B.bias`` to a bias (``lora_bias``); then ``a`` is None.
-    """
-
-    kind: str
-    a: Ref | None
+    kind: LayerKind
+    a: Ref
     b: Ref
     scale: float
     magnitude: Ref | None = None
+
+
+@dataclass(frozen=True)
+class BiasTerm:
+    """``± weight · scale · lora_B.bias`` added to a layer's bias (PEFT's ``lora_bias``)."""
+
+    b: Ref
+    scale: float
+
+
+Term = LoraTerm | BiasTerm
 
 
 @dataclass(frozen=True)
@@ -47,8 +62,8 @@ class TensorOp:
     src: Ref
     dtype: torch.dtype
     shape: tuple[int, ...]
-    action: str  # copy | merge | unmerge | replace | restore (a saved W0 written back) | lora (adapter tensor)
-    terms: tuple[LoraTerm, ...] = ()
+    action: Action
+    terms: tuple[Term, ...] = ()
     rows: tuple[RowPatch, ...] = ()
     # Round the source to this dtype before anything else: a W0 that PEFT saved (often in float32)
     # is held by the adapter model at the base's dtype, so it is taken at that dtype here too.
@@ -64,13 +79,15 @@ class TensorOp:
 
     def refs(self) -> list[Ref]:
         """Every input tensor this op reads."""
-        refs = [self.src] + [r for t in self.terms for r in (t.a, t.b, t.magnitude) if r is not None]
+        refs = [self.src]
+        for t in self.terms:
+            refs += [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
         return refs + [p.values for p in self.rows]
 
     @property
-    def is_plain_copy(self) -> bool:
-        """The output is the source's values (perhaps in another dtype), rounded once."""
-        return not self.terms and not self.rows and self.src_dtype is None
+    def byte_copy(self) -> TensorSpec | None:
+        """The output is the source's bytes when nothing changes them (see ``engine.plan.Op``)."""
+        return self.spec if not self.terms and not self.rows and self.src_dtype is None else None
 
 
 @dataclass(frozen=True)
@@ -101,7 +118,7 @@ def describe(plan: Plan) -> str:
         if op.src.key != op.name or op.src.source:
             line += f"  <- [{op.src.source}] {op.src.key}"
         for t in op.terms:
-            what = "DoRA" if t.magnitude else ("lora_bias" if t.kind == "bias" else t.kind)
+            what = "lora_bias" if isinstance(t, BiasTerm) else ("DoRA" if t.magnitude else t.kind.name)
             line += f"  {'+' if t.scale >= 0 else '-'} {abs(t.scale):.6g}·[{t.b.source}] {what}"
         for r in op.rows:
             line += f"  rows {len(r.indices)} <- [{r.values.source}]"

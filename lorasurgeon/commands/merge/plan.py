@@ -11,14 +11,14 @@ from dataclasses import dataclass
 
 import torch
 
-from ...adapter.names import CONV1D_MODEL_TYPES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
+from ...adapter.names import CONV1D_MODEL_TYPES, OUTPUT_EMBEDDING, input_embedding
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
-from ...ops.lora import delta_shape
+from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
-from .ops import LoraTerm, RowPatch, TensorOp
+from .ops import BiasTerm, LoraTerm, RowPatch, Term, TensorOp
 
 
 @dataclass(frozen=True)
@@ -30,21 +30,22 @@ class ModelFacts:
 
 
 def module_kind(module: LoraModule, weight_shape: tuple[int, ...], facts: ModelFacts,
-                adapter: LoraAdapter) -> str:
-    """linear / conv1d / embedding / conv, checked against the base weight's shape."""
-    a = adapter.checkpoint.info(module.keys["emb_A" if module.kind == "embedding" else "A"]).shape
-    b = adapter.checkpoint.info(module.keys["emb_B" if module.kind == "embedding" else "B"]).shape
-    candidates = [module.kind]
-    if module.kind == "linear":
-        square = delta_shape(a, b, "linear") == delta_shape(a, b, "conv1d")
+                adapter: LoraAdapter) -> LayerKind:
+    """Linear, Conv1D, Embedding or Conv, checked against the base weight's shape."""
+    a_role, b_role = LAYER_KINDS[module.kind].lora_roles
+    a = adapter.checkpoint.info(module.keys[a_role]).shape
+    b = adapter.checkpoint.info(module.keys[b_role]).shape
+    candidates = [LAYER_KINDS[module.kind]]
+    if module.kind == "linear":  # a Linear or GPT-2's Conv1D: the base weight's shape tells them apart
+        square = LINEAR.delta_shape(a, b) == CONV1D.delta_shape(a, b)
         conv1d_first = square and (facts.model_type in CONV1D_MODEL_TYPES
                                    or bool(adapter.config.raw.get("fan_in_fan_out")))
-        candidates = ["conv1d", "linear"] if conv1d_first else ["linear", "conv1d"]
+        candidates = [CONV1D, LINEAR] if conv1d_first else [LINEAR, CONV1D]
     for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
         if role in module.keys and not adapter.checkpoint.info(module.keys[role]).dtype.is_floating_point:
             raise IncompatibleError(f"{adapter.path}: module {module.name!r}: {module.keys[role]} is not a float tensor")
     for kind in candidates:
-        if delta_shape(a, b, kind) == tuple(weight_shape):
+        if kind.delta_shape(a, b) == tuple(weight_shape):
             return kind
     raise IncompatibleError(
         f"{adapter.path}: module {module.name!r}: lora_A {list(a)} / lora_B {list(b)} do not fit "
@@ -83,11 +84,11 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
                *, dtype: torch.dtype | None, unmerge: bool = False) -> tuple[list[TensorOp], bool]:
     """One op per output tensor, in base order, and whether a tied lm_head had to be untied (and added)."""
     sign = -1.0 if unmerge else 1.0
-    terms: dict[str, list[LoraTerm]] = {}
+    terms: dict[str, list[Term]] = {}
     srcs: dict[str, Ref] = {}
     rows: dict[str, list[RowPatch]] = {}
     replaced: dict[str, Ref] = {}
-    embedding = next((n for n in INPUT_EMBEDDINGS if n in base), None)
+    embedding = input_embedding(base)
     tied = facts.tied and OUTPUT_EMBEDDING not in base and embedding is not None
 
     def target(name: str, adapter: LoraAdapter, what: str) -> str:
@@ -117,12 +118,12 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
         for module in adapter.modules.values():
             wname = target(module.weight_name, adapter, f"module {module.name!r}")
             kind = module_kind(module, shape_of(wname, adapter), facts, adapter)
-            emb = module.kind == "embedding"
-            a, b = Ref(i, module.keys["emb_A" if emb else "A"]), Ref(i, module.keys["emb_B" if emb else "B"])
+            a_role, b_role = kind.lora_roles
+            a, b = Ref(i, module.keys[a_role]), Ref(i, module.keys[b_role])
             mag = Ref(i, module.keys["magnitude"]) if "magnitude" in module.keys else None
             if mag is not None:
                 shape, numel = shape_of(wname, adapter), adapter.checkpoint.info(mag.key).numel
-                units = shape[1] if kind in ("conv1d", "embedding") else shape[0]
+                units = shape[1] if kind.transposed else shape[0]
                 if numel != units:
                     raise IncompatibleError(f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
                                             f"{wname!r} has {units} output units")
@@ -135,7 +136,7 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             if "B_bias" in module.keys:
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
                 terms.setdefault(bname, []).append(
-                    LoraTerm("bias", None, Ref(i, module.keys["B_bias"]), scale))
+                    BiasTerm(Ref(i, module.keys["B_bias"]), scale))
         for name, key in adapter.base_weights.items():  # W0 itself: merge adds to it, unmerge restores it
             srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
             same_shape(name, adapter, key, "the saved base_layer weight")

@@ -1,0 +1,95 @@
+"""What an extraction reports: per module, per op, and in total. ``ExtractReport.to_dict()`` is
+extract_report.json (its keys are a contract)."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+from .plan import ExtractOp
+
+# unchanged (equal values) | lowrank (LoRA factors) | bias (a lora_B.bias) | full (stored whole) | skipped
+Status = Literal["unchanged", "lowrank", "bias", "full", "skipped"]
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    name: str
+    kind: str  # linear | conv1d | embedding | conv
+    shape: list[int]
+    rank: int
+    kept: float  # fraction of ‖ΔW‖² the factors keep
+    rel_error: float  # ‖ΔW − BA‖ / ‖ΔW‖, measured on the factors as stored
+    solver: str
+
+
+@dataclass(frozen=True)
+class FullTensor:
+    name: str
+    reason: str
+    parameters: int
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    """What computing one extract op found (the engine hands these back)."""
+
+    op: ExtractOp
+    status: Status
+    energy: float = 0.0  # ‖ΔW‖²
+    stats: ModuleStats | None = None
+
+
+@dataclass(frozen=True)
+class Skipped:
+    unchanged: int  # tensors whose values did not change
+    excluded: int  # left out by --include / --exclude
+    not_stored: list[str]  # changed, but --embeddings skip / --extras skip left them out
+
+
+@dataclass(frozen=True)
+class Totals:
+    parameters: int  # in the adapter file
+    bytes: int
+    kept: float  # share of the fine-tune's Σ‖ΔW‖² the adapter keeps
+    change_energy: float  # Σ‖ΔW‖²
+    seconds: float
+    lorasurgeon: str
+    modules_to_save: list[str]
+
+
+@dataclass(frozen=True)
+class ExtractReport:
+    """What extract did (or, with dry_run, would compare); ``to_dict()`` is extract_report.json."""
+
+    output: str | None
+    base: str
+    finetuned: str
+    method: dict[str, Any]  # ExtractSettings.method(): rank, energy, max_rank, solver, seed, dtype, ...
+    modules: list[ModuleStats]
+    full: list[FullTensor]
+    skipped: Skipped
+    totals: Totals
+    notes: list[str] = field(default_factory=list)
+    dry_run: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if k != "dry_run"}
+
+    def summary(self) -> str:
+        if self.dry_run:
+            return "\n".join([f"would extract from {self.finetuned} (base {self.base}):"] + self.notes)
+        lines = []
+        if self.modules:
+            width = max(len(m.name) for m in self.modules)
+            lines.append(f"{'module'.ljust(width)}  {'kind':<9} {'rank':>5} {'kept':>8} {'rel.err':>8}")
+            lines += [f"{m.name.ljust(width)}  {m.kind:<9} {m.rank:>5} {m.kept:>8.2%} {m.rel_error:>8.4f}"
+                      for m in self.modules]
+        lines += [f"stored in full: {f.name} ({f.reason})" for f in self.full]
+        t = self.totals
+        lines.append(
+            f"Wrote {self.output}: {len(self.modules)} low-rank modules, {len(self.full)} full tensors, "
+            f"{t.parameters:,} parameters ({t.bytes / 2**20:.1f} MiB); kept {t.kept:.2%} of the "
+            f"fine-tune's change; {self.skipped.unchanged} tensors unchanged; {t.seconds:.1f} s.")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)

@@ -1,0 +1,92 @@
+"""ExtractSettings: extract's options, validated once, carried to the plan, the compute, the report and the card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+import torch
+
+from ...errors import InvalidOptionError
+from ...io.dtypes import parse_dtype
+from ...ops.lowrank import Solver
+from .._inputs import NameFilter, check_device
+
+Embeddings = Literal["lowrank", "full", "skip"]  # embedding changes (and a tied head's) as factors, whole, or left out
+Extras = Literal["full", "skip"]  # changed norms, biases and other non-matrix tensors
+
+
+def _choice(flag: str, value: object, kind: Any) -> None:
+    choices = get_args(kind)
+    if value not in choices:
+        raise InvalidOptionError(f"{flag} {value!r}: choose {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class ExtractSettings:
+    """How to extract; every field is checked when the object is made (InvalidOptionError, by option name).
+
+    Args:
+        rank: a fixed rank for every module (capped by each matrix's own, and reported), or
+        energy: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by ``max_rank``).
+        include / exclude: regexes on tensor names (re.search) choosing what is compared.
+        embeddings: embedding changes as LoRA factors ("lowrank"), stored whole ("full"), or left out.
+        extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
+        solver: "randomized" (block Krylov), "exact" (full SVD), or "auto" (exact where that is cheaper).
+        seed: of the randomized solver (same seed, same adapter).
+        dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
+        device: where the SVDs run ("cpu", "cuda", "cuda:N").
+        allow_nonfinite: go on past NaN/Inf in a change instead of stopping.
+    """
+
+    rank: int | None = None
+    energy: float | None = None
+    max_rank: int | None = None
+    include: str | None = None
+    exclude: str | None = None
+    embeddings: Embeddings = "lowrank"
+    extras: Extras = "full"
+    solver: Solver = "auto"
+    seed: int = 0
+    dtype: torch.dtype | str = torch.float32
+    device: str = "cpu"
+    allow_nonfinite: bool = False
+    names: NameFilter = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        rank, energy, max_rank = self.rank, self.energy, self.max_rank
+        if (rank is None) == (energy is None):
+            raise InvalidOptionError("give exactly one of --rank N or --energy F")
+        if rank is not None and (not isinstance(rank, int) or rank < 1):
+            raise InvalidOptionError(f"--rank must be at least 1, got {rank}")
+        if energy is not None and not 0.0 < energy <= 1.0:
+            raise InvalidOptionError(f"--energy must be in (0, 1], got {energy}")
+        if max_rank is not None and energy is None:
+            raise InvalidOptionError(
+                f"--max-rank caps the ranks --energy chooses; with --rank {rank} every module gets rank "
+                f"{rank} (or its matrix's own, if smaller): drop --max-rank, or use --energy")
+        if max_rank is not None and max_rank < 1:
+            raise InvalidOptionError(f"--max-rank must be at least 1, got {max_rank}")
+        _choice("--solver", self.solver, Solver)
+        _choice("--embeddings", self.embeddings, Embeddings)
+        _choice("--extras", self.extras, Extras)
+        try:
+            dtype = parse_dtype(self.dtype) if isinstance(self.dtype, str) else self.dtype
+        except ValueError as exc:
+            raise InvalidOptionError(f"--dtype: {exc}") from None
+        if not dtype.is_floating_point:
+            raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
+        check_device(self.device)
+        object.__setattr__(self, "dtype", dtype)
+        object.__setattr__(self, "names", NameFilter.parse(self.include, self.exclude))
+
+    @property
+    def factor_dtype(self) -> torch.dtype:
+        assert isinstance(self.dtype, torch.dtype)  # made one in __post_init__
+        return self.dtype
+
+    def method(self) -> dict[str, Any]:
+        """The ``method`` of extract_report.json and the model card."""
+        return {"rank": self.rank, "energy": self.energy, "max_rank": self.max_rank, "solver": self.solver,
+                "seed": self.seed, "dtype": str(self.factor_dtype).removeprefix("torch."),
+                "embeddings": self.embeddings, "extras": self.extras}
