@@ -154,3 +154,27 @@ def test_read_ahead_is_bounded_in_bytes(tmp_path, read_ahead, most):
     with CheckpointWriter(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
         run(ops, [Counting()], w, compute=slow, read_ahead=read_ahead or READ_AHEAD_BYTES)
     assert max(lead) == most  # one op ahead under a tiny byte budget; the queue's depth (+1 in hand) otherwise
+
+
+def test_an_unreadable_tensor_is_reported_and_the_run_goes_on_when_asked(tmp_path):
+    """verify's contract with the engine: with ``unreadable``, one tensor that cannot be read is reported
+    and the others are still computed; without it, the run stops."""
+    from lorasurgeon.engine.execute import Discard, Outcome
+
+    ckpt = make(tmp_path, n=4)
+
+    class OneBadTensor:  # an input whose third tensor cannot be read (a file changed while in use)
+        def info(self, name):
+            return ckpt.info(name)
+
+        def read(self, name, alloc=None):
+            if name == "t02":
+                raise CorruptCheckpointError(f"{name}: truncated while reading")
+            return ckpt.read(name, alloc)
+
+    ops = [TensorOp(i.name, Ref(0, i.name), torch.float16, i.shape, "copy") for i in ckpt.infos()]  # read, not copied
+    stats = run(ops, [OneBadTensor()], Discard(), compute=lambda op, t, d: Outcome([], f"ok {op.name}"),
+                unreadable=lambda op, exc: f"unreadable {op.name}: {exc}")
+    assert stats.infos == ("ok t00", "ok t01", "unreadable t02: t02: truncated while reading", "ok t03")
+    with pytest.raises(CorruptCheckpointError, match="t02"):
+        run(ops, [OneBadTensor()], Discard(), compute=lambda op, t, d: Outcome([], None))

@@ -44,7 +44,6 @@ class AdapterConfig:
     use_rslora: bool
     use_dora: bool
     target_modules: tuple[str, ...] | str | None
-    exclude_modules: tuple[str, ...] | str | None
     rank_pattern: Mapping[str, int]
     alpha_pattern: Mapping[str, float]
     layers_to_transform: tuple[int, ...] | None
@@ -100,12 +99,11 @@ class AdapterConfig:
                     re.compile(rf"(.*\.)?({key})$")
                 except (re.error, TypeError) as exc:
                     raise ValueError(f"{field_name} key {key!r} is not a valid regex ({exc})") from None
-        for field_name in ("target_modules", "exclude_modules"):
-            if isinstance(raw.get(field_name), str):
-                try:
-                    re.compile(raw[field_name])
-                except re.error as exc:
-                    raise ValueError(f"{field_name} {raw[field_name]!r} is not a valid regex ({exc})") from None
+        if isinstance(raw.get("target_modules"), str):
+            try:
+                re.compile(raw["target_modules"])
+            except re.error as exc:
+                raise ValueError(f"target_modules {raw['target_modules']!r} is not a valid regex ({exc})") from None
         return cls(
             raw=dict(raw),
             peft_type=str(raw.get("peft_type", "LORA")),
@@ -114,7 +112,6 @@ class AdapterConfig:
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
             target_modules=names(raw.get("target_modules"), "target_modules"),
-            exclude_modules=names(raw.get("exclude_modules"), "exclude_modules"),
             rank_pattern={str(k): int(v) for k, v in dict(raw.get("rank_pattern") or {}).items()},
             alpha_pattern={str(k): float(v) for k, v in dict(raw.get("alpha_pattern") or {}).items()},
             layers_to_transform=tuple(int(i) for i in layers) if layers else None,

@@ -11,10 +11,10 @@ from typing import Literal, Mapping, get_args
 
 import torch
 
-from ..engine.execute import Outcome, Progress, run
+from ..engine.execute import Discard, Outcome, Progress, run
 from ..engine.plan import Ref
 from ..errors import InvalidOptionError as OptionError
-from ..io.checkpoint import FileSlice, open_checkpoint
+from ..io.checkpoint import open_checkpoint
 from ..io.layout import TensorSpec
 from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ..io.sidecar import read_config
@@ -166,11 +166,6 @@ def compute_diff(op: DiffOp, tensors: Mapping[Ref, torch.Tensor], device: torch.
     return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks))
 
 
-class _NoOutput:
-    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:  # diff writes nothing
-        raise AssertionError("diff produced an output tensor")
-
-
 def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: bool = False,
          atol: float | None = None, include: str | None = None, exclude: str | None = None,
          device: str = "cpu", seed: int = 0, progress: Progress | None = None) -> DiffReport:
@@ -202,7 +197,7 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: 
                 ops.append(DiffOp(name, Ref(0, name), Ref(1, name), ia.shape == ib.shape,
                                   ia.nbytes + ib.nbytes if ia.shape == ib.shape else 0))
         # shape mismatches need no data: don't read them
-        stats = run([o for o in ops if o.comparable], [ca, cb], _NoOutput(),
+        stats = run([o for o in ops if o.comparable], [ca, cb], Discard(),
                     compute=partial(compute_diff, profile=rank_profile, seed=seed), device=device,
                     progress=progress)
         found = {t.name: t for t in stats.infos}

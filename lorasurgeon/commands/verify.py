@@ -6,15 +6,19 @@ import json
 import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from ..adapter.config import CONFIG_NAME
 from ..adapter.weights import load_adapter
+from ..engine.execute import Discard, Outcome, run
+from ..engine.plan import Ref
 from ..errors import LorasurgeonError
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..io.header import read_header
+from ..io.layout import TensorSpec
 
 
 @dataclass(frozen=True)
@@ -60,18 +64,10 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         for file in ckpt.files:
             if file.suffix == ".safetensors":
                 problems += _layout_problems(file, indexed if ckpt.index_file else None)
-        read = 0
-        for name in ckpt:
-            try:
-                tensor = ckpt.read(name)
-            except LorasurgeonError as exc:
-                problems.append(Problem(name, str(exc)))
-                continue
-            read += tensor.numel() * tensor.element_size()
-            if tensor.is_floating_point():
-                nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
-                if nan or inf:
-                    problems.append(Problem(name, f"{nan} NaN and {inf} Inf of {tensor.numel()} values"))
+        ops = [ReadOp(name, Ref(0, name), ckpt.info(name).nbytes) for name in ckpt]
+        stats = run(ops, [ckpt], Discard(), compute=_check, unreadable=_unreadable)
+        problems += [c.problem for c in stats.infos if c.problem is not None]
+        read = sum(c.nbytes_read for c in stats.infos)
         count = len(ckpt)
     folder = root if root.is_dir() else root.parent
     if (folder / CONFIG_NAME).is_file():
@@ -80,6 +76,39 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         except LorasurgeonError as exc:
             problems.append(Problem(CONFIG_NAME, str(exc)))
     return VerifyReport(str(root), count, read, problems)
+
+
+@dataclass(frozen=True)
+class ReadOp:
+    """One tensor, read whole and checked."""
+
+    name: str
+    src: Ref
+    nbytes: int
+    byte_copy: TensorSpec | None = None  # read, never copied
+
+    def refs(self) -> list[Ref]:
+        return [self.src]
+
+
+@dataclass(frozen=True)
+class _Checked:
+    nbytes_read: int
+    problem: Problem | None
+
+
+def _check(op: ReadOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Outcome[_Checked]:
+    tensor = tensors[op.src]
+    problem = None
+    if tensor.is_floating_point():
+        nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
+        if nan or inf:
+            problem = Problem(op.name, f"{nan} NaN and {inf} Inf of {tensor.numel()} values")
+    return Outcome([], _Checked(tensor.numel() * tensor.element_size(), problem))
+
+
+def _unreadable(op: ReadOp, exc: LorasurgeonError) -> _Checked:
+    return _Checked(0, Problem(op.name, str(exc)))
 
 
 def _layout_problems(file: Path, indexed: set[str] | None) -> list[Problem]:

@@ -62,6 +62,13 @@ class Sink(Protocol):
     def write(self, name: str, tensor: Written) -> None: ...
 
 
+class Discard:
+    """The sink of a run that writes nothing (diff, verify): an output reaching it is a bug."""
+
+    def write(self, name: str, tensor: Written) -> None:
+        raise AssertionError(f"a run that writes nothing produced {name!r}")
+
+
 class Progress(Protocol):
     """Told the total bytes to write, then each tensor's bytes as it is written, then done."""
 

@@ -1,71 +1,218 @@
-"""merge, unmerge and convert: plan from headers, execute streaming, write atomically."""
+"""merge, unmerge and convert: options checked, plan made from headers, the engine run, the result written atomically."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, get_args
 
 import torch
 
 from ...adapter.config import CONFIG_NAME, AdapterConfig
 from ...adapter.weights import LoraAdapter, load_adapter
-from ...engine.execute import Progress, run
+from ...engine.execute import ExecStats, Progress, run
 from ...engine.plan import Ref
-from ...errors import InvalidOptionError as OptionError, LorasurgeonError
+from ...errors import InvalidOptionError
 from ...hub.cards import CARD_NAME, convert_card, merge_card
-from ...hub.source import resolve_source
 from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
 from ...io.writer import CheckpointWriter
-from .._inputs import (
-    check_device, check_output, check_weights, expect_kind, output_dtype, parse_shard_size, refuse_quantized,
-)
+from .._inputs import Input, prepare, refuse_quantized
 from . import augmented as augment
 from .compute import compute_merge
-from .ops import Plan, TensorOp, describe
+from .ops import ACTIONS, Plan, TensorOp
 from .plan import ModelFacts, check_supported, plan_merge
+from .report import MergeReport
+from .settings import Form, MergeSettings, Target
 
-FORMS = ("merged", "augmented")
+__all__ = ["MergeReport", "MergeSettings", "convert", "merge", "unmerge"]
+
 DEFAULT_SHARD = "5GB"
+Paths = Sequence[str | os.PathLike[str]]
 
 
-@dataclass(frozen=True)
-class MergeReport:
-    """What a merge/unmerge/convert did (or, with dry_run, would do). Every figure is measured in the run."""
 
-    output: str | None
-    form: str
-    plan: Plan
-    counts: dict[str, int]  # output tensors by action: merge, unmerge, restore, replace, copy, lora
-    bytes: int
-    seconds: float
-    untied_embeddings: bool
-    dry_run: bool
+def merge(base: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[str] | None, *,
+          weights: Sequence[float] | None = None, form: Form = "merged", dtype: str | torch.dtype | None = "auto",
+          device: str = "cpu", max_shard_size: str | int | None = None, overwrite: bool = False,
+          dry_run: bool = False, unmerge: bool = False, allow_nonfinite: bool = False,
+          progress: Progress | None = None) -> MergeReport:
+    """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ in float32, rounded once, streamed.
 
-    @property
-    def tensors_changed(self) -> int:
-        return sum(n for a, n in self.counts.items() if a in ("merge", "unmerge", "restore", "replace"))
+    Args:
+        base: the base model: a folder, a file, or a Hub repo id ``org/name[@revision]``.
+        adapters: PEFT adapter folders (or Hub ids), applied in order.
+        out: the result folder; may be None with ``dry_run``.
+        weights: one per adapter (default 1.0 each).
+        form: "merged" (the plain architecture) or "augmented" (the LoRA layers inside; one adapter).
+        dtype: "auto" (each tensor keeps the base's dtype) or a floating dtype for every float tensor.
+        device: "cpu", "cuda" or "cuda:N" for the arithmetic.
+        max_shard_size: e.g. "5GB"; by default the base's file names and shard layout are kept.
+        overwrite: replace ``out`` if it is an earlier lorasurgeon result (or empty).
+        dry_run: plan only: headers are read, nothing is written.
+        unmerge: subtract instead of add; the same as :func:`unmerge`.
+        allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
+        progress: told the bytes to write and each tensor written (the CLI's progress bar).
 
-    @property
-    def throughput(self) -> float:
-        return self.bytes / self.seconds if self.seconds else 0.0
+    Returns:
+        A MergeReport: tensors by action, bytes, seconds, whether tied embeddings were untied; with
+        ``dry_run`` its ``summary()`` is the plan.
 
-    def summary(self) -> str:
-        if self.dry_run:
-            return describe(self.plan)
-        words = {"merge": "merged", "unmerge": "unmerged",
-                 "restore": "restored exactly from the adapter's saved W0", "replace": "replaced by the adapter",
-                 "copy": "copied", "lora": "LoRA tensors"}
-        done = ", ".join(f"{n} {words[a]}" for a, n in self.counts.items() if n)
-        text = (f"Wrote {self.output} ({self.form}): {sum(self.counts.values())} tensors ({done}), "
-                f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s ({self.throughput / 2**20:.0f} MiB/s).")
-        if self.untied_embeddings:
-            text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
-        return text
+    Raises:
+        InvalidOptionError: an option that cannot be used (weights, dtype, device, sizes).
+        InputNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: an input that cannot be read.
+        AdapterConfigError: adapter_config.json is missing or invalid.
+        IncompatibleError: inputs that do not belong together, or arguments of the wrong kind.
+        UnsupportedError: a PEFT variant or a quantized checkpoint it does not handle.
+        OutputError, OutputExistsError: ``out`` cannot or may not be written.
+        NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
+    """
+    settings = MergeSettings.parse(adapters=len(adapters), weights=weights, form=form, dtype=dtype, device=device,
+                                   max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, unmerge=unmerge)
+    return _merge(base, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
+
+
+def unmerge(merged: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[str] | None, *,
+            weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
+            max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
+            allow_nonfinite: bool = False, progress: Progress | None = None) -> MergeReport:
+    """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, or an adapter's own saved W0, exactly.
+
+    DoRA (its norm is lost in the merge), modules_to_save, trained biases and trainable tokens
+    replaced weights outright and are refused.
+
+    Args:
+        merged: the merged model (folder, file or Hub repo id).
+        adapters, out, weights, dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite,
+            progress: as for :func:`merge`.
+
+    Returns:
+        A MergeReport (form "unmerged").
+
+    Raises:
+        InvalidOptionError: an option that cannot be used (weights, dtype, device, sizes).
+        InputNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: an input that cannot be read.
+        AdapterConfigError: adapter_config.json is missing or invalid.
+        IncompatibleError: inputs that do not belong together, or arguments of the wrong kind.
+        UnsupportedError: a PEFT variant or a quantized checkpoint it does not handle.
+        OutputError, OutputExistsError: ``out`` cannot or may not be written.
+        NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
+    """
+    settings = MergeSettings.parse(adapters=len(adapters), weights=weights, dtype=dtype, device=device,
+                                   max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, unmerge=True)
+    return _merge(merged, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
+
+
+def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | None, *, to: Target,
+            dtype: str | torch.dtype | None = "auto", device: str = "cpu", max_shard_size: str | int | None = None,
+            overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
+            progress: Progress | None = None) -> MergeReport:
+    """Turn an augmented checkpoint (``merge(form="augmented")``) into the merged form or a PEFT adapter.
+
+    Args:
+        augmented: the augmented checkpoint (folder, file or Hub repo id).
+        out: the result folder; may be None with ``dry_run``.
+        to: "merged" (the same as merging its adapter into its base) or "adapter" (the adapter folder).
+        dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite, progress: as for :func:`merge`.
+
+    Returns:
+        A MergeReport (form "merged" or "adapter").
+
+    Raises:
+        InvalidOptionError: an option that cannot be used (weights, dtype, device, sizes).
+        InputNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: an input that cannot be read.
+        AdapterConfigError: adapter_config.json is missing or invalid.
+        IncompatibleError: inputs that do not belong together, or arguments of the wrong kind.
+        UnsupportedError: a PEFT variant or a quantized checkpoint it does not handle.
+        OutputError, OutputExistsError: ``out`` cannot or may not be written.
+        NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
+    """
+    if to not in get_args(Target):
+        raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
+    settings = MergeSettings.parse(adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size,
+                                   allow_nonfinite=allow_nonfinite)
+    (source,) = prepare([Input(augmented, "AUGMENTED", "augmented")], out, command="convert", overwrite=overwrite,
+                        device=device)
+    with open_checkpoint(source.path) as ckpt:
+        config = read_config(ckpt.folder)
+        refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
+        adapter_config = AdapterConfig.load(ckpt.folder)
+        base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
+        extra: dict[str, bytes] = {}
+        copies: list[Path] = []
+        if to == "merged":
+            facts = ModelFacts(config.get("model_type"), is_tied(config))
+            ops, untie = plan_merge(base, [adapter], [1.0], facts, dtype=settings.dtype)
+            inputs = [base, adapter.checkpoint]
+            shards = _layout(ops, base, settings.max_shard_size)
+            if config:
+                extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype, untie=untie))
+            copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+            index_name: str | None = "model.safetensors.index.json"
+        else:
+            ops = [TensorOp(k, Ref(0, k), settings.dtype if settings.dtype and i.dtype.is_floating_point else i.dtype,
+                            i.shape, "lora") for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)]
+            inputs, untie = [adapter.checkpoint], False
+            shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
+            extra[CONFIG_NAME] = config_bytes(dict(adapter_config.raw))
+            index_name = None
+        plan = Plan(tuple(ops), (str(source.path),))
+        if dry_run:
+            return _report(out, to, plan, None, untie)
+        if out is None:
+            raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        extra[CARD_NAME] = convert_card(title=Path(out).name, source=source.label, base=adapter_config.base_model,
+                                        to=to).encode()
+        stats = _write(out, ops, inputs, shards, settings, extra_files=extra, copy_files=copies, overwrite=overwrite,
+                       progress=progress, index_name=index_name)
+        return _report(out, to, plan, stats, untie)
+
+
+def _merge(base: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[str] | None,
+           settings: MergeSettings, *, overwrite: bool, dry_run: bool, progress: Progress | None) -> MergeReport:
+    command = settings.command
+    base_src, *adapter_srcs = prepare(
+        [Input(base, "MERGED" if settings.unmerge else "BASE", "model"), *(Input(a, "ADAPTER", "adapter") for a in adapters)],
+        out, command=command, overwrite=overwrite, device=settings.device)
+    form = "unmerged" if settings.unmerge else settings.form
+    loaded: list[LoraAdapter] = []
+    with open_checkpoint(base_src.path) as ckpt:
+        try:
+            config = read_config(ckpt.folder)
+            refuse_quantized(ckpt, config, role="the merged model" if settings.unmerge else "the base model",
+                             command=command)
+            for src, w in zip(adapter_srcs, settings.weights):
+                loaded.append(load_adapter(src.path))
+                check_supported(loaded[-1], unmerge=settings.unmerge, weight=w)
+            facts = ModelFacts(config.get("model_type"), is_tied(config))
+            if settings.form == "augmented":
+                ops, untie = augment.augmented_ops(ckpt, loaded[0], facts.tied, settings.dtype), False
+            else:
+                ops, untie = plan_merge(ckpt, loaded, list(settings.weights), facts, dtype=settings.dtype,
+                                        unmerge=settings.unmerge)
+            plan = Plan(tuple(ops), (str(base_src.path), *(str(a.path) for a in adapter_srcs)))
+            if dry_run:
+                return _report(out, form, plan, None, untie)
+            if out is None:
+                raise InvalidOptionError("an output folder is needed (or use dry_run)")
+            extra: dict[str, bytes] = {}
+            if config:
+                extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype, untie=untie))
+            if settings.form == "augmented":
+                extra[CONFIG_NAME] = config_bytes(dict(loaded[0].config.raw))
+            extra[CARD_NAME] = merge_card(
+                title=Path(out).name, form=settings.form, unmerge=settings.unmerge, base=base_src.label,
+                adapters=[a.label for a in adapter_srcs], weights=settings.weights, untied=untie,
+                dtype=settings.dtype_words).encode()
+            copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+            stats = _write(out, ops, [ckpt] + [a.checkpoint for a in loaded], _layout(ops, ckpt, settings.max_shard_size),
+                           settings, extra_files=extra, copy_files=copies, overwrite=overwrite, progress=progress)
+            return _report(out, form, plan, stats, untie)
+        finally:
+            for a in loaded:
+                a.close()
 
 
 def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None,
@@ -84,170 +231,21 @@ def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | Non
     return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)
 
 
-def _write(out: Path, ops: list[TensorOp], inputs: list[Checkpoint], shards: list[Shard], *,
-           extra_files: dict[str, bytes], copy_files: list[Path], overwrite: bool, device: str,
-           progress: Progress | None, allow_nonfinite: bool,
-           index_name: str | None = "model.safetensors.index.json"):
+def _write(out: str | os.PathLike[str], ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], shards: list[Shard],
+           settings: MergeSettings, *, extra_files: dict[str, bytes], copy_files: list[Path], overwrite: bool,
+           progress: Progress | None, index_name: str | None = "model.safetensors.index.json") -> ExecStats[None]:
     with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
         for path in copy_files:
             writer.copy_file(path)
         for name, data in extra_files.items():
             writer.add_file(name, data)
-        stats = run(ops, inputs, writer, device=device, progress=progress,
-                    compute=partial(compute_merge, allow_nonfinite=allow_nonfinite))
-    return stats
+        return run(ops, inputs, writer, device=settings.device, progress=progress,
+                   compute=partial(compute_merge, allow_nonfinite=settings.allow_nonfinite))
 
 
-def _report(out, form, plan, stats, untie, dry_run) -> MergeReport:
-    counts = {a: plan.count(a) for a in ("merge", "unmerge", "restore", "replace", "copy", "lora")}
-    return MergeReport(None if dry_run else str(out), form, plan, counts,
+def _report(out: str | os.PathLike[str] | None, form: str, plan: Plan, stats: ExecStats[None] | None,
+            untie: bool) -> MergeReport:
+    counts = {a: plan.count(a) for a in ACTIONS}
+    return MergeReport(None if stats is None else str(out), form, plan, counts,
                        stats.bytes_written if stats else plan.nbytes, stats.seconds if stats else 0.0,
-                       untie, dry_run)
-
-
-def merge(base: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
-          out: str | os.PathLike[str] | None, *, weights: Sequence[float] | None = None,
-          form: str = "merged", dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-          max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
-          unmerge: bool = False, allow_nonfinite: bool = False,
-          progress: Progress | None = None) -> MergeReport:
-    """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ, one rounding, streamed.
-
-    Args:
-        base: the base model folder or file.
-        adapters: PEFT adapter folders, applied in order.
-        out: the result folder (must not exist unless ``overwrite``); may be None with ``dry_run``.
-        weights: one per adapter (default 1.0 each).
-        form: "merged" (plain architecture) or "augmented" (LoRA layers inside; one adapter).
-        dtype: "auto" (each tensor keeps the base's dtype) or a floating dtype for all floats.
-        device: "cpu", "cuda" or "cuda:N" for the arithmetic.
-        max_shard_size: e.g. "5GB"; default keeps the base's file names and shard layout.
-        unmerge: subtract instead of add (see :func:`unmerge`).
-        allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
-        progress: told the bytes to write and each tensor written (the CLI's progress bar).
-
-    Returns:
-        A MergeReport; raises a LorasurgeonError subclass, with nothing written, on bad input.
-    """
-    if form not in FORMS:
-        raise OptionError(f"unknown form {form!r}: choose one of {', '.join(FORMS)}")
-    if not adapters:
-        raise OptionError("give at least one adapter")
-    weights = list(weights) if weights else [1.0] * len(adapters)
-    if len(weights) != len(adapters):
-        raise OptionError(f"{len(weights)} weights for {len(adapters)} adapters: give one --weight per adapter")
-    check_weights(weights)
-    out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
-    base_src = resolve_source(base)
-    adapter_srcs = [resolve_source(a) for a in adapters]
-    base_path, adapter_paths = base_src.path, [a.path for a in adapter_srcs]
-    command = "unmerge" if unmerge else "merge"
-    expect_kind(base_path, base_src.label, role="MERGED" if unmerge else "BASE", want="model", command=command,
-                others=[(a.path, a.label) for a in adapter_srcs])
-    for a in adapter_srcs:
-        expect_kind(a.path, a.label, role="ADAPTER", want="adapter", command=command)
-    if out is not None:
-        check_output(out, [base_path, *adapter_paths], overwrite=overwrite)
-    check_device(device)
-    ckpt = open_checkpoint(base_path)
-    loaded: list[LoraAdapter] = []
-    try:
-        config = read_config(ckpt.folder)
-        refuse_quantized(ckpt, config, role="the merged model" if unmerge else "the base model",
-                         command="unmerge" if unmerge else "merge")
-        for path, w in zip(adapter_paths, weights):
-            adapter = load_adapter(path)
-            loaded.append(adapter)
-            check_supported(adapter, unmerge=unmerge, weight=w)
-        facts = ModelFacts(config.get("model_type"), is_tied(config))
-        if form == "augmented":
-            if len(loaded) != 1 or weights[0] != 1.0 or unmerge:
-                raise LorasurgeonError("the augmented form holds exactly one adapter, with weight 1")
-            ops = augment.augmented_ops(ckpt, loaded[0], facts.tied, out_dtype)
-            untie = False
-        else:
-            ops, untie = plan_merge(ckpt, loaded, weights, facts, dtype=out_dtype, unmerge=unmerge)
-        plan = Plan(tuple(ops), (str(base_path), *map(str, adapter_paths)))
-        if dry_run:
-            return _report(out, "unmerged" if unmerge else form, plan, None, untie, True)
-        if out is None:
-            raise LorasurgeonError("an output folder is needed (or use dry_run)")
-        extra = {}
-        if config:
-            new_dtype = out_dtype if out_dtype is not None else None
-            extra["config.json"] = config_bytes(edit_config(config, dtype=new_dtype, untie=untie))
-        if form == "augmented":
-            extra[CONFIG_NAME] = config_bytes(dict(loaded[0].config.raw))
-        extra[CARD_NAME] = merge_card(
-            title=Path(out).name, form=form, unmerge=unmerge, base=base_src.label,
-            adapters=[a.label for a in adapter_srcs], weights=weights, untied=untie,
-            dtype=str(out_dtype).removeprefix("torch.") if out_dtype else "as the base").encode()
-        copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
-        stats = _write(Path(out), ops, [ckpt] + [a.checkpoint for a in loaded],
-                       _layout(ops, ckpt, shard_bytes), extra_files=extra, copy_files=copies,
-                       overwrite=overwrite, device=device, progress=progress,
-                       allow_nonfinite=allow_nonfinite)
-        return _report(out, "unmerged" if unmerge else form, plan, stats, untie, False)
-    finally:
-        ckpt.close()
-        for a in loaded:
-            a.close()
-
-
-def unmerge(merged: str | os.PathLike[str], adapters: Sequence[str | os.PathLike[str]],
-            out: str | os.PathLike[str] | None, **kwargs) -> MergeReport:
-    """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ (same options as :func:`merge`).
-
-    DoRA, modules_to_save and trainable tokens replaced weights outright and are refused.
-    """
-    return merge(merged, adapters, out, unmerge=True, **kwargs)
-
-
-def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | None, *, to: str,
-            dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-            max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
-            allow_nonfinite: bool = False, progress: Progress | None = None) -> MergeReport:
-    """Turn an augmented checkpoint into the merged form or back into a PEFT adapter folder."""
-    if to not in ("merged", "adapter"):
-        raise OptionError(f"unknown target form {to!r}: choose merged or adapter")
-    out_dtype, shard_bytes = output_dtype(dtype), parse_shard_size(max_shard_size)
-    source = resolve_source(augmented)
-    path = source.path
-    expect_kind(path, source.label, role="AUGMENTED", want="augmented", command="convert")
-    if out is not None:
-        check_output(out, [path], overwrite=overwrite)
-    check_device(device)
-    ckpt = open_checkpoint(path)
-    try:
-        config = read_config(ckpt.folder)
-        refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
-        adapter_config = AdapterConfig.load(ckpt.folder)
-        base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
-        if to == "merged":
-            facts = ModelFacts(config.get("model_type"), is_tied(config))
-            ops, untie = plan_merge(base, [adapter], [1.0], facts, dtype=out_dtype)
-            inputs = [base, adapter.checkpoint]
-            shards = _layout(ops, base, shard_bytes)
-            extra = {"config.json": config_bytes(edit_config(config, dtype=out_dtype, untie=untie))} if config else {}
-            copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
-            index_name = "model.safetensors.index.json"
-        else:
-            ops = [TensorOp(k, Ref(0, k), out_dtype if out_dtype and i.dtype.is_floating_point else i.dtype,
-                            i.shape, "lora") for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)]
-            inputs, untie = [adapter.checkpoint], False
-            shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
-            extra = {CONFIG_NAME: config_bytes(dict(adapter_config.raw))}
-            copies, index_name = [], None
-        plan = Plan(tuple(ops), (str(path),))
-        if dry_run:
-            return _report(out, to, plan, None, untie, True)
-        extra[CARD_NAME] = convert_card(title=Path(out).name if out else "", source=source.label,
-                                        base=adapter_config.base_model, to=to).encode()
-        if out is None:
-            raise LorasurgeonError("an output folder is needed (or use dry_run)")
-        stats = _write(Path(out), ops, inputs, shards, extra_files=extra, copy_files=copies,
-                       overwrite=overwrite, device=device, progress=progress,
-                       allow_nonfinite=allow_nonfinite, index_name=index_name)
-        return _report(out, to, plan, stats, untie, False)
-    finally:
-        ckpt.close()
+                       untie, stats is None)

@@ -96,7 +96,6 @@ class Plan:
 
     ops: tuple[TensorOp, ...]
     inputs: tuple[str, ...]
-    notes: tuple[str, ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -123,5 +122,4 @@ def describe(plan: Plan) -> str:
         for r in op.rows:
             line += f"  rows {len(r.indices)} <- [{r.values.source}]"
         lines.append(line)
-    lines += [f"note: {n}" for n in plan.notes]
     return "\n".join(lines)

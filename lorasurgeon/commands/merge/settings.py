@@ -1,0 +1,53 @@
+"""MergeSettings: merge, unmerge and convert's options, validated once, carried to the plan, the engine and the card."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Sequence, cast, get_args
+
+import torch
+
+from ...errors import InvalidOptionError
+from .._inputs import check_weights, output_dtype, parse_shard_size
+
+Form = Literal["merged", "augmented"]  # the plain architecture, or with the LoRA layers inside
+Target = Literal["merged", "adapter"]  # what convert turns an augmented checkpoint into
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """How to merge. Make it with :meth:`parse`, which checks every option by name."""
+
+    weights: tuple[float, ...]  # one per adapter
+    form: Form = "merged"
+    dtype: torch.dtype | None = None  # None: each tensor keeps its dtype
+    device: str = "cpu"
+    max_shard_size: int | None = None  # None: keep the base's layout
+    allow_nonfinite: bool = False
+    unmerge: bool = False
+
+    @classmethod
+    def parse(cls, *, adapters: int, weights: Sequence[float] | None = None, form: str = "merged",
+              dtype: str | torch.dtype | None = "auto", device: str = "cpu", max_shard_size: str | int | None = None,
+              allow_nonfinite: bool = False, unmerge: bool = False) -> MergeSettings:
+        """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
+        if form not in get_args(Form):
+            raise InvalidOptionError(f"unknown form {form!r}: choose one of {', '.join(get_args(Form))}")
+        if adapters < 1:
+            raise InvalidOptionError("give at least one adapter")
+        chosen = tuple(weights) if weights else (1.0,) * adapters
+        if len(chosen) != adapters:
+            raise InvalidOptionError(f"{len(chosen)} weights for {adapters} adapters: give one --weight per adapter")
+        check_weights(chosen)
+        if form == "augmented" and (adapters != 1 or chosen[0] != 1.0 or unmerge):
+            raise InvalidOptionError("the augmented form holds exactly one adapter, with weight 1")
+        return cls(chosen, cast(Form, form), output_dtype(dtype), device, parse_shard_size(max_shard_size),
+                   allow_nonfinite, unmerge)
+
+    @property
+    def command(self) -> Literal["merge", "unmerge"]:
+        return "unmerge" if self.unmerge else "merge"
+
+    @property
+    def dtype_words(self) -> str:
+        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else "as the base"
