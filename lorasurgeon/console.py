@@ -1,0 +1,120 @@
+"""What the command line needs beyond click: one line and an exit status for every failure, stop
+signals that remove an unfinished result, the progress bar, and the option types the commands share."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from types import FrameType
+from typing import Any, Callable, TypeVar
+
+import click
+
+from .errors import LorasurgeonError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class Stopped(BaseException):
+    """A signal asked the run to stop (SIGINT, SIGTERM, SIGHUP). Like KeyboardInterrupt it is not an
+    Exception, so it unwinds through every ``except Exception`` and each writer's abort removes the
+    unfinished result on the way out."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGINT", "SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+def _stop(signum: int, frame: FrameType | None) -> None:
+    # Only the first signal stops the run; later ones must not cut its clean-up short.
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def catch_stop_signals() -> None:
+    """timeout, docker stop, batch schedulers and a closed terminal send SIGTERM or SIGHUP: stop as for
+    Ctrl-C, removing the unfinished result, instead of dying with it on disk."""
+    for sig in STOP_SIGNALS:
+        if signal.getsignal(sig) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            signal.signal(sig, _stop)
+
+
+def _stopped(signum: int) -> str:
+    return f"error: stopped by {signal.Signals(signum).name}; no unfinished result is left behind"
+
+
+class Group(click.Group):
+    """Turns library errors into one line on stderr and exit status 2 (tracebacks with --debug), a stop
+    signal into one line and 128 + its number, and anything else into one line and 1."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except LorasurgeonError as exc:
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+        except Stopped as exc:
+            click.echo(_stopped(exc.signum), err=True)
+            sys.exit(128 + exc.signum)
+        except KeyboardInterrupt:
+            click.echo(_stopped(signal.SIGINT), err=True)
+            sys.exit(128 + signal.SIGINT)
+        except (click.exceptions.Exit, click.ClickException, SystemExit):
+            raise
+        except Exception as exc:  # a bug, not bad input: still one line unless --debug
+            if ctx.obj and ctx.obj.get("debug"):
+                raise
+            click.echo(f"error: internal error: {type(exc).__name__}: {exc} "
+                       "(run with --debug for the traceback, and please report it)", err=True)
+            sys.exit(1)
+
+
+def debug_option(f: F) -> F:
+    """--debug after the command too (lorasurgeon merge ... --debug), as the error messages suggest it."""
+    def turn_on(ctx: click.Context, param: click.Parameter, value: bool) -> None:
+        if value:
+            ctx.find_root().obj["debug"] = True
+
+    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=turn_on,
+                        help="Show full tracebacks on errors.")(f)
+
+
+class Dtype(click.Choice):
+    """A dtype choice that also takes the short names people type (bf16, fp16, fp32, half), as the library does."""
+
+    ALIASES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32", "float": "float32"}
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        return super().convert(self.ALIASES.get(str(value).lower(), value), param, ctx)
+
+
+class Bar:
+    """A tqdm bar in bytes on stderr (the engine's Progress): only on a terminal, and never with --quiet."""
+
+    def __init__(self) -> None:
+        from tqdm import tqdm
+
+        self._bar: tqdm[Any] | None = None
+        self._tqdm = tqdm
+
+    def start(self, total: int) -> None:
+        self._bar = self._tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                               leave=False, dynamic_ncols=True)
+
+    def advance(self, nbytes: int) -> None:
+        if self._bar is not None:
+            self._bar.update(nbytes)
+
+    def finish(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def progress_bar(quiet: bool, dry_run: bool = False) -> Bar | None:
+    return None if quiet or dry_run or not sys.stderr.isatty() else Bar()
