@@ -43,12 +43,17 @@ def generate(root: Path, layers: int, hidden: int, vocab: int, decay: float):
     shapes = llama_shapes(hidden, layers, vocab)
     specs = [TensorSpec(n, torch.bfloat16, s) for n, s in shapes.items()]
     g = torch.Generator().manual_seed(0)
-    with CheckpointWriter(root / "base", plan_shards(specs, max_shard_size=None)) as wb, \
-            CheckpointWriter(root / "tuned", plan_shards(specs, max_shard_size=None)) as wt:
+    with (
+        CheckpointWriter(root / "base", plan_shards(specs, max_shard_size=None)) as wb,
+        CheckpointWriter(root / "tuned", plan_shards(specs, max_shard_size=None)) as wt,
+    ):
         for spec in specs:
             w0 = torch.randn(spec.shape, generator=g) * 0.02
-            w1 = w0 + (spectrum_delta(spec.shape, decay, 0.02 * math.sqrt(w0.numel()) * 0.05, g)
-                       if len(spec.shape) == 2 else 0.01 * torch.randn(spec.shape, generator=g))
+            w1 = w0 + (
+                spectrum_delta(spec.shape, decay, 0.02 * math.sqrt(w0.numel()) * 0.05, g)
+                if len(spec.shape) == 2
+                else 0.01 * torch.randn(spec.shape, generator=g)
+            )
             wb.write(spec.name, w0.to(torch.bfloat16))
             wt.write(spec.name, w1.to(torch.bfloat16))
     return root / "base", root / "tuned"
@@ -84,18 +89,35 @@ def main() -> None:
             ours_kept += lr.kept * total
             exact_kept += float((s[: args.rank].double() ** 2).sum())
             count += 1
-        wall, rss = timed([sys.executable, "-m", "lorasurgeon", "extract", str(base), str(tuned), "--rank",
-                           str(args.rank), "-o", str(root / "lora"), "--quiet"])
+        wall, rss = timed(
+            [
+                sys.executable,
+                "-m",
+                "lorasurgeon",
+                "extract",
+                str(base),
+                str(tuned),
+                "--rank",
+                str(args.rank),
+                "-o",
+                str(root / "lora"),
+                "--quiet",
+            ]
+        )
         size = sum(p.stat().st_size for p in tuned.glob("*.safetensors"))
-        print(f"\n{count} matrices (Llama-shaped: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
-              f"{size / 2**20:.0f} MiB bf16 per checkpoint); deltas with σᵢ ∝ i^-{args.decay}; rank {args.rank}.")
+        print(
+            f"\n{count} matrices (Llama-shaped: {args.layers} layers, hidden {args.hidden}, vocab {args.vocab}, "
+            f"{size / 2**20:.0f} MiB bf16 per checkpoint); deltas with σᵢ ∝ i^-{args.decay}; rank {args.rank}."
+        )
         print(f"Machine: {platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}\n")
         print("| method | SVD time, all matrices (s) | kept energy (share of exact top-r) |")
         print("|---|---:|---:|")
         print(f"| exact full SVD per matrix (mergekit's method) | {exact_s:.2f} | 100.00% |")
         print(f"| lorasurgeon (block Krylov, auto) | {ours_s:.2f} | {ours_kept / exact_kept:.2%} |")
-        print(f"\nspeed-up {exact_s / ours_s:.1f}x; whole `lorasurgeon extract --rank {args.rank}` command: "
-              f"{wall:.2f} s wall, {rss:.0f} MiB peak RSS")
+        print(
+            f"\nspeed-up {exact_s / ours_s:.1f}x; whole `lorasurgeon extract --rank {args.rank}` command: "
+            f"{wall:.2f} s wall, {rss:.0f} MiB peak RSS"
+        )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -43,15 +43,24 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 
 def llama_shapes(hidden: int, layers: int, vocab: int = 32000) -> dict[str, tuple[int, ...]]:
     inter, kv = int(hidden * 8 / 3) // 64 * 64, hidden // 4
-    shapes = {"model.embed_tokens.weight": (vocab, hidden), "lm_head.weight": (vocab, hidden),
-              "model.norm.weight": (hidden,)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, hidden),
+        "lm_head.weight": (vocab, hidden),
+        "model.norm.weight": (hidden,),
+    }
     for i in range(layers):
         p = f"model.layers.{i}."
-        shapes |= {p + "self_attn.q_proj.weight": (hidden, hidden), p + "self_attn.k_proj.weight": (kv, hidden),
-                   p + "self_attn.v_proj.weight": (kv, hidden), p + "self_attn.o_proj.weight": (hidden, hidden),
-                   p + "mlp.gate_proj.weight": (inter, hidden), p + "mlp.up_proj.weight": (inter, hidden),
-                   p + "mlp.down_proj.weight": (hidden, inter), p + "input_layernorm.weight": (hidden,),
-                   p + "post_attention_layernorm.weight": (hidden,)}
+        shapes |= {
+            p + "self_attn.q_proj.weight": (hidden, hidden),
+            p + "self_attn.k_proj.weight": (kv, hidden),
+            p + "self_attn.v_proj.weight": (kv, hidden),
+            p + "self_attn.o_proj.weight": (hidden, hidden),
+            p + "mlp.gate_proj.weight": (inter, hidden),
+            p + "mlp.up_proj.weight": (inter, hidden),
+            p + "mlp.down_proj.weight": (hidden, inter),
+            p + "input_layernorm.weight": (hidden,),
+            p + "post_attention_layernorm.weight": (hidden,),
+        }
     return shapes
 
 
@@ -73,18 +82,34 @@ def generate(root: Path, size_mb: int, hidden: int, rank: int) -> tuple[Path, Pa
     from transformers import LlamaConfig
 
     inter = shapes["model.layers.0.mlp.gate_proj.weight"][0]
-    LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=hidden // 64,
-                num_key_value_heads=hidden // 256, vocab_size=32000, tie_word_embeddings=False,
-                dtype="bfloat16").save_pretrained(base)
+    LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=inter,
+        num_hidden_layers=layers,
+        num_attention_heads=hidden // 64,
+        num_key_value_heads=hidden // 256,
+        vocab_size=32000,
+        tie_word_embeddings=False,
+        dtype="bfloat16",
+    ).save_pretrained(base)
     lora = {}
     for n, s in shapes.items():
         if n.endswith(tuple(f"{p}.weight" for p in PROJ)):
             m = "base_model.model." + n.removesuffix(".weight")
             lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"] = (rank, s[1]), (s[0], rank)
     adapter = write_random(root / "adapter", lora, torch.float32, None, prefix="adapter_model")
-    (adapter / "adapter_config.json").write_text(json.dumps({
-        "peft_type": "LORA", "r": rank, "lora_alpha": 2 * rank, "target_modules": list(PROJ),
-        "base_model_name_or_path": str(base), "task_type": "CAUSAL_LM"}))
+    (adapter / "adapter_config.json").write_text(
+        json.dumps(
+            {
+                "peft_type": "LORA",
+                "r": rank,
+                "lora_alpha": 2 * rank,
+                "target_modules": list(PROJ),
+                "base_model_name_or_path": str(base),
+                "task_type": "CAUSAL_LM",
+            }
+        )
+    )
     return base, adapter, layers
 
 
@@ -115,9 +140,11 @@ def main() -> None:
     ap.add_argument("--no-peft", action="store_true", help="skip transformers + PEFT")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args()
-    print(f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
-          f"Python {platform.python_version()}, torch {torch.__version__}; LoRA r={args.rank} on all 7 "
-          f"projections; {args.reps} runs each, medians; page cache warm.\n")
+    print(
+        f"Machine: {platform.machine()}, {os.cpu_count()} CPUs, {torch.get_num_threads()} torch threads, "
+        f"Python {platform.python_version()}, torch {torch.__version__}; LoRA r={args.rank} on all 7 "
+        f"projections; {args.reps} runs each, medians; page cache warm.\n"
+    )
     print("| checkpoint | tool | wall (s) | peak RSS (MiB) | wall / cp+sync | wall / lorasurgeon | RSS / lorasurgeon |")
     print("|---|---|---:|---:|---:|---:|---:|")
     for size_mb in args.size_mb:
@@ -131,11 +158,14 @@ def bench_one(size_mb: int, args) -> None:
         size = sum(p.stat().st_size for p in base.glob("*.safetensors"))
         runs = {
             "cp -r + sync": lambda o: timed(f"cp -r {base} {o} && sync {o}/*", shell=True),
-            "lorasurgeon merge": lambda o: timed([sys.executable, "-m", "lorasurgeon", "merge", str(base),
-                                                  str(adapter), "-o", str(o), "--quiet"]),
+            "lorasurgeon merge": lambda o: timed(
+                [sys.executable, "-m", "lorasurgeon", "merge", str(base), str(adapter), "-o", str(o), "--quiet"]
+            ),
         }
         if not args.no_peft:
-            runs["transformers + PEFT"] = lambda o: timed([sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(o)])
+            runs["transformers + PEFT"] = lambda o: timed(
+                [sys.executable, "-c", PEFT_SCRIPT, str(base), str(adapter), str(o)]
+            )
         timed(f"cat {base}/*.safetensors > /dev/null", shell=True)  # warm the page cache
         results = {}
         for name, fn in runs.items():
@@ -150,8 +180,11 @@ def bench_one(size_mb: int, args) -> None:
         ours = results["lorasurgeon merge"]
         label = f"{layers} layers, {size / 2**20:.0f} MiB"
         for name, (wall, rss) in results.items():
-            print(f"| {label} | {name} | {wall:.2f} | {rss:.0f} | {wall / cp_wall:.2f} | {wall / ours[0]:.2f} | "
-                  f"{rss / ours[1]:.2f} |", flush=True)
+            print(
+                f"| {label} | {name} | {wall:.2f} | {rss:.0f} | {wall / cp_wall:.2f} | {wall / ours[0]:.2f} | "
+                f"{rss / ours[1]:.2f} |",
+                flush=True,
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
 

@@ -9,7 +9,8 @@ import json
 import os
 import shlex
 import sys
-from typing import TYPE_CHECKING, Any, Callable, TypeVar
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
@@ -29,24 +30,34 @@ DTYPES = ["float32", "bfloat16", "float16"]
 
 def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
     """Several click options as one decorator, in the order they are listed in --help."""
+
     def apply(f: F) -> F:
         for decorator in reversed(decorators):
             f = decorator(f)
         return f
+
     return apply
 
 
 # --- the option groups -------------------------------------------------------------------------
 _write = _options(
     click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder."),
-    click.option("--overwrite", is_flag=True,
-                 help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete."),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.",
+    ),
     click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
     click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
 )
 _device = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-_dtype_auto = click.option("--dtype", default="auto", show_default=True, type=Dtype(["auto", *DTYPES]),
-                           help="Output dtype of floating tensors; auto keeps the input's (bf16, fp16, fp32 work too).")
+_dtype_auto = click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=Dtype(["auto", *DTYPES]),
+    help="Output dtype of floating tensors; auto keeps the input's (bf16, fp16, fp32 work too).",
+)
 _shards = click.option("--max-shard-size", default=None, help="e.g. 5GB; by default the input's layout is kept.")
 _nonfinite = click.option("--allow-nonfinite", is_flag=True, help="Write results holding NaN/Inf instead of stopping.")
 _filters = _options(
@@ -54,14 +65,25 @@ _filters = _options(
     click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches."),
 )
 _push = _options(
-    click.option("--push-to-hub", "push_to_hub", default=None, metavar="REPO_ID",
-                 help="Upload the result to this Hub repo when it is complete (checked before any work)."),
+    click.option(
+        "--push-to-hub",
+        "push_to_hub",
+        default=None,
+        metavar="REPO_ID",
+        help="Upload the result to this Hub repo when it is complete (checked before any work).",
+    ),
     click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
 )
 _merging = _options(
-    _write, click.option("--weight", "weights", type=float, multiple=True,
-                         help="Weight of each adapter, in order (default 1.0 each)."),
-    _dtype_auto, _device, _shards, _nonfinite, _push,
+    _write,
+    click.option(
+        "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1.0 each)."
+    ),
+    _dtype_auto,
+    _device,
+    _shards,
+    _nonfinite,
+    _push,
 )
 
 
@@ -84,9 +106,12 @@ def _finish(report: Any, quiet: bool, push_to_hub: str | None, private: bool) ->
     try:
         pushed = push(report.output, push_to_hub, private=private)
     except LorasurgeonError as exc:  # the result stays; say how to send it again
-        retry = shlex.join(["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else []))
-        raise LorasurgeonError(f"{exc}; the result is complete in {report.output}: retry the upload with "
-                               f"`{retry}`") from None
+        retry = shlex.join(
+            ["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else [])
+        )
+        raise LorasurgeonError(
+            f"{exc}; the result is complete in {report.output}: retry the upload with `{retry}`"
+        ) from None
     if not quiet:
         click.echo(pushed.summary())
 
@@ -120,8 +145,12 @@ def cli(ctx: click.Context, debug: bool) -> None:
 @debug_option
 @click.argument("path")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
-@click.option("--verify", "check", is_flag=True,
-              help="Also read every byte: index, layout, readability, NaN/Inf. Exit 1 if anything is wrong.")
+@click.option(
+    "--verify",
+    "check",
+    is_flag=True,
+    help="Also read every byte: index, layout, readability, NaN/Inf. Exit 1 if anything is wrong.",
+)
 def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
     """Describe a model, PEFT adapter or augmented checkpoint from its headers (no tensor data is read).
 
@@ -151,12 +180,30 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
 @debug_option
 @click.argument("base")
 @click.argument("adapters", nargs=-1, required=True)
-@click.option("--form", default="merged", show_default=True, type=click.Choice(["merged", "augmented"]),
-              help="merged: plain architecture; augmented: LoRA layers inside.")
+@click.option(
+    "--form",
+    default="merged",
+    show_default=True,
+    type=click.Choice(["merged", "augmented"]),
+    help="merged: plain architecture; augmented: LoRA layers inside.",
+)
 @_merging
-def merge_cmd(base: str, adapters: tuple[str, ...], form: Form, out: str, overwrite: bool, dry_run: bool, quiet: bool,
-              weights: tuple[float, ...], dtype: str, device: str, max_shard_size: str | None, allow_nonfinite: bool,
-              push_to_hub: str | None, private: bool) -> None:
+def merge_cmd(
+    base: str,
+    adapters: tuple[str, ...],
+    form: Form,
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    weights: tuple[float, ...],
+    dtype: str,
+    device: str,
+    max_shard_size: str | None,
+    allow_nonfinite: bool,
+    push_to_hub: str | None,
+    private: bool,
+) -> None:
     """Merge PEFT LoRA adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
 
     \b
@@ -168,10 +215,25 @@ def merge_cmd(base: str, adapters: tuple[str, ...], form: Form, out: str, overwr
     from .commands.merge import merge
 
     _check_push(push_to_hub, dry_run)
-    _finish(merge(base, adapters, out, weights=weights, form=form, dtype=dtype, device=device,
-                  max_shard_size=max_shard_size, overwrite=overwrite, dry_run=dry_run,
-                  allow_nonfinite=allow_nonfinite, progress=progress_bar(quiet, dry_run)),
-            quiet, push_to_hub, private)
+    _finish(
+        merge(
+            base,
+            adapters,
+            out,
+            weights=weights,
+            form=form,
+            dtype=dtype,
+            device=device,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress_bar(quiet, dry_run),
+        ),
+        quiet,
+        push_to_hub,
+        private,
+    )
 
 
 @cli.command("unmerge")
@@ -179,9 +241,21 @@ def merge_cmd(base: str, adapters: tuple[str, ...], form: Form, out: str, overwr
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
 @_merging
-def unmerge_cmd(merged: str, adapters: tuple[str, ...], out: str, overwrite: bool, dry_run: bool, quiet: bool,
-                weights: tuple[float, ...], dtype: str, device: str, max_shard_size: str | None, allow_nonfinite: bool,
-                push_to_hub: str | None, private: bool) -> None:
+def unmerge_cmd(
+    merged: str,
+    adapters: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    weights: tuple[float, ...],
+    dtype: str,
+    device: str,
+    max_shard_size: str | None,
+    allow_nonfinite: bool,
+    push_to_hub: str | None,
+    private: bool,
+) -> None:
     """Take adapters back out of MERGED: W0 = W − Σ w·(α/r)·B·A.
 
     \b
@@ -191,9 +265,24 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], out: str, overwrite: boo
     from .commands.merge import unmerge
 
     _check_push(push_to_hub, dry_run)
-    _finish(unmerge(merged, adapters, out, weights=weights, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                    overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
-                    progress=progress_bar(quiet, dry_run)), quiet, push_to_hub, private)
+    _finish(
+        unmerge(
+            merged,
+            adapters,
+            out,
+            weights=weights,
+            dtype=dtype,
+            device=device,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress_bar(quiet, dry_run),
+        ),
+        quiet,
+        push_to_hub,
+        private,
+    )
 
 
 @cli.command("convert")
@@ -201,8 +290,19 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], out: str, overwrite: boo
 @click.argument("augmented")
 @click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter"]), help="Target form.")
 @_options(_write, _dtype_auto, _device, _shards, _push)
-def convert_cmd(augmented: str, to: Target, out: str, overwrite: bool, dry_run: bool, quiet: bool, dtype: str,
-                device: str, max_shard_size: str | None, push_to_hub: str | None, private: bool) -> None:
+def convert_cmd(
+    augmented: str,
+    to: Target,
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    dtype: str,
+    device: str,
+    max_shard_size: str | None,
+    push_to_hub: str | None,
+    private: bool,
+) -> None:
     """Turn an AUGMENTED checkpoint (from merge --form augmented) into merged or adapter form.
 
     \b
@@ -212,9 +312,22 @@ def convert_cmd(augmented: str, to: Target, out: str, overwrite: bool, dry_run: 
     from .commands.merge import convert
 
     _check_push(push_to_hub, dry_run)
-    _finish(convert(augmented, out, to=to, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                    overwrite=overwrite, dry_run=dry_run, progress=progress_bar(quiet, dry_run)),
-            quiet, push_to_hub, private)
+    _finish(
+        convert(
+            augmented,
+            out,
+            to=to,
+            dtype=dtype,
+            device=device,
+            max_shard_size=max_shard_size,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            progress=progress_bar(quiet, dry_run),
+        ),
+        quiet,
+        push_to_hub,
+        private,
+    )
 
 
 @cli.command("extract")
@@ -226,20 +339,60 @@ def convert_cmd(augmented: str, to: Target, out: str, overwrite: bool, dry_run: 
 @click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
 @click.option("--max-rank", type=int, default=None, help="Cap for --energy.")
 @_filters
-@click.option("--embeddings", default="lowrank", show_default=True, type=click.Choice(["lowrank", "full", "skip"]),
-              help="Embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.")
-@click.option("--extras", default="full", show_default=True, type=click.Choice(["full", "skip"]),
-              help="Changed norms, biases and other non-matrix tensors.")
-@click.option("--solver", default="auto", show_default=True, type=click.Choice(["auto", "randomized", "exact"]),
-              help="Truncated SVD: randomized block Krylov, the exact full SVD, or auto (exact where cheaper).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the randomized solver (same seed, same adapter).")
-@click.option("--dtype", default="float32", show_default=True, type=Dtype(DTYPES),
-              help="dtype of the LoRA factors (bf16, fp16, fp32 work too).")
+@click.option(
+    "--embeddings",
+    default="lowrank",
+    show_default=True,
+    type=click.Choice(["lowrank", "full", "skip"]),
+    help="Embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.",
+)
+@click.option(
+    "--extras",
+    default="full",
+    show_default=True,
+    type=click.Choice(["full", "skip"]),
+    help="Changed norms, biases and other non-matrix tensors.",
+)
+@click.option(
+    "--solver",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "randomized", "exact"]),
+    help="Truncated SVD: randomized block Krylov, the exact full SVD, or auto (exact where cheaper).",
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed of the randomized solver (same seed, same adapter)."
+)
+@click.option(
+    "--dtype",
+    default="float32",
+    show_default=True,
+    type=Dtype(DTYPES),
+    help="dtype of the LoRA factors (bf16, fp16, fp32 work too).",
+)
 @_options(_device, _nonfinite, _push)
-def extract_cmd(base: str, finetuned: str, out: str, overwrite: bool, dry_run: bool, quiet: bool, rank: int | None,
-                energy: float | None, max_rank: int | None, include: str | None, exclude: str | None,
-                embeddings: Embeddings, extras: Extras, solver: Solver, seed: int, dtype: str, device: str, allow_nonfinite: bool,
-                push_to_hub: str | None, private: bool) -> None:
+def extract_cmd(
+    base: str,
+    finetuned: str,
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    rank: int | None,
+    energy: float | None,
+    max_rank: int | None,
+    include: str | None,
+    exclude: str | None,
+    embeddings: Embeddings,
+    extras: Extras,
+    solver: Solver,
+    seed: int,
+    dtype: str,
+    device: str,
+    allow_nonfinite: bool,
+    push_to_hub: str | None,
+    private: bool,
+) -> None:
     """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD.
 
     Writes OUT/adapter_config.json, OUT/adapter_model.safetensors and OUT/extract_report.json
@@ -253,10 +406,31 @@ def extract_cmd(base: str, finetuned: str, out: str, overwrite: bool, dry_run: b
     from .commands.extract import extract
 
     _check_push(push_to_hub, dry_run)
-    _finish(extract(base, finetuned, out, rank=rank, energy=energy, max_rank=max_rank, include=include,
-                    exclude=exclude, embeddings=embeddings, extras=extras, solver=solver, device=device, seed=seed,
-                    dtype=dtype, overwrite=overwrite, dry_run=dry_run, allow_nonfinite=allow_nonfinite,
-                    progress=progress_bar(quiet, dry_run)), quiet, push_to_hub, private)
+    _finish(
+        extract(
+            base,
+            finetuned,
+            out,
+            rank=rank,
+            energy=energy,
+            max_rank=max_rank,
+            include=include,
+            exclude=exclude,
+            embeddings=embeddings,
+            extras=extras,
+            solver=solver,
+            device=device,
+            seed=seed,
+            dtype=dtype,
+            overwrite=overwrite,
+            dry_run=dry_run,
+            allow_nonfinite=allow_nonfinite,
+            progress=progress_bar(quiet, dry_run),
+        ),
+        quiet,
+        push_to_hub,
+        private,
+    )
 
 
 @cli.command("push")
@@ -267,8 +441,9 @@ def extract_cmd(base: str, finetuned: str, out: str, overwrite: bool, dry_run: b
 @click.option("--revision", default=None, help="Branch to push to (created if missing).")
 @click.option("--create-pr", is_flag=True, help="Open a pull request instead of committing.")
 @click.option("--message", "-m", default=None, help="Commit message.")
-def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool,
-             message: str | None) -> None:
+def push_cmd(
+    folder: str, repo_id: str, private: bool, revision: str | None, create_pr: bool, message: str | None
+) -> None:
     """Upload a result FOLDER (with its model card) to the Hub repo REPO_ID.
 
     Uses HF_TOKEN (or your saved login) and HF_ENDPOINT.
@@ -280,8 +455,9 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
     from .hub.push import check_push_target, push
 
     check_push_target(repo_id)
-    click.echo(push(folder, repo_id, private=private, revision=revision, create_pr=create_pr,
-                    message=message).summary())
+    click.echo(
+        push(folder, repo_id, private=private, revision=revision, create_pr=create_pr, message=message).summary()
+    )
 
 
 @cli.command("diff")
@@ -290,13 +466,24 @@ def push_cmd(folder: str, repo_id: str, private: bool, revision: str | None, cre
 @click.argument("b")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON document instead of a table.")
 @click.option("--rank-profile", is_flag=True, help="Ranks keeping 50/90/99% of each changed matrix's ‖B − A‖².")
-@click.option("--top", type=click.IntRange(min=0), default=20, show_default=True,
-              help="How many changed tensors the table shows.")
+@click.option(
+    "--top", type=click.IntRange(min=0), default=20, show_default=True, help="How many changed tensors the table shows."
+)
 @click.option("--atol", type=float, default=None, help="Values within this absolute tolerance count as equal.")
 @_options(_filters, _device)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
-def diff_cmd(a: str, b: str, as_json: bool, rank_profile: bool, top: int, atol: float | None, include: str | None,
-             exclude: str | None, device: str, quiet: bool) -> None:
+def diff_cmd(
+    a: str,
+    b: str,
+    as_json: bool,
+    rank_profile: bool,
+    top: int,
+    atol: float | None,
+    include: str | None,
+    exclude: str | None,
+    device: str,
+    quiet: bool,
+) -> None:
     """Compare checkpoints A and B tensor by tensor; exit 0 if identical, 1 if not, 2 on error.
 
     \b
@@ -306,8 +493,16 @@ def diff_cmd(a: str, b: str, as_json: bool, rank_profile: bool, top: int, atol: 
     """
     from .commands.diff import diff
 
-    report = diff(a, b, rank_profile=rank_profile, atol=atol, include=include, exclude=exclude, device=device,
-                  progress=progress_bar(quiet))
+    report = diff(
+        a,
+        b,
+        rank_profile=rank_profile,
+        atol=atol,
+        include=include,
+        exclude=exclude,
+        device=device,
+        progress=progress_bar(quiet),
+    )
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(top))
     sys.exit(report.exit_code)
 

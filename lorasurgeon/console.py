@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import click
 
@@ -70,19 +71,29 @@ class Group(click.Group):
         except Exception as exc:  # a bug, not bad input: still one line unless --debug
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            click.echo(f"error: internal error: {type(exc).__name__}: {exc} "
-                       "(run with --debug for the traceback, and please report it)", err=True)
+            click.echo(
+                f"error: internal error: {type(exc).__name__}: {exc} "
+                "(run with --debug for the traceback, and please report it)",
+                err=True,
+            )
             sys.exit(1)
 
 
 def debug_option(f: F) -> F:
     """--debug after the command too (lorasurgeon merge ... --debug), as the error messages suggest it."""
+
     def turn_on(ctx: click.Context, param: click.Parameter, value: bool) -> None:
         if value:
             ctx.find_root().obj["debug"] = True
 
-    return click.option("--debug", is_flag=True, expose_value=False, is_eager=True, callback=turn_on,
-                        help="Show full tracebacks on errors.")(f)
+    return click.option(
+        "--debug",
+        is_flag=True,
+        expose_value=False,
+        is_eager=True,
+        callback=turn_on,
+        help="Show full tracebacks on errors.",
+    )(f)
 
 
 class Dtype(click.Choice):
@@ -104,8 +115,9 @@ class Bar:
         self._tqdm = tqdm
 
     def start(self, total: int) -> None:
-        self._bar = self._tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
-                               leave=False, dynamic_ncols=True)
+        self._bar = self._tqdm(
+            total=total, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, leave=False, dynamic_ncols=True
+        )
 
     def advance(self, nbytes: int) -> None:
         if self._bar is not None:

@@ -53,7 +53,7 @@ class HubStandIn:
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
-    def __enter__(self) -> "HubStandIn":
+    def __enter__(self) -> HubStandIn:
         self._thread.start()
         return self
 
@@ -89,8 +89,9 @@ class HubStandIn:
             def log_message(self, *args) -> None:  # quiet
                 pass
 
-            def _send(self, status: int, body: bytes | dict | list = b"", headers: dict | None = None,
-                      head: bool = False) -> None:
+            def _send(
+                self, status: int, body: bytes | dict | list = b"", headers: dict | None = None, head: bool = False
+            ) -> None:
                 data = json.dumps(body).encode() if isinstance(body, (dict, list)) else body
                 self.send_response(status)
                 ctype = "application/json" if isinstance(body, (dict, list)) else "application/octet-stream"
@@ -138,10 +139,19 @@ class HubStandIn:
                         return
                     files = repo.commits[sha]
                     if parts[4] == "revision":
-                        return self._send(200, {"id": f"{parts[2]}/{parts[3]}", "sha": sha, "private": repo.private,
-                                                "siblings": [{"rfilename": p} for p in sorted(files)]})
-                    return self._send(200, [{"type": "file", "oid": _sha(d), "size": len(d), "path": p}
-                                            for p, d in sorted(files.items())])
+                        return self._send(
+                            200,
+                            {
+                                "id": f"{parts[2]}/{parts[3]}",
+                                "sha": sha,
+                                "private": repo.private,
+                                "siblings": [{"rfilename": p} for p in sorted(files)],
+                            },
+                        )
+                    return self._send(
+                        200,
+                        [{"type": "file", "oid": _sha(d), "size": len(d), "path": p} for p, d in sorted(files.items())],
+                    )
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo = self._repo(f"{parts[0]}/{parts[1]}", head)
                     sha = repo and self._rev(repo, parts[3], head)
@@ -156,10 +166,15 @@ class HubStandIn:
                     doc = json.loads(body)
                     repo_id = f"{doc['organization']}/{doc['name']}" if doc.get("organization") else doc["name"]
                     if doc.get("organization") in hub.read_only_orgs:
-                        return self._error(403, "Forbidden", "You don't have the rights to create a model under the "
-                                                             f"namespace \"{doc['organization']}\"")
+                        return self._error(
+                            403,
+                            "Forbidden",
+                            f'You don\'t have the rights to create a model under the namespace "{doc["organization"]}"',
+                        )
                     if repo_id in hub.repos:
-                        return self._send(409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"})
+                        return self._send(
+                            409, {"error": "You already created this model repo", "url": f"{hub.url}/{repo_id}"}
+                        )
                     private = bool(doc.get("private")) or doc.get("visibility") == "private"
                     repo = hub.repos[repo_id] = Repo(private=private)
                     repo.refs["main"] = repo.commit({}, None, "initial commit")
@@ -168,8 +183,14 @@ class HubStandIn:
                     repo = self._repo(f"{parts[2]}/{parts[3]}")
                     if repo:
                         files = json.loads(body)["files"]
-                        return self._send(200, {"files": [{"path": f["path"], "uploadMode": "regular",
-                                                           "shouldIgnore": False} for f in files]})
+                        return self._send(
+                            200,
+                            {
+                                "files": [
+                                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                                ]
+                            },
+                        )
                     return
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "commit" and method == "POST":
                     return self._commit(f"{parts[2]}/{parts[3]}", "/".join(parts[5:]), body)
@@ -182,11 +203,21 @@ class HubStandIn:
                         repo.refs[f"refs/pr/{repo.prs}"] = repo.refs["main"]
                         return self._send(200, {"num": repo.prs})
                     num = int(parts[5])
-                    return self._send(200, {
-                        "title": "PR", "num": num, "author": {"name": "tester"}, "status": "draft",
-                        "createdAt": "2026-01-01T00:00:00.000Z", "repo": {"name": f"{parts[2]}/{parts[3]}", "type": "model"},
-                        "isPullRequest": True, "events": [], "changes": {"base": "refs/heads/main"},
-                        "filesWithConflicts": []})
+                    return self._send(
+                        200,
+                        {
+                            "title": "PR",
+                            "num": num,
+                            "author": {"name": "tester"},
+                            "status": "draft",
+                            "createdAt": "2026-01-01T00:00:00.000Z",
+                            "repo": {"name": f"{parts[2]}/{parts[3]}", "type": "model"},
+                            "isPullRequest": True,
+                            "events": [],
+                            "changes": {"base": "refs/heads/main"},
+                            "filesWithConflicts": [],
+                        },
+                    )
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "branch" and method == "POST":
                     repo = self._repo(f"{parts[2]}/{parts[3]}")
                     if repo is None:

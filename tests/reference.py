@@ -31,11 +31,11 @@ def peft_model(base: Path, adapters: list[Path], weights: list[float] | None = N
 
     names = [f"a{i}" for i in range(len(adapters))]
     model = PeftModel.from_pretrained(load_model(base, dtype), adapters[0], adapter_name=names[0])
-    for name, path in zip(names[1:], adapters[1:]):
+    for name, path in zip(names[1:], adapters[1:], strict=True):
         model.load_adapter(path, adapter_name=name)
     if len(names) > 1:
         model.base_model.set_adapter(names)
-    for name, w in zip(names, weights or [1.0] * len(names)):
+    for name, w in zip(names, weights or [1.0] * len(names), strict=True):
         for module in model.modules():
             scaling = getattr(module, "scaling", None)
             if isinstance(scaling, dict) and name in scaling:
@@ -58,8 +58,11 @@ def read_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 @torch.no_grad()
 def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
-    if hasattr(model, "config") and getattr(model.config, "model_type", None) == "resnet" or (
-            hasattr(model, "base_model") and getattr(getattr(model, "config", None), "model_type", None) == "resnet"):
+    if (
+        hasattr(model, "config")
+        and getattr(model.config, "model_type", None) == "resnet"
+        or (hasattr(model, "base_model") and getattr(getattr(model, "config", None), "model_type", None) == "resnet")
+    ):
         g = torch.Generator().manual_seed(0)
         return model(pixel_values=torch.randn(2, 3, 32, 32, generator=g)).logits.float()
     return model(input_ids=ids).logits.float()

@@ -7,9 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-import lorasurgeon
-
 from conftest import ROOT
+
+import lorasurgeon
 
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
@@ -21,7 +21,8 @@ def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
 
 
 def test_every_public_name_is_what_it_says_twice(tmp_path):
-    run_python(f"""
+    run_python(
+        f"""
         import types
         import lorasurgeon as ls
         for name in ls.__all__:
@@ -40,24 +41,32 @@ def test_every_public_name_is_what_it_says_twice(tmp_path):
         import lorasurgeon.commands.merge, lorasurgeon.commands.extract, lorasurgeon.commands.diff
         assert merge is ls.merge and extract is ls.extract and diff is ls.diff and verify is ls.verify
         assert callable(merge) and callable(ls.merge)
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
 
 
 def test_from_import_after_the_internals_were_imported(tmp_path):
     """What the CLI does first (imports the command's module) must not change what the names are."""
-    run_python("""
+    run_python(
+        """
         import lorasurgeon.commands.merge, lorasurgeon.commands.diff, lorasurgeon.commands.verify
         from lorasurgeon import merge, unmerge, convert, diff, verify, inspect
         assert all(callable(f) and f.__module__.startswith("lorasurgeon.commands")
                    for f in (merge, unmerge, convert, diff, verify, inspect))
-    """, tmp_path)
+    """,
+        tmp_path,
+    )
 
 
 def test_every_error_class_is_exported_and_one_family():
     import lorasurgeon.errors as errors
 
-    classes = {name for name, value in vars(errors).items()
-               if isinstance(value, type) and issubclass(value, errors.LorasurgeonError)}
+    classes = {
+        name
+        for name, value in vars(errors).items()
+        if isinstance(value, type) and issubclass(value, errors.LorasurgeonError)
+    }
     assert classes <= set(lorasurgeon.__all__)
     assert all(issubclass(getattr(lorasurgeon, name), lorasurgeon.LorasurgeonError) for name in classes)
 

@@ -3,9 +3,9 @@
 import subprocess
 import sys
 
-from lorasurgeon import __version__
-
 from conftest import ROOT, run_cli
+
+from lorasurgeon import __version__
 
 
 def test_version_and_help():
@@ -17,15 +17,22 @@ def test_version_and_help():
 
 
 def test_python_dash_m_in_a_real_process(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "lorasurgeon", "inspect", str(ROOT / "fixtures" / "base")],
-                        capture_output=True, text=True)
+    ok = subprocess.run(
+        [sys.executable, "-m", "lorasurgeon", "inspect", str(ROOT / "fixtures" / "base")],
+        capture_output=True,
+        text=True,
+    )
     assert ok.returncode == 0 and "model.safetensors" in ok.stdout
-    bad = subprocess.run([sys.executable, "-m", "lorasurgeon", "inspect", str(tmp_path / "missing")],
-                         capture_output=True, text=True)
+    bad = subprocess.run(
+        [sys.executable, "-m", "lorasurgeon", "inspect", str(tmp_path / "missing")], capture_output=True, text=True
+    )
     assert bad.returncode == 2
     assert bad.stderr.strip() == f"error: {tmp_path / 'missing'}: no such file or folder"
-    debug = subprocess.run([sys.executable, "-m", "lorasurgeon", "--debug", "inspect", str(tmp_path / "missing")],
-                           capture_output=True, text=True)
+    debug = subprocess.run(
+        [sys.executable, "-m", "lorasurgeon", "--debug", "inspect", str(tmp_path / "missing")],
+        capture_output=True,
+        text=True,
+    )
     assert debug.returncode != 0 and "Traceback" in debug.stderr
 
 
@@ -41,8 +48,12 @@ def test_every_option_of_every_command_has_help_text():
 
     from lorasurgeon.cli import cli
 
-    missing = [f"{name} {p.opts[0]}" for name, cmd in cli.commands.items() for p in cmd.params
-               if isinstance(p, click.Option) and not p.help]
+    missing = [
+        f"{name} {p.opts[0]}"
+        for name, cmd in cli.commands.items()
+        for p in cmd.params
+        if isinstance(p, click.Option) and not p.help
+    ]
     assert missing == []
 
 
@@ -55,7 +66,10 @@ def test_short_dtype_names_work_on_the_command_line(tmp_path):
         assert run_cli("merge", fixtures / "base", fixtures / "adapter", "-o", out, "--dtype", spelling).exit_code == 0
         assert {str(t.dtype) for t in load_file(out / "model.safetensors").values()} == {dtype}
     lora = tmp_path / "lora"
-    assert run_cli("extract", fixtures / "base", tmp_path / "fp32", "--rank", "2", "--dtype", "bf16", "-o", lora).exit_code == 0
+    assert (
+        run_cli("extract", fixtures / "base", tmp_path / "fp32", "--rank", "2", "--dtype", "bf16", "-o", lora).exit_code
+        == 0
+    )
     assert {str(t.dtype) for t in load_file(lora / "adapter_model.safetensors").values()} == {"torch.bfloat16"}
     bad = run_cli("merge", fixtures / "base", fixtures / "adapter", "-o", tmp_path / "x", "--dtype", "int8")
     assert bad.exit_code == 2 and "int8" in bad.stderr

@@ -6,11 +6,10 @@ import json
 
 import pytest
 import torch
+from conftest import run_cli, seeded
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon import diff
-
-from conftest import run_cli, seeded
 
 
 def write(path, tensors):
@@ -20,15 +19,32 @@ def write(path, tensors):
 
 
 def test_every_status_and_key_set(tmp_path):
-    a = {"same": seeded((4, 4)), "changed": seeded((8, 3), seed=1), "shape": seeded((3,)),
-         "dtype": seeded((5,), seed=2), "only_a": torch.ones(1), "ints": torch.arange(6)}
-    b = dict(a, changed=a["changed"] + 0.5, shape=seeded((4,)), dtype=a["dtype"].to(torch.bfloat16),
-             only_b=torch.zeros(2), ints=torch.arange(6) * 2)
+    a = {
+        "same": seeded((4, 4)),
+        "changed": seeded((8, 3), seed=1),
+        "shape": seeded((3,)),
+        "dtype": seeded((5,), seed=2),
+        "only_a": torch.ones(1),
+        "ints": torch.arange(6),
+    }
+    b = dict(
+        a,
+        changed=a["changed"] + 0.5,
+        shape=seeded((4,)),
+        dtype=a["dtype"].to(torch.bfloat16),
+        only_b=torch.zeros(2),
+        ints=torch.arange(6) * 2,
+    )
     del b["only_a"]
     report = diff(write(tmp_path / "a.safetensors", a), write(tmp_path / "b.safetensors", b))
     status = {t.name: t.status for t in report.tensors}
-    assert status == {"same": "identical", "changed": "changed", "shape": "shape_mismatch",
-                      "dtype": "dtype_mismatch", "ints": "changed"}
+    assert status == {
+        "same": "identical",
+        "changed": "changed",
+        "shape": "shape_mismatch",
+        "dtype": "dtype_mismatch",
+        "ints": "changed",
+    }
     assert report.only_in_a == ["only_a"] and report.only_in_b == ["only_b"]
     changed = next(t for t in report.tensors if t.name == "changed")
     delta = torch.full((8, 3), 0.5)
@@ -98,8 +114,9 @@ def test_bf16_against_fp32_of_the_same_weights(llama_dir, tmp_path):
 
 def test_include_exclude_and_table(llama_dir, tmp_path):
     tensors = load_file(llama_dir / "model.safetensors")
-    changed = write(tmp_path / "c" / "model.safetensors",
-                    {k: (v + 0.1 if "q_proj" in k else v) for k, v in tensors.items()})
+    changed = write(
+        tmp_path / "c" / "model.safetensors", {k: (v + 0.1 if "q_proj" in k else v) for k, v in tensors.items()}
+    )
     report = diff(llama_dir, changed.parent, include=r"layers\.0\.", exclude="mlp")
     assert all("layers.0." in t.name and "mlp" not in t.name for t in report.tensors)
     result = run_cli("diff", llama_dir, changed.parent, "--top", "1")
@@ -112,8 +129,10 @@ def test_identical_fraction_counts_elements(tmp_path):
     w = seeded((50, 20))
     b = w.clone()
     b.view(-1)[:300] += 1.0  # 300 of 1000 elements changed
-    report = diff(write(tmp_path / "a.safetensors", {"w": w, "same": w.clone(), "half": w.half()}),
-                  write(tmp_path / "b.safetensors", {"w": b, "same": w.clone(), "half": w.clone()}))
+    report = diff(
+        write(tmp_path / "a.safetensors", {"w": w, "same": w.clone(), "half": w.half()}),
+        write(tmp_path / "b.safetensors", {"w": b, "same": w.clone(), "half": w.clone()}),
+    )
     got = {t.name: t.identical_fraction for t in report.tensors}
     exact_in_half = float((w.half().float() == w).double().mean())  # dtypes differ: equal in value
     assert got == {"w": pytest.approx(0.7), "same": 1.0, "half": pytest.approx(exact_in_half)}
@@ -128,8 +147,11 @@ def test_atol_separates_what_it_forgives_from_what_differs(tmp_path):
     result = run_cli("diff", a, b, "--atol", "1e-2")
     assert result.exit_code == 1
     assert "big" in result.stdout and "small" not in result.stdout
-    assert result.stdout.strip().splitlines()[-1].startswith(
-        "different (within --atol 0.01): 3 common tensors — 1 identical, 1 within --atol, 1 changed")
+    assert (
+        result.stdout.strip()
+        .splitlines()[-1]
+        .startswith("different (within --atol 0.01): 3 common tensors — 1 identical, 1 within --atol, 1 changed")
+    )
     doc = json.loads(run_cli("diff", a, b, "--atol", "1e-2", "--json").stdout)
     assert {t["name"]: t["within_atol"] for t in doc["tensors"]} == {"small": True, "big": False, "same": False}
     assert doc["summary"]["within_atol"] == 1
@@ -137,12 +159,16 @@ def test_atol_separates_what_it_forgives_from_what_differs(tmp_path):
     assert forgiving.exit_code == 0 and "changed  " not in forgiving.stdout
     assert forgiving.stdout.strip().splitlines() == [
         "identical (within --atol 2): 3 common tensors — 1 identical, 2 within --atol, 0 changed, "
-        "0 dtype mismatches, 0 shape mismatches; 0 only in A, 0 only in B"]
+        "0 dtype mismatches, 0 shape mismatches; 0 only in A, 0 only in B"
+    ]
 
 
 def test_top_must_not_be_negative_and_zero_shows_only_the_count(tmp_path):
     w = seeded((4, 4))
-    a, b = write(tmp_path / "a.safetensors", {"x": w, "y": w.clone()}), write(tmp_path / "b.safetensors", {"x": w + 1, "y": w + 2})
+    a, b = (
+        write(tmp_path / "a.safetensors", {"x": w, "y": w.clone()}),
+        write(tmp_path / "b.safetensors", {"x": w + 1, "y": w + 2}),
+    )
     bad = run_cli("diff", a, b, "--top", "-1")
     assert bad.exit_code == 2 and "-1" in bad.stderr
     zero = run_cli("diff", a, b, "--top", "0")
@@ -154,5 +180,6 @@ def test_a_filter_that_matches_nothing_is_an_error(tmp_path):
     a, b = write(tmp_path / "a.safetensors", {"x.weight": w}), write(tmp_path / "b.safetensors", {"x.weight": w + 1})
     result = run_cli("diff", a, b, "--include", "q_proj")
     assert result.exit_code == 2 and result.stdout == ""
-    assert result.stderr.strip() == ("error: --include 'q_proj' leaves none of the 1 + 1 tensors of A and B to compare "
-                                     "(names look like 'x.weight')")
+    assert result.stderr.strip() == (
+        "error: --include 'q_proj' leaves none of the 1 + 1 tensors of A and B to compare (names look like 'x.weight')"
+    )

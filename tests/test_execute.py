@@ -6,17 +6,16 @@ import os
 
 import pytest
 import torch
+from conftest import listing, seeded
 from safetensors.torch import save_file
 
-from lorasurgeon.errors import CorruptCheckpointError
 from lorasurgeon.commands.merge.compute import compute_merge
+from lorasurgeon.commands.merge.ops import TensorOp
 from lorasurgeon.engine.execute import run
+from lorasurgeon.engine.plan import Ref
+from lorasurgeon.errors import CorruptCheckpointError
 from lorasurgeon.io import CheckpointWriter, open_checkpoint, plan_shards
 from lorasurgeon.io.buffers import ReadBuffers
-from lorasurgeon.commands.merge.ops import TensorOp
-from lorasurgeon.engine.plan import Ref
-
-from conftest import listing, seeded
 
 
 def copy_ops(ckpt):
@@ -101,18 +100,23 @@ def test_merge_through_reused_buffers_gives_each_tensor_its_own_result(tmp_path)
     from lorasurgeon.ops.lora import LAYER_KINDS, add_lora
 
     n, rows, cols, r = 10, 1024, 640, 4
-    base = {f"model.layers.{i}.mlp.up_proj.weight": seeded((rows, cols), seed=i).to(torch.bfloat16) + i
-            for i in range(n)}
+    base = {
+        f"model.layers.{i}.mlp.up_proj.weight": seeded((rows, cols), seed=i).to(torch.bfloat16) + i for i in range(n)
+    }
     lora = {}
     for i in range(n):
         m = f"base_model.model.model.layers.{i}.mlp.up_proj"
-        lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"] = seeded((r, cols), seed=100 + i), seeded((rows, r), seed=200 + i)
+        lora[m + ".lora_A.weight"], lora[m + ".lora_B.weight"] = (
+            seeded((r, cols), seed=100 + i),
+            seeded((rows, r), seed=200 + i),
+        )
     (tmp_path / "base").mkdir()
     (tmp_path / "adapter").mkdir()
     save_file(base, tmp_path / "base" / "model.safetensors")
     save_file(lora, tmp_path / "adapter" / "adapter_model.safetensors")
     (tmp_path / "adapter" / "adapter_config.json").write_text(
-        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]}')
+        '{"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["up_proj"]}'
+    )
     merge(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "out")
     out = open_checkpoint(tmp_path / "out")
     for i, (name, w) in enumerate(base.items()):
@@ -173,8 +177,13 @@ def test_an_unreadable_tensor_is_reported_and_the_run_goes_on_when_asked(tmp_pat
             return ckpt.read(name, alloc)
 
     ops = [TensorOp(i.name, Ref(0, i.name), torch.float16, i.shape, "copy") for i in ckpt.infos()]  # read, not copied
-    stats = run(ops, [OneBadTensor()], Discard(), compute=lambda op, t, d: Outcome([], f"ok {op.name}"),
-                unreadable=lambda op, exc: f"unreadable {op.name}: {exc}")
+    stats = run(
+        ops,
+        [OneBadTensor()],
+        Discard(),
+        compute=lambda op, t, d: Outcome([], f"ok {op.name}"),
+        unreadable=lambda op, exc: f"unreadable {op.name}: {exc}",
+    )
     assert stats.infos == ("ok t00", "ok t01", "unreadable t02: t02: truncated while reading", "ok t03")
     with pytest.raises(CorruptCheckpointError, match="t02"):
         run(ops, [OneBadTensor()], Discard(), compute=lambda op, t, d: Outcome([], None))

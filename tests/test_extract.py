@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import shutil
 
+import make_fixtures as mf
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import make_fixtures as mf
-from lorasurgeon import extract
-from lorasurgeon import merge
-
 from conftest import listing, run_cli
 from reference import load_model, logits, read_folder
+from safetensors.torch import load_file
+
+from lorasurgeon import extract, merge
 
 
 def fine_tune(model, *, rank=4, noise=0.0, norms=True, seed=5, biases=False, embeddings=True):
@@ -26,7 +24,7 @@ def fine_tune(model, *, rank=4, noise=0.0, norms=True, seed=5, biases=False, emb
                 continue
             if p.dim() == 2:
                 m, n = p.shape
-                p.add_(0.03 * torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank ** 0.5)
+                p.add_(0.03 * torch.randn(m, rank, generator=g) @ torch.randn(rank, n, generator=g) / rank**0.5)
                 p.add_(noise * torch.randn(p.shape, generator=g))
             elif norms and ("norm" in name or "ln_" in name) and name.endswith("weight"):
                 p.add_(0.02 * torch.randn(p.shape, generator=g))
@@ -68,10 +66,10 @@ def test_fixed_rank_keeps_the_optimum_and_loads_in_peft(llama, tmp_path, rank):
     b, t = read_folder(base), read_folder(tuned)
     assert len(report.modules) == 2 * 7 + 2  # every projection, the embedding and lm_head
     for m in report.modules:
-        delta = (t[m.name + ".weight"].double() - b[m.name + ".weight"].double())
+        delta = t[m.name + ".weight"].double() - b[m.name + ".weight"].double()
         delta = delta.T if m.kind == "embedding" else delta
         s = torch.linalg.svdvals(delta)
-        optimum = float((s[:rank] ** 2).sum() / (s ** 2).sum())
+        optimum = float((s[:rank] ** 2).sum() / (s**2).sum())
         assert m.rank == rank and m.kept >= 0.995 * optimum, (m.name, m.kept, optimum)
         assert m.rel_error == pytest.approx((1 - m.kept) ** 0.5, rel=1e-3, abs=1e-5)
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
@@ -100,8 +98,9 @@ def test_full_rank_gives_back_the_delta(llama, tmp_path):
     report = extract(base, tuned, tmp_path / "lora", rank=10_000)
     assert all(m.rel_error < 1e-5 and m.kept == pytest.approx(1.0, abs=1e-6) for m in report.modules)
     assert all(m.rank == min(m.shape) for m in report.modules)
-    torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)), rtol=1e-4, atol=1e-4
+    )
 
 
 @pytest.mark.parametrize("fraction", [0.5, 0.95])
@@ -132,8 +131,9 @@ def test_tied_fine_tune(tmp_path):
     base, tuned = build_pair(tmp_path, mf.llama_config(tied=True), noise=0.0)
     report = extract(base, tuned, tmp_path / "lora", rank=4)
     assert {"model.embed_tokens", "lm_head"} <= {m.name for m in report.modules}
-    torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_resized_vocabulary_is_stored_in_full(tmp_path):
@@ -149,8 +149,12 @@ def test_resized_vocabulary_is_stored_in_full(tmp_path):
     assert "resize_token_embeddings(260)" in full["model.embed_tokens.weight"]
     assert "lm_head.weight" in full
     ids = torch.tensor([[1, 5, 257, 259, 100]])
-    torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora", resize=260), ids),
-                               logits(load_model(tmp_path / "tuned"), ids), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(peft_load(base, tmp_path / "lora", resize=260), ids),
+        logits(load_model(tmp_path / "tuned"), ids),
+        rtol=1e-4,
+        atol=1e-4,
+    )
 
 
 def test_gpt2_conv1d_and_bias_changes(tmp_path):
@@ -161,31 +165,41 @@ def test_gpt2_conv1d_and_bias_changes(tmp_path):
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     # PEFT refuses lora_bias with LoRA on embeddings: biases go in whole (bias: lora_only)
     assert config["lora_bias"] is False and config["bias"] == "lora_only"
-    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in load_file(tmp_path / "lora" / "adapter_model.safetensors")
-    torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)),
-                               rtol=1e-4, atol=1e-4)
+    assert "base_model.model.transformer.h.0.attn.c_attn.base_layer.bias" in load_file(
+        tmp_path / "lora" / "adapter_model.safetensors"
+    )
+    torch.testing.assert_close(
+        logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)), rtol=1e-4, atol=1e-4
+    )
     # when every LoRA module has a bias (no embedding change), bias deltas are lora_B.bias (lora_bias)
     base2, tuned2 = build_pair(tmp_path / "blocks", mf.gpt2_config(), biases=True, embeddings=False)
     report = extract(base2, tuned2, tmp_path / "lora2", rank=4)
     assert "lm_head" not in {m.name for m in report.modules}
     config = json.loads((tmp_path / "lora2" / "adapter_config.json").read_text())
     assert config["lora_bias"] is True and config["bias"] == "none"
-    assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.bias" in load_file(tmp_path / "lora2" / "adapter_model.safetensors")
-    torch.testing.assert_close(logits(peft_load(base2, tmp_path / "lora2")), logits(load_model(tuned2)),
-                               rtol=1e-4, atol=1e-4)
+    assert "base_model.model.transformer.h.0.attn.c_attn.lora_B.bias" in load_file(
+        tmp_path / "lora2" / "adapter_model.safetensors"
+    )
+    torch.testing.assert_close(
+        logits(peft_load(base2, tmp_path / "lora2")), logits(load_model(tuned2)), rtol=1e-4, atol=1e-4
+    )
     merge(base2, [tmp_path / "lora2"], tmp_path / "merged2")  # and lorasurgeon merges it back
-    torch.testing.assert_close(logits(load_model(tmp_path / "merged2")), logits(load_model(tuned2)),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(load_model(tmp_path / "merged2")), logits(load_model(tuned2)), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_skip_options_include_exclude_and_dtype(llama, tmp_path):
     base, tuned = llama
-    report = extract(base, tuned, tmp_path / "lora", rank=2, embeddings="skip", extras="skip",
-                     exclude=r"mlp\.", dtype="bfloat16")
+    report = extract(
+        base, tuned, tmp_path / "lora", rank=2, embeddings="skip", extras="skip", exclude=r"mlp\.", dtype="bfloat16"
+    )
     names = {m.name for m in report.modules}
     assert not any("mlp" in n or "embed" in n for n in names) and "lm_head" in names
     assert report.full == [] and report.skipped.excluded == 6
-    assert any("norm" in n for n in report.skipped.not_stored) and "model.embed_tokens.weight" in report.skipped.not_stored
+    assert (
+        any("norm" in n for n in report.skipped.not_stored) and "model.embed_tokens.weight" in report.skipped.not_stored
+    )
     tensors = load_file(tmp_path / "lora" / "adapter_model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in tensors.values())
     report = extract(base, tuned, tmp_path / "lora2", rank=2, include=r"q_proj", embeddings="full")
@@ -211,7 +225,9 @@ def refused(result, tmp_path, phrase):
 def test_bad_pairs_are_refused(llama, tmp_path):
     base, tuned = llama
     gpt2 = mf.save_model(mf.build_model(mf.gpt2_config()), tmp_path / "gpt2")
-    refused(run_cli("extract", base, gpt2, "--rank", "4", "-o", tmp_path / "out"), tmp_path, "do not share an architecture")
+    refused(
+        run_cli("extract", base, gpt2, "--rank", "4", "-o", tmp_path / "out"), tmp_path, "do not share an architecture"
+    )
     wider = mf.save_model(mf.build_model(mf.llama_config(hidden=32)), tmp_path / "wider")
     refused(run_cli("extract", base, wider, "--rank", "4", "-o", tmp_path / "out"), tmp_path, "different architectures")
     refused(run_cli("extract", base, base, "--rank", "4", "-o", tmp_path / "out"), tmp_path, "same checkpoint")
@@ -219,8 +235,11 @@ def test_bad_pairs_are_refused(llama, tmp_path):
     refused(run_cli("extract", base, copy, "--rank", "4", "-o", tmp_path / "out"), tmp_path, "nothing to extract")
     refused(run_cli("extract", base, tuned, "-o", tmp_path / "out"), tmp_path, "exactly one of --rank")
     refused(run_cli("extract", base, tuned, "--energy", "1.5", "-o", tmp_path / "out"), tmp_path, "--energy")
-    refused(run_cli("extract", base, tuned, "--rank", "2", "--include", "(", "-o", tmp_path / "out"), tmp_path,
-            "--include '(' is not a valid regex")
+    refused(
+        run_cli("extract", base, tuned, "--rank", "2", "--include", "(", "-o", tmp_path / "out"),
+        tmp_path,
+        "--include '(' is not a valid regex",
+    )
     assert set(listing(tmp_path)) == {p for p in listing(tmp_path) if not p.startswith(".")}
 
 
@@ -233,8 +252,9 @@ def test_embeddings_full_on_a_tied_model_stores_the_head_in_full_too(tmp_path):
     assert not {"model.embed_tokens", "lm_head"} & {m.name for m in report.modules}
     config = json.loads((tmp_path / "lora" / "adapter_config.json").read_text())
     assert {"model.embed_tokens", "lm_head"} <= set(config["modules_to_save"])
-    torch.testing.assert_close(logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)),
-                               rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(
+        logits(peft_load(base, tmp_path / "lora")), logits(load_model(tuned)), rtol=1e-4, atol=1e-4
+    )
     report = extract(base, tuned, tmp_path / "skip", rank=4, embeddings="skip")
     assert {"model.embed_tokens.weight", "lm_head.weight"} <= set(report.skipped.not_stored)
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import make_fixtures as mf
 import pytest
 import torch
+from reference import load_model, logits, peft_model, read_folder
 from safetensors.torch import load_file
 
-import make_fixtures as mf
 from lorasurgeon import convert, merge, unmerge
-
-from reference import load_model, logits, peft_model, read_folder
 
 CASES = {
     "llama": (lambda: mf.llama_config(), dict(target_modules=["q_proj", "v_proj", "embed_tokens"], r=4)),
@@ -19,10 +18,14 @@ CASES = {
     "gpt2-lora_bias": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn", "c_proj"], lora_bias=True)),
     "gpt2-bias": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn", "c_proj"], bias="lora_only")),
     "gpt2-bias-all": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn"], bias="all")),
-    "dora+modules_to_save": (lambda: mf.llama_config(), dict(target_modules=["q_proj", "o_proj"], use_dora=True,
-                                                            modules_to_save=["lm_head"])),
-    "tokens-tied": (lambda: mf.llama_config(tied=True), dict(target_modules=["k_proj"],
-                                                            trainable_token_indices={"embed_tokens": [4, 8]})),
+    "dora+modules_to_save": (
+        lambda: mf.llama_config(),
+        dict(target_modules=["q_proj", "o_proj"], use_dora=True, modules_to_save=["lm_head"]),
+    ),
+    "tokens-tied": (
+        lambda: mf.llama_config(tied=True),
+        dict(target_modules=["k_proj"], trainable_token_indices={"embed_tokens": [4, 8]}),
+    ),
 }
 
 
@@ -41,8 +44,10 @@ def test_augmented_loads_strictly_into_the_peft_model(pair):
     root, base, adapter, config_fn, _ = pair
     merge(base, [adapter], root / "aug", form="augmented")
     config = json.loads((root / "aug" / "adapter_config.json").read_text())
-    wrapped = get_peft_model(mf.build_model(config_fn(), seed=123), LoraConfig(**{
-        k: v for k, v in config.items() if k not in ("peft_type", "auto_mapping", "peft_version")}))
+    wrapped = get_peft_model(
+        mf.build_model(config_fn(), seed=123),
+        LoraConfig(**{k: v for k, v in config.items() if k not in ("peft_type", "auto_mapping", "peft_version")}),
+    )
     inner = wrapped.base_model.model
     state = read_folder(root / "aug")
     assert set(state) == set(inner.state_dict())
@@ -62,7 +67,8 @@ def test_convert_augmented_to_merged_equals_merging(pair):
     for name in direct:
         assert torch.equal(direct[name], via[name]), name
     assert json.loads((root / "direct" / "config.json").read_text()) == json.loads(
-        (root / "via_aug" / "config.json").read_text())
+        (root / "via_aug" / "config.json").read_text()
+    )
 
 
 def test_convert_augmented_to_adapter_gives_the_adapter_back(pair):
@@ -84,8 +90,12 @@ def test_convert_augmented_to_adapter_gives_the_adapter_back(pair):
 
 def test_unmerge_round_trip(pair):
     root, base, adapter, _, lora = pair
-    if (lora.get("use_dora") or lora.get("modules_to_save") or lora.get("trainable_token_indices")
-            or lora.get("bias", "none") != "none"):
+    if (
+        lora.get("use_dora")
+        or lora.get("modules_to_save")
+        or lora.get("trainable_token_indices")
+        or lora.get("bias", "none") != "none"
+    ):
         pytest.skip("unmerge refuses these (tensors replaced outright): see test_merge_cli")
     if not (root / "direct").exists():
         merge(base, [adapter], root / "direct")

@@ -8,15 +8,13 @@ import shutil
 import subprocess
 import sys
 
+import make_fixtures as mf
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import make_fixtures as mf
-from hub_server import HubStandIn
-
 from conftest import ROOT, run_cli
+from hub_server import HubStandIn
 from reference import read_folder
+from safetensors.torch import load_file
 
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
@@ -44,7 +42,9 @@ def test_merge_from_repo_ids_equals_merging_local_folders(hub, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     card = (tmp_path / "from_hub" / "README.md").read_text()
     assert "base_model: org/base" in card and "`org/adapter`" in card
-    assert {t for (m, p), t in zip(hub.requests, hub.token_seen) if "org/" in p} == {"Bearer hf_test_token"}
+    assert {t for (m, p), t in zip(hub.requests, hub.token_seen, strict=True) if "org/" in p} == {
+        "Bearer hf_test_token"
+    }
 
 
 def test_revision_pinning(hub, tmp_path):
@@ -52,6 +52,7 @@ def test_revision_pinning(hub, tmp_path):
     changed = shutil.copytree(FIX_BASE, tmp_path / "changed")
     tensors = load_file(changed / "model.safetensors")
     from safetensors.torch import save_file
+
     save_file({k: v * 2 for k, v in tensors.items()}, changed / "model.safetensors", metadata={"format": "pt"})
     hub.add_folder("org/base", changed)  # main moves on
     hub.repos["org/base"].refs["v1"] = first
@@ -65,8 +66,10 @@ def test_revision_pinning(hub, tmp_path):
         assert f"base_model: {spec}" in (out / "README.md").read_text()
     latest = run_cli("merge", "org/base", "org/adapter", "-o", tmp_path / "latest")
     assert latest.exit_code == 0
-    assert not torch.equal(read_folder(tmp_path / "latest")["model.embed_tokens.weight"],
-                           read_folder(tmp_path / "ref")["model.embed_tokens.weight"])
+    assert not torch.equal(
+        read_folder(tmp_path / "latest")["model.embed_tokens.weight"],
+        read_folder(tmp_path / "ref")["model.embed_tokens.weight"],
+    )
 
 
 def test_only_the_needed_files_are_fetched(hub, tmp_path):
@@ -80,7 +83,11 @@ def test_only_the_needed_files_are_fetched(hub, tmp_path):
     hub.add_folder("org/busy", repo)
     assert run_cli("inspect", "org/busy").exit_code == 0
     assert sorted(p.rsplit("/", 1)[-1] for p in hub.downloaded()) == [
-        "config.json", "generation_config.json", "model.safetensors", "tokenizer.json"]
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+    ]
     sharded = mf.save_model(mf.build_model(mf.llama_config()), tmp_path / "sharded", max_shard_size="60KB")
     torch.save({}, sharded / "pytorch_model.bin")  # a second format, which must not be fetched
     hub.add_folder("org/sharded", sharded)
@@ -93,7 +100,9 @@ def test_only_the_needed_files_are_fetched(hub, tmp_path):
 
 
 def test_push_merged_and_adapter_folders_with_cards(hub, tmp_path):
-    r = run_cli("merge", "org/base", "org/adapter", "-o", tmp_path / "merged", "--push-to-hub", "me/merged", "--private")
+    r = run_cli(
+        "merge", "org/base", "org/adapter", "-o", tmp_path / "merged", "--push-to-hub", "me/merged", "--private"
+    )
     assert r.exit_code == 0, r.stderr
     assert "Pushed 4 files to me/merged" in r.stdout
     files = hub.files("me/merged")
@@ -102,11 +111,14 @@ def test_push_merged_and_adapter_folders_with_cards(hub, tmp_path):
     assert hub.repos["me/merged"].private
     card = files["README.md"].decode()
     assert "base_model: org/base" in card and "base_model_relation: merge" in card
-    assert "library_name: transformers" in card and "- lora" in card and "lorasurgeon merge org/base org/adapter" in card
+    assert (
+        "library_name: transformers" in card and "- lora" in card and "lorasurgeon merge org/base org/adapter" in card
+    )
     assert any("base_model: org/base" in text for text in hub.validated)
 
-    r = run_cli("extract", "org/base", tmp_path / "merged", "--rank", "8", "-o", tmp_path / "lora",
-                "--push-to-hub", "me/lora")
+    r = run_cli(
+        "extract", "org/base", tmp_path / "merged", "--rank", "8", "-o", tmp_path / "lora", "--push-to-hub", "me/lora"
+    )
     assert r.exit_code == 0, r.stderr
     files = hub.files("me/lora")
     assert {"adapter_config.json", "adapter_model.safetensors", "extract_report.json", "README.md"} <= set(files)
@@ -126,12 +138,15 @@ def test_push_command_revision_and_pull_request(hub, tmp_path):
     assert "model.safetensors" in hub.files("me/model", "refs/pr/1")
 
 
-@pytest.mark.parametrize("spec,phrase", [
-    ("org/missing", "not found on the Hub"),
-    ("org/base@nope", "no such revision"),
-    ("org/gated", "gated"),
-    ("org/empty", "no weights lorasurgeon can read"),
-])
+@pytest.mark.parametrize(
+    "spec,phrase",
+    [
+        ("org/missing", "not found on the Hub"),
+        ("org/base@nope", "no such revision"),
+        ("org/gated", "gated"),
+        ("org/empty", "no weights lorasurgeon can read"),
+    ],
+)
 def test_input_errors_are_one_line(hub, tmp_path, spec, phrase):
     hub.add_folder("org/gated", FIX_BASE, gated=True)
     (tmp_path / "empty").mkdir()
@@ -161,15 +176,16 @@ def test_environment_is_honoured_in_a_real_process(tmp_path):
         cmd = [sys.executable, "-m", "lorasurgeon", "merge", "org/base", "org/adapter", "-q", "-o"]
         online = subprocess.run(cmd + [str(tmp_path / "a")], env=env, capture_output=True, text=True)
         assert online.returncode == 0, online.stderr
-        repo_requests = [t for (m, p), t in zip(server.requests, server.token_seen) if "org/" in p]
+        repo_requests = [t for (m, p), t in zip(server.requests, server.token_seen, strict=True) if "org/" in p]
         assert repo_requests and set(repo_requests) == {"Bearer hf_env"}
         assert list((tmp_path / "home" / "hub").glob("models--org--base/snapshots/*/model.safetensors"))
     # the server is gone: offline, the cache serves; what is not cached is a clear error
     env["HF_HUB_OFFLINE"] = "1"
     offline = subprocess.run(cmd + [str(tmp_path / "b")], env=env, capture_output=True, text=True)
     assert offline.returncode == 0, offline.stderr
-    missing = subprocess.run([sys.executable, "-m", "lorasurgeon", "inspect", "org/other"], env=env,
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "lorasurgeon", "inspect", "org/other"], env=env, capture_output=True, text=True
+    )
     assert missing.returncode == 2 and "offline" in missing.stderr and "Traceback" not in missing.stderr
 
 

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import json
 
+import make_fixtures as mf
 import pytest
 import torch
+from conftest import ROOT, run_cli
 from safetensors.torch import save_file
 
-import make_fixtures as mf
 from lorasurgeon import inspect
-
-from conftest import ROOT, run_cli
 
 
 def peft_scalings(base_config, adapter_dir, seed=0):
@@ -27,12 +26,17 @@ def peft_scalings(base_config, adapter_dir, seed=0):
 
 
 ADAPTERS = {
-    "patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                     rank_pattern={"v_proj": 2, r"layers\.1\..*q_proj": 6},
-                     alpha_pattern={"q_proj": 3, "down_proj": 32}),
+    "patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"v_proj": 2, r"layers\.1\..*q_proj": 6},
+        alpha_pattern={"q_proj": 3, "down_proj": 32},
+    ),
     "rslora+dora": dict(r=8, lora_alpha=4, use_rslora=True, use_dora=True, target_modules=["q_proj", "o_proj"]),
-    "embedding+modules_to_save": dict(r=2, lora_alpha=2, target_modules=["embed_tokens", "k_proj"],
-                                      modules_to_save=["lm_head"]),
+    "embedding+modules_to_save": dict(
+        r=2, lora_alpha=2, target_modules=["embed_tokens", "k_proj"], modules_to_save=["lm_head"]
+    ),
 }
 
 
@@ -71,7 +75,10 @@ def test_checkpoint_counts_are_exact(tmp_path):
     assert (report.tensors, report.parameters, report.bytes) == (3, 18, 12 * 4 + 5 * 2 + 8)
     assert report.adapter is None
     assert {k: (v.tensors, v.parameters) for k, v in report.dtypes.items()} == {
-        "F32": (1, 12), "BF16": (1, 5), "I64": (1, 1)}
+        "F32": (1, 12),
+        "BF16": (1, 5),
+        "I64": (1, 1),
+    }
 
 
 def test_sharded_model_lists_index_and_shards(llama_sharded_dir):
@@ -101,7 +108,12 @@ def test_unsupported_variants_are_named(tmp_path):
 def test_an_augmented_checkpoint_is_recognised_with_its_ranks(tmp_path):
     """It was listed as an adapter that 'replaces' every tensor."""
     fixtures = ROOT / "fixtures"
-    assert run_cli("merge", fixtures / "base", fixtures / "adapter", "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
+    assert (
+        run_cli(
+            "merge", fixtures / "base", fixtures / "adapter", "-o", tmp_path / "aug", "--form", "augmented"
+        ).exit_code
+        == 0
+    )
     doc = json.loads(run_cli("inspect", tmp_path / "aug", "--json").stdout)
     original = json.loads(run_cli("inspect", fixtures / "adapter", "--json").stdout)
     assert (doc["form"], original["form"]) == ("augmented", "adapter")

@@ -6,13 +6,12 @@ import json
 
 import pytest
 import torch
+from conftest import listing, seeded
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon.errors import OutputError, OutputExistsError
 from lorasurgeon.io import CheckpointWriter, TensorSpec, open_checkpoint, plan_shards, shards_like
 from lorasurgeon.io.dtypes import TORCH_DTYPES
-
-from conftest import listing, seeded
 
 
 def all_dtype_tensors() -> dict[str, torch.Tensor]:
@@ -25,8 +24,9 @@ def all_dtype_tensors() -> dict[str, torch.Tensor]:
         elif dtype == torch.bool:
             out[f"t.{name}"] = raw > 127
         else:  # reinterpret random bytes: covers every bit pattern family, NaNs included
-            out[f"t.{name}"] = torch.randint(0, 256, (3, 5 * dtype.itemsize), dtype=torch.uint8,
-                                             generator=torch.Generator().manual_seed(i)).view(dtype)
+            out[f"t.{name}"] = torch.randint(
+                0, 256, (3, 5 * dtype.itemsize), dtype=torch.uint8, generator=torch.Generator().manual_seed(i)
+            ).view(dtype)
     out["scalar.f32"] = torch.tensor(3.5)
     out["scalar.bf16"] = torch.tensor(-1.25, dtype=torch.bfloat16)
     out["empty.f32"] = torch.zeros(0, 4)
@@ -44,8 +44,11 @@ def write_all(out, tensors, **kwargs):
 
 
 def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(
-        a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    return (
+        a.dtype == b.dtype
+        and a.shape == b.shape
+        and torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
+    )
 
 
 def test_single_file_is_byte_identical_to_save_file(tmp_path):
@@ -116,8 +119,11 @@ def test_legacy_bin(tmp_path, sharded):
     if sharded:
         torch.save({"a.weight": tensors["a.weight"]}, folder / "pytorch_model-00001-of-00002.bin")
         torch.save({"b.bias": tensors["b.bias"], "c": tensors["c"]}, folder / "pytorch_model-00002-of-00002.bin")
-        weight_map = {"a.weight": "pytorch_model-00001-of-00002.bin",
-                      "b.bias": "pytorch_model-00002-of-00002.bin", "c": "pytorch_model-00002-of-00002.bin"}
+        weight_map = {
+            "a.weight": "pytorch_model-00001-of-00002.bin",
+            "b.bias": "pytorch_model-00002-of-00002.bin",
+            "c": "pytorch_model-00002-of-00002.bin",
+        }
         (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
     else:
         torch.save(tensors, folder / "pytorch_model.bin")

@@ -53,7 +53,7 @@ def test_rank_at_or_above_the_matrix_rank_is_exact(solver):
 def test_energy_picks_the_smallest_sufficient_rank(fraction):
     m = spectrum_matrix(600, 400, 0.7)
     s = torch.linalg.svdvals(m.double())
-    best = rank_for_energy(s, float((s ** 2).sum()), fraction)
+    best = rank_for_energy(s, float((s**2).sum()), fraction)
     got = factorize(m, energy=fraction, solver="randomized", seed=1)
     assert got.kept >= fraction
     assert best <= got.rank <= best + 1  # the randomized σ may fall a hair short of the exact ones
@@ -77,7 +77,7 @@ def test_relative_error_by_blocks_is_the_whole_residual(transposed):
     m = torch.randn(90, 60, generator=g)
     m = m.T if transposed else m
     a, b = torch.randn(3, m.shape[1], generator=g), torch.randn(m.shape[0], 3, generator=g)
-    whole = float(torch.linalg.vector_norm((m.double() - b.double() @ a.double())) / torch.linalg.vector_norm(m.double()))
+    whole = float(torch.linalg.vector_norm(m.double() - b.double() @ a.double()) / torch.linalg.vector_norm(m.double()))
     for chunk in (1, 7 * m.shape[1], m.numel()):
         assert relative_error(m, a, b, chunk_elements=chunk) == pytest.approx(whole, rel=1e-6)
 

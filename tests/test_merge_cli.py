@@ -5,14 +5,12 @@ from __future__ import annotations
 import json
 import shutil
 
+import make_fixtures as mf
 import pytest
 import torch
-from safetensors.torch import load_file
-
-import make_fixtures as mf
-
 from conftest import ROOT, listing, run_cli
 from reference import read_folder
+from safetensors.torch import load_file
 
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
@@ -22,13 +20,18 @@ def test_quick_start_on_committed_fixtures(tmp_path):
     assert result.exit_code == 0, result.stderr
     assert "21 tensors (14 merged, 7 copied)" in result.stdout and "MiB/s" in result.stdout
     assert sorted(p.name for p in (tmp_path / "merged").iterdir()) == [
-        "README.md", "config.json", "generation_config.json", "model.safetensors"]
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     card = (tmp_path / "merged" / "README.md").read_text()
     assert f"base_model: {FIX_BASE}" in card and "base_model_relation: merge" in card and "- lorasurgeon" in card
     merged = load_file(tmp_path / "merged" / "model.safetensors")
     assert all(t.dtype == torch.bfloat16 for t in merged.values())
-    assert (FIX_BASE / "config.json").read_text() == (tmp_path / "merged" / "config.json").read_text() or \
-        json.loads((FIX_BASE / "config.json").read_text()) == json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert (FIX_BASE / "config.json").read_text() == (tmp_path / "merged" / "config.json").read_text() or json.loads(
+        (FIX_BASE / "config.json").read_text()
+    ) == json.loads((tmp_path / "merged" / "config.json").read_text())
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path):
@@ -48,7 +51,9 @@ def test_overwrite(tmp_path):
     assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m").exit_code == 0
     again = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m")
     assert again.exit_code == 2 and "--overwrite" in again.stderr
-    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--overwrite", "--weight", "0.5").exit_code == 0
+    assert (
+        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--overwrite", "--weight", "0.5").exit_code == 0
+    )
     assert listing(tmp_path) == {"m", "m/README.md", "m/config.json", "m/generation_config.json", "m/model.safetensors"}
 
 
@@ -58,9 +63,16 @@ def test_sharded_base_keeps_its_layout_unless_asked(llama_sharded_dir, adapter_d
     assert sorted(p.name for p in (tmp_path / "same").glob("*.safetensors")) == shards
     ours = json.loads((tmp_path / "same" / "model.safetensors.index.json").read_text())["weight_map"]
     assert ours == json.loads((llama_sharded_dir / "model.safetensors.index.json").read_text())["weight_map"]
-    assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "one", "--max-shard-size", "10GB").exit_code == 0
-    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == ["README.md", "config.json", "generation_config.json",
-                                                                    "model.safetensors"]
+    assert (
+        run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "one", "--max-shard-size", "10GB").exit_code
+        == 0
+    )
+    assert sorted(p.name for p in (tmp_path / "one").iterdir()) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
     a, b = read_folder(tmp_path / "same"), read_folder(tmp_path / "one")
     assert all(torch.equal(a[k], b[k]) for k in a) and set(a) == set(b)
 
@@ -85,11 +97,17 @@ def with_config(src, dst, **changes):
 
 
 UNSUPPORTED = {
-    "pissa": dict(init_lora_weights="pissa_niter_4"), "olora": dict(init_lora_weights="olora"),
-    "corda": dict(init_lora_weights="corda"), "loftq": dict(init_lora_weights="loftq"),
-    "aLoRA": dict(alora_invocation_tokens=[1, 2]), "arrow": dict(arrow_config={"top_k": 2}),
-    "QA-LoRA": dict(use_qalora=True), "KaSA": dict(kasa_config={"x": 1}), "BD-LoRA": dict(use_bdlora={"x": 1}),
-    "target_parameters": dict(target_parameters=["experts.gate_up_proj"]), "peft_type IA3": dict(peft_type="IA3"),
+    "pissa": dict(init_lora_weights="pissa_niter_4"),
+    "olora": dict(init_lora_weights="olora"),
+    "corda": dict(init_lora_weights="corda"),
+    "loftq": dict(init_lora_weights="loftq"),
+    "aLoRA": dict(alora_invocation_tokens=[1, 2]),
+    "arrow": dict(arrow_config={"top_k": 2}),
+    "QA-LoRA": dict(use_qalora=True),
+    "KaSA": dict(kasa_config={"x": 1}),
+    "BD-LoRA": dict(use_bdlora={"x": 1}),
+    "target_parameters": dict(target_parameters=["experts.gate_up_proj"]),
+    "peft_type IA3": dict(peft_type="IA3"),
 }
 
 
@@ -121,7 +139,9 @@ def test_dora_unmerge_is_refused_with_the_reason(tmp_path):
 
 def test_unmerge_of_replaced_tensors_is_refused(tmp_path):
     config = mf.llama_config()
-    adapter = mf.make_adapter(mf.build_model(config), tmp_path / "mts", modules_to_save=["lm_head"], target_modules=["q_proj"])
+    adapter = mf.make_adapter(
+        mf.build_model(config), tmp_path / "mts", modules_to_save=["lm_head"], target_modules=["q_proj"]
+    )
     result = run_cli("unmerge", FIX_BASE, adapter, "-o", tmp_path / "out")
     assert_refused(result, tmp_path, "cannot unmerge", "modules_to_save")
 
@@ -129,8 +149,12 @@ def test_unmerge_of_replaced_tensors_is_refused(tmp_path):
 def test_adapter_for_another_model_is_refused(tmp_path):
     small = mf.llama_config(hidden=32)
     adapter = mf.make_adapter(mf.build_model(small), tmp_path / "small_adapter", target_modules=["q_proj"])
-    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path,
-                   "model.layers.0.self_attn.q_proj", "another model")
+    assert_refused(
+        run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"),
+        tmp_path,
+        "model.layers.0.self_attn.q_proj",
+        "another model",
+    )
     gpt2 = mf.make_adapter(mf.build_model(mf.gpt2_config()), tmp_path / "gpt2_adapter", target_modules=["c_attn"])
     assert_refused(run_cli("merge", FIX_BASE, gpt2, "-o", tmp_path / "out"), tmp_path, "c_attn", "does not have")
 
@@ -138,8 +162,9 @@ def test_adapter_for_another_model_is_refused(tmp_path):
 @pytest.mark.parametrize("where", ["base", "inside base", "adapter", "parent of base"])
 def test_output_overlapping_an_input_is_refused(tmp_path, where):
     base = shutil.copytree(FIX_BASE, tmp_path / "work" / "base")
-    out = {"base": base, "inside base": base / "merged", "adapter": FIX_ADAPTER,
-           "parent of base": tmp_path / "work"}[where]
+    out = {"base": base, "inside base": base / "merged", "adapter": FIX_ADAPTER, "parent of base": tmp_path / "work"}[
+        where
+    ]
     before = {p: p.stat().st_mtime_ns for p in base.rglob("*")}
     result = run_cli("merge", base, FIX_ADAPTER, "-o", out, "--overwrite")
     assert result.exit_code == 2 and "overlaps the input" in result.stderr
@@ -160,10 +185,15 @@ def test_option_errors_exit_2(tmp_path):
 
 @pytest.mark.parametrize("weight", ["nan", "inf", "-inf", "1e40"])
 def test_weights_must_be_finite_numbers_float32_can_hold(tmp_path, weight):
-    assert_refused(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", weight), tmp_path,
-                   f"--weight {float(weight)!r}", "finite")
-    assert_refused(run_cli("unmerge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", weight), tmp_path,
-                   "finite")
+    assert_refused(
+        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", weight),
+        tmp_path,
+        f"--weight {float(weight)!r}",
+        "finite",
+    )
+    assert_refused(
+        run_cli("unmerge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out", "--weight", weight), tmp_path, "finite"
+    )
     from lorasurgeon import InvalidOptionError, merge
 
     with pytest.raises(InvalidOptionError, match="finite"):
@@ -173,8 +203,12 @@ def test_weights_must_be_finite_numbers_float32_can_hold(tmp_path, weight):
 
 def test_a_scale_beyond_float32_is_refused_by_module(tmp_path):
     adapter = with_config(FIX_ADAPTER, tmp_path / "adapter", lora_alpha=1e40)
-    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path,
-                   "module 'model.layers.", "does not fit float32")
+    assert_refused(
+        run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"),
+        tmp_path,
+        "module 'model.layers.",
+        "does not fit float32",
+    )
 
 
 def test_unmerge_and_convert_commands(tmp_path):
@@ -189,7 +223,10 @@ def test_unmerge_and_convert_commands(tmp_path):
     assert all(torch.allclose(back[k].float(), base[k].float(), rtol=0, atol=1e-6) for k in base)
     assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
     assert run_cli("convert", tmp_path / "aug", "--to", "adapter", "-o", tmp_path / "ad").exit_code == 0
-    a, b = load_file(tmp_path / "ad" / "adapter_model.safetensors"), load_file(FIX_ADAPTER / "adapter_model.safetensors")
+    a, b = (
+        load_file(tmp_path / "ad" / "adapter_model.safetensors"),
+        load_file(FIX_ADAPTER / "adapter_model.safetensors"),
+    )
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = run_cli("convert", FIX_BASE, "--to", "merged", "-o", tmp_path / "out")
     assert_refused(r, tmp_path, "is a model, not an augmented checkpoint", "merge --form augmented")
@@ -204,16 +241,24 @@ def test_nonfinite_result_stops_the_merge_unless_allowed(tmp_path):
     key = "base_model.model.model.layers.1.mlp.up_proj.lora_B.weight"
     tensors[key][0, 0] = float("inf")
     save_file(tensors, path)
-    assert_refused(run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"), tmp_path,
-                   "model.layers.1.mlp.up_proj.weight", "NaN or Inf")
+    assert_refused(
+        run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out"),
+        tmp_path,
+        "model.layers.1.mlp.up_proj.weight",
+        "NaN or Inf",
+    )
     ok = run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / "out", "--allow-nonfinite")
     assert ok.exit_code == 0
-    assert not torch.isfinite(load_file(tmp_path / "out" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]).all()
+    assert not torch.isfinite(
+        load_file(tmp_path / "out" / "model.safetensors")["model.layers.1.mlp.up_proj.weight"]
+    ).all()
 
 
 def test_augmented_and_convert_keep_a_sharded_layout(llama_sharded_dir, adapter_dir, tmp_path):
     shards = sorted(p.name for p in llama_sharded_dir.glob("*.safetensors"))
-    assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
+    assert (
+        run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "aug", "--form", "augmented").exit_code == 0
+    )
     assert sorted(p.name for p in (tmp_path / "aug").glob("*.safetensors")) == shards
     assert run_cli("convert", tmp_path / "aug", "--to", "merged", "-o", tmp_path / "back").exit_code == 0
     assert run_cli("merge", llama_sharded_dir, adapter_dir, "-o", tmp_path / "direct").exit_code == 0
@@ -225,8 +270,13 @@ def test_replacements_of_the_wrong_shape_are_refused(tmp_path):
     from safetensors.torch import save_file
 
     config = mf.llama_config()
-    adapter = mf.make_adapter(mf.build_model(config), tmp_path / "mts", modules_to_save=["lm_head"],
-                              target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [1, 2]})
+    adapter = mf.make_adapter(
+        mf.build_model(config),
+        tmp_path / "mts",
+        modules_to_save=["lm_head"],
+        target_modules=["q_proj"],
+        trainable_token_indices={"embed_tokens": [1, 2]},
+    )
     path = adapter / "adapter_model.safetensors"
     tensors = load_file(path)
     good = dict(tensors)
@@ -246,22 +296,36 @@ def augmented(tmp_path_factory):
 
 
 WRONG_KIND = {  # arguments -> what the one line must say
-    "merge swapped": (["merge", "{adapter}", "{base}"], ["BASE is a PEFT adapter, not a model", "look swapped",
-                                                          "takes BASE first, then ADAPTER"]),
+    "merge swapped": (
+        ["merge", "{adapter}", "{base}"],
+        ["BASE is a PEFT adapter, not a model", "look swapped", "takes BASE first, then ADAPTER"],
+    ),
     "unmerge swapped": (["unmerge", "{adapter}", "{base}"], ["MERGED is a PEFT adapter", "MERGED first, then ADAPTER"]),
-    "augmented as adapter": (["merge", "{base}", "{aug}"], ["ADAPTER is an augmented checkpoint",
-                                                            "lorasurgeon convert {aug} --to adapter -o OUT"]),
-    "augmented as base": (["merge", "{aug}", "{adapter}"], ["BASE is an augmented checkpoint",
-                                                            "lorasurgeon convert {aug} --to merged -o OUT"]),
-    "model as adapter": (["merge", "{base}", "{base}"], ["ADAPTER is a model, not a PEFT adapter",
-                                                          "adapter_config.json and adapter_model.safetensors"]),
-    "adapter to extract": (["extract", "{base}", "{adapter}", "--rank", "2"],
-                           ["FINETUNED is a PEFT adapter, not a model", "lorasurgeon merge BASE {adapter} -o OUT"]),
+    "augmented as adapter": (
+        ["merge", "{base}", "{aug}"],
+        ["ADAPTER is an augmented checkpoint", "lorasurgeon convert {aug} --to adapter -o OUT"],
+    ),
+    "augmented as base": (
+        ["merge", "{aug}", "{adapter}"],
+        ["BASE is an augmented checkpoint", "lorasurgeon convert {aug} --to merged -o OUT"],
+    ),
+    "model as adapter": (
+        ["merge", "{base}", "{base}"],
+        ["ADAPTER is a model, not a PEFT adapter", "adapter_config.json and adapter_model.safetensors"],
+    ),
+    "adapter to extract": (
+        ["extract", "{base}", "{adapter}", "--rank", "2"],
+        ["FINETUNED is a PEFT adapter, not a model", "lorasurgeon merge BASE {adapter} -o OUT"],
+    ),
     "extract swapped": (["extract", "{adapter}", "{base}", "--rank", "2"], ["look swapped", "BASE, then FINETUNED"]),
-    "augmented to extract": (["extract", "{base}", "{aug}", "--rank", "2"], ["FINETUNED is an augmented checkpoint",
-                                                                            "--to merged"]),
-    "adapter to convert": (["convert", "{adapter}", "--to", "merged"], ["AUGMENTED is a PEFT adapter",
-                                                                         "it is already an adapter"]),
+    "augmented to extract": (
+        ["extract", "{base}", "{aug}", "--rank", "2"],
+        ["FINETUNED is an augmented checkpoint", "--to merged"],
+    ),
+    "adapter to convert": (
+        ["convert", "{adapter}", "--to", "merged"],
+        ["AUGMENTED is a PEFT adapter", "it is already an adapter"],
+    ),
 }
 
 

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import json
 
+import make_fixtures as mf
 import pytest
 import torch
-
-import make_fixtures as mf
-from lorasurgeon import merge
-
 from reference import load_model, logits, peft_merged_state, peft_model, read_folder
+
+from lorasurgeon import merge
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -20,19 +19,31 @@ CASES = {
     "embedding+lm_head": (lambda: mf.llama_config(), dict(target_modules=["embed_tokens", "lm_head", "q_proj"], r=4)),
     "gpt2-conv1d": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn", "c_proj", "c_fc"], r=4, lora_alpha=16)),
     "gpt2-embedding": (lambda: mf.gpt2_config(), dict(target_modules=["wte", "c_attn"], r=2)),
-    "rslora+patterns": (lambda: mf.llama_config(), dict(
-        target_modules=["q_proj", "v_proj", "down_proj"], r=4, lora_alpha=8, use_rslora=True,
-        rank_pattern={"v_proj": 2, r"layers\.1\..*q_proj": 6}, alpha_pattern={"q_proj": 3, "down_proj": 32})),
-    "layers_to_transform": (lambda: mf.llama_config(layers=3), dict(
-        target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2])),
+    "rslora+patterns": (
+        lambda: mf.llama_config(),
+        dict(
+            target_modules=["q_proj", "v_proj", "down_proj"],
+            r=4,
+            lora_alpha=8,
+            use_rslora=True,
+            rank_pattern={"v_proj": 2, r"layers\.1\..*q_proj": 6},
+            alpha_pattern={"q_proj": 3, "down_proj": 32},
+        ),
+    ),
+    "layers_to_transform": (
+        lambda: mf.llama_config(layers=3),
+        dict(target_modules=["q_proj", "v_proj"], layers_to_transform=[0, 2]),
+    ),
     "dora": (lambda: mf.llama_config(), dict(target_modules=["q_proj", "down_proj", "embed_tokens"], use_dora=True)),
     "dora-gpt2": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn", "c_proj"], use_dora=True)),
     "lora_bias": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn", "c_fc"], lora_bias=True)),
     "bias-all": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn"], bias="all")),
     "bias-lora_only": (lambda: mf.gpt2_config(), dict(target_modules=["c_attn", "c_proj"], bias="lora_only")),
     "modules_to_save": (lambda: mf.llama_config(), dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
-    "trainable_tokens": (lambda: mf.llama_config(), dict(
-        target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 5, 200]})),
+    "trainable_tokens": (
+        lambda: mf.llama_config(),
+        dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 5, 200]}),
+    ),
     "conv2d": (lambda: mf.resnet_config(), dict(target_modules=["convolution"], r=2, lora_alpha=4)),
     "conv2d-dora": (lambda: mf.resnet_config(), dict(target_modules=["convolution"], r=2, use_dora=True)),
 }
@@ -84,7 +95,7 @@ def test_merge_matches_peft(built, case):
             # tensor). The truth is the adapter model's logits, checked below.
             continue
         assert name in ours, name
-        torch.testing.assert_close(ours[name], theirs, rtol=1e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours[name], theirs, rtol=1e-6, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
     assert set(ours) <= set(ref)
     if tied:
         untied = not json.loads((out / "config.json").read_text()).get("tie_word_embeddings", True)
@@ -109,14 +120,22 @@ def test_saved_base_layer_weight_is_the_w0(built, tmp_path):
     merge(changed, [adapter], tmp_path / "merged")
     ours = read_folder(tmp_path / "merged")
     ref = peft_merged_state(changed, [adapter])
-    torch.testing.assert_close(ours["model.embed_tokens.weight"], ref["model.embed_tokens.weight"], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        ours["model.embed_tokens.weight"], ref["model.embed_tokens.weight"], rtol=1e-6, atol=1e-6
+    )
 
 
 def test_several_adapters_with_weights(built, tmp_path):
     _, base, a1 = built("linear")
     config_fn, lora = CASES["linear"]
-    a2 = mf.make_adapter(mf.build_model(config_fn(), seed=0), tmp_path / "a2", seed=5,
-                         target_modules=["q_proj", "up_proj"], r=2, lora_alpha=4)
+    a2 = mf.make_adapter(
+        mf.build_model(config_fn(), seed=0),
+        tmp_path / "a2",
+        seed=5,
+        target_modules=["q_proj", "up_proj"],
+        r=2,
+        lora_alpha=4,
+    )
     merge(base, [a1, a2], tmp_path / "merged", weights=[0.7, -1.5])
     ours = read_folder(tmp_path / "merged")
     ref = peft_merged_state(base, [a1, a2], weights=[0.7, -1.5])
@@ -132,13 +151,20 @@ def test_hand_computed_linear_merge(tmp_path):
 
     (tmp_path / "base").mkdir()
     (tmp_path / "adapter").mkdir()
-    save_file({"lin.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "other": torch.tensor([5.0])},
-              tmp_path / "base" / "model.safetensors")
-    save_file({"base_model.model.lin.lora_A.weight": torch.tensor([[1.0, -1.0]]),
-               "base_model.model.lin.lora_B.weight": torch.tensor([[2.0], [0.5]])},
-              tmp_path / "adapter" / "adapter_model.safetensors")
-    (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 1, "lora_alpha": 3, "target_modules": ["lin"]}))
+    save_file(
+        {"lin.weight": torch.tensor([[1.0, 2.0], [3.0, 4.0]]), "other": torch.tensor([5.0])},
+        tmp_path / "base" / "model.safetensors",
+    )
+    save_file(
+        {
+            "base_model.model.lin.lora_A.weight": torch.tensor([[1.0, -1.0]]),
+            "base_model.model.lin.lora_B.weight": torch.tensor([[2.0], [0.5]]),
+        },
+        tmp_path / "adapter" / "adapter_model.safetensors",
+    )
+    (tmp_path / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 3, "target_modules": ["lin"]})
+    )
     merge(tmp_path / "base", [tmp_path / "adapter"], tmp_path / "out")
     out = read_folder(tmp_path / "out")
     # ΔW = 3 · [[2],[0.5]] @ [[1, -1]] = [[6, -6], [1.5, -1.5]]
@@ -150,13 +176,19 @@ def test_several_dora_adapters_in_order(built, tmp_path):
     """Each DoRA adapter normalises by ‖W0 + ΔWᵢ‖ and scales the weight merged so far, as PEFT does."""
     _, base, a1 = built("dora")
     config_fn, _ = CASES["dora"]
-    a2 = mf.make_adapter(mf.build_model(config_fn(), seed=0), tmp_path / "a2", seed=9,
-                         target_modules=["q_proj", "up_proj"], use_dora=True, r=2)
+    a2 = mf.make_adapter(
+        mf.build_model(config_fn(), seed=0),
+        tmp_path / "a2",
+        seed=9,
+        target_modules=["q_proj", "up_proj"],
+        use_dora=True,
+        r=2,
+    )
     train_noise(a2)
     merge(base, [a1, a2], tmp_path / "merged")
     ours, ref = read_folder(tmp_path / "merged"), peft_merged_state(base, [a1, a2])
     for name, theirs in ref.items():
-        torch.testing.assert_close(ours[name], theirs, rtol=1e-5, atol=1e-6, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(ours[name], theirs, rtol=1e-5, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
 
 
 def test_config_tokenizer_and_generation_files_are_carried(built, tmp_path):
@@ -169,7 +201,13 @@ def test_config_tokenizer_and_generation_files_are_carried(built, tmp_path):
     (folder / "README.md").write_text("# the base model's card")
     merge(folder, [adapter], tmp_path / "merged")
     names = sorted(p.name for p in (tmp_path / "merged").iterdir())
-    assert names == ["README.md", "config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json"]
+    assert names == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert "the base model's card" not in (tmp_path / "merged" / "README.md").read_text()
     assert (tmp_path / "merged" / "tokenizer.json").read_text() == '{"version": "1.0"}'

@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import json
 
+import make_fixtures as mf
 import pytest
 import torch
-
-import make_fixtures as mf
-from lorasurgeon import merge
-
 from reference import load_model, logits, peft_model, read_folder
+
+from lorasurgeon import merge
 
 CASES = {
     # lora kwargs, whether the result must be untied
@@ -40,6 +39,7 @@ def test_tied_merge_computes_the_adapter_model(tied_base, tmp_path, case):
     adapter = mf.make_adapter(mf.build_model(mf.llama_config(tied=True), seed=0), tmp_path / "adapter", **lora)
     if "trainable_token_indices" in lora or "modules_to_save" in lora:
         from safetensors.torch import load_file, save_file
+
         t = load_file(adapter / "adapter_model.safetensors")
         g = torch.Generator().manual_seed(3)
         t = {k: v + 0.1 * torch.randn(v.shape, generator=g) if "lora" not in k else v for k, v in t.items()}

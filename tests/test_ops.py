@@ -10,7 +10,7 @@ from lorasurgeon.ops.lora import LAYER_KINDS, add_lora, add_lora_rowwise
 
 def test_hand_computed():
     w = torch.tensor([[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]])
-    a = torch.tensor([[1.0, -1.0]])          # r=1, in=2
+    a = torch.tensor([[1.0, -1.0]])  # r=1, in=2
     b = torch.tensor([[2.0], [0.0], [-1.0]])  # out=3, r=1
     out = torch.empty(3, 2)
     assert add_lora_rowwise(w, [(*LAYER_KINDS["linear"].factors(a, b), 0.5)], out, block=2)  # one row per block

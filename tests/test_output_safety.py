@@ -14,9 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import save_file
-
 from conftest import ROOT, listing, run_cli
+from safetensors.torch import save_file
 
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
@@ -40,6 +39,7 @@ def no_scratch(folder: Path) -> bool:
 
 # --- what --overwrite may replace -----------------------------------------------------------
 
+
 def test_overwrite_never_replaces_a_folder_of_the_users_files(tmp_path):
     thesis = tmp_path / "thesis"
     thesis.mkdir()
@@ -49,8 +49,11 @@ def test_overwrite_never_replaces_a_folder_of_the_users_files(tmp_path):
     merged = tmp_path / "merged"
     assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", merged).exit_code == 0
     before = snapshot(thesis)
-    for command in (["merge", FIX_BASE, FIX_ADAPTER], ["extract", FIX_BASE, merged, "--rank", "2"],
-                    ["unmerge", merged, FIX_ADAPTER]):
+    for command in (
+        ["merge", FIX_BASE, FIX_ADAPTER],
+        ["extract", FIX_BASE, merged, "--rank", "2"],
+        ["unmerge", merged, FIX_ADAPTER],
+    ):
         line = assert_one_line(run_cli(*command, "-o", thesis, "--overwrite"), "not replaced", "thesis")
         assert "--overwrite replaces only an earlier lorasurgeon result" in line
     assert snapshot(thesis) == before and no_scratch(tmp_path)
@@ -60,8 +63,11 @@ def test_overwrite_never_replaces_a_model_it_did_not_write(tmp_path):
     """A user's own model folder (transformers' save_pretrained: weights + config, no card of ours)."""
     theirs = shutil.copytree(FIX_BASE, tmp_path / "my-finetune")
     before = snapshot(theirs)
-    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", theirs, "--overwrite"),
-                    "not replaced", "no lorasurgeon model card")
+    assert_one_line(
+        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", theirs, "--overwrite"),
+        "not replaced",
+        "no lorasurgeon model card",
+    )
     assert snapshot(theirs) == before and no_scratch(tmp_path)
 
 
@@ -74,8 +80,9 @@ def test_overwrite_refuses_a_result_holding_something_we_did_not_write(tmp_path,
     else:
         (out / extra).write_text("mine")
     before = snapshot(out)
-    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--overwrite"), "not replaced",
-                    extra.rstrip("/"))
+    assert_one_line(
+        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--overwrite"), "not replaced", extra.rstrip("/")
+    )
     assert snapshot(out) == before and no_scratch(tmp_path)
 
 
@@ -127,27 +134,32 @@ def test_the_dry_run_refuses_what_the_run_would_refuse(tmp_path, monkeypatch):
 
 # --- signals ----------------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def slow_pair(tmp_path_factory):
     """A 256 MiB float32 base and an adapter for all of it: long enough to be stopped mid-write."""
     root = tmp_path_factory.mktemp("slow")
     (root / "base").mkdir()
     (root / "adapter").mkdir()
-    save_file({f"layers.{i}.proj.weight": torch.zeros(1024, 1024) for i in range(64)}, root / "base" / "model.safetensors")
+    save_file(
+        {f"layers.{i}.proj.weight": torch.zeros(1024, 1024) for i in range(64)}, root / "base" / "model.safetensors"
+    )
     lora = {}
     for i in range(64):
         lora[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.ones(4, 1024)
         lora[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.ones(1024, 4)
     save_file(lora, root / "adapter" / "adapter_model.safetensors")
-    (root / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]}))
+    (root / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]})
+    )
     return root
 
 
 def signal_midway(args: list[str], cwd: Path, sig: int, scratch: str) -> subprocess.CompletedProcess:
     """Run the real CLI; once its hidden ``scratch`` folder exists, freeze it, signal it, let it go on."""
-    child = subprocess.Popen([sys.executable, "-m", "lorasurgeon", *args], cwd=cwd, text=True,
-                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child = subprocess.Popen(
+        [sys.executable, "-m", "lorasurgeon", *args], cwd=cwd, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
     while not any(p.name.endswith(f".lorasurgeon-{scratch}") for p in cwd.iterdir()):
         assert child.poll() is None, "the run ended before it could be signalled: " + child.stderr.read()
         time.sleep(0.001)
@@ -162,8 +174,9 @@ def signal_midway(args: list[str], cwd: Path, sig: int, scratch: str) -> subproc
 def test_a_signal_removes_the_unfinished_merge(slow_pair, tmp_path, sig):
     work = tmp_path / "work"
     work.mkdir()
-    done = signal_midway(["merge", str(slow_pair / "base"), str(slow_pair / "adapter"), "-o", "out", "-q"],
-                         work, sig, "partial")
+    done = signal_midway(
+        ["merge", str(slow_pair / "base"), str(slow_pair / "adapter"), "-o", "out", "-q"], work, sig, "partial"
+    )
     assert done.returncode == 128 + sig, done.stderr
     assert done.stderr.strip() == f"error: stopped by {signal.Signals(sig).name}; no unfinished result is left behind"
     assert listing(work) == set()
@@ -175,14 +188,19 @@ def test_a_signal_removes_the_unfinished_extract(slow_pair, tmp_path):
     tuned = work.parent / "tuned"
     tuned.mkdir()
     save_file({f"layers.{i}.proj.weight": torch.randn(1024, 1024) for i in range(64)}, tuned / "model.safetensors")
-    done = signal_midway(["extract", str(slow_pair / "base"), str(tuned), "--rank", "4", "-o", "lora", "-q"],
-                         work, signal.SIGTERM, "spool")
+    done = signal_midway(
+        ["extract", str(slow_pair / "base"), str(tuned), "--rank", "4", "-o", "lora", "-q"],
+        work,
+        signal.SIGTERM,
+        "spool",
+    )
     assert done.returncode == 128 + signal.SIGTERM, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1 and "SIGTERM" in done.stderr
     assert listing(work) == set()
 
 
 # --- the output side's OSErrors -----------------------------------------------------------------
+
 
 @pytest.fixture
 def read_only(tmp_path):
@@ -202,7 +220,10 @@ def test_a_read_only_location_is_one_line_exit_2(read_only, tmp_path, where):
     tuned = shutil.copytree(FIX_BASE, tmp_path / "tuned")
     tensors = {"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)}
     from safetensors.torch import load_file
-    save_file({**load_file(tuned / "model.safetensors"), **tensors}, tuned / "model.safetensors", metadata={"format": "pt"})
+
+    save_file(
+        {**load_file(tuned / "model.safetensors"), **tensors}, tuned / "model.safetensors", metadata={"format": "pt"}
+    )
     assert_one_line(run_cli("extract", FIX_BASE, tuned, "--rank", "2", "-o", out), "Read-only file system")
     assert listing(read_only) == set()
 
@@ -220,8 +241,24 @@ def test_an_unwritable_folder_is_one_line_exit_2(tmp_path):
             pytest.skip("running as root without setpriv: permissions cannot be met")
         caps = "-dac_override,-dac_read_search"
         prefix = [setpriv, "--bounding-set", caps, "--inh-caps", caps]
-    done = subprocess.run([*prefix, sys.executable, "-m", "lorasurgeon", "merge", str(FIX_BASE), str(FIX_ADAPTER),
-                           "-o", str(locked / "out")], capture_output=True, text=True, cwd=tmp_path)
+    done = subprocess.run(
+        [
+            *prefix,
+            sys.executable,
+            "-m",
+            "lorasurgeon",
+            "merge",
+            str(FIX_BASE),
+            str(FIX_ADAPTER),
+            "-o",
+            str(locked / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert done.returncode == 2, done.stderr
-    assert done.stderr.strip().splitlines() == [f"error: {locked / 'out'}: cannot write the result here (Permission denied)"]
+    assert done.stderr.strip().splitlines() == [
+        f"error: {locked / 'out'}: cannot write the result here (Permission denied)"
+    ]
     assert listing(locked) == set()

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
+import make_fixtures as mf
 import pytest
 import torch
+from reference import peft_merged_state, read_folder
 from safetensors.torch import load_file, save_file
 
-import make_fixtures as mf
 from lorasurgeon import merge, unmerge
-
-from reference import peft_merged_state, read_folder
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 
@@ -24,7 +23,9 @@ def make(root, dtype, b_scale=1.0):
     """A base in ``dtype`` and an fp32 adapter; ``b_scale`` < 1 gives the small deltas training gives."""
     cfg = mf.llama_config(hidden=128)
     base = mf.save_model(mf.build_model(cfg, seed=0, dtype=dtype), root / "base")
-    adapter = mf.make_adapter(mf.build_model(cfg, seed=0), root / "adapter", r=16, lora_alpha=32, target_modules=TARGETS)
+    adapter = mf.make_adapter(
+        mf.build_model(cfg, seed=0), root / "adapter", r=16, lora_alpha=32, target_modules=TARGETS
+    )
     path = adapter / "adapter_model.safetensors"
     save_file({k: v * b_scale if "lora_B" in k else v for k, v in load_file(path).items()}, path)
     return base, adapter
@@ -100,6 +101,7 @@ def test_dtype_option_rounds_once(tmp_path):
     assert torch.equal(ours[name], fp32_sum.to(torch.bfloat16))  # not bf16(W0) + bf16(ΔW)
     assert all(t.dtype == torch.bfloat16 for t in ours.values())
     import json
+
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
@@ -121,8 +123,13 @@ def embedding_pair(tmp_path_factory):
     Each model gets its own config: save_pretrained records dtype=bfloat16 on the config object."""
     root = tmp_path_factory.mktemp("emb")
     base = mf.save_model(mf.build_model(mf.llama_config(), seed=0, dtype=torch.bfloat16), root / "base")
-    adapter = mf.make_adapter(mf.build_model(mf.llama_config(), seed=0), root / "adapter",
-                              target_modules=["embed_tokens", "q_proj"], r=4, lora_alpha=8)
+    adapter = mf.make_adapter(
+        mf.build_model(mf.llama_config(), seed=0),
+        root / "adapter",
+        target_modules=["embed_tokens", "q_proj"],
+        r=4,
+        lora_alpha=8,
+    )
     path, key = adapter / "adapter_model.safetensors", "base_model.model.model.embed_tokens."
     t = load_file(path)
     assert t[key + "base_layer.weight"].dtype == torch.float32
@@ -137,7 +144,6 @@ def embedding_pair(tmp_path_factory):
 def test_a_saved_float32_w0_is_taken_at_the_base_dtype(embedding_pair, tmp_path):
     """The adapter model holds W0 in the base's bf16: merged = round(W0_bf16 + ΔW), bit for bit (was 74%)."""
     from peft import PeftModel
-
     from reference import load_model
 
     base, adapter = embedding_pair
@@ -166,9 +172,9 @@ def test_the_readme_round_trip_claim_on_the_committed_fixtures(tmp_path):
     """README, "One rounding": measured on the quick start's own files. The fixture adapter is realistic
     (‖ΔW‖ = 2% of ‖W0‖ in every module); unmerge gives back ≥ 97.7% of the merged tensors' elements bit for
     bit, every other element within half a bf16 unit of the merged value."""
-    from lorasurgeon import diff
-
     from conftest import ROOT
+
+    from lorasurgeon import diff
 
     base, adapter = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
     merge(base, [adapter], tmp_path / "merged")

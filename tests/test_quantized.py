@@ -8,9 +8,8 @@ import shutil
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
 from conftest import ROOT, listing, run_cli
+from safetensors.torch import load_file, save_file
 
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 Q = "model.layers.0.self_attn.q_proj"  # a module the committed adapter targets
@@ -27,31 +26,59 @@ def nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
     """bitsandbytes 4-bit as transformers saves it (packed codes + absmax + quant_map + quant_state)."""
     n = w.numel()
     state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": list(w.shape)}).encode()
-    return {"weight": torch.zeros((n + 1) // 2, 1, dtype=torch.uint8), "weight.absmax": torch.ones(-(-n // 64)),
-            "weight.quant_map": torch.linspace(-1, 1, 16),
-            "weight.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8)}
+    return {
+        "weight": torch.zeros((n + 1) // 2, 1, dtype=torch.uint8),
+        "weight.absmax": torch.ones(-(-n // 64)),
+        "weight.quant_map": torch.linspace(-1, 1, 16),
+        "weight.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8),
+    }
 
 
 LAYOUTS = {
     # name: (tensors replacing Q's weight, quantization_config or None, the phrase the refusal names)
     "fp8 block": (fp8_block, {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, "fp8"),
     "fp8 block, no config": (fp8_block, None, "block FP8"),
-    "compressed-tensors int4": (lambda w: {
-        "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
-        "weight_scale": torch.ones(w.shape[0], w.shape[1] // 32, dtype=torch.bfloat16),
-        "weight_shape": torch.tensor(list(w.shape), dtype=torch.int32)},
-        {"quant_method": "compressed-tensors", "format": "pack-quantized"}, "compressed-tensors"),
-    "compressed-tensors, no config": (lambda w: {
-        "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
-        "weight_scale": torch.ones(w.shape[0], 1, dtype=torch.bfloat16)}, None, "pack-quantized"),
-    "bnb nf4": (nf4, {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-                "bitsandbytes"),
+    "compressed-tensors int4": (
+        lambda w: {
+            "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
+            "weight_scale": torch.ones(w.shape[0], w.shape[1] // 32, dtype=torch.bfloat16),
+            "weight_shape": torch.tensor(list(w.shape), dtype=torch.int32),
+        },
+        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
+        "compressed-tensors",
+    ),
+    "compressed-tensors, no config": (
+        lambda w: {
+            "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
+            "weight_scale": torch.ones(w.shape[0], 1, dtype=torch.bfloat16),
+        },
+        None,
+        "pack-quantized",
+    ),
+    "bnb nf4": (
+        nf4,
+        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
+        "bitsandbytes",
+    ),
     "bnb nf4, no config": (nf4, None, "bitsandbytes 4-bit"),
-    "bnb int8, no config": (lambda w: {"weight": torch.zeros(w.shape, dtype=torch.int8), "SCB": torch.ones(w.shape[0]),
-                                       "weight_format": torch.tensor(0, dtype=torch.uint8)}, None, "LLM.int8"),
-    "gptq, no config": (lambda w: {"qweight": torch.zeros(w.shape[1] // 8, w.shape[0], dtype=torch.int32),
-                                   "qzeros": torch.zeros(1, w.shape[0] // 8, dtype=torch.int32),
-                                   "scales": torch.ones(1, w.shape[0], dtype=torch.float16)}, None, "GPTQ"),
+    "bnb int8, no config": (
+        lambda w: {
+            "weight": torch.zeros(w.shape, dtype=torch.int8),
+            "SCB": torch.ones(w.shape[0]),
+            "weight_format": torch.tensor(0, dtype=torch.uint8),
+        },
+        None,
+        "LLM.int8",
+    ),
+    "gptq, no config": (
+        lambda w: {
+            "qweight": torch.zeros(w.shape[1] // 8, w.shape[0], dtype=torch.int32),
+            "qzeros": torch.zeros(1, w.shape[0] // 8, dtype=torch.int32),
+            "scales": torch.ones(1, w.shape[0], dtype=torch.float16),
+        },
+        None,
+        "GPTQ",
+    ),
     "int8 weight, no config": (lambda w: {"weight": torch.zeros(w.shape, dtype=torch.int8)}, None, "integer weights"),
     "float8 weight, no scale": (lambda w: {"weight": w.to(torch.float8_e5m2)}, None, "float8"),
     "config only": (lambda w: {"weight": w}, {"quant_method": "awq", "bits": 4}, "awq"),
@@ -86,11 +113,16 @@ def test_every_command_refuses_a_quantized_checkpoint_by_name(tmp_path, layout):
     phrase = LAYOUTS[layout][2]
     work = tmp_path / "out_parent"
     work.mkdir()
-    for args in (["merge", q, FIX_ADAPTER, "-o", work / "m"], ["unmerge", q, FIX_ADAPTER, "-o", work / "u"],
-                 ["merge", q, FIX_ADAPTER, "-o", work / "a", "--form", "augmented"],
-                 ["extract", q, FIX_BASE, "--rank", "2", "-o", work / "x"],
-                 ["extract", FIX_BASE, q, "--rank", "2", "-o", work / "y"],
-                 ["diff", FIX_BASE, q], ["diff", q, FIX_BASE], ["merge", q, FIX_ADAPTER, "-o", work / "d", "--dry-run"]):
+    for args in (
+        ["merge", q, FIX_ADAPTER, "-o", work / "m"],
+        ["unmerge", q, FIX_ADAPTER, "-o", work / "u"],
+        ["merge", q, FIX_ADAPTER, "-o", work / "a", "--form", "augmented"],
+        ["extract", q, FIX_BASE, "--rank", "2", "-o", work / "x"],
+        ["extract", FIX_BASE, q, "--rank", "2", "-o", work / "y"],
+        ["diff", FIX_BASE, q],
+        ["diff", q, FIX_BASE],
+        ["merge", q, FIX_ADAPTER, "-o", work / "d", "--dry-run"],
+    ):
         assert_refused(run_cli(*args), phrase, q)
     assert listing(work) == set()
 
@@ -98,8 +130,7 @@ def test_every_command_refuses_a_quantized_checkpoint_by_name(tmp_path, layout):
 def test_inspect_names_the_quantization(tmp_path):
     q = quantized_copy(tmp_path, "fp8 block")
     doc = json.loads(run_cli("inspect", q, "--json").stdout)
-    assert doc["quantization"] == {"method": "fp8",
-                                   "evidence": "config.json quantization_config.quant_method = fp8"}
+    assert doc["quantization"] == {"method": "fp8", "evidence": "config.json quantization_config.quant_method = fp8"}
     table = run_cli("inspect", quantized_copy(tmp_path, "fp8 block, no config"))
     assert table.exit_code == 0
     assert f"quantized   block FP8 (DeepSeek-V3 / Qwen3-FP8 layout) (tensor {Q}.weight_scale_inv)" in table.stdout
@@ -110,8 +141,14 @@ def test_integer_buffers_that_are_not_weights_are_not_quantization(tmp_path):
     """BatchNorm's num_batches_tracked and BERT's position_ids are int64 in unquantized models."""
     folder = tmp_path / "plain"
     folder.mkdir()
-    save_file({"bn.num_batches_tracked": torch.tensor(3), "embeddings.position_ids": torch.arange(8)[None],
-               "fc.weight": torch.ones(2, 2)}, folder / "model.safetensors")
+    save_file(
+        {
+            "bn.num_batches_tracked": torch.tensor(3),
+            "embeddings.position_ids": torch.arange(8)[None],
+            "fc.weight": torch.ones(2, 2),
+        },
+        folder / "model.safetensors",
+    )
     assert json.loads(run_cli("inspect", folder, "--json").stdout)["quantization"] is None
     assert run_cli("diff", folder, folder).exit_code == 0
 

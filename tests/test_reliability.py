@@ -13,14 +13,13 @@ import sys
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
-
-from lorasurgeon.errors import OutputError
-from lorasurgeon.io.scratch import clean_stale
-from lorasurgeon import merge
-
 from conftest import ROOT, listing, run_cli
 from reference import read_folder
+from safetensors.torch import load_file, save_file
+
+from lorasurgeon import merge
+from lorasurgeon.errors import OutputError
+from lorasurgeon.io.scratch import clean_stale
 
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
@@ -50,23 +49,28 @@ def big_pair(tmp_path_factory):
         lora[f"base_model.model.layers.{i}.proj.lora_A.weight"] = torch.randn(4, 512, generator=g)
         lora[f"base_model.model.layers.{i}.proj.lora_B.weight"] = torch.randn(512, 4, generator=g)
     save_file(lora, root / "adapter" / "adapter_model.safetensors")
-    (root / "adapter" / "adapter_config.json").write_text(json.dumps(
-        {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]}))
+    (root / "adapter" / "adapter_config.json").write_text(
+        json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": ["proj"]})
+    )
     merge(root / "base", [root / "adapter"], root / "reference", max_shard_size="3MB")
     return root
 
 
 def kill_after(root, out, lines: int, *, overwrite=False, extra_delay=0.0) -> None:
     """Run a merge in a child process and SIGKILL it after it has printed ``lines`` progress lines."""
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(root / "base"), str(root / "adapter"), str(out),
-                              "1" if overwrite else "0"], stdout=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(root / "base"), str(root / "adapter"), str(out), "1" if overwrite else "0"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     seen = 0
-    for line in child.stdout:
+    for _ in child.stdout:
         seen += 1
         if seen >= lines:
             break
     if extra_delay:
         import time
+
         time.sleep(extra_delay)
     child.send_signal(signal.SIGKILL)
     child.wait()
@@ -138,7 +142,9 @@ def test_not_enough_space_is_known_before_writing(big_pair, small_disk):
 def test_disk_filling_up_during_the_write(small_disk, tmp_path):
     g = torch.Generator().manual_seed(0)
     (tmp_path / "base").mkdir()
-    save_file({f"w{i}.weight": torch.randn(256, 256, generator=g) for i in range(8)}, tmp_path / "base" / "model.safetensors")
+    save_file(
+        {f"w{i}.weight": torch.randn(256, 256, generator=g) for i in range(8)}, tmp_path / "base" / "model.safetensors"
+    )
     filler = small_disk / "filler"
 
     class FillDisk:  # another process filling the disk once the write has started
@@ -167,25 +173,37 @@ def _merge_with_trivial_adapter(base, out, progress):
     adapter = base.parent / "adapter"
     if not adapter.exists():
         adapter.mkdir()
-        save_file({"base_model.model.w0.lora_A.weight": torch.ones(1, 256),
-                   "base_model.model.w0.lora_B.weight": torch.ones(256, 1)}, adapter / "adapter_model.safetensors")
+        save_file(
+            {
+                "base_model.model.w0.lora_A.weight": torch.ones(1, 256),
+                "base_model.model.w0.lora_B.weight": torch.ones(256, 1),
+            },
+            adapter / "adapter_model.safetensors",
+        )
         (adapter / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 1, "lora_alpha": 1}))
     return merge(base, [adapter], out, progress=progress)
 
 
 def digest(folder) -> dict[str, str]:
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
 
 
 def test_inputs_are_never_modified(tmp_path):
     base, adapter = shutil.copytree(FIX_BASE, tmp_path / "base"), shutil.copytree(FIX_ADAPTER, tmp_path / "adapter")
     before = digest(base), digest(adapter)
-    for args in (["merge", base, adapter, "-o", tmp_path / "m"], ["unmerge", tmp_path / "m", adapter, "-o", tmp_path / "u"],
-                 ["merge", base, adapter, "-o", tmp_path / "a", "--form", "augmented"],
-                 ["convert", tmp_path / "a", "--to", "merged", "-o", tmp_path / "c"],
-                 ["extract", base, tmp_path / "m", "--rank", "2", "-o", tmp_path / "x"], ["diff", base, tmp_path / "m"],
-                 ["inspect", base, "--verify"]):
+    for args in (
+        ["merge", base, adapter, "-o", tmp_path / "m"],
+        ["unmerge", tmp_path / "m", adapter, "-o", tmp_path / "u"],
+        ["merge", base, adapter, "-o", tmp_path / "a", "--form", "augmented"],
+        ["convert", tmp_path / "a", "--to", "merged", "-o", tmp_path / "c"],
+        ["extract", base, tmp_path / "m", "--rank", "2", "-o", tmp_path / "x"],
+        ["diff", base, tmp_path / "m"],
+        ["inspect", base, "--verify"],
+    ):
         assert run_cli(*args).exit_code in (0, 1)
     assert (digest(base), digest(adapter)) == before
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from ..errors import AdapterConfigError, InputNotFoundError
 
@@ -54,7 +55,7 @@ class AdapterConfig:
     base_model: str | None
 
     @classmethod
-    def load(cls, folder: str | Path) -> "AdapterConfig":
+    def load(cls, folder: str | Path) -> AdapterConfig:
         """Read ``adapter_config.json`` from an adapter folder (or the file itself)."""
         path = Path(folder)
         if path.is_dir():
@@ -73,8 +74,9 @@ class AdapterConfig:
             raise AdapterConfigError(f"{path}: {exc}") from None
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any]) -> "AdapterConfig":
+    def from_dict(cls, raw: Mapping[str, Any]) -> AdapterConfig:
         """Build from a config mapping; raises ValueError/TypeError on fields of the wrong type."""
+
         def names(value: Any, key: str) -> tuple[str, ...] | str | None:
             if value is None or isinstance(value, str):
                 return value
@@ -155,9 +157,13 @@ class AdapterConfig:
     def features(self) -> list[str]:
         """Which LoRA features the config turns on, for reports."""
         flags = {
-            "dora": self.use_dora, "rslora": self.use_rslora, "rank_pattern": bool(self.rank_pattern),
-            "alpha_pattern": bool(self.alpha_pattern), "modules_to_save": bool(self.modules_to_save),
-            "bias": self.bias != "none", "lora_bias": self.lora_bias,
+            "dora": self.use_dora,
+            "rslora": self.use_rslora,
+            "rank_pattern": bool(self.rank_pattern),
+            "alpha_pattern": bool(self.alpha_pattern),
+            "modules_to_save": bool(self.modules_to_save),
+            "bias": self.bias != "none",
+            "lora_bias": self.lora_bias,
             "trainable_tokens": bool(self.trainable_token_indices),
             "layers_to_transform": bool(self.layers_to_transform),
         }

@@ -5,7 +5,7 @@ Every naming fact about the PEFT format lives in these tables.
 
 from __future__ import annotations
 
-from typing import Container
+from collections.abc import Container
 
 SAVED_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
@@ -36,7 +36,7 @@ AUGMENTED_SUFFIX = {
 
 def strip_prefix(key: str) -> str:
     """``base_model.model.x.y`` -> ``x.y`` (keys without the prefix are returned unchanged)."""
-    return key[len(SAVED_PREFIX):] if key.startswith(SAVED_PREFIX) else key
+    return key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
 
 
 def split_saved_key(key: str) -> tuple[str, str | None]:
@@ -76,7 +76,6 @@ INPUT_EMBEDDINGS = (
 )
 
 
-
 def input_embedding(names: Container[str]) -> str | None:
     """The input embedding among a checkpoint's tensor names (the first of INPUT_EMBEDDINGS present)."""
     return next((n for n in INPUT_EMBEDDINGS if n in names), None)
@@ -91,7 +90,16 @@ CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_tran
 TOKEN_ADAPTER = "token_adapter"
 
 # Leaf names of nn.Embedding modules in transformers models (LoRA uses lora_embedding_A/B there).
-EMBEDDING_LEAVES = frozenset({
-    "embed_tokens", "wte", "wpe", "embed_positions", "word_embeddings", "position_embeddings",
-    "token_type_embeddings", "embed_in", "shared",
-})
+EMBEDDING_LEAVES = frozenset(
+    {
+        "embed_tokens",
+        "wte",
+        "wpe",
+        "embed_positions",
+        "word_embeddings",
+        "position_embeddings",
+        "token_type_embeddings",
+        "embed_in",
+        "shared",
+    }
+)

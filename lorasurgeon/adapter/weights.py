@@ -76,18 +76,16 @@ def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraA
             token_deltas[name] = keys["tokens_delta"]
             if config.token_indices(name) is None:
                 raise AdapterConfigError(
-                    f"{folder}: trainable tokens for {name!r} but trainable_token_indices does not name it")
+                    f"{folder}: trainable tokens for {name!r} but trainable_token_indices does not name it"
+                )
         if "A" in keys or "emb_A" in keys:
             modules[name] = _module(folder, config, ckpt, name, keys)
         elif set(keys) - {"base_weight", "tokens_delta"}:
-            raise AdapterConfigError(
-                f"{folder}: module {name!r} has {', '.join(sorted(keys))} but no lora_A"
-            )
+            raise AdapterConfigError(f"{folder}: module {name!r} has {', '.join(sorted(keys))} but no lora_A")
     return LoraAdapter(folder, config, ckpt, modules, replacements, base_weights, token_deltas)
 
 
-def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str,
-            keys: dict[str, str]) -> LoraModule:
+def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str, keys: dict[str, str]) -> LoraModule:
     embedding = "emb_A" in keys
     a_key, b_key = (keys.get("emb_A"), keys.get("emb_B")) if embedding else (keys.get("A"), keys.get("B"))
     if b_key is None:
@@ -99,7 +97,6 @@ def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str,
     rank_b = b.shape[1] if len(b.shape) >= 2 else None
     if len(a.shape) not in (2, 4) or rank_b != rank:
         raise IncompatibleError(
-            f"{folder}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} "
-            "do not share a rank"
+            f"{folder}: module {name!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} do not share a rank"
         )
     return LoraModule(name, kind, dict(keys), rank, config.alpha_for(name), config.scale(name, rank))

@@ -7,9 +7,10 @@ import math
 import numbers
 import os
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Mapping, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -33,13 +34,14 @@ class Input:
     want: InputKind | None = None
 
 
-def prepare(inputs: Sequence[Input], out: str | os.PathLike[str] | None, *, command: str, overwrite: bool,
-            device: str) -> list[Source]:
+def prepare(
+    inputs: Sequence[Input], out: str | os.PathLike[str] | None, *, command: str, overwrite: bool, device: str
+) -> list[Source]:
     """Every command's first step, before any tensor is read: resolve each input (a path, or a Hub repo
     id), check its kind (the first one's message names swapped arguments), check the output's place
     and the device. Returns the resolved inputs, in order."""
     sources = [resolve_source(i.spec) for i in inputs]
-    for n, (wanted, source) in enumerate(zip(inputs, sources)):
+    for n, (wanted, source) in enumerate(zip(inputs, sources, strict=True)):
         if wanted.want is not None:
             others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
             expect_kind(source.path, source.label, role=wanted.role, want=wanted.want, command=command, others=others)
@@ -72,12 +74,15 @@ class NameFilter:
 
     def __call__(self, name: str) -> bool:
         """Whether ``name`` is kept."""
-        return not ((self.include is not None and not self.include.search(name))
-                    or (self.exclude is not None and self.exclude.search(name)))
+        return not (
+            (self.include is not None and not self.include.search(name))
+            or (self.exclude is not None and self.exclude.search(name))
+        )
 
     def describe(self) -> str:
-        return " and ".join(f"{flag} {p.pattern!r}" for flag, p in (("--include", self.include),
-                                                                     ("--exclude", self.exclude)) if p)
+        return " and ".join(
+            f"{flag} {p.pattern!r}" for flag, p in (("--include", self.include), ("--exclude", self.exclude)) if p
+        )
 
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[Path], *, overwrite: bool) -> None:
@@ -106,7 +111,8 @@ def check_weights(weights: Sequence[float]) -> None:
     for w in weights:
         if not isinstance(w, numbers.Real) or isinstance(w, bool) or not math.isfinite(w) or abs(w) > FLOAT32_MAX:
             raise InvalidOptionError(
-                f"--weight {w!r}: a weight must be a finite number within float32's range (|w| <= {FLOAT32_MAX:.3g})")
+                f"--weight {w!r}: a weight must be a finite number within float32's range (|w| <= {FLOAT32_MAX:.3g})"
+            )
 
 
 def parse_shard_size(text: str | int | None) -> int | None:
@@ -133,13 +139,21 @@ def refuse_quantized(ckpt: Checkpoint, config: Mapping[str, Any], *, role: str, 
     if found is not None:
         raise UnsupportedError(
             f"{ckpt.root}: {role} is quantized: {found.describe()}; {command} would read its stored codes as "
-            "weights, so it refuses quantized checkpoints for now: give the unquantized (bf16/fp16/fp32) checkpoint")
+            "weights, so it refuses quantized checkpoints for now: give the unquantized (bf16/fp16/fp32) checkpoint"
+        )
 
 
 InputKind = Literal["model", "adapter", "augmented"]
-_ORDER = {"merge": "BASE first, then ADAPTER", "unmerge": "MERGED first, then ADAPTER", "extract": "BASE, then FINETUNED"}
-_KIND_WORDS = {"model": "a model", "adapter": "a PEFT adapter",
-               "augmented": "an augmented checkpoint (a model with LoRA layers inside)"}
+_ORDER = {
+    "merge": "BASE first, then ADAPTER",
+    "unmerge": "MERGED first, then ADAPTER",
+    "extract": "BASE, then FINETUNED",
+}
+_KIND_WORDS = {
+    "model": "a model",
+    "adapter": "a PEFT adapter",
+    "augmented": "an augmented checkpoint (a model with LoRA layers inside)",
+}
 
 
 def input_kind(ckpt: Checkpoint) -> InputKind:
@@ -156,8 +170,9 @@ def input_kind(ckpt: Checkpoint) -> InputKind:
     return "model"
 
 
-def expect_kind(path: Path, label: str, *, role: str, want: InputKind, command: str,
-                others: Sequence[tuple[Path, str]] = ()) -> None:
+def expect_kind(
+    path: Path, label: str, *, role: str, want: InputKind, command: str, others: Sequence[tuple[Path, str]] = ()
+) -> None:
     """Refuse an input of the wrong kind, saying what it is and what to run instead.
 
     ``others``: the command's other inputs (path, label), to recognise swapped arguments.
@@ -173,11 +188,21 @@ def expect_kind(path: Path, label: str, *, role: str, want: InputKind, command: 
     for other, other_label in others:
         with open_checkpoint(other) as ckpt:
             if input_kind(ckpt) == want:
-                raise IncompatibleError(f"{what}, and {other_label} is {_KIND_WORDS[want]}: the arguments look "
-                                        f"swapped (lorasurgeon {command} takes {_ORDER[command]})")
-    hints = {("model", "merge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
-             ("model", "unmerge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
-             ("adapter", "extract"): f"; extract compares two full models (to apply an adapter: lorasurgeon merge BASE {label} -o OUT)",
-             ("model", "convert"): "; convert takes what `lorasurgeon merge --form augmented` writes",
-             ("adapter", "convert"): f"; it is already an adapter (`lorasurgeon merge BASE {label} --form augmented` makes the augmented form)"}
+                raise IncompatibleError(
+                    f"{what}, and {other_label} is {_KIND_WORDS[want]}: the arguments look "
+                    f"swapped (lorasurgeon {command} takes {_ORDER[command]})"
+                )
+    hints = {
+        ("model", "merge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
+        ("model", "unmerge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",
+        (
+            "adapter",
+            "extract",
+        ): f"; extract compares two full models (to apply an adapter: lorasurgeon merge BASE {label} -o OUT)",
+        ("model", "convert"): "; convert takes what `lorasurgeon merge --form augmented` writes",
+        (
+            "adapter",
+            "convert",
+        ): f"; it is already an adapter (`lorasurgeon merge BASE {label} --form augmented` makes the augmented form)",
+    }
     raise IncompatibleError(what + hints.get((kind, command), ""))

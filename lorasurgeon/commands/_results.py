@@ -12,4 +12,5 @@ def check_finite(name: str, tensor: torch.Tensor) -> None:
     if not all_finite(tensor):
         raise NonFiniteError(
             f"tensor {name!r}: the result holds NaN or Inf; nothing was written "
-            "(check the inputs, or pass --allow-nonfinite)")
+            "(check the inputs, or pass --allow-nonfinite)"
+        )

@@ -5,9 +5,10 @@ from __future__ import annotations
 import math
 import os
 import zlib
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal, Mapping, get_args
+from typing import Literal, get_args
 
 import torch
 
@@ -16,8 +17,8 @@ from ..engine.plan import Ref
 from ..errors import InvalidOptionError as OptionError
 from ..io.checkpoint import open_checkpoint
 from ..io.layout import TensorSpec
-from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ..io.sidecar import read_config
+from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ._inputs import Input, NameFilter, prepare, refuse_quantized
 
 Status = Literal["identical", "changed", "shape_mismatch", "dtype_mismatch"]
@@ -71,13 +72,19 @@ class DiffReport:
 
     def within_atol(self, t: TensorDiff) -> bool:
         """A tensor that differs, but by no more than ``atol`` anywhere (never without an atol)."""
-        return (self.atol is not None and t.status in ("changed", "dtype_mismatch") and t.max_abs_diff is not None
-                and t.max_abs_diff <= self.atol)
+        return (
+            self.atol is not None
+            and t.status in ("changed", "dtype_mismatch")
+            and t.max_abs_diff is not None
+            and t.max_abs_diff <= self.atol
+        )
 
     def differing(self) -> list[TensorDiff]:
         """The tensors that count as different: changed beyond ``atol`` (if any), most changed first."""
-        return sorted((t for t in self.tensors if t.status in ("changed", "dtype_mismatch") and not self.within_atol(t)),
-                      key=lambda t: -(t.rel_change or 0.0))
+        return sorted(
+            (t for t in self.tensors if t.status in ("changed", "dtype_mismatch") and not self.within_atol(t)),
+            key=lambda t: -(t.rel_change or 0.0),
+        )
 
     @property
     def identical(self) -> bool:
@@ -94,15 +101,30 @@ class DiffReport:
     def summary(self) -> dict:
         counts = {s: sum(t.status == s for t in self.tensors) for s in STATUSES}
         within = {"within_atol": sum(self.within_atol(t) for t in self.tensors)} if self.atol is not None else {}
-        return {**counts, **within, "only_in_a": len(self.only_in_a), "only_in_b": len(self.only_in_b),
-                "common": len(self.tensors), "identical_checkpoints": self.identical,
-                "atol": self.atol, "seconds": round(self.seconds, 3)}
+        return {
+            **counts,
+            **within,
+            "only_in_a": len(self.only_in_a),
+            "only_in_b": len(self.only_in_b),
+            "common": len(self.tensors),
+            "identical_checkpoints": self.identical,
+            "atol": self.atol,
+            "seconds": round(self.seconds, 3),
+        }
 
     def to_dict(self) -> dict:
-        tensors = [_json_safe(t.to_dict() | ({"within_atol": self.within_atol(t)} if self.atol is not None else {}))
-                   for t in self.tensors]
-        return {"a": self.a, "b": self.b, "only_in_a": self.only_in_a, "only_in_b": self.only_in_b,
-                "tensors": tensors, "summary": self.summary()}
+        tensors = [
+            _json_safe(t.to_dict() | ({"within_atol": self.within_atol(t)} if self.atol is not None else {}))
+            for t in self.tensors
+        ]
+        return {
+            "a": self.a,
+            "b": self.b,
+            "only_in_a": self.only_in_a,
+            "only_in_b": self.only_in_b,
+            "tensors": tensors,
+            "summary": self.summary(),
+        }
 
     def table(self, top: int = 20) -> str:
         """The most changed tensors first (beyond ``atol``, if given), then a summary line."""
@@ -114,12 +136,16 @@ class DiffReport:
         if shown:
             profile = any(t.rank_50 is not None for t in shown)
             width = max(len(t.name) for t in shown)
-            head = (f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9} "
-                    f"{'identical':>9}")
+            head = (
+                f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9} "
+                f"{'identical':>9}"
+            )
             lines.append(head + ("  rank50 rank90 rank99" if profile else ""))
             for t in shown:
-                line = (f"{t.name.ljust(width)}  {t.status:<14} {t.rel_change:>10.3g} "
-                        f"{t.max_abs_diff:>10.3g} {t.cosine:>9.6f} {t.identical_fraction:>9.2%}")
+                line = (
+                    f"{t.name.ljust(width)}  {t.status:<14} {t.rel_change:>10.3g} "
+                    f"{t.max_abs_diff:>10.3g} {t.cosine:>9.6f} {t.identical_fraction:>9.2%}"
+                )
                 if profile and t.rank_50 is not None:
                     line += f"  {t.rank_50:>6} {t.rank_90:>6} {t.rank_99:>6}"
                 lines.append(line)
@@ -139,7 +165,8 @@ class DiffReport:
         lines.append(
             f"{verdict}: {s['common']} common tensors — {s['identical']} identical, {within}"
             f"{beyond} changed, {dtype} dtype mismatches, {s['shape_mismatch']} shape mismatches; "
-            f"{s['only_in_a']} only in A, {s['only_in_b']} only in B")
+            f"{s['only_in_a']} only in A, {s['only_in_b']} only in B"
+        )
         return "\n".join(lines)
 
 
@@ -147,8 +174,9 @@ def _json_safe(doc: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in doc.items()}
 
 
-def compute_diff(op: DiffOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *,
-                 profile: bool, seed: int) -> Outcome[TensorDiff]:
+def compute_diff(
+    op: DiffOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, profile: bool, seed: int
+) -> Outcome[TensorDiff]:
     a, b = tensors[op.a], tensors[op.b]
     if not op.comparable:
         return Outcome([], TensorDiff(op.name, "shape_mismatch"))
@@ -166,9 +194,18 @@ def compute_diff(op: DiffOp, tensors: Mapping[Ref, torch.Tensor], device: torch.
     return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks))
 
 
-def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: bool = False,
-         atol: float | None = None, include: str | None = None, exclude: str | None = None,
-         device: str = "cpu", seed: int = 0, progress: Progress | None = None) -> DiffReport:
+def diff(
+    a: str | os.PathLike[str],
+    b: str | os.PathLike[str],
+    *,
+    rank_profile: bool = False,
+    atol: float | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    progress: Progress | None = None,
+) -> DiffReport:
     """Compare two checkpoints tensor by tensor (any layouts the reader supports).
 
     Args:
@@ -187,20 +224,41 @@ def diff(a: str | os.PathLike[str], b: str | os.PathLike[str], *, rank_profile: 
         names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
         if keep.active and not names_a and not names_b and (len(ca) or len(cb)):
             example = next(iter(ca), None) or next(iter(cb))
-            raise OptionError(f"{keep.describe()} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to "
-                              f"compare (names look like {example!r})")
+            raise OptionError(
+                f"{keep.describe()} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to "
+                f"compare (names look like {example!r})"
+            )
         set_a, set_b = set(names_a), set(names_b)
         ops = []
         for name in names_a:
             if name in set_b:
                 ia, ib = ca.info(name), cb.info(name)
-                ops.append(DiffOp(name, Ref(0, name), Ref(1, name), ia.shape == ib.shape,
-                                  ia.nbytes + ib.nbytes if ia.shape == ib.shape else 0))
+                ops.append(
+                    DiffOp(
+                        name,
+                        Ref(0, name),
+                        Ref(1, name),
+                        ia.shape == ib.shape,
+                        ia.nbytes + ib.nbytes if ia.shape == ib.shape else 0,
+                    )
+                )
         # shape mismatches need no data: don't read them
-        stats = run([o for o in ops if o.comparable], [ca, cb], Discard(),
-                    compute=partial(compute_diff, profile=rank_profile, seed=seed), device=device,
-                    progress=progress)
+        stats = run(
+            [o for o in ops if o.comparable],
+            [ca, cb],
+            Discard(),
+            compute=partial(compute_diff, profile=rank_profile, seed=seed),
+            device=device,
+            progress=progress,
+        )
         found = {t.name: t for t in stats.infos}
         tensors = [found.get(o.name) or TensorDiff(o.name, "shape_mismatch") for o in ops]
-    return DiffReport(str(path_a), str(path_b), [n for n in names_a if n not in set_b],
-                      [n for n in names_b if n not in set_a], tensors, atol, stats.seconds)
+    return DiffReport(
+        str(path_a),
+        str(path_b),
+        [n for n in names_a if n not in set_b],
+        [n for n in names_b if n not in set_a],
+        tensors,
+        atol,
+        stats.seconds,
+    )

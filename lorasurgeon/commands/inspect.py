@@ -127,14 +127,16 @@ def _adapter_report(adapter) -> AdapterReport:
         unsupported=cfg.unsupported(),
         modules_to_save=list(cfg.modules_to_save),
         replaced_tensors=sorted(adapter.replacements),
-        modules=[ModuleReport(m.name, m.kind, m.rank, m.alpha, m.scale)
-                 for m in adapter.modules.values()],
+        modules=[ModuleReport(m.name, m.kind, m.rank, m.alpha, m.scale) for m in adapter.modules.values()],
     )
 
 
-_FORMS = {"model": "model", "adapter": "PEFT adapter",
-          "augmented": "augmented: a model with LoRA layers inside (lorasurgeon convert {path} --to adapter|merged "
-                       "-o OUT gives the adapter or the merged model)"}
+_FORMS = {
+    "model": "model",
+    "adapter": "PEFT adapter",
+    "augmented": "augmented: a model with LoRA layers inside (lorasurgeon convert {path} --to adapter|merged "
+    "-o OUT gives the adapter or the merged model)",
+}
 
 
 def format_report(report: CheckpointReport) -> str:
@@ -143,13 +145,12 @@ def format_report(report: CheckpointReport) -> str:
         f"{report.path}",
         f"  format      {report.format}",
         f"  form        {_FORMS[report.form].format(path=report.path)}",
-        f"  files       {len(report.files)}: {', '.join(report.files[:4])}"
-        + (" ..." if len(report.files) > 4 else ""),
+        f"  files       {len(report.files)}: {', '.join(report.files[:4])}" + (" ..." if len(report.files) > 4 else ""),
         f"  tensors     {report.tensors:,}",
         f"  parameters  {report.parameters:,}",
         f"  bytes       {report.bytes:,} ({report.bytes / 2**20:.1f} MiB)",
-        "  dtypes      " + ", ".join(
-            f"{k} ({v.tensors} tensors, {v.parameters:,} params)" for k, v in report.dtypes.items()),
+        "  dtypes      "
+        + ", ".join(f"{k} ({v.tensors} tensors, {v.parameters:,} params)" for k, v in report.dtypes.items()),
     ]
     if report.quantization is not None:
         lines.append(f"  quantized   {report.quantization.describe()}: merge, extract and diff refuse it for now")

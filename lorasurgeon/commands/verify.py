@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Mapping
 
 import torch
 
@@ -42,8 +42,9 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
     def summary(self) -> str:
-        head = (f"verify: read {self.tensors} tensors ({self.bytes_read:,} bytes): "
-                + ("no problems" if self.ok else f"{len(self.problems)} problems"))
+        head = f"verify: read {self.tensors} tensors ({self.bytes_read:,} bytes): " + (
+            "no problems" if self.ok else f"{len(self.problems)} problems"
+        )
         return "\n".join([head] + [f"  {p.where}: {p.what}" for p in self.problems])
 
 
@@ -59,8 +60,11 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
             metadata = doc.get("metadata")
             total = metadata.get("total_size") if isinstance(metadata, dict) else None
             if total is not None and total != ckpt.nbytes:
-                problems.append(Problem(ckpt.index_file.name,
-                                        f"metadata.total_size is {total}, the tensors hold {ckpt.nbytes} bytes"))
+                problems.append(
+                    Problem(
+                        ckpt.index_file.name, f"metadata.total_size is {total}, the tensors hold {ckpt.nbytes} bytes"
+                    )
+                )
         for file in ckpt.files:
             if file.suffix == ".safetensors":
                 problems += _layout_problems(file, indexed if ckpt.index_file else None)

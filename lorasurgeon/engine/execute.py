@@ -16,8 +16,9 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Generic, Mapping, Protocol, Sequence, TypeVar
+from typing import Generic, Protocol, TypeVar
 
 import torch
 
@@ -132,9 +133,17 @@ class _Fetched:
 _DONE = object()
 
 
-def run(ops: Sequence[OpT], inputs: Sequence[Source], sink: Sink, *, compute: Compute[OpT, InfoT],
-        device: str = "cpu", progress: Progress | None = None, read_ahead: int = READ_AHEAD_BYTES,
-        unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None = None) -> ExecStats[InfoT]:
+def run(
+    ops: Sequence[OpT],
+    inputs: Sequence[Source],
+    sink: Sink,
+    *,
+    compute: Compute[OpT, InfoT],
+    device: str = "cpu",
+    progress: Progress | None = None,
+    read_ahead: int = READ_AHEAD_BYTES,
+    unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None = None,
+) -> ExecStats[InfoT]:
     """Execute ``ops`` in order, streaming: read ahead, compute, write behind.
 
     The reader runs ahead of compute by at most QUEUE_DEPTH ops and ``read_ahead`` bytes (but
@@ -213,8 +222,10 @@ def run(ops: Sequence[OpT], inputs: Sequence[Source], sink: Sink, *, compute: Co
     # Not daemons: a daemon thread still inside torch when the interpreter exits is unwound
     # through C++ destructors and aborts the process. Every way out of the try below sets
     # ``stop`` or sends _DONE, so both threads end within one tensor and are joined.
-    threads = [threading.Thread(target=reader, name="lorasurgeon-read"),
-               threading.Thread(target=write_stage, name="lorasurgeon-write")]
+    threads = [
+        threading.Thread(target=reader, name="lorasurgeon-read"),
+        threading.Thread(target=write_stage, name="lorasurgeon-write"),
+    ]
     written = 0
     infos: list[InfoT] = []
     try:

@@ -6,8 +6,9 @@ the engine imports none of them and asks only for what ``Op`` declares.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol, Sequence
+from typing import Protocol
 
 from ..io.layout import TensorSpec
 

@@ -12,8 +12,9 @@ read as plain values it is silently wrong. Any of these marks a checkpoint as qu
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 import torch
 
@@ -38,8 +39,18 @@ _SUFFIXES = (
 )
 # gpt-oss's MXFP4 experts: ``*_blocks`` and ``*_scales`` in uint8.
 _MXFP4_SUFFIXES = ("_blocks", "_scales")
-_FLOAT8 = frozenset(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz",
-                                                "float8_e8m0fnu", "float4_e2m1fn_x2") if hasattr(torch, n))
+_FLOAT8 = frozenset(
+    getattr(torch, n)
+    for n in (
+        "float8_e4m3fn",
+        "float8_e4m3fnuz",
+        "float8_e5m2",
+        "float8_e5m2fnuz",
+        "float8_e8m0fnu",
+        "float4_e2m1fn_x2",
+    )
+    if hasattr(torch, n)
+)
 
 
 @dataclass(frozen=True)
@@ -64,7 +75,8 @@ def _config_method(config: Mapping[str, Any]) -> tuple[str, str] | None:
             if q:
                 method = q.get("quant_method") if isinstance(q, Mapping) else None
                 return str(method or "unknown"), f"config.json {where}{key}" + (
-                    f".quant_method = {method}" if method else "")
+                    f".quant_method = {method}" if method else ""
+                )
     return None
 
 
@@ -80,7 +92,9 @@ def detect(tensors: Iterable[tuple[str, torch.dtype]], config: Mapping[str, Any]
         if dtype == torch.uint8 and name.endswith(_MXFP4_SUFFIXES):
             return Quantization("MXFP4 (gpt-oss layout)", f"tensor {name}, uint8")
         if dtype in _FLOAT8:
-            return Quantization("float8 / float4 weights", f"tensor {name} stored as {str(dtype).removeprefix('torch.')}")
+            return Quantization(
+                "float8 / float4 weights", f"tensor {name} stored as {str(dtype).removeprefix('torch.')}"
+            )
         if name.rpartition(".")[2] == "weight" and not dtype.is_floating_point and not dtype.is_complex:
             return Quantization("integer weights", f"tensor {name} stored as {str(dtype).removeprefix('torch.')}")
     return None

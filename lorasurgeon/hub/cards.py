@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import shlex
-from typing import Any, Mapping, Protocol, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any, Protocol
 
 from .. import __version__
 
@@ -25,8 +26,11 @@ def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str])
         library_name="peft" if kind in ("adapter", "augmented") else "transformers",
         tags=["lora", "lorasurgeon"] + (["merge"] if kind == "merged" else []),
     )
-    text = (f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n" + "\n".join(lines) +
-            f"\n\nMade with lorasurgeon {__version__}.\n")
+    text = (
+        f"---\n{data.to_yaml()}\n---\n\n# {title}\n\n"
+        + "\n".join(lines)
+        + f"\n\nMade with lorasurgeon {__version__}.\n"
+    )
     return str(ModelCard(text))
 
 
@@ -35,31 +39,47 @@ def command(*words: object) -> list[str]:
     return ["```bash", shlex.join(str(w) for w in words if w is not None and w != ""), "```"]
 
 
-def merge_card(*, title: str, form: str, unmerge: bool, base: str, adapters: Sequence[str],
-               weights: Sequence[float], dtype: str, untied: bool) -> str:
+def merge_card(
+    *,
+    title: str,
+    form: str,
+    unmerge: bool,
+    base: str,
+    adapters: Sequence[str],
+    weights: Sequence[float],
+    dtype: str,
+    untied: bool,
+) -> str:
     verb = "unmerge" if unmerge else "merge"
     flags = [f"--weight={w:g}" for w in weights] if any(w != 1.0 for w in weights) else []
     if form != "merged":
         flags.append(f"--form={form}")
-    what = {("merge", "merged"): f"`{base}` with LoRA adapters merged into its weights (W0 + Σ wᵢ·(α/r)·BᵢAᵢ, "
-                                 "computed in float32 and rounded once).",
-            ("merge", "augmented"): f"`{base}` with the LoRA layers inside (PEFT's in-memory key names, "
-                                    "adapter_config.json beside them).",
-            ("unmerge", "merged"): f"`{base}` with LoRA adapters subtracted from its weights (W − Σ wᵢ·(α/r)·BᵢAᵢ)."}
+    what = {
+        ("merge", "merged"): f"`{base}` with LoRA adapters merged into its weights (W0 + Σ wᵢ·(α/r)·BᵢAᵢ, "
+        "computed in float32 and rounded once).",
+        ("merge", "augmented"): f"`{base}` with the LoRA layers inside (PEFT's in-memory key names, "
+        "adapter_config.json beside them).",
+        ("unmerge", "merged"): f"`{base}` with LoRA adapters subtracted from its weights (W − Σ wᵢ·(α/r)·BᵢAᵢ).",
+    }
     lines = [f"This model is {what[(verb, form)]}", "", "| adapter | weight |", "|---|---:|"]
-    lines += [f"| `{a}` | {w:g} |" for a, w in zip(adapters, weights)]
+    lines += [f"| `{a}` | {w:g} |" for a, w in zip(adapters, weights, strict=True)]
     lines += ["", f"Output dtype: {dtype}."]
     if untied:
-        lines.append("The adapters changed the input embedding and lm_head differently, so both are stored and "
-                     "`tie_word_embeddings` is false.")
+        lines.append(
+            "The adapters changed the input embedding and lm_head differently, so both are stored and "
+            "`tie_word_embeddings` is false."
+        )
     lines += ["", "Made by:"] + command("lorasurgeon", verb, base, *adapters, *flags, "-o", title)
     kind = "unmerged" if unmerge else ("augmented" if form == "augmented" else "merged")
     return model_card(kind=kind, base=base, title=title, lines=lines)
 
 
 def convert_card(*, title: str, source: str, base: str | None, to: str) -> str:
-    lines = [f"Converted from the augmented checkpoint `{source}` to the {to} form."] + \
-        ["", "Made by:"] + command("lorasurgeon", "convert", source, f"--to={to}", "-o", title)
+    lines = (
+        [f"Converted from the augmented checkpoint `{source}` to the {to} form."]
+        + ["", "Made by:"]
+        + command("lorasurgeon", "convert", source, f"--to={to}", "-o", title)
+    )
     return model_card(kind="merged" if to == "merged" else "adapter", base=base, title=title, lines=lines)
 
 
@@ -75,15 +95,31 @@ class _FullLine(Protocol):
     reason: str
 
 
-def extract_card(*, title: str, base: str, finetuned: str, method: Mapping[str, Any],
-                 modules: Sequence[_ModuleLine], kept: float, parameters: int, full: Sequence[_FullLine]) -> str:
-    how = f"rank {method['rank']}" if method.get("rank") else f"energy {method['energy']:g}" + (
-        f", max rank {method['max_rank']}" if method.get("max_rank") else "")
-    lines = [f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
-             f"each weight delta ({how}; solver {method['solver']}).", "",
-             f"It keeps **{kept:.2%}** of the fine-tune's change (share of Σ‖ΔW‖²) in "
-             f"{parameters:,} parameters.", "",
-             "| module | rank | kept ‖ΔW‖² | rel. error |", "|---|---:|---:|---:|"]
+def extract_card(
+    *,
+    title: str,
+    base: str,
+    finetuned: str,
+    method: Mapping[str, Any],
+    modules: Sequence[_ModuleLine],
+    kept: float,
+    parameters: int,
+    full: Sequence[_FullLine],
+) -> str:
+    how = (
+        f"rank {method['rank']}"
+        if method.get("rank")
+        else f"energy {method['energy']:g}" + (f", max rank {method['max_rank']}" if method.get("max_rank") else "")
+    )
+    lines = [
+        f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
+        f"each weight delta ({how}; solver {method['solver']}).",
+        "",
+        f"It keeps **{kept:.2%}** of the fine-tune's change (share of Σ‖ΔW‖²) in {parameters:,} parameters.",
+        "",
+        "| module | rank | kept ‖ΔW‖² | rel. error |",
+        "|---|---:|---:|---:|",
+    ]
     lines += [f"| `{m.name}` | {m.rank} | {m.kept:.2%} | {m.rel_error:.4f} |" for m in modules]
     if full:
         lines += ["", "Stored in full: " + ", ".join(f"`{f.name}` ({f.reason})" for f in full) + "."]

@@ -10,6 +10,7 @@ from .. import __version__
 from ..errors import InputNotFoundError, InvalidOptionError, LorasurgeonError
 from .source import is_transport_error, offline
 
+
 @dataclass(frozen=True)
 class PushReport:
     repo_id: str
@@ -47,19 +48,29 @@ def check_push_target(repo_id: str) -> None:
     except hf.HfHubHTTPError as exc:
         status = exc.response.status_code if exc.response is not None else None
         if status == 401:
-            raise LorasurgeonError(f"{repo_id}: the Hub refuses this token (HTTP 401): set a valid HF_TOKEN, "
-                                   "or run `hf auth login`") from None
+            raise LorasurgeonError(
+                f"{repo_id}: the Hub refuses this token (HTTP 401): set a valid HF_TOKEN, or run `hf auth login`"
+            ) from None
         raise LorasurgeonError(f"{repo_id}: the Hub answered {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise LorasurgeonError(f"{repo_id}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
     except Exception as exc:  # httpx transport errors
         if is_transport_error(exc):
-            raise LorasurgeonError(f"{repo_id}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})") from None
+            raise LorasurgeonError(
+                f"{repo_id}: cannot reach the Hub at {endpoint or 'huggingface.co'} ({exc})"
+            ) from None
         raise
 
 
-def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False, revision: str | None = None,
-         create_pr: bool = False, message: str | None = None) -> PushReport:
+def push(
+    folder: str | os.PathLike[str],
+    repo_id: str,
+    *,
+    private: bool = False,
+    revision: str | None = None,
+    create_pr: bool = False,
+    message: str | None = None,
+) -> PushReport:
     """Upload a result folder to a Hub repo (created if missing, ``exist_ok``).
 
     Honours HF_TOKEN and HF_ENDPOINT. ``revision`` names a branch (created if missing);
@@ -77,8 +88,13 @@ def push(folder: str | os.PathLike[str], repo_id: str, *, private: bool = False,
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(folder_path=path, repo_id=repo_id, revision=revision, create_pr=create_pr,
-                                 commit_message=message or f"Upload {path.name} with lorasurgeon {__version__}")
+        info = api.upload_folder(
+            folder_path=path,
+            repo_id=repo_id,
+            revision=revision,
+            create_pr=create_pr,
+            commit_message=message or f"Upload {path.name} with lorasurgeon {__version__}",
+        )
     except hf.HfHubHTTPError as exc:
         raise LorasurgeonError(f"{repo_id}: the Hub refused the push: {str(exc).splitlines()[0]}") from None
     except (ValueError, OSError) as exc:

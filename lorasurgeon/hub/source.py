@@ -89,7 +89,8 @@ def needed_files(files: list[str]) -> list[str]:
             break
     else:
         raise InputNotFoundError(
-            f"no weights lorasurgeon can read (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)})")
+            f"no weights lorasurgeon can read (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)})"
+        )
     sidecars = [f for f in top if is_sidecar(f) and f not in weights]
     return weights + sidecars
 
@@ -135,18 +136,21 @@ def _download(repo_id: str, revision: str | None) -> Path:
             patterns = needed_files(files)
         except InputNotFoundError as exc:
             raise InputNotFoundError(f"{name}: {exc}") from None
-        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=patterns,
-                                      endpoint=endpoint, token=token))
+        return Path(
+            snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint, token=token)
+        )
     except hf.GatedRepoError:
         raise LorasurgeonError(f"{name}: this repo is gated: accept its terms on the Hub, then set HF_TOKEN") from None
     except hf.RevisionNotFoundError:
         raise InputNotFoundError(f"{name}: no such revision on the Hub") from None
     except hf.RepositoryNotFoundError:
         raise InputNotFoundError(
-            f"{repo_id}: not a local path, and not found on the Hub (private? set HF_TOKEN)") from None
+            f"{repo_id}: not a local path, and not found on the Hub (private? set HF_TOKEN)"
+        ) from None
     except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
         raise InputNotFoundError(
-            f"{name}: offline (HF_HUB_OFFLINE) and not in the local cache; download it once online") from None
+            f"{name}: offline (HF_HUB_OFFLINE) and not in the local cache; download it once online"
+        ) from None
     except hf.HfHubHTTPError as exc:
         raise LorasurgeonError(f"{name}: the Hub answered {str(exc).splitlines()[0]}") from None
     except OSError as exc:  # connection refused, DNS, disk
@@ -155,5 +159,6 @@ def _download(repo_id: str, revision: str | None) -> Path:
         if is_transport_error(exc):
             raise LorasurgeonError(
                 f"{name}: no such local file or folder, and the Hub at {endpoint or 'huggingface.co'}, where it would "
-                f"be a repo id, cannot be reached ({exc})") from None
+                f"be a repo id, cannot be reached ({exc})"
+            ) from None
         raise

@@ -14,9 +14,9 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 import torch
 
@@ -81,8 +81,15 @@ class FileSlice:
 class Checkpoint:
     """A lazily read set of tensors. Use :func:`open_checkpoint` to make one."""
 
-    def __init__(self, root: Path, format: str, files: list[Path], infos: list[TensorInfo],
-                 metadata: dict[str, str], index_file: Path | None = None):
+    def __init__(
+        self,
+        root: Path,
+        format: str,
+        files: list[Path],
+        infos: list[TensorInfo],
+        metadata: dict[str, str],
+        index_file: Path | None = None,
+    ):
         self.root = root
         self.format = format
         self.files = tuple(files)
@@ -141,7 +148,8 @@ class Checkpoint:
                 ) from None
             except OSError as exc:
                 raise CorruptCheckpointError(
-                    f"{info.file}: cannot read tensor {name!r} ({exc.strerror or exc})") from None
+                    f"{info.file}: cannot read tensor {name!r} ({exc.strerror or exc})"
+                ) from None
         return out.view(info.dtype).reshape(info.shape)
 
     def _read_legacy(self, info: TensorInfo) -> torch.Tensor:
@@ -151,10 +159,11 @@ class Checkpoint:
             self._legacy = LegacyFile(info.file)
         return self._legacy.read(info.file_key)
 
-    def renamed(self, names: dict[str, str]) -> "Checkpoint":
+    def renamed(self, names: dict[str, str]) -> Checkpoint:
         """A view of some tensors under other names: ``names`` maps new name -> name here."""
-        infos = [dataclasses.replace(self.info(old), name=new, key=self.info(old).file_key)
-                 for new, old in names.items()]
+        infos = [
+            dataclasses.replace(self.info(old), name=new, key=self.info(old).file_key) for new, old in names.items()
+        ]
         return Checkpoint(self.root, self.format, list(self.files), infos, self.metadata, self.index_file)
 
     def close(self) -> None:
@@ -162,7 +171,7 @@ class Checkpoint:
             self._legacy.close()
             self._legacy = None
 
-    def __enter__(self) -> "Checkpoint":
+    def __enter__(self) -> Checkpoint:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -229,8 +238,7 @@ def _open_file(root: Path, file: Path, fmt: str) -> Checkpoint:
             for name in names:
                 if name not in by_name:
                     raise CorruptCheckpointError(
-                        f"{file}: the index puts tensor {name!r} in {shard.name}, "
-                        "which does not contain it"
+                        f"{file}: the index puts tensor {name!r} in {shard.name}, which does not contain it"
                     )
                 infos.append(by_name[name])
         return Checkpoint(root, fmt, list(shards), infos, metadata, index_file=file)
@@ -259,7 +267,7 @@ def _read_index(index: Path) -> dict[Path, list[str]]:
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()
     ):
-        raise CorruptCheckpointError(f"{index}: no \"weight_map\" of tensor name -> shard file")
+        raise CorruptCheckpointError(f'{index}: no "weight_map" of tensor name -> shard file')
     shards: dict[Path, list[str]] = {}
     folder = Path(os.path.normpath(index.parent))
     for name, filename in weight_map.items():

@@ -15,8 +15,8 @@ from __future__ import annotations
 
 import fnmatch
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from ..errors import OutputError, OutputExistsError
 from .sidecar import SIDECARS
@@ -24,8 +24,15 @@ from .sidecar import SIDECARS
 CARD = "README.md"
 CARD_TAG = "lorasurgeon"
 # What a result holds: the files we write, and the sidecar files we copy from an input.
-RESULT_FILES = ("*.safetensors", "*.safetensors.index.json", CARD, "config.json", "adapter_config.json",
-                "extract_report.json", *SIDECARS)
+RESULT_FILES = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    CARD,
+    "config.json",
+    "adapter_config.json",
+    "extract_report.json",
+    *SIDECARS,
+)
 
 
 def absolute(path: str | os.PathLike[str]) -> Path:
@@ -33,8 +40,9 @@ def absolute(path: str | os.PathLike[str]) -> Path:
     return Path(os.path.abspath(os.path.expanduser(os.fspath(path))))
 
 
-def check_destination(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *,
-                      overwrite: bool) -> None:
+def check_destination(
+    out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, overwrite: bool
+) -> None:
     """Refuse, before any work, an output that would lose or damage anything.
 
     Raises:
@@ -77,7 +85,8 @@ def check_replaceable(out: Path) -> None:
     if reason:
         raise OutputError(
             f"{out}: not replaced: {reason}; --overwrite replaces only an earlier lorasurgeon result "
-            "(remove it yourself, or choose another -o)")
+            "(remove it yourself, or choose another -o)"
+        )
 
 
 def _not_a_result(folder: Path) -> str | None:

@@ -27,9 +27,7 @@ _TABLE = (
     ("U64", "uint64"),
 )
 
-TORCH_DTYPES: dict[str, torch.dtype] = {
-    name: getattr(torch, attr) for name, attr in _TABLE if hasattr(torch, attr)
-}
+TORCH_DTYPES: dict[str, torch.dtype] = {name: getattr(torch, attr) for name, attr in _TABLE if hasattr(torch, attr)}
 SAFETENSORS_NAMES: dict[torch.dtype, str] = {dt: name for name, dt in TORCH_DTYPES.items()}
 
 # safetensors (Rust) lays tensors out by dtype, in the reverse of its enum order, then by name.
@@ -60,8 +58,15 @@ def parse_dtype(text: str) -> torch.dtype:
     key = text.strip().removeprefix("torch.")
     if key in TORCH_DTYPES:
         return TORCH_DTYPES[key]
-    aliases = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp32": "float32",
-               "float": "float32", "fp64": "float64", "double": "float64"}
+    aliases = {
+        "bf16": "bfloat16",
+        "fp16": "float16",
+        "half": "float16",
+        "fp32": "float32",
+        "float": "float32",
+        "fp64": "float64",
+        "double": "float64",
+    }
     key = aliases.get(key.lower(), key.lower())
     value = getattr(torch, key, None)
     if isinstance(value, torch.dtype):

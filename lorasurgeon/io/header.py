@@ -43,9 +43,7 @@ class Header:
 
 
 def _fail(path: Path, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{path}: {what}; the file is damaged or not safetensors (download or save it again)"
-    )
+    return CorruptCheckpointError(f"{path}: {what}; the file is damaged or not safetensors (download or save it again)")
 
 
 def read_header(path: Path, file_size: int, fh) -> Header:
@@ -100,14 +98,12 @@ def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> Tensor
         raise _fail(path, f"tensor {name!r} has no dtype")
     if dtype_name not in TORCH_DTYPES:
         if dtype_name.startswith(("F4", "F6", "F8")):
-            raise UnsupportedError(f"{path}: tensor {name!r} has dtype {dtype_name}, a quantized format "
-                                   "lorasurgeon cannot read yet: give the unquantized checkpoint")
-        raise UnsupportedError(
-            f"{path}: tensor {name!r} has dtype {dtype_name}, which this torch cannot hold"
-        )
-    if not isinstance(shape, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape
-    ):
+            raise UnsupportedError(
+                f"{path}: tensor {name!r} has dtype {dtype_name}, a quantized format "
+                "lorasurgeon cannot read yet: give the unquantized checkpoint"
+            )
+        raise UnsupportedError(f"{path}: tensor {name!r} has dtype {dtype_name}, which this torch cannot hold")
+    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
         not isinstance(offsets, list)
@@ -142,8 +138,7 @@ def build_header(
     pos = 0
     for name, dtype, shape in tensors:
         nbytes = math.prod(shape) * itemsize(dtype)
-        doc[name] = {"dtype": safetensors_name(dtype), "shape": list(shape),
-                     "data_offsets": [pos, pos + nbytes]}
+        doc[name] = {"dtype": safetensors_name(dtype), "shape": list(shape), "data_offsets": [pos, pos + nbytes]}
         offsets.append(pos)
         pos += nbytes
     text = json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")

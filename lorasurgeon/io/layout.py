@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence, TypeVar
+from typing import TypeVar
 
 import torch
 
@@ -78,18 +79,14 @@ def shard_filename(prefix: str, index: int, count: int) -> str:
     return f"{prefix}-{index + 1:05d}-of-{count:05d}.safetensors"
 
 
-def plan_shards(specs: Sequence[TensorSpec], *, max_shard_size: int | None,
-                prefix: str = "model") -> list[Shard]:
+def plan_shards(specs: Sequence[TensorSpec], *, max_shard_size: int | None, prefix: str = "model") -> list[Shard]:
     """Split tensors into Hugging Face-named shards of at most ``max_shard_size`` bytes (None: one file)."""
-    groups = (split_greedy(specs, lambda s: s.nbytes, max_shard_size)
-              if max_shard_size is not None else [list(specs)])
+    groups = split_greedy(specs, lambda s: s.nbytes, max_shard_size) if max_shard_size is not None else [list(specs)]
     groups = groups or [[]]
-    return [Shard(shard_filename(prefix, i, len(groups)), in_file_order(g))
-            for i, g in enumerate(groups)]
+    return [Shard(shard_filename(prefix, i, len(groups)), in_file_order(g)) for i, g in enumerate(groups)]
 
 
-def shards_like(specs: Sequence[TensorSpec], weight_map: Mapping[str, str],
-                fallback: str) -> list[Shard]:
+def shards_like(specs: Sequence[TensorSpec], weight_map: Mapping[str, str], fallback: str) -> list[Shard]:
     """Keep an existing layout: each tensor goes to the file ``weight_map`` names, new ones to ``fallback``."""
     files: dict[str, list[TensorSpec]] = {}
     for spec in specs:
@@ -98,8 +95,18 @@ def shards_like(specs: Sequence[TensorSpec], weight_map: Mapping[str, str],
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-          "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_UNITS = {
+    "": 1,
+    "B": 1,
+    "KB": 10**3,
+    "MB": 10**6,
+    "GB": 10**9,
+    "TB": 10**12,
+    "KIB": 2**10,
+    "MIB": 2**20,
+    "GIB": 2**30,
+    "TIB": 2**40,
+}
 
 
 def parse_size(text: str | int) -> int:

@@ -65,7 +65,7 @@ class LegacyFile:
     def close(self) -> None:
         self._state = None
 
-    def __enter__(self) -> "LegacyFile":
+    def __enter__(self) -> LegacyFile:
         return self
 
     def __exit__(self, *exc: object) -> None:

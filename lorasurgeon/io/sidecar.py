@@ -17,9 +17,26 @@ CONFIG = "config.json"
 # The files around the weights that a model or adapter folder carries (top level only): what is
 # fetched from the Hub, copied into a result, and expected in one. Custom code (*.py) and the
 # licence travel with the weights; training logs, optimizer states and the like do not.
-SIDECARS = ("config.json", "generation_config.json", "adapter_config.json", "tokenizer*", "special_tokens_map.json",
-            "added_tokens.json", "vocab.*", "merges.txt", "*.model", "chat_template*", "preprocessor_config.json",
-            "processor_config.json", "*.tiktoken", "*.py", "LICENSE*", "LICENCE*", "NOTICE*", "USE_POLICY*")
+SIDECARS = (
+    "config.json",
+    "generation_config.json",
+    "adapter_config.json",
+    "tokenizer*",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.*",
+    "merges.txt",
+    "*.model",
+    "chat_template*",
+    "preprocessor_config.json",
+    "processor_config.json",
+    "*.tiktoken",
+    "*.py",
+    "LICENSE*",
+    "LICENCE*",
+    "NOTICE*",
+    "USE_POLICY*",
+)
 # A base's model card describes another model; an adapter config belongs to the adapter.
 _NOT_COPIED = {"README.md", "adapter_config.json"}
 
@@ -32,8 +49,7 @@ def sidecar_files(folder: Path) -> list[Path]:
     """The sidecar files of a model folder to copy into a result (config, tokenizer, generation config, code)."""
     if not folder.is_dir():
         return []
-    return sorted(p for p in folder.iterdir()
-                  if p.is_file() and is_sidecar(p.name) and p.name not in _NOT_COPIED)
+    return sorted(p for p in folder.iterdir() if p.is_file() and is_sidecar(p.name) and p.name not in _NOT_COPIED)
 
 
 def read_config(folder: Path) -> dict[str, Any]:

@@ -25,8 +25,14 @@ from .writer import CheckpointWriter, copy_range, pwrite_all, tensor_bytes
 class SpoolWriter:
     """Collect tensors of any shape, in any order; write them as one checkpoint at commit."""
 
-    def __init__(self, out: str | os.PathLike[str], *, prefix: str = "model", overwrite: bool = False,
-                 metadata: dict[str, str] | None = None):
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        *,
+        prefix: str = "model",
+        overwrite: bool = False,
+        metadata: dict[str, str] | None = None,
+    ):
         self.out = absolute(out)
         self.prefix, self.overwrite, self.metadata = prefix, overwrite, metadata
         if os.path.lexists(self.out):
@@ -91,8 +97,9 @@ class SpoolWriter:
         try:
             specs = [TensorSpec(i.name, i.dtype, i.shape) for i in self._items.values()]
             shards = plan_shards(specs, max_shard_size=None, prefix=self.prefix)
-            with CheckpointWriter(self.out, shards, overwrite=self.overwrite, index_name=None,
-                                  metadata=self.metadata) as writer:
+            with CheckpointWriter(
+                self.out, shards, overwrite=self.overwrite, index_name=None, metadata=self.metadata
+            ) as writer:
                 for name, data in self._files.items():
                     writer.add_file(name, data)
                 for info in self._items.values():  # spool file to result file, never through memory

@@ -19,8 +19,8 @@ import os
 import queue
 import shutil
 import threading
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -30,6 +30,7 @@ from .destination import absolute, check_replaceable
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
 from .scratch import clean_stale, make_scratch
+
 
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
@@ -99,9 +100,15 @@ class CheckpointWriter:
     Use as a context manager: a clean exit commits, an exception aborts.
     """
 
-    def __init__(self, out: str | os.PathLike[str], shards: Sequence[Shard], *,
-                 index_name: str | None = "model.safetensors.index.json",
-                 metadata: dict[str, str] | None = None, overwrite: bool = False):
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        shards: Sequence[Shard],
+        *,
+        index_name: str | None = "model.safetensors.index.json",
+        metadata: dict[str, str] | None = None,
+        overwrite: bool = False,
+    ):
         self.out = absolute(out)
         self.shards = list(shards)
         self.index_name = index_name if len(self.shards) > 1 else None
@@ -139,7 +146,8 @@ class CheckpointWriter:
         if need > free:
             raise OutputError(
                 f"{parent}: not enough free space: the result needs {human_bytes(need)}, {human_bytes(free)} are free; "
-                "free some space or choose another -o")
+                "free some space or choose another -o"
+            )
         clean_stale(self.out)  # debris of a killed run for this same output
         self._tmp = make_scratch(self.out, "partial")
         umask = os.umask(0)
@@ -150,7 +158,7 @@ class CheckpointWriter:
             fd = os.open(self._tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds[shard.filename] = fd
             pwrite_all(fd, memoryview(header), 0)
-            for spec, off in zip(shard.tensors, offsets):
+            for spec, off in zip(shard.tensors, offsets, strict=True):
                 self._slots[spec.name] = (shard.filename, len(header) + off, spec)
 
     @property
@@ -175,8 +183,7 @@ class CheckpointWriter:
             raise ValueError(f"tensor {name!r} was not planned, or was already written") from None
         if tensor.dtype != spec.dtype or tuple(tensor.shape) != spec.shape:
             raise ValueError(
-                f"tensor {name!r}: planned {spec.dtype}{list(spec.shape)}, "
-                f"got {tensor.dtype}{list(tensor.shape)}"
+                f"tensor {name!r}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}"
             )
         try:
             if isinstance(tensor, torch.Tensor):
@@ -188,10 +195,12 @@ class CheckpointWriter:
                 self._sync_early(self._fds[filename])
         except EOFError:
             raise CorruptCheckpointError(
-                f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)") from None
+                f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)"
+            ) from None
         except OSError as exc:
             raise OutputError(
-                f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept") from None
+                f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept"
+            ) from None
 
     def _sync_early(self, fd: int) -> None:
         """A complete shard goes to disk now, from a thread of its own, while the next is produced.
@@ -235,8 +244,9 @@ class CheckpointWriter:
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src, dst)
         except OSError as exc:
-            raise OutputError(f"{self.out}: cannot copy {src} into the result ({exc.strerror or exc}); "
-                              "nothing was kept") from None
+            raise OutputError(
+                f"{self.out}: cannot copy {src} into the result ({exc.strerror or exc}); nothing was kept"
+            ) from None
 
     def commit(self) -> Path:
         """Make the result durable and visible at ``out``; the index is the last file written."""
@@ -284,8 +294,10 @@ class CheckpointWriter:
 
     def _write_index(self) -> None:
         weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
-        doc = {"metadata": {"total_size": sum(s.nbytes for s in self.shards)},
-               "weight_map": dict(sorted(weight_map.items()))}
+        doc = {
+            "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+            "weight_map": dict(sorted(weight_map.items())),
+        }
         assert self.index_name is not None
         path = self.partial_dir / self.index_name
         with open(path, "w", encoding="utf-8") as fh:
@@ -307,7 +319,7 @@ class CheckpointWriter:
             shutil.rmtree(self._tmp, ignore_errors=True)
             self._tmp = None
 
-    def __enter__(self) -> "CheckpointWriter":
+    def __enter__(self) -> CheckpointWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -39,10 +39,11 @@ def identical_fraction(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -
     if a.dtype == b.dtype and a.element_size() in _SAME_SIZE_INT and a.dtype != torch.bool:
         as_int = _SAME_SIZE_INT[a.element_size()]
         fa, fb = fa.contiguous().view(as_int), fb.contiguous().view(as_int)
-        same = sum(int((fa[i:i + chunk] == fb[i:i + chunk]).sum()) for i in range(0, fa.numel(), chunk))
+        same = sum(int((fa[i : i + chunk] == fb[i : i + chunk]).sum()) for i in range(0, fa.numel(), chunk))
     else:
-        same = sum(int((fa[i:i + chunk].double() == fb[i:i + chunk].double()).sum())
-                   for i in range(0, fa.numel(), chunk))
+        same = sum(
+            int((fa[i : i + chunk].double() == fb[i : i + chunk].double()).sum()) for i in range(0, fa.numel(), chunk)
+        )
     return same / fa.numel()
 
 
@@ -62,8 +63,9 @@ def change(a: torch.Tensor, b: torch.Tensor) -> Change:
 
 def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
     fa, fb = a.reshape(-1), b.reshape(-1)
-    return float(sum(torch.dot(fa[i:i + chunk].double(), fb[i:i + chunk].double())
-                     for i in range(0, fa.numel(), chunk)))
+    return float(
+        sum(torch.dot(fa[i : i + chunk].double(), fb[i : i + chunk].double()) for i in range(0, fa.numel(), chunk))
+    )
 
 
 def rank_profile(diff: torch.Tensor, *, seed: int = 0, fractions=PROFILE) -> list[int]:

@@ -79,8 +79,9 @@ LAYER_KINDS: dict[str, LayerKind] = {k.name: k for k in (LINEAR, CONV1D, EMBEDDI
 MATRIX_KINDS = (LINEAR, CONV1D, EMBEDDING)  # ΔW is one matrix product of the weight's own shape
 
 
-def add_lora(weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
-             kind: LayerKind, *, inplace: bool = False) -> torch.Tensor:
+def add_lora(
+    weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float, kind: LayerKind, *, inplace: bool = False
+) -> torch.Tensor:
     """``weight32 + ΔW`` in float32, fused into one matrix multiply-add where possible.
 
     With ``inplace`` the caller hands ``weight32`` over (it must own it) and gets it back updated,
@@ -96,8 +97,13 @@ def add_lora(weight32: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: fl
     return weight32 + kind.delta(a, b, scale)
 
 
-def add_lora_rowwise(weight: torch.Tensor, terms: list[tuple[torch.Tensor, torch.Tensor, float]],
-                     out: torch.Tensor, *, block: int = 1 << 18) -> bool:
+def add_lora_rowwise(
+    weight: torch.Tensor,
+    terms: list[tuple[torch.Tensor, torch.Tensor, float]],
+    out: torch.Tensor,
+    *,
+    block: int = 1 << 18,
+) -> bool:
     """``out = round(weight + Σ scale · left @ right)``, a block of rows at a time.
 
     The same arithmetic as converting ``weight`` to float32, ``addmm_`` of each term in order and
@@ -131,9 +137,9 @@ def add_lora_rowwise(weight: torch.Tensor, terms: list[tuple[torch.Tensor, torch
     return bool(torch.isfinite(sums.sum()))
 
 
-
-def dora_apply(base: torch.Tensor, current: torch.Tensor, delta: torch.Tensor,
-               magnitude: torch.Tensor, kind: LayerKind) -> torch.Tensor:
+def dora_apply(
+    base: torch.Tensor, current: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor, kind: LayerKind
+) -> torch.Tensor:
     """One DoRA adapter merged: ``(m / ‖W0 + ΔW‖) · (current + ΔW)``.
 
     ``base`` is the original W0 (the norm is always taken from it, as PEFT's forward does);

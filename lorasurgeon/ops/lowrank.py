@@ -39,11 +39,12 @@ def squared_norm(m: torch.Tensor, chunk_elements: int = 1 << 20) -> float:
     """‖M‖² accumulated in float64, a block of rows at a time (no float64 copy of M)."""
     flat = m.reshape(m.shape[0], -1) if m.dim() > 1 else m.reshape(1, -1)
     rows = max(1, chunk_elements // max(1, flat.shape[1]))
-    return float(sum(torch.sum(flat[i:i + rows].double() ** 2) for i in range(0, flat.shape[0], rows)))
+    return float(sum(torch.sum(flat[i : i + rows].double() ** 2) for i in range(0, flat.shape[0], rows)))
 
 
-def difference(a: torch.Tensor, b: torch.Tensor, device: torch.device | str = "cpu",
-               chunk_elements: int = 1 << 20) -> torch.Tensor:
+def difference(
+    a: torch.Tensor, b: torch.Tensor, device: torch.device | str = "cpu", chunk_elements: int = 1 << 20
+) -> torch.Tensor:
     """``a − b`` in float32 on ``device``: one float32 copy of ``a``, ``b`` subtracted a block
     at a time (subtracting a bf16 ``b`` whole would make a float32 copy of it first).
 
@@ -52,7 +53,7 @@ def difference(a: torch.Tensor, b: torch.Tensor, device: torch.device | str = "c
     out = a.to(device, torch.float32).contiguous()
     flat_out, flat_b = out.view(-1), b.reshape(-1)
     for i in range(0, flat_out.numel(), chunk_elements):
-        flat_out[i:i + chunk_elements].sub_(flat_b[i:i + chunk_elements].to(device))
+        flat_out[i : i + chunk_elements].sub_(flat_b[i : i + chunk_elements].to(device))
     return out
 
 
@@ -60,8 +61,9 @@ def _oversample(k: int) -> int:
     return max(16, k // 4)
 
 
-def block_krylov_svd(m: torch.Tensor, k: int, *, iters: int = KRYLOV_ITERS,
-                     generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def block_krylov_svd(
+    m: torch.Tensor, k: int, *, iters: int = KRYLOV_ITERS, generator: torch.Generator | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Approximate top-k SVD (U, S, Vh) of ``m`` (float32), with block size k + oversampling."""
     rows, cols = m.shape
     block = min(k + _oversample(k), rows, cols)
@@ -98,9 +100,16 @@ def rank_for_energy(s: torch.Tensor, energy: float, fraction: float) -> int:
     return int(hit[0].item()) + 1 if len(hit) else len(s)
 
 
-def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-                 max_rank: int | None = None, solver: Solver = "auto", seed: int = 0,
-                 total: float | None = None):
+def top_singular(
+    m: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    solver: Solver = "auto",
+    seed: int = 0,
+    total: float | None = None,
+):
     """(U, S, Vh, ‖M‖², solver) with enough leading singular triplets for ``rank`` or ``energy``.
 
     For ``energy`` the search widens (×4) until the triplets found hold that share of ‖M‖², or
@@ -125,9 +134,16 @@ def top_singular(m: torch.Tensor, *, rank: int | None = None, energy: float | No
         k = min(cap, k * 4)  # not enough energy in the top k: widen the search
 
 
-def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None = None,
-              max_rank: int | None = None, solver: Solver = "auto", seed: int = 0,
-              total: float | None = None) -> LowRank:
+def factorize(
+    m: torch.Tensor,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    solver: Solver = "auto",
+    seed: int = 0,
+    total: float | None = None,
+) -> LowRank:
     """Truncated SVD of a 2-D float tensor, split √S between the factors.
 
     Exactly one of ``rank`` (fixed; capped by the matrix's own) or ``energy`` (the smallest rank
@@ -141,8 +157,9 @@ def factorize(m: torch.Tensor, *, rank: int | None = None, energy: float | None 
     if total == 0.0:  # all zeros
         m = m.to(torch.float32)
         return LowRank(m.new_zeros(0, m.shape[1]), m.new_zeros(m.shape[0], 0), 1.0, 0.0, "zero")
-    u, s, vh, total, kind = top_singular(m, rank=rank, energy=energy, max_rank=max_rank, solver=solver, seed=seed,
-                                         total=total)
+    u, s, vh, total, kind = top_singular(
+        m, rank=rank, energy=energy, max_rank=max_rank, solver=solver, seed=seed, total=total
+    )
     full, cap = min(m.shape), min(min(m.shape), max_rank or min(m.shape))
     r = min(rank, full) if rank is not None else min(rank_for_energy(s, total, energy), cap)
     u, s, vh = u[:, :r], s[:r], vh[:r]
@@ -163,8 +180,9 @@ def _solve(m: torch.Tensor, k: int, kind: str, gen: torch.Generator):
     return u, s, vh
 
 
-def relative_error(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 20,
-                   total: float | None = None) -> float:
+def relative_error(
+    m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elements: int = 1 << 20, total: float | None = None
+) -> float:
     """‖M − B·A‖ / ‖M‖ for the factors as stored (after any rounding of their dtype); ``total``
     is ‖M‖² if the caller has it."""
     m32 = m.to(torch.float32)
@@ -175,6 +193,8 @@ def relative_error(m: torch.Tensor, a: torch.Tensor, b: torch.Tensor, chunk_elem
         return 1.0
     a32, b32 = a.to(torch.float32), b.to(torch.float32)
     rows = max(1, chunk_elements // max(1, m32.shape[1]))  # a block of the residual at a time
-    err = sum(squared_norm(torch.addmm(m32[i:i + rows], b32[i:i + rows], a32, alpha=-1.0))
-              for i in range(0, m32.shape[0], rows))
+    err = sum(
+        squared_norm(torch.addmm(m32[i : i + rows], b32[i : i + rows], a32, alpha=-1.0))
+        for i in range(0, m32.shape[0], rows)
+    )
     return math.sqrt(err / total)

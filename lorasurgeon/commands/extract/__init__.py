@@ -25,12 +25,27 @@ from .settings import Embeddings, ExtractSettings, Extras
 __all__ = ["ExtractReport", "ExtractSettings", "extract"]
 
 
-def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out: str | os.PathLike[str] | None,
-            *, rank: int | None = None, energy: float | None = None, max_rank: int | None = None,
-            include: str | None = None, exclude: str | None = None, embeddings: Embeddings = "lowrank",
-            extras: Extras = "full", solver: Solver = "auto", device: str = "cpu", seed: int = 0,
-            dtype: str | torch.dtype = "float32", overwrite: bool = False, dry_run: bool = False,
-            allow_nonfinite: bool = False, progress: Progress | None = None) -> ExtractReport:
+def extract(
+    base: str | os.PathLike[str],
+    finetuned: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    rank: int | None = None,
+    energy: float | None = None,
+    max_rank: int | None = None,
+    include: str | None = None,
+    exclude: str | None = None,
+    embeddings: Embeddings = "lowrank",
+    extras: Extras = "full",
+    solver: Solver = "auto",
+    device: str = "cpu",
+    seed: int = 0,
+    dtype: str | torch.dtype = "float32",
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> ExtractReport:
     """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD, streamed tensor by tensor.
 
     Args:
@@ -64,11 +79,27 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a change holds NaN or Inf (unless ``allow_nonfinite``).
     """
-    settings = ExtractSettings(rank=rank, energy=energy, max_rank=max_rank, include=include, exclude=exclude,
-                               embeddings=embeddings, extras=extras, solver=solver, seed=seed, dtype=dtype,
-                               device=device, allow_nonfinite=allow_nonfinite)
-    base_src, tuned_src = prepare([Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")], out,
-                                  command="extract", overwrite=overwrite, device=device)
+    settings = ExtractSettings(
+        rank=rank,
+        energy=energy,
+        max_rank=max_rank,
+        include=include,
+        exclude=exclude,
+        embeddings=embeddings,
+        extras=extras,
+        solver=solver,
+        seed=seed,
+        dtype=dtype,
+        device=device,
+        allow_nonfinite=allow_nonfinite,
+    )
+    base_src, tuned_src = prepare(
+        [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")],
+        out,
+        command="extract",
+        overwrite=overwrite,
+        device=device,
+    )
     if base_src.path.resolve() == tuned_src.path.resolve():
         raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     origin = Origin(base_src.label, tuned_src.label, str(out))
@@ -76,27 +107,62 @@ def extract(base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out
         b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)
         refuse_quantized(b_ckpt, b_cfg, role="the base model", command="extract")
         refuse_quantized(t_ckpt, t_cfg, role="the fine-tune", command="extract")
-        ops, excluded = plan_extract(b_ckpt, t_ckpt, base_tied=is_tied(b_cfg), tuned_tied=is_tied(t_cfg),
-                                     model_type=t_cfg.get("model_type") or b_cfg.get("model_type"), settings=settings)
+        ops, excluded = plan_extract(
+            b_ckpt,
+            t_ckpt,
+            base_tied=is_tied(b_cfg),
+            tuned_tied=is_tied(t_cfg),
+            model_type=t_cfg.get("model_type") or b_cfg.get("model_type"),
+            settings=settings,
+        )
         if dry_run:
             counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
-            notes = [f"{len(ops)} tensors compared ({excluded} excluded): "
-                     + ", ".join(f"{n} {k}" for k, n in counts.items() if n)] + [o.note for o in ops if o.note]
-            return ExtractReport(None, origin.base, origin.finetuned, settings.method(), [], [],
-                                 Skipped(0, excluded, []), Totals(0, 0, 0.0, 0.0, 0.0, "", []), notes, dry_run=True)
+            notes = [
+                f"{len(ops)} tensors compared ({excluded} excluded): "
+                + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+            ] + [o.note for o in ops if o.note]
+            return ExtractReport(
+                None,
+                origin.base,
+                origin.finetuned,
+                settings.method(),
+                [],
+                [],
+                Skipped(0, excluded, []),
+                Totals(0, 0, 0.0, 0.0, 0.0, "", []),
+                notes,
+                dry_run=True,
+            )
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
         spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
         try:
-            stats = run(ops, [b_ckpt, t_ckpt], spool, compute=partial(compute_extract, settings=settings),
-                        device=device, progress=progress)
+            stats = run(
+                ops,
+                [b_ckpt, t_ckpt],
+                spool,
+                compute=partial(compute_extract, settings=settings),
+                device=device,
+                progress=progress,
+            )
             if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
                 raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
-            report = finish_adapter(spool, stats.infos, t_ckpt, settings, origin, excluded=excluded,
-                                    seconds=stats.seconds)
-            spool.add_file(CARD_NAME, extract_card(title=Path(out).name, base=origin.base, finetuned=origin.finetuned,
-                                                   method=report.method, modules=report.modules, kept=report.totals.kept,
-                                                   parameters=report.totals.parameters, full=report.full))
+            report = finish_adapter(
+                spool, stats.infos, t_ckpt, settings, origin, excluded=excluded, seconds=stats.seconds
+            )
+            spool.add_file(
+                CARD_NAME,
+                extract_card(
+                    title=Path(out).name,
+                    base=origin.base,
+                    finetuned=origin.finetuned,
+                    method=report.method,
+                    modules=report.modules,
+                    kept=report.totals.kept,
+                    parameters=report.totals.parameters,
+                    full=report.full,
+                ),
+            )
             spool.commit()
             return report
         except BaseException:

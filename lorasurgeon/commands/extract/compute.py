@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import zlib
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -18,8 +18,9 @@ from .report import ModuleStats, OpInfo
 from .settings import ExtractSettings
 
 
-def compute_extract(op: ExtractOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *,
-                    settings: ExtractSettings) -> Outcome[OpInfo]:
+def compute_extract(
+    op: ExtractOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, settings: ExtractSettings
+) -> Outcome[OpInfo]:
     """ΔW of one tensor -> LoRA factors, a lora_B.bias, the full tensor, or nothing."""
     dtype = settings.factor_dtype
     tuned = tensors[op.tuned]
@@ -46,11 +47,19 @@ def compute_extract(op: ExtractOp, tensors: Mapping[Ref, torch.Tensor], device: 
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     layer = LAYER_KINDS[op.kind]
     m = delta.T if layer.transposed else delta.reshape(delta.shape[0], -1)
-    lr = factorize(m, rank=settings.rank, energy=settings.energy, max_rank=settings.max_rank, solver=settings.solver,
-                   seed=settings.seed + zlib.crc32(op.name.encode()), total=total)  # ‖m‖² = ‖ΔW‖²: same elements
+    lr = factorize(
+        m,
+        rank=settings.rank,
+        energy=settings.energy,
+        max_rank=settings.max_rank,
+        solver=settings.solver,
+        seed=settings.seed + zlib.crc32(op.name.encode()),
+        total=total,
+    )  # ‖m‖² = ‖ΔW‖²: same elements
     a, b = lr.a.to(dtype), lr.b.to(dtype)
-    stats = ModuleStats(op.module, op.kind, list(op.shape), lr.rank, lr.kept,
-                        relative_error(m, a, b, total=total), lr.solver)
+    stats = ModuleStats(
+        op.module, op.kind, list(op.shape), lr.rank, lr.kept, relative_error(m, a, b, total=total), lr.solver
+    )
     if layer is CONV:
         a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
     a_role, b_role = layer.lora_roles

@@ -67,8 +67,15 @@ def _kind(name: str, ndim: int, model_type: str | None, settings: ExtractSetting
     return settings.extras
 
 
-def plan_extract(base: Checkpoint, tuned: Checkpoint, *, base_tied: bool, tuned_tied: bool,
-                 model_type: str | None, settings: ExtractSettings) -> tuple[list[ExtractOp], int]:
+def plan_extract(
+    base: Checkpoint,
+    tuned: Checkpoint,
+    *,
+    base_tied: bool,
+    tuned_tied: bool,
+    model_type: str | None,
+    settings: ExtractSettings,
+) -> tuple[list[ExtractOp], int]:
     """The ops, in the fine-tune's order, and how many tensors include/exclude left out."""
     base_names = _tied_views(base, base_tied)
     tuned_names = _tied_views(tuned, tuned_tied)
@@ -78,7 +85,8 @@ def plan_extract(base: Checkpoint, tuned: Checkpoint, *, base_tied: bool, tuned_
         sample = ", ".join((only_tuned or only_base)[:3])
         raise IncompatibleError(
             f"{tuned.root} and {base.root} do not share an architecture: {len(only_tuned)} tensors only in the "
-            f"fine-tune, {len(only_base)} only in the base (e.g. {sample})")
+            f"fine-tune, {len(only_base)} only in the base (e.g. {sample})"
+        )
     tied_head = OUTPUT_EMBEDDING in tuned_names and OUTPUT_EMBEDDING not in (set(base) & set(tuned))
     lora_modules = set()
     ops: list[ExtractOp] = []
@@ -92,25 +100,36 @@ def plan_extract(base: Checkpoint, tuned: Checkpoint, *, base_tied: bool, tuned_
         note = ""
         base_ref: Ref | None = Ref(0, base_names[name])
         if t_info.shape != b_info.shape:
-            resized = (name in INPUT_EMBEDDINGS or name == OUTPUT_EMBEDDING) and len(t_info.shape) == 2 \
-                and t_info.shape[1] == b_info.shape[1] and t_info.shape[0] > b_info.shape[0]
+            resized = (
+                (name in INPUT_EMBEDDINGS or name == OUTPUT_EMBEDDING)
+                and len(t_info.shape) == 2
+                and t_info.shape[1] == b_info.shape[1]
+                and t_info.shape[0] > b_info.shape[0]
+            )
             if not resized:
                 raise IncompatibleError(
                     f"tensor {name!r} is {list(b_info.shape)} in the base but {list(t_info.shape)} in the fine-tune: "
-                    "different architectures cannot be extracted")
+                    "different architectures cannot be extracted"
+                )
             kind, base_ref = "full", None
-            note = (f"vocabulary resized from {b_info.shape[0]} to {t_info.shape[0]} rows: new rows cannot be a "
-                    f"delta, stored in full; call resize_token_embeddings({t_info.shape[0]}) on the base before loading")
+            note = (
+                f"vocabulary resized from {b_info.shape[0]} to {t_info.shape[0]} rows: new rows cannot be a "
+                f"delta, stored in full; call resize_token_embeddings({t_info.shape[0]}) on the base before loading"
+            )
         if not t_info.dtype.is_floating_point:
             kind = settings.extras
         module = name.rpartition(".")[0]
         if kind in FACTORED:
             lora_modules.add(module)
         shape = t_info.shape
-        ops.append(ExtractOp(name, module, kind, Ref(1, key), base_ref, shape,
-                             math.prod(shape) * itemsize(t_info.dtype), note))
+        ops.append(
+            ExtractOp(name, module, kind, Ref(1, key), base_ref, shape, math.prod(shape) * itemsize(t_info.dtype), note)
+        )
     # The bias of a module that gets LoRA factors is stored as lora_B.bias (lora_bias), not in full.
-    ops = [dataclasses.replace(o, kind="bias")
-           if o.kind == "full" and o.name.endswith(".bias") and o.module in lora_modules and o.base else o
-           for o in ops]
+    ops = [
+        dataclasses.replace(o, kind="bias")
+        if o.kind == "full" and o.name.endswith(".bias") and o.module in lora_modules and o.base
+        else o
+        for o in ops
+    ]
     return ops, excluded

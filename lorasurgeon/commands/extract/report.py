@@ -83,13 +83,16 @@ class ExtractReport:
         if self.modules:
             width = max(len(m.name) for m in self.modules)
             lines.append(f"{'module'.ljust(width)}  {'kind':<9} {'rank':>5} {'kept':>8} {'rel.err':>8}")
-            lines += [f"{m.name.ljust(width)}  {m.kind:<9} {m.rank:>5} {m.kept:>8.2%} {m.rel_error:>8.4f}"
-                      for m in self.modules]
+            lines += [
+                f"{m.name.ljust(width)}  {m.kind:<9} {m.rank:>5} {m.kept:>8.2%} {m.rel_error:>8.4f}"
+                for m in self.modules
+            ]
         lines += [f"stored in full: {f.name} ({f.reason})" for f in self.full]
         t = self.totals
         lines.append(
             f"Wrote {self.output}: {len(self.modules)} low-rank modules, {len(self.full)} full tensors, "
             f"{t.parameters:,} parameters ({t.bytes / 2**20:.1f} MiB); kept {t.kept:.2%} of the "
-            f"fine-tune's change; {self.skipped.unchanged} tensors unchanged; {t.seconds:.1f} s.")
+            f"fine-tune's change; {self.skipped.unchanged} tensors unchanged; {t.seconds:.1f} s."
+        )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -64,7 +64,8 @@ class ExtractSettings:
         if max_rank is not None and energy is None:
             raise InvalidOptionError(
                 f"--max-rank caps the ranks --energy chooses; with --rank {rank} every module gets rank "
-                f"{rank} (or its matrix's own, if smaller): drop --max-rank, or use --energy")
+                f"{rank} (or its matrix's own, if smaller): drop --max-rank, or use --energy"
+            )
         if max_rank is not None and max_rank < 1:
             raise InvalidOptionError(f"--max-rank must be at least 1, got {max_rank}")
         _choice("--solver", self.solver, Solver)
@@ -87,6 +88,13 @@ class ExtractSettings:
 
     def method(self) -> dict[str, Any]:
         """The ``method`` of extract_report.json and the model card."""
-        return {"rank": self.rank, "energy": self.energy, "max_rank": self.max_rank, "solver": self.solver,
-                "seed": self.seed, "dtype": str(self.factor_dtype).removeprefix("torch."),
-                "embeddings": self.embeddings, "extras": self.extras}
+        return {
+            "rank": self.rank,
+            "energy": self.energy,
+            "max_rank": self.max_rank,
+            "solver": self.solver,
+            "seed": self.seed,
+            "dtype": str(self.factor_dtype).removeprefix("torch."),
+            "embeddings": self.embeddings,
+            "extras": self.extras,
+        }

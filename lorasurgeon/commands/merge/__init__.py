@@ -1,11 +1,12 @@
-"""merge, unmerge and convert: options checked, plan made from headers, the engine run, the result written atomically."""
+"""merge, unmerge and convert: options checked, a plan made from headers, the engine run, the result written."""
 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
-from typing import Sequence, get_args
+from typing import get_args
 
 import torch
 
@@ -33,12 +34,22 @@ DEFAULT_SHARD = "5GB"
 Paths = Sequence[str | os.PathLike[str]]
 
 
-
-def merge(base: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[str] | None, *,
-          weights: Sequence[float] | None = None, form: Form = "merged", dtype: str | torch.dtype | None = "auto",
-          device: str = "cpu", max_shard_size: str | int | None = None, overwrite: bool = False,
-          dry_run: bool = False, unmerge: bool = False, allow_nonfinite: bool = False,
-          progress: Progress | None = None) -> MergeReport:
+def merge(
+    base: str | os.PathLike[str],
+    adapters: Paths,
+    out: str | os.PathLike[str] | None,
+    *,
+    weights: Sequence[float] | None = None,
+    form: Form = "merged",
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    unmerge: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
     """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ in float32, rounded once, streamed.
 
     Args:
@@ -69,15 +80,33 @@ def merge(base: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
-    settings = MergeSettings.parse(adapters=len(adapters), weights=weights, form=form, dtype=dtype, device=device,
-                                   max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, unmerge=unmerge)
+    settings = MergeSettings.parse(
+        adapters=len(adapters),
+        weights=weights,
+        form=form,
+        dtype=dtype,
+        device=device,
+        max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite,
+        unmerge=unmerge,
+    )
     return _merge(base, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
 
 
-def unmerge(merged: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[str] | None, *,
-            weights: Sequence[float] | None = None, dtype: str | torch.dtype | None = "auto", device: str = "cpu",
-            max_shard_size: str | int | None = None, overwrite: bool = False, dry_run: bool = False,
-            allow_nonfinite: bool = False, progress: Progress | None = None) -> MergeReport:
+def unmerge(
+    merged: str | os.PathLike[str],
+    adapters: Paths,
+    out: str | os.PathLike[str] | None,
+    *,
+    weights: Sequence[float] | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, or an adapter's own saved W0, exactly.
 
     DoRA (its norm is lost in the merge), modules_to_save, trained biases and trainable tokens
@@ -100,15 +129,31 @@ def unmerge(merged: str | os.PathLike[str], adapters: Paths, out: str | os.PathL
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
-    settings = MergeSettings.parse(adapters=len(adapters), weights=weights, dtype=dtype, device=device,
-                                   max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite, unmerge=True)
+    settings = MergeSettings.parse(
+        adapters=len(adapters),
+        weights=weights,
+        dtype=dtype,
+        device=device,
+        max_shard_size=max_shard_size,
+        allow_nonfinite=allow_nonfinite,
+        unmerge=True,
+    )
     return _merge(merged, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
 
 
-def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | None, *, to: Target,
-            dtype: str | torch.dtype | None = "auto", device: str = "cpu", max_shard_size: str | int | None = None,
-            overwrite: bool = False, dry_run: bool = False, allow_nonfinite: bool = False,
-            progress: Progress | None = None) -> MergeReport:
+def convert(
+    augmented: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    to: Target,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
     """Turn an augmented checkpoint (``merge(form="augmented")``) into the merged form or a PEFT adapter.
 
     Args:
@@ -131,10 +176,12 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
     """
     if to not in get_args(Target):
         raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
-    settings = MergeSettings.parse(adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size,
-                                   allow_nonfinite=allow_nonfinite)
-    (source,) = prepare([Input(augmented, "AUGMENTED", "augmented")], out, command="convert", overwrite=overwrite,
-                        device=device)
+    settings = MergeSettings.parse(
+        adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
+    )
+    (source,) = prepare(
+        [Input(augmented, "AUGMENTED", "augmented")], out, command="convert", overwrite=overwrite, device=device
+    )
     with open_checkpoint(source.path) as ckpt:
         config = read_config(ckpt.folder)
         refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
@@ -152,8 +199,16 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
             copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
             index_name: str | None = "model.safetensors.index.json"
         else:
-            ops = [TensorOp(k, Ref(0, k), settings.dtype if settings.dtype and i.dtype.is_floating_point else i.dtype,
-                            i.shape, "lora") for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)]
+            ops = [
+                TensorOp(
+                    k,
+                    Ref(0, k),
+                    settings.dtype if settings.dtype and i.dtype.is_floating_point else i.dtype,
+                    i.shape,
+                    "lora",
+                )
+                for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)
+            ]
             inputs, untie = [adapter.checkpoint], False
             shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
             extra[CONFIG_NAME] = config_bytes(dict(adapter_config.raw))
@@ -163,35 +218,63 @@ def convert(augmented: str | os.PathLike[str], out: str | os.PathLike[str] | Non
             return _report(out, to, plan, None, untie)
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
-        extra[CARD_NAME] = convert_card(title=Path(out).name, source=source.label, base=adapter_config.base_model,
-                                        to=to).encode()
-        stats = _write(out, ops, inputs, shards, settings, extra_files=extra, copy_files=copies, overwrite=overwrite,
-                       progress=progress, index_name=index_name)
+        extra[CARD_NAME] = convert_card(
+            title=Path(out).name, source=source.label, base=adapter_config.base_model, to=to
+        ).encode()
+        stats = _write(
+            out,
+            ops,
+            inputs,
+            shards,
+            settings,
+            extra_files=extra,
+            copy_files=copies,
+            overwrite=overwrite,
+            progress=progress,
+            index_name=index_name,
+        )
         return _report(out, to, plan, stats, untie)
 
 
-def _merge(base: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike[str] | None,
-           settings: MergeSettings, *, overwrite: bool, dry_run: bool, progress: Progress | None) -> MergeReport:
+def _merge(
+    base: str | os.PathLike[str],
+    adapters: Paths,
+    out: str | os.PathLike[str] | None,
+    settings: MergeSettings,
+    *,
+    overwrite: bool,
+    dry_run: bool,
+    progress: Progress | None,
+) -> MergeReport:
     command = settings.command
     base_src, *adapter_srcs = prepare(
-        [Input(base, "MERGED" if settings.unmerge else "BASE", "model"), *(Input(a, "ADAPTER", "adapter") for a in adapters)],
-        out, command=command, overwrite=overwrite, device=settings.device)
+        [
+            Input(base, "MERGED" if settings.unmerge else "BASE", "model"),
+            *(Input(a, "ADAPTER", "adapter") for a in adapters),
+        ],
+        out,
+        command=command,
+        overwrite=overwrite,
+        device=settings.device,
+    )
     form = "unmerged" if settings.unmerge else settings.form
     loaded: list[LoraAdapter] = []
     with open_checkpoint(base_src.path) as ckpt:
         try:
             config = read_config(ckpt.folder)
-            refuse_quantized(ckpt, config, role="the merged model" if settings.unmerge else "the base model",
-                             command=command)
-            for src, w in zip(adapter_srcs, settings.weights):
+            refuse_quantized(
+                ckpt, config, role="the merged model" if settings.unmerge else "the base model", command=command
+            )
+            for src, w in zip(adapter_srcs, settings.weights, strict=True):
                 loaded.append(load_adapter(src.path))
                 check_supported(loaded[-1], unmerge=settings.unmerge, weight=w)
             facts = ModelFacts(config.get("model_type"), is_tied(config))
             if settings.form == "augmented":
                 ops, untie = augment.augmented_ops(ckpt, loaded[0], facts.tied, settings.dtype), False
             else:
-                ops, untie = plan_merge(ckpt, loaded, list(settings.weights), facts, dtype=settings.dtype,
-                                        unmerge=settings.unmerge)
+                ops, untie = plan_merge(
+                    ckpt, loaded, list(settings.weights), facts, dtype=settings.dtype, unmerge=settings.unmerge
+                )
             plan = Plan(tuple(ops), (str(base_src.path), *(str(a.path) for a in adapter_srcs)))
             if dry_run:
                 return _report(out, form, plan, None, untie)
@@ -203,20 +286,36 @@ def _merge(base: str | os.PathLike[str], adapters: Paths, out: str | os.PathLike
             if settings.form == "augmented":
                 extra[CONFIG_NAME] = config_bytes(dict(loaded[0].config.raw))
             extra[CARD_NAME] = merge_card(
-                title=Path(out).name, form=settings.form, unmerge=settings.unmerge, base=base_src.label,
-                adapters=[a.label for a in adapter_srcs], weights=settings.weights, untied=untie,
-                dtype=settings.dtype_words).encode()
+                title=Path(out).name,
+                form=settings.form,
+                unmerge=settings.unmerge,
+                base=base_src.label,
+                adapters=[a.label for a in adapter_srcs],
+                weights=settings.weights,
+                untied=untie,
+                dtype=settings.dtype_words,
+            ).encode()
             copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
-            stats = _write(out, ops, [ckpt] + [a.checkpoint for a in loaded], _layout(ops, ckpt, settings.max_shard_size),
-                           settings, extra_files=extra, copy_files=copies, overwrite=overwrite, progress=progress)
+            stats = _write(
+                out,
+                ops,
+                [ckpt] + [a.checkpoint for a in loaded],
+                _layout(ops, ckpt, settings.max_shard_size),
+                settings,
+                extra_files=extra,
+                copy_files=copies,
+                overwrite=overwrite,
+                progress=progress,
+            )
             return _report(out, form, plan, stats, untie)
         finally:
             for a in loaded:
                 a.close()
 
 
-def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None,
-            prefix: str = "model") -> list[Shard]:
+def _layout(
+    ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None, prefix: str = "model"
+) -> list[Shard]:
     specs = [op.spec for op in ops]
     if max_shard_size is not None:
         return plan_shards(specs, max_shard_size=max_shard_size, prefix=prefix)
@@ -231,21 +330,45 @@ def _layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | Non
     return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)
 
 
-def _write(out: str | os.PathLike[str], ops: Sequence[TensorOp], inputs: Sequence[Checkpoint], shards: list[Shard],
-           settings: MergeSettings, *, extra_files: dict[str, bytes], copy_files: list[Path], overwrite: bool,
-           progress: Progress | None, index_name: str | None = "model.safetensors.index.json") -> ExecStats[None]:
+def _write(
+    out: str | os.PathLike[str],
+    ops: Sequence[TensorOp],
+    inputs: Sequence[Checkpoint],
+    shards: list[Shard],
+    settings: MergeSettings,
+    *,
+    extra_files: dict[str, bytes],
+    copy_files: list[Path],
+    overwrite: bool,
+    progress: Progress | None,
+    index_name: str | None = "model.safetensors.index.json",
+) -> ExecStats[None]:
     with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
         for path in copy_files:
             writer.copy_file(path)
         for name, data in extra_files.items():
             writer.add_file(name, data)
-        return run(ops, inputs, writer, device=settings.device, progress=progress,
-                   compute=partial(compute_merge, allow_nonfinite=settings.allow_nonfinite))
+        return run(
+            ops,
+            inputs,
+            writer,
+            device=settings.device,
+            progress=progress,
+            compute=partial(compute_merge, allow_nonfinite=settings.allow_nonfinite),
+        )
 
 
-def _report(out: str | os.PathLike[str] | None, form: str, plan: Plan, stats: ExecStats[None] | None,
-            untie: bool) -> MergeReport:
+def _report(
+    out: str | os.PathLike[str] | None, form: str, plan: Plan, stats: ExecStats[None] | None, untie: bool
+) -> MergeReport:
     counts = {a: plan.count(a) for a in ACTIONS}
-    return MergeReport(None if stats is None else str(out), form, plan, counts,
-                       stats.bytes_written if stats else plan.nbytes, stats.seconds if stats else 0.0,
-                       untie, stats is None)
+    return MergeReport(
+        None if stats is None else str(out),
+        form,
+        plan,
+        counts,
+        stats.bytes_written if stats else plan.nbytes,
+        stats.seconds if stats else 0.0,
+        untie,
+        stats is None,
+    )

@@ -11,8 +11,16 @@ import torch
 
 from ...adapter.config import AdapterConfig
 from ...adapter.names import (
-    ADAPTER_NAME, AUGMENTED_SUFFIX, EMBEDDING_LAYER_NAMES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, SAVED_PREFIX, TOKEN_ADAPTER,
-    augmented_key, input_embedding, saved_key,
+    ADAPTER_NAME,
+    AUGMENTED_SUFFIX,
+    EMBEDDING_LAYER_NAMES,
+    INPUT_EMBEDDINGS,
+    OUTPUT_EMBEDDING,
+    SAVED_PREFIX,
+    TOKEN_ADAPTER,
+    augmented_key,
+    input_embedding,
+    saved_key,
 )
 from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
@@ -35,8 +43,7 @@ def _saved_module(adapter: LoraAdapter, module: str) -> bool:
     return any(module == m or module.endswith("." + m) for m in adapter.config.modules_to_save)
 
 
-def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool,
-                  dtype: torch.dtype | None) -> list[TensorOp]:
+def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: torch.dtype | None) -> list[TensorOp]:
     """Ops writing base + adapter as one checkpoint with PEFT's in-memory key names (adapter = input 1)."""
     ops: list[TensorOp] = []
     lora = set(adapter.modules)
@@ -131,8 +138,12 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tupl
     if config.bias in ("all", "lora_only"):
         for key in ckpt:
             wrapped = key.endswith(".base_layer.bias") and not key.endswith(f".{TOKEN_ADAPTER}.base_layer.bias")
-            if wrapped or (config.bias == "all" and key.endswith(".bias") and key in base_names.values()
-                           and f".{ORIGINAL}." not in key):
+            if wrapped or (
+                config.bias == "all"
+                and key.endswith(".bias")
+                and key in base_names.values()
+                and f".{ORIGINAL}." not in key
+            ):
                 saved_names[SAVED_PREFIX + key] = key
     adapter = adapter_from(ckpt.folder, config, ckpt.renamed(saved_names))
     return ckpt.renamed(base_names), adapter

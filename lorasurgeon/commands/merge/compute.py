@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -13,8 +13,9 @@ from .._results import check_finite
 from .ops import BiasTerm, LoraTerm, TensorOp
 
 
-def compute_merge(op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *,
-                  allow_nonfinite: bool = False) -> Outcome[None]:
+def compute_merge(
+    op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
+) -> Outcome[None]:
     """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
     src = tensors[op.src]
     if op.src_dtype is not None and src.dtype != op.src_dtype:
@@ -51,12 +52,18 @@ def compute_merge(op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: tor
 
 def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
     """Whether an op is the common case: plain LoRA products added to a float matrix."""
-    return (src.dim() == 2 and src.is_floating_point() and op.dtype.is_floating_point and not op.rows
-            and all(isinstance(t, LoraTerm) and t.kind in MATRIX_KINDS and t.magnitude is None for t in op.terms))
+    return (
+        src.dim() == 2
+        and src.is_floating_point()
+        and op.dtype.is_floating_point
+        and not op.rows
+        and all(isinstance(t, LoraTerm) and t.kind in MATRIX_KINDS and t.magnitude is None for t in op.terms)
+    )
 
 
-def _merge_rowwise(op: TensorOp, src: torch.Tensor, tensors: Mapping[Ref, torch.Tensor],
-                   allow_nonfinite: bool) -> Outcome[None]:
+def _merge_rowwise(
+    op: TensorOp, src: torch.Tensor, tensors: Mapping[Ref, torch.Tensor], allow_nonfinite: bool
+) -> Outcome[None]:
     """compute_merge's common case on CPU: the same arithmetic, in one cache-friendly pass.
 
     The fetched ``src`` is ours (a fresh read), so a result of the same dtype overwrites it.

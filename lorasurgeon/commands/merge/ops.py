@@ -81,7 +81,9 @@ class TensorOp:
         """Every input tensor this op reads."""
         refs = [self.src]
         for t in self.terms:
-            refs += [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
+            refs += (
+                [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
+            )
         return refs + [p.values for p in self.rows]
 
     @property
@@ -109,8 +111,10 @@ def describe(plan: Plan) -> str:
     """A readable listing of the plan (``--dry-run``)."""
     lines = ["inputs:"] + [f"  [{i}] {p}" for i, p in enumerate(plan.inputs)]
     actions = sorted({op.action for op in plan.ops})
-    lines.append(f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
-                 + ", ".join(f"{plan.count(a)} {a}" for a in actions))
+    lines.append(
+        f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
+        + ", ".join(f"{plan.count(a)} {a}" for a in actions)
+    )
     for op in plan.ops:
         dtype = str(op.dtype).removeprefix("torch.")
         line = f"  {op.action:<8} {op.name}  {dtype}{list(op.shape)}"

@@ -18,7 +18,7 @@ from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
-from .ops import BiasTerm, LoraTerm, RowPatch, Term, TensorOp
+from .ops import BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 
 @dataclass(frozen=True)
@@ -29,8 +29,9 @@ class ModelFacts:
     tied: bool
 
 
-def module_kind(module: LoraModule, weight_shape: tuple[int, ...], facts: ModelFacts,
-                adapter: LoraAdapter) -> LayerKind:
+def module_kind(
+    module: LoraModule, weight_shape: tuple[int, ...], facts: ModelFacts, adapter: LoraAdapter
+) -> LayerKind:
     """Linear, Conv1D, Embedding or Conv, checked against the base weight's shape."""
     a_role, b_role = LAYER_KINDS[module.kind].lora_roles
     a = adapter.checkpoint.info(module.keys[a_role]).shape
@@ -38,12 +39,15 @@ def module_kind(module: LoraModule, weight_shape: tuple[int, ...], facts: ModelF
     candidates = [LAYER_KINDS[module.kind]]
     if module.kind == "linear":  # a Linear or GPT-2's Conv1D: the base weight's shape tells them apart
         square = LINEAR.delta_shape(a, b) == CONV1D.delta_shape(a, b)
-        conv1d_first = square and (facts.model_type in CONV1D_MODEL_TYPES
-                                   or bool(adapter.config.raw.get("fan_in_fan_out")))
+        conv1d_first = square and (
+            facts.model_type in CONV1D_MODEL_TYPES or bool(adapter.config.raw.get("fan_in_fan_out"))
+        )
         candidates = [CONV1D, LINEAR] if conv1d_first else [LINEAR, CONV1D]
     for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
         if role in module.keys and not adapter.checkpoint.info(module.keys[role]).dtype.is_floating_point:
-            raise IncompatibleError(f"{adapter.path}: module {module.name!r}: {module.keys[role]} is not a float tensor")
+            raise IncompatibleError(
+                f"{adapter.path}: module {module.name!r}: {module.keys[role]} is not a float tensor"
+            )
     for kind in candidates:
         if kind.delta_shape(a, b) == tuple(weight_shape):
             return kind
@@ -69,10 +73,14 @@ def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> No
     if has_dora and weight != 1.0:
         raise UnsupportedError(f"{adapter.path}: a DoRA adapter cannot be merged with a weight other than 1")
     if unmerge:
-        lost = [what for what, on in (
-            ("modules_to_save / full trained tensors", bool(adapter.replacements)),
-            ("trainable tokens", bool(adapter.token_deltas)),
-        ) if on]
+        lost = [
+            what
+            for what, on in (
+                ("modules_to_save / full trained tensors", bool(adapter.replacements)),
+                ("trainable tokens", bool(adapter.token_deltas)),
+            )
+            if on
+        ]
         if lost:
             raise UnsupportedError(
                 f"{adapter.path}: cannot unmerge: the adapter replaced tensors outright "
@@ -80,8 +88,15 @@ def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> No
             )
 
 
-def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[float], facts: ModelFacts,
-               *, dtype: torch.dtype | None, unmerge: bool = False) -> tuple[list[TensorOp], bool]:
+def plan_merge(
+    base: Checkpoint,
+    adapters: list[LoraAdapter],
+    weights: list[float],
+    facts: ModelFacts,
+    *,
+    dtype: torch.dtype | None,
+    unmerge: bool = False,
+) -> tuple[list[TensorOp], bool]:
     """One op per output tensor, in base order, and whether a tied lm_head had to be untied (and added)."""
     sign = -1.0 if unmerge else 1.0
     terms: dict[str, list[Term]] = {}
@@ -98,23 +113,26 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             return name
         raise IncompatibleError(
             f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
-            "(is this adapter for another model?)")
+            "(is this adapter for another model?)"
+        )
 
     def same_shape(name: str, adapter: LoraAdapter, key: str, what: str) -> None:
         want, got = shape_of(name, adapter), adapter.checkpoint.info(key).shape
         if got != want:
             raise IncompatibleError(
                 f"{adapter.path}: {what} {key!r} is {list(got)}, the base's {name!r} is {list(want)} "
-                "(is this adapter for another model, or for a resized vocabulary?)")
+                "(is this adapter for another model, or for a resized vocabulary?)"
+            )
 
     def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
         info = base.info(embedding if name not in base else name)
         if not info.dtype.is_floating_point:
             raise IncompatibleError(
-                f"{adapter.path}: targets {name!r}, a {info.dtype} tensor in the base: only float weights can be merged")
+                f"{adapter.path}: targets {name!r}, a {info.dtype} tensor in the base: only float weights can be merged"
+            )
         return info.shape
 
-    for i, (adapter, w) in enumerate(zip(adapters, weights), start=1):
+    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True), start=1):
         for module in adapter.modules.values():
             wname = target(module.weight_name, adapter, f"module {module.name!r}")
             kind = module_kind(module, shape_of(wname, adapter), facts, adapter)
@@ -125,18 +143,20 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
                 shape, numel = shape_of(wname, adapter), adapter.checkpoint.info(mag.key).numel
                 units = shape[1] if kind.transposed else shape[0]
                 if numel != units:
-                    raise IncompatibleError(f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
-                                            f"{wname!r} has {units} output units")
+                    raise IncompatibleError(
+                        f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
+                        f"{wname!r} has {units} output units"
+                    )
             scale = sign * w * module.scale
             if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
                 raise AdapterConfigError(
                     f"{adapter.path}: module {module.name!r}: its scale (weight {w:g} x alpha/r {module.scale:g}) "
-                    "does not fit float32 arithmetic; check lora_alpha and the weight")
+                    "does not fit float32 arithmetic; check lora_alpha and the weight"
+                )
             terms.setdefault(wname, []).append(LoraTerm(kind, a, b, scale, mag))
             if "B_bias" in module.keys:
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
-                terms.setdefault(bname, []).append(
-                    BiasTerm(Ref(i, module.keys["B_bias"]), scale))
+                terms.setdefault(bname, []).append(BiasTerm(Ref(i, module.keys["B_bias"]), scale))
         for name, key in adapter.base_weights.items():  # W0 itself: merge adds to it, unmerge restores it
             srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
             same_shape(name, adapter, key, "the saved base_layer weight")
@@ -150,7 +170,8 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             if adapter.checkpoint.info(key).shape != (len(indices), dim) or not all(0 <= t < rows_ for t in indices):
                 raise IncompatibleError(
                     f"{adapter.path}: trainable tokens {key!r} {list(adapter.checkpoint.info(key).shape)} do not fit "
-                    f"token ids {list(indices)[:5]}... of {wname!r} {[rows_, dim]}")
+                    f"token ids {list(indices)[:5]}... of {wname!r} {[rows_, dim]}"
+                )
             patch = RowPatch(indices, Ref(i, key))
             rows.setdefault(wname, []).append(patch)
             if tied and wname == embedding:  # PEFT wraps the tied lm_head with the same tokens
@@ -173,8 +194,7 @@ def plan_merge(base: Checkpoint, adapters: list[LoraAdapter], weights: list[floa
             return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype=src_dtype)
         src = replaced.get(name) or saved or Ref(0, src_name)
         t, r = tuple(terms.get(name, ())), tuple(rows.get(name, ()))
-        action = ("unmerge" if unmerge else "merge") if (t or r) else (
-            "replace" if name in replaced else "copy")
+        action = ("unmerge" if unmerge else "merge") if (t or r) else ("replace" if name in replaced else "copy")
         return TensorOp(name, src, out_dtype, info.shape, action, t, r, src_dtype)
 
     ops = [op_for(name, name) for name in base]

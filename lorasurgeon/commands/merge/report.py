@@ -7,8 +7,13 @@ from dataclasses import dataclass
 from .ops import Action, Plan, describe
 
 _WORDS: dict[Action, str] = {
-    "merge": "merged", "unmerge": "unmerged", "restore": "restored exactly from the adapter's saved W0",
-    "replace": "replaced by the adapter", "copy": "copied", "lora": "LoRA tensors"}
+    "merge": "merged",
+    "unmerge": "unmerged",
+    "restore": "restored exactly from the adapter's saved W0",
+    "replace": "replaced by the adapter",
+    "copy": "copied",
+    "lora": "LoRA tensors",
+}
 
 
 @dataclass(frozen=True)
@@ -32,8 +37,10 @@ class MergeReport:
         if self.dry_run:
             return describe(self.plan)
         done = ", ".join(f"{n} {_WORDS[a]}" for a, n in self.counts.items() if n)
-        text = (f"Wrote {self.output} ({self.form}): {sum(self.counts.values())} tensors ({done}), "
-                f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s ({self.throughput / 2**20:.0f} MiB/s).")
+        text = (
+            f"Wrote {self.output} ({self.form}): {sum(self.counts.values())} tensors ({done}), "
+            f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s ({self.throughput / 2**20:.0f} MiB/s)."
+        )
         if self.untied_embeddings:
             text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
         return text

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence, cast, get_args
+from typing import Literal, cast, get_args
 
 import torch
 
@@ -27,9 +28,18 @@ class MergeSettings:
     unmerge: bool = False
 
     @classmethod
-    def parse(cls, *, adapters: int, weights: Sequence[float] | None = None, form: str = "merged",
-              dtype: str | torch.dtype | None = "auto", device: str = "cpu", max_shard_size: str | int | None = None,
-              allow_nonfinite: bool = False, unmerge: bool = False) -> MergeSettings:
+    def parse(
+        cls,
+        *,
+        adapters: int,
+        weights: Sequence[float] | None = None,
+        form: str = "merged",
+        dtype: str | torch.dtype | None = "auto",
+        device: str = "cpu",
+        max_shard_size: str | int | None = None,
+        allow_nonfinite: bool = False,
+        unmerge: bool = False,
+    ) -> MergeSettings:
         """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
         if form not in get_args(Form):
             raise InvalidOptionError(f"unknown form {form!r}: choose one of {', '.join(get_args(Form))}")
@@ -41,8 +51,15 @@ class MergeSettings:
         check_weights(chosen)
         if form == "augmented" and (adapters != 1 or chosen[0] != 1.0 or unmerge):
             raise InvalidOptionError("the augmented form holds exactly one adapter, with weight 1")
-        return cls(chosen, cast(Form, form), output_dtype(dtype), device, parse_shard_size(max_shard_size),
-                   allow_nonfinite, unmerge)
+        return cls(
+            chosen,
+            cast(Form, form),
+            output_dtype(dtype),
+            device,
+            parse_shard_size(max_shard_size),
+            allow_nonfinite,
+            unmerge,
+        )
 
     @property
     def command(self) -> Literal["merge", "unmerge"]:
