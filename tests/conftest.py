@@ -1,4 +1,5 @@
-"""Shared test helpers: tiny transformers models and PEFT adapters built in temporary folders."""
+"""pytest's fixtures (tiny transformers models and PEFT adapters built in temporary folders) and the test
+environment (offline, quiet). The helpers the tests share are in helpers.py."""
 
 from __future__ import annotations
 
@@ -7,29 +8,12 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 warnings.filterwarnings("ignore", category=UserWarning)
 
 import make_fixtures as mf  # noqa: E402  (fixtures/ is on pytest's pythonpath)
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def run_cli(*args: str):
-    """Run the real click CLI in-process; returns click's Result (exit_code, stdout, stderr)."""
-    from click.testing import CliRunner
-
-    from lorasurgeon.cli import cli
-
-    return CliRunner().invoke(cli, [str(a) for a in args], catch_exceptions=False)
-
-
-def listing(folder: Path) -> set[str]:
-    """Every entry under folder, hidden ones included (to prove nothing was left behind)."""
-    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 @pytest.fixture(scope="session")
@@ -49,8 +33,3 @@ def adapter_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("adapter") / "adapter"
     model = mf.build_model(mf.llama_config(tied=False), seed=0)
     return mf.make_adapter(model, out, r=4, lora_alpha=8)
-
-
-def seeded(shape, dtype=torch.float32, seed=0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=g).to(dtype)

@@ -7,11 +7,9 @@ import subprocess
 import sys
 import textwrap
 
-from conftest import ROOT
+from helpers import FIX_ADAPTER, FIX_BASE
 
 import lorasurgeon
-
-FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:

@@ -3,7 +3,7 @@
 import subprocess
 import sys
 
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 
 from lorasurgeon import __version__
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import run_cli, seeded
+from helpers import run_cli, seeded
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon import diff

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from conftest import listing, seeded
+from helpers import listing, seeded
 from safetensors.torch import save_file
 
 from lorasurgeon.commands.merge.compute import compute_merge
@@ -128,8 +128,11 @@ def test_merge_through_reused_buffers_gives_each_tensor_its_own_result(tmp_path)
 
 @pytest.mark.parametrize("read_ahead,most", [(1, 1), (None, 3)])
 def test_read_ahead_is_bounded_in_bytes(tmp_path, read_ahead, most):
-    # Reads of 1 MiB tensors against a slow compute: how far ahead of compute does the reader get?
-    import time
+    """How far ahead of compute does the reader get? Each compute waits until the reader has fetched as
+    far as it may (that timeout is reached only if it cannot), then gives it a moment to fetch one more
+    (which a correct reader never does, so passing depends on no timing), then counts what it fetched
+    beyond the op in hand: a reader past its bound shows a larger lead, one short of it a smaller one."""
+    import threading
 
     from lorasurgeon.engine.execute import READ_AHEAD_BYTES, Outcome
 
@@ -137,7 +140,9 @@ def test_read_ahead_is_bounded_in_bytes(tmp_path, read_ahead, most):
     src.mkdir()
     save_file({f"t{i:02d}": torch.full((512, 512), float(i)) for i in range(8)}, src / "model.safetensors")
     ckpt = open_checkpoint(src)
-    reads, lead = [], []
+    reads: list[str] = []
+    lead: list[int] = []
+    fetched = threading.Condition()
 
     class Counting:
         def info(self, name):
@@ -145,19 +150,29 @@ def test_read_ahead_is_bounded_in_bytes(tmp_path, read_ahead, most):
 
         def read(self, name, alloc=None):
             t = ckpt.read(name, alloc)
-            reads.append(name)
+            with fetched:
+                reads.append(name)
+                fetched.notify_all()
             return t
-
-    def slow(op, tensors, device):
-        time.sleep(0.05)  # time for the reader to get as far ahead as it may
-        lead.append(len(reads) - (len(lead) + 1))  # fetched beyond the op being computed
-        return Outcome([(op.name, tensors[op.src].to(op.dtype))], None)
 
     # a dtype change: the tensors are read, not copied file to file
     ops = [TensorOp(i.name, Ref(0, i.name), torch.bfloat16, i.shape, "copy") for i in ckpt.infos()]
+
+    def waiting(op, tensors, device):
+        in_hand = len(lead) + 1  # ops fetched up to and including this one
+        target = min(in_hand + most, len(ops))
+        with fetched:
+            fetched.wait_for(lambda: len(reads) >= target, timeout=30)
+            if target < len(ops):  # room for a reader past its bound to show itself (a correct one never does)
+                fetched.wait_for(lambda: len(reads) > target, timeout=0.05)
+            lead.append(len(reads) - in_hand)
+        return Outcome([(op.name, tensors[op.src].to(op.dtype))], None)
+
     with CheckpointWriter(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
-        run(ops, [Counting()], w, compute=slow, read_ahead=read_ahead or READ_AHEAD_BYTES)
-    assert max(lead) == most  # one op ahead under a tiny byte budget; the queue's depth (+1 in hand) otherwise
+        run(ops, [Counting()], w, compute=waiting, read_ahead=read_ahead or READ_AHEAD_BYTES)
+    # one op ahead under a tiny byte budget; the queue's depth (+1 in hand) otherwise
+    assert lead[: len(ops) - most] == [most] * (len(ops) - most)
+    assert lead[len(ops) - most :] == list(range(most - 1, -1, -1))  # the last ones: nothing left to read
 
 
 def test_an_unreadable_tensor_is_reported_and_the_run_goes_on_when_asked(tmp_path):

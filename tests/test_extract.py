@@ -8,7 +8,7 @@ import shutil
 import make_fixtures as mf
 import pytest
 import torch
-from conftest import listing, run_cli
+from helpers import listing, one_line_error, run_cli
 from reference import load_model, logits, read_folder
 from safetensors.torch import load_file
 
@@ -217,8 +217,7 @@ def test_cli_extract_prints_a_summary(llama, tmp_path):
 
 
 def refused(result, tmp_path, phrase):
-    assert result.exit_code == 2, result.output
-    assert len(result.stderr.strip().splitlines()) == 1 and phrase in result.stderr, result.stderr
+    one_line_error(result, phrase)
     assert not (tmp_path / "out").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
@@ -276,7 +275,7 @@ def test_rank_options_say_what_they_mean(llama, tmp_path):
 def test_a_tensor_in_another_dtype_with_the_same_values_is_unchanged(tmp_path):
     """A float32 merge of a bf16 base: its norms hold the same values in float32; nothing to store
     (they were stored in full as 'changed')."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     fixtures = ROOT / "fixtures"
     merge(fixtures / "base", [fixtures / "adapter"], tmp_path / "fp32", dtype="float32")

@@ -11,12 +11,10 @@ import sys
 import make_fixtures as mf
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from helpers import FIX_ADAPTER, FIX_BASE, run_cli
 from hub_server import HubStandIn
 from reference import read_folder
 from safetensors.torch import load_file
-
-FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
 
 @pytest.fixture

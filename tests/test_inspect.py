@@ -7,7 +7,7 @@ import json
 import make_fixtures as mf
 import pytest
 import torch
-from conftest import ROOT, run_cli
+from helpers import ROOT, run_cli
 from safetensors.torch import save_file
 
 from lorasurgeon import inspect

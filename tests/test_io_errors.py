@@ -8,7 +8,7 @@ import struct
 
 import pytest
 import torch
-from conftest import listing, run_cli
+from helpers import listing, run_cli
 from safetensors.torch import save_file
 
 
@@ -147,7 +147,7 @@ def test_every_case_is_tested(tmp_path):
 )
 def test_a_mistyped_local_path_is_not_sent_to_the_hub(typo, phrase, monkeypatch):
     """The first part of the path exists here, so it is a path with a typo, not an org/name repo id."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # were the Hub asked, this would say "cannot reach"

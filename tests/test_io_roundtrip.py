@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import listing, seeded
+from helpers import listing, seeded
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon.errors import OutputError, OutputExistsError

@@ -14,23 +14,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, listing, run_cli
+from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
 from safetensors.torch import save_file
-
-FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
-def assert_one_line(result, *phrases: str) -> str:
-    assert result.exit_code == 2, result.output
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in result.stderr, result.stderr
-    for phrase in phrases:
-        assert phrase in lines[0], lines[0]
-    return lines[0]
 
 
 def no_scratch(folder: Path) -> bool:
@@ -54,7 +43,7 @@ def test_overwrite_never_replaces_a_folder_of_the_users_files(tmp_path):
         ["extract", FIX_BASE, merged, "--rank", "2"],
         ["unmerge", merged, FIX_ADAPTER],
     ):
-        line = assert_one_line(run_cli(*command, "-o", thesis, "--overwrite"), "not replaced", "thesis")
+        line = one_line_error(run_cli(*command, "-o", thesis, "--overwrite"), "not replaced", "thesis")
         assert "--overwrite replaces only an earlier lorasurgeon result" in line
     assert snapshot(thesis) == before and no_scratch(tmp_path)
 
@@ -63,7 +52,7 @@ def test_overwrite_never_replaces_a_model_it_did_not_write(tmp_path):
     """A user's own model folder (transformers' save_pretrained: weights + config, no card of ours)."""
     theirs = shutil.copytree(FIX_BASE, tmp_path / "my-finetune")
     before = snapshot(theirs)
-    assert_one_line(
+    one_line_error(
         run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", theirs, "--overwrite"),
         "not replaced",
         "no lorasurgeon model card",
@@ -80,9 +69,7 @@ def test_overwrite_refuses_a_result_holding_something_we_did_not_write(tmp_path,
     else:
         (out / extra).write_text("mine")
     before = snapshot(out)
-    assert_one_line(
-        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--overwrite"), "not replaced", extra.rstrip("/")
-    )
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, "--overwrite"), "not replaced", extra.rstrip("/"))
     assert snapshot(out) == before and no_scratch(tmp_path)
 
 
@@ -105,7 +92,7 @@ def test_overwrite_replaces_an_earlier_result_and_an_empty_folder(tmp_path):
 def test_a_file_is_never_replaced(tmp_path):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"not ours")
-    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target, "--overwrite"), "not a folder")
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target, "--overwrite"), "not a folder")
     assert target.read_bytes() == b"not ours"
 
 
@@ -121,7 +108,7 @@ def test_protected_folders_are_never_the_output(tmp_path, monkeypatch, spelling)
     out = {"$PWD": str(work), "$HOME": str(home)}.get(spelling, spelling)
     before = snapshot(home)
     for overwrite in ([], ["--overwrite"]):
-        line = assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, *overwrite))
+        line = one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out, *overwrite))
         assert any(w in line for w in ("current folder", "home folder", "root folder")), line
     assert snapshot(home) == before
     assert not [p for p in home.rglob("*") if "lorasurgeon" in p.name]  # no ..PID.*-old debris
@@ -129,7 +116,7 @@ def test_protected_folders_are_never_the_output(tmp_path, monkeypatch, spelling)
 
 def test_the_dry_run_refuses_what_the_run_would_refuse(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", ".", "--dry-run"), "current folder")
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", ".", "--dry-run"), "current folder")
 
 
 # --- signals ----------------------------------------------------------------------------------
@@ -216,7 +203,7 @@ def read_only(tmp_path):
 @pytest.mark.parametrize("where", ["ro/out", "ro/sub/out"])
 def test_a_read_only_location_is_one_line_exit_2(read_only, tmp_path, where):
     out = tmp_path / where
-    assert_one_line(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out), "Read-only file system")
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out), "Read-only file system")
     tuned = shutil.copytree(FIX_BASE, tmp_path / "tuned")
     tensors = {"model.norm.weight": torch.ones(64, dtype=torch.bfloat16)}
     from safetensors.torch import load_file
@@ -224,7 +211,7 @@ def test_a_read_only_location_is_one_line_exit_2(read_only, tmp_path, where):
     save_file(
         {**load_file(tuned / "model.safetensors"), **tensors}, tuned / "model.safetensors", metadata={"format": "pt"}
     )
-    assert_one_line(run_cli("extract", FIX_BASE, tuned, "--rank", "2", "-o", out), "Read-only file system")
+    one_line_error(run_cli("extract", FIX_BASE, tuned, "--rank", "2", "-o", out), "Read-only file system")
     assert listing(read_only) == set()
 
 

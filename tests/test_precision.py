@@ -172,7 +172,7 @@ def test_the_readme_round_trip_claim_on_the_committed_fixtures(tmp_path):
     """README, "One rounding": measured on the quick start's own files. The fixture adapter is realistic
     (‖ΔW‖ = 2% of ‖W0‖ in every module); unmerge gives back ≥ 97.7% of the merged tensors' elements bit for
     bit, every other element within half a bf16 unit of the merged value."""
-    from conftest import ROOT
+    from helpers import ROOT
 
     from lorasurgeon import diff
 

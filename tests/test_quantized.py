@@ -8,10 +8,9 @@ import shutil
 
 import pytest
 import torch
-from conftest import ROOT, listing, run_cli
+from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
 from safetensors.torch import load_file, save_file
 
-FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 Q = "model.layers.0.self_attn.q_proj"  # a module the committed adapter targets
 
 
@@ -101,10 +100,7 @@ def quantized_copy(root, layout: str):
 
 
 def assert_refused(result, phrase: str, folder) -> None:
-    assert result.exit_code == 2, result.output
-    line = result.stderr.strip()
-    assert len(line.splitlines()) == 1 and line.startswith("error: ") and "is quantized" in line, line
-    assert phrase in line and str(folder.name) in line, line
+    one_line_error(result, "is quantized", phrase, str(folder.name))
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))

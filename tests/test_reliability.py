@@ -13,15 +13,13 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, listing, run_cli
+from helpers import FIX_ADAPTER, FIX_BASE, listing, run_cli
 from reference import read_folder
 from safetensors.torch import load_file, save_file
 
 from lorasurgeon import merge
 from lorasurgeon.errors import OutputError
 from lorasurgeon.io.scratch import clean_stale
-
-FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
 
 CHILD = """
 import sys

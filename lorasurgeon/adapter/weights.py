@@ -5,11 +5,16 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from ..errors import AdapterConfigError, IncompatibleError
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from .config import AdapterConfig
 from .names import TOKEN_ADAPTER, split_saved_key
+
+# What the adapter alone says a module is: "linear" stands for a Linear or GPT-2's Conv1D (the base
+# weight's shape tells them apart, commands.merge.plan.module_kind), "embedding", "conv".
+AdapterLayer = Literal["linear", "embedding", "conv"]
 
 
 @dataclass(frozen=True)
@@ -17,7 +22,7 @@ class LoraModule:
     """One adapted module: its name in the base model and the adapter keys of each role."""
 
     name: str
-    kind: str  # "linear" (Linear or Conv1D, told apart by the base weight), "embedding", "conv"
+    kind: AdapterLayer
     keys: dict[str, str]  # role -> key in the adapter file
     rank: int
     alpha: float
@@ -87,11 +92,12 @@ def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraA
 
 def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str, keys: dict[str, str]) -> LoraModule:
     embedding = "emb_A" in keys
-    a_key, b_key = (keys.get("emb_A"), keys.get("emb_B")) if embedding else (keys.get("A"), keys.get("B"))
+    a_key = keys["emb_A"] if embedding else keys["A"]  # the caller grouped a module by its lora_A
+    b_key = keys.get("emb_B") if embedding else keys.get("B")
     if b_key is None:
         raise AdapterConfigError(f"{folder}: module {name!r} has lora_A but no lora_B")
     a, b = ckpt.info(a_key), ckpt.info(b_key)
-    kind = "embedding" if embedding else ("conv" if len(a.shape) == 4 else "linear")
+    kind: AdapterLayer = "embedding" if embedding else ("conv" if len(a.shape) == 4 else "linear")
     # Embedding A is (r, num_embeddings); Linear A is (r, in); Conv A is (r, in, k, k).
     rank = a.shape[0]
     rank_b = b.shape[1] if len(b.shape) >= 2 else None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 import zlib
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import Literal, get_args
@@ -188,7 +188,7 @@ def compute_diff(
         a, b = a.to(torch.float64), b.to(torch.float64)
     a, b = a.to(device), b.to(device)
     stats = change(a, b)
-    ranks: list[int | None] = [None, None, None]
+    ranks: Sequence[int | None] = (None, None, None)
     if profile and a.dim() == 2 and stats.max_abs_diff > 0:
         ranks = rank_profile(b.to(torch.float32) - a.to(torch.float32), seed=seed + zlib.crc32(op.name.encode()))
     return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks))

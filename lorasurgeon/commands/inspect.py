@@ -7,7 +7,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from ..adapter.config import CONFIG_NAME, AdapterConfig
-from ..adapter.weights import load_adapter
+from ..adapter.weights import LoraAdapter, load_adapter
 from ..formats.detect import Quantization, detect
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
@@ -110,7 +110,7 @@ def _rel(path: Path, folder: Path) -> Path:
         return path
 
 
-def _adapter_report(adapter) -> AdapterReport:
+def _adapter_report(adapter: LoraAdapter) -> AdapterReport:
     cfg = adapter.config
     kinds = {m.kind for m in adapter.modules.values()}
     features = cfg.features() + sorted(k for k in kinds if k != "linear")

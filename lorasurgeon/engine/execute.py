@@ -120,10 +120,18 @@ class _ReadAhead:
 
 
 @dataclass(frozen=True)
-class _Fetched:
-    """What the reader hands on for one op: its tensors, its bytes left on disk, or why it could not be read."""
+class _Writes:
+    """What the compute stage hands the writer for one op."""
 
     op: Op
+    outputs: list[tuple[str, Written]]
+
+
+@dataclass(frozen=True)
+class _Fetched:
+    """What the reader hands on for ``ops[index]``: its tensors, its bytes left on disk, or why it could not be read."""
+
+    index: int
     tensors: dict[Ref, torch.Tensor]
     piece: FileSlice | None
     error: LorasurgeonError | None
@@ -177,26 +185,27 @@ def run(
                 continue
         return _DONE
 
-    def fetch(op: Op, buffers: ReadBuffers) -> _Fetched:
+    def fetch(index: int, buffers: ReadBuffers) -> _Fetched:
+        op = ops[index]
         piece = _byte_copy(inputs, op)
         if piece is not None:
-            return _Fetched(op, {}, piece, None, 0)
+            return _Fetched(index, {}, piece, None, 0)
         refs = list(dict.fromkeys(op.refs()))
         nbytes = sum(inputs[r.source].info(r.key).nbytes for r in refs)
         if not ahead.acquire(nbytes, stop):
             raise _Stopping
         try:
-            return _Fetched(op, {r: inputs[r.source].read(r.key, buffers) for r in refs}, None, None, nbytes)
+            return _Fetched(index, {r: inputs[r.source].read(r.key, buffers) for r in refs}, None, None, nbytes)
         except LorasurgeonError as exc:
             if unreadable is None:
                 raise
-            return _Fetched(op, {}, None, exc, nbytes)
+            return _Fetched(index, {}, None, exc, nbytes)
 
     def reader() -> None:
         try:
             buffers = ReadBuffers()
-            for op in ops:
-                if not put(read_q, fetch(op, buffers)):
+            for index in range(len(ops)):
+                if not put(read_q, fetch(index, buffers)):
                     return
         except _Stopping:
             return
@@ -208,11 +217,11 @@ def run(
     def write_stage() -> None:
         try:
             while (item := take(write_q)) is not _DONE:
-                op, outputs = item  # type: ignore[misc]  # the main loop puts (op, outputs)
-                for name, tensor in outputs:
+                assert isinstance(item, _Writes)
+                for name, tensor in item.outputs:
                     sink.write(name, tensor)
                 if progress is not None:
-                    progress.advance(op.nbytes)
+                    progress.advance(item.op.nbytes)
         except BaseException as exc:
             errors.append(exc)
             stop.set()
@@ -234,7 +243,7 @@ def run(
         while (item := take(read_q)) is not _DONE:
             assert isinstance(item, _Fetched)
             ahead.release(item.nbytes)  # the reader may fetch the next ops while this one computes
-            op: OpT = item.op  # type: ignore[assignment]  # the reader fetched this run's ops
+            op = ops[item.index]
             outputs: list[tuple[str, Written]]
             if item.piece is not None:
                 outputs = [(op.name, item.piece)]
@@ -247,7 +256,7 @@ def run(
                 infos.append(outcome.info)
                 outputs = list(outcome.outputs)
             del item
-            if not put(write_q, (op, outputs)):
+            if not put(write_q, _Writes(op, outputs)):
                 break
             written += sum(t.nbytes for _, t in outputs)
     except BaseException:

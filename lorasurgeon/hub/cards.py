@@ -84,15 +84,21 @@ def convert_card(*, title: str, source: str, base: str | None, to: str) -> str:
 
 
 class _ModuleLine(Protocol):
-    name: str
-    rank: int
-    kept: float
-    rel_error: float
+    @property
+    def name(self) -> str: ...
+    @property
+    def rank(self) -> int: ...
+    @property
+    def kept(self) -> float: ...
+    @property
+    def rel_error(self) -> float: ...
 
 
 class _FullLine(Protocol):
-    name: str
-    reason: str
+    @property
+    def name(self) -> str: ...
+    @property
+    def reason(self) -> str: ...
 
 
 def extract_card(

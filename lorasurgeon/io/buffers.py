@@ -46,5 +46,7 @@ class ReadBuffers:
                 return torch.empty(nbytes, dtype=torch.uint8)  # all in use: not pooled
             del self._bufs[free[0]]  # the longest-pooled free one makes room
         buf = torch.empty(nbytes, dtype=torch.uint8)
-        self._bufs.append((buf, _use_count(buf)))
+        idle = _use_count(buf)
+        assert idle is not None  # enabled: the count can be read
+        self._bufs.append((buf, idle))
         return buf[:nbytes]

@@ -141,7 +141,7 @@ class Checkpoint:
         out = alloc(info.nbytes) if alloc is not None else torch.empty(info.nbytes, dtype=torch.uint8)
         if info.nbytes:
             try:
-                pread_into(info.file, memoryview(out.numpy()), info.offset)
+                pread_into(info.file, out.numpy().data, info.offset)  # the buffer's own memory
             except EOFError:
                 raise CorruptCheckpointError(
                     f"{info.file}: truncated while reading tensor {name!r} (was it changed while in use?)"

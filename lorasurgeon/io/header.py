@@ -12,6 +12,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
@@ -46,7 +47,7 @@ def _fail(path: Path, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path}: {what}; the file is damaged or not safetensors (download or save it again)")
 
 
-def read_header(path: Path, file_size: int, fh) -> Header:
+def read_header(path: Path, file_size: int, fh: BinaryIO) -> Header:
     """Parse and validate the header of an open safetensors file.
 
     Everything is checked against the file's real size before any tensor is read: header

@@ -35,7 +35,7 @@ def _alive(pid: int) -> bool:
 
 def clean_stale(out: Path) -> list[Path]:
     """Remove the scratch folders of ``out`` left by runs that no longer exist; returns them."""
-    removed = []
+    removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():

@@ -72,7 +72,7 @@ def is_tied(config: dict[str, Any]) -> bool:
 
 def edit_config(config: dict[str, Any], *, dtype: torch.dtype | None, untie: bool) -> dict[str, Any]:
     """A copy of config with the dtype and tie_word_embeddings the result really has."""
-    out = json.loads(json.dumps(config))
+    out: dict[str, Any] = json.loads(json.dumps(config))
     targets = [out] + [v for k, v in out.items() if k == "text_config" and isinstance(v, dict)]
     for doc in targets:
         if dtype is not None:

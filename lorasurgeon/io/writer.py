@@ -52,7 +52,7 @@ def _put_back(old: Path, out: Path) -> None:
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes in C order, as safetensors stores them (a CPU copy only if needed)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    return flat.view(torch.uint8).numpy().data.cast("B")  # the array's own buffer, no copy
 
 
 def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
@@ -186,17 +186,18 @@ class CheckpointWriter:
                 f"tensor {name!r}: planned {spec.dtype}{list(spec.shape)}, got {tensor.dtype}{list(tensor.shape)}"
             )
         try:
-            if isinstance(tensor, torch.Tensor):
-                pwrite_all(self._fds[filename], tensor_bytes(tensor), offset)
+            if isinstance(tensor, FileSlice):
+                try:
+                    copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
+                except EOFError:
+                    raise CorruptCheckpointError(
+                        f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)"
+                    ) from None
             else:
-                copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
+                pwrite_all(self._fds[filename], tensor_bytes(tensor), offset)
             self._unwritten[filename] -= 1
             if not self._unwritten[filename]:
                 self._sync_early(self._fds[filename])
-        except EOFError:
-            raise CorruptCheckpointError(
-                f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)"
-            ) from None
         except OSError as exc:
             raise OutputError(
                 f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept"
@@ -322,7 +323,7 @@ class CheckpointWriter:
     def __enter__(self) -> CheckpointWriter:
         return self
 
-    def __exit__(self, exc_type, exc, tb) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
         if self._done:
             return
         if exc_type is None:

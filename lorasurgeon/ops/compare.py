@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -68,7 +69,7 @@ def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
     )
 
 
-def rank_profile(diff: torch.Tensor, *, seed: int = 0, fractions=PROFILE) -> list[int]:
+def rank_profile(diff: torch.Tensor, *, seed: int = 0, fractions: Sequence[float] = PROFILE) -> list[int]:
     """For each fraction, the smallest rank keeping it of ‖diff‖² (randomized solver, widening as needed)."""
     m = diff.to(torch.float32).reshape(diff.shape[0], -1)
     if not m.any():

@@ -148,7 +148,8 @@ def dora_apply(
     dims = kind.norm_dims(base.dim())
     norm = torch.linalg.vector_norm(base.to(torch.float32) + delta, dim=dims, keepdim=True)
     mag = magnitude.to(torch.float32).reshape(norm.shape)
-    return (mag / norm) * (current.to(torch.float32) + delta)
+    result: torch.Tensor = (mag / norm) * (current.to(torch.float32) + delta)
+    return result
 
 
 def replace_rows(weight: torch.Tensor, rows: tuple[int, ...], values: torch.Tensor) -> torch.Tensor:

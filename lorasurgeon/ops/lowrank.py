@@ -109,7 +109,7 @@ def top_singular(
     solver: Solver = "auto",
     seed: int = 0,
     total: float | None = None,
-):
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, float, str]:
     """(U, S, Vh, ‖M‖², solver) with enough leading singular triplets for ``rank`` or ``energy``.
 
     For ``energy`` the search widens (×4) until the triplets found hold that share of ‖M‖², or
@@ -125,7 +125,7 @@ def top_singular(
     k = min(rank, full) if rank is not None else min(cap, 64)
     gen = torch.Generator().manual_seed(seed)
     while True:
-        kind = choose_solver(tuple(m.shape), k, solver)
+        kind = choose_solver((m.shape[0], m.shape[1]), k, solver)
         u, s, vh = _solve(m, k if kind == "randomized" else full, kind, gen)
         if energy is None or kind == "exact" or k >= cap:
             return u, s, vh, total, kind
@@ -161,14 +161,18 @@ def factorize(
         m, rank=rank, energy=energy, max_rank=max_rank, solver=solver, seed=seed, total=total
     )
     full, cap = min(m.shape), min(min(m.shape), max_rank or min(m.shape))
-    r = min(rank, full) if rank is not None else min(rank_for_energy(s, total, energy), cap)
+    if rank is not None:
+        r = min(rank, full)
+    else:
+        assert energy is not None  # exactly one of the two, checked above
+        r = min(rank_for_energy(s, total, energy), cap)
     u, s, vh = u[:, :r], s[:r], vh[:r]
     root = torch.sqrt(s)
     kept = min(1.0, float(torch.sum(s.double() ** 2)) / total)
     return LowRank((root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous(), kept, total, kind)
 
 
-def _solve(m: torch.Tensor, k: int, kind: str, gen: torch.Generator):
+def _solve(m: torch.Tensor, k: int, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     if kind == "exact":
         return exact_svd(m)
     try:

@@ -28,11 +28,12 @@ def compute_extract(
     if base is not None and base.dtype == tuned.dtype and torch.equal(base, tuned):
         return Outcome([], OpInfo(op, "unchanged"))
     if op.kind == "full" or base is None or not tuned.is_floating_point():
-        same_shape = base is not None and base.shape == tuned.shape and tuned.is_floating_point()
-        # ‖base − tuned‖² = ‖ΔW‖²; tuned is what gets written, base is ours and not used again
-        change = squared_norm(difference(base, tuned)) if same_shape else 0.0
-        if same_shape and change == 0.0:  # the same values in another dtype: nothing to store
-            return Outcome([], OpInfo(op, "unchanged"))
+        change = 0.0
+        if base is not None and base.shape == tuned.shape and tuned.is_floating_point():
+            # ‖base − tuned‖² = ‖ΔW‖²; tuned is what gets written, base is ours and not used again
+            change = squared_norm(difference(base, tuned))
+            if change == 0.0:  # the same values in another dtype: nothing to store
+                return Outcome([], OpInfo(op, "unchanged"))
         return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
     delta = difference(tuned, base, device)  # tuned is ours (a fresh read) and not used again
     if not settings.allow_nonfinite:

@@ -26,7 +26,7 @@ from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
 from ...errors import CorruptCheckpointError
 from ...io.checkpoint import Checkpoint
-from .ops import TensorOp
+from .ops import Action, TensorOp
 
 ORIGINAL = "original_module"
 SAVED_COPY = f"modules_to_save.{ADAPTER_NAME}"
@@ -55,7 +55,7 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: tor
         if _split(embedding)[0] in tokens:
             tokens.add(_split(OUTPUT_EMBEDDING)[0])
 
-    def add(name: str, src: Ref, action: str = "copy", like: torch.dtype | None = None) -> None:
+    def add(name: str, src: Ref, action: Action = "copy", like: torch.dtype | None = None) -> None:
         """One output tensor; ``like``: the base dtype a saved W0 is taken at (as PEFT's model holds it)."""
         info = (base if src.source == 0 else adapter.checkpoint).info(src.key)
         held = like or info.dtype
@@ -64,8 +64,10 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: tor
 
     for name in names:
         module, leaf = _split(name)
-        src = Ref(0, name if name in base else embedding)
-        like = None
+        key = name if name in base else embedding  # a tied head is the embedding's tensor
+        assert key is not None
+        src = Ref(0, key)
+        like: torch.dtype | None = None
         if name in adapter.base_weights:
             like = base.info(src.key).dtype  # the base tensor's dtype, then the saved W0 as the source
             src = Ref(1, adapter.base_weights[name])
@@ -80,13 +82,13 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: tor
             add(f"{module}.{SAVED_COPY}.{leaf}", Ref(1, adapter.replacements.get(name, name)), "replace")
         else:
             add(name, src, like=like)
-    for module in adapter.modules.values():
-        for role, key in module.keys.items():
+    for lora_module in adapter.modules.values():
+        for role, key in lora_module.keys.items():
             if role in AUGMENTED_SUFFIX:
-                add(augmented_key(module.name, role), Ref(1, key), "lora")
-    for module in sorted(tokens):
-        owner = module if module in adapter.token_deltas else _split(embedding)[0]
-        add(f"{module}.{TOKENS_DELTA}", Ref(1, adapter.token_deltas[owner]), "lora")
+                add(augmented_key(lora_module.name, role), Ref(1, key), "lora")
+    for token_module in sorted(tokens):  # a tied head wears the embedding's trainable tokens
+        owner = token_module if token_module in adapter.token_deltas else _split(embedding or "")[0]
+        add(f"{token_module}.{TOKENS_DELTA}", Ref(1, adapter.token_deltas[owner]), "lora")
     return ops
 
 

@@ -18,7 +18,7 @@ from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
-from .ops import BiasTerm, LoraTerm, RowPatch, TensorOp, Term
+from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 
 @dataclass(frozen=True)
@@ -124,8 +124,15 @@ def plan_merge(
                 "(is this adapter for another model, or for a resized vocabulary?)"
             )
 
+    def base_key(name: str) -> str:
+        """The base tensor behind ``name``: itself, or the embedding for a tied head the files omit."""
+        if name in base:
+            return name
+        assert tied and embedding is not None
+        return embedding
+
     def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
-        info = base.info(embedding if name not in base else name)
+        info = base.info(base_key(name))
         if not info.dtype.is_floating_point:
             raise IncompatibleError(
                 f"{adapter.path}: targets {name!r}, a {info.dtype} tensor in the base: only float weights can be merged"
@@ -163,9 +170,10 @@ def plan_merge(
         for name, key in adapter.replacements.items():
             replaced[target(name, adapter, "a full trained tensor")] = Ref(i, key)
             same_shape(name, adapter, key, "the full trained tensor")
-        for module, key in adapter.token_deltas.items():
-            indices = adapter.config.token_indices(module)
-            wname = target(f"{module}.weight", adapter, "trainable tokens")
+        for token_module, key in adapter.token_deltas.items():
+            indices = adapter.config.token_indices(token_module)
+            assert indices is not None  # load_adapter refuses token deltas the config does not name
+            wname = target(f"{token_module}.weight", adapter, "trainable tokens")
             rows_, dim = shape_of(wname, adapter)[:2]
             if adapter.checkpoint.info(key).shape != (len(indices), dim) or not all(0 <= t < rows_ for t in indices):
                 raise IncompatibleError(
@@ -178,9 +186,9 @@ def plan_merge(
                 rows.setdefault(OUTPUT_EMBEDDING, []).append(patch)
 
     if tied:  # a saved W0 of either tied module is loaded by PEFT into the one shared tensor
-        shared = srcs.get(embedding) or srcs.get(OUTPUT_EMBEDDING)
+        shared = srcs.get(base_key(OUTPUT_EMBEDDING)) or srcs.get(OUTPUT_EMBEDDING)
         if shared is not None:
-            srcs[embedding] = srcs[OUTPUT_EMBEDDING] = shared
+            srcs[base_key(OUTPUT_EMBEDDING)] = srcs[OUTPUT_EMBEDDING] = shared
 
     def op_for(name: str, src_name: str) -> TensorOp:
         info = base.info(src_name)
@@ -194,13 +202,14 @@ def plan_merge(
             return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype=src_dtype)
         src = replaced.get(name) or saved or Ref(0, src_name)
         t, r = tuple(terms.get(name, ())), tuple(rows.get(name, ()))
-        action = ("unmerge" if unmerge else "merge") if (t or r) else ("replace" if name in replaced else "copy")
+        changed: Action = "unmerge" if unmerge else "merge"
+        action: Action = changed if (t or r) else ("replace" if name in replaced else "copy")
         return TensorOp(name, src, out_dtype, info.shape, action, t, r, src_dtype)
 
     ops = [op_for(name, name) for name in base]
     untie = False
     if tied:
-        lm = op_for(OUTPUT_EMBEDDING, embedding)
+        lm = op_for(OUTPUT_EMBEDDING, base_key(OUTPUT_EMBEDDING))
         emb_op = next(op for op in ops if op.name == embedding)
         untie = (lm.src, lm.terms, lm.rows, lm.src_dtype) != (emb_op.src, emb_op.terms, emb_op.rows, emb_op.src_dtype)
         if untie:
