@@ -22,6 +22,7 @@ _EXPORTS = {
     "merge": "commands.merge",
     "unmerge": "commands.merge",
     "convert": "commands.merge",
+    "iter_merged": "commands.merge",
     "MergeReport": "commands.merge",
     "MergeSettings": "commands.merge",
     "extract": "commands.extract",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Generic, Protocol, TypeVar
 
@@ -141,6 +141,107 @@ class _Fetched:
 _DONE = object()
 
 
+class _Stopping(Exception):
+    """The run stopped while the reader waited for room to read ahead."""
+
+
+class _Stages(Generic[OpT]):
+    """What a run's stages share: a stop flag, the first error, bounded queues polled so that no stage
+    waits on one that has failed, and the reader thread, which fetches ``ops`` in order."""
+
+    def __init__(
+        self,
+        ops: Sequence[OpT],
+        inputs: Sequence[Source],
+        *,
+        read_ahead: int,
+        byte_copies: bool,
+        tolerate_unreadable: bool,
+    ):
+        self.ops, self.inputs = ops, inputs
+        self.byte_copies, self.tolerate_unreadable = byte_copies, tolerate_unreadable
+        self.ahead = _ReadAhead(read_ahead)
+        self.read_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self.errors: list[BaseException] = []
+        self.stop = threading.Event()
+        # Not daemons: a daemon thread still inside torch when the interpreter exits is unwound
+        # through C++ destructors and aborts the process. Every way out of a run sets ``stop`` or
+        # sends _DONE, so each thread ends within one tensor and is joined.
+        self.threads = [threading.Thread(target=self._read, name="lorasurgeon-read")]
+
+    def put(self, q: queue.Queue[object], item: object) -> bool:
+        while not self.stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def take(self, q: queue.Queue[object]) -> object:
+        """The next item, or _DONE once the run is stopping (a failed stage sets ``stop``)."""
+        while not self.stop.is_set():
+            try:
+                return q.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return _DONE
+
+    def fail(self, exc: BaseException) -> None:
+        self.errors.append(exc)
+        self.stop.set()
+
+    def fetched(self) -> Iterator[tuple[OpT, _Fetched]]:
+        """The ops and their fetched tensors, in order, as the reader delivers them."""
+        while (item := self.take(self.read_q)) is not _DONE:
+            assert isinstance(item, _Fetched)
+            self.ahead.release(item.nbytes)  # the reader may fetch the next ops while this one computes
+            yield self.ops[item.index], item
+
+    def start(self) -> None:
+        for t in self.threads:
+            t.start()
+
+    def join(self) -> None:
+        for t in self.threads:
+            if t.ident is not None:
+                t.join()
+
+    def raise_errors(self) -> None:
+        """The first error a stage met, raised in the calling thread (after a clean exit from its loop)."""
+        if self.errors:
+            raise self.errors[0]
+
+    def _fetch(self, index: int, buffers: ReadBuffers) -> _Fetched:
+        op = self.ops[index]
+        piece = _byte_copy(self.inputs, op) if self.byte_copies else None
+        if piece is not None:
+            return _Fetched(index, {}, piece, None, 0)
+        refs = list(dict.fromkeys(op.refs()))
+        nbytes = sum(self.inputs[r.source].info(r.key).nbytes for r in refs)
+        if not self.ahead.acquire(nbytes, self.stop):
+            raise _Stopping
+        try:
+            tensors = {r: self.inputs[r.source].read(r.key, buffers) for r in refs}
+            return _Fetched(index, tensors, None, None, nbytes)
+        except LorasurgeonError as exc:
+            if not self.tolerate_unreadable:
+                raise
+            return _Fetched(index, {}, None, exc, nbytes)
+
+    def _read(self) -> None:
+        try:
+            buffers = ReadBuffers()
+            for index in range(len(self.ops)):
+                if not self.put(self.read_q, self._fetch(index, buffers)):
+                    return
+        except _Stopping:
+            return
+        except BaseException as exc:  # handed to the calling thread, raised there
+            self.fail(exc)
+        self.put(self.read_q, _DONE)
+
+
 def run(
     ops: Sequence[OpT],
     inputs: Sequence[Source],
@@ -160,90 +261,29 @@ def run(
     an op whose input cannot be read is reported by it instead, and the run goes on.
     """
     dev = torch.device(device)
-    ahead = _ReadAhead(read_ahead)
     start = time.perf_counter()
-    read_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+    stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=True, tolerate_unreadable=unreadable is not None)
     write_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
-    errors: list[BaseException] = []
-    stop = threading.Event()
-
-    def put(q: queue.Queue[object], item: object) -> bool:
-        while not stop.is_set():
-            try:
-                q.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
-
-    def take(q: queue.Queue[object]) -> object:
-        """The next item, or _DONE once the run is stopping (a failed stage sets ``stop``)."""
-        while not stop.is_set():
-            try:
-                return q.get(timeout=0.1)
-            except queue.Empty:
-                continue
-        return _DONE
-
-    def fetch(index: int, buffers: ReadBuffers) -> _Fetched:
-        op = ops[index]
-        piece = _byte_copy(inputs, op)
-        if piece is not None:
-            return _Fetched(index, {}, piece, None, 0)
-        refs = list(dict.fromkeys(op.refs()))
-        nbytes = sum(inputs[r.source].info(r.key).nbytes for r in refs)
-        if not ahead.acquire(nbytes, stop):
-            raise _Stopping
-        try:
-            return _Fetched(index, {r: inputs[r.source].read(r.key, buffers) for r in refs}, None, None, nbytes)
-        except LorasurgeonError as exc:
-            if unreadable is None:
-                raise
-            return _Fetched(index, {}, None, exc, nbytes)
-
-    def reader() -> None:
-        try:
-            buffers = ReadBuffers()
-            for index in range(len(ops)):
-                if not put(read_q, fetch(index, buffers)):
-                    return
-        except _Stopping:
-            return
-        except BaseException as exc:  # handed to the main thread, re-raised there
-            errors.append(exc)
-            stop.set()
-        put(read_q, _DONE)
 
     def write_stage() -> None:
         try:
-            while (item := take(write_q)) is not _DONE:
+            while (item := stages.take(write_q)) is not _DONE:
                 assert isinstance(item, _Writes)
                 for name, tensor in item.outputs:
                     sink.write(name, tensor)
                 if progress is not None:
                     progress.advance(item.op.nbytes)
         except BaseException as exc:
-            errors.append(exc)
-            stop.set()
+            stages.fail(exc)
 
+    stages.threads.append(threading.Thread(target=write_stage, name="lorasurgeon-write"))
     if progress is not None:
         progress.start(sum(op.nbytes for op in ops))
-    # Not daemons: a daemon thread still inside torch when the interpreter exits is unwound
-    # through C++ destructors and aborts the process. Every way out of the try below sets
-    # ``stop`` or sends _DONE, so both threads end within one tensor and are joined.
-    threads = [
-        threading.Thread(target=reader, name="lorasurgeon-read"),
-        threading.Thread(target=write_stage, name="lorasurgeon-write"),
-    ]
     written = 0
     infos: list[InfoT] = []
     try:
-        for t in threads:
-            t.start()
-        while (item := take(read_q)) is not _DONE:
-            assert isinstance(item, _Fetched)
-            ahead.release(item.nbytes)  # the reader may fetch the next ops while this one computes
-            op = ops[item.index]
+        stages.start()
+        for op, item in stages.fetched():
             outputs: list[tuple[str, Written]]
             if item.piece is not None:
                 outputs = [(op.name, item.piece)]
@@ -256,24 +296,46 @@ def run(
                 infos.append(outcome.info)
                 outputs = list(outcome.outputs)
             del item
-            if not put(write_q, _Writes(op, outputs)):
+            if not stages.put(write_q, _Writes(op, outputs)):
                 break
             written += sum(t.nbytes for _, t in outputs)
     except BaseException:
-        stop.set()
+        stages.stop.set()
         raise
     finally:
-        if not stop.is_set():
-            put(write_q, _DONE)  # gives up if the writer has failed meanwhile
-        for t in threads:
-            if t.ident is not None:
-                t.join()
+        if not stages.stop.is_set():
+            stages.put(write_q, _DONE)  # gives up if the writer has failed meanwhile
+        stages.join()
         if progress is not None:
             progress.finish()
-    if errors:
-        raise errors[0]
+    stages.raise_errors()
     return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos))
 
 
-class _Stopping(Exception):
-    """The run stopped while the reader waited for room to read ahead."""
+def stream(
+    ops: Sequence[OpT],
+    inputs: Sequence[Source],
+    *,
+    compute: Compute[OpT, InfoT],
+    device: str = "cpu",
+    read_ahead: int = READ_AHEAD_BYTES,
+) -> Iterator[tuple[str, torch.Tensor]]:
+    """Execute ``ops`` in order and yield their output tensors instead of writing them.
+
+    The same reading ahead as :func:`run`; each op is computed when the caller asks for the next
+    tensor, so memory holds what the caller keeps plus a few tensors. Every op is computed (there
+    are no file-to-file copies when the caller wants tensors). Closing the iterator early stops the
+    reader.
+    """
+    dev = torch.device(device)
+    stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=False, tolerate_unreadable=False)
+    try:
+        stages.start()
+        for op, item in stages.fetched():
+            outcome = compute(op, item.tensors, dev)
+            del item
+            yield from outcome.outputs
+    finally:
+        stages.stop.set()  # done, failed, or closed by the caller: the reader stops within one op
+        stages.join()
+    stages.raise_errors()

@@ -1,0 +1,120 @@
+"""convert: an augmented checkpoint back to the merged form or to a PEFT adapter folder."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import get_args
+
+import torch
+
+from ...adapter.config import CONFIG_NAME, AdapterConfig
+from ...engine.execute import Progress
+from ...engine.plan import Ref
+from ...errors import InvalidOptionError
+from ...hub.cards import CARD_NAME, convert_card
+from ...io.checkpoint import open_checkpoint
+from ...io.layout import plan_shards
+from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
+from .._inputs import Input, prepare, refuse_quantized
+from . import augmented as augment
+from .ops import Plan, TensorOp
+from .plan import ModelFacts, plan_merge
+from .report import MergeReport
+from .settings import MergeSettings, Target
+from .write import layout, report, write
+
+
+def convert(
+    augmented: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    to: Target,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Turn an augmented checkpoint (``merge(form="augmented")``) into the merged form or a PEFT adapter.
+
+    Args:
+        augmented: the augmented checkpoint (folder, file or Hub repo id).
+        out: the result folder; may be None with ``dry_run``.
+        to: "merged" (the same as merging its adapter into its base) or "adapter" (the adapter folder).
+        dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite, progress: as for :func:`merge`.
+
+    Returns:
+        A MergeReport (form "merged" or "adapter").
+
+    Raises:
+        InvalidOptionError: an option that cannot be used (weights, dtype, device, sizes).
+        InputNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: an input that cannot be read.
+        AdapterConfigError: adapter_config.json is missing or invalid.
+        IncompatibleError: inputs that do not belong together, or arguments of the wrong kind.
+        UnsupportedError: a PEFT variant or a quantized checkpoint it does not handle.
+        OutputError, OutputExistsError: ``out`` cannot or may not be written.
+        NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
+    """
+    if to not in get_args(Target):
+        raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
+    settings = MergeSettings.parse(
+        adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
+    )
+    (source,) = prepare(
+        [Input(augmented, "AUGMENTED", "augmented")], out, command="convert", overwrite=overwrite, device=device
+    )
+    with open_checkpoint(source.path) as ckpt:
+        config = read_config(ckpt.folder)
+        refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
+        adapter_config = AdapterConfig.load(ckpt.folder)
+        base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
+        extra: dict[str, bytes] = {}
+        copies: list[Path] = []
+        if to == "merged":
+            facts = ModelFacts(config.get("model_type"), is_tied(config))
+            ops, untie = plan_merge(base, [adapter], [1.0], facts, dtype=settings.dtype)
+            inputs = [base, adapter.checkpoint]
+            shards = layout(ops, base, settings.max_shard_size)
+            if config:
+                extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype, untie=untie))
+            copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+            index_name: str | None = "model.safetensors.index.json"
+        else:
+            ops = [
+                TensorOp(
+                    k,
+                    Ref(0, k),
+                    settings.dtype if settings.dtype and i.dtype.is_floating_point else i.dtype,
+                    i.shape,
+                    "lora",
+                )
+                for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)
+            ]
+            inputs, untie = [adapter.checkpoint], False
+            shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
+            extra[CONFIG_NAME] = config_bytes(dict(adapter_config.raw))
+            index_name = None
+        plan = Plan(tuple(ops), (str(source.path),))
+        if dry_run:
+            return report(out, to, plan, None, untie)
+        if out is None:
+            raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        extra[CARD_NAME] = convert_card(
+            title=Path(out).name, source=source.label, base=adapter_config.base_model, to=to
+        ).encode()
+        stats = write(
+            out,
+            ops,
+            inputs,
+            shards,
+            settings,
+            extra_files=extra,
+            copy_files=copies,
+            overwrite=overwrite,
+            progress=progress,
+            index_name=index_name,
+        )
+        return report(out, to, plan, stats, untie)

@@ -1,0 +1,78 @@
+"""How a merge's result is laid out in shards, written through the engine, and reported."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from functools import partial
+from pathlib import Path
+
+from ...engine.execute import ExecStats, Progress, run
+from ...io.checkpoint import Checkpoint
+from ...io.layout import Shard, parse_size, plan_shards, shards_like
+from ...io.writer import CheckpointWriter
+from .compute import compute_merge
+from .ops import ACTIONS, Plan, TensorOp
+from .report import MergeReport
+from .settings import MergeSettings
+
+DEFAULT_SHARD = "5GB"
+
+
+def layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None, prefix: str = "model") -> list[Shard]:
+    specs = [op.spec for op in ops]
+    if max_shard_size is not None:
+        return plan_shards(specs, max_shard_size=max_shard_size, prefix=prefix)
+    if base.format == "safetensors-sharded":
+        # Each tensor goes to the shard its source lives in (the base's own, for a tensor the
+        # adapter replaced): the base's file names and layout, also for renamed views.
+        homes = {op.name: op.src.key if op.src.source == 0 else op.name for op in ops}
+        weight_map = {name: base.info(home).file.name for name, home in homes.items() if home in base}
+        return shards_like(specs, weight_map, fallback=base.files[-1].name)
+    if base.format == "safetensors":
+        return plan_shards(specs, max_shard_size=None, prefix=prefix)
+    return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)
+
+
+def write(
+    out: str | os.PathLike[str],
+    ops: Sequence[TensorOp],
+    inputs: Sequence[Checkpoint],
+    shards: list[Shard],
+    settings: MergeSettings,
+    *,
+    extra_files: dict[str, bytes],
+    copy_files: list[Path],
+    overwrite: bool,
+    progress: Progress | None,
+    index_name: str | None = "model.safetensors.index.json",
+) -> ExecStats[None]:
+    with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
+        for path in copy_files:
+            writer.copy_file(path)
+        for name, data in extra_files.items():
+            writer.add_file(name, data)
+        return run(
+            ops,
+            inputs,
+            writer,
+            device=settings.device,
+            progress=progress,
+            compute=partial(compute_merge, allow_nonfinite=settings.allow_nonfinite),
+        )
+
+
+def report(
+    out: str | os.PathLike[str] | None, form: str, plan: Plan, stats: ExecStats[None] | None, untie: bool
+) -> MergeReport:
+    counts = {a: plan.count(a) for a in ACTIONS}
+    return MergeReport(
+        None if stats is None else str(out),
+        form,
+        plan,
+        counts,
+        stats.bytes_written if stats else plan.nbytes,
+        stats.seconds if stats else 0.0,
+        untie,
+        stats is None,
+    )
