@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import threading
 
+import make_fixtures as mf
 import pytest
 import torch
-
-import lorasurgeon as ls
-import make_fixtures as mf
 from helpers import FIX_ADAPTER, FIX_BASE
 from reference import load_model, logits, read_folder
+
+import lorasurgeon as ls
 
 
 def test_the_same_tensors_merge_writes_in_the_base_order(tmp_path):
@@ -34,8 +34,9 @@ def test_a_program_loads_them_into_a_model(tmp_path):
 def test_an_untied_head_comes_last(tmp_path):
     config = mf.llama_config(tied=True)
     base = mf.save_model(mf.build_model(config, seed=0), tmp_path / "base")
-    adapter = mf.make_adapter(mf.build_model(mf.llama_config(tied=True), seed=0), tmp_path / "adapter",
-                              target_modules=["embed_tokens"], r=2)
+    adapter = mf.make_adapter(
+        mf.build_model(mf.llama_config(tied=True), seed=0), tmp_path / "adapter", target_modules=["embed_tokens"], r=2
+    )
     streamed = list(ls.iter_merged(base, [adapter]))
     ls.merge(base, [adapter], tmp_path / "merged")
     written = read_folder(tmp_path / "merged")
