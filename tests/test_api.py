@@ -35,6 +35,9 @@ def test_every_public_name_is_what_it_says_twice(tmp_path):
             assert isinstance(ls.diff(base, f"m{{i}}"), ls.DiffReport)
             assert isinstance(ls.inspect(adapter), ls.CheckpointReport)
             assert ls.verify(f"m{{i}}").ok
+            ls.merge(base, [adapter], f"a{{i}}", form="augmented")
+            assert ls.convert(f"a{{i}}", f"c{{i}}", to="adapter").form == "adapter"
+            assert len(dict(ls.iter_merged(base, [adapter]))) == 21
         from lorasurgeon import merge, extract, diff, verify
         import lorasurgeon.commands.merge, lorasurgeon.commands.extract, lorasurgeon.commands.diff
         assert merge is ls.merge and extract is ls.extract and diff is ls.diff and verify is ls.verify
@@ -76,3 +79,13 @@ def test_an_unknown_name_is_an_attribute_error():
         assert "mergee" in str(exc)
     else:
         raise AssertionError("no AttributeError")
+
+
+def test_every_public_function_documents_its_args_returns_and_raises():
+    import inspect
+
+    for name in lorasurgeon.__all__:
+        obj = getattr(lorasurgeon, name)
+        if inspect.isfunction(obj):
+            doc = inspect.getdoc(obj) or ""
+            assert all(section in doc for section in ("Args:", "Returns:", "Raises:")), name

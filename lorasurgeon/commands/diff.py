@@ -206,12 +206,26 @@ def diff(
     seed: int = 0,
     progress: Progress | None = None,
 ) -> DiffReport:
-    """Compare two checkpoints tensor by tensor (any layouts the reader supports).
+    """Compare two checkpoints tensor by tensor (any layouts the reader supports), streamed.
 
     Args:
+        a, b: folders, files or Hub repo ids.
         rank_profile: for each changed 2-D tensor, the ranks keeping 50/90/99% of ‖B − A‖².
         atol: values within this absolute tolerance count as equal for the verdict.
-        include / exclude: regexes on tensor names (re.search).
+        include / exclude: regexes on tensor names (re.search); one that leaves nothing is an error.
+        device: where the comparison runs.
+        seed: of the randomized solver behind ``rank_profile``.
+        progress: told the bytes to read and each tensor done.
+
+    Returns:
+        A DiffReport: keys only in A or B, each common tensor's status, change statistics and share
+        of identical elements; ``exit_code`` as diff(1); ``to_dict()`` is ``diff --json``.
+
+    Raises:
+        InputNotFoundError: no such local path, or no such Hub repo or revision.
+        CorruptCheckpointError, UnsafeCheckpointError: a file that cannot be read safely.
+        InvalidOptionError: a negative atol, an invalid regex, a filter that matches nothing.
+        UnsupportedError: a quantized checkpoint.
     """
     if atol is not None and not atol >= 0:
         raise OptionError(f"--atol must be a non-negative number, got {atol}")

@@ -67,7 +67,21 @@ class CheckpointReport:
 
 
 def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
-    """Describe the checkpoint or PEFT adapter at ``path`` without reading any tensor data."""
+    """Describe a model, PEFT adapter or augmented checkpoint from its headers (no tensor data is read).
+
+    Args:
+        path: a folder, a single .safetensors/.bin file, or a Hub repo id ``org/name[@revision]``.
+
+    Returns:
+        A CheckpointReport: format, files, tensor and parameter counts by dtype, its form (model,
+        adapter, augmented), the adapter's modules with rank/alpha/scale, and any quantization.
+        Its ``to_dict()`` is ``inspect --json``.
+
+    Raises:
+        InputNotFoundError: no such local path, or no such Hub repo or revision.
+        CorruptCheckpointError, UnsafeCheckpointError: a file that cannot be read safely.
+        AdapterConfigError: an adapter whose adapter_config.json is invalid.
+    """
     root = resolve(path)
     ckpt = open_checkpoint(root)
     form = input_kind(ckpt)

@@ -49,8 +49,20 @@ class VerifyReport:
 
 
 def verify(path: str | os.PathLike[str]) -> VerifyReport:
-    """Check a checkpoint beyond its headers: index consistency, file layout, every tensor readable
-    and finite. Structural damage that prevents opening it raises a LorasurgeonError instead."""
+    """Check a checkpoint beyond its headers: index consistency, file layout, every tensor readable and finite.
+
+    Args:
+        path: a folder, a single file, or a Hub repo id.
+
+    Returns:
+        A VerifyReport listing the problems found, tensor by tensor (``ok`` when there are none);
+        a tensor that cannot be read is one of them.
+
+    Raises:
+        InputNotFoundError: no such local path, or no such Hub repo or revision.
+        CorruptCheckpointError, UnsafeCheckpointError: a file that cannot be read safely.
+            Damage that prevents opening the checkpoint at all is raised, not listed.
+    """
     root = resolve(path)
     problems: list[Problem] = []
     with open_checkpoint(root) as ckpt:

@@ -71,10 +71,22 @@ def push(
     create_pr: bool = False,
     message: str | None = None,
 ) -> PushReport:
-    """Upload a result folder to a Hub repo (created if missing, ``exist_ok``).
+    """Upload a result folder to a Hub repo (created if missing). Honours HF_TOKEN and HF_ENDPOINT.
 
-    Honours HF_TOKEN and HF_ENDPOINT. ``revision`` names a branch (created if missing);
-    ``create_pr`` opens a pull request instead of committing to it.
+    Args:
+        folder: the result folder (with its model card).
+        repo_id: ``org/name``.
+        private: create the repo private if it does not exist.
+        revision: a branch to push to (created if missing).
+        create_pr: open a pull request instead of committing to the branch.
+        message: the commit message.
+
+    Returns:
+        A PushReport: the repo, the commit (or pull request) URL, the number of files.
+
+    Raises:
+        InputNotFoundError: ``folder`` is not a folder.
+        LorasurgeonError: the Hub refused the push, or cannot be reached.
     """
     from huggingface_hub import HfApi
     from huggingface_hub import errors as hf

@@ -197,6 +197,13 @@ def pread_into(path: Path, view: memoryview, offset: int) -> None:
 def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Open a checkpoint folder or file, reading headers only.
 
+    Args:
+        path: a folder (model.safetensors, a sharded index, a PEFT adapter, pytorch_model.bin with or
+            without its index) or a single .safetensors / .bin / .index.json file.
+
+    Returns:
+        A Checkpoint: its tensors' names, dtypes and shapes, each read on demand with ``read(name)``.
+
     Raises:
         InputNotFoundError: the path, or a shard its index names, does not exist.
         CorruptCheckpointError: a header or index is malformed, truncated or inconsistent.
