@@ -18,13 +18,14 @@ from ...errors import InvalidOptionError
 from ...hub.cards import CARD_NAME, merge_card
 from ...hub.source import Source
 from ...io.checkpoint import Checkpoint, open_checkpoint
-from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
+from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
+from ...names import ModelNames, model_names
 from .._inputs import Input, prepare, refuse_quantized
 from . import augmented as augment
 from .compute import compute_merge
 from .convert import convert
 from .ops import Plan, TensorOp
-from .plan import ModelFacts, check_supported, plan_merge
+from .plan import check_supported, plan_merge
 from .report import MergeReport
 from .settings import Form, MergeSettings
 from .write import layout, report, write
@@ -152,6 +153,7 @@ class _Planned:
     config: dict[str, Any]
     ops: list[TensorOp]
     untie: bool
+    names: ModelNames | None = None
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -191,12 +193,18 @@ def _plan(
         for src, w in zip(adapter_srcs, settings.weights, strict=True):
             planned.adapters.append(load_adapter(src.path))
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
-        facts = ModelFacts(planned.config.get("model_type"), is_tied(planned.config))
+        planned.names = model_names(ckpt.names(), planned.config)
         if settings.form == "augmented":
-            planned.ops = augment.augmented_ops(ckpt, planned.adapters[0], facts.tied, settings.dtype)
+            planned.ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype)
         else:
             planned.ops, planned.untie = plan_merge(
-                ckpt, planned.adapters, list(settings.weights), facts, dtype=settings.dtype, unmerge=settings.unmerge
+                ckpt,
+                planned.adapters,
+                list(settings.weights),
+                planned.names,
+                planned.config.get("model_type"),
+                dtype=settings.dtype,
+                unmerge=settings.unmerge,
             )
     except BaseException:
         planned.close()

@@ -14,18 +14,16 @@ from ...adapter.names import (
     ADAPTER_NAME,
     AUGMENTED_SUFFIX,
     EMBEDDING_LAYER_NAMES,
-    INPUT_EMBEDDINGS,
-    OUTPUT_EMBEDDING,
     SAVED_PREFIX,
     TOKEN_ADAPTER,
     augmented_key,
-    input_embedding,
     saved_key,
 )
 from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
-from ...errors import CorruptCheckpointError
+from ...errors import CorruptCheckpointError, UnsupportedError
 from ...io.checkpoint import Checkpoint
+from ...names import ModelNames
 from .ops import Action, TensorOp
 
 ORIGINAL = "original_module"
@@ -43,17 +41,31 @@ def _saved_module(adapter: LoraAdapter, module: str) -> bool:
     return any(module == m or module.endswith("." + m) for m in adapter.config.modules_to_save)
 
 
-def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: torch.dtype | None) -> list[TensorOp]:
-    """Ops writing base + adapter as one checkpoint with PEFT's in-memory key names (adapter = input 1)."""
+def augmented_ops(
+    base: Checkpoint, adapter: LoraAdapter, names: ModelNames, dtype: torch.dtype | None
+) -> list[TensorOp]:
+    """Ops writing base + adapter as one checkpoint with PEFT's in-memory key names (adapter = input 1).
+
+    Its keys are the in-memory names (transformers 5 renames on load), every tied tensor included,
+    as a PEFT model's state dict has them.
+    """
+    if names.fused:
+        raise UnsupportedError(
+            f"{names.model_class}: the augmented form of a model whose experts transformers fuses on load "
+            f"({next(iter(names.fused))}) is not written yet: its state dict holds fused experts, the files "
+            "per-expert ones; merge into the plain form instead"
+        )
     ops: list[TensorOp] = []
     lora = set(adapter.modules)
     tokens = set(adapter.token_deltas)
-    embedding = input_embedding(base)
-    names = list(base)
-    if tied and OUTPUT_EMBEDDING not in base and embedding is not None:
-        names.append(OUTPUT_EMBEDDING)
-        if _split(embedding)[0] in tokens:
-            tokens.add(_split(OUTPUT_EMBEDDING)[0])
+    views = names.tied_absent(set(base))
+    entries = [(names.memory_name(key), key) for key in base]
+    for view, source in views.items():
+        source_key = names.file_key(source)
+        assert source_key is not None
+        entries.append((view, source_key))
+        if view == names.head and _split(source)[0] in tokens:  # PEFT mirrors the embedding's tokens on a tied head
+            tokens.add(_split(view)[0])
 
     def add(name: str, src: Ref, action: Action = "copy", like: torch.dtype | None = None) -> None:
         """One output tensor; ``like``: the base dtype a saved W0 is taken at (as PEFT's model holds it)."""
@@ -62,10 +74,8 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: tor
         out = dtype if dtype is not None and info.dtype.is_floating_point else held
         ops.append(TensorOp(name, src, out, info.shape, action, src_dtype=held if held != info.dtype else None))
 
-    for name in names:
+    for name, key in entries:
         module, leaf = _split(name)
-        key = name if name in base else embedding  # a tied head is the embedding's tensor
-        assert key is not None
         src = Ref(0, key)
         like: torch.dtype | None = None
         if name in adapter.base_weights:
@@ -87,7 +97,7 @@ def augmented_ops(base: Checkpoint, adapter: LoraAdapter, tied: bool, dtype: tor
             if role in AUGMENTED_SUFFIX:
                 add(augmented_key(lora_module.name, role), Ref(1, key), "lora")
     for token_module in sorted(tokens):  # a tied head wears the embedding's trainable tokens
-        owner = token_module if token_module in adapter.token_deltas else _split(embedding or "")[0]
+        owner = token_module if token_module in adapter.token_deltas else _split(views[f"{token_module}.weight"])[0]
         add(f"{token_module}.{TOKENS_DELTA}", Ref(1, adapter.token_deltas[owner]), "lora")
     return ops
 
@@ -98,8 +108,9 @@ def _saves_embedding_layers(config: AdapterConfig) -> bool:
     return any(name in targets for name in EMBEDDING_LAYER_NAMES) and not config.trainable_token_indices
 
 
-def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tuple[Checkpoint, LoraAdapter]:
-    """Read an augmented checkpoint back as (base view, adapter view), both over the same file."""
+def split_augmented(ckpt: Checkpoint, config: AdapterConfig, names: ModelNames) -> tuple[Checkpoint, LoraAdapter]:
+    """Read an augmented checkpoint back as (base view, adapter view), both over the same file. The base
+    view's names are the files' own (``names.file_name_for``), as a merge of the two would write them."""
     base_names: dict[str, str] = {}
     saved_names: dict[str, str] = {}
     suffixes = {f".{suffix}": role for role, suffix in AUGMENTED_SUFFIX.items() if role != "tokens_delta"}
@@ -123,19 +134,19 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tupl
             base_names[key] = key
     if not saved_names:
         raise CorruptCheckpointError(f"{ckpt.root}: no LoRA tensors (lora_A.default...): not an augmented checkpoint")
-    # A tied lm_head is in a PEFT model's state dict but not in a transformers checkpoint.
-    if tied and OUTPUT_EMBEDDING in base_names and any(n in base_names for n in INPUT_EMBEDDINGS):
-        del base_names[OUTPUT_EMBEDDING]
-    # trainable tokens mirrored onto a tied lm_head are the embedding's: keep one copy.
-    lm_tokens = saved_key(_split(OUTPUT_EMBEDDING)[0], "tokens_delta")
-    if tied and lm_tokens in saved_names and len([k for k in saved_names if k.endswith("trainable_tokens_delta")]) > 1:
-        del saved_names[lm_tokens]
+    # A tied tensor is in a PEFT model's state dict but not in a transformers checkpoint.
+    for target, source in names.tied.items():
+        if target in base_names and source in base_names:
+            del base_names[target]
+            # trainable tokens mirrored onto a tied head are the embedding's: keep one copy.
+            mirrored = saved_key(_split(target)[0], "tokens_delta")
+            if mirrored in saved_names and saved_key(_split(source)[0], "tokens_delta") in saved_names:
+                del saved_names[mirrored]
     # PEFT saves a wrapped embedding's W0 with the adapter when an embedding layer is targeted.
     if _saves_embedding_layers(config):
-        for name in (*INPUT_EMBEDDINGS, OUTPUT_EMBEDDING):
-            module = _split(name)[0]
-            if f"{module}.base_layer.weight" in ckpt:
-                saved_names[saved_key(module, "base_weight")] = f"{module}.base_layer.weight"
+        for layer in [_split(n)[0] for n in (names.embedding, names.head) if n]:
+            if f"{layer}.base_layer.weight" in ckpt:
+                saved_names[saved_key(layer, "base_weight")] = f"{layer}.base_layer.weight"
     # bias="all" / "lora_only": PEFT saves those trained biases in full, under their wrapped names.
     if config.bias in ("all", "lora_only"):
         for key in ckpt:
@@ -148,4 +159,4 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, tied: bool) -> tupl
             ):
                 saved_names[SAVED_PREFIX + key] = key
     adapter = adapter_from(ckpt.folder, config, ckpt.renamed(saved_names))
-    return ckpt.renamed(base_names), adapter
+    return ckpt.renamed({names.file_name_for(name): key for name, key in base_names.items()}), adapter

@@ -15,11 +15,12 @@ from ...errors import InvalidOptionError
 from ...hub.cards import CARD_NAME, convert_card
 from ...io.checkpoint import open_checkpoint
 from ...io.layout import plan_shards
-from ...io.sidecar import config_bytes, edit_config, is_tied, read_config, sidecar_files
+from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
+from ...names import model_names
 from .._inputs import Input, prepare, refuse_quantized
 from . import augmented as augment
 from .ops import Plan, TensorOp
-from .plan import ModelFacts, plan_merge
+from .plan import plan_merge
 from .report import MergeReport
 from .settings import MergeSettings, Target
 from .write import layout, report, write
@@ -70,12 +71,12 @@ def convert(
         config = read_config(ckpt.folder)
         refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
         adapter_config = AdapterConfig.load(ckpt.folder)
-        base, adapter = augment.split_augmented(ckpt, adapter_config, is_tied(config))
+        base, adapter = augment.split_augmented(ckpt, adapter_config, model_names(ckpt.names(), config))
         extra: dict[str, bytes] = {}
         copies: list[Path] = []
         if to == "merged":
-            facts = ModelFacts(config.get("model_type"), is_tied(config))
-            ops, untie = plan_merge(base, [adapter], [1.0], facts, dtype=settings.dtype)
+            names = model_names(base.names(), config)  # the base view is in the files' names, as a merge reads them
+            ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype)
             inputs = [base, adapter.checkpoint]
             shards = layout(ops, base, settings.max_shard_size)
             if config:

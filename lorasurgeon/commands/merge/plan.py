@@ -6,31 +6,24 @@ them for the augmented form. Nothing here reads tensor data.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 
-from ...adapter.names import CONV1D_MODEL_TYPES, OUTPUT_EMBEDDING, input_embedding
+from ...adapter.names import CONV1D_MODEL_TYPES
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
+from ...names import ModelNames
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the plan needs from config.json."""
-
-    model_type: str | None
-    tied: bool
-
-
 def module_kind(
-    module: LoraModule, weight_shape: tuple[int, ...], facts: ModelFacts, adapter: LoraAdapter
+    module: LoraModule, weight_shape: tuple[int, ...], model_type: str | None, adapter: LoraAdapter
 ) -> LayerKind:
     """Linear, Conv1D, Embedding or Conv, checked against the base weight's shape."""
     a_role, b_role = LAYER_KINDS[module.kind].lora_roles
@@ -39,9 +32,7 @@ def module_kind(
     candidates = [LAYER_KINDS[module.kind]]
     if module.kind == "linear":  # a Linear or GPT-2's Conv1D: the base weight's shape tells them apart
         square = LINEAR.delta_shape(a, b) == CONV1D.delta_shape(a, b)
-        conv1d_first = square and (
-            facts.model_type in CONV1D_MODEL_TYPES or bool(adapter.config.raw.get("fan_in_fan_out"))
-        )
+        conv1d_first = square and (model_type in CONV1D_MODEL_TYPES or bool(adapter.config.raw.get("fan_in_fan_out")))
         candidates = [CONV1D, LINEAR] if conv1d_first else [LINEAR, CONV1D]
     for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
         if role in module.keys and not adapter.checkpoint.info(module.keys[role]).dtype.is_floating_point:
@@ -92,29 +83,42 @@ def plan_merge(
     base: Checkpoint,
     adapters: list[LoraAdapter],
     weights: list[float],
-    facts: ModelFacts,
+    names: ModelNames,
+    model_type: str | None,
     *,
     dtype: torch.dtype | None,
     unmerge: bool = False,
 ) -> tuple[list[TensorOp], bool]:
-    """One op per output tensor, in base order, and whether a tied lm_head had to be untied (and added)."""
+    """One op per output tensor, in base order, and whether a tied tensor had to be untied (and added).
+
+    Ops are keyed by the files' own names; an adapter names tensors as they are in memory (under
+    transformers 5, renamed), or as the files name them (as under transformers 4): both resolve.
+    A tied tensor the files omit (a tied head) is a view of its source with its own ops.
+    """
     sign = -1.0 if unmerge else 1.0
     terms: dict[str, list[Term]] = {}
     srcs: dict[str, Ref] = {}
     rows: dict[str, list[RowPatch]] = {}
     replaced: dict[str, Ref] = {}
-    embedding = input_embedding(base)
-    tied = facts.tied and OUTPUT_EMBEDDING not in base and embedding is not None
+    views = names.tied_absent(set(base))  # in-memory tied tensors the files omit -> their in-memory source
 
-    def target(name: str, adapter: LoraAdapter, what: str) -> str:
+    def plan_key(name: str) -> str | None:
+        """An adapter's tensor name -> the file key it is, or the tied view it names."""
+        file = names.file_key(name)
+        if file is not None and file in base:
+            return file
         if name in base:
             return name
-        if tied and name == OUTPUT_EMBEDDING:
-            return name
-        raise IncompatibleError(
-            f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
-            "(is this adapter for another model?)"
-        )
+        return name if name in views else None
+
+    def target(name: str, adapter: LoraAdapter, what: str) -> str:
+        key = plan_key(name)
+        if key is None:
+            raise IncompatibleError(
+                f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
+                "(is this adapter for another model?)"
+            )
+        return key
 
     def same_shape(name: str, adapter: LoraAdapter, key: str, what: str) -> None:
         want, got = shape_of(name, adapter), adapter.checkpoint.info(key).shape
@@ -124,12 +128,13 @@ def plan_merge(
                 "(is this adapter for another model, or for a resized vocabulary?)"
             )
 
-    def base_key(name: str) -> str:
-        """The base tensor behind ``name``: itself, or the embedding for a tied head the files omit."""
-        if name in base:
-            return name
-        assert tied and embedding is not None
-        return embedding
+    def base_key(key: str) -> str:
+        """The file tensor behind a plan key: itself, or a tied view's source."""
+        if key in base:
+            return key
+        source = names.file_key(views[key])
+        assert source is not None  # tied_absent keeps only views whose source the files hold
+        return source
 
     def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
         info = base.info(base_key(name))
@@ -142,7 +147,7 @@ def plan_merge(
     for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True), start=1):
         for module in adapter.modules.values():
             wname = target(module.weight_name, adapter, f"module {module.name!r}")
-            kind = module_kind(module, shape_of(wname, adapter), facts, adapter)
+            kind = module_kind(module, shape_of(wname, adapter), model_type, adapter)
             a_role, b_role = kind.lora_roles
             a, b = Ref(i, module.keys[a_role]), Ref(i, module.keys[b_role])
             mag = Ref(i, module.keys["magnitude"]) if "magnitude" in module.keys else None
@@ -165,11 +170,13 @@ def plan_merge(
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
                 terms.setdefault(bname, []).append(BiasTerm(Ref(i, module.keys["B_bias"]), scale))
         for name, key in adapter.base_weights.items():  # W0 itself: merge adds to it, unmerge restores it
-            srcs[target(name, adapter, "a saved base_layer weight")] = Ref(i, key)
-            same_shape(name, adapter, key, "the saved base_layer weight")
+            planned = target(name, adapter, "a saved base_layer weight")
+            srcs[planned] = Ref(i, key)
+            same_shape(planned, adapter, key, "the saved base_layer weight")
         for name, key in adapter.replacements.items():
-            replaced[target(name, adapter, "a full trained tensor")] = Ref(i, key)
-            same_shape(name, adapter, key, "the full trained tensor")
+            planned = target(name, adapter, "a full trained tensor")
+            replaced[planned] = Ref(i, key)
+            same_shape(planned, adapter, key, "the full trained tensor")
         for token_module, key in adapter.token_deltas.items():
             indices = adapter.config.token_indices(token_module)
             assert indices is not None  # load_adapter refuses token deltas the config does not name
@@ -182,13 +189,14 @@ def plan_merge(
                 )
             patch = RowPatch(indices, Ref(i, key))
             rows.setdefault(wname, []).append(patch)
-            if tied and wname == embedding:  # PEFT wraps the tied lm_head with the same tokens
-                rows.setdefault(OUTPUT_EMBEDDING, []).append(patch)
+            for view in views:  # PEFT wraps a tied head with the embedding's trainable tokens
+                if view == names.head and base_key(view) == wname:
+                    rows.setdefault(view, []).append(patch)
 
-    if tied:  # a saved W0 of either tied module is loaded by PEFT into the one shared tensor
-        shared = srcs.get(base_key(OUTPUT_EMBEDDING)) or srcs.get(OUTPUT_EMBEDDING)
+    for view in views:  # a saved W0 of any tied module is loaded by PEFT into the one shared tensor
+        shared = srcs.get(base_key(view)) or srcs.get(view)
         if shared is not None:
-            srcs[base_key(OUTPUT_EMBEDDING)] = srcs[OUTPUT_EMBEDDING] = shared
+            srcs[base_key(view)] = srcs[view] = shared
 
     def op_for(name: str, src_name: str) -> TensorOp:
         info = base.info(src_name)
@@ -207,11 +215,15 @@ def plan_merge(
         return TensorOp(name, src, out_dtype, info.shape, action, t, r, src_dtype)
 
     ops = [op_for(name, name) for name in base]
-    untie = False
-    if tied:
-        lm = op_for(OUTPUT_EMBEDDING, base_key(OUTPUT_EMBEDDING))
-        emb_op = next(op for op in ops if op.name == embedding)
-        untie = (lm.src, lm.terms, lm.rows, lm.src_dtype) != (emb_op.src, emb_op.terms, emb_op.rows, emb_op.src_dtype)
-        if untie:
-            ops.append(lm)
+    by_name = {op.name: op for op in ops}
+    own = {view: op_for(view, base_key(view)) for view in views}
+    untie = any(
+        (op.src, op.terms, op.rows, op.src_dtype) != (held.src, held.terms, held.rows, held.src_dtype)
+        for op, held in ((own[v], by_name[base_key(v)]) for v in views)
+    )
+    if untie:
+        # The adapters made a tied tensor differ from its source: write every tensor the model tied
+        # (tie_word_embeddings=false releases them all; BERT's decoder bias with its weight), each
+        # as the adapter model has it. transformers loads a tied tensor the files hold as it is.
+        ops += [dataclasses.replace(op, name=names.file_name_for(view)) for view, op in own.items()]
     return ops, untie

@@ -1,0 +1,30 @@
+"""Which tensor is which: in-memory names (what PEFT adapters use) against file keys, tied tensors,
+the output head, fused MoE experts, the PEFT task type. See ``model.ModelNames``."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from .builtin import builtin, is_tied
+from .from_transformers import from_transformers
+from .model import FusedExperts, ModelNames
+
+__all__ = ["FusedExperts", "ModelNames", "is_tied", "model_names"]
+
+
+def model_names(file_keys: Sequence[str], config: Mapping[str, Any]) -> ModelNames:
+    """The names of a checkpoint: from transformers where it is installed and knows the model, else the
+    built-in table (``ModelNames.source`` says which, and why)."""
+    return _cached(tuple(file_keys), json.dumps(config, sort_keys=True, default=str))
+
+
+@functools.lru_cache(maxsize=8)
+def _cached(file_keys: tuple[str, ...], config_json: str) -> ModelNames:
+    """One meta model per checkpoint and config in a process (a program or a test suite merges the same
+    model again and again); ModelNames is never changed once made."""
+    config = json.loads(config_json)
+    found = from_transformers(file_keys, config)
+    return found if isinstance(found, ModelNames) else builtin(file_keys, config, found)

@@ -1,0 +1,122 @@
+"""ModelNames read off transformers itself: a model built on the meta device from the checkpoint's
+own config.json (no memory, a fraction of a second), its weight conversions (``conversion_mapping``),
+its tied weights and its output head. Nothing here is a copied table, so it follows the installed
+transformers; what it cannot describe is reported, not guessed."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any, cast
+
+from .model import FusedExperts, ModelNames
+
+# PEFT's task type for a transformers class, by the end of its name (None: PEFT's plain PeftModel).
+_TASKS = (
+    ("ForCausalLM", "CAUSAL_LM"),
+    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
+    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
+    ("ForSequenceClassification", "SEQ_CLS"),
+    ("ForTokenClassification", "TOKEN_CLS"),
+    ("ForQuestionAnswering", "QUESTION_ANS"),
+    ("Model", "FEATURE_EXTRACTION"),
+)
+# transformers classes whose forward is not PEFT's seq2seq signature, or have no task PEFT names.
+_NO_TASK = ("WhisperForConditionalGeneration", "CLIPTextModel", "CLIPVisionModel")
+
+
+def task_type(class_name: str | None) -> str | None:
+    if class_name is None or class_name in _NO_TASK:
+        return None
+    return next((task for end, task in _TASKS if class_name.endswith(end)), None)
+
+
+def _meta_model(config: Mapping[str, Any]) -> Any:
+    """The checkpoint's model class, built on the meta device from its config (raises on failure)."""
+    import torch
+    import transformers
+
+    model_type = config.get("model_type")
+    if not model_type or model_type not in transformers.CONFIG_MAPPING:
+        raise LookupError(f"transformers {transformers.__version__} does not know model_type {model_type!r}")
+    cfg = transformers.CONFIG_MAPPING[model_type].from_dict(dict(config))
+    classes = [getattr(transformers, name) for name in config.get("architectures") or [] if hasattr(transformers, name)]
+    with torch.device("meta"):
+        if classes:
+            return classes[0](cfg)
+        return transformers.AutoModel.from_config(cfg)  # no class named: the headless model
+
+
+def _fused(converter: Any, pattern: str, key: str) -> tuple[int, int] | None:
+    """(part, expert) of a per-expert file key a converter fuses, if its operations are the ones
+    described here: experts stacked on axis 0, parts concatenated on axis 1."""
+    ops = [(type(op).__name__, getattr(op, "dim", None)) for op in converter.operations]
+    parts = list(converter.source_patterns)
+    if ops not in ([("MergeModulelist", 0), ("Concatenate", 1)], [("MergeModulelist", 0)]) or pattern not in parts:
+        return None
+    match = re.search(re.escape(pattern).replace(r"\*", r"(\d+)"), key)
+    return (parts.index(pattern), int(match.group(1))) if match else None
+
+
+def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> ModelNames | str:
+    """The names of a checkpoint with these file keys and this config.json, or why transformers
+    could not give them (a sentence)."""
+    if not config.get("model_type"):  # not a transformers model (or no config.json): nothing to ask
+        return "config.json names no model_type"
+    try:
+        import transformers
+        from transformers import conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        return "transformers is not installed"
+    try:
+        model = _meta_model(config)
+    except Exception as exc:  # custom code, an unknown or broken config: say so, do not guess
+        return f"transformers {transformers.__version__} cannot build it ({type(exc).__name__}: {exc})"
+    transforms = conversion_mapping.get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    file_of: dict[str, str] = {}
+    parts: dict[str, dict[tuple[int, int], str]] = {}
+    for key in file_keys:
+        memory, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if pattern is None:
+            file_of[memory] = key
+            continue
+        converter = next(c for c in converters if pattern in c.source_patterns)
+        where = _fused(converter, pattern, key)
+        if where is not None:
+            parts.setdefault(memory, {})[where] = key
+    fused = {}
+    for memory, found in parts.items():
+        n_parts, n_experts = max(p for p, _ in found) + 1, max(e for _, e in found) + 1
+        if len(found) == n_parts * n_experts:
+            fused[memory] = FusedExperts(tuple(tuple(found[(p, e)] for e in range(n_experts)) for p in range(n_parts)))
+    reverse = [cast(WeightRenaming, t.reverse_transform()) for t in renamings][::-1]
+    tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
+    head, embedding = _parameter(model, "get_output_embeddings"), _parameter(model, "get_input_embeddings")
+    saved_as = {name: rename_source_key(name, reverse, [], reverse=True)[0] for name in {*meta, *tied}}
+    class_name = type(model).__name__
+    return ModelNames(
+        file_of,
+        tied,
+        head,
+        embedding,
+        fused,
+        class_name,
+        task_type(class_name),
+        f"transformers {transformers.__version__} ({class_name})",
+        saved_as,
+    )
+
+
+def _parameter(model: Any, getter: str) -> str | None:
+    """The in-memory name of the ``weight`` of the module ``model.<getter>()`` returns (None when it has none)."""
+    try:
+        module = getattr(model, getter)()
+    except (NotImplementedError, AttributeError):  # a model without embeddings (a ResNet) says so by raising
+        return None
+    if module is None or getattr(module, "weight", None) is None:
+        return None
+    return next((f"{name}.weight" for name, m in model.named_modules() if m is module), None)
