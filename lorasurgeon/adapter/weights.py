@@ -87,6 +87,12 @@ def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraA
             modules[name] = _module(folder, config, ckpt, name, keys)
         elif set(keys) - {"base_weight", "tokens_delta"}:
             raise AdapterConfigError(f"{folder}: module {name!r} has {', '.join(sorted(keys))} but no lora_A")
+    # PEFT saves a targeted embedding / head whole (save_embedding_layers): its frozen bias (Phi's and
+    # GPT-J's lm_head) comes with its W0 -- the base's own bias, not a trained one, unless bias= trains it.
+    if config.bias == "none":
+        for name in [n for n in replacements if n.endswith(".bias") and f"{n[:-5]}.weight" in base_weights]:
+            if replacements[name].endswith(".base_layer.bias"):
+                base_weights[name] = replacements.pop(name)
     return LoraAdapter(folder, config, ckpt, modules, replacements, base_weights, token_deltas)
 
 

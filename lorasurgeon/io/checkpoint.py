@@ -152,6 +152,14 @@ class Checkpoint:
                 ) from None
         return out.view(info.dtype).reshape(info.shape)
 
+    def same_values(self, a: str, b: str) -> bool:
+        """Whether two tensors hold the same values, bit for bit (as transformers decides whether a tied
+        pair the files both hold is tied on load). Reads the two tensors, one pair at a time."""
+        ia, ib = self.info(a), self.info(b)
+        if (ia.file, ia.offset) == (ib.file, ib.offset) and ia.offset is not None:
+            return True
+        return ia.shape == ib.shape and ia.dtype == ib.dtype and torch.equal(self.read(a), self.read(b))
+
     def _read_legacy(self, info: TensorInfo) -> torch.Tensor:
         # One pickle is mapped at a time: moving to the next shard unmaps the previous one.
         if self._legacy is None or self._legacy.path != info.file:

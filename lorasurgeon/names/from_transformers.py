@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
+from typing import Any
 
 from .model import FusedExperts, ModelNames
 
@@ -66,7 +66,13 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
     try:
         import transformers
         from transformers import conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+        from transformers.core_model_loading import (
+            PrefixChange,
+            WeightConverter,
+            WeightRenaming,
+            apply_renamings,
+            rename_source_key,
+        )
     except ImportError:
         return "transformers is not installed"
     try:
@@ -93,10 +99,14 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
         n_parts, n_experts = max(p for p, _ in found) + 1, max(e for _, e in found) + 1
         if len(found) == n_parts * n_experts:
             fused[memory] = FusedExperts(tuple(tuple(found[(p, e)] for e in range(n_experts)) for p in range(n_parts)))
-    reverse = [cast(WeightRenaming, t.reverse_transform()) for t in renamings][::-1]
+    # The names save_pretrained writes back: transformers' own revert_weight_conversion, for a model not
+    # loaded from a file (no legacy renames such as LayerNorm.weight -> gamma, no prefix changes).
+    forward = conversion_mapping.get_model_conversion_mapping(model, add_legacy=False)
+    reversed_all = [t.reverse_transform() for t in forward[::-1] if not isinstance(t, PrefixChange)]
+    reverse = [t for t in reversed_all if isinstance(t, WeightRenaming)]
     tied = dict(getattr(model, "all_tied_weights_keys", {}) or {})
     head, embedding = _parameter(model, "get_output_embeddings"), _parameter(model, "get_input_embeddings")
-    saved_as = {name: rename_source_key(name, reverse, [], reverse=True)[0] for name in {*meta, *tied}}
+    saved_as = {name: apply_renamings(name, reverse) for name in {*meta, *tied}}
     class_name = type(model).__name__
     return ModelNames(
         file_of,

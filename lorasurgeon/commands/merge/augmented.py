@@ -64,8 +64,11 @@ def augmented_ops(
         source_key = names.file_key(source)
         assert source_key is not None
         entries.append((view, source_key))
-        if view == names.head and _split(source)[0] in tokens:  # PEFT mirrors the embedding's tokens on a tied head
-            tokens.add(_split(view)[0])
+    owner = {module: module for module in tokens}  # module wearing trainable tokens -> the adapter's module
+    for target, source in names.tied.items():  # PEFT mirrors the embedding's tokens on every tied module
+        if _split(source)[0] in adapter.token_deltas:
+            owner[_split(target)[0]] = _split(source)[0]
+            tokens.add(_split(target)[0])
 
     def add(name: str, src: Ref, action: Action = "copy", like: torch.dtype | None = None) -> None:
         """One output tensor; ``like``: the base dtype a saved W0 is taken at (as PEFT's model holds it)."""
@@ -96,9 +99,8 @@ def augmented_ops(
         for role, key in lora_module.keys.items():
             if role in AUGMENTED_SUFFIX:
                 add(augmented_key(lora_module.name, role), Ref(1, key), "lora")
-    for token_module in sorted(tokens):  # a tied head wears the embedding's trainable tokens
-        owner = token_module if token_module in adapter.token_deltas else _split(views[f"{token_module}.weight"])[0]
-        add(f"{token_module}.{TOKENS_DELTA}", Ref(1, adapter.token_deltas[owner]), "lora")
+    for token_module in sorted(tokens):  # a tied module wears the embedding's trainable tokens
+        add(f"{token_module}.{TOKENS_DELTA}", Ref(1, adapter.token_deltas[owner[token_module]]), "lora")
     return ops
 
 
@@ -134,14 +136,16 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, names: ModelNames) 
             base_names[key] = key
     if not saved_names:
         raise CorruptCheckpointError(f"{ckpt.root}: no LoRA tensors (lora_A.default...): not an augmented checkpoint")
-    # A tied tensor is in a PEFT model's state dict but not in a transformers checkpoint.
+    # A tied tensor is in a PEFT model's state dict but not in a transformers checkpoint. transformers
+    # ties a pair only when the files lack one or hold equal values (modeling_utils.tie_weights), so a
+    # target that differs from its source (T5's lm_head under "tie_word_embeddings": false) stays.
     for target, source in names.tied.items():
-        if target in base_names and source in base_names:
+        if target in base_names and source in base_names and ckpt.same_values(base_names[target], base_names[source]):
             del base_names[target]
-            # trainable tokens mirrored onto a tied head are the embedding's: keep one copy.
-            mirrored = saved_key(_split(target)[0], "tokens_delta")
-            if mirrored in saved_names and saved_key(_split(source)[0], "tokens_delta") in saved_names:
-                del saved_names[mirrored]
+        # trainable tokens mirrored onto a tied module are the embedding's: keep one copy.
+        mirrored = saved_key(_split(target)[0], "tokens_delta")
+        if mirrored in saved_names and saved_key(_split(source)[0], "tokens_delta") in saved_names:
+            del saved_names[mirrored]
     # PEFT saves a wrapped embedding's W0 with the adapter when an embedding layer is targeted.
     if _saves_embedding_layers(config):
         for layer in [_split(n)[0] for n in (names.embedding, names.head) if n]:

@@ -136,6 +136,12 @@ def plan_merge(
         assert source is not None  # tied_absent keeps only views whose source the files hold
         return source
 
+    def tied_to(key: str) -> list[str]:
+        """Plan keys of the tensors the model ties to file tensor ``key``: views the files omit, and ones they
+        hold (T5's lm_head, whose config ties it whatever the files say: PEFT follows the config)."""
+        source = names.memory_name(key)
+        return [plan_key(t) or t for t, s in names.tied.items() if s == source and (plan_key(t) or t) != key]
+
     def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
         info = base.info(base_key(name))
         if not info.dtype.is_floating_point:
@@ -189,9 +195,8 @@ def plan_merge(
                 )
             patch = RowPatch(indices, Ref(i, key))
             rows.setdefault(wname, []).append(patch)
-            for view in views:  # PEFT wraps a tied head with the embedding's trainable tokens
-                if view == names.head and base_key(view) == wname:
-                    rows.setdefault(view, []).append(patch)
+            for tied_key in tied_to(wname):  # PEFT wraps every module tied to the embedding with its tokens
+                rows.setdefault(tied_key, []).append(patch)
 
     for view in views:  # a saved W0 of any tied module is loaded by PEFT into the one shared tensor
         shared = srcs.get(base_key(view)) or srcs.get(view)
