@@ -205,6 +205,16 @@ ARCHS: dict[str, Arch] = {
             _ids,
         ),
         Arch(
+            "gpt_oss",  # experts stored (E, in, out), fused on disk; gate_up square here (H == 2I)
+            _cfg(
+                "GptOssConfig",
+                **dict(_MOE, intermediate_size=32, head_dim=16),
+                rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
+            ),
+            "AutoModelForCausalLM",
+            _ids,
+        ),
+        Arch(
             "bert",
             _cfg(
                 "BertConfig",

@@ -90,6 +90,19 @@ def lora_config(kind: str, model: Any, names: Any) -> dict[str, Any] | None:
         return dict(target_modules=linear[:1], trainable_token_indices={leaf: [3, 7]}) if leaf else None
     if kind == "layers":
         return dict(target_modules=linear, layers_to_transform=[1])
+    stacked = sorted({n.rpartition(".")[2] for n, p in model.named_parameters() if p.dim() == 3 and ".experts." in n})
+    if kind == "experts":  # PEFT's target_parameters on stacked MoE experts, with a LoRA layer beside them
+        return dict(target_modules=linear[:1], target_parameters=[f"experts.{p}" for p in stacked]) if stacked else None
+    if kind == "experts-patterns":
+        if not stacked:
+            return None
+        return dict(
+            target_modules=[],
+            target_parameters=stacked,
+            use_rslora=True,
+            rank_pattern={stacked[0]: 2},
+            alpha_pattern={stacked[-1]: 5},
+        )
     raise ValueError(kind)
 
 
@@ -104,6 +117,8 @@ KINDS = [
     "lora_bias",
     "tokens",
     "layers",
+    "experts",
+    "experts-patterns",
 ]
 # What lorasurgeon refuses, by design, and the phrase that says so. (arch or "*", kind, check) -> phrase
 REFUSED = {
@@ -112,11 +127,6 @@ REFUSED = {
     ("*", "mts-head", "unmerge"): "cannot unmerge",
     ("*", "bias-all", "unmerge"): "cannot unmerge",
     ("*", "tokens", "unmerge"): "cannot unmerge",
-    **{
-        (moe, kind, "augmented"): "is not written yet"
-        for moe in ("mixtral", "qwen2_moe", "qwen3_moe")
-        for kind in KINDS
-    },
 }
 
 
@@ -147,6 +157,8 @@ FAST = {
     ("gemma", True),
     ("phi", True),
     ("t5", False),
+    ("mixtral", False),
+    ("gpt_oss", False),
 }
 
 

@@ -104,7 +104,6 @@ UNSUPPORTED = {
     "QA-LoRA": dict(use_qalora=True),
     "KaSA": dict(kasa_config={"x": 1}),
     "BD-LoRA": dict(use_bdlora={"x": 1}),
-    "target_parameters": dict(target_parameters=["experts.gate_up_proj"]),
     "peft_type IA3": dict(peft_type="IA3"),
 }
 

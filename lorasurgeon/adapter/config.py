@@ -22,7 +22,6 @@ _UNSUPPORTED_KEYS = {
     "use_qalora": "QA-LoRA (use_qalora)",
     "kasa_config": "KaSA (kasa_config)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
-    "target_parameters": "LoRA on parameters such as fused MoE experts (target_parameters)",
 }
 
 
@@ -32,6 +31,10 @@ def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
         if re.match(rf"(.*\.)?({key})$", module):
             return key
     return None
+
+
+def _as_tuple(value: tuple[str, ...] | str | None) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else (value or ())
 
 
 @dataclass(frozen=True)
@@ -53,6 +56,7 @@ class AdapterConfig:
     lora_bias: bool
     trainable_token_indices: Mapping[str, tuple[int, ...]] | None
     base_model: str | None
+    target_parameters: tuple[str, ...] = ()  # parameters wrapped by PEFT's ParamWrapper (MoE experts)
 
     @classmethod
     def load(cls, folder: str | Path) -> AdapterConfig:
@@ -117,12 +121,19 @@ class AdapterConfig:
             rank_pattern={str(k): int(v) for k, v in dict(raw.get("rank_pattern") or {}).items()},
             alpha_pattern={str(k): float(v) for k, v in dict(raw.get("alpha_pattern") or {}).items()},
             layers_to_transform=tuple(int(i) for i in layers) if layers else None,
-            modules_to_save=tuple(names(raw.get("modules_to_save"), "modules_to_save") or ()),
+            modules_to_save=_as_tuple(names(raw.get("modules_to_save"), "modules_to_save")),
             bias=str(raw.get("bias", "none")),
             lora_bias=bool(raw.get("lora_bias", False)),
             trainable_token_indices=tti,
             base_model=raw.get("base_model_name_or_path"),
+            target_parameters=_as_tuple(names(raw.get("target_parameters"), "target_parameters")),
         )
+
+    @property
+    def peft_version(self) -> tuple[int, int, int] | None:
+        """The PEFT version that wrote the adapter (``peft_version``, e.g. "0.21.2"), if it says."""
+        match = re.match(r"(\d+)\.(\d+)\.(\d+)", str(self.raw.get("peft_version") or ""))
+        return (int(match[1]), int(match[2]), int(match[3])) if match else None
 
     def token_indices(self, module: str) -> tuple[int, ...] | None:
         """The token ids of trainable tokens for ``module`` (keys match as module-name suffixes)."""
@@ -166,5 +177,6 @@ class AdapterConfig:
             "lora_bias": self.lora_bias,
             "trainable_tokens": bool(self.trainable_token_indices),
             "layers_to_transform": bool(self.layers_to_transform),
+            "target_parameters": bool(self.target_parameters),
         }
         return [name for name, on in flags.items() if on]

@@ -13,7 +13,6 @@ from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..io.dtypes import safetensors_name
 from ..io.sidecar import read_config
-from ..names import model_names
 from ._inputs import input_kind
 from .merge.augmented import split_augmented
 
@@ -93,8 +92,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         adapter = load_adapter(ckpt.folder)
         ckpt = adapter.checkpoint
     elif form == "augmented" and has_config:  # the adapter inside, read as convert reads it
-        names = model_names(ckpt.names(), read_config(ckpt.folder))
-        _, adapter = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), names)
+        _, adapter, _ = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), read_config(ckpt.folder))
     dtypes: dict[str, list[int]] = {}
     for info in ckpt.infos():
         counts = dtypes.setdefault(safetensors_name(info.dtype), [0, 0])

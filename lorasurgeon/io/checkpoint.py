@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from ..errors import CorruptCheckpointError, InputNotFoundError
+from ..errors import CorruptCheckpointError, InputNotFoundError, UnsupportedError
 from .dtypes import itemsize
 from .header import read_header
 from .legacy import LegacyFile
@@ -172,6 +172,26 @@ class Checkpoint:
         infos = [
             dataclasses.replace(self.info(old), name=new, key=self.info(old).file_key) for new, old in names.items()
         ]
+        return Checkpoint(self.root, self.format, list(self.files), infos, self.metadata, self.index_file)
+
+    def carved(self, pieces: dict[str, tuple[str, int, int, int]]) -> Checkpoint:
+        """This checkpoint with some 3-D tensors carved up into slices of their own: ``pieces`` maps a
+        new name to (name here, index on axis 0, first row, end row). The carved tensors leave the view.
+        Each slice is contiguous in its file, so it is read -- or copied byte for byte -- where it lies.
+
+        Raises:
+            UnsupportedError: the tensor is in a pickle (.bin), whose layout is not ours to slice.
+        """
+        carved = {name for name, _, _, _ in pieces.values()}
+        infos = [info for info in self._infos.values() if info.name not in carved]
+        for new, (name, index, start, stop) in pieces.items():
+            info = self.info(name)
+            if info.offset is None or len(info.shape) != 3:
+                raise UnsupportedError(f"{info.file}: {name!r} cannot be read in slices (a pickle, or not 3-D)")
+            rows, cols = info.shape[1], info.shape[2]
+            offset = info.offset + (index * rows + start) * cols * itemsize(info.dtype)
+            shape = (stop - start, cols)
+            infos.append(dataclasses.replace(info, name=new, key=info.file_key, shape=shape, offset=offset))
         return Checkpoint(self.root, self.format, list(self.files), infos, self.metadata, self.index_file)
 
     def close(self) -> None:

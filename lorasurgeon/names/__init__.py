@@ -9,10 +9,10 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .builtin import builtin, is_tied
-from .from_transformers import from_transformers
+from .from_transformers import from_transformers, saved_keys
 from .model import FusedExperts, ModelNames
 
-__all__ = ["FusedExperts", "ModelNames", "is_tied", "model_names"]
+__all__ = ["FusedExperts", "ModelNames", "is_tied", "model_names", "names_of_memory"]
 
 
 def model_names(file_keys: Sequence[str], config: Mapping[str, Any]) -> ModelNames:
@@ -28,3 +28,10 @@ def _cached(file_keys: tuple[str, ...], config_json: str) -> ModelNames:
     config = json.loads(config_json)
     found = from_transformers(file_keys, config)
     return found if isinstance(found, ModelNames) else builtin(file_keys, config, found)
+
+
+def names_of_memory(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> ModelNames:
+    """The names of the checkpoint transformers would save for a model holding tensors of these in-memory
+    names and shapes (an augmented checkpoint's base): its ``file_of`` and ``fused`` say where each goes."""
+    keys = saved_keys(shapes, config)
+    return model_names(keys if keys is not None else list(shapes), config)

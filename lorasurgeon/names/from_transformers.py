@@ -108,6 +108,13 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
     head, embedding = _parameter(model, "get_output_embeddings"), _parameter(model, "get_input_embeddings")
     saved_as = {name: apply_renamings(name, reverse) for name in {*meta, *tied}}
     class_name = type(model).__name__
+    transposed = frozenset(
+        f"{name}.{param}"
+        for name, module in model.named_modules()
+        if getattr(module, "is_transposed", False)
+        for param, value in module.named_parameters(recurse=False)
+        if value.dim() == 3
+    )
     return ModelNames(
         file_of,
         tied,
@@ -118,6 +125,7 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
         task_type(class_name),
         f"transformers {transformers.__version__} ({class_name})",
         saved_as,
+        transposed,
     )
 
 
@@ -130,3 +138,20 @@ def _parameter(model: Any, getter: str) -> str | None:
     if module is None or getattr(module, "weight", None) is None:
         return None
     return next((f"{name}.weight" for name, m in model.named_modules() if m is module), None)
+
+
+def saved_keys(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> list[str] | None:
+    """The file keys transformers' save_pretrained writes for in-memory tensors of these shapes (its own
+    ``revert_weight_conversion``, run on meta tensors: fused experts come out per expert); None when
+    transformers cannot say."""
+    if not config.get("model_type"):
+        return None
+    try:
+        import torch
+        from transformers.core_model_loading import revert_weight_conversion
+
+        model = _meta_model(config)
+        meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+        return list(revert_weight_conversion(model, meta))
+    except Exception:  # not installed, custom code, a conversion that refuses these shapes: no answer
+        return None

@@ -41,6 +41,8 @@ class ModelNames:
     task_type: str | None = None  # PEFT's task_type for that class (None: PEFT's plain PeftModel)
     source: str = "built-in table"  # where these answers came from
     saved_as: Mapping[str, str] = field(default_factory=dict)  # in-memory name -> its name when saved (the files')
+    # in-memory stacked expert parameters stored (E, in, out) rather than (E, out, in) (GPT-OSS: is_transposed)
+    transposed: frozenset[str] = frozenset()
 
     def file_key(self, name: str) -> str | None:
         """The file key of an in-memory tensor name the files hold whole (None if they do not)."""
@@ -55,6 +57,10 @@ class ModelNames:
         do not hold (an untied head; GPT-NeoX's lm_head is embed_out on disk), or when converting
         in-memory names (the augmented form) back."""
         return self.saved_as.get(name, name)
+
+    def parameters_of(self, module: str) -> list[str]:
+        """The in-memory names of a module's own parameters (held whole by the files, or fused from them)."""
+        return sorted(n for n in (*self.file_of, *self.fused) if n.rpartition(".")[0] == module)
 
     @property
     def _memory_of(self) -> dict[str, str]:

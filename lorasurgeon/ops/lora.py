@@ -8,6 +8,8 @@ Layouts (s = scale):
   conv1d     W (in, out),        A (r, in),          B (out, r)        ΔW = (s·B@A)ᵀ   (GPT-2's Conv1D)
   embedding  W (num, dim),       A (r, num),         B (dim, r)        ΔW = (s·B@A)ᵀ
   conv       W (out, in, k, k),  A (r, in, k, k),    B (out, r, 1, 1)  ΔW = s·einsum(B, A)
+  experts    W (E, out, in),     A (E·r, in),        B (out, E·r)      ΔW[e] = s·B[:, e::E]@A[e·r:(e+1)·r]
+             (PEFT's target_parameters on stacked MoE experts; stored (E, in, out), as GPT-OSS does: ΔW[e]ᵀ)
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Literal
 
 import torch
 
-LayerName = Literal["linear", "conv1d", "embedding", "conv"]
+LayerName = Literal["linear", "conv1d", "embedding", "conv", "experts"]
 
 
 @dataclass(frozen=True)
@@ -26,11 +28,13 @@ class LayerKind:
 
     ``transposed``: the base weight is stored (in, out), so ΔW = (s·B@A)ᵀ (GPT-2's Conv1D; an
     Embedding, which PEFT treats as fan_in_fan_out). ``lora_roles``: the adapter roles of its A and B.
+    ``matrix``: ΔW is one product ``left @ right`` of the weight's own 2-D shape (``factors``).
     """
 
     name: LayerName
     transposed: bool
     lora_roles: tuple[str, str] = ("A", "B")
+    matrix: bool = True
 
     def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
         """The base weight shape an A/B pair implies (for validation from headers)."""
@@ -71,12 +75,71 @@ class _ConvKind(LayerKind):
         return tuple(range(1, ndim))
 
 
+@dataclass(frozen=True)
+class ExpertSlice(LayerKind):
+    """One expert's part of a LoRA on stacked experts, for a weight that holds expert ``expert`` alone
+    (per-expert files: Mixtral's ``experts.3.w1``): ΔW[e] = s·B_e@A_e (its transpose when the stack is
+    stored (E, in, out)), of which the weight holds ``rows`` (fused gate/up: the gate rows, the up rows)
+    or ``cols``, when set."""
+
+    expert: int = 0
+    experts: int = 1
+    rows: tuple[int, int] | None = None
+    cols: tuple[int, int] | None = None
+
+    def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+        d1, d2 = (a_shape[1], b_shape[0]) if self.transposed else (b_shape[0], a_shape[1])
+        d1 = self.rows[1] - self.rows[0] if self.rows else d1
+        d2 = self.cols[1] - self.cols[0] if self.cols else d2
+        return (d1, d2)
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        r = a.shape[0] // self.experts
+        a_e = a[self.expert * r : (self.expert + 1) * r].to(torch.float32)  # expert-major rows
+        b_e = b[:, self.expert :: self.experts].to(torch.float32)  # rank-major columns, expert fastest
+        left, right = (a_e.T, b_e.T) if self.transposed else (b_e, a_e)
+        if self.rows:
+            left = left[self.rows[0] : self.rows[1]]
+        if self.cols:
+            right = right[:, self.cols[0] : self.cols[1]]
+        return left, right
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        left, right = self.factors(a, b)
+        return (left @ right) * scale
+
+
+@dataclass(frozen=True)
+class StackedExperts(LayerKind):
+    """A LoRA on a stacked expert parameter held whole (E, out, in) -- or (E, in, out) when ``transposed``
+    (GPT-OSS) -- as files written in the fused layout hold it."""
+
+    matrix: bool = False
+    experts: int = 1
+
+    def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
+        d1, d2 = (a_shape[1], b_shape[0]) if self.transposed else (b_shape[0], a_shape[1])
+        return (self.experts, d1, d2)
+
+    def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise TypeError("stacked experts are E matrix products: use delta()")
+
+    def delta(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+        e = self.experts
+        a_e = a.to(torch.float32).reshape(e, -1, a.shape[-1])  # (E, r, in)
+        b_e = b.to(torch.float32).reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
+        product = torch.bmm(b_e, a_e) * scale
+        return product.transpose(1, 2) if self.transposed else product
+
+    def norm_dims(self, ndim: int) -> tuple[int, ...]:
+        raise TypeError("PEFT has no DoRA for stacked experts")
+
+
 LINEAR = LayerKind("linear", transposed=False)
 CONV1D = LayerKind("conv1d", transposed=True)
 EMBEDDING = LayerKind("embedding", transposed=True, lora_roles=("emb_A", "emb_B"))
-CONV = _ConvKind("conv", transposed=False)
+CONV = _ConvKind("conv", transposed=False, matrix=False)
 LAYER_KINDS: dict[str, LayerKind] = {k.name: k for k in (LINEAR, CONV1D, EMBEDDING, CONV)}
-MATRIX_KINDS = (LINEAR, CONV1D, EMBEDDING)  # ΔW is one matrix product of the weight's own shape
 
 
 def add_lora(
@@ -87,7 +150,7 @@ def add_lora(
     With ``inplace`` the caller hands ``weight32`` over (it must own it) and gets it back updated,
     which saves allocating and faulting in a second model-sized buffer.
     """
-    if kind in MATRIX_KINDS:
+    if kind.matrix:
         left, right = kind.factors(a, b)
         if inplace:
             return weight32.addmm_(left, right, alpha=scale)

@@ -7,6 +7,11 @@ view plus an adapter view, so ``convert`` reuses the merge planner unchanged.
 
 from __future__ import annotations
 
+import re
+from collections import Counter
+from collections.abc import Mapping
+from typing import Any
+
 import torch
 
 from ...adapter.config import AdapterConfig
@@ -21,9 +26,10 @@ from ...adapter.names import (
 )
 from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
-from ...errors import CorruptCheckpointError, UnsupportedError
+from ...errors import CorruptCheckpointError
 from ...io.checkpoint import Checkpoint
-from ...names import ModelNames
+from ...names import ModelNames, model_names, names_of_memory
+from .experts import BASE_LAYER, unwrapped
 from .ops import Action, TensorOp
 
 ORIGINAL = "original_module"
@@ -49,17 +55,13 @@ def augmented_ops(
     Its keys are the in-memory names (transformers 5 renames on load), every tied tensor included,
     as a PEFT model's state dict has them.
     """
-    if names.fused:
-        raise UnsupportedError(
-            f"{names.model_class}: the augmented form of a model whose experts transformers fuses on load "
-            f"({next(iter(names.fused))}) is not written yet: its state dict holds fused experts, the files "
-            "per-expert ones; merge into the plain form instead"
-        )
     ops: list[TensorOp] = []
-    lora = set(adapter.modules)
+    # How many PEFT wrappers each module wears: one per LoRA layer, one per targeted parameter (nested).
+    wrappers = Counter(unwrapped(m) for m in adapter.modules)
     tokens = set(adapter.token_deltas)
     views = names.tied_absent(set(base))
-    entries = [(names.memory_name(key), key) for key in base]
+    parts = {key for fused in names.fused.values() for part in fused.parts for key in part}
+    entries = [(names.memory_name(key), key) for key in base if key not in parts]
     for view, source in views.items():
         source_key = names.file_key(source)
         assert source_key is not None
@@ -86,8 +88,8 @@ def augmented_ops(
             src = Ref(1, adapter.base_weights[name])
         if name in adapter.replacements and not _saved_module(adapter, module):
             src, like = Ref(1, adapter.replacements[name]), None  # bias="all"/"lora_only": loaded over the base
-        if module in lora:
-            add(f"{module}.base_layer.{leaf}", src, like=like)
+        if wrappers[module]:
+            add(f"{module}{BASE_LAYER * wrappers[module]}.{leaf}", src, like=like)
         elif module in tokens:
             add(f"{module}.{TOKEN_ADAPTER}.base_layer.{leaf}", src, like=like)
         elif _saved_module(adapter, module):
@@ -95,6 +97,15 @@ def augmented_ops(
             add(f"{module}.{SAVED_COPY}.{leaf}", Ref(1, adapter.replacements.get(name, name)), "replace")
         else:
             add(name, src, like=like)
+    for name, fused in names.fused.items():  # experts as the model holds them: stacked from the files' parts
+        module, leaf = _split(name)
+        stack = tuple(tuple(Ref(0, key) for key in part) for part in fused.parts)
+        first = base.info(fused.parts[0][0])
+        shape = (fused.experts, sum(base.info(p[0]).shape[0] for p in fused.parts), *first.shape[1:])
+        out = dtype if dtype is not None and first.dtype.is_floating_point else first.dtype
+        ops.append(
+            TensorOp(f"{module}{BASE_LAYER * wrappers[module]}.{leaf}", stack[0][0], out, shape, "copy", stack=stack)
+        )
     for lora_module in adapter.modules.values():
         for role, key in lora_module.keys.items():
             if role in AUGMENTED_SUFFIX:
@@ -110,9 +121,13 @@ def _saves_embedding_layers(config: AdapterConfig) -> bool:
     return any(name in targets for name in EMBEDDING_LAYER_NAMES) and not config.trainable_token_indices
 
 
-def split_augmented(ckpt: Checkpoint, config: AdapterConfig, names: ModelNames) -> tuple[Checkpoint, LoraAdapter]:
-    """Read an augmented checkpoint back as (base view, adapter view), both over the same file. The base
-    view's names are the files' own (``names.file_name_for``), as a merge of the two would write them."""
+def split_augmented(
+    ckpt: Checkpoint, config: AdapterConfig, model_config: Mapping[str, Any]
+) -> tuple[Checkpoint, LoraAdapter, ModelNames]:
+    """Read an augmented checkpoint back as (base view, adapter view, the base's names), both views over
+    the same file. The base view holds the tensors transformers would save for the model (its file
+    names; stacked experts as per-expert slices), as a merge of the two would write them."""
+    names = model_names(ckpt.names(), model_config)  # tied tensors, embedding and head: in-memory names
     base_names: dict[str, str] = {}
     saved_names: dict[str, str] = {}
     suffixes = {f".{suffix}": role for role, suffix in AUGMENTED_SUFFIX.items() if role != "tokens_delta"}
@@ -130,8 +145,8 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, names: ModelNames) 
             base_names[key.replace(f".{ORIGINAL}.", ".")] = key
         elif f".{TOKEN_ADAPTER}.base_layer." in key:
             base_names[key.replace(f".{TOKEN_ADAPTER}.base_layer.", ".")] = key
-        elif ".base_layer." in key:
-            base_names[key.replace(".base_layer.", ".")] = key
+        elif ".base_layer." in key:  # under one wrapper per LoRA layer / targeted parameter
+            base_names[re.sub(r"(\.base_layer)+\.", ".", key)] = key
         else:
             base_names[key] = key
     if not saved_names:
@@ -163,4 +178,28 @@ def split_augmented(ckpt: Checkpoint, config: AdapterConfig, names: ModelNames) 
             ):
                 saved_names[SAVED_PREFIX + key] = key
     adapter = adapter_from(ckpt.folder, config, ckpt.renamed(saved_names))
-    return ckpt.renamed({names.file_name_for(name): key for name, key in base_names.items()}), adapter
+    files = names_of_memory({name: ckpt.info(key).shape for name, key in base_names.items()}, model_config)
+    stored = {
+        name: name if name in files.fused else files.file_key(name) or files.file_name_for(name) for name in base_names
+    }
+    view = ckpt.renamed({stored[name]: key for name, key in base_names.items()})
+    return view.carved(_expert_pieces(view, files)), adapter, files
+
+
+def _expert_pieces(view: Checkpoint, names: ModelNames) -> dict[str, tuple[str, int, int, int]]:
+    """Per-expert file tensors as slices of the stacked ones (transformers' reverse of its fusing:
+    the parts are equal chunks of axis 1)."""
+    pieces: dict[str, tuple[str, int, int, int]] = {}
+    for name, fused in names.fused.items():
+        if name not in view:
+            continue
+        shape = view.info(name).shape
+        if len(shape) != 3 or shape[0] != fused.experts or shape[1] % len(fused.parts):
+            raise CorruptCheckpointError(
+                f"{view.root}: {name!r} {list(shape)} is not {fused.experts} experts of {len(fused.parts)} equal parts"
+            )
+        rows = shape[1]
+        size = rows // len(fused.parts)
+        for p, part in enumerate(fused.parts):
+            pieces.update({key: (name, e, p * size, (p + 1) * size) for e, key in enumerate(part)})
+    return pieces

@@ -8,7 +8,7 @@ import torch
 
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
-from ...ops.lora import MATRIX_KINDS, add_lora, add_lora_rowwise, dora_apply, replace_rows
+from ...ops.lora import add_lora, add_lora_rowwise, dora_apply, replace_rows
 from .._results import check_finite
 from .ops import BiasTerm, LoraTerm, TensorOp
 
@@ -17,7 +17,7 @@ def compute_merge(
     op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
 ) -> Outcome[None]:
     """Apply one merge op to its fetched tensors: fp32 throughout, rounded once to the output dtype."""
-    src = tensors[op.src]
+    src = stacked(op.stack, tensors) if op.stack else tensors[op.src]
     if op.src_dtype is not None and src.dtype != op.src_dtype:
         src = src.to(op.src_dtype)
     if not (op.terms or op.rows):  # a copy, a replacement, a restored W0: one rounding at most
@@ -50,6 +50,12 @@ def compute_merge(
     return Outcome([(op.name, out)], None)
 
 
+def stacked(parts: tuple[tuple[Ref, ...], ...], tensors: Mapping[Ref, torch.Tensor]) -> torch.Tensor:
+    """Experts stacked on axis 0, their parts concatenated on axis 1 (transformers' MergeModulelist +
+    Concatenate, as it fuses Mixtral's w1/w3 into gate_up_proj on load)."""
+    return torch.cat([torch.stack([tensors[r] for r in part]) for part in parts], dim=1)
+
+
 def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
     """Whether an op is the common case: plain LoRA products added to a float matrix."""
     return (
@@ -57,7 +63,7 @@ def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
         and src.is_floating_point()
         and op.dtype.is_floating_point
         and not op.rows
-        and all(isinstance(t, LoraTerm) and t.kind in MATRIX_KINDS and t.magnitude is None for t in op.terms)
+        and all(isinstance(t, LoraTerm) and t.kind.matrix and t.magnitude is None for t in op.terms)
     )
 
 

@@ -16,7 +16,6 @@ from ...hub.cards import CARD_NAME, convert_card
 from ...io.checkpoint import open_checkpoint
 from ...io.layout import plan_shards
 from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
-from ...names import model_names
 from .._inputs import Input, prepare, refuse_quantized
 from . import augmented as augment
 from .ops import Plan, TensorOp
@@ -71,11 +70,10 @@ def convert(
         config = read_config(ckpt.folder)
         refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
         adapter_config = AdapterConfig.load(ckpt.folder)
-        base, adapter = augment.split_augmented(ckpt, adapter_config, model_names(ckpt.names(), config))
+        base, adapter, names = augment.split_augmented(ckpt, adapter_config, config)
         extra: dict[str, bytes] = {}
         copies: list[Path] = []
         if to == "merged":
-            names = model_names(base.names(), config)  # the base view is in the files' names, as a merge reads them
             ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype)
             inputs = [base, adapter.checkpoint]
             shards = layout(ops, base, settings.max_shard_size)

@@ -68,6 +68,9 @@ class TensorOp:
     # Round the source to this dtype before anything else: a W0 that PEFT saved (often in float32)
     # is held by the adapter model at the base's dtype, so it is taken at that dtype here too.
     src_dtype: torch.dtype | None = None
+    # The source is made of many tensors (the augmented form of experts transformers fuses on load):
+    # stack[p][e] is part p of expert e; experts stacked on axis 0, the parts concatenated on axis 1.
+    stack: tuple[tuple[Ref, ...], ...] = ()
 
     @property
     def nbytes(self) -> int:
@@ -79,7 +82,7 @@ class TensorOp:
 
     def refs(self) -> list[Ref]:
         """Every input tensor this op reads."""
-        refs = [self.src]
+        refs = [r for part in self.stack for r in part] if self.stack else [self.src]
         for t in self.terms:
             refs += (
                 [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
@@ -89,7 +92,8 @@ class TensorOp:
     @property
     def byte_copy(self) -> TensorSpec | None:
         """The output is the source's bytes when nothing changes them (see ``engine.plan.Op``)."""
-        return self.spec if not self.terms and not self.rows and self.src_dtype is None else None
+        unchanged = not self.terms and not self.rows and self.src_dtype is None and not self.stack
+        return self.spec if unchanged else None
 
 
 @dataclass(frozen=True)
@@ -118,7 +122,9 @@ def describe(plan: Plan) -> str:
     for op in plan.ops:
         dtype = str(op.dtype).removeprefix("torch.")
         line = f"  {op.action:<8} {op.name}  {dtype}{list(op.shape)}"
-        if op.src.key != op.name or op.src.source:
+        if op.stack:
+            line += f"  <- [{op.src.source}] {sum(len(p) for p in op.stack)} tensors stacked: {op.src.key}, ..."
+        elif op.src.key != op.name or op.src.source:
             line += f"  <- [{op.src.source}] {op.src.key}"
         for t in op.terms:
             what = "lora_bias" if isinstance(t, BiasTerm) else ("DoRA" if t.magnitude else t.kind.name)

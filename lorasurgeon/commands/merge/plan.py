@@ -19,6 +19,7 @@ from ...io.checkpoint import Checkpoint
 from ...names import ModelNames
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
+from .experts import resolve_expert_module
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 
@@ -150,8 +151,39 @@ def plan_merge(
             )
         return info.shape
 
+    def check_scale(adapter: LoraAdapter, module: LoraModule, w: float, scale: float) -> float:
+        signed = sign * w * scale
+        if not math.isfinite(signed) or abs(signed) > FLOAT32_MAX:
+            raise AdapterConfigError(
+                f"{adapter.path}: module {module.name!r}: its scale (weight {w:g} x alpha/r {scale:g}) "
+                "does not fit float32 arithmetic; check lora_alpha and the weight"
+            )
+        return signed
+
     for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True), start=1):
+        stacked: dict[str, str] = {}  # stacked parameter -> the wrapper adapting it
         for module in adapter.modules.values():
+            if adapter.config.target_parameters and module.kind == "linear" and plan_key(module.weight_name) is None:
+                expert = resolve_expert_module(module, adapter, names, base)
+                if expert.parameter in stacked:
+                    raise IncompatibleError(
+                        f"{adapter.path}: modules {stacked[expert.parameter]!r} and {module.name!r} both adapt "
+                        f"{expert.parameter!r}"
+                    )
+                stacked[expert.parameter] = module.name
+                a, b = Ref(i, module.keys["A"]), Ref(i, module.keys["B"])
+                a_shape, b_shape = adapter.checkpoint.info(a.key).shape, adapter.checkpoint.info(b.key).shape
+                scale = check_scale(adapter, module, w, expert.scale)
+                for key, kind in expert.pieces:
+                    if kind.delta_shape(a_shape, b_shape) != base.info(key).shape:
+                        raise IncompatibleError(
+                            f"{adapter.path}: module {module.name!r}: its share of {expert.parameter!r} is "
+                            f"{list(kind.delta_shape(a_shape, b_shape))}, the base's {key!r} is "
+                            f"{list(base.info(key).shape)}"
+                        )
+                    shape_of(key, adapter)  # a float weight
+                    terms.setdefault(key, []).append(LoraTerm(kind, a, b, scale))
+                continue
             wname = target(module.weight_name, adapter, f"module {module.name!r}")
             kind = module_kind(module, shape_of(wname, adapter), model_type, adapter)
             a_role, b_role = kind.lora_roles
@@ -165,12 +197,7 @@ def plan_merge(
                         f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
                         f"{wname!r} has {units} output units"
                     )
-            scale = sign * w * module.scale
-            if not math.isfinite(scale) or abs(scale) > FLOAT32_MAX:
-                raise AdapterConfigError(
-                    f"{adapter.path}: module {module.name!r}: its scale (weight {w:g} x alpha/r {module.scale:g}) "
-                    "does not fit float32 arithmetic; check lora_alpha and the weight"
-                )
+            scale = check_scale(adapter, module, w, module.scale)
             terms.setdefault(wname, []).append(LoraTerm(kind, a, b, scale, mag))
             if "B_bias" in module.keys:
                 bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
