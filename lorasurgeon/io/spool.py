@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from ..errors import LorasurgeonError, OutputError, OutputExistsError
-from .checkpoint import FileSlice, TensorInfo
+from .checkpoint import FileSlice, TensorInfo, pread_into
 from .destination import absolute, check_replaceable
 from .layout import TensorSpec, plan_shards
 from .scratch import clean_stale, make_scratch
@@ -86,6 +86,15 @@ class SpoolWriter:
 
     def info(self, name: str) -> TensorInfo:
         return self._items[name]
+
+    def read(self, name: str) -> torch.Tensor:
+        """A spooled tensor read back (the spool is on disk: this costs one read)."""
+        info = self._items[name]
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            assert info.offset is not None
+            pread_into(info.file, out.numpy().data, info.offset)
+        return out.view(info.dtype).reshape(info.shape)
 
     def add_file(self, relname: str, data: bytes | str) -> None:
         self._files[relname] = data.encode("utf-8") if isinstance(data, str) else data

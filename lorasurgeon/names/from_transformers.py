@@ -108,6 +108,13 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
     head, embedding = _parameter(model, "get_output_embeddings"), _parameter(model, "get_input_embeddings")
     saved_as = {name: apply_renamings(name, reverse) for name in {*meta, *tied}}
     class_name = type(model).__name__
+    stacked: dict[str, tuple[str, ...]] = {}
+    for name, module in model.named_modules():  # transformers 5's experts modules say how many they hold
+        experts = getattr(module, "num_experts", None)
+        own = module.named_parameters(recurse=False)
+        params = tuple(f"{name}.{p}" for p, value in own if value.dim() == 3 and value.shape[0] == experts)
+        if params and name:
+            stacked[name] = params
     transposed = frozenset(
         f"{name}.{param}"
         for name, module in model.named_modules()
@@ -126,7 +133,28 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
         f"transformers {transformers.__version__} ({class_name})",
         saved_as,
         transposed,
+        _layers(model),
+        stacked,
     )
+
+
+def _layers(model: Any) -> dict[str, str]:
+    """Each module PEFT can put a LoRA layer on, by kind (its own isinstance tests, in this order)."""
+    import torch
+    from transformers.pytorch_utils import Conv1D
+
+    kinds = (
+        (torch.nn.Embedding, "embedding"),
+        (Conv1D, "conv1d"),
+        (torch.nn.Linear, "linear"),
+        (torch.nn.Conv2d, "conv"),
+    )
+    layers = {}
+    for name, module in model.named_modules():
+        kind = next((k for cls, k in kinds if isinstance(module, cls)), None)
+        if kind is not None and name:
+            layers[name] = kind
+    return layers
 
 
 def _parameter(model: Any, getter: str) -> str | None:

@@ -43,6 +43,11 @@ class ModelNames:
     saved_as: Mapping[str, str] = field(default_factory=dict)  # in-memory name -> its name when saved (the files')
     # in-memory stacked expert parameters stored (E, in, out) rather than (E, out, in) (GPT-OSS: is_transposed)
     transposed: frozenset[str] = frozenset()
+    # in-memory module -> the kind of layer PEFT would wrap it as: linear, conv1d (GPT-2's), embedding, conv
+    layers: Mapping[str, str] = field(default_factory=dict)
+    # in-memory module -> its stacked (3-D) expert parameters in the order the module registers them (PEFT
+    # nests one ParamWrapper per targeted parameter in that order: the first is the innermost)
+    stacked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
     def file_key(self, name: str) -> str | None:
         """The file key of an in-memory tensor name the files hold whole (None if they do not)."""

@@ -12,8 +12,9 @@ from ...engine.execute import Progress, run
 from ...errors import InvalidOptionError, LorasurgeonError
 from ...hub.cards import CARD_NAME, extract_card
 from ...io.checkpoint import open_checkpoint
-from ...io.sidecar import is_tied, read_config
+from ...io.sidecar import read_config
 from ...io.spool import SpoolWriter
+from ...names import model_names
 from ...ops.lowrank import Solver
 from .._inputs import Input, prepare, refuse_quantized
 from .compute import compute_extract
@@ -107,11 +108,12 @@ def extract(
         b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)
         refuse_quantized(b_ckpt, b_cfg, role="the base model", command="extract")
         refuse_quantized(t_ckpt, t_cfg, role="the fine-tune", command="extract")
+        tuned_model = model_names(t_ckpt.names(), t_cfg)
         ops, excluded = plan_extract(
             b_ckpt,
             t_ckpt,
-            base_tied=is_tied(b_cfg),
-            tuned_tied=is_tied(t_cfg),
+            base_model=model_names(b_ckpt.names(), b_cfg),
+            tuned_model=tuned_model,
             model_type=t_cfg.get("model_type") or b_cfg.get("model_type"),
             settings=settings,
         )
@@ -148,7 +150,7 @@ def extract(
             if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
                 raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
             report = finish_adapter(
-                spool, stats.infos, t_ckpt, settings, origin, excluded=excluded, seconds=stats.seconds
+                spool, stats.infos, t_ckpt, tuned_model, settings, origin, excluded=excluded, seconds=stats.seconds
             )
             spool.add_file(
                 CARD_NAME,

@@ -13,7 +13,7 @@ from ...engine.plan import Ref
 from ...ops.lora import CONV, LAYER_KINDS
 from ...ops.lowrank import difference, factorize, relative_error, squared_norm
 from .._results import check_finite
-from .plan import ExtractOp
+from .plan import ExpertsOf, ExtractOp
 from .report import ModuleStats, OpInfo
 from .settings import ExtractSettings
 
@@ -23,6 +23,8 @@ def compute_extract(
 ) -> Outcome[OpInfo]:
     """ΔW of one tensor -> LoRA factors, a lora_B.bias, the full tensor, or nothing."""
     dtype = settings.factor_dtype
+    if op.experts is not None:
+        return _experts(op, op.experts, tensors, device, settings)
     tuned = tensors[op.tuned]
     base = tensors[op.base] if op.base is not None else None
     if base is not None and base.dtype == tuned.dtype and torch.equal(base, tuned):
@@ -65,4 +67,51 @@ def compute_extract(
         a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
     a_role, b_role = layer.lora_roles
     outputs = [(saved_key(op.module, a_role), a.cpu()), (saved_key(op.module, b_role), b.cpu())]
+    return Outcome(outputs, OpInfo(op, "lowrank", total, stats))
+
+
+def expert_piece(parameter: str, expert: int, role: str) -> str:
+    """A spooled name for one expert's factor, stacked into the parameter's lora_A / lora_B at the end."""
+    return f"@experts/{parameter}/{expert}/{role}"
+
+
+def _experts(
+    op: ExtractOp, of: ExpertsOf, tensors: Mapping[Ref, torch.Tensor], device: torch.device, settings: ExtractSettings
+) -> Outcome[OpInfo]:
+    """Each expert's ΔW (as PEFT orients it: (out, in)) -> its factors, spooled one expert at a time."""
+    if of.parts:  # one expert from per-expert files: its parts (gate rows, up rows) concatenated
+        assert of.expert is not None
+        changes = [(of.expert, torch.cat([difference(tensors[t], tensors[b], device) for t, b in of.parts]))]
+    else:
+        stack = difference(tensors[op.tuned], tensors[op.base], device) if op.base is not None else None
+        assert stack is not None  # plan_extract gives a stack both checkpoints hold
+        changes = list(enumerate(stack))
+    outputs: list[tuple[str, torch.Tensor]] = []
+    total = kept = error = 0.0
+    rank, solver = 0, ""
+    for e, delta in changes:
+        m = delta.T if of.transposed else delta  # (E, in, out) stacks: ΔW[e]ᵀ is B·A
+        energy = squared_norm(m)
+        if energy == 0.0:
+            continue
+        if not settings.allow_nonfinite:
+            check_finite(f"{of.parameter}[{e}]", m)
+        lr = factorize(
+            m,
+            rank=settings.rank,
+            energy=settings.energy,
+            max_rank=settings.max_rank,
+            solver=settings.solver,
+            seed=settings.seed + zlib.crc32(f"{of.parameter}[{e}]".encode()),
+            total=energy,
+        )
+        a, b = lr.a.to(settings.factor_dtype), lr.b.to(settings.factor_dtype)
+        outputs += [(expert_piece(of.parameter, e, "A"), a.cpu()), (expert_piece(of.parameter, e, "B"), b.cpu())]
+        total += energy
+        kept += energy * lr.kept
+        error += relative_error(m, a, b, total=energy) ** 2 * energy
+        rank, solver = max(rank, lr.rank), lr.solver
+    if total == 0.0:
+        return Outcome([], OpInfo(op, "unchanged"))
+    stats = ModuleStats(op.name, "experts", list(op.shape), rank, kept / total, (error / total) ** 0.5, solver)
     return Outcome(outputs, OpInfo(op, "lowrank", total, stats))

@@ -6,7 +6,7 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -18,8 +18,10 @@ from ...engine.plan import Ref
 from ...io.checkpoint import Checkpoint
 from ...io.layout import TensorSpec
 from ...io.spool import SpoolWriter
+from ...names import ModelNames
 from ...ops.lora import LAYER_KINDS
-from .plan import ExtractOp
+from .compute import expert_piece
+from .plan import ExtractOp, views
 from .report import ExtractReport, FullTensor, ModuleStats, OpInfo, Skipped, Totals
 from .settings import ExtractSettings
 
@@ -65,6 +67,54 @@ def compress_targets(modules: set[str], all_modules: set[str]) -> list[str]:
     return sorted(out)
 
 
+def stacked_targets(parameters: set[str], names: ModelNames) -> list[str]:
+    """target_parameters: ``experts.gate_up_proj`` where every such stack is targeted, else full names."""
+    every = {p for ps in names.stacked.values() for p in ps}
+    by_tail: dict[str, set[str]] = {}
+    for p in every:
+        by_tail.setdefault(".".join(p.split(".")[-2:]), set()).add(p)
+    return sorted(
+        {tail if by_tail[tail] <= parameters else p for p in parameters for tail in [".".join(p.split(".")[-2:])]}
+    )
+
+
+def _wrapper(parameter: str, targeted: set[str], names: ModelNames) -> str:
+    """The module path of the ParamWrapper PEFT puts on ``parameter``: one wrapper per targeted parameter of
+    the module, nested in the order the module registers them (the first innermost)."""
+    owner = parameter.rpartition(".")[0]
+    order = [p for p in names.stacked[owner] if p in targeted]
+    return owner + ".base_layer" * (len(order) - 1 - order.index(parameter))
+
+
+def _stack_experts(spool: SpoolWriter, infos: Sequence[OpInfo], names: ModelNames) -> dict[str, int]:
+    """Each stacked parameter's per-expert factors (spooled) as PEFT's one lora_A (E·r, in) and lora_B
+    (out, E·r): expert e in rows e·r… of A and columns e, e+E, … of B, all at the largest rank (zero rows
+    and columns where an expert needed fewer). Returns parameter -> rank."""
+    experts: dict[str, int] = {}
+    for i in infos:
+        assert i.op.experts is not None
+        experts[i.op.experts.parameter] = i.op.experts.experts
+    ranks: dict[str, int] = {}
+    for parameter, count in experts.items():
+        pieces = [(e, expert_piece(parameter, e, "A"), expert_piece(parameter, e, "B")) for e in range(count)]
+        pieces = [p for p in pieces if p[1] in spool]
+        rank = max(spool.info(a).shape[0] for _, a, _ in pieces)
+        a0, b0 = spool.info(pieces[0][1]), spool.info(pieces[0][2])
+        stacked_a = torch.zeros(count * rank, a0.shape[1], dtype=a0.dtype)
+        stacked_b = torch.zeros(b0.shape[0], count * rank, dtype=b0.dtype)
+        for e, a_name, b_name in pieces:
+            a, b = spool.read(a_name), spool.read(b_name)
+            stacked_a[e * rank : e * rank + a.shape[0]] = a
+            stacked_b[:, e + count * torch.arange(b.shape[1])] = b
+            spool.discard(a_name)
+            spool.discard(b_name)
+        module = _wrapper(parameter, set(experts), names)  # PEFT's name for it, every targeted one known
+        spool.write(saved_key(module, "A"), stacked_a)
+        spool.write(saved_key(module, "B"), stacked_b)
+        ranks[parameter] = rank
+    return ranks
+
+
 def _out_features(stats: ModuleStats) -> int:
     return stats.shape[1] if LAYER_KINDS[stats.kind].transposed else stats.shape[0]
 
@@ -73,14 +123,20 @@ def finish_adapter(
     spool: SpoolWriter,
     infos: Sequence[OpInfo],
     tuned: Checkpoint,
+    names: ModelNames,
     settings: ExtractSettings,
     origin: Origin,
     *,
     excluded: int,
     seconds: float,
 ) -> ExtractReport:
-    """Add the whole tensors PEFT needs, adapter_config.json and extract_report.json; return the report."""
-    lowrank = {i.op.module: i.stats for i in infos if i.status == "lowrank" and i.stats is not None}
+    """Add the whole tensors PEFT needs, adapter_config.json and extract_report.json; return the report.
+    Adapter keys are in-memory names (``names``), as PEFT names modules."""
+    in_memory = views(tuned, names)  # in-memory name -> file key
+    stacks = _stack_experts(spool, [i for i in infos if i.op.experts is not None and i.status == "lowrank"], names)
+    lowrank = {
+        i.op.module: i.stats for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None
+    }
     full_modules = {i.op.module for i in infos if i.status == "full"}
     notes = sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
     capped = sorted((s.rank, s.name) for s in lowrank.values() if settings.rank is not None and s.rank < settings.rank)
@@ -98,8 +154,23 @@ def finish_adapter(
             full_modules.add(i.op.module)
         elif i.status == "bias":
             bias_modules.add(i.op.module)
+    # A tensor of a module that also holds adapted layers (BERT's cls.predictions.bias, beside the decoder):
+    # PEFT saves it only as modules_to_save of the whole module, which clashes with the layers inside.
+    adapted = set(lowrank) | full_modules
+    owners = {p.rpartition(".")[0] for p in stacks}  # modules whose stacked experts get a LoRA
+    containers = {m for m in full_modules if m in owners or any(o.startswith(m + ".") for o in adapted | owners)}
+    if containers:
+        left_out = sorted(i.op.name for i in infos if i.op.module in containers and i.status == "full")
+        for name in left_out:
+            spool.discard(SAVED_PREFIX + name)
+        infos = [replace(i, status="skipped") if i.op.name in left_out else i for i in infos]
+        full_modules -= containers
+        notes.append(
+            f"left out {', '.join(left_out)}: held by a module that also holds adapted layers, so PEFT could "
+            "store it only as modules_to_save of the whole module, over those layers"
+        )
     bias_mode = "none"
-    if bias_modules and not all(f"{m}.bias" in tuned and s.kind != "embedding" for m, s in lowrank.items()):
+    if bias_modules and not all(f"{m}.bias" in in_memory and s.kind != "embedding" for m, s in lowrank.items()):
         # lora_bias gives every LoRA layer a bias: PEFT refuses it on embeddings and cannot merge it
         # into a layer without one. Store the biases of LoRA modules whole instead.
         bias_mode = "lora_only"
@@ -109,17 +180,17 @@ def finish_adapter(
         )
         for module in sorted(lowrank):
             spool.discard(saved_key(module, "B_bias"))
-            if f"{module}.bias" in tuned:
-                carried[f"{SAVED_PREFIX}{module}.base_layer.bias"] = f"{module}.bias"
+            if f"{module}.bias" in in_memory:
+                carried[f"{SAVED_PREFIX}{module}.base_layer.bias"] = in_memory[f"{module}.bias"]
     elif bias_modules:  # lora_bias gives every LoRA module a lora_B.bias: zero where nothing changed
         for module, stats in lowrank.items():
             if module not in bias_modules:
                 spool.write(saved_key(module, "B_bias"), torch.zeros(_out_features(stats), dtype=settings.factor_dtype))
     # modules_to_save replaces whole modules: store every parameter of each, changed or not.
     for module in sorted(full_modules):
-        for name in [n for n in tuned if n.rpartition(".")[0] == module]:
+        for name in [n for n in in_memory if n.rpartition(".")[0] == module]:
             if SAVED_PREFIX + name not in spool:
-                carried[SAVED_PREFIX + name] = name
+                carried[SAVED_PREFIX + name] = in_memory[name]
     ops = [
         CarryOp(
             key, Ref(0, name), tuned.info(name).nbytes, TensorSpec(key, tuned.info(name).dtype, tuned.info(name).shape)
@@ -130,7 +201,9 @@ def finish_adapter(
     spool.add_file(
         "adapter_config.json",
         json.dumps(
-            _config(settings, origin, lowrank, full_modules, bias_mode, bias_modules, tuned), indent=2, sort_keys=True
+            _config(settings, origin, lowrank, stacks, full_modules, bias_mode, bias_modules, names, set(in_memory)),
+            indent=2,
+            sort_keys=True,
         )
         + "\n",
     )
@@ -143,18 +216,21 @@ def _config(
     settings: ExtractSettings,
     origin: Origin,
     lowrank: Mapping[str, ModuleStats],
+    stacks: Mapping[str, int],
     full_modules: set[str],
     bias_mode: str,
     bias_modules: set[str],
-    tuned: Checkpoint,
+    names: ModelNames,
+    tensors: set[str],
 ) -> dict[str, Any]:
-    """adapter_config.json: scale 1 everywhere (lora_alpha = r), per-module ranks as patterns."""
-    ranks = {m: s.rank for m, s in lowrank.items()}
+    """adapter_config.json: scale 1 everywhere (lora_alpha = r), per-module ranks as patterns, the PEFT
+    task type of the model's class (none where PEFT has none for it)."""
+    ranks = {m: s.rank for m, s in lowrank.items()} | dict(stacks)
     r = settings.rank or (Counter(ranks.values()).most_common(1)[0][0] if ranks else 8)
-    all_modules = {n.rpartition(".")[0] for n in tuned}
+    all_modules = set(names.layers) | {n.rpartition(".")[0] for n in tensors}
     return {
         "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
+        "task_type": names.task_type if names.layers else "CAUSAL_LM",
         "base_model_name_or_path": origin.base,
         "r": r,
         "lora_alpha": r,
@@ -165,7 +241,8 @@ def _config(
         "fan_in_fan_out": False,
         "bias": bias_mode,
         "inference_mode": True,
-        "target_modules": compress_targets(set(lowrank), all_modules) if lowrank else None,
+        "target_modules": compress_targets(set(lowrank), all_modules) if lowrank else ([] if stacks else None),
+        "target_parameters": stacked_targets(set(stacks), names) or None,
         "rank_pattern": {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
         "alpha_pattern": {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
         "modules_to_save": sorted(full_modules) or None,

@@ -11,12 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ...adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING, input_embedding
+from ...adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
 from ...engine.plan import Ref
 from ...errors import IncompatibleError
 from ...io.checkpoint import Checkpoint
 from ...io.dtypes import itemsize
 from ...io.layout import TensorSpec
+from ...names import ModelNames
 from ...ops.lora import LayerName
 from .settings import ExtractSettings
 
@@ -38,31 +39,97 @@ class ExtractOp:
     nbytes: int
     note: str = ""
     byte_copy: TensorSpec | None = None  # every op is computed: whether it changed is known only then
+    experts: ExpertsOf | None = None  # kind "experts": which stacked parameter, and how it is stored
 
     def refs(self) -> list[Ref]:
+        if self.experts is not None and self.experts.parts:
+            return [r for pair in self.experts.parts for r in pair]
         return [self.tuned] + ([self.base] if self.base is not None else [])
 
 
-def _tied_views(ckpt: Checkpoint, tied: bool) -> dict[str, str]:
-    """name -> key in ckpt, with lm_head standing for the input embedding when tied and absent."""
-    names = {n: n for n in ckpt}
-    embedding = input_embedding(ckpt)
-    if tied and OUTPUT_EMBEDDING not in ckpt and embedding is not None:
-        names[OUTPUT_EMBEDDING] = embedding
-    return names
+@dataclass(frozen=True)
+class ExpertsOf:
+    """An extract op on stacked MoE experts: its change becomes a LoRA on the parameter (target_parameters).
+
+    ``parts`` set: one expert (``expert``) held in per-expert files, its parts (tuned, base) concatenated
+    on the rows (gate then up); unset: the op's tensors are the whole (E, d1, d2) stack."""
+
+    parameter: str  # in-memory name: model.layers.0.mlp.experts.gate_up_proj
+    experts: int
+    transposed: bool  # stored (E, in, out) (GPT-OSS)
+    expert: int | None = None
+    parts: tuple[tuple[Ref, Ref], ...] = ()
 
 
-def _kind(name: str, ndim: int, model_type: str | None, settings: ExtractSettings, tied_head: bool) -> ExtractKind:
+def _expert_ops(base: Checkpoint, tuned: Checkpoint, names: ModelNames, settings: ExtractSettings) -> list[ExtractOp]:
+    """One op per expert of each stacked parameter the files hold per expert, one per stack held whole."""
+    ops: list[ExtractOp] = []
+    for module, parameters in names.stacked.items():
+        for parameter in parameters:
+            if not settings.names(parameter):
+                continue
+            transposed = parameter in names.transposed
+            fused = names.fused.get(parameter)
+            if fused is not None:
+                if not all(k in base and k in tuned for part in fused.parts for k in part):
+                    continue  # the common names decide: the two do not share an architecture
+                for e in range(fused.experts):
+                    keys = [part[e] for part in fused.parts]
+                    infos = [tuned.info(k) for k in keys]
+                    shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])
+                    parts = tuple((Ref(1, k), Ref(0, k)) for k in keys)
+                    of = ExpertsOf(parameter, fused.experts, transposed, e, parts)
+                    nbytes = sum(i.nbytes for i in infos)
+                    ops.append(
+                        ExtractOp(
+                            f"{parameter}[{e}]", module, "experts", parts[0][0], parts[0][1], shape, nbytes, experts=of
+                        )
+                    )
+                continue
+            key = names.file_key(parameter)
+            if key is None or key not in base or key not in tuned or len(tuned.info(key).shape) != 3:
+                continue
+            info = tuned.info(key)
+            of = ExpertsOf(parameter, info.shape[0], transposed)
+            ops.append(
+                ExtractOp(parameter, module, "experts", Ref(1, key), Ref(0, key), info.shape, info.nbytes, experts=of)
+            )
+    return ops
+
+
+def views(ckpt: Checkpoint, names: ModelNames) -> dict[str, str]:
+    """In-memory name -> file key: every tensor the files hold, and each tied one they omit (a view of its
+    source: a tied head under whatever name the model gives it)."""
+    views = {names.memory_name(key): key for key in ckpt}
+    for target, source in names.tied_absent(set(ckpt)).items():
+        key = names.file_key(source)
+        assert key is not None  # tied_absent keeps only targets whose source the files hold
+        views[target] = key
+    return views
+
+
+def _kind(
+    name: str, ndim: int, names: ModelNames, model_type: str | None, settings: ExtractSettings, tied_head: bool
+) -> ExtractKind:
+    """What the change of one tensor becomes: a LoRA layer of the kind PEFT would wrap its module as, or the
+    --embeddings / --extras choice. The model's own layer types where transformers gives them."""
     module, _, leaf = name.rpartition(".")
-    # A tied head is the embedding's tensor: --embeddings decides for both (full means full for both).
-    is_embedding = module.rpartition(".")[2] in EMBEDDING_LEAVES or (tied_head and name == OUTPUT_EMBEDDING)
-    if leaf == "weight" and ndim == 2 and is_embedding:
+    layer = names.layers.get(module)
+    is_head = name == names.head or (not names.layers and name == OUTPUT_EMBEDDING)
+    if names.layers:
+        is_embedding = layer == "embedding" or (tied_head and is_head)
+    else:  # no transformers: the names say it
+        is_embedding = module.rpartition(".")[2] in EMBEDDING_LEAVES or (tied_head and is_head)
+        layer = ("conv1d" if model_type in CONV1D_MODEL_TYPES and not is_head else "linear") if ndim == 2 else "conv"
+    if leaf != "weight" or layer is None:
+        return settings.extras
+    if ndim == 2 and is_embedding:
         if settings.embeddings != "lowrank":
             return settings.embeddings
-        return "linear" if name == OUTPUT_EMBEDDING else "embedding"  # PEFT's LoRA on a head is a Linear's
-    if leaf == "weight" and ndim == 2:
-        return "conv1d" if model_type in CONV1D_MODEL_TYPES and name != OUTPUT_EMBEDDING else "linear"
-    if leaf == "weight" and ndim == 4:
+        return "linear" if is_head else "embedding"  # PEFT's LoRA on a head is a Linear's
+    if ndim == 2 and layer in ("linear", "conv1d"):
+        return "linear" if is_head or layer == "linear" else "conv1d"
+    if ndim == 4 and layer == "conv":
         return "conv"
     return settings.extras
 
@@ -71,14 +138,14 @@ def plan_extract(
     base: Checkpoint,
     tuned: Checkpoint,
     *,
-    base_tied: bool,
-    tuned_tied: bool,
+    base_model: ModelNames,
+    tuned_model: ModelNames,
     model_type: str | None,
     settings: ExtractSettings,
 ) -> tuple[list[ExtractOp], int]:
     """The ops, in the fine-tune's order, and how many tensors include/exclude left out."""
-    base_names = _tied_views(base, base_tied)
-    tuned_names = _tied_views(tuned, tuned_tied)
+    base_names = views(base, base_model)
+    tuned_names = views(tuned, tuned_model)
     only_base = sorted(set(base_names) - set(tuned_names))
     only_tuned = sorted(set(tuned_names) - set(base_names))
     if only_base or only_tuned or not set(base_names) & set(tuned_names):
@@ -87,21 +154,29 @@ def plan_extract(
             f"{tuned.root} and {base.root} do not share an architecture: {len(only_tuned)} tensors only in the "
             f"fine-tune, {len(only_base)} only in the base (e.g. {sample})"
         )
-    tied_head = OUTPUT_EMBEDDING in tuned_names and OUTPUT_EMBEDDING not in (set(base) & set(tuned))
+    head = tuned_model.head or (OUTPUT_EMBEDDING if not tuned_model.layers else None)
+    # the head is the embedding's tensor in either checkpoint: --embeddings decides for both
+    tied_head = head is not None and (
+        head in base_model.tied_absent(set(base)) or head in tuned_model.tied_absent(set(tuned))
+    )
     lora_modules = set()
-    ops: list[ExtractOp] = []
+    ops: list[ExtractOp] = _expert_ops(base, tuned, tuned_model, settings)
+    stacked = {r.key for op in ops for r in op.refs()}  # their tensors are theirs alone
     excluded = 0
     for name, key in tuned_names.items():
+        if key in stacked:
+            continue
         if not settings.names(name):
             excluded += 1
             continue
         t_info, b_info = tuned.info(key), base.info(base_names[name])
-        kind = _kind(name, len(t_info.shape), model_type, settings, tied_head)
+        kind = _kind(name, len(t_info.shape), tuned_model, model_type, settings, tied_head)
         note = ""
         base_ref: Ref | None = Ref(0, base_names[name])
         if t_info.shape != b_info.shape:
             resized = (
-                (name in INPUT_EMBEDDINGS or name == OUTPUT_EMBEDDING)
+                name in (tuned_model.embedding, head)
+                or name in INPUT_EMBEDDINGS
                 and len(t_info.shape) == 2
                 and t_info.shape[1] == b_info.shape[1]
                 and t_info.shape[0] > b_info.shape[0]
