@@ -163,3 +163,16 @@ def test_factors_that_fit_no_expert_parameter_are_refused(mixtral, tmp_path):
     result = run_cli("merge", mixtral, bad, "-o", tmp_path / "out")
     one_line_error(result, "model.layers.0.mlp.experts", "fit none", "gate_up_proj")
     assert not (tmp_path / "out").exists()
+
+
+def test_dry_run_reports_which_file_tensors_each_adapter_module_changes(mixtral, tmp_path):
+    adapter = experts_adapter(
+        build(MIXTRAL), tmp_path / "adapter", target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    result = run_cli("merge", mixtral, adapter, "-o", tmp_path / "out", "--dry-run")
+    assert result.exit_code == 0, result.output
+    assert "names: transformers" in result.output and "MixtralForCausalLM" in result.output
+    assert "adapter modules -> file tensors: 2 of 6 by the same name" in result.output  # q_proj x 2 layers
+    gate_up = "model.layers.0.mlp.experts.base_layer -> model.layers.0.block_sparse_moe.experts.0.w1.weight, "
+    assert gate_up + "model.layers.0.block_sparse_moe.experts.0.w3.weight" in result.output
+    assert "(8 tensors)" in result.output and not (tmp_path / "out").exists()

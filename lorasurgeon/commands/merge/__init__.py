@@ -226,7 +226,11 @@ def _merge(
     form = "unmerged" if settings.unmerge else settings.form
     try:
         ops, untie, config = planned.ops, planned.untie, planned.config
-        plan = Plan(tuple(ops), (str(planned.base.path), *(str(a.path) for a in planned.adapter_sources)))
+        plan = Plan(
+            tuple(ops),
+            (str(planned.base.path), *(str(a.path) for a in planned.adapter_sources)),
+            planned.names.source if planned.names else "",
+        )
         if dry_run:
             return report(out, form, plan, None, untie)
         if out is None:

@@ -96,7 +96,7 @@ def convert(
             shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
             extra[CONFIG_NAME] = config_bytes(dict(adapter_config.raw))
             index_name = None
-        plan = Plan(tuple(ops), (str(source.path),))
+        plan = Plan(tuple(ops), (str(source.path),), names.source)
         if dry_run:
             return report(out, to, plan, None, untie)
         if out is None:

@@ -13,6 +13,7 @@ from typing import Literal
 
 import torch
 
+from ...adapter.names import split_saved_key
 from ...engine.plan import Ref
 from ...io.dtypes import itemsize
 from ...io.layout import TensorSpec
@@ -102,6 +103,17 @@ class Plan:
 
     ops: tuple[TensorOp, ...]
     inputs: tuple[str, ...]
+    names: str = ""  # where the model's names came from (ModelNames.source)
+
+    def mapping(self) -> dict[str, list[str]]:
+        """Adapter module -> the file tensors it changes, as planned (in-memory names to the files')."""
+        found: dict[str, list[str]] = {}
+        for op in self.ops:
+            for term in op.terms:
+                module = split_saved_key(term.b.key)[0]
+                if op.name not in found.setdefault(module, []):
+                    found[module].append(op.name)
+        return found
 
     @property
     def nbytes(self) -> int:
@@ -114,6 +126,18 @@ class Plan:
 def describe(plan: Plan) -> str:
     """A readable listing of the plan (``--dry-run``)."""
     lines = ["inputs:"] + [f"  [{i}] {p}" for i, p in enumerate(plan.inputs)]
+    if plan.names:
+        lines.append(f"names: {plan.names}")
+    mapping = plan.mapping()
+    renamed = {m: keys for m, keys in mapping.items() if keys not in ([f"{m}.weight"], [f"{m}.bias"])}
+    if mapping:
+        lines.append(
+            f"adapter modules -> file tensors: {len(mapping) - len(renamed)} of {len(mapping)} by the same name"
+            + (", the others:" if renamed else "")
+        )
+        for module, keys in renamed.items():
+            shown = ", ".join(keys[:3]) + (f", ... ({len(keys)} tensors)" if len(keys) > 3 else "")
+            lines.append(f"  {module} -> {shown}")
     actions = sorted({op.action for op in plan.ops})
     lines.append(
         f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
