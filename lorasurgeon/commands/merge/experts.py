@@ -139,3 +139,26 @@ def _pieces(
             pieces.append((key, kind))
         start += size
     return tuple(pieces)
+
+
+def expert_terms(
+    module: LoraModule, adapter: LoraAdapter, names: ModelNames, base: Checkpoint
+) -> tuple[str, float, tuple[tuple[str, LayerKind], ...]]:
+    """(the stacked parameter, its scale, each file tensor with the kind computing its share), checked
+    against the files' shapes and dtypes.
+
+    Raises:
+        IncompatibleError, UnsupportedError: as ``resolve_expert_module``; a share that does not fit its file
+            tensor, or a file tensor that is not a float weight.
+    """
+    expert = resolve_expert_module(module, adapter, names, base)
+    a = adapter.checkpoint.info(module.keys["A"]).shape
+    b = adapter.checkpoint.info(module.keys["B"]).shape
+    for key, kind in expert.pieces:
+        info = base.info(key)
+        if kind.delta_shape(a, b) != info.shape or not info.dtype.is_floating_point:
+            raise IncompatibleError(
+                f"{adapter.path}: module {module.name!r}: its share of {expert.parameter!r} is "
+                f"{list(kind.delta_shape(a, b))}, the base's {key!r} is {info.dtype} {list(info.shape)}"
+            )
+    return expert.parameter, expert.scale, expert.pieces

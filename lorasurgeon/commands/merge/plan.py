@@ -19,7 +19,7 @@ from ...io.checkpoint import Checkpoint
 from ...names import ModelNames
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
-from .experts import resolve_expert_module
+from .experts import expert_terms
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 
@@ -164,25 +164,15 @@ def plan_merge(
         stacked: dict[str, str] = {}  # stacked parameter -> the wrapper adapting it
         for module in adapter.modules.values():
             if adapter.config.target_parameters and module.kind == "linear" and plan_key(module.weight_name) is None:
-                expert = resolve_expert_module(module, adapter, names, base)
-                if expert.parameter in stacked:
+                parameter, scale, shares = expert_terms(module, adapter, names, base)  # a stacked MoE parameter
+                if parameter in stacked:
                     raise IncompatibleError(
-                        f"{adapter.path}: modules {stacked[expert.parameter]!r} and {module.name!r} both adapt "
-                        f"{expert.parameter!r}"
+                        f"{adapter.path}: modules {stacked[parameter]!r} and {module.name!r} both adapt {parameter!r}"
                     )
-                stacked[expert.parameter] = module.name
+                stacked[parameter] = module.name
                 a, b = Ref(i, module.keys["A"]), Ref(i, module.keys["B"])
-                a_shape, b_shape = adapter.checkpoint.info(a.key).shape, adapter.checkpoint.info(b.key).shape
-                scale = check_scale(adapter, module, w, expert.scale)
-                for key, kind in expert.pieces:
-                    if kind.delta_shape(a_shape, b_shape) != base.info(key).shape:
-                        raise IncompatibleError(
-                            f"{adapter.path}: module {module.name!r}: its share of {expert.parameter!r} is "
-                            f"{list(kind.delta_shape(a_shape, b_shape))}, the base's {key!r} is "
-                            f"{list(base.info(key).shape)}"
-                        )
-                    shape_of(key, adapter)  # a float weight
-                    terms.setdefault(key, []).append(LoraTerm(kind, a, b, scale))
+                for key, kind in shares:
+                    terms.setdefault(key, []).append(LoraTerm(kind, a, b, check_scale(adapter, module, w, scale)))
                 continue
             wname = target(module.weight_name, adapter, f"module {module.name!r}")
             kind = module_kind(module, shape_of(wname, adapter), model_type, adapter)
