@@ -176,3 +176,19 @@ def test_dry_run_reports_which_file_tensors_each_adapter_module_changes(mixtral,
     gate_up = "model.layers.0.mlp.experts.base_layer -> model.layers.0.block_sparse_moe.experts.0.w1.weight, "
     assert gate_up + "model.layers.0.block_sparse_moe.experts.0.w3.weight" in result.output
     assert "(8 tensors)" in result.output and not (tmp_path / "out").exists()
+
+
+def test_inspect_names_stacked_expert_wrappers_without_guessing_their_scale(tmp_path):
+    from peft import LoraConfig, get_peft_model
+
+    adapter = tmp_path / "adapter"
+    get_peft_model(build(MIXTRAL), LoraConfig(r=R, target_modules="all-linear")).save_pretrained(adapter)
+    report = json.loads(run_cli("inspect", adapter, "--json").output)["adapter"]
+    modules = {m["name"]: m for m in report["modules"]}
+    assert "gate_up_proj" in report["target_parameters"]
+    for wrapper in ("model.layers.0.mlp.experts", "model.layers.0.mlp.experts.base_layer"):
+        assert modules[wrapper]["kind"] == "experts" and modules[wrapper]["scale"] is None
+        assert modules[wrapper]["rank"] % E == 0  # E·r rows
+    router = modules["model.layers.0.mlp.gate"]  # a 2-D parameter: a Linear's LoRA
+    assert router["kind"] == "linear" and router["rank"] == R and router["scale"] == 8 / R
+    assert "(E·r)" in run_cli("inspect", adapter).output

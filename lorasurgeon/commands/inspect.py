@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..adapter.config import CONFIG_NAME, AdapterConfig
-from ..adapter.weights import LoraAdapter, load_adapter
+from ..adapter.weights import LoraAdapter, LoraModule, load_adapter
 from ..formats.detect import Quantization, detect
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
@@ -26,10 +26,11 @@ class DtypeCount:
 @dataclass(frozen=True)
 class ModuleReport:
     name: str
-    kind: str
+    kind: str  # linear | embedding | conv | experts (a stacked MoE parameter: rank is E·r, alpha and
+    # scale follow from the base's expert count, so they are None here)
     rank: int
-    alpha: float
-    scale: float
+    alpha: float | None
+    scale: float | None
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class AdapterReport:
     modules_to_save: list[str]
     replaced_tensors: list[str]
     modules: list[ModuleReport]
+    target_parameters: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -141,8 +143,25 @@ def _adapter_report(adapter: LoraAdapter) -> AdapterReport:
         unsupported=cfg.unsupported(),
         modules_to_save=list(cfg.modules_to_save),
         replaced_tensors=sorted(adapter.replacements),
-        modules=[ModuleReport(m.name, m.kind, m.rank, m.alpha, m.scale) for m in adapter.modules.values()],
+        modules=[_module_report(m, cfg, set(adapter.modules)) for m in adapter.modules.values()],
+        target_parameters=list(cfg.target_parameters),
     )
+
+
+def _module_report(module: LoraModule, cfg: AdapterConfig, modules: set[str]) -> ModuleReport:
+    """A module's line; a ParamWrapper on stacked experts has rank E·r, and E is the base's. Told from the
+    adapter alone: wrappers nest (``experts.base_layer``), the module is named in a dotted target
+    parameter (``experts.gate_up_proj``), or is transformers' ``experts``."""
+    owners = {
+        t.rpartition(".")[0].rpartition(".")[2]
+        for t in cfg.target_parameters
+        if "." in t and t.rpartition(".")[2] not in ("weight", "bias")
+    }
+    leaf = module.name.replace(".base_layer", "").rpartition(".")[2]
+    nested = ".base_layer" in module.name or f"{module.name}.base_layer" in modules
+    if cfg.target_parameters and (nested or leaf in owners or leaf == "experts"):
+        return ModuleReport(module.name, "experts", module.rank, None, None)
+    return ModuleReport(module.name, module.kind, module.rank, module.alpha, module.scale)
 
 
 _FORMS = {
@@ -174,7 +193,7 @@ def format_report(report: CheckpointReport) -> str:
     target = a.target_modules if isinstance(a.target_modules, str) else ", ".join(a.target_modules or [])
     lines += [
         f"  adapter     {a.peft_type}, r={a.r}, lora_alpha={a.lora_alpha:g}, base={a.base_model or '?'}",
-        f"  targets     {target}",
+        f"  targets     {target}" + (f"; parameters {', '.join(a.target_parameters)}" if a.target_parameters else ""),
         f"  features    {', '.join(a.features) or 'plain LoRA'}",
     ]
     if a.unsupported:
@@ -185,5 +204,8 @@ def format_report(report: CheckpointReport) -> str:
         width = max(len(m.name) for m in a.modules)
         lines.append(f"  {'module'.ljust(width)}  {'kind':<9} {'rank':>4} {'alpha':>7} {'scale':>8}")
         for m in a.modules:
-            lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g}")
+            if m.alpha is None or m.scale is None:  # stacked experts: E·r rows, E known from the base
+                lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {'(E·r)':>16}")
+            else:
+                lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g}")
     return "\n".join(lines)
