@@ -192,3 +192,16 @@ def test_inspect_names_stacked_expert_wrappers_without_guessing_their_scale(tmp_
     router = modules["model.layers.0.mlp.gate"]  # a 2-D parameter: a Linear's LoRA
     assert router["kind"] == "linear" and router["rank"] == R and router["scale"] == 8 / R
     assert "(E·r)" in run_cli("inspect", adapter).output
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_augmented_stacks_the_experts_as_the_model_holds_them(mixtral, tmp_path, dtype):
+    """Stacked byte for byte from the per-expert files (or, in another dtype, computed and rounded once)."""
+    adapter = experts_adapter(build(MIXTRAL), tmp_path / "adapter", target_parameters=["experts.gate_up_proj"])
+    ls.merge(mixtral, [adapter], tmp_path / "aug", form="augmented", dtype=dtype or "auto")
+    stacked = load_file(tmp_path / "aug" / "model.safetensors")["model.layers.1.mlp.experts.base_layer.gate_up_proj"]
+    files = load_file(mixtral / "model.safetensors")
+    part = "model.layers.1.block_sparse_moe.experts.{}.{}.weight"
+    want = torch.stack([torch.cat([files[part.format(e, "w1")], files[part.format(e, "w3")]]) for e in range(E)])
+    assert stacked.dtype == (dtype or torch.float32)
+    assert torch.equal(stacked, want.to(stacked.dtype))

@@ -13,6 +13,7 @@ the loop holds no command's math. An op whose output is an input's bytes unchang
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -25,6 +26,7 @@ import torch
 from ..errors import LorasurgeonError
 from ..io.buffers import ReadBuffers
 from ..io.checkpoint import FileSlice, TensorInfo
+from ..io.dtypes import itemsize
 from .plan import Op, Ref
 
 QUEUE_DEPTH = 2
@@ -84,16 +86,18 @@ Compute = Callable[[OpT, Mapping[Ref, torch.Tensor], torch.device], Outcome[Info
 
 
 def _byte_copy(inputs: Sequence[Source], op: Op) -> FileSlice | None:
-    """An op's output as its input's bytes left on disk, where they can be (same bytes out as in)."""
+    """An op's output as its inputs' bytes left on disk, where they can be (same bytes out as in)."""
     spec = op.byte_copy
     if spec is None:
         return None
-    (ref,) = op.refs()[:1]
-    info = inputs[ref.source].info(ref.key)
-    piece: FileSlice | None = info.file_slice()
-    if piece is not None and piece.dtype == spec.dtype and piece.shape == spec.shape:
-        return piece
-    return None
+    pieces = [inputs[r.source].info(r.key).file_slice() for r in op.refs()]
+    found = tuple(p for p in pieces if p is not None and p.dtype == spec.dtype)
+    if len(found) != len(pieces):
+        return None
+    if len(found) == 1:
+        return found[0] if found[0].shape == spec.shape else None
+    joined = FileSlice.joined(found, spec.dtype, spec.shape)
+    return joined if joined.nbytes == math.prod(spec.shape) * itemsize(spec.dtype) else None
 
 
 class _ReadAhead:

@@ -34,8 +34,9 @@ class Op(Protocol):
 
     @property
     def byte_copy(self) -> TensorSpec | None:
-        """When set, the output is ``refs()[0]`` unchanged, stored as this spec: if the input already
-        has that dtype and shape, its bytes go file to file and the op is never computed."""
+        """When set, the output is the bytes of ``refs()`` one after another, unchanged (most often one
+        input), stored as this spec: if the inputs already have that dtype and size, their bytes go
+        file to file and the op is never computed."""
         ...
 
     def refs(self) -> Sequence[Ref]:

@@ -69,13 +69,26 @@ class TensorInfo:
 
 @dataclass(frozen=True)
 class FileSlice:
-    """A tensor's bytes left in its file: written by copying file to file, never through memory."""
+    """A tensor's bytes left in its file: written by copying file to file, never through memory.
+
+    ``parts``, when set: the tensor is these slices one after another (experts stacked from per-expert
+    tensors); ``path`` and ``offset`` are then the first one's."""
 
     path: Path
     offset: int
     nbytes: int
     dtype: torch.dtype
     shape: tuple[int, ...]
+    parts: tuple[FileSlice, ...] = ()
+
+    def ranges(self) -> tuple[FileSlice, ...]:
+        """The contiguous pieces to copy, in order."""
+        return self.parts or (self,)
+
+    @staticmethod
+    def joined(parts: tuple[FileSlice, ...], dtype: torch.dtype, shape: tuple[int, ...]) -> FileSlice:
+        """One tensor made of several slices' bytes, in order."""
+        return FileSlice(parts[0].path, parts[0].offset, sum(p.nbytes for p in parts), dtype, shape, parts)
 
 
 class Checkpoint:

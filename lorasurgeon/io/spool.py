@@ -64,7 +64,10 @@ class SpoolWriter:
         """Spool one tensor, or copy a FileSlice's bytes in (a later write of the same name replaces it)."""
         try:
             if isinstance(tensor, FileSlice):
-                copy_range(tensor.path, tensor.offset, self._fd, self._end, tensor.nbytes)
+                at = self._end
+                for part in tensor.ranges():
+                    copy_range(part.path, part.offset, self._fd, at, part.nbytes)
+                    at += part.nbytes
                 nbytes = tensor.nbytes
             else:
                 data = tensor_bytes(tensor)

@@ -188,7 +188,9 @@ class CheckpointWriter:
         try:
             if isinstance(tensor, FileSlice):
                 try:
-                    copy_range(tensor.path, tensor.offset, self._fds[filename], offset, tensor.nbytes)
+                    for part in tensor.ranges():
+                        copy_range(part.path, part.offset, self._fds[filename], offset, part.nbytes)
+                        offset += part.nbytes
                 except EOFError:
                     raise CorruptCheckpointError(
                         f"{tensor.path}: truncated while reading tensor {name!r} (was it changed while in use?)"

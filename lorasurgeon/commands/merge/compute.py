@@ -53,7 +53,15 @@ def compute_merge(
 def stacked(parts: tuple[tuple[Ref, ...], ...], tensors: Mapping[Ref, torch.Tensor]) -> torch.Tensor:
     """Experts stacked on axis 0, their parts concatenated on axis 1 (transformers' MergeModulelist +
     Concatenate, as it fuses Mixtral's w1/w3 into gate_up_proj on load)."""
-    return torch.cat([torch.stack([tensors[r] for r in part]) for part in parts], dim=1)
+    first = tensors[parts[0][0]]
+    rows = [tensors[part[0]].shape[0] for part in parts]
+    out = torch.empty((len(parts[0]), sum(rows), *first.shape[1:]), dtype=first.dtype)
+    start = 0
+    for part, size in zip(parts, rows, strict=True):  # one copy of each part, straight into place
+        for e, ref in enumerate(part):
+            out[e, start : start + size].copy_(tensors[ref])
+        start += size
+    return out
 
 
 def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:

@@ -83,7 +83,8 @@ class TensorOp:
 
     def refs(self) -> list[Ref]:
         """Every input tensor this op reads."""
-        refs = [r for part in self.stack for r in part] if self.stack else [self.src]
+        # stacked: expert by expert, each expert's parts in order -- the order of the stack's bytes
+        refs = [r for expert in zip(*self.stack, strict=True) for r in expert] if self.stack else [self.src]
         for t in self.terms:
             refs += (
                 [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
@@ -93,7 +94,7 @@ class TensorOp:
     @property
     def byte_copy(self) -> TensorSpec | None:
         """The output is the source's bytes when nothing changes them (see ``engine.plan.Op``)."""
-        unchanged = not self.terms and not self.rows and self.src_dtype is None and not self.stack
+        unchanged = not self.terms and not self.rows and self.src_dtype is None
         return self.spec if unchanged else None
 
 
