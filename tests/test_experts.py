@@ -205,3 +205,19 @@ def test_augmented_stacks_the_experts_as_the_model_holds_them(mixtral, tmp_path,
     want = torch.stack([torch.cat([files[part.format(e, "w1")], files[part.format(e, "w3")]]) for e in range(E)])
     assert stacked.dtype == (dtype or torch.float32)
     assert torch.equal(stacked, want.to(stacked.dtype))
+
+
+def test_extract_filters_stacked_experts_by_their_in_memory_name(mixtral, tmp_path):
+    """--exclude on the stacked parameter leaves its per-expert file tensors out too (they are not
+    modules PEFT knows under transformers 5, so stored whole they would break loading)."""
+    adapter = experts_adapter(
+        build(MIXTRAL), tmp_path / "adapter", target_parameters=["experts.gate_up_proj", "experts.down_proj"]
+    )
+    ls.merge(mixtral, [adapter], tmp_path / "tuned")
+    report = ls.extract(mixtral, tmp_path / "tuned", tmp_path / "out", rank=R, exclude="gate_up_proj")
+    config = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == ["experts.down_proj"] and config["task_type"] == "CAUSAL_LM"
+    keys = load_file(tmp_path / "out" / "adapter_model.safetensors")
+    assert not [k for k in keys if "block_sparse_moe" in k]
+    assert report.skipped.excluded == 2 * E * 2  # layers x experts x (w1, w3)
+    peft_outputs(mixtral, tmp_path / "out")  # PEFT loads it

@@ -61,40 +61,51 @@ class ExpertsOf:
     parts: tuple[tuple[Ref, Ref], ...] = ()
 
 
-def _expert_ops(base: Checkpoint, tuned: Checkpoint, names: ModelNames, settings: ExtractSettings) -> list[ExtractOp]:
-    """One op per expert of each stacked parameter the files hold per expert, one per stack held whole."""
+def _expert_ops(
+    base: Checkpoint, tuned: Checkpoint, names: ModelNames, settings: ExtractSettings
+) -> tuple[list[ExtractOp], set[str], int]:
+    """One op per expert of each stacked parameter the files hold per expert, one per stack held whole;
+    the file keys they stand for (compared by them, or left out by --include/--exclude on the stacked
+    parameter's in-memory name), and how many were left out."""
     ops: list[ExtractOp] = []
+    claimed: set[str] = set()
+    excluded = 0
     for module, parameters in names.stacked.items():
         for parameter in parameters:
+            fused = names.fused.get(parameter)
+            whole = names.file_key(parameter)
+            keys = [k for part in fused.parts for k in part] if fused is not None else [whole] if whole else []
+            if not keys or not all(k in base and k in tuned for k in keys):
+                continue  # the common names decide: the two do not share an architecture
+            for key in keys:
+                if base.info(key).shape != tuned.info(key).shape:
+                    raise IncompatibleError(
+                        f"tensor {key!r} is {list(base.info(key).shape)} in the base but "
+                        f"{list(tuned.info(key).shape)} in the fine-tune: different architectures cannot be extracted"
+                    )
+            claimed.update(keys)
             if not settings.names(parameter):
+                excluded += len(keys)
                 continue
             transposed = parameter in names.transposed
-            fused = names.fused.get(parameter)
-            if fused is not None:
-                if not all(k in base and k in tuned for part in fused.parts for k in part):
-                    continue  # the common names decide: the two do not share an architecture
-                for e in range(fused.experts):
-                    keys = [part[e] for part in fused.parts]
-                    infos = [tuned.info(k) for k in keys]
-                    shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])
-                    parts = tuple((Ref(1, k), Ref(0, k)) for k in keys)
-                    of = ExpertsOf(parameter, fused.experts, transposed, e, parts)
-                    nbytes = sum(i.nbytes for i in infos)
-                    ops.append(
-                        ExtractOp(
-                            f"{parameter}[{e}]", module, "experts", parts[0][0], parts[0][1], shape, nbytes, experts=of
-                        )
-                    )
+            if fused is None:
+                info = tuned.info(keys[0])
+                if len(info.shape) != 3:
+                    claimed.discard(keys[0])
+                    continue
+                of = ExpertsOf(parameter, info.shape[0], transposed)
+                ref, base_ref = Ref(1, keys[0]), Ref(0, keys[0])
+                ops.append(ExtractOp(parameter, module, "experts", ref, base_ref, info.shape, info.nbytes, experts=of))
                 continue
-            key = names.file_key(parameter)
-            if key is None or key not in base or key not in tuned or len(tuned.info(key).shape) != 3:
-                continue
-            info = tuned.info(key)
-            of = ExpertsOf(parameter, info.shape[0], transposed)
-            ops.append(
-                ExtractOp(parameter, module, "experts", Ref(1, key), Ref(0, key), info.shape, info.nbytes, experts=of)
-            )
-    return ops
+            for e in range(fused.experts):
+                infos = [tuned.info(part[e]) for part in fused.parts]
+                shape = (sum(i.shape[0] for i in infos), *infos[0].shape[1:])
+                parts = tuple((Ref(1, part[e]), Ref(0, part[e])) for part in fused.parts)
+                of = ExpertsOf(parameter, fused.experts, transposed, e, parts)
+                nbytes = sum(i.nbytes for i in infos)
+                name = f"{parameter}[{e}]"
+                ops.append(ExtractOp(name, module, "experts", parts[0][0], parts[0][1], shape, nbytes, experts=of))
+    return ops, claimed, excluded
 
 
 def views(ckpt: Checkpoint, names: ModelNames) -> dict[str, str]:
@@ -160,9 +171,7 @@ def plan_extract(
         head in base_model.tied_absent(set(base)) or head in tuned_model.tied_absent(set(tuned))
     )
     lora_modules = set()
-    ops: list[ExtractOp] = _expert_ops(base, tuned, tuned_model, settings)
-    stacked = {r.key for op in ops for r in op.refs()}  # their tensors are theirs alone
-    excluded = 0
+    ops, stacked, excluded = _expert_ops(base, tuned, tuned_model, settings)  # their tensors are theirs alone
     for name, key in tuned_names.items():
         if key in stacked:
             continue
