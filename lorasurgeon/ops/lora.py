@@ -88,16 +88,16 @@ class ExpertSlice(LayerKind):
     cols: tuple[int, int] | None = None
 
     def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
-        d1, d2 = (a_shape[1], b_shape[0]) if self.transposed else (b_shape[0], a_shape[1])
+        d1, d2 = super().delta_shape(a_shape, b_shape)  # one expert's ΔW, oriented as the stack stores it
         d1 = self.rows[1] - self.rows[0] if self.rows else d1
         d2 = self.cols[1] - self.cols[0] if self.cols else d2
         return (d1, d2)
 
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = a.shape[0] // self.experts
-        a_e = a[self.expert * r : (self.expert + 1) * r].to(torch.float32)  # expert-major rows
-        b_e = b[:, self.expert :: self.experts].to(torch.float32)  # rank-major columns, expert fastest
-        left, right = (a_e.T, b_e.T) if self.transposed else (b_e, a_e)
+        a_e = a[self.expert * r : (self.expert + 1) * r]  # expert-major rows
+        b_e = b[:, self.expert :: self.experts]  # rank-major columns, expert fastest
+        left, right = super().factors(a_e, b_e)
         if self.rows:
             left = left[self.rows[0] : self.rows[1]]
         if self.cols:
@@ -118,8 +118,7 @@ class StackedExperts(LayerKind):
     experts: int = 1
 
     def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
-        d1, d2 = (a_shape[1], b_shape[0]) if self.transposed else (b_shape[0], a_shape[1])
-        return (self.experts, d1, d2)
+        return (self.experts, *super().delta_shape(a_shape, b_shape))
 
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise TypeError("stacked experts are E matrix products: use delta()")
