@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import torch
 from architectures import ARCHS, Arch, build, outputs
+from reference import read_folder
 from safetensors.torch import load_file
 
 import lorasurgeon as ls
@@ -244,9 +245,7 @@ def check_augmented(cell: Cell) -> None:
             }
         ),
     )
-    state: dict[str, torch.Tensor] = {}
-    for f in sorted((cell.root / "aug").glob("*.safetensors")):
-        state.update(load_file(f))
+    state = read_folder(cell.root / "aug")
     inner = wrapped.base_model.model
     assert set(state) == set(inner.state_dict()), (
         sorted(set(inner.state_dict()) - set(state))[:4],
@@ -257,7 +256,7 @@ def check_augmented(cell: Cell) -> None:
     ls.convert(cell.root / "aug", cell.root / "converted", to="merged")
     if not (cell.root / "merged").exists():
         ls.merge(cell.base, [cell.adapter], cell.root / "merged")
-    direct, converted = _tensors(cell.root / "merged"), _tensors(cell.root / "converted")
+    direct, converted = read_folder(cell.root / "merged"), read_folder(cell.root / "converted")
     assert set(direct) == set(converted) and all(torch.equal(direct[k], converted[k]) for k in direct)
 
 
@@ -265,18 +264,11 @@ def check_unmerge(cell: Cell) -> None:
     if not (cell.root / "merged").exists():
         ls.merge(cell.base, [cell.adapter], cell.root / "merged")
     ls.unmerge(cell.root / "merged", [cell.adapter], cell.root / "back")
-    original, back, merged = _tensors(cell.base), _tensors(cell.root / "back"), _tensors(cell.root / "merged")
+    original, back, merged = read_folder(cell.base), read_folder(cell.root / "back"), read_folder(cell.root / "merged")
     assert set(original) <= set(back)
     for name, w0 in original.items():
         scale = torch.maximum(w0.abs(), merged.get(name, w0).abs())
         assert ((back[name] - w0).abs() <= 1e-5 * scale + 1e-7).all(), name
-
-
-def _tensors(folder: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(folder.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
 
 
 def check_extract(cell: Cell) -> None:

@@ -109,19 +109,15 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
     saved_as = {name: apply_renamings(name, reverse) for name in {*meta, *tied}}
     class_name = type(model).__name__
     stacked: dict[str, tuple[str, ...]] = {}
+    transposed: set[str] = set()  # stacks stored (E, in, out): the module says is_transposed
     for name, module in model.named_modules():  # transformers 5's experts modules say how many they hold
         experts = getattr(module, "num_experts", None)
         own = module.named_parameters(recurse=False)
         params = tuple(f"{name}.{p}" for p, value in own if value.dim() == 3 and value.shape[0] == experts)
         if params and name:
             stacked[name] = params
-    transposed = frozenset(
-        f"{name}.{param}"
-        for name, module in model.named_modules()
-        if getattr(module, "is_transposed", False)
-        for param, value in module.named_parameters(recurse=False)
-        if value.dim() == 3
-    )
+            if getattr(module, "is_transposed", False):
+                transposed.update(params)
     return ModelNames(
         file_of,
         tied,
@@ -132,7 +128,7 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
         task_type(class_name),
         f"transformers {transformers.__version__} ({class_name})",
         saved_as,
-        transposed,
+        frozenset(transposed),
         _layers(model),
         stacked,
     )

@@ -55,27 +55,17 @@ def _carry(op: CarryOp, tensors: Mapping[Ref, torch.Tensor], device: torch.devic
     return Outcome([(op.name, tensors[op.src])], None)
 
 
-def compress_targets(modules: set[str], all_modules: set[str]) -> list[str]:
-    """target_modules: a leaf name where every module with that leaf is targeted, else full names."""
-    by_leaf: dict[str, set[str]] = {}
-    for m in all_modules:
-        by_leaf.setdefault(m.rpartition(".")[2], set()).add(m)
-    out: set[str] = set()
-    for m in modules:
-        leaf = m.rpartition(".")[2]
-        out.add(leaf if by_leaf.get(leaf, set()) <= modules else m)
-    return sorted(out)
+def compress_targets(modules: set[str], all_modules: set[str], segments: int = 1) -> list[str]:
+    """target_modules / target_parameters: the last ``segments`` parts of a name (``q_proj``;
+    ``experts.gate_up_proj``) where every name ending so is targeted, else full names."""
 
+    def tail(name: str) -> str:
+        return ".".join(name.split(".")[-segments:])
 
-def stacked_targets(parameters: set[str], names: ModelNames) -> list[str]:
-    """target_parameters: ``experts.gate_up_proj`` where every such stack is targeted, else full names."""
-    every = {p for ps in names.stacked.values() for p in ps}
     by_tail: dict[str, set[str]] = {}
-    for p in every:
-        by_tail.setdefault(".".join(p.split(".")[-2:]), set()).add(p)
-    return sorted(
-        {tail if by_tail[tail] <= parameters else p for p in parameters for tail in [".".join(p.split(".")[-2:])]}
-    )
+    for m in all_modules:
+        by_tail.setdefault(tail(m), set()).add(m)
+    return sorted({tail(m) if by_tail.get(tail(m), set()) <= modules else m for m in modules})
 
 
 def _wrapper(parameter: str, targeted: set[str], names: ModelNames) -> str:
@@ -242,7 +232,7 @@ def _config(
         "bias": bias_mode,
         "inference_mode": True,
         "target_modules": compress_targets(set(lowrank), all_modules) if lowrank else ([] if stacks else None),
-        "target_parameters": stacked_targets(set(stacks), names) or None,
+        "target_parameters": compress_targets(set(stacks), {p for ps in names.stacked.values() for p in ps}, 2) or None,
         "rank_pattern": {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
         "alpha_pattern": {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
         "modules_to_save": sorted(full_modules) or None,

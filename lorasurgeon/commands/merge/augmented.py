@@ -26,10 +26,10 @@ from ...adapter.names import (
 )
 from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
-from ...errors import CorruptCheckpointError
+from ...errors import CorruptCheckpointError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...names import ModelNames, model_names, names_of_memory
-from .experts import BASE_LAYER, unwrapped
+from .experts import BASE_LAYER, stack_shape, unwrapped
 from .ops import Action, TensorOp
 
 ORIGINAL = "original_module"
@@ -101,7 +101,9 @@ def augmented_ops(
         module, leaf = _split(name)
         stack = tuple(tuple(Ref(0, key) for key in part) for part in fused.parts)
         first = base.info(fused.parts[0][0])
-        shape = (fused.experts, sum(base.info(p[0]).shape[0] for p in fused.parts), *first.shape[1:])
+        shape = stack_shape(names, base, name)
+        if shape is None:
+            raise UnsupportedError(f"{base.root}: the per-expert parts of {name!r} are not matrices")
         out = dtype if dtype is not None and first.dtype.is_floating_point else first.dtype
         ops.append(
             TensorOp(f"{module}{BASE_LAYER * wrappers[module]}.{leaf}", stack[0][0], out, shape, "copy", stack=stack)

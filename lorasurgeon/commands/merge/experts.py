@@ -47,7 +47,7 @@ def _targeted(config_targets: tuple[str, ...], name: str) -> bool:
     return any(name == t or name.endswith("." + t) for t in config_targets)
 
 
-def _stack_shape(names: ModelNames, base: Checkpoint, parameter: str) -> tuple[int, int, int] | None:
+def stack_shape(names: ModelNames, base: Checkpoint, parameter: str) -> tuple[int, int, int] | None:
     """(E, d1, d2) of an in-memory stacked parameter, from the headers of the files that hold it."""
     fused = names.fused.get(parameter)
     if fused is not None:
@@ -83,7 +83,7 @@ def resolve_expert_module(
     b = adapter.checkpoint.info(module.keys["B"]).shape
     fits: list[tuple[str, tuple[int, int, int], bool]] = []
     for parameter in candidates:
-        shape = _stack_shape(names, base, parameter)
+        shape = stack_shape(names, base, parameter)
         if shape is None:
             continue
         e, d1, d2 = shape
