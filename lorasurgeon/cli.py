@@ -80,6 +80,13 @@ _merging = _options(
         "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1.0 each)."
     ),
     _dtype_auto,
+    click.option(
+        "--quantize",
+        type=click.Choice(["keep"]),
+        default=None,
+        help="A quantized base (FP8, compressed-tensors, MXFP4, bitsandbytes): keep its format, the default unless "
+        "--dtype asks for a plain result. Changed blocks re-quantized, the others copied byte for byte.",
+    ),
     _device,
     _shards,
     _nonfinite,
@@ -198,6 +205,7 @@ def merge_cmd(
     quiet: bool,
     weights: tuple[float, ...],
     dtype: str,
+    quantize: str | None,
     device: str,
     max_shard_size: str | None,
     allow_nonfinite: bool,
@@ -223,6 +231,7 @@ def merge_cmd(
             weights=weights,
             form=form,
             dtype=dtype,
+            quantize=quantize,
             device=device,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
@@ -250,6 +259,7 @@ def unmerge_cmd(
     quiet: bool,
     weights: tuple[float, ...],
     dtype: str,
+    quantize: str | None,
     device: str,
     max_shard_size: str | None,
     allow_nonfinite: bool,
@@ -272,6 +282,7 @@ def unmerge_cmd(
             out,
             weights=weights,
             dtype=dtype,
+            quantize=quantize,
             device=device,
             max_shard_size=max_shard_size,
             overwrite=overwrite,
@@ -287,12 +298,18 @@ def unmerge_cmd(
 
 @cli.command("convert")
 @debug_option
-@click.argument("augmented")
-@click.option("--to", "to", required=True, type=click.Choice(["merged", "adapter"]), help="Target form.")
+@click.argument("augmented", metavar="INPUT")
+@click.option(
+    "--to",
+    "to",
+    default=None,
+    type=click.Choice(["merged", "adapter"]),
+    help="Target form of an augmented checkpoint (a model is converted with --dtype alone).",
+)
 @_options(_write, _dtype_auto, _device, _shards, _push)
 def convert_cmd(
     augmented: str,
-    to: Target,
+    to: Target | None,
     out: str,
     overwrite: bool,
     dry_run: bool,
@@ -303,11 +320,13 @@ def convert_cmd(
     push_to_hub: str | None,
     private: bool,
 ) -> None:
-    """Turn an AUGMENTED checkpoint (from merge --form augmented) into merged or adapter form.
+    """Turn an augmented checkpoint (from merge --form augmented) into merged or adapter form; or a
+    model into another --dtype, a quantized one (FP8, compressed-tensors, MXFP4, bitsandbytes) dequantized.
 
     \b
-    Example:
+    Examples:
       lorasurgeon convert aug --to adapter -o adapter-again
+      lorasurgeon convert ./DeepSeek-V3-FP8 --dtype bfloat16 -o ./DeepSeek-V3-bf16
     """
     from .commands.merge import convert
 

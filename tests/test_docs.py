@@ -22,7 +22,7 @@ def layout_block() -> str:
 
 def test_every_module_and_package_is_in_the_architecture_layout():
     block = layout_block()
-    named_files = set(re.findall(r"\b([a-z_]+\.py|py\.typed)\b", block))
+    named_files = set(re.findall(r"\b([a-z_0-9]+\.py|py\.typed)\b", block))
     named_dirs = set(re.findall(r"^\s+([a-z_]+)/", block, re.M))
     files = {p.name for p in PACKAGE.rglob("*.py") if p.name != "__init__.py" or p.parent == PACKAGE}
     dirs = {p.name for p in PACKAGE.iterdir() if p.is_dir() and p.name != "__pycache__"}

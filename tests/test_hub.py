@@ -228,3 +228,25 @@ def test_a_failed_push_keeps_the_result_and_says_how_to_retry(hub, tmp_path):
     hub.read_only_orgs.clear()  # the user is given the rights; the printed command now works
     again = run_cli("push", out, "someone-else/merged", "--private")
     assert again.exit_code == 0 and "Pushed 4 files to someone-else/merged" in again.stdout
+
+
+def test_a_quantized_repo_fetches_only_the_weights_it_needs(hub, tmp_path):
+    """gpt-oss and DeepSeek repos carry other copies (original/, metal/, inference/): only the top-level
+    weights are fetched, and the result is the local folder's."""
+    from quantize import quantized_folder
+
+    repo = quantized_folder(FIX_BASE, tmp_path / "fp8", "fp8")
+    for extra in ("original", "metal"):
+        (repo / extra).mkdir()
+        (repo / extra / "model.safetensors").write_bytes(b"\0" * 64)
+    hub.add_folder("org/fp8", repo)
+    r = run_cli("convert", "org/fp8", "--dtype", "bfloat16", "-o", tmp_path / "from_hub")
+    assert r.exit_code == 0, r.stderr
+    assert sorted(p.rsplit("/", 1)[-1] for p in hub.downloaded()) == [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+    ]
+    assert run_cli("convert", repo, "--dtype", "bfloat16", "-o", tmp_path / "local").exit_code == 0
+    a, b = read_folder(tmp_path / "from_hub"), read_folder(tmp_path / "local")
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)

@@ -223,7 +223,11 @@ def test_unmerge_and_convert_commands(tmp_path):
     )
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
     r = run_cli("convert", FIX_BASE, "--to", "merged", "-o", tmp_path / "out")
-    assert_refused(r, tmp_path, "is a model, not an augmented checkpoint", "merge --form augmented")
+    assert_refused(r, tmp_path, "is a model", "give one (an augmented checkpoint takes --to merged|adapter)")
+    r = run_cli("convert", FIX_BASE, "--to", "adapter", "-o", tmp_path / "out")
+    assert_refused(r, tmp_path, "INPUT is a model, not an augmented checkpoint", "merge --form augmented")
+    r = run_cli("convert", tmp_path / "aug", "-o", tmp_path / "out")
+    assert_refused(r, tmp_path, "is an augmented checkpoint: give --to merged or --to adapter")
 
 
 def test_nonfinite_result_stops_the_merge_unless_allowed(tmp_path):
@@ -318,7 +322,7 @@ WRONG_KIND = {  # arguments -> what the one line must say
     ),
     "adapter to convert": (
         ["convert", "{adapter}", "--to", "merged"],
-        ["AUGMENTED is a PEFT adapter", "it is already an adapter"],
+        ["INPUT is a PEFT adapter", "it is already an adapter"],
     ),
 }
 

@@ -1,93 +1,381 @@
-"""Quantized checkpoints are recognised and refused by name by every command that computes on values,
-and described by inspect: stored codes are never taken for weights (until they are supported)."""
+"""Quantized checkpoints: read exactly as their producers dequantize them, merged into (a plain result, or
+the base's own format with only changed blocks re-quantized), merged out again, converted, extracted
+against; and what lorasurgeon does not read refused by name.
+
+The oracles are the producers' own libraries (tests/quantize.py): transformers' FP8 dequantizer and
+loader, compressed-tensors' dequantize and unpack, bitsandbytes' dequantize_4bit and int8 dequant,
+transformers' MXFP4 decoder. ΔW is formed densely in the test from the adapter's own tensors.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
 from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
+from quantize import FORMATS, dequantize_with_library, fp8_reference, fp8_transformers, quantized_folder
+from reference import read_folder
 from safetensors.torch import load_file, save_file
 
+import lorasurgeon as ls
+from lorasurgeon.commands._inputs import plain_weights
+from lorasurgeon.io.checkpoint import open_checkpoint
+from lorasurgeon.io.sidecar import read_config
+
 Q = "model.layers.0.self_attn.q_proj"  # a module the committed adapter targets
+FAST = ["fp8", "fp8-partial-bf16", "ct-w4a16-asym-group", "ct-fp8-channel", "bnb-nf4-dq", "bnb-int8"]
 
 
-def fp8_block(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Block FP8 as DeepSeek-V3 and Qwen3-FP8 ship it: F8_E4M3 codes + a float32 scale per 128x128 tile."""
-    amax = w.float().abs().amax().clamp_min(1e-12)
-    scale = (amax / 448).reshape(1, 1)
-    return {"weight": (w.float() / scale).clamp(-448, 448).to(torch.float8_e4m3fn), "weight_scale_inv": scale}
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("quantized")
+    return {fmt: quantized_folder(FIX_BASE, root / fmt, fmt) for fmt in FORMATS}
 
 
-def nf4(w: torch.Tensor) -> dict[str, torch.Tensor]:
-    """bitsandbytes 4-bit as transformers saves it (packed codes + absmax + quant_map + quant_state)."""
-    n = w.numel()
-    state = json.dumps({"quant_type": "nf4", "blocksize": 64, "dtype": "bfloat16", "shape": list(w.shape)}).encode()
-    return {
-        "weight": torch.zeros((n + 1) // 2, 1, dtype=torch.uint8),
-        "weight.absmax": torch.ones(-(-n // 64)),
-        "weight.quant_map": torch.linspace(-1, 1, 16),
-        "weight.quant_state.bitsandbytes__nf4": torch.tensor(list(state), dtype=torch.uint8),
+def adapter_delta(adapter: Path, weight: float = 1.0) -> dict[str, torch.Tensor]:
+    """ΔW of every module of a plain LoRA adapter, formed densely: weight · α/r · B @ A, in float32."""
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    t = load_file(adapter / "adapter_model.safetensors")
+    out = {}
+    for key, a in t.items():
+        if key.endswith("lora_A.weight"):
+            module = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            b = t[key.replace("lora_A", "lora_B")]
+            out[f"{module}.weight"] = weight * config["lora_alpha"] / a.shape[0] * (b.float() @ a.float())
+    return out
+
+
+def plain_folder(src: Path, dst: Path, tensors: dict[str, torch.Tensor]) -> Path:
+    """``src`` (a quantized folder) as an unquantized model holding ``tensors`` for its quantized weights."""
+    dst.mkdir()
+    base = load_file(FIX_BASE / "model.safetensors")
+    save_file({**base, **tensors}, dst / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config.pop("quantization_config")
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def library_fresh_error(fmt: str, exact: torch.Tensor) -> float:
+    """The relative error of the producer's own fresh quantization of ``exact`` (what the format costs)."""
+    folder_free = FORMATS[fmt][0](exact.to(torch.bfloat16 if not fmt.startswith("fp8") else torch.float32))
+    tmp = {f"{Q}.{k}": v for k, v in folder_free.items()}
+    from quantize import _library_one
+
+    back = _library_one(tmp, Q, fmt).float()
+    return float((back - exact).norm() / exact.norm())
+
+
+# --- reading ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_read_equals_the_producers_dequantizer_to_the_bit(folders, fmt):
+    lib = dequantize_with_library(folders[fmt], fmt)
+    raw = open_checkpoint(folders[fmt])
+    view, layout = plain_weights(raw, read_config(folders[fmt]), role="base")
+    assert layout is not None and set(layout.tensors) == set(lib) and len(lib) == 14
+    assert sorted(view.names()) == sorted(open_checkpoint(FIX_BASE).names())  # the parts hidden, plain names
+    for name, want in lib.items():
+        got = view.read(name)
+        assert got.dtype == torch.float32
+        assert torch.equal(got.to(want.dtype), want), name  # float32, or the library's own dtype (one rounding)
+
+
+def test_the_tests_fp8_reference_is_transformers_quantizer_on_whole_tiles():
+    """amax/448 here, 1/(448/amax) in transformers: the same codes, scales within one float32 ulp."""
+    w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
+    ours, theirs = fp8_reference(w, (32, 32), torch.float32), fp8_transformers(w, (32, 32))
+    assert torch.equal(ours["weight"].view(torch.uint8), theirs["weight"].view(torch.uint8))
+    ulp = torch.nextafter(theirs["weight_scale_inv"], torch.tensor(1.0)) - theirs["weight_scale_inv"]
+    assert bool(((ours["weight_scale_inv"] - theirs["weight_scale_inv"]).abs() <= ulp).all())
+
+
+# --- merge into a plain dtype ------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", FAST)
+def test_merge_with_a_dtype_is_the_merge_of_the_dequantized_base(folders, fmt, tmp_path):
+    lib = {k: v.float() for k, v in dequantize_with_library(folders[fmt], fmt).items()}
+    plain = plain_folder(folders[fmt], tmp_path / "plain", lib)  # float32 weights, the library's values
+    ls.merge(plain, [FIX_ADAPTER], tmp_path / "want", dtype="bfloat16")
+    report = ls.merge(folders[fmt], [FIX_ADAPTER], tmp_path / "got", dtype="bfloat16")
+    want, got = read_folder(tmp_path / "want"), read_folder(tmp_path / "got")
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    assert "quantization_config" not in json.loads((tmp_path / "got" / "config.json").read_text())
+    assert not report.requantized and not (tmp_path / "got" / "requantization.json").exists()
+
+
+def test_transformers_loads_the_plain_merge_as_it_loads_the_fp8_base_merged(folders, tmp_path):
+    """The FP8 base through transformers' own loader (dequantize=True), merged by PEFT, against ours."""
+    import transformers
+    from peft import PeftModel
+    from reference import logits
+    from transformers import FineGrainedFP8Config
+
+    qc = FineGrainedFP8Config(dequantize=True, weight_block_size=(32, 32))
+    base = transformers.AutoModelForCausalLM.from_pretrained(folders["fp8"], quantization_config=qc).float()
+    peft = PeftModel.from_pretrained(base, FIX_ADAPTER).merge_and_unload().eval()
+    ls.merge(folders["fp8"], [FIX_ADAPTER], tmp_path / "m", dtype="float32")
+    ours = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "m").eval()
+    # transformers dequantizes to bf16 on load (one rounding of code × scale), ours stays float32
+    torch.testing.assert_close(logits(ours), logits(peft), rtol=0, atol=2e-3)
+
+
+# --- merge keeping the format --------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_merge_keeps_the_format_and_rounds_as_the_producer_would(folders, fmt, tmp_path):
+    q = folders[fmt]
+    report = ls.merge(q, [FIX_ADAPTER], tmp_path / "m")
+    before, after = load_file(q / "model.safetensors"), load_file(tmp_path / "m" / "model.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in after.items()} == {k: (v.dtype, v.shape) for k, v in before.items()}
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["quantization_config"] == FORMATS[fmt][1]
+    for k in before:  # what the adapter does not touch: byte for byte
+        if "layernorm" in k or "embed" in k or "lm_head" in k:
+            assert torch.equal(before[k], after[k]), k
+    base = dequantize_with_library(q, fmt)
+    stored = dequantize_with_library(tmp_path / "m", fmt)  # the producer's own code reads our result
+    delta = adapter_delta(FIX_ADAPTER)
+    reports = {r.name: r for r in report.requantized}
+    assert set(reports) == set(delta) == set(stored)
+    doc = json.loads((tmp_path / "m" / "requantization.json").read_text())
+    assert {w["name"] for w in doc["weights"]} == set(delta)
+    for name, d in delta.items():
+        exact = base[name].float() + d
+        err = float((stored[name].float() - exact).norm() / exact.norm())
+        fresh = library_fresh_error(fmt, exact) if name.startswith(Q) else None
+        assert math.isclose(reports[name].error, err, rel_tol=1e-3, abs_tol=1e-6), name
+        if fresh is not None:  # no worse than the producer quantizing the exact values itself
+            assert err <= fresh * 1.02 + 1e-7, (name, err, fresh)
+        assert reports[name].error <= reports[name].format_error * 1.02 + 1e-7
+
+
+def zero_rows(adapter: Path, dst: Path, rows: int) -> Path:
+    """The adapter with lora_B's first ``rows`` rows zeroed: ΔW leaves those rows of every weight alone."""
+    shutil.copytree(adapter, dst)
+    t = load_file(dst / "adapter_model.safetensors")
+    for k, v in t.items():
+        if "lora_B" in k:
+            v[:rows] = 0
+    save_file(t, dst / "adapter_model.safetensors")
+    return dst
+
+
+# formats whose scale blocks do not straddle row 32 of these weights (double-quantized bitsandbytes shares a
+# nested scale among 256 blocks, the whole of these small weights: a change may move it, and every block)
+WHOLE_ROW_BLOCKS = [
+    "fp8",
+    "fp8-ue8m0-u8",
+    "ct-w4a16-asym-group",
+    "ct-w8a8-int-channel",
+    "ct-fp8-block",
+    "bnb-nf4",
+    "bnb-fp4",
+    "bnb-int8",
+]
+
+
+@pytest.mark.parametrize("fmt", WHOLE_ROW_BLOCKS)
+def test_merge_then_unmerge_returns_every_untouched_block_byte_for_byte(folders, fmt, tmp_path):
+    adapter = zero_rows(FIX_ADAPTER, tmp_path / "adapter", 32)
+    q = folders[fmt]
+    ls.merge(q, [adapter], tmp_path / "m")
+    report = ls.unmerge(tmp_path / "m", [adapter], tmp_path / "u")
+    base = dequantize_with_library(q, fmt)
+    merged, back = dequantize_with_library(tmp_path / "m", fmt), dequantize_with_library(tmp_path / "u", fmt)
+    raw_before, raw_back = load_file(q / "model.safetensors"), load_file(tmp_path / "u" / "model.safetensors")
+    for name in base:
+        assert torch.equal(merged[name][:32], base[name][:32]) and torch.equal(back[name][:32], base[name][:32])
+        if base[name].shape[0] == 32:  # k_proj, v_proj: ΔW is zero, every stored byte copied
+            module = name.removesuffix(".weight")
+            assert all(torch.equal(raw_before[k], raw_back[k]) for k in raw_before if k.startswith(module + "."))
+    # elsewhere the round trip costs the format's rounding, twice at most; it is reported
+    for r in report.requantized:
+        assert r.error <= 2.5 * r.format_error + 1e-7
+        full = float((back[r.name].float() - base[r.name].float()).norm() / base[r.name].float().norm())
+        assert full <= 3 * r.format_error + 1e-7
+
+
+def test_dry_run_names_the_weights_to_re_quantize(folders, tmp_path):
+    r = run_cli("merge", folders["fp8"], FIX_ADAPTER, "-o", tmp_path / "m", "--dry-run")
+    assert r.exit_code == 0, r.stderr
+    assert "14 weights re-quantized" in r.stdout
+    assert (
+        f"{Q}.weight  float32→quantized[64, 64]  + 2·[1] linear  -> re-quantized (block FP8): "
+        f"{Q}.weight, {Q}.weight_scale_inv" in r.stdout
+    )
+    assert listing(tmp_path) == set()
+
+
+def test_fp8_llama_merged_end_to_end_matches_the_bf16_merge_on_logits(folders, tmp_path):
+    """Our FP8 result, loaded by transformers (dequantize=True), against the bf16 merge of the same base:
+    as close as transformers' own FP8 quantization of that bf16 merge, and closer than the base was."""
+    import transformers
+    from reference import logits
+    from transformers import FineGrainedFP8Config
+
+    qc = FineGrainedFP8Config(dequantize=True, weight_block_size=(32, 32))
+
+    def load(folder: Path, **kw):
+        return transformers.AutoModelForCausalLM.from_pretrained(folder, **kw).float().eval()
+
+    r = run_cli("merge", folders["fp8"], FIX_ADAPTER, "-o", tmp_path / "fp8")
+    assert r.exit_code == 0 and "Re-quantized 14 weights (block FP8)" in r.stdout, r.output
+    ls.merge(folders["fp8"], [FIX_ADAPTER], tmp_path / "bf16", dtype="bfloat16")
+    fresh = quantized_folder(tmp_path / "bf16", tmp_path / "fresh", "fp8")  # the producer quantizes the merge
+    want = logits(load(tmp_path / "bf16"))
+    ours = (logits(load(tmp_path / "fp8", quantization_config=qc)) - want).norm()
+    theirs = (logits(load(fresh, quantization_config=qc)) - want).norm()
+    before = (logits(load(folders["fp8"], quantization_config=qc)) - want).norm()
+    assert ours <= 1.05 * theirs and ours < before, (ours, theirs, before)
+
+
+# --- convert, extract, diff ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt", ["fp8-partial-bf16", "ct-w4a16-group", "bnb-nf4"])
+def test_convert_dequantizes_a_whole_checkpoint(folders, fmt, tmp_path):
+    r = run_cli("convert", folders[fmt], "--dtype", "bfloat16", "-o", tmp_path / "bf16")
+    assert r.exit_code == 0, r.output
+    got = read_folder(tmp_path / "bf16")
+    lib = dequantize_with_library(folders[fmt], fmt)
+    assert set(got) == set(read_folder(FIX_BASE))
+    assert all(torch.equal(got[k], v.float().to(torch.bfloat16)) for k, v in lib.items())  # one rounding
+    assert "quantization_config" not in json.loads((tmp_path / "bf16" / "config.json").read_text())
+
+
+def test_convert_of_a_model_needs_a_dtype(folders, tmp_path):
+    one_line_error(run_cli("convert", folders["fp8"], "-o", tmp_path / "x"), "is quantized", "give one")
+    one_line_error(run_cli("convert", FIX_BASE, "-o", tmp_path / "x"), "is a model", "--dtype")
+    assert run_cli("convert", FIX_BASE, "--dtype", "float32", "-o", tmp_path / "f32").exit_code == 0
+    assert all(torch.equal(v, read_folder(FIX_BASE)[k].float()) for k, v in read_folder(tmp_path / "f32").items())
+
+
+@pytest.mark.parametrize("fmt", ["fp8", "bnb-nf4-dq"])
+def test_extract_against_a_quantized_base_gives_the_change_from_its_values(folders, fmt, tmp_path):
+    """QLoRA, then a full fine-tune: the fine-tune is bf16, the base quantized; the adapter is their difference."""
+    lib = dequantize_with_library(folders[fmt], fmt)
+    delta = adapter_delta(FIX_ADAPTER)
+    tuned = plain_folder(
+        folders[fmt], tmp_path / "tuned", {k: (v.float() + delta[k]).to(torch.bfloat16) for k, v in lib.items()}
+    )
+    ls.extract(folders[fmt], tuned, tmp_path / "x", rank=8)
+    plain = plain_folder(folders[fmt], tmp_path / "plain", {k: v.float() for k, v in lib.items()})
+    ls.extract(plain, tuned, tmp_path / "from-plain", rank=8)  # the same base, dequantized by its library
+    got, want = (
+        load_file(tmp_path / "x" / "adapter_model.safetensors"),
+        load_file(tmp_path / "from-plain" / "adapter_model.safetensors"),
+    )
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+    for name, d in adapter_delta(tmp_path / "x").items():  # the change, up to the fine-tune's bf16 rounding
+        assert float((d - delta[name]).norm() / delta[name].norm()) < 0.08, (
+            name,
+            float((d - delta[name]).norm() / delta[name].norm()),
+        )
+
+
+def test_diff_compares_a_quantized_checkpoint_by_its_values(folders, tmp_path):
+    run_cli("convert", folders["fp8"], "--dtype", "float32", "-o", tmp_path / "f32")
+    doc = json.loads(run_cli("diff", folders["fp8"], tmp_path / "f32", "--json").stdout)
+    linear = [t for t in doc["tensors"] if t["name"].endswith("proj.weight")]
+    assert len(linear) == 14 and all(t["identical_fraction"] == 1.0 for t in linear)
+
+
+# --- MXFP4 experts (gpt-oss) -------------------------------------------------------------------------------------
+E2M1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6])
+
+
+def mxfp4_reference(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """[E, in, out] (transformers' GPT-OSS layout) -> blocks [E, out, in/32, 16], scales [E, out, in/32]:
+    scale 2^ceil(log2(amax/6)) per 32 inputs, nearest E2M1 value, even element in the low nibble."""
+    rows = w.transpose(1, 2).float()
+    e, out, k = rows.shape
+    blocks = rows.reshape(e, out, k // 32, 32)
+    amax = blocks.abs().amax(-1)
+    exp = torch.where(amax > 0, torch.ceil(torch.log2(amax / 6)), torch.full_like(amax, -127)).clamp(-127, 127)
+    y = blocks / torch.exp2(exp)[..., None]
+    idx = (y.abs()[..., None] - E2M1).abs().argmin(-1)
+    codes = (idx + 8 * (y < 0)).to(torch.uint8)
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous(), (exp + 127).to(torch.uint8)
+
+
+@pytest.fixture(scope="module")
+def gpt_oss(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A tiny GPT-OSS saved bf16, its experts in MXFP4, and a PEFT adapter on the experts and q_proj."""
+    from architectures import ARCHS, build
+    from peft import LoraConfig, get_peft_model
+
+    root = tmp_path_factory.mktemp("gpt_oss")
+    build(ARCHS["gpt_oss"], dtype=torch.bfloat16).save_pretrained(root / "bf16")
+    t = load_file(root / "bf16" / "model.safetensors")
+    out = {}
+    for k, v in t.items():
+        if k.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            out[f"{k}_blocks"], out[f"{k}_scales"] = mxfp4_reference(v)
+        else:
+            out[k] = v
+    shutil.copytree(root / "bf16", root / "mxfp4")
+    save_file(out, root / "mxfp4" / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((root / "mxfp4" / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
     }
+    (root / "mxfp4" / "config.json").write_text(json.dumps(config))
+    torch.manual_seed(3)
+    lora = LoraConfig(
+        r=4,
+        lora_alpha=8,
+        init_lora_weights=False,
+        target_modules=["q_proj"],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+    )
+    get_peft_model(build(ARCHS["gpt_oss"]), lora).save_pretrained(root / "adapter")
+    return root / "mxfp4", root / "adapter", root
 
 
-LAYOUTS = {
-    # name: (tensors replacing Q's weight, quantization_config or None, the phrase the refusal names)
-    "fp8 block": (fp8_block, {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [128, 128]}, "fp8"),
-    "fp8 block, no config": (fp8_block, None, "block FP8"),
-    "compressed-tensors int4": (
-        lambda w: {
-            "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
-            "weight_scale": torch.ones(w.shape[0], w.shape[1] // 32, dtype=torch.bfloat16),
-            "weight_shape": torch.tensor(list(w.shape), dtype=torch.int32),
-        },
-        {"quant_method": "compressed-tensors", "format": "pack-quantized"},
-        "compressed-tensors",
-    ),
-    "compressed-tensors, no config": (
-        lambda w: {
-            "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
-            "weight_scale": torch.ones(w.shape[0], 1, dtype=torch.bfloat16),
-        },
-        None,
-        "pack-quantized",
-    ),
-    "bnb nf4": (
-        nf4,
-        {"quant_method": "bitsandbytes", "load_in_4bit": True, "bnb_4bit_quant_type": "nf4"},
-        "bitsandbytes",
-    ),
-    "bnb nf4, no config": (nf4, None, "bitsandbytes 4-bit"),
-    "bnb int8, no config": (
-        lambda w: {
-            "weight": torch.zeros(w.shape, dtype=torch.int8),
-            "SCB": torch.ones(w.shape[0]),
-            "weight_format": torch.tensor(0, dtype=torch.uint8),
-        },
-        None,
-        "LLM.int8",
-    ),
-    "gptq, no config": (
-        lambda w: {
-            "qweight": torch.zeros(w.shape[1] // 8, w.shape[0], dtype=torch.int32),
-            "qzeros": torch.zeros(1, w.shape[0] // 8, dtype=torch.int32),
-            "scales": torch.ones(1, w.shape[0], dtype=torch.float16),
-        },
-        None,
-        "GPTQ",
-    ),
-    "int8 weight, no config": (lambda w: {"weight": torch.zeros(w.shape, dtype=torch.int8)}, None, "integer weights"),
-    "float8 weight, no scale": (lambda w: {"weight": w.to(torch.float8_e5m2)}, None, "float8"),
-    "config only": (lambda w: {"weight": w}, {"quant_method": "awq", "bits": 4}, "awq"),
-}
+def test_mxfp4_experts_read_merge_and_keep_their_format(gpt_oss, tmp_path):
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    q, adapter, root = gpt_oss
+    stored = load_file(q / "model.safetensors")
+    view, layout = plain_weights(open_checkpoint(q), read_config(q), role="base")
+    assert layout is not None and len(layout.tensors) == 4  # gate_up and down of two layers
+    decoded = {}
+    for name in layout.tensors:
+        want = convert_moe_packed_tensors(stored[f"{name}_blocks"], stored[f"{name}_scales"], dtype=torch.float32)
+        decoded[name] = view.read(name)
+        assert torch.equal(decoded[name], want), name
+    # a plain merge is the merge of the dequantized model (MXFP4 values are exact in bf16)
+    plain = root / "plain"
+    shutil.copytree(root / "bf16", plain)
+    bf16 = load_file(plain / "model.safetensors")
+    save_file({**bf16, **{k: v.to(torch.bfloat16) for k, v in decoded.items()}}, plain / "model.safetensors")
+    ls.merge(plain, [adapter], tmp_path / "want", dtype="float32")
+    ls.merge(q, [adapter], tmp_path / "got", dtype="float32")
+    want, got = read_folder(tmp_path / "want"), read_folder(tmp_path / "got")
+    assert set(want) == set(got) and all(torch.equal(got[k], want[k]) for k in want)
+    # keeping MXFP4: blocks and scales again, the experts within the format's rounding of the exact merge
+    report = ls.merge(q, [adapter], tmp_path / "keep")
+    kept = load_file(tmp_path / "keep" / "model.safetensors")
+    assert {k: (v.dtype, v.shape) for k, v in kept.items()} == {k: (v.dtype, v.shape) for k, v in stored.items()}
+    assert {r.name for r in report.requantized} == set(layout.tensors)
+    for name in layout.tensors:
+        back = convert_moe_packed_tensors(kept[f"{name}_blocks"], kept[f"{name}_scales"], dtype=torch.float32)
+        exact = want[name]
+        fresh = convert_moe_packed_tensors(*mxfp4_reference(exact), dtype=torch.float32)
+        err = float((back - exact).norm() / exact.norm())
+        assert err <= 1.02 * float((fresh - exact).norm() / exact.norm()) + 1e-7, name
+    ls.unmerge(tmp_path / "keep", [adapter], tmp_path / "back")
 
 
-def quantized_copy(root, layout: str):
-    """The committed bf16 base with Q's weight in ``layout`` (and its quantization_config, if any)."""
-    make, qconfig, _ = LAYOUTS[layout]
-    out = shutil.copytree(FIX_BASE, root / layout.replace(" ", "_").replace(",", ""))
+# --- what is not read, refused by name ---------------------------------------------------------------------------
+def replaced(root: Path, name: str, make, qconfig: dict | None) -> Path:
+    """The committed base with Q's weight replaced by ``make(w)``'s tensors (and a quantization_config)."""
+    out = shutil.copytree(FIX_BASE, root / name)
     tensors = load_file(out / "model.safetensors")
     w = tensors.pop(f"{Q}.weight")
     tensors.update({f"{Q}.{k}": v for k, v in make(w).items()})
@@ -99,38 +387,126 @@ def quantized_copy(root, layout: str):
     return out
 
 
-def assert_refused(result, phrase: str, folder) -> None:
-    one_line_error(result, "is quantized", phrase, str(folder.name))
+def _ct(w: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {
+        "weight_packed": torch.zeros(w.shape[0], w.shape[1] // 8, dtype=torch.int32),
+        "weight_scale": torch.ones(w.shape[0], w.shape[1] // 32, dtype=torch.bfloat16),
+        "weight_shape": torch.tensor(list(w.shape), dtype=torch.int32),
+    }
 
 
-@pytest.mark.parametrize("layout", list(LAYOUTS))
-def test_every_command_refuses_a_quantized_checkpoint_by_name(tmp_path, layout):
-    q = quantized_copy(tmp_path, layout)
-    phrase = LAYOUTS[layout][2]
+_W4 = {"num_bits": 4, "type": "int", "symmetric": True, "strategy": "group", "group_size": 32}
+UNREAD = {
+    # name: (tensors replacing Q's weight, quantization_config or None, phrases the refusal holds)
+    "gptq": (
+        lambda w: {
+            "qweight": torch.zeros(w.shape[1] // 8, w.shape[0], dtype=torch.int32),
+            "qzeros": torch.zeros(1, w.shape[0] // 8, dtype=torch.int32),
+            "scales": torch.ones(1, w.shape[0], dtype=torch.float16),
+        },
+        None,
+        ["GPTQ", "a format lorasurgeon does not read", "it reads block FP8"],
+    ),
+    "awq config": (lambda w: {"weight": w}, {"quant_method": "awq", "bits": 4}, ["awq", "does not read"]),
+    "int8 weight without scales": (
+        lambda w: {"weight": torch.zeros(w.shape, dtype=torch.int8)},
+        None,
+        ["integer weights"],
+    ),
+    "float8 weight without scale": (lambda w: {"weight": w.to(torch.float8_e5m2)}, None, ["float8"]),
+    "compressed-tensors without config": (_ct, None, ["pack-quantized", "does not read"]),
+    "compressed-tensors without a group for it": (
+        _ct,
+        {"quant_method": "compressed-tensors", "format": "pack-quantized", "config_groups": {}},
+        ["no config_groups entry covers", Q],
+    ),
+    "compressed-tensors rotated": (
+        _ct,
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "transform_config": {"config_groups": {"u": {}}},
+            "config_groups": {"g": {"targets": ["Linear"], "weights": _W4}},
+        },
+        ["transform_config", "rotations"],
+    ),
+    "compressed-tensors sparse": (
+        _ct,
+        {
+            "quant_method": "compressed-tensors",
+            "format": "pack-quantized",
+            "sparsity_config": {"format": "sparse-24-bitmask"},
+            "config_groups": {"g": {"targets": ["Linear"], "weights": _W4}},
+        },
+        ["sparsity_config", "sparse-24-bitmask"],
+    ),
+    "compressed-tensors nvfp4": (
+        _ct,
+        {
+            "quant_method": "compressed-tensors",
+            "format": "nvfp4-pack-quantized",
+            "config_groups": {"g": {"targets": ["Linear"], "weights": _W4}},
+        },
+        ["nvfp4-pack-quantized", "not supported"],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(UNREAD))
+def test_what_is_not_read_is_refused_by_name_by_every_command(tmp_path, case):
+    make, qconfig, phrases = UNREAD[case]
+    q = replaced(tmp_path, case.replace(" ", "_"), make, qconfig)
     work = tmp_path / "out_parent"
     work.mkdir()
     for args in (
         ["merge", q, FIX_ADAPTER, "-o", work / "m"],
+        ["merge", q, FIX_ADAPTER, "-o", work / "p", "--dtype", "bfloat16"],
         ["unmerge", q, FIX_ADAPTER, "-o", work / "u"],
-        ["merge", q, FIX_ADAPTER, "-o", work / "a", "--form", "augmented"],
         ["extract", q, FIX_BASE, "--rank", "2", "-o", work / "x"],
         ["extract", FIX_BASE, q, "--rank", "2", "-o", work / "y"],
+        ["convert", q, "--dtype", "bfloat16", "-o", work / "c"],
         ["diff", FIX_BASE, q],
-        ["diff", q, FIX_BASE],
         ["merge", q, FIX_ADAPTER, "-o", work / "d", "--dry-run"],
     ):
-        assert_refused(run_cli(*args), phrase, q)
+        one_line_error(run_cli(*args), *phrases)
     assert listing(work) == set()
+    text = run_cli("inspect", q)
+    assert text.exit_code == 0 and "not readable" in text.stdout
 
 
-def test_inspect_names_the_quantization(tmp_path):
-    q = quantized_copy(tmp_path, "fp8 block")
-    doc = json.loads(run_cli("inspect", q, "--json").stdout)
-    assert doc["quantization"] == {"method": "fp8", "evidence": "config.json quantization_config.quant_method = fp8"}
-    table = run_cli("inspect", quantized_copy(tmp_path, "fp8 block, no config"))
-    assert table.exit_code == 0
-    assert f"quantized   block FP8 (DeepSeek-V3 / Qwen3-FP8 layout) (tensor {Q}.weight_scale_inv)" in table.stdout
-    assert json.loads(run_cli("inspect", FIX_BASE, "--json").stdout)["quantization"] is None
+def test_quantize_option_mistakes_are_named(folders, tmp_path):
+    one_line_error(
+        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--quantize", "keep"),
+        "is not quantized",
+        "nothing to keep",
+    )
+    one_line_error(
+        run_cli(
+            "merge", folders["fp8"], FIX_ADAPTER, "-o", tmp_path / "m", "--quantize", "keep", "--dtype", "bfloat16"
+        ),
+        "--quantize keep and --dtype",
+    )
+    one_line_error(
+        run_cli("merge", folders["fp8"], FIX_ADAPTER, "-o", tmp_path / "a", "--form", "augmented"),
+        "is quantized",
+        "give --dtype",
+    )
+    assert (
+        run_cli(
+            "merge", folders["fp8"], FIX_ADAPTER, "-o", tmp_path / "a", "--form", "augmented", "--dtype", "bfloat16"
+        ).exit_code
+        == 0
+    )
+    assert listing(tmp_path) == {"a", *(f"a/{n}" for n in listing(tmp_path / "a"))}
+
+
+def test_inspect_describes_the_quantized_weights(folders):
+    doc = json.loads(run_cli("inspect", folders["bnb-nf4-dq"], "--json").stdout)
+    assert doc["quantization"]["method"] == "bitsandbytes"
+    assert doc["quantized"] == {"methods": ["bitsandbytes nf4 (double quantized)"], "weights": 14, "unsupported": None}
+    text = run_cli("inspect", folders["fp8"]).stdout
+    assert "14 weights in block FP8, read dequantized by every command" in text
+    assert json.loads(run_cli("inspect", FIX_BASE, "--json").stdout)["quantized"] is None
 
 
 def test_integer_buffers_that_are_not_weights_are_not_quantization(tmp_path):

@@ -1,5 +1,5 @@
-"""What every command checks before any work: its inputs (resolved, of the right kind, not quantized),
-its output's place, its options (device, dtype, sizes, weights, name filters)."""
+"""What every command checks before any work: its inputs (resolved, of the right kind, a quantized one
+read as plain weights), its output's place, its options (device, dtype, sizes, weights, name filters)."""
 
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import torch
 from ..adapter.config import CONFIG_NAME
 from ..adapter.names import AUGMENTED_SUFFIX, SAVED_PREFIX, SAVED_SUFFIX
 from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
-from ..formats.detect import detect
+from ..formats.layout import QuantLayout, dequantized, find_layout
 from ..hub.source import Source, resolve_source
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.destination import check_destination
@@ -133,14 +133,22 @@ def check_device(device: str) -> None:
         raise InvalidOptionError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
 
 
-def refuse_quantized(ckpt: Checkpoint, config: Mapping[str, Any], *, role: str, command: str) -> None:
-    """Refuse, by name, a quantized checkpoint: its stored codes are not weights (formats.detect)."""
-    found = detect(((i.name, i.dtype) for i in ckpt.infos()), config)
-    if found is not None:
-        raise UnsupportedError(
-            f"{ckpt.root}: {role} is quantized: {found.describe()}; {command} would read its stored codes as "
-            "weights, so it refuses quantized checkpoints for now: give the unquantized (bf16/fp16/fp32) checkpoint"
-        )
+def plain_weights(
+    ckpt: Checkpoint, config: Mapping[str, Any], *, role: str, keep_static: bool = False
+) -> tuple[Checkpoint, QuantLayout | None]:
+    """A checkpoint as plain weights: a quantized one as its dequantized view (each quantized weight one
+    float32 tensor, decoded when read: formats.layout), with its layout; an unquantized one as it is.
+
+    Raises:
+        UnsupportedError: quantized in a format (or a tensor layout) lorasurgeon does not read, by name.
+    """
+    try:
+        layout = find_layout(ckpt, config)
+    except UnsupportedError as exc:
+        raise UnsupportedError(f"{role}: {exc}") from None
+    if layout is None:
+        return ckpt, None
+    return dequantized(ckpt, layout, keep_static=keep_static), layout
 
 
 InputKind = Literal["model", "adapter", "augmented"]

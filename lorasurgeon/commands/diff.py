@@ -19,7 +19,7 @@ from ..io.checkpoint import open_checkpoint
 from ..io.layout import TensorSpec
 from ..io.sidecar import read_config
 from ..ops.compare import change, identical_fraction, rank_profile, same_bits
-from ._inputs import Input, NameFilter, prepare, refuse_quantized
+from ._inputs import Input, NameFilter, plain_weights, prepare
 
 Status = Literal["identical", "changed", "shape_mismatch", "dtype_mismatch"]
 STATUSES: tuple[Status, ...] = get_args(Status)
@@ -225,16 +225,17 @@ def diff(
         InputNotFoundError: no such local path, or no such Hub repo or revision.
         CorruptCheckpointError, UnsafeCheckpointError: a file that cannot be read safely.
         InvalidOptionError: a negative atol, an invalid regex, a filter that matches nothing.
-        UnsupportedError: a quantized checkpoint.
+        UnsupportedError: a checkpoint quantized in a format lorasurgeon does not read.
     """
     if atol is not None and not atol >= 0:
         raise OptionError(f"--atol must be a non-negative number, got {atol}")
     keep = NameFilter.parse(include, exclude)
     src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
     path_a, path_b = src_a.path, src_b.path
-    with open_checkpoint(path_a) as ca, open_checkpoint(path_b) as cb:
-        for ckpt, role in ((ca, "A"), (cb, "B")):
-            refuse_quantized(ckpt, read_config(ckpt.folder), role=role, command="diff")
+    with open_checkpoint(path_a) as raw_a, open_checkpoint(path_b) as raw_b:
+        # a quantized checkpoint is compared by its values (dequantized), not its stored codes
+        ca, _ = plain_weights(raw_a, read_config(raw_a.folder), role=f"{src_a.label}: A")
+        cb, _ = plain_weights(raw_b, read_config(raw_b.folder), role=f"{src_b.label}: B")
         names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
         if keep.active and not names_a and not names_b and (len(ca) or len(cb)):
             example = next(iter(ca), None) or next(iter(cb))

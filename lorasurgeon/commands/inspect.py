@@ -8,9 +8,11 @@ from pathlib import Path
 
 from ..adapter.config import CONFIG_NAME, AdapterConfig
 from ..adapter.weights import LoraAdapter, LoraModule, load_adapter
+from ..errors import LorasurgeonError
 from ..formats.detect import Quantization, detect
+from ..formats.layout import find_layout
 from ..hub.source import resolve
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.dtypes import safetensors_name
 from ..io.sidecar import read_config
 from ._inputs import input_kind
@@ -49,6 +51,15 @@ class AdapterReport:
 
 
 @dataclass(frozen=True)
+class QuantizedWeights:
+    """The quantized weights of a checkpoint as lorasurgeon reads them (dequantized), or why it cannot."""
+
+    methods: list[str]  # the formats, e.g. ["block FP8"]
+    weights: int  # quantized weights found
+    unsupported: str | None = None  # the refusal, for a format or layout it does not read
+
+
+@dataclass(frozen=True)
 class CheckpointReport:
     """What ``inspect`` reports. ``to_dict()`` is the ``--json`` document."""
 
@@ -61,8 +72,9 @@ class CheckpointReport:
     dtypes: dict[str, DtypeCount]
     metadata: dict[str, str]
     adapter: AdapterReport | None
-    quantization: Quantization | None = None  # how the weights are quantized (merge, extract, diff refuse these)
+    quantization: Quantization | None = None  # how the weights are quantized (what showed it first)
     form: str = "model"  # model | adapter | augmented (a model with the LoRA layers inside)
+    quantized: QuantizedWeights | None = None  # what lorasurgeon reads of it
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -114,9 +126,18 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         adapter=_adapter_report(adapter) if adapter else None,
         quantization=detect(((i.name, i.dtype) for i in ckpt.infos()), read_config(ckpt.folder)),
         form=form,
+        quantized=_quantized(ckpt),
     )
     ckpt.close()
     return report
+
+
+def _quantized(ckpt: Checkpoint) -> QuantizedWeights | None:
+    try:
+        layout = find_layout(ckpt, read_config(ckpt.folder))
+    except LorasurgeonError as exc:
+        return QuantizedWeights([], 0, str(exc))
+    return None if layout is None else QuantizedWeights(layout.methods, len(layout.tensors))
 
 
 def _rel(path: Path, folder: Path) -> Path:
@@ -186,7 +207,14 @@ def format_report(report: CheckpointReport) -> str:
         + ", ".join(f"{k} ({v.tensors} tensors, {v.parameters:,} params)" for k, v in report.dtypes.items()),
     ]
     if report.quantization is not None:
-        lines.append(f"  quantized   {report.quantization.describe()}: merge, extract and diff refuse it for now")
+        q = report.quantized or QuantizedWeights([], 0)
+        if q.unsupported:
+            lines.append(f"  quantized   {report.quantization.describe()}: not readable: {q.unsupported}")
+        else:
+            lines.append(
+                f"  quantized   {report.quantization.describe()}: {q.weights} weights in {', '.join(q.methods)}, "
+                "read dequantized by every command (merge keeps the format unless --dtype)"
+            )
     a = report.adapter
     if a is None:
         return "\n".join(lines)

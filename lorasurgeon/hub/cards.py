@@ -49,7 +49,9 @@ def merge_card(
     weights: Sequence[float],
     dtype: str,
     untied: bool,
+    quantization: str = "",
 ) -> str:
+    """The card of a merge or unmerge; ``quantization``: a sentence on a quantized base's format."""
     verb = "unmerge" if unmerge else "merge"
     flags = [f"--weight={w:g}" for w in weights] if any(w != 1.0 for w in weights) else []
     if form != "merged":
@@ -64,6 +66,8 @@ def merge_card(
     lines = [f"This model is {what[(verb, form)]}", "", "| adapter | weight |", "|---|---:|"]
     lines += [f"| `{a}` | {w:g} |" for a, w in zip(adapters, weights, strict=True)]
     lines += ["", f"Output dtype: {dtype}."]
+    if quantization:
+        lines += ["", quantization]
     if untied:
         lines.append(
             "The adapters changed the input embedding and lm_head differently, so both are stored and "
@@ -75,6 +79,10 @@ def merge_card(
 
 
 def convert_card(*, title: str, source: str, base: str | None, to: str) -> str:
+    if to.startswith("--dtype"):  # a model converted to another dtype (dequantized, if it was quantized)
+        lines = [f"`{source}` converted to {to.removeprefix('--dtype=')}.", "", "Made by:"]
+        lines += command("lorasurgeon", "convert", source, to, "-o", title)
+        return model_card(kind="merged", base=base, title=title, lines=lines)
     lines = (
         [f"Converted from the augmented checkpoint `{source}` to the {to} form."]
         + ["", "Made by:"]

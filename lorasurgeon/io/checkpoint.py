@@ -49,6 +49,9 @@ class TensorInfo:
     file: Path
     offset: int | None  # absolute byte offset in a safetensors file; None for pickles
     key: str = ""  # the name inside the file, when a renamed view calls it something else
+    # Set when the tensor is computed from others (a quantized weight from its codes and scales):
+    # read() reads the parts and hands them to the decoder; its bytes are in no file.
+    decoded: Decoded | None = None
 
     @property
     def file_key(self) -> str:
@@ -64,7 +67,18 @@ class TensorInfo:
 
     def file_slice(self) -> FileSlice | None:
         """Where this tensor's bytes lie in its file (None for a pickle, whose layout is not ours to read)."""
-        return None if self.offset is None else FileSlice(self.file, self.offset, self.nbytes, self.dtype, self.shape)
+        if self.offset is None or self.decoded is not None:
+            return None
+        return FileSlice(self.file, self.offset, self.nbytes, self.dtype, self.shape)
+
+
+@dataclass(frozen=True)
+class Decoded:
+    """A tensor made from other tensors of the same checkpoint: ``decode(parts read in order)``."""
+
+    parts: tuple[TensorInfo, ...]
+    decode: Callable[[list[torch.Tensor]], torch.Tensor]
+    what: str  # the format, for messages: "block FP8", "bitsandbytes nf4", ...
 
 
 @dataclass(frozen=True)
@@ -148,7 +162,13 @@ class Checkpoint:
         ``alloc(nbytes)`` gives that memory as a uint8 tensor (default: new memory; the executor
         passes reused buffers, io.buffers).
         """
-        info = self.info(name)
+        return self.read_info(self.info(name), alloc)
+
+    def read_info(self, info: TensorInfo, alloc: Callable[[int], torch.Tensor] | None = None) -> torch.Tensor:
+        """Read the tensor ``info`` describes (see :meth:`read`); a decoded one from its parts."""
+        name = info.name
+        if info.decoded is not None:
+            return info.decoded.decode([self.read_info(p) for p in info.decoded.parts])
         if info.offset is None:
             return self._read_legacy(info)
         out = alloc(info.nbytes) if alloc is not None else torch.empty(info.nbytes, dtype=torch.uint8)
@@ -185,6 +205,9 @@ class Checkpoint:
         infos = [
             dataclasses.replace(self.info(old), name=new, key=self.info(old).file_key) for new, old in names.items()
         ]
+        return self._view(infos)
+
+    def _view(self, infos: list[TensorInfo]) -> Checkpoint:
         return Checkpoint(self.root, self.format, list(self.files), infos, self.metadata, self.index_file)
 
     def carved(self, pieces: dict[str, tuple[str, int, int, int]]) -> Checkpoint:
@@ -199,13 +222,13 @@ class Checkpoint:
         infos = [info for info in self._infos.values() if info.name not in carved]
         for new, (name, index, start, stop) in pieces.items():
             info = self.info(name)
-            if info.offset is None or len(info.shape) != 3:
+            if info.offset is None or info.decoded is not None or len(info.shape) != 3:
                 raise UnsupportedError(f"{info.file}: {name!r} cannot be read in slices (a pickle, or not 3-D)")
             rows, cols = info.shape[1], info.shape[2]
             offset = info.offset + (index * rows + start) * cols * itemsize(info.dtype)
             shape = (stop - start, cols)
             infos.append(dataclasses.replace(info, name=new, key=info.file_key, shape=shape, offset=offset))
-        return Checkpoint(self.root, self.format, list(self.files), infos, self.metadata, self.index_file)
+        return self._view(infos)
 
     def close(self) -> None:
         if self._legacy is not None:

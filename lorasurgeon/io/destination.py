@@ -31,6 +31,7 @@ RESULT_FILES = (
     "config.json",
     "adapter_config.json",
     "extract_report.json",
+    "requantization.json",
     *SIDECARS,
 )
 

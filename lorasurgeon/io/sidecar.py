@@ -70,8 +70,11 @@ def is_tied(config: dict[str, Any]) -> bool:
     return bool(config.get("tie_word_embeddings", True))
 
 
-def edit_config(config: dict[str, Any], *, dtype: torch.dtype | None, untie: bool) -> dict[str, Any]:
-    """A copy of config with the dtype and tie_word_embeddings the result really has."""
+def edit_config(
+    config: dict[str, Any], *, dtype: torch.dtype | None, untie: bool, dequantized: bool = False
+) -> dict[str, Any]:
+    """A copy of config with the dtype and tie_word_embeddings the result really has; ``dequantized``:
+    without the quantization_config (or compression_config) of a quantized base."""
     out: dict[str, Any] = json.loads(json.dumps(config))
     targets = [out] + [v for k, v in out.items() if k == "text_config" and isinstance(v, dict)]
     for doc in targets:
@@ -82,6 +85,9 @@ def edit_config(config: dict[str, Any], *, dtype: torch.dtype | None, untie: boo
                     doc[key] = name
         if untie:
             doc["tie_word_embeddings"] = False
+        if dequantized:
+            doc.pop("quantization_config", None)
+            doc.pop("compression_config", None)
     return out
 
 

@@ -16,7 +16,7 @@ from ...io.sidecar import read_config
 from ...io.spool import SpoolWriter
 from ...names import model_names
 from ...ops.lowrank import Solver
-from .._inputs import Input, prepare, refuse_quantized
+from .._inputs import Input, plain_weights, prepare
 from .compute import compute_extract
 from .finish import Origin, finish_adapter
 from .plan import FACTORED, plan_extract
@@ -104,10 +104,12 @@ def extract(
     if base_src.path.resolve() == tuned_src.path.resolve():
         raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     origin = Origin(base_src.label, tuned_src.label, str(out))
-    with open_checkpoint(base_src.path) as b_ckpt, open_checkpoint(tuned_src.path) as t_ckpt:
-        b_cfg, t_cfg = read_config(b_ckpt.folder), read_config(t_ckpt.folder)
-        refuse_quantized(b_ckpt, b_cfg, role="the base model", command="extract")
-        refuse_quantized(t_ckpt, t_cfg, role="the fine-tune", command="extract")
+    with open_checkpoint(base_src.path) as b_raw, open_checkpoint(tuned_src.path) as t_raw:
+        b_cfg, t_cfg = read_config(b_raw.folder), read_config(t_raw.folder)
+        # a quantized base (QLoRA, then a full fine-tune) is read by its values: the change is measured
+        # against the dequantized base
+        b_ckpt, b_quant = plain_weights(b_raw, b_cfg, role=f"{base_src.label}: the base model")
+        t_ckpt, _ = plain_weights(t_raw, t_cfg, role=f"{tuned_src.label}: the fine-tune")
         tuned_model = model_names(t_ckpt.names(), t_cfg)
         ops, excluded = plan_extract(
             b_ckpt,

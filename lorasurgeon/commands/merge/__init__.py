@@ -15,17 +15,18 @@ from ...adapter.config import CONFIG_NAME
 from ...adapter.weights import LoraAdapter, load_adapter
 from ...engine.execute import Progress, stream
 from ...errors import InvalidOptionError
+from ...formats.layout import QuantLayout
 from ...hub.cards import CARD_NAME, merge_card
 from ...hub.source import Source
 from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
 from ...names import ModelNames, model_names
-from .._inputs import Input, prepare, refuse_quantized
+from .._inputs import Input, plain_weights, prepare
 from . import augmented as augment
-from .compute import compute_merge
 from .convert import convert
 from .ops import Plan, TensorOp
 from .plan import check_supported, plan_merge
+from .quantized import compute_requant, keep_ops
 from .report import MergeReport
 from .settings import Form, MergeSettings
 from .write import layout, report, write
@@ -43,6 +44,7 @@ def merge(
     weights: Sequence[float] | None = None,
     form: Form = "merged",
     dtype: str | torch.dtype | None = "auto",
+    quantize: str | None = None,
     device: str = "cpu",
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
@@ -59,7 +61,11 @@ def merge(
         out: the result folder; may be None with ``dry_run``.
         weights: one per adapter (default 1.0 each).
         form: "merged" (the plain architecture) or "augmented" (the LoRA layers inside; one adapter).
-        dtype: "auto" (each tensor keeps the base's dtype) or a floating dtype for every float tensor.
+        dtype: "auto" (each tensor keeps the base's dtype) or a floating dtype for every float tensor; with a
+            quantized base, a dtype gives a plain (dequantized) result without its quantization_config.
+        quantize: "keep": a quantized base's result in its own format (the default for one, unless ``dtype``
+            is given): changed weights re-quantized block by block, the rest copied byte for byte; the cost
+            of each in the report and in ``out``/requantization.json.
         device: "cpu", "cuda" or "cuda:N" for the arithmetic.
         max_shard_size: e.g. "5GB"; by default the base's file names and shard layout are kept.
         overwrite: replace ``out`` if it is an earlier lorasurgeon result (or empty).
@@ -86,6 +92,7 @@ def merge(
         weights=weights,
         form=form,
         dtype=dtype,
+        quantize=quantize,
         device=device,
         max_shard_size=max_shard_size,
         allow_nonfinite=allow_nonfinite,
@@ -101,6 +108,7 @@ def unmerge(
     *,
     weights: Sequence[float] | None = None,
     dtype: str | torch.dtype | None = "auto",
+    quantize: str | None = None,
     device: str = "cpu",
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
@@ -115,7 +123,7 @@ def unmerge(
 
     Args:
         merged: the merged model (folder, file or Hub repo id).
-        adapters, out, weights, dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite,
+        adapters, out, weights, dtype, quantize, device, max_shard_size, overwrite, dry_run, allow_nonfinite,
             progress: as for :func:`merge`.
 
     Returns:
@@ -134,6 +142,7 @@ def unmerge(
         adapters=len(adapters),
         weights=weights,
         dtype=dtype,
+        quantize=quantize,
         device=device,
         max_shard_size=max_shard_size,
         allow_nonfinite=allow_nonfinite,
@@ -154,15 +163,24 @@ class _Planned:
     ops: list[TensorOp]
     untie: bool
     names: ModelNames | None = None
+    layout: QuantLayout | None = None  # the base is quantized
+    stored: Checkpoint | None = None  # the quantized base as stored, when the result keeps its format
 
     @property
     def inputs(self) -> list[Checkpoint]:
-        return [self.checkpoint] + [a.checkpoint for a in self.adapters]
+        stored = [self.stored] if self.stored is not None else []
+        return [self.checkpoint] + [a.checkpoint for a in self.adapters] + stored
+
+    @property
+    def stored_input(self) -> tuple[int, Checkpoint] | None:
+        return None if self.stored is None else (len(self.inputs) - 1, self.stored)
 
     def close(self) -> None:
         for a in self.adapters:
             a.close()
         self.checkpoint.close()
+        if self.stored is not None:
+            self.stored.close()
 
 
 def _plan(
@@ -189,7 +207,20 @@ def _plan(
     planned = _Planned(base_src, adapter_srcs, ckpt, [], read_config(ckpt.folder), [], False)
     try:
         role = "the merged model" if settings.unmerge else "the base model"
-        refuse_quantized(ckpt, planned.config, role=role, command=command)
+        keep = settings.quantize == "keep" or settings.dtype is None
+        view, planned.layout = plain_weights(ckpt, planned.config, role=f"{base_src.label}: {role}", keep_static=keep)
+        if planned.layout is None and settings.quantize == "keep":
+            raise InvalidOptionError(f"{base_src.label}: {role} is not quantized: --quantize keep has nothing to keep")
+        if planned.layout is not None:
+            if keep and settings.form == "augmented":
+                raise InvalidOptionError(
+                    f"{base_src.label}: {role} is quantized ({planned.layout.describe()}): the augmented form holds "
+                    "plain weights, give --dtype (e.g. bfloat16)"
+                )
+            planned.checkpoint, planned.stored = view, (ckpt if keep else None)
+            if not keep:
+                ckpt.close()
+            ckpt = view
         for src, w in zip(adapter_srcs, settings.weights, strict=True):
             planned.adapters.append(load_adapter(src.path))
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
@@ -206,6 +237,8 @@ def _plan(
                 dtype=settings.dtype,
                 unmerge=settings.unmerge,
             )
+        if planned.layout is not None and planned.stored_input is not None:
+            planned.ops = keep_ops(planned.ops, planned.layout, planned.stored_input[0])
     except BaseException:
         planned.close()
         raise
@@ -237,7 +270,10 @@ def _merge(
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
         extra: dict[str, bytes] = {}
         if config:
-            extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype, untie=untie))
+            plain = planned.layout is not None and planned.stored is None
+            extra["config.json"] = config_bytes(
+                edit_config(config, dtype=settings.dtype, untie=untie, dequantized=plain)
+            )
         if settings.form == "augmented":
             extra[CONFIG_NAME] = config_bytes(dict(planned.adapters[0].config.raw))
         extra[CARD_NAME] = merge_card(
@@ -249,9 +285,10 @@ def _merge(
             weights=settings.weights,
             untied=untie,
             dtype=settings.dtype_words,
+            quantization=_quantization_words(planned),
         ).encode()
         copies = [p for p in sidecar_files(planned.checkpoint.folder) if p.name not in extra]
-        shards = layout(ops, planned.checkpoint, settings.max_shard_size)
+        shards = layout(ops, planned.checkpoint, settings.max_shard_size, stored=planned.stored_input)
         stats = write(
             out,
             ops,
@@ -266,6 +303,18 @@ def _merge(
         return report(out, form, plan, stats, untie)
     finally:
         planned.close()
+
+
+def _quantization_words(planned: _Planned) -> str:
+    if planned.layout is None:
+        return ""
+    if planned.stored is None:
+        return f"The base is quantized ({planned.layout.describe()}): it was dequantized (code × scale in float32)."
+    return (
+        f"Kept in the base's quantized format ({planned.layout.describe()}): each changed weight computed in "
+        "float32 and re-quantized, blocks the adapters did not change byte for byte as in the base; "
+        "requantization.json gives each weight's error."
+    )
 
 
 def iter_merged(
@@ -302,7 +351,7 @@ def iter_merged(
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         try:
-            compute = partial(compute_merge, allow_nonfinite=settings.allow_nonfinite)
+            compute = partial(compute_requant, allow_nonfinite=settings.allow_nonfinite)
             yield from stream(planned.ops, planned.inputs, compute=compute, device=settings.device)
         finally:
             planned.close()

@@ -1,4 +1,5 @@
-"""convert: an augmented checkpoint back to the merged form or to a PEFT adapter folder."""
+"""convert: an augmented checkpoint back to the merged form or to a PEFT adapter folder; a model (a
+quantized one dequantized) to another dtype."""
 
 from __future__ import annotations
 
@@ -11,12 +12,14 @@ import torch
 from ...adapter.config import CONFIG_NAME, AdapterConfig
 from ...engine.execute import Progress
 from ...engine.plan import Ref
-from ...errors import InvalidOptionError
+from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, convert_card
-from ...io.checkpoint import open_checkpoint
+from ...hub.source import Source
+from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.layout import plan_shards
 from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
-from .._inputs import Input, prepare, refuse_quantized
+from ...names import model_names
+from .._inputs import Input, expect_kind, input_kind, plain_weights, prepare
 from . import augmented as augment
 from .ops import Plan, TensorOp
 from .plan import plan_merge
@@ -29,7 +32,7 @@ def convert(
     augmented: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
     *,
-    to: Target,
+    to: Target | None = None,
     dtype: str | torch.dtype | None = "auto",
     device: str = "cpu",
     max_shard_size: str | int | None = None,
@@ -38,12 +41,15 @@ def convert(
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
-    """Turn an augmented checkpoint (``merge(form="augmented")``) into the merged form or a PEFT adapter.
+    """Turn an augmented checkpoint (``merge(form="augmented")``) into the merged form or a PEFT adapter;
+    or a model into another ``dtype``, streamed: a quantized model dequantized (block FP8,
+    compressed-tensors, MXFP4, bitsandbytes), its quantization_config removed.
 
     Args:
-        augmented: the augmented checkpoint (folder, file or Hub repo id).
+        augmented: the augmented checkpoint, or a model (folder, file or Hub repo id).
         out: the result folder; may be None with ``dry_run``.
-        to: "merged" (the same as merging its adapter into its base) or "adapter" (the adapter folder).
+        to: "merged" (the same as merging its adapter into its base) or "adapter" (the adapter folder);
+            needed for an augmented checkpoint, None (or "merged") for a model.
         dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite, progress: as for :func:`merge`.
 
     Returns:
@@ -58,17 +64,24 @@ def convert(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
-    if to not in get_args(Target):
+    if to is not None and to not in get_args(Target):
         raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
     settings = MergeSettings.parse(
         adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
     )
-    (source,) = prepare(
-        [Input(augmented, "AUGMENTED", "augmented")], out, command="convert", overwrite=overwrite, device=device
-    )
+    (source,) = prepare([Input(augmented, "INPUT")], out, command="convert", overwrite=overwrite, device=device)
     with open_checkpoint(source.path) as ckpt:
         config = read_config(ckpt.folder)
-        refuse_quantized(ckpt, config, role="the augmented checkpoint", command="convert")
+        kind = input_kind(ckpt)
+        if kind == "model" and to != "adapter":
+            return _convert_model(ckpt, config, source, out, settings, overwrite, dry_run, progress)
+        expect_kind(source.path, source.label, role="INPUT", want="augmented", command="convert")
+        if to is None:
+            raise InvalidOptionError(f"{source.label} is an augmented checkpoint: give --to merged or --to adapter")
+        if input_kind(ckpt) == "augmented" and plain_weights(ckpt, config, role=source.label)[1] is not None:
+            raise UnsupportedError(
+                f"{source.label}: a quantized augmented checkpoint is not something lorasurgeon reads"
+            )
         adapter_config = AdapterConfig.load(ckpt.folder)
         base, adapter, names = augment.split_augmented(ckpt, adapter_config, config)
         extra: dict[str, bytes] = {}
@@ -117,3 +130,49 @@ def convert(
             index_name=index_name,
         )
         return report(out, to, plan, stats, untie)
+
+
+def _convert_model(
+    ckpt: Checkpoint,
+    config: dict[str, object],
+    source: Source,
+    out: str | os.PathLike[str] | None,
+    settings: MergeSettings,
+    overwrite: bool,
+    dry_run: bool,
+    progress: Progress | None,
+) -> MergeReport:
+    """A model in another dtype: every tensor read (a quantized one dequantized), rounded once, written."""
+    view, quant = plain_weights(ckpt, config, role=f"{source.label}: the model")
+    if settings.dtype is None:
+        what = f"it is quantized ({quant.describe()}); " if quant is not None else ""
+        raise InvalidOptionError(
+            f"{source.label} is a model: {what}convert writes it in another --dtype (bfloat16, float16 or float32): "
+            "give one (an augmented checkpoint takes --to merged|adapter)"
+        )
+    names = model_names(view.names(), config)
+    ops, untie = plan_merge(view, [], [], names, str(config.get("model_type") or "") or None, dtype=settings.dtype)
+    plan = Plan(tuple(ops), (str(source.path),), names.source)
+    target = f"--dtype={str(settings.dtype).removeprefix('torch.')}"
+    if dry_run:
+        return report(out, "converted", plan, None, untie)
+    if out is None:
+        raise InvalidOptionError("an output folder is needed (or use dry_run)")
+    extra: dict[str, bytes] = {}
+    if config:
+        edited = edit_config(dict(config), dtype=settings.dtype, untie=untie, dequantized=quant is not None)
+        extra["config.json"] = config_bytes(edited)
+    extra[CARD_NAME] = convert_card(title=Path(out).name, source=source.label, base=source.label, to=target).encode()
+    copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+    stats = write(
+        out,
+        ops,
+        [view],
+        layout(ops, view, settings.max_shard_size),
+        settings,
+        extra_files=extra,
+        copy_files=copies,
+        overwrite=overwrite,
+        progress=progress,
+    )
+    return report(out, "converted", plan, stats, untie)

@@ -15,6 +15,7 @@ import torch
 
 from ...adapter.names import split_saved_key
 from ...engine.plan import Ref
+from ...formats.base import QuantTensor
 from ...io.dtypes import itemsize
 from ...io.layout import TensorSpec
 from ...ops.lora import LayerKind
@@ -72,19 +73,33 @@ class TensorOp:
     # The source is made of many tensors (the augmented form of experts transformers fuses on load):
     # stack[p][e] is part p of expert e; experts stacked on axis 0, the parts concatenated on axis 1.
     stack: tuple[tuple[Ref, ...], ...] = ()
+    # Written quantized as the base stores it (merge --quantize keep): the result is computed in float32
+    # as for any op, then re-quantized into these stored parts, read from input ``quant.source``.
+    quant: Requant | None = None
 
     @property
     def nbytes(self) -> int:
+        if self.quant is not None:
+            return self.quant.tensor.stored_nbytes
         return math.prod(self.shape) * itemsize(self.dtype)
 
     @property
     def spec(self) -> TensorSpec:
         return TensorSpec(self.name, self.dtype, self.shape)
 
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """Every tensor it writes: itself, or the stored parts of a re-quantized weight."""
+        if self.quant is None:
+            return [self.spec]
+        return [TensorSpec(i.name, i.dtype, i.shape) for _, i in self.quant.tensor.parts]
+
     def refs(self) -> list[Ref]:
         """Every input tensor this op reads."""
         # stacked: expert by expert, each expert's parts in order -- the order of the stack's bytes
         refs = [r for expert in zip(*self.stack, strict=True) for r in expert] if self.stack else [self.src]
+        if self.quant is not None:  # its stored parts; W0 is decoded from them, not read twice
+            refs = [r for r in refs if r != self.quant.plain] + list(self.quant.parts)
         for t in self.terms:
             refs += (
                 [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
@@ -94,8 +109,24 @@ class TensorOp:
     @property
     def byte_copy(self) -> TensorSpec | None:
         """The output is the source's bytes when nothing changes them (see ``engine.plan.Op``)."""
-        unchanged = not self.terms and not self.rows and self.src_dtype is None
+        unchanged = not self.terms and not self.rows and self.src_dtype is None and self.quant is None
         return self.spec if unchanged else None
+
+
+@dataclass(frozen=True)
+class Requant:
+    """Where a quantized weight's stored parts are read from, and its plain (dequantized) tensor's ref."""
+
+    tensor: QuantTensor
+    source: int  # the input holding the stored parts (the base checkpoint as it is on disk)
+
+    @property
+    def parts(self) -> tuple[Ref, ...]:
+        return tuple(Ref(self.source, i.name) for _, i in self.tensor.parts)
+
+    @property
+    def plain(self) -> Ref:
+        return Ref(0, self.tensor.name)
 
 
 @dataclass(frozen=True)
@@ -140,12 +171,14 @@ def describe(plan: Plan) -> str:
             shown = ", ".join(keys[:3]) + (f", ... ({len(keys)} tensors)" if len(keys) > 3 else "")
             lines.append(f"  {module} -> {shown}")
     actions = sorted({op.action for op in plan.ops})
+    requant = sum(op.quant is not None for op in plan.ops)
     lines.append(
         f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
         + ", ".join(f"{plan.count(a)} {a}" for a in actions)
+        + (f"; {requant} weights re-quantized" if requant else "")
     )
     for op in plan.ops:
-        dtype = str(op.dtype).removeprefix("torch.")
+        dtype = str(op.dtype).removeprefix("torch.") if op.quant is None else "float32→quantized"
         line = f"  {op.action:<8} {op.name}  {dtype}{list(op.shape)}"
         if op.stack:
             line += f"  <- [{op.src.source}] {sum(len(p) for p in op.stack)} tensors stacked: {op.src.key}, ..."
@@ -156,5 +189,7 @@ def describe(plan: Plan) -> str:
             line += f"  {'+' if t.scale >= 0 else '-'} {abs(t.scale):.6g}·[{t.b.source}] {what}"
         for r in op.rows:
             line += f"  rows {len(r.indices)} <- [{r.values.source}]"
+        if op.quant is not None:
+            line += f"  -> re-quantized ({op.quant.tensor.codec.method}): " + ", ".join(s.name for s in op.specs)
         lines.append(line)
     return "\n".join(lines)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from statistics import median
 
 from .ops import Action, Plan, describe
+from .quantized import RequantReport
 
 _WORDS: dict[Action, str] = {
     "merge": "merged",
@@ -28,6 +30,7 @@ class MergeReport:
     seconds: float
     untied_embeddings: bool
     dry_run: bool
+    requantized: tuple[RequantReport, ...] = ()  # each weight re-quantized into the base's format
 
     @property
     def throughput(self) -> float:
@@ -43,4 +46,22 @@ class MergeReport:
         )
         if self.untied_embeddings:
             text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
+        if self.requantized:
+            text += "\n" + self.requant_summary()
         return text
+
+    def requant_summary(self) -> str:
+        """What keeping the base's quantized format cost, in a few lines (every weight: requantization.json)."""
+        r = self.requantized
+        blocks = sum(x.blocks for x in r)
+        lines = [
+            f"Re-quantized {len(r)} weights ({', '.join(sorted({x.method for x in r}))}): "
+            f"{sum(x.blocks_changed for x in r)} of {blocks} blocks changed, "
+            f"{sum(x.blocks_rescaled for x in r)} needed a new scale; the rest kept their bytes.",
+            f"  error against the exact W0 + ΔW: median {median(x.error for x in r):.3g}, "
+            f"max {max(x.error for x in r):.3g} (the format's own, quantizing those values afresh: median "
+            f"{median(x.format_error for x in r):.3g}); ‖ΔW‖/‖W0‖ median {median(x.change for x in r):.3g}",
+        ]
+        for x in sorted(r, key=lambda x: x.error / x.change if x.change else 0, reverse=True)[:3]:
+            lines.append(f"  {x.name}: error {x.error:.3g}, change {x.change:.3g}, format's own {x.format_error:.3g}")
+        return "\n".join(lines)

@@ -13,6 +13,7 @@ from .._inputs import check_weights, output_dtype, parse_shard_size
 
 Form = Literal["merged", "augmented"]  # the plain architecture, or with the LoRA layers inside
 Target = Literal["merged", "adapter"]  # what convert turns an augmented checkpoint into
+Quantize = Literal["keep"]  # a quantized base's result in the base's own format
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,7 @@ class MergeSettings:
     max_shard_size: int | None = None  # None: keep the base's layout
     allow_nonfinite: bool = False
     unmerge: bool = False
+    quantize: Quantize | None = None  # None: keep for a quantized base unless a dtype is given
 
     @classmethod
     def parse(
@@ -39,6 +41,7 @@ class MergeSettings:
         max_shard_size: str | int | None = None,
         allow_nonfinite: bool = False,
         unmerge: bool = False,
+        quantize: str | None = None,
     ) -> MergeSettings:
         """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
         if form not in get_args(Form):
@@ -51,14 +54,23 @@ class MergeSettings:
         check_weights(chosen)
         if form == "augmented" and (adapters != 1 or chosen[0] != 1.0 or unmerge):
             raise InvalidOptionError("the augmented form holds exactly one adapter, with weight 1")
+        if quantize not in (None, *get_args(Quantize)):
+            raise InvalidOptionError(f"unknown --quantize {quantize!r}: choose keep (or --dtype for a plain result)")
+        out_dtype = output_dtype(dtype)
+        if quantize == "keep" and out_dtype is not None:
+            raise InvalidOptionError(
+                "--quantize keep and --dtype contradict each other: keep writes the base's quantized format, "
+                "--dtype a plain dequantized result; give one"
+            )
         return cls(
             chosen,
             cast(Form, form),
-            output_dtype(dtype),
+            out_dtype,
             device,
             parse_shard_size(max_shard_size),
             allow_nonfinite,
             unmerge,
+            cast(Quantize | None, quantize),
         )
 
     @property

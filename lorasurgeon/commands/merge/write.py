@@ -10,24 +10,42 @@ from pathlib import Path
 from ...engine.execute import ExecStats, Progress, run
 from ...io.checkpoint import Checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
+from ...io.sidecar import config_bytes
 from ...io.writer import CheckpointWriter
-from .compute import compute_merge
 from .ops import ACTIONS, Plan, TensorOp
+from .quantized import RequantReport, compute_requant
 from .report import MergeReport
 from .settings import MergeSettings
 
 DEFAULT_SHARD = "5GB"
+REQUANT_NAME = "requantization.json"  # per re-quantized weight, what keeping the base's format cost
 
 
-def layout(ops: Sequence[TensorOp], base: Checkpoint, max_shard_size: int | None, prefix: str = "model") -> list[Shard]:
-    specs = [op.spec for op in ops]
+def layout(
+    ops: Sequence[TensorOp],
+    base: Checkpoint,
+    max_shard_size: int | None,
+    prefix: str = "model",
+    stored: tuple[int, Checkpoint] | None = None,
+) -> list[Shard]:
+    """The result's shards: the base's own file names and layout unless a shard size is given.
+
+    ``stored``: (input number, checkpoint) of a quantized base as it is on disk, whose stored parts a
+    re-quantized result writes back each to its own file."""
+    specs = [spec for op in ops for spec in op.specs]
     if max_shard_size is not None:
         return plan_shards(specs, max_shard_size=max_shard_size, prefix=prefix)
     if base.format == "safetensors-sharded":
         # Each tensor goes to the shard its source lives in (the base's own, for a tensor the
         # adapter replaced): the base's file names and layout, also for renamed views.
-        homes = {op.name: op.src.key if op.src.source == 0 else op.name for op in ops}
-        weight_map = {name: base.info(home).file.name for name, home in homes.items() if home in base}
+        weight_map: dict[str, str] = {}
+        for op in ops:
+            if op.quant is not None:
+                weight_map.update((i.name, i.file.name) for _, i in op.quant.tensor.parts)
+            elif stored is not None and op.src.source == stored[0]:
+                weight_map[op.name] = stored[1].info(op.src.key).file.name
+            elif (home := op.src.key if op.src.source == 0 else op.name) in base:
+                weight_map[op.name] = base.info(home).file.name
         return shards_like(specs, weight_map, fallback=base.files[-1].name)
     if base.format == "safetensors":
         return plan_shards(specs, max_shard_size=None, prefix=prefix)
@@ -46,24 +64,32 @@ def write(
     overwrite: bool,
     progress: Progress | None,
     index_name: str | None = "model.safetensors.index.json",
-) -> ExecStats[None]:
+) -> ExecStats[RequantReport | None]:
     with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
         for path in copy_files:
             writer.copy_file(path)
         for name, data in extra_files.items():
             writer.add_file(name, data)
-        return run(
+        stats = run(
             ops,
             inputs,
             writer,
             device=settings.device,
             progress=progress,
-            compute=partial(compute_merge, allow_nonfinite=settings.allow_nonfinite),
+            compute=partial(compute_requant, allow_nonfinite=settings.allow_nonfinite),
         )
+        requantized = [i.to_dict() for i in stats.infos if i is not None]
+        if requantized:
+            writer.add_file(REQUANT_NAME, config_bytes({"weights": requantized}))
+        return stats
 
 
 def report(
-    out: str | os.PathLike[str] | None, form: str, plan: Plan, stats: ExecStats[None] | None, untie: bool
+    out: str | os.PathLike[str] | None,
+    form: str,
+    plan: Plan,
+    stats: ExecStats[RequantReport | None] | None,
+    untie: bool,
 ) -> MergeReport:
     counts = {a: plan.count(a) for a in ACTIONS}
     return MergeReport(
@@ -75,4 +101,5 @@ def report(
         stats.seconds if stats else 0.0,
         untie,
         stats is None,
+        tuple(i for i in stats.infos if i is not None) if stats else (),
     )

@@ -1,0 +1,103 @@
+"""Merging into a quantized base and keeping its format (``--quantize keep``).
+
+The plan is made on the dequantized view of the base (``formats.layout.dequantized``), as for any
+model. ``keep_ops`` then turns it back into the base's format: a quantized weight nothing changes
+is its stored parts copied byte for byte; a changed one is computed in float32 (W0 decoded from its
+parts, + ΔW, exactly as an unquantized merge) and re-quantized into the same parts, block by block
+(``Codec.requantize``: untouched blocks keep their bytes). ``compute_requant`` also measures what
+that cost: the stored result against the exact float32 values, next to what quantizing those values
+afresh with the producer's rule would cost (the format's own error on this tensor).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from ...engine.execute import Outcome
+from ...engine.plan import Ref
+from ...errors import UnsupportedError
+from ...formats.base import relative_error
+from ...formats.layout import QuantLayout
+from .compute import compute_merge
+from .ops import Requant, TensorOp
+
+
+@dataclass(frozen=True)
+class RequantReport:
+    """What re-quantizing one weight cost. Errors are relative: ‖x − exact‖ / ‖exact‖, exact = W0 + ΔW in float32."""
+
+    name: str
+    method: str  # the format
+    blocks: int  # scale blocks in the tensor
+    blocks_changed: int  # blocks whose values changed, re-encoded
+    blocks_rescaled: int  # of those, blocks whose values no longer fit their scale: a new scale
+    change: float  # ‖ΔW‖ / ‖W0‖: the size of the change that had to be stored
+    error: float  # of the stored result
+    format_error: float  # of the exact values quantized afresh by the producer's rule: what the format costs anyway
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[TensorOp]:
+    """The plan's ops, made on the dequantized view, written in the base's quantized format.
+
+    ``stored``: the input number of the base as it is on disk (its stored parts).
+
+    Raises:
+        UnsupportedError: a quantized weight that would be written under another name (a tied head).
+    """
+    out: list[TensorOp] = []
+    for op in ops:
+        qt = layout.tensors.get(op.name)
+        from_quantized = op.src.source == 0 and op.src.key in layout.tensors
+        if qt is None:
+            if from_quantized:
+                raise UnsupportedError(
+                    f"{op.name} would be written from the quantized {op.src.key} under another name (a tied head "
+                    "the adapter changes apart from its embedding): give --dtype for a plain result"
+                )
+            out.append(op)
+            continue
+        if op.src == Ref(0, qt.name) and not op.terms and not op.rows:
+            # unchanged: each stored part copied byte for byte
+            out += [TensorOp(i.name, Ref(stored, i.name), i.dtype, i.shape, "copy") for _, i in qt.parts]
+            continue
+        out.append(dataclasses.replace(op, dtype=torch.float32, quant=Requant(qt, stored)))
+    return out
+
+
+def compute_requant(
+    op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
+) -> Outcome[RequantReport | None]:
+    """One re-quantized op: W0 decoded from the stored parts, the merge computed in float32 as for any op,
+    re-quantized (blocks that did not change keep their bytes), and the cost measured."""
+    if op.quant is None:
+        return Outcome(compute_merge(op, tensors, device, allow_nonfinite=allow_nonfinite).outputs, None)
+    qt, codec = op.quant.tensor, op.quant.tensor.codec
+    parts = {role: tensors[ref] for role, ref in zip(qt.roles, op.quant.parts, strict=True)}
+    w0 = codec.dequantize(qt, parts)
+    plain = dataclasses.replace(op, quant=None, dtype=torch.float32)
+    given = {**tensors, op.quant.plain: w0.clone()} if op.src == op.quant.plain else tensors
+    exact = compute_merge(plain, given, device, allow_nonfinite=allow_nonfinite).outputs[0][1]
+    if exact.shape != w0.shape:
+        raise UnsupportedError(f"{op.name}: the merged tensor {list(exact.shape)} is not the stored {list(qt.shape)}")
+    new_parts, done = codec.requantize(qt, parts, w0, exact, False)
+    fresh_parts, _ = codec.requantize(qt, parts, w0, exact, True)
+    stored = codec.dequantize(qt, {**parts, **new_parts})
+    report = RequantReport(
+        op.name,
+        codec.method,
+        done.blocks,
+        done.touched,
+        done.rescaled,
+        relative_error(exact, w0) if float(w0.abs().max()) else float("inf"),
+        relative_error(stored, exact),
+        relative_error(codec.dequantize(qt, {**parts, **fresh_parts}), exact),
+    )
+    outputs = [(info.name, new_parts.get(role, parts[role])) for role, info in qt.parts]
+    return Outcome(outputs, report)

@@ -1,0 +1,155 @@
+"""Block-scaled FP8 (DeepSeek-V3/R1, Qwen3-*-FP8): ``X.weight`` float8_e4m3 + ``X.weight_scale_inv``.
+
+``W[i, j] = float(q[i, j]) · S[i // bm, j // bn]`` in float32 (``S`` is a multiplier despite its
+name), with partial tiles at the edges; the scale is stored as F32, BF16, F16, or power-of-two
+UE8M0 (``float8_e8m0fnu`` values or U8 biased-exponent bytes). Re-quantizing a tile: keep its
+scale where ``max|W| / S <= 448``, otherwise ``S = amax / 448`` (``2^ceil(log2)`` for UE8M0),
+stored rounded up so the tile still fits; ``q = e4m3(clamp(W / S, ±448))``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedError
+from ..io.checkpoint import TensorInfo
+from .base import QuantTensor, Requantized, requantize_blocks, round_up_in
+
+E4M3 = torch.float8_e4m3fn
+FP8_MAX = 448.0
+E8M0 = getattr(torch, "float8_e8m0fnu", None)
+
+
+# --- tiles: (..., R, C) <-> (tiles, bm·bn), zero-padded at the edges ---------------------------------
+def to_tiles(t: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """Split the last two axes into whole tiles (zero-padded), one tile per row of the result."""
+    bm, bn = block
+    *lead, rows, cols = t.shape
+    rt, ct = -(-rows // bm), -(-cols // bn)
+    padded = torch.nn.functional.pad(t, (0, ct * bn - cols, 0, rt * bm - rows))
+    tiles = padded.reshape(*lead, rt, bm, ct, bn).transpose(-3, -2)
+    return tiles.reshape(-1, bm * bn)
+
+
+def from_tiles(tiles: torch.Tensor, shape: Sequence[int], block: tuple[int, int]) -> torch.Tensor:
+    """The inverse of :func:`to_tiles` (padding cropped)."""
+    bm, bn = block
+    *lead, rows, cols = shape
+    rt, ct = -(-rows // bm), -(-cols // bn)
+    t = tiles.reshape(*lead, rt, ct, bm, bn).transpose(-3, -2).reshape(*lead, rt * bm, ct * bn)
+    return t[..., :rows, :cols].contiguous()
+
+
+def expand_tiles(scale: torch.Tensor, shape: Sequence[int], block: tuple[int, int]) -> torch.Tensor:
+    """A per-tile scale grid (..., ceil(R/bm), ceil(C/bn)) stretched over the (..., R, C) elements."""
+    rows, cols = shape[-2:]
+    return scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
+
+
+def encode_e4m3(x: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Values (m, n) over their blocks' scales (m,) cast to e4m3 bytes; which blocks clipped at ±448."""
+    y = x / params["scale"].to(torch.float32)[:, None]
+    clipped = (y.abs() > FP8_MAX).any(dim=1)
+    return y.clamp(-FP8_MAX, FP8_MAX).to(E4M3).view(torch.uint8), clipped
+
+
+def decode_e4m3(codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """e4m3 bytes (m, n) times their blocks' scales (m,), in float32."""
+    return codes.contiguous().view(E4M3).to(torch.float32) * params["scale"].to(torch.float32)[:, None]
+
+
+def fresh_fp8_scale(amax: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
+    """The producer's scale for blocks with these largest magnitudes: amax / 448 (1 for an all-zero block)."""
+    s = torch.where(amax > 0, amax / FP8_MAX, torch.ones_like(amax))
+    if power_of_two:
+        s = torch.exp2(torch.ceil(torch.log2(s)))
+    return s
+
+
+# --- the format ---------------------------------------------------------------------------------------
+class BlockFP8:
+    method = "block FP8"
+
+    def __init__(self, block: tuple[int, int], scale_fmt: str):
+        self.block = block
+        self.scale_fmt = scale_fmt
+
+    # scales as stored <-> float32 values
+    @staticmethod
+    def scale_values(stored: torch.Tensor) -> torch.Tensor:
+        if stored.dtype == torch.uint8:  # UE8M0 biased exponent bytes
+            return (stored.to(torch.float32) - 127.0).exp2()
+        return stored.to(torch.float32)
+
+    def store_scales(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.dtype == torch.uint8:
+            return (torch.log2(values).round() + 127).to(torch.uint8)
+        if E8M0 is not None and like.dtype == E8M0:
+            return values.to(E8M0)  # powers of two: exact
+        return round_up_in(like.dtype, values)
+
+    @property
+    def power_of_two(self) -> bool:
+        return self.scale_fmt == "ue8m0"
+
+    def dequantize(self, qt: QuantTensor, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        q = parts["weight"].to(torch.float32)
+        return q * expand_tiles(self.scale_values(parts["scale"]), q.shape, self.block)
+
+    def requantize(
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+    ) -> tuple[dict[str, torch.Tensor], Requantized]:
+        stored = parts["scale"]
+        power = self.power_of_two or stored.dtype == torch.uint8 or (E8M0 is not None and stored.dtype == E8M0)
+
+        def fresh_scales(values: torch.Tensor) -> dict[str, torch.Tensor]:
+            s = fresh_fp8_scale(values.abs().amax(dim=1), power)
+            return {"scale": self.scale_values(self.store_scales(s, stored))}
+
+        codes, params, done = requantize_blocks(
+            to_tiles(w0, self.block),
+            to_tiles(new, self.block),
+            to_tiles(parts["weight"].view(torch.uint8), self.block),
+            {"scale": self.scale_values(stored).reshape(-1)},
+            encode=encode_e4m3,
+            decode=decode_e4m3,
+            fresh=fresh_scales,
+            all_fresh=fresh,
+        )
+        weight = from_tiles(codes, qt.shape, self.block).view(E4M3)
+        return {"weight": weight, "scale": self.store_scales(params["scale"], stored).reshape(stored.shape)}, done
+
+
+def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[QuantTensor]:
+    """The block-FP8 weights: a 1-byte ``X.weight`` with a sibling ``X.weight_scale_inv`` (as DeepSeek's own
+    fp8_cast_bf16 tells them), tiles of ``weight_block_size``.
+
+    Raises:
+        UnsupportedError: a scale grid that does not fit the weight and the block size.
+    """
+    block = tuple(qconfig.get("weight_block_size") or (128, 128))
+    if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
+        raise UnsupportedError(f"config.json quantization_config.weight_block_size {list(block)} is not [rows, cols]")
+    fmt = str(qconfig.get("scale_fmt") or "float")
+    found = []
+    for name, info in infos.items():
+        if not name.endswith(".weight_scale_inv"):
+            continue
+        weight = infos.get(name.removesuffix("_scale_inv"))
+        if weight is None or weight.dtype != E4M3:
+            continue
+        grid = (*weight.shape[:-2], *(math.ceil(d / b) for d, b in zip(weight.shape[-2:], block, strict=True)))
+        if len(weight.shape) < 2 or tuple(info.shape) != grid:
+            raise UnsupportedError(
+                f"{info.file}: {name} is {list(info.shape)}, but {weight.name} {list(weight.shape)} in blocks of "
+                f"{list(block)} (weight_block_size) needs a {list(grid)} scale grid"
+            )
+        codec = BlockFP8((block[0], block[1]), fmt)
+        found.append(
+            QuantTensor(weight.name, weight.shape, torch.bfloat16, (("weight", weight), ("scale", info)), codec)
+        )
+    return found

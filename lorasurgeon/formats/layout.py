@@ -1,0 +1,128 @@
+"""A quantized checkpoint's layout, and the checkpoint as plain float32 weights (a view, read lazily).
+
+``find_layout`` asks each format module for its quantized weights, and refuses by name anything
+quantized that none of them reads. ``dequantized`` gives a Checkpoint view in which each quantized
+weight is one tensor under its plain name (float32, computed from its stored parts when read) and
+the stored parts are hidden: every command reads it like an unquantized checkpoint.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from functools import partial
+from typing import Any
+
+import torch
+
+from ..errors import UnsupportedError
+from ..io.checkpoint import Checkpoint, Decoded, TensorInfo
+from . import bnb, compressed, fp8, mxfp4
+from .base import QuantTensor
+from .detect import Quantization, detect
+
+# Per-module activation scales of a quantized checkpoint: meaningless in a plain one, and possibly
+# stale once a merge changes the weight before them.
+STATIC_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale")
+READS = "block FP8, compressed-tensors (float/int/naive/pack-quantized), MXFP4 experts, bitsandbytes 4-bit and LLM.int8"
+
+
+@dataclass(frozen=True)
+class QuantLayout:
+    """Which tensors of a checkpoint are quantized, and how."""
+
+    found: Quantization  # what detect() saw first (config key or tensor)
+    qconfig: Mapping[str, Any] = field(compare=False)  # config.json's quantization_config ({} if none)
+    tensors: dict[str, QuantTensor] = field(compare=False)  # by plain name
+    static_scales: tuple[str, ...] = ()  # activation scales that belong to quantized modules
+
+    @property
+    def parts(self) -> set[str]:
+        return {info.name for qt in self.tensors.values() for _, info in qt.parts}
+
+    @property
+    def methods(self) -> list[str]:
+        return sorted({qt.codec.method for qt in self.tensors.values()})
+
+    def describe(self) -> str:
+        return f"{', '.join(self.methods) or self.found.method} ({len(self.tensors)} quantized weights)"
+
+
+def _qconfig(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    for doc in (config, config.get("text_config") or {}):
+        for key in ("quantization_config", "compression_config"):
+            if isinstance(doc, Mapping) and isinstance(doc.get(key), Mapping):
+                found: Mapping[str, Any] = doc[key]
+                return found
+    return {}
+
+
+def _model_dtype(config: Mapping[str, Any]) -> torch.dtype | None:
+    name = config.get("torch_dtype") or config.get("dtype")
+    dtype = getattr(torch, str(name), None) if name else None
+    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
+
+
+def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | None:
+    """The quantized weights of ``ckpt`` (None if it is not quantized).
+
+    Raises:
+        UnsupportedError: a quantized format, or a quantized tensor, that lorasurgeon does not read.
+        CorruptCheckpointError: a format's parts that do not fit together.
+    """
+    infos = {i.name: i for i in ckpt.infos()}
+    found = detect(((i.name, i.dtype) for i in infos.values()), config)
+    if found is None:
+        return None
+    qconfig = _qconfig(config)
+    method = str(qconfig.get("quant_method") or "")
+    names = list(infos)
+    tensors: list[QuantTensor] = []
+    if method == "fp8" or (not method and any(n.endswith(".weight_scale_inv") for n in names)):
+        tensors = fp8.find(infos, qconfig)
+    elif method == "compressed-tensors":
+        tensors = compressed.find(infos, qconfig, ckpt.read_info)
+    elif method == "mxfp4" or (not method and any(n.endswith("_blocks") for n in names)):
+        tensors = mxfp4.find(infos)
+    elif method == "bitsandbytes" or (not method and any(bnb.STATE in n or n.endswith(".SCB") for n in names)):
+        tensors = bnb.find(infos, ckpt.read_info)
+    else:
+        raise UnsupportedError(
+            f"{ckpt.root}: quantized as {found.describe()}, a format lorasurgeon does not read (it reads {READS})"
+        )
+    dtype = _model_dtype(config)
+    if dtype is not None:
+        # FP8 and MXFP4 name no dtype of their own: the model's is what the producer dequantizes to
+        tensors = [replace(qt, dtype=dtype) if qt.codec.method.startswith(("block", "MXFP4")) else qt for qt in tensors]
+    layout = QuantLayout(found, qconfig, {qt.name: qt for qt in tensors})
+    covered = layout.parts
+    statics = tuple(n for n in names if n.endswith(STATIC_SCALES) and n not in covered)
+    left = detect(((n, infos[n].dtype) for n in names if n not in covered and n not in statics), {})
+    if left is not None:
+        raise UnsupportedError(
+            f"{ckpt.root}: {left.evidence} is quantized ({left.method}) but not in a layout lorasurgeon reads "
+            f"(it reads {READS})"
+        )
+    return replace(layout, static_scales=statics)
+
+
+def dequantized(ckpt: Checkpoint, layout: QuantLayout, *, keep_static: bool = False) -> Checkpoint:
+    """``ckpt`` with each quantized weight as one float32 tensor under its plain name, decoded when read;
+    the stored parts left out (a result that keeps them reads them from ``ckpt`` itself), static activation
+    scales left out unless kept."""
+    first = {qt.parts[0][1].name: qt for qt in layout.tensors.values()}
+    parts = layout.parts
+    hidden_static = set() if keep_static else set(layout.static_scales)
+    infos: list[TensorInfo] = []
+    for info in ckpt.infos():
+        qt = first.get(info.name)
+        if qt is not None:
+            decoded = Decoded(tuple(i for _, i in qt.parts), partial(_decode, qt), qt.codec.method)
+            infos.append(TensorInfo(qt.name, torch.float32, qt.shape, info.file, None, decoded=decoded))
+        elif info.name not in parts and info.name not in hidden_static:
+            infos.append(info)
+    return Checkpoint(ckpt.root, ckpt.format, list(ckpt.files), infos, ckpt.metadata, ckpt.index_file)
+
+
+def _decode(qt: QuantTensor, tensors: list[torch.Tensor]) -> torch.Tensor:
+    return qt.codec.dequantize(qt, dict(zip(qt.roles, tensors, strict=True)))
