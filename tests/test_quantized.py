@@ -147,6 +147,9 @@ def test_merge_keeps_the_format_and_rounds_as_the_producer_would(folders, fmt, t
         assert math.isclose(reports[name].error, err, rel_tol=1e-3, abs_tol=1e-6), name
         if fresh is not None:  # no worse than the producer quantizing the exact values itself
             assert err <= fresh * 1.02 + 1e-7, (name, err, fresh)
+        # and never further from the exact merge than the base itself was: a change finer than the
+        # format's steps leaves blocks as they were instead of adding fresh noise
+        assert float((stored[name].float() - exact).norm()) <= float(d.norm()) * (1 + 1e-5), name
         assert reports[name].error <= reports[name].format_error * 1.02 + 1e-7
 
 
@@ -161,8 +164,8 @@ def zero_rows(adapter: Path, dst: Path, rows: int) -> Path:
     return dst
 
 
-# formats whose scale blocks do not straddle row 32 of these weights (double-quantized bitsandbytes shares a
-# nested scale among 256 blocks, the whole of these small weights: a change may move it, and every block)
+# formats whose scale blocks do not straddle row 32 of these weights (double-quantized bitsandbytes included:
+# its nested scales, shared by 256 blocks, never change)
 WHOLE_ROW_BLOCKS = [
     "fp8",
     "fp8-ue8m0-u8",
@@ -170,6 +173,7 @@ WHOLE_ROW_BLOCKS = [
     "ct-w8a8-int-channel",
     "ct-fp8-block",
     "bnb-nf4",
+    "bnb-nf4-dq",
     "bnb-fp4",
     "bnb-int8",
 ]
@@ -194,6 +198,21 @@ def test_merge_then_unmerge_returns_every_untouched_block_byte_for_byte(folders,
         assert r.error <= 2.5 * r.format_error + 1e-7
         full = float((back[r.name].float() - base[r.name].float()).norm() / base[r.name].float().norm())
         assert full <= 3 * r.format_error + 1e-7
+
+
+@pytest.mark.parametrize(
+    "fmt", ["fp8-partial-bf16", "ct-fp8-block", "ct-w4a16-asym-group", "ct-fp8-tensor", "bnb-int8"]
+)
+def test_big_weights_are_re_quantized_slab_by_slab_to_the_same_bytes(folders, fmt, tmp_path, monkeypatch):
+    """Memory: a weight is re-quantized a slab of block rows at a time; the bytes do not depend on it."""
+    import lorasurgeon.formats.base as base
+
+    ls.merge(folders[fmt], [FIX_ADAPTER], tmp_path / "whole")
+    monkeypatch.setattr(base, "CHUNK", 64)  # a slab of one row of blocks, re-encoded a few blocks at a time
+    assert base.slabs(128, 64, 48) == [slice(0, 48), slice(48, 96), slice(96, 128)]
+    ls.merge(folders[fmt], [FIX_ADAPTER], tmp_path / "slabs")
+    a, b = read_folder(tmp_path / "whole"), read_folder(tmp_path / "slabs")
+    assert set(a) == set(b) and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
 
 
 def test_dry_run_names_the_weights_to_re_quantize(folders, tmp_path):

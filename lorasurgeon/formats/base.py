@@ -27,14 +27,13 @@ class Codec(Protocol):
         ...
 
     def requantize(
-        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
         """New parts for ``new`` (float32, ``qt.shape``), given the stored ``parts`` that decode to ``w0``.
 
-        Blocks where ``new == w0`` keep their bytes; a changed block keeps its scale where its values
-        still fit under it and that is at least as close as a new scale by the producer's rule
-        (changed elements re-encoded); otherwise it takes the new scale. ``fresh``: ignore the stored
-        parts, quantize every block by the producer's rule."""
+        Blocks where ``new == w0`` keep their bytes; a changed block keeps its scale (changed elements
+        re-encoded) where that is at least as close as a new scale by the producer's rule, and takes
+        the new scale otherwise (``requantize_blocks``)."""
         ...
 
 
@@ -67,12 +66,33 @@ class Requantized:
 
     blocks: int  # scale blocks in the tensor
     touched: int  # blocks whose values changed (re-encoded)
-    rescaled: int  # of those, blocks given a new scale (the old one no longer fit, or fitted worse)
+    rescaled: int  # of those, blocks given a new scale (closer to the wanted values than the stored one)
+    # Σ squared error of the changed blocks quantized afresh by the producer's rule (what the format
+    # costs anyway; the blocks left alone are exact either way)
+    fresh_sq_error: float = 0.0
+
+    def __add__(self, other: Requantized) -> Requantized:
+        return Requantized(
+            self.blocks + other.blocks,
+            self.touched + other.touched,
+            self.rescaled + other.rescaled,
+            self.fresh_sq_error + other.fresh_sq_error,
+        )
 
 
-Encode = Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]]
+Encode = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
 Decode = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
-Fresh = Callable[[torch.Tensor], dict[str, torch.Tensor]]
+Fresh = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+
+
+CHUNK = 1 << 20  # values re-encoded at a time: bounds the temporaries whatever the tensor's size
+
+
+def slabs(rows: int, cols: int, unit: int) -> list[slice]:
+    """Row ranges of about CHUNK values each, whole multiples of ``unit`` rows (a block's height): a big
+    weight is re-quantized slab by slab, its temporaries the size of a slab, not of the weight."""
+    step = max(unit, CHUNK // max(1, cols) // unit * unit)
+    return [slice(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 def requantize_blocks(
@@ -84,46 +104,50 @@ def requantize_blocks(
     encode: Encode,
     decode: Decode,
     fresh: Fresh,
-    all_fresh: bool = False,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor], Requantized]:
     """The re-quantization rule shared by every format, on values grouped into scale blocks.
+
+    A block whose values did not change keeps its codes and parameters. A changed block gets two
+    candidates: its stored parameters, with only the changed elements re-encoded (a value beyond
+    their range saturates: it loses its overshoot, at most its change), and new parameters by the
+    producer's rule (every element re-encoded: the format's own noise); the one closer to the wanted
+    values wins, ties to the stored parameters. So a change smaller than the format's steps leaves
+    the block's bytes as they were rather than adding fresh noise bigger than the change.
 
     Args:
         w0, new: (blocks, size) float32: the stored values decoded, and the values wanted.
         codes: (blocks, size) stored codes (any integer dtype; padding included).
         params: each block's stored parameters, (blocks,) each (scale, zero point, ...).
-        encode: (values, params of those blocks) -> (codes, per block whether any value clipped).
+        encode: (values, params of those blocks) -> codes, nearest, saturating at the format's range.
         decode: (codes, params of those blocks) -> values, as the format decodes them.
-        fresh: values (m, size) -> params (m,) by the producer's rule.
-        all_fresh: re-quantize every block by the producer's rule (what quantizing anew would give).
+        fresh: (values (m, size), their block numbers (m,)) -> params (m,) by the producer's rule, as stored.
 
     Returns:
         New codes and params (untouched blocks keep theirs, byte for byte) and what was done.
     """
     codes, params = codes.clone(), {k: v.clone() for k, v in params.items()}
-    changed = (new != w0) | torch.isnan(new)  # NaN never equals itself, but say it plainly
-    touched = torch.ones(len(new), dtype=torch.bool) if all_fresh else changed.any(dim=1)
+    touched = ((new != w0) | torch.isnan(new)).any(dim=1)  # NaN never equals itself, but say it plainly
     idx = touched.nonzero().squeeze(1)
-    if not len(idx):
-        return codes, params, Requantized(len(new), 0, 0)
-    values = new[idx]
-    made = fresh(values)
-    made = {k: v.to(params[k].dtype) for k, v in made.items()}  # as it will be stored
-    got, _ = encode(values, made)
-    use_fresh = torch.ones(len(idx), dtype=torch.bool)
-    if not all_fresh:
-        old = {k: v[idx] for k, v in params.items()}
-        kept, clipped = encode(values, old)
-        kept = torch.where(changed[idx], kept, codes[idx])  # unchanged elements keep their codes
-        err_kept = (decode(kept, old) - values).square().sum(dim=1)
+    rescaled, fresh_error = 0, 0.0
+    step = max(1, CHUNK // max(1, new.shape[1]))
+    for start in range(0, len(idx), step):
+        at = idx[start : start + step]
+        values = new[at]
+        changed = values != w0[at]
+        old = {k: v[at] for k, v in params.items()}
+        made = {k: v.to(params[k].dtype) for k, v in fresh(values, at).items()}  # as they will be stored
+        got = encode(values, made)
+        kept = encode(values, old)
+        kept = torch.where(changed, kept, codes[at])  # unchanged elements keep their codes
         err_fresh = (decode(got, made) - values).square().sum(dim=1)
-        use_fresh = clipped | (err_fresh < err_kept)
-        codes[idx[~use_fresh]] = kept[~use_fresh]
-    rescale = idx[use_fresh]
-    codes[rescale] = got[use_fresh]
-    for k, v in made.items():
-        params[k][rescale] = v[use_fresh]
-    return codes, params, Requantized(len(new), len(idx), len(rescale))
+        err_kept = (decode(kept, old) - values).square().sum(dim=1)
+        use_fresh = err_fresh < err_kept
+        codes[at] = torch.where(use_fresh[:, None], got, kept)
+        for k, v in made.items():
+            params[k][at[use_fresh]] = v[use_fresh]
+        rescaled += int(use_fresh.sum())
+        fresh_error += float(err_fresh.sum())
+    return codes, params, Requantized(len(new), len(idx), rescaled, fresh_error)
 
 
 def round_up_in(dtype: torch.dtype, value: torch.Tensor) -> torch.Tensor:
@@ -149,10 +173,3 @@ def nearest_code(x: torch.Tensor, table: torch.Tensor, ties_to_even: bool = Fals
         tie = (i < len(mids)) & (x == mids[i.clamp(max=len(mids) - 1)])
         i = torch.where(tie & (i % 2 == 1), i + 1, i)
     return order[i]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    """‖got − want‖ / ‖want‖ (0 when both are zero)."""
-    den = float(torch.linalg.vector_norm(want.to(torch.float32)))
-    num = float(torch.linalg.vector_norm(got.to(torch.float32) - want.to(torch.float32)))
-    return 0.0 if num == 0 else (num / den if den else float("inf"))

@@ -5,10 +5,9 @@
 Double quantization stores absmax itself as uint8 codes: ``absmax = nested_quant_map[c] ·
 nested_absmax[b // 256] + offset``. The layout is in ``X.weight.quant_state.bitsandbytes__<type>``,
 a JSON object stored as bytes. Re-quantizing a block (bitsandbytes' quantize_4bit): keep its
-absmax where its values still fit, otherwise the block's max|x| (with double quantization: the
-nearest code, or the whole nested group of 256 blocks rescaled: the one case where blocks the
-adapter did not touch are re-encoded too, and counted so); codes nearest to x / absmax, ties to
-the lower code.
+absmax where that is at least as close, otherwise the block's max|x| (with double quantization: the
+nearest code within its group's nested scale, which never changes); codes nearest to x / absmax,
+ties to the lower code.
 
 LLM.int8: ``X.weight`` int8 + ``X.SCB`` (row absmax): ``W = q · SCB / 127`` computed as
 bitsandbytes does (``q · SCB · 7.874015718698502e-3`` in float32); re-quantized per row.
@@ -25,7 +24,7 @@ import torch
 
 from ..errors import CorruptCheckpointError, UnsupportedError
 from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, nearest_code, requantize_blocks
+from .base import QuantTensor, Requantized, nearest_code, requantize_blocks, slabs
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant multiplies by this
 STATE = ".weight.quant_state.bitsandbytes__"
@@ -67,15 +66,15 @@ class Bnb4bit:
         return torch.nn.functional.pad(flat, (0, pad)).reshape(-1, self.blocksize)
 
     def requantize(
-        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
         n = math.prod(qt.shape)
         table = parts["quant_map"].to(torch.float32)
 
-        def encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
             a = p["absmax"][:, None]
             y = torch.where(a > 0, x / a, torch.zeros_like(x))
-            return nearest_code(y.clamp(-1, 1), table).to(torch.uint8), (y.abs() > 1).any(dim=1)
+            return nearest_code(y.clamp(-1, 1), table).to(torch.uint8)
 
         absmax = self.absmax(parts)
         state: dict[str, torch.Tensor] = {"absmax": absmax}
@@ -88,16 +87,14 @@ class Bnb4bit:
             state,
             encode=encode,
             decode=lambda c, p: table[c.long()] * p["absmax"][:, None],
-            fresh=lambda x: {"absmax": x.abs().amax(dim=1)},
-            all_fresh=fresh,
+            fresh=lambda x, at: {"absmax": self._as_stored(parts, x.abs().amax(dim=1), at)},
         )
         out: dict[str, torch.Tensor] = {}
-        if self.nested:
-            codes, stored, moved = self._nested(parts, params["absmax"], absmax, w0b, newb, codes, encode)
-            out.update(stored)
-            # blocks the adapter left alone whose nested group of 256 needed a new scale are re-encoded too
-            extra = int((moved & ~(w0b != newb).any(dim=1)).sum())
-            done = Requantized(done.blocks, done.touched + extra, done.rescaled + extra)
+        if self.nested:  # the new absmax values are representable: store their codes
+            a_codes = parts["absmax"].clone()
+            moved = (params["absmax"] != absmax).nonzero().squeeze(1)
+            a_codes[moved] = self._nested_codes(parts, params["absmax"][moved], moved).to(a_codes.dtype)
+            out["absmax"] = a_codes
         else:
             out["absmax"] = params["absmax"].to(parts["absmax"].dtype)
         flat = codes.reshape(-1)[:n]
@@ -107,53 +104,25 @@ class Bnb4bit:
         out["weight"] = packed.view(weight.dtype).reshape(weight.shape)  # quant_storage: the same bytes
         return out, done
 
-    def _nested(
-        self,
-        parts: Mapping[str, torch.Tensor],
-        wanted: torch.Tensor,
-        old: torch.Tensor,
-        w0b: torch.Tensor,
-        newb: torch.Tensor,
-        codes: torch.Tensor,
-        encode: Callable[[torch.Tensor, dict[str, torch.Tensor]], tuple[torch.Tensor, torch.Tensor]],
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], torch.Tensor]:
-        """Store the blocks' absmax as nested codes. A block whose absmax did not change keeps its code; a
-        new absmax takes the nearest code within its group's scale; a group whose scale it exceeds is
-        rescaled as bitsandbytes' quantize_blockwise does. Every block whose stored absmax moved is
-        re-encoded against the value it will decode with (bitsandbytes encodes against the exact one).
-        Returns the codes, the stored absmax parts, and which blocks' absmax moved."""
-        a_codes = parts["absmax"].clone()
-        nested = parts["nested_absmax"].to(torch.float32).clone()
+    def _nested_codes(
+        self, parts: Mapping[str, torch.Tensor], amax: torch.Tensor, blocks: torch.Tensor
+    ) -> torch.Tensor:
+        """Double quantization's codes for these blocks' absmax: the nearest value under the group's
+        nested scale, kept within the scale's range (the nested scales never change, so neither
+        does any block the adapter left alone)."""
         table = parts["nested_quant_map"].to(torch.float32)
-        g = self.nested_blocksize
-        group = torch.arange(len(wanted)) // g
+        nested = parts["nested_absmax"].to(torch.float32)[blocks // self.nested_blocksize]
+        need = ((amax - self.offset) / nested).clamp(float(table.min()), float(table.max()))
+        return nearest_code(need, table)
 
-        def need(blocks: torch.Tensor) -> torch.Tensor:
-            return (wanted[blocks] - self.offset) / nested[group[blocks]]
-
-        moved = (wanted != old).nonzero().squeeze(1)
-        fits = need(moved).abs() <= table.abs().max()
-        a_codes[moved[fits]] = nearest_code(need(moved[fits]), table).to(a_codes.dtype)
-        redo = torch.unique(group[moved[~fits]])
-        if len(redo):  # as quantize_blockwise does it: the group's scale from its largest |absmax − offset|
-            in_redo = torch.isin(group, redo)
-            spread = torch.zeros_like(nested).scatter_reduce(
-                0, group[in_redo], (wanted[in_redo] - self.offset).abs(), reduce="amax"
-            )
-            nested[redo] = spread[redo]
-            blocks = in_redo.nonzero().squeeze(1)
-            a_codes[blocks] = nearest_code(need(blocks).clamp(-1, 1), table).to(a_codes.dtype)
-        stored = {
-            "absmax": a_codes,
-            "nested_absmax": nested.to(parts["nested_absmax"].dtype),
-        }
-        decoded = self.absmax({**parts, **stored})
-        moved_to = decoded != old
-        changed_blocks = moved_to.nonzero().squeeze(1)
-        if len(changed_blocks):
-            got, _ = encode(newb[changed_blocks], {"absmax": decoded[changed_blocks]})
-            codes[changed_blocks] = got
-        return codes, stored, moved_to
+    def _as_stored(self, parts: Mapping[str, torch.Tensor], amax: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """A new absmax as the checkpoint will store it (double quantization: rounded to its code's value;
+        a block whose values then overshoot it saturates, and is kept only where that is still closer)."""
+        if not self.nested:
+            return amax
+        table = parts["nested_quant_map"].to(torch.float32)
+        nested = parts["nested_absmax"].to(torch.float32)[blocks // self.nested_blocksize]
+        return table[self._nested_codes(parts, amax, blocks)] * nested + self.offset
 
 
 class Int8:
@@ -163,24 +132,29 @@ class Int8:
         return parts["weight"].to(torch.float32) * parts["SCB"].to(torch.float32).view(-1, 1) * INV_127
 
     def requantize(
-        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
-        def encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        def encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
             s = p["SCB"][:, None]
             y = torch.round(torch.where(s > 0, x * (127.0 / s), torch.zeros_like(x)))
-            return y.clamp(-127, 127).to(torch.int8), (y.abs() > 127).any(dim=1)
+            return y.clamp(-127, 127).to(torch.int8)
 
-        codes, params, done = requantize_blocks(
-            w0.reshape(qt.shape[0], -1),
-            new.reshape(qt.shape[0], -1),
-            parts["weight"].reshape(qt.shape[0], -1),
-            {"SCB": parts["SCB"].to(torch.float32)},
-            encode=encode,
-            decode=lambda c, p: c.to(torch.float32) * p["SCB"][:, None] * INV_127,
-            fresh=lambda x: {"SCB": x.abs().amax(dim=1)},
-            all_fresh=fresh,
-        )
-        return {"weight": codes.reshape(qt.shape), "SCB": params["SCB"].to(parts["SCB"].dtype)}, done
+        rows = qt.shape[0]
+        codes, scb = parts["weight"].reshape(rows, -1).clone(), parts["SCB"].to(torch.float32).clone()
+        done = Requantized(0, 0, 0)
+        for rs in slabs(rows, codes.shape[1], 1):
+            codes[rs], params, part = requantize_blocks(
+                w0.reshape(rows, -1)[rs],
+                new.reshape(rows, -1)[rs],
+                codes[rs],
+                {"SCB": scb[rs]},
+                encode=encode,
+                decode=lambda c, p: c.to(torch.float32) * p["SCB"][:, None] * INV_127,
+                fresh=lambda x, _: {"SCB": x.abs().amax(dim=1)},
+            )
+            scb[rs] = params["SCB"]
+            done = done + part
+        return {"weight": codes.reshape(qt.shape), "SCB": scb.to(parts["SCB"].dtype)}, done
 
 
 def _state(info: TensorInfo, read: Callable[[TensorInfo], torch.Tensor]) -> dict[str, Any]:

@@ -4,7 +4,7 @@
 ``[out, in/g]`` (column j in group ``g_idx[j]`` when activation order stored one) or block
 ``[ceil(out/bh), ceil(in/bw)]``. pack-quantized keeps int4/int8 codes ``q + 2^(bits−1)`` packed
 into int32 words along the columns, LSB first (zero points along the rows). Re-quantizing a
-block keeps its scale and zero point where its values still fit; otherwise compressed-tensors'
+block keeps its scale and zero point where that is at least as close; otherwise compressed-tensors'
 ``calculate_qparams`` rule: the range widened to include 0, ``max|x| / ((qmax − qmin)/2)``
 symmetric, ``(max − min)/(qmax − qmin)`` with ``zp = round(qmin − min/scale)`` asymmetric.
 Rotations (``transform_config``) and sparsity change what the stored tensors mean: refused by name.
@@ -20,8 +20,8 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, requantize_blocks, round_up_in
-from .fp8 import E4M3, FP8_MAX, decode_e4m3, expand_tiles, from_tiles, to_tiles
+from .base import QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
+from .fp8 import E4M3, FP8_MAX, decode_e4m3, expand_tiles, from_tiles, scale_tiles_, to_tiles
 
 SUPPORTED = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
 
@@ -104,12 +104,14 @@ class Compressed:
         q = self.codes(qt, parts).to(torch.float32)
         zp = self.zero_point(qt, parts)
         if zp is not None:
-            q = q - self._expand(qt, zp, g_idx).to(torch.float32)
-        return q * self._expand(qt, parts["scale"], g_idx).to(torch.float32)
+            q.sub_(self._expand(qt, zp, g_idx).to(torch.float32))
+        if self.strategy == "block" and zp is None:
+            return scale_tiles_(q, parts["scale"], self.block)
+        return q.mul_(self._expand(qt, parts["scale"], g_idx).to(torch.float32))
 
     # --- re-quantizing, block by block ---------------------------------------------------------------
-    def _blocks(self, qt: QuantTensor, t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-        rows, cols = qt.shape
+    def _blocks(self, t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
+        rows, cols = t.shape
         if self.strategy == "tensor":
             return t.reshape(1, -1)
         if self.strategy == "channel":
@@ -120,24 +122,24 @@ class Compressed:
             t = t[:, perm]
         return t.reshape(rows * (cols // self.group), self.group)
 
-    def _unblocks(self, qt: QuantTensor, t: torch.Tensor, perm: torch.Tensor | None) -> torch.Tensor:
-        rows, cols = qt.shape
+    def _unblocks(self, t: torch.Tensor, shape: tuple[int, int], perm: torch.Tensor | None) -> torch.Tensor:
+        rows, cols = shape
         if self.strategy == "block":
-            return from_tiles(t, qt.shape, self.block)
+            return from_tiles(t, shape, self.block)
         t = t.reshape(rows, cols)
         if self.strategy == "group" and perm is not None:
             t = t[:, torch.argsort(perm)]
         return t
 
-    def _encode(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    def _encode(self, x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         lo, hi = self.qrange
         y = x / p["scale"].to(torch.float32)[:, None]
         if self.float:
-            return y.clamp(lo, hi).to(E4M3).view(torch.uint8), (y.abs() > hi).any(dim=1)
+            return y.clamp(lo, hi).to(E4M3).view(torch.uint8)
         if "zero_point" in p:
             y = y + p["zero_point"].to(torch.float32)[:, None]
         r = torch.round(y)  # half to even, as torch.round
-        return r.clamp(lo, hi).to(torch.int8), ((r < lo) | (r > hi)).any(dim=1)
+        return r.clamp(lo, hi).to(torch.int8)
 
     def _decode(self, codes: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
         if self.float:
@@ -162,7 +164,7 @@ class Compressed:
         return {"scale": s, "zero_point": z}
 
     def requantize(
-        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
         g_idx = parts.get("g_idx")
         perm = None
@@ -176,21 +178,34 @@ class Compressed:
                 raise UnsupportedError(f"{qt.name}: {qt.shape[1]} columns are not whole groups of {self.group}")
         scale = parts["scale"]
         zp = self.zero_point(qt, parts)
-        params = {"scale": scale.to(torch.float32).reshape(-1)}
+        # each parameter with one row per row of blocks, so that a slab of weight rows has its own
+        grid = {
+            "scale": scale.to(torch.float32).reshape(-1, 1) if self.strategy == "tensor" else scale.to(torch.float32)
+        }
         if zp is not None:
-            params["zero_point"] = zp.to(torch.float32).reshape(-1)
+            grid["zero_point"] = zp.to(torch.float32).reshape(grid["scale"].shape)
         stored = self.codes(qt, parts)
-        codes, params, done = requantize_blocks(
-            self._blocks(qt, w0, perm),
-            self._blocks(qt, new, perm),
-            self._blocks(qt, stored.view(torch.uint8) if self.float else stored, perm),
-            params,
-            encode=self._encode,
-            decode=self._decode,
-            fresh=lambda x: self._fresh(x, scale.dtype, zp is not None),
-            all_fresh=fresh,
-        )
-        q = self._unblocks(qt, codes, perm)
+        codes = (stored.view(torch.uint8) if self.float else stored).clone()
+        rows, cols = qt.shape
+        unit = self.block[0] if self.strategy == "block" else 1
+        done = Requantized(0, 0, 0)
+        for rs in [slice(0, rows)] if self.strategy == "tensor" else slabs(rows, cols, unit):
+            ps = slice(rs.start // unit, -(-rs.stop // unit)) if self.strategy != "tensor" else slice(0, 1)
+            got, params, part = requantize_blocks(
+                self._blocks(w0[rs], perm),
+                self._blocks(new[rs], perm),
+                self._blocks(codes[rs], perm),
+                {k: v[ps].reshape(-1) for k, v in grid.items()},
+                encode=self._encode,
+                decode=self._decode,
+                fresh=lambda x, _: self._fresh(x, scale.dtype, zp is not None),
+            )
+            codes[rs] = self._unblocks(got, (rs.stop - rs.start, cols), perm)
+            for k, v in params.items():
+                grid[k][ps] = v.reshape(grid[k][ps].shape)
+            done = done + part
+        q = codes
+        params = {k: v.reshape(-1) for k, v in grid.items()}
         out: dict[str, torch.Tensor] = {"scale": params["scale"].to(scale.dtype).reshape(scale.shape)}
         if self.float:
             out["weight"] = q.view(E4M3)

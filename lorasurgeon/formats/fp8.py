@@ -3,8 +3,9 @@
 ``W[i, j] = float(q[i, j]) · S[i // bm, j // bn]`` in float32 (``S`` is a multiplier despite its
 name), with partial tiles at the edges; the scale is stored as F32, BF16, F16, or power-of-two
 UE8M0 (``float8_e8m0fnu`` values or U8 biased-exponent bytes). Re-quantizing a tile: keep its
-scale where ``max|W| / S <= 448``, otherwise ``S = amax / 448`` (``2^ceil(log2)`` for UE8M0),
-stored rounded up so the tile still fits; ``q = e4m3(clamp(W / S, ±448))``.
+scale where that is at least as close (``formats.base.requantize_blocks``), otherwise
+``S = amax / 448`` (``2^ceil(log2)`` for UE8M0), stored rounded up so the tile fits;
+``q = e4m3(clamp(W / S, ±448))``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, requantize_blocks, round_up_in
+from .base import QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
 
 E4M3 = torch.float8_e4m3fn
 FP8_MAX = 448.0
@@ -50,11 +51,20 @@ def expand_tiles(scale: torch.Tensor, shape: Sequence[int], block: tuple[int, in
     return scale.repeat_interleave(block[0], dim=-2)[..., :rows, :].repeat_interleave(block[1], dim=-1)[..., :cols]
 
 
-def encode_e4m3(x: torch.Tensor, params: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Values (m, n) over their blocks' scales (m,) cast to e4m3 bytes; which blocks clipped at ±448."""
+def scale_tiles_(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
+    """``values`` (..., R, C) multiplied in place by its tiles' scales (..., ceil(R/bm), ceil(C/bn)), one row
+    of tiles at a time (no element-sized scale map)."""
+    rows, cols = values.shape[-2:]
+    flat, grid = values.reshape(-1, rows, cols), scale.reshape(-1, *scale.shape[-2:]).to(torch.float32)
+    for i, r0 in enumerate(range(0, rows, block[0])):
+        flat[:, r0 : r0 + block[0]].mul_(grid[:, i].repeat_interleave(block[1], dim=-1)[:, None, :cols])
+    return values
+
+
+def encode_e4m3(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Values (m, n) over their blocks' scales (m,) cast to e4m3 bytes, saturating at ±448."""
     y = x / params["scale"].to(torch.float32)[:, None]
-    clipped = (y.abs() > FP8_MAX).any(dim=1)
-    return y.clamp(-FP8_MAX, FP8_MAX).to(E4M3).view(torch.uint8), clipped
+    return y.clamp(-FP8_MAX, FP8_MAX).to(E4M3).view(torch.uint8)
 
 
 def decode_e4m3(codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -97,31 +107,41 @@ class BlockFP8:
         return self.scale_fmt == "ue8m0"
 
     def dequantize(self, qt: QuantTensor, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
-        q = parts["weight"].to(torch.float32)
-        return q * expand_tiles(self.scale_values(parts["scale"]), q.shape, self.block)
+        return scale_tiles_(parts["weight"].to(torch.float32), self.scale_values(parts["scale"]), self.block)
 
     def requantize(
-        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
         stored = parts["scale"]
         power = self.power_of_two or stored.dtype == torch.uint8 or (E8M0 is not None and stored.dtype == E8M0)
 
-        def fresh_scales(values: torch.Tensor) -> dict[str, torch.Tensor]:
+        def fresh_scales(values: torch.Tensor, _: torch.Tensor) -> dict[str, torch.Tensor]:
             s = fresh_fp8_scale(values.abs().amax(dim=1), power)
             return {"scale": self.scale_values(self.store_scales(s, stored))}
 
-        codes, params, done = requantize_blocks(
-            to_tiles(w0, self.block),
-            to_tiles(new, self.block),
-            to_tiles(parts["weight"].view(torch.uint8), self.block),
-            {"scale": self.scale_values(stored).reshape(-1)},
-            encode=encode_e4m3,
-            decode=decode_e4m3,
-            fresh=fresh_scales,
-            all_fresh=fresh,
-        )
-        weight = from_tiles(codes, qt.shape, self.block).view(E4M3)
-        return {"weight": weight, "scale": self.store_scales(params["scale"], stored).reshape(stored.shape)}, done
+        rows, cols = qt.shape[-2:]
+        bm = self.block[0]
+        codes = parts["weight"].view(torch.uint8).reshape(-1, rows, cols).clone()
+        scales = self.scale_values(stored).reshape(-1, *stored.shape[-2:]).clone()
+        w0s, news = w0.reshape(-1, rows, cols), new.reshape(-1, rows, cols)
+        done = Requantized(0, 0, 0)
+        for e in range(codes.shape[0]):
+            for rs in slabs(rows, cols, bm):
+                ts = slice(rs.start // bm, -(-rs.stop // bm))
+                got, params, part = requantize_blocks(
+                    to_tiles(w0s[e, rs], self.block),
+                    to_tiles(news[e, rs], self.block),
+                    to_tiles(codes[e, rs], self.block),
+                    {"scale": scales[e, ts].reshape(-1)},
+                    encode=encode_e4m3,
+                    decode=decode_e4m3,
+                    fresh=fresh_scales,
+                )
+                codes[e, rs] = from_tiles(got, (rs.stop - rs.start, cols), self.block)
+                scales[e, ts] = params["scale"].reshape(-1, scales.shape[-1])
+                done = done + part
+        weight = codes.reshape(qt.shape).view(E4M3)
+        return {"weight": weight, "scale": self.store_scales(scales, stored).reshape(stored.shape)}, done
 
 
 def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[QuantTensor]:

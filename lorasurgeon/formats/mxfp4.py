@@ -3,7 +3,7 @@
 Each row of R holds G blocks of 32 E2M1 values, two per byte (element 2k in the low nibble), each
 block with one E8M0 scale byte: ``v = LUT[nibble] · 2^(byte − 127)``. The plain tensor is
 transformers' in-memory ``X`` [E, G·32, R] (the input axis first: GPT-OSS's experts are
-``is_transposed``). Re-quantizing a block: keep its scale byte where ``max|x| / scale <= 6``,
+``is_transposed``). Re-quantizing a block: keep its scale byte where that is at least as close,
 otherwise triton_kernels' ROUND_UP rule ``2^ceil(log2(amax / 6))``; values rounded to nearest even.
 """
 
@@ -25,18 +25,17 @@ def _nibbles(blocks: torch.Tensor) -> torch.Tensor:
     return torch.stack((blocks & 0x0F, blocks >> 4), dim=-1).reshape(*blocks.shape[:-1], 32)
 
 
-def _encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     y = x / p["scale"][:, None]
-    clipped = (y.abs() > E2M1_MAX).any(dim=1)
     mag = nearest_code(y.abs().clamp(max=E2M1_MAX), LUT[:8], ties_to_even=True)
-    return (mag + 8 * torch.signbit(y).to(mag.dtype)).to(torch.uint8), clipped
+    return (mag + 8 * torch.signbit(y).to(mag.dtype)).to(torch.uint8)
 
 
 def _decode(codes: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     return LUT[codes.long()] * p["scale"][:, None]
 
 
-def _fresh(x: torch.Tensor) -> dict[str, torch.Tensor]:
+def _fresh(x: torch.Tensor, _: torch.Tensor) -> dict[str, torch.Tensor]:
     amax = x.abs().amax(dim=1)
     e = torch.where(amax > 0, torch.ceil(torch.log2(amax / E2M1_MAX)), torch.full_like(amax, -127.0))
     return {"scale": torch.exp2(e.clamp(-127, 127))}
@@ -56,23 +55,29 @@ class MXFP4:
         return v.reshape(*blocks.shape[:-2], -1).transpose(-1, -2).contiguous()
 
     def requantize(
-        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor, fresh: bool
+        self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
         blocks, scales = parts["blocks"], parts["scales"]
 
-        def rows(t: torch.Tensor) -> torch.Tensor:  # [E, in, out] -> one block of 32 per row
+        def rows(t: torch.Tensor) -> torch.Tensor:  # one expert's [in, out] -> one block of 32 per row
             return t.transpose(-1, -2).reshape(-1, 32)
 
-        codes, params, done = requantize_blocks(
-            rows(w0),
-            rows(new),
-            _nibbles(blocks).reshape(-1, 32),
-            {"scale": torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - 127).reshape(-1)},
-            encode=_encode,
-            decode=_decode,
-            fresh=_fresh,
-            all_fresh=fresh,
-        )
+        codes = _nibbles(blocks).reshape(blocks.shape[0], -1, 32)
+        scale = torch.ldexp(torch.ones(scales.shape), scales.to(torch.int32) - 127).reshape(blocks.shape[0], -1)
+        done = Requantized(0, 0, 0)
+        for e in range(blocks.shape[0]):  # expert by expert: temporaries the size of one expert
+            codes[e], got, part = requantize_blocks(
+                rows(w0[e]),
+                rows(new[e]),
+                codes[e],
+                {"scale": scale[e]},
+                encode=_encode,
+                decode=_decode,
+                fresh=_fresh,
+            )
+            scale[e] = got["scale"]
+            done = done + part
+        params = {"scale": scale.reshape(-1)}
         pairs = codes.reshape(-1, 16, 2)
         new_blocks = (pairs[..., 0] | (pairs[..., 1] << 4)).reshape(blocks.shape)
         exps = torch.log2(params["scale"]).round() + 127

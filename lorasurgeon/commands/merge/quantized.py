@@ -12,6 +12,7 @@ afresh with the producer's rule would cost (the format's own error on this tenso
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -20,7 +21,7 @@ import torch
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...errors import UnsupportedError
-from ...formats.base import relative_error
+from ...formats.base import CHUNK
 from ...formats.layout import QuantLayout
 from .compute import compute_merge
 from .ops import Requant, TensorOp
@@ -34,13 +35,28 @@ class RequantReport:
     method: str  # the format
     blocks: int  # scale blocks in the tensor
     blocks_changed: int  # blocks whose values changed, re-encoded
-    blocks_rescaled: int  # of those, blocks whose values no longer fit their scale: a new scale
+    blocks_rescaled: int  # of those, blocks given a new scale (closer than keeping theirs)
     change: float  # ‖ΔW‖ / ‖W0‖: the size of the change that had to be stored
     error: float  # of the stored result
-    format_error: float  # of the exact values quantized afresh by the producer's rule: what the format costs anyway
+    format_error: float  # of the changed blocks quantized afresh by the producer's rule: what the format costs anyway
+    change_kept: float  # ⟨stored − W0, ΔW⟩ / ‖ΔW‖²: the share of the change that made it into the stored weight
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def _change(w0: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> tuple[tuple[float, float], float]:
+    """(‖ΔW‖, ‖stored − exact‖) and the share of ΔW the stored weight kept, ⟨stored − W0, ΔW⟩ / ‖ΔW‖²,
+    computed a slice of rows at a time (temporaries of about CHUNK values, whatever the weight's size)."""
+    rows = max(1, CHUNK // max(1, w0.shape[-1]))
+    delta_sq = error_sq = dot = 0.0
+    pieces = (t.flatten(0, -2).split(rows) for t in (w0, exact, stored))
+    for a, b, c in zip(*pieces, strict=True):
+        d = b - a
+        delta_sq += float(d.square().sum())
+        error_sq += float((c - b).square().sum())
+        dot += float(((c - a) * d).sum())
+    return (math.sqrt(delta_sq), math.sqrt(error_sq)), (dot / delta_sq if delta_sq else 1.0)
 
 
 def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[TensorOp]:
@@ -86,18 +102,19 @@ def compute_requant(
     exact = compute_merge(plain, given, device, allow_nonfinite=allow_nonfinite).outputs[0][1]
     if exact.shape != w0.shape:
         raise UnsupportedError(f"{op.name}: the merged tensor {list(exact.shape)} is not the stored {list(qt.shape)}")
-    new_parts, done = codec.requantize(qt, parts, w0, exact, False)
-    fresh_parts, _ = codec.requantize(qt, parts, w0, exact, True)
-    stored = codec.dequantize(qt, {**parts, **new_parts})
+    new_parts, done = codec.requantize(qt, parts, w0, exact)
+    norm = float(torch.linalg.vector_norm(exact))
+    change, kept = _change(w0, exact, codec.dequantize(qt, {**parts, **new_parts}))
     report = RequantReport(
         op.name,
         codec.method,
         done.blocks,
         done.touched,
         done.rescaled,
-        relative_error(exact, w0) if float(w0.abs().max()) else float("inf"),
-        relative_error(stored, exact),
-        relative_error(codec.dequantize(qt, {**parts, **fresh_parts}), exact),
+        change[0] / float(torch.linalg.vector_norm(w0)) if float(w0.abs().max()) else float("inf"),
+        change[1] / norm if norm else 0.0,
+        math.sqrt(done.fresh_sq_error) / norm if norm else 0.0,
+        kept,
     )
     outputs = [(info.name, new_parts.get(role, parts[role])) for role, info in qt.parts]
     return Outcome(outputs, report)

@@ -60,8 +60,17 @@ class MergeReport:
             f"{sum(x.blocks_rescaled for x in r)} needed a new scale; the rest kept their bytes.",
             f"  error against the exact W0 + ΔW: median {median(x.error for x in r):.3g}, "
             f"max {max(x.error for x in r):.3g} (the format's own, quantizing those values afresh: median "
-            f"{median(x.format_error for x in r):.3g}); ‖ΔW‖/‖W0‖ median {median(x.change for x in r):.3g}",
+            f"{median(x.format_error for x in r):.3g}); ‖ΔW‖/‖W0‖ median {median(x.change for x in r):.3g}, "
+            f"share of ΔW kept median {median(x.change_kept for x in r):.2f}",
         ]
-        for x in sorted(r, key=lambda x: x.error / x.change if x.change else 0, reverse=True)[:3]:
-            lines.append(f"  {x.name}: error {x.error:.3g}, change {x.change:.3g}, format's own {x.format_error:.3g}")
+        if median(x.change_kept for x in r) < 0.5:
+            lines.append(
+                "  warning: most of the change is finer than the format's steps and was lost in re-quantization: "
+                "--dtype bfloat16 keeps it"
+            )
+        for x in sorted(r, key=lambda x: x.change_kept)[:3]:
+            lines.append(
+                f"  {x.name}: error {x.error:.3g} (format's own {x.format_error:.3g}), change {x.change:.3g}, "
+                f"kept {x.change_kept:.2f}"
+            )
         return "\n".join(lines)
