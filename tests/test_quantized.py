@@ -276,7 +276,8 @@ def test_extract_against_a_quantized_base_gives_the_change_from_its_values(folde
     tuned = plain_folder(
         folders[fmt], tmp_path / "tuned", {k: (v.float() + delta[k]).to(torch.bfloat16) for k, v in lib.items()}
     )
-    ls.extract(folders[fmt], tuned, tmp_path / "x", rank=8)
+    report = ls.extract(folders[fmt], tuned, tmp_path / "x", rank=8)
+    assert report.notes[0].startswith("the base is quantized (") and "read dequantized" in report.notes[0]
     plain = plain_folder(folders[fmt], tmp_path / "plain", {k: v.float() for k, v in lib.items()})
     ls.extract(plain, tuned, tmp_path / "from-plain", rank=8)  # the same base, dequantized by its library
     got, want = (
@@ -551,3 +552,20 @@ def test_sub_byte_dtypes_are_named_as_quantized(tmp_path, dtype):
     path.write_bytes(len(raw).to_bytes(8, "little") + raw + b"\0\0")
     result = run_cli("inspect", path)
     assert result.exit_code == 2 and f"dtype {dtype}, a quantized format" in result.stderr, result.stderr
+
+
+def test_a_sharded_quantized_base_keeps_its_shards(folders, tmp_path):
+    """Each stored part of a re-quantized weight goes back to the shard it came from; iter_merged streams them."""
+    src = shutil.copytree(folders["fp8"], tmp_path / "sharded")
+    t = load_file(src / "model.safetensors")
+    (src / "model.safetensors").unlink()
+    keys = sorted(t)
+    shards = {"model-00001-of-00002.safetensors": keys[:17], "model-00002-of-00002.safetensors": keys[17:]}
+    for file, names in shards.items():
+        save_file({k: t[k] for k in names}, src / file, metadata={"format": "pt"})
+    weight_map = {k: file for file, names in shards.items() for k in names}
+    (src / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    ls.merge(src, [FIX_ADAPTER], tmp_path / "m")
+    got = json.loads((tmp_path / "m" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert got == weight_map
+    assert {name for name, _ in ls.iter_merged(src, [FIX_ADAPTER])} == set(keys)

@@ -76,7 +76,7 @@ def extract(
         InvalidOptionError: an option that cannot be used (both or neither of rank and energy, ...).
         InputNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: an input that cannot be read.
         IncompatibleError: the two are not one architecture, or an argument is an adapter.
-        UnsupportedError: a quantized checkpoint.
+        UnsupportedError: a checkpoint quantized in a format lorasurgeon does not read.
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a change holds NaN or Inf (unless ``allow_nonfinite``).
     """
@@ -109,7 +109,12 @@ def extract(
         # a quantized base (QLoRA, then a full fine-tune) is read by its values: the change is measured
         # against the dequantized base
         b_ckpt, b_quant = plain_weights(b_raw, b_cfg, role=f"{base_src.label}: the base model")
-        t_ckpt, _ = plain_weights(t_raw, t_cfg, role=f"{tuned_src.label}: the fine-tune")
+        t_ckpt, t_quant = plain_weights(t_raw, t_cfg, role=f"{tuned_src.label}: the fine-tune")
+        read_as = [
+            f"{what} is quantized ({q.describe()}): read dequantized, the change measured against its values"
+            for what, q in (("the base", b_quant), ("the fine-tune", t_quant))
+            if q is not None
+        ]
         tuned_model = model_names(t_ckpt.names(), t_cfg)
         ops, excluded = plan_extract(
             b_ckpt,
@@ -121,10 +126,14 @@ def extract(
         )
         if dry_run:
             counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
-            notes = [
-                f"{len(ops)} tensors compared ({excluded} excluded): "
-                + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-            ] + [o.note for o in ops if o.note]
+            notes = (
+                [
+                    f"{len(ops)} tensors compared ({excluded} excluded): "
+                    + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
+                ]
+                + read_as
+                + [o.note for o in ops if o.note]
+            )
             return ExtractReport(
                 None,
                 origin.base,
@@ -152,7 +161,15 @@ def extract(
             if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
                 raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
             report = finish_adapter(
-                spool, stats.infos, t_ckpt, tuned_model, settings, origin, excluded=excluded, seconds=stats.seconds
+                spool,
+                stats.infos,
+                t_ckpt,
+                tuned_model,
+                settings,
+                origin,
+                excluded=excluded,
+                seconds=stats.seconds,
+                notes_before=read_as,
             )
             spool.add_file(
                 CARD_NAME,

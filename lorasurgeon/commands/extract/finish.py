@@ -119,16 +119,17 @@ def finish_adapter(
     *,
     excluded: int,
     seconds: float,
+    notes_before: Sequence[str] = (),
 ) -> ExtractReport:
     """Add the whole tensors PEFT needs, adapter_config.json and extract_report.json; return the report.
-    Adapter keys are in-memory names (``names``), as PEFT names modules."""
+    Adapter keys are in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes."""
     in_memory = views(tuned, names)  # in-memory name -> file key
     stacks = _stack_experts(spool, [i for i in infos if i.op.experts is not None and i.status == "lowrank"], names)
     lowrank = {
         i.op.module: i.stats for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None
     }
     full_modules = {i.op.module for i in infos if i.status == "full"}
-    notes = sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
+    notes = list(notes_before) + sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
     capped = sorted((s.rank, s.name) for s in lowrank.values() if settings.rank is not None and s.rank < settings.rank)
     if capped:
         notes.append(
