@@ -71,6 +71,8 @@ CT_SCHEMES = {
         "pack-quantized",
     ),
     "w8a8-int-channel": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, "int-quantized"),
+    "w8a16-channel": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "channel"}, "pack-quantized"),
+    "w8-naive-tensor": ({"num_bits": 8, "type": "int", "symmetric": True, "strategy": "tensor"}, "naive-quantized"),
     "fp8-tensor": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "tensor"}, "float-quantized"),
     "fp8-channel": ({"num_bits": 8, "type": "float", "symmetric": True, "strategy": "channel"}, "float-quantized"),
     "fp8-block": (

@@ -84,6 +84,60 @@ def test_read_equals_the_producers_dequantizer_to_the_bit(folders, fmt):
         assert torch.equal(got.to(want.dtype), want), name  # float32, or the library's own dtype (one rounding)
 
 
+def test_activation_ordered_groups_are_read_by_g_idx_and_re_quantized_in_place(tmp_path):
+    """g_idx (GPTQ's activation order, which compressed-tensors no longer writes): column j belongs to
+    group g_idx[j]; W = (q − zp[:, g_idx]) · scale[:, g_idx]. Checked against that formula, written out."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32, unpack_from_int32
+
+    spec = {
+        "num_bits": 4,
+        "type": "int",
+        "symmetric": False,
+        "strategy": "group",
+        "group_size": 16,
+        "actorder": "group",
+    }
+    out = shutil.copytree(FIX_BASE, tmp_path / "gidx")
+    t = load_file(out / "model.safetensors")
+    want = {}
+    g = torch.Generator().manual_seed(0)
+    for name in [k for k in t if k.endswith("proj.weight")]:
+        w = t.pop(name).float()
+        rows, cols = w.shape
+        g_idx = (torch.randperm(cols, generator=g) // 16).to(torch.int32)
+        groups = cols // 16
+        mn = torch.stack([w[:, g_idx == i].amin(1).clamp(max=0) for i in range(groups)], 1)
+        mx = torch.stack([w[:, g_idx == i].amax(1).clamp(min=0) for i in range(groups)], 1)
+        scale = ((mx - mn) / 15).to(torch.bfloat16)
+        zp = torch.round(-8 - mn / scale.float()).clamp(-8, 7).to(torch.int8)
+        q = torch.round(w / scale.float()[:, g_idx] + zp.float()[:, g_idx]).clamp(-8, 7).to(torch.int8)
+        module = name.removesuffix(".weight")
+        t[f"{module}.weight_packed"] = pack_to_int32(q, 4)
+        t[f"{module}.weight_shape"] = torch.tensor([rows, cols], dtype=torch.int32)
+        t[f"{module}.weight_scale"], t[f"{module}.weight_g_idx"] = scale, g_idx
+        t[f"{module}.weight_zero_point"] = pack_to_int32(zp, 4, packed_dim=0)
+        assert torch.equal(unpack_from_int32(t[f"{module}.weight_packed"], 4, torch.Size([rows, cols])), q)
+        want[name] = (q.float() - zp.float()[:, g_idx]) * scale.float()[:, g_idx]
+    save_file(t, out / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "compressed-tensors",
+        "format": "pack-quantized",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": spec}},
+    }
+    (out / "config.json").write_text(json.dumps(config))
+    view, layout = plain_weights(open_checkpoint(out), read_config(out), role="base")
+    assert layout is not None and all(torch.equal(view.read(k), v) for k, v in want.items())
+    report = ls.merge(out, [FIX_ADAPTER], tmp_path / "m")
+    merged = load_file(tmp_path / "m" / "model.safetensors")
+    assert all(torch.equal(merged[k], t[k]) for k in t if k.endswith(("g_idx", "weight_shape")))  # the order stays
+    delta = adapter_delta(FIX_ADAPTER)
+    view, _ = plain_weights(open_checkpoint(tmp_path / "m"), read_config(tmp_path / "m"), role="merged")
+    for name, w0 in want.items():  # never further from the exact merge than the base was
+        assert float((view.read(name) - (w0 + delta[name])).norm()) <= float(delta[name].norm()) * (1 + 1e-5)
+    assert len(report.requantized) == 14
+
+
 def test_the_tests_fp8_reference_is_transformers_quantizer_on_whole_tiles():
     """amax/448 here, 1/(448/amax) in transformers: the same codes, scales within one float32 ulp."""
     w = torch.randn(64, 96, generator=torch.Generator().manual_seed(0)) * 0.05
@@ -213,6 +267,19 @@ def test_big_weights_are_re_quantized_slab_by_slab_to_the_same_bytes(folders, fm
     ls.merge(folders[fmt], [FIX_ADAPTER], tmp_path / "slabs")
     a, b = read_folder(tmp_path / "whole"), read_folder(tmp_path / "slabs")
     assert set(a) == set(b) and all(torch.equal(a[k].view(torch.uint8), b[k].view(torch.uint8)) for k in a)
+
+
+def test_static_activation_scales_are_kept_with_a_warning_or_left_out(folders, tmp_path):
+    q = shutil.copytree(folders["fp8"], tmp_path / "static")
+    t = load_file(q / "model.safetensors")
+    t[f"{Q}.input_scale"] = torch.tensor([0.02])
+    save_file(t, q / "model.safetensors", metadata={"format": "pt"})
+    r = run_cli("merge", q, FIX_ADAPTER, "-o", tmp_path / "keep")
+    assert r.exit_code == 0 and "1 static activation scales (input_scale, ...) copied as they are" in r.stdout
+    assert torch.equal(load_file(tmp_path / "keep" / "model.safetensors")[f"{Q}.input_scale"], t[f"{Q}.input_scale"])
+    r = run_cli("merge", q, FIX_ADAPTER, "-o", tmp_path / "plain", "--dtype", "bfloat16")
+    assert r.exit_code == 0 and "left out" in r.stdout
+    assert f"{Q}.input_scale" not in load_file(tmp_path / "plain" / "model.safetensors")
 
 
 def test_dry_run_names_the_weights_to_re_quantize(folders, tmp_path):

@@ -265,7 +265,7 @@ def _merge(
             planned.names.source if planned.names else "",
         )
         if dry_run:
-            return report(out, form, plan, None, untie)
+            return report(out, form, plan, None, untie, _notes(planned))
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
         extra: dict[str, bytes] = {}
@@ -300,9 +300,23 @@ def _merge(
             overwrite=overwrite,
             progress=progress,
         )
-        return report(out, form, plan, stats, untie)
+        return report(out, form, plan, stats, untie, _notes(planned))
     finally:
         planned.close()
+
+
+def _notes(planned: _Planned) -> tuple[str, ...]:
+    layout = planned.layout
+    if layout is None or not layout.static_scales:
+        return ()
+    if planned.stored is None:
+        return (
+            f"{len(layout.static_scales)} static activation scales (input_scale, ...) of the quantized base left out",
+        )
+    return (
+        f"{len(layout.static_scales)} static activation scales (input_scale, ...) copied as they are: they were "
+        "calibrated on the base's activations, which the merged weights change; recalibrate if accuracy drops",
+    )
 
 
 def _quantization_words(planned: _Planned) -> str:

@@ -31,6 +31,7 @@ class MergeReport:
     untied_embeddings: bool
     dry_run: bool
     requantized: tuple[RequantReport, ...] = ()  # each weight re-quantized into the base's format
+    notes: tuple[str, ...] = ()  # what a user should know about the result (printed after the summary)
 
     @property
     def throughput(self) -> float:
@@ -48,6 +49,8 @@ class MergeReport:
             text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
         if self.requantized:
             text += "\n" + self.requant_summary()
+        for note in self.notes:
+            text += f"\nNote: {note}"
         return text
 
     def requant_summary(self) -> str:

@@ -90,6 +90,7 @@ def report(
     plan: Plan,
     stats: ExecStats[RequantReport | None] | None,
     untie: bool,
+    notes: tuple[str, ...] = (),
 ) -> MergeReport:
     counts = {a: plan.count(a) for a in ACTIONS}
     return MergeReport(
@@ -102,4 +103,5 @@ def report(
         untie,
         stats is None,
         tuple(i for i in stats.infos if i is not None) if stats else (),
+        notes,
     )
