@@ -43,7 +43,6 @@ class QuantTensor:
 
     name: str  # the plain tensor's name: "model.layers.0.mlp.down_proj.weight", "...experts.gate_up_proj"
     shape: tuple[int, ...]  # its shape once dequantized
-    dtype: torch.dtype  # the dtype the producer dequantizes it to (the model's dtype)
     parts: tuple[tuple[str, TensorInfo], ...]  # (role, stored tensor), in reading order
     codec: Codec = field(compare=False)
     params: Mapping[str, Any] = field(default_factory=dict, compare=False)  # block size, bits, ...

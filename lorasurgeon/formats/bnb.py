@@ -28,7 +28,6 @@ from .base import QuantTensor, Requantized, nearest_code, requantize_blocks, sla
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant multiplies by this
 STATE = ".weight.quant_state.bitsandbytes__"
-_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
 class Bnb4bit:
@@ -189,9 +188,8 @@ def find(infos: Mapping[str, TensorInfo], read: Callable[[TensorInfo], torch.Ten
             missing = [key for _, key in roles if key not in infos]
             if missing:
                 raise CorruptCheckpointError(f"{info.file}: bitsandbytes 4-bit {module} lacks {', '.join(missing)}")
-            dtype = _DTYPES.get(str(state["dtype"]).removeprefix("torch."), torch.bfloat16)
             parts = tuple((role, infos[key]) for role, key in roles)
-            found.append(QuantTensor(f"{module}.weight", tuple(state["shape"]), dtype, parts, Bnb4bit(state)))
+            found.append(QuantTensor(f"{module}.weight", tuple(state["shape"]), parts, Bnb4bit(state)))
         elif name.endswith(".SCB"):
             module = name.removesuffix(".SCB")
             weight = infos.get(f"{module}.weight")
@@ -203,5 +201,5 @@ def find(infos: Mapping[str, TensorInfo], read: Callable[[TensorInfo], torch.Ten
                 if int(read(fmt).reshape(-1)[0]) != 0:
                     raise UnsupportedError(f"{module}: LLM.int8 weight_format other than row-major (0)")
                 parts_i8.append(("weight_format", fmt))
-            found.append(QuantTensor(f"{module}.weight", tuple(weight.shape), torch.float16, tuple(parts_i8), Int8()))
+            found.append(QuantTensor(f"{module}.weight", tuple(weight.shape), tuple(parts_i8), Int8()))
     return found

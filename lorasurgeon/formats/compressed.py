@@ -295,5 +295,5 @@ def find(
                 parts.append((role, infos[f"{module}.{suffix}"]))
         if codec.strategy == "group" and not codec.group:
             raise UnsupportedError(f"{module}: group strategy without group_size")
-        found.append(QuantTensor(f"{module}.weight", shape, scale.dtype, tuple(parts), codec))
+        found.append(QuantTensor(f"{module}.weight", shape, tuple(parts), codec))
     return found

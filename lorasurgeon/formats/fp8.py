@@ -169,7 +169,5 @@ def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[Qu
                 f"{list(block)} (weight_block_size) needs a {list(grid)} scale grid"
             )
         codec = BlockFP8((block[0], block[1]), fmt)
-        found.append(
-            QuantTensor(weight.name, weight.shape, torch.bfloat16, (("weight", weight), ("scale", info)), codec)
-        )
+        found.append(QuantTensor(weight.name, weight.shape, (("weight", weight), ("scale", info)), codec))
     return found

@@ -57,12 +57,6 @@ def _qconfig(config: Mapping[str, Any]) -> Mapping[str, Any]:
     return {}
 
 
-def _model_dtype(config: Mapping[str, Any]) -> torch.dtype | None:
-    name = config.get("torch_dtype") or config.get("dtype")
-    dtype = getattr(torch, str(name), None) if name else None
-    return dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else None
-
-
 def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | None:
     """The quantized weights of ``ckpt`` (None if it is not quantized).
 
@@ -90,10 +84,6 @@ def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | No
         raise UnsupportedError(
             f"{ckpt.root}: quantized as {found.describe()}, a format lorasurgeon does not read (it reads {READS})"
         )
-    dtype = _model_dtype(config)
-    if dtype is not None:
-        # FP8 and MXFP4 name no dtype of their own: the model's is what the producer dequantizes to
-        tensors = [replace(qt, dtype=dtype) if qt.codec.method.startswith(("block", "MXFP4")) else qt for qt in tensors]
     layout = QuantLayout(found, qconfig, {qt.name: qt for qt in tensors})
     covered = layout.parts
     statics = tuple(n for n in names if n.endswith(STATIC_SCALES) and n not in covered)
@@ -117,7 +107,7 @@ def dequantized(ckpt: Checkpoint, layout: QuantLayout, *, keep_static: bool = Fa
     for info in ckpt.infos():
         qt = first.get(info.name)
         if qt is not None:
-            decoded = Decoded(tuple(i for _, i in qt.parts), partial(_decode, qt), qt.codec.method)
+            decoded = Decoded(tuple(i for _, i in qt.parts), partial(_decode, qt))
             infos.append(TensorInfo(qt.name, torch.float32, qt.shape, info.file, None, decoded=decoded))
         elif info.name not in parts and info.name not in hidden_static:
             infos.append(info)

@@ -98,5 +98,5 @@ def find(infos: Mapping[str, TensorInfo]) -> list[QuantTensor]:
             continue
         e, r, g, _ = blocks.shape
         parts = (("blocks", blocks), ("scales", scales))
-        found.append(QuantTensor(base, (e, g * 32, r), torch.bfloat16, parts, MXFP4()))
+        found.append(QuantTensor(base, (e, g * 32, r), parts, MXFP4()))
     return found

@@ -78,7 +78,6 @@ class Decoded:
 
     parts: tuple[TensorInfo, ...]
     decode: Callable[[list[torch.Tensor]], torch.Tensor]
-    what: str  # the format, for messages: "block FP8", "bitsandbytes nf4", ...
 
 
 @dataclass(frozen=True)
