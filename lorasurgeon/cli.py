@@ -479,6 +479,89 @@ def push_cmd(
     )
 
 
+_sizing = _options(
+    click.option("--rank", type=int, default=None, help="The same rank for every module."),
+    click.option(
+        "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."
+    ),
+    click.option("--budget", default=None, metavar="SIZE", help="A size for all factors together (e.g. 15MB)."),
+    click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters."),
+    click.option("--max-rank", type=int, default=None, help="A cap per module."),
+)
+
+
+@cli.command("resize")
+@debug_option
+@click.argument("adapter")
+@_options(_write, _sizing, _device, _push)
+def resize_cmd(adapter: str, out: str, overwrite: bool, dry_run: bool, quiet: bool, **sizing: Any) -> None:
+    """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
+
+    \b
+    Examples:
+      lorasurgeon resize my-lora --rank 8 -o my-lora-r8
+      lorasurgeon resize my-lora --budget 15MB -o my-lora-15mb
+    """
+    from .commands.resize import resize
+
+    push_to_hub, private, device = sizing.pop("push_to_hub"), sizing.pop("private"), sizing.pop("device")
+    _check_push(push_to_hub, dry_run)
+    report = resize(
+        adapter,
+        out,
+        **sizing,
+        device=device,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=progress_bar(quiet, dry_run),
+    )
+    _finish(report, quiet, push_to_hub, private)
+
+
+@cli.command("combine")
+@debug_option
+@click.argument("adapters", nargs=-1, required=True)
+@_options(
+    _write,
+    click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter (default 1.0 each)."),
+    _sizing,
+    _device,
+    _push,
+)
+def combine_cmd(
+    adapters: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    weights: tuple[float, ...],
+    **sizing: Any,
+) -> None:
+    """One adapter for the weighted sum of ADAPTERS: exact (stacked factors) unless a rank, energy or budget
+    asks for fewer; then the optimal truncation, never forming ΔW.
+
+    \b
+    Examples:
+      lorasurgeon combine style-lora facts-lora --weight 1 --weight 0.5 -o both
+      lorasurgeon combine A B C --rank 32 -o abc-r32
+    """
+    from .commands.resize import combine
+
+    push_to_hub, private, device = sizing.pop("push_to_hub"), sizing.pop("private"), sizing.pop("device")
+    _check_push(push_to_hub, dry_run)
+    report = combine(
+        adapters,
+        out,
+        weights=weights,
+        **sizing,
+        device=device,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=progress_bar(quiet, dry_run),
+    )
+    _finish(report, quiet, push_to_hub, private)
+
+
 @cli.command("diff")
 @debug_option
 @click.argument("a")

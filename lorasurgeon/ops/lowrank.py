@@ -202,3 +202,101 @@ def relative_error(
         for i in range(0, m32.shape[0], rows)
     )
     return math.sqrt(err / total)
+
+
+def product_svd(b: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The SVD of B @ A (m × r times r × n) without forming the m × n product: B = Q_b R_b and
+    Aᵀ = Q_a R_a, so B A = Q_b (R_b R_aᵀ) Q_aᵀ and the r × r core's SVD gives U = Q_b U_c,
+    Vh = Vh_c Q_aᵀ. Computed in float64; returns (U (m, r'), S (r',), Vh (r', n)), r' = min(m, n, r)."""
+    qb, rb = torch.linalg.qr(b.to(torch.float64))
+    qa, ra = torch.linalg.qr(a.to(torch.float64).t())
+    u, s, vh = torch.linalg.svd(rb @ ra.t())
+    return qb @ u, s, vh @ qa.t()
+
+
+def split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The best rank-k factors of U S Vh (Eckart–Young), balanced as LoRA stores them:
+    (B = U_k √S_k (m, k), A = √S_k Vh_k (k, n)), float32."""
+    root = s[:k].sqrt()
+    return (u[:, :k] * root).to(torch.float32), (root[:, None] * vh[:k]).to(torch.float32)
+
+
+DP_UNITS = 1 << 18  # budgets up to this many units of gcd(costs) are allocated exactly
+
+
+def allocate(
+    spectra: list[torch.Tensor], costs: list[int], budget: int, floors: list[int], caps: list[int]
+) -> list[int]:
+    """Ranks for several low-rank matrices that minimise the total squared error Σ (‖Mᵢ‖² − kept σ²)
+    within ``budget`` parameters: every singular component of matrix i costs ``costs[i]`` (m + n), and
+    matrix i keeps between ``floors[i]`` and ``caps[i]`` components, always its largest.
+
+    Exact (a knapsack over budget units of gcd(costs), by dynamic programming) when the budget is at most
+    DP_UNITS such units -- costs share large factors in real models, 1024 or more -- and otherwise
+    greedy: components in decreasing σ² / cost across all matrices, a component that no longer fits
+    closing its matrix.
+
+    Raises:
+        ValueError: the floors alone cost more than the budget.
+    """
+    lo = [min(f, c, len(s)) for f, c, s in zip(floors, caps, spectra, strict=True)]
+    hi = [min(c, len(s)) for c, s in zip(caps, spectra, strict=True)]
+    need = sum(r * c for r, c in zip(lo, costs, strict=True))
+    if need > budget:
+        raise ValueError(f"the floors alone need {need} parameters, more than the budget of {budget}")
+    unit = math.gcd(*costs) if costs else 1
+    if budget // unit <= DP_UNITS:
+        return _allocate_exact(spectra, [c // unit for c in costs], budget // unit, lo, hi)
+    return _allocate_greedy(spectra, costs, budget - need, lo, hi)
+
+
+def _allocate_exact(
+    spectra: list[torch.Tensor], costs: list[int], units: int, lo: list[int], hi: list[int]
+) -> list[int]:
+    """Multiple-choice knapsack: best[u] = the most energy kept with u units spent; one choice per matrix."""
+    best = torch.full((units + 1,), -math.inf, dtype=torch.float64)
+    best[0] = 0.0
+    choices = []
+    for s, cost, a, b in zip(spectra, costs, lo, hi, strict=True):
+        gain = torch.cat([torch.zeros(1, dtype=torch.float64), torch.cumsum(s.double() ** 2, 0)])
+        new = torch.full_like(best, -math.inf)
+        pick = torch.zeros(units + 1, dtype=torch.int32)
+        for k in range(a, b + 1):
+            shift = k * cost
+            if shift > units:
+                break
+            cand = best[: units + 1 - shift] + gain[k]
+            better = cand > new[shift:]
+            new[shift:] = torch.where(better, cand, new[shift:])
+            pick[shift:] = torch.where(better, torch.tensor(k, dtype=torch.int32), pick[shift:])
+        best = new
+        choices.append(pick)
+    u = int(torch.argmax(best))
+    ranks = []
+    for pick, cost in zip(reversed(choices), reversed(costs), strict=True):
+        k = int(pick[u])
+        ranks.append(k)
+        u -= k * cost
+    return ranks[::-1]
+
+
+def _allocate_greedy(
+    spectra: list[torch.Tensor], costs: list[int], left: int, lo: list[int], hi: list[int]
+) -> list[int]:
+    ranks = list(lo)
+    candidates = [
+        (float(s[j]) ** 2 / cost, i, j)
+        for i, (s, cost) in enumerate(zip(spectra, costs, strict=True))
+        for j in range(lo[i], hi[i])
+    ]
+    candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+    closed: set[int] = set()
+    for _, i, j in candidates:
+        if i in closed or j != ranks[i]:
+            continue
+        if costs[i] > left:
+            closed.add(i)
+            continue
+        ranks[i] += 1
+        left -= costs[i]
+    return ranks
