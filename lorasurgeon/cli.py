@@ -349,6 +349,12 @@ def convert_cmd(
     )
 
 
+def _one_budget(size: str | None, params: int | None) -> str | int | None:
+    if size is not None and params is not None:
+        raise click.UsageError("--budget and --budget-params: give one")
+    return params if params is not None else size
+
+
 @cli.command("extract")
 @debug_option
 @click.argument("base")
@@ -356,7 +362,11 @@ def convert_cmd(
 @_write
 @click.option("--rank", type=int, default=None, help="Fixed rank for every module.")
 @click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
-@click.option("--max-rank", type=int, default=None, help="Cap for --energy.")
+@click.option("--max-rank", type=int, default=None, help="Cap for --energy and --budget.")
+@click.option(
+    "--budget", default=None, metavar="SIZE", help="The adapter's size (e.g. 15MB): ranks chosen to keep the most."
+)
+@click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters.")
 @_filters
 @click.option(
     "--embeddings",
@@ -400,6 +410,8 @@ def extract_cmd(
     rank: int | None,
     energy: float | None,
     max_rank: int | None,
+    budget: str | None,
+    budget_params: int | None,
     include: str | None,
     exclude: str | None,
     embeddings: Embeddings,
@@ -421,6 +433,7 @@ def extract_cmd(
     Examples:
       lorasurgeon extract ./Llama-3-8B ./my-finetune --rank 16 -o my-lora
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
+      lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb
     """
     from .commands.extract import extract
 
@@ -433,6 +446,7 @@ def extract_cmd(
             rank=rank,
             energy=energy,
             max_rank=max_rank,
+            budget=_one_budget(budget, budget_params),
             include=include,
             exclude=exclude,
             embeddings=embeddings,

@@ -120,11 +120,11 @@ def extract_card(
     parameters: int,
     full: Sequence[_FullLine],
 ) -> str:
-    how = (
-        f"rank {method['rank']}"
-        if method.get("rank")
-        else f"energy {method['energy']:g}" + (f", max rank {method['max_rank']}" if method.get("max_rank") else "")
-    )
+    parts = [f"rank {method['rank']}"] if method.get("rank") else []
+    parts += [f"energy {method['energy']:g}"] if method.get("energy") else []
+    parts += [f"a budget of {method['budget_params']:,} parameters"] if method.get("budget_params") else []
+    parts += [f"max rank {method['max_rank']}"] if method.get("max_rank") else []
+    how = ", ".join(parts)
     lines = [
         f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
         f"each weight delta ({how}; solver {method['solver']}).",
@@ -137,6 +137,9 @@ def extract_card(
     lines += [f"| `{m.name}` | {m.rank} | {m.kept:.2%} | {m.rel_error:.4f} |" for m in modules]
     if full:
         lines += ["", "Stored in full: " + ", ".join(f"`{f.name}` ({f.reason})" for f in full) + "."]
-    flag = f"--rank={method['rank']}" if method.get("rank") else f"--energy={method['energy']:g}"
-    lines += ["", "Made by:"] + command("lorasurgeon", "extract", base, finetuned, flag, "-o", title)
+    flags = [f"--rank={method['rank']}"] if method.get("rank") else []
+    flags += [f"--energy={method['energy']:g}"] if method.get("energy") else []
+    flags += [f"--budget-params={method['budget_params']}"] if method.get("budget_params") else []
+    flags += [f"--max-rank={method['max_rank']}"] if method.get("max_rank") else []
+    lines += ["", "Made by:"] + command("lorasurgeon", "extract", base, finetuned, *flags, "-o", title)
     return model_card(kind="adapter", base=base, title=title, lines=lines)

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from ...engine.execute import Progress, run
-from ...errors import InvalidOptionError, LorasurgeonError
+from ...errors import InvalidOptionError, LorasurgeonError, UnsupportedError
 from ...hub.cards import CARD_NAME, extract_card
 from ...io.checkpoint import open_checkpoint
 from ...io.sidecar import read_config
@@ -17,6 +17,7 @@ from ...io.spool import SpoolWriter
 from ...names import model_names
 from ...ops.lowrank import Solver
 from .._inputs import Input, plain_weights, prepare
+from .budget import spend
 from .compute import compute_extract
 from .finish import Origin, finish_adapter
 from .plan import FACTORED, plan_extract
@@ -34,6 +35,7 @@ def extract(
     rank: int | None = None,
     energy: float | None = None,
     max_rank: int | None = None,
+    budget: str | int | None = None,
     include: str | None = None,
     exclude: str | None = None,
     embeddings: Embeddings = "lowrank",
@@ -55,7 +57,10 @@ def extract(
         out: the adapter folder to write (adapter_config.json, adapter_model.safetensors,
             extract_report.json, README.md); may be None with ``dry_run``.
         rank: a fixed rank for every module (capped by each matrix's own, and reported), or
-        energy: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by ``max_rank``).
+        energy: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by ``max_rank``); with
+            ``budget``, a floor per module.
+        budget: the adapter's size, "15MB" (in ``dtype``) or a number of parameters (int): each module's
+            rank chosen to keep the most of Σ‖ΔW‖² within it, the whole tensors stored charged too.
         include / exclude: regexes on tensor names (re.search) choosing what is compared.
         embeddings: embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
@@ -84,6 +89,7 @@ def extract(
         rank=rank,
         energy=energy,
         max_rank=max_rank,
+        budget=budget,
         include=include,
         exclude=exclude,
         embeddings=embeddings,
@@ -124,6 +130,11 @@ def extract(
             model_type=t_cfg.get("model_type") or b_cfg.get("model_type"),
             settings=settings,
         )
+        if settings.budget_params is not None and any(o.experts is not None for o in ops):
+            raise UnsupportedError(
+                "--budget with stacked MoE experts (target_parameters share one rank per module): use --rank or "
+                "--energy, or --exclude the experts"
+            )
         if dry_run:
             counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
             notes = (
@@ -160,16 +171,20 @@ def extract(
             )
             if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
                 raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
+            infos, notes = list(stats.infos), list(read_as)
+            if settings.budget_params is not None:
+                infos, spent = spend(spool, infos, settings)
+                notes.append(spent)
             report = finish_adapter(
                 spool,
-                stats.infos,
+                infos,
                 t_ckpt,
                 tuned_model,
                 settings,
                 origin,
                 excluded=excluded,
                 seconds=stats.seconds,
-                notes_before=read_as,
+                notes_before=notes,
             )
             spool.add_file(
                 CARD_NAME,

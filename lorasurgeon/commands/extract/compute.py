@@ -15,7 +15,7 @@ from ...ops.lowrank import difference, factorize, relative_error, squared_norm
 from .._results import check_finite
 from .plan import ExpertsOf, ExtractOp
 from .report import ModuleStats, OpInfo
-from .settings import ExtractSettings
+from .settings import BUDGET_RANK, ExtractSettings
 
 
 def compute_extract(
@@ -50,11 +50,12 @@ def compute_extract(
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     layer = LAYER_KINDS[op.kind]
     m = delta.T if layer.transposed else delta.reshape(delta.shape[0], -1)
+    budget = settings.budget_params is not None  # the factors up to a cap; extract's finish truncates them
     lr = factorize(
         m,
-        rank=settings.rank,
-        energy=settings.energy,
-        max_rank=settings.max_rank,
+        rank=min(settings.max_rank or BUDGET_RANK, *m.shape) if budget else settings.rank,
+        energy=None if budget else settings.energy,
+        max_rank=None if budget else settings.max_rank,
         solver=settings.solver,
         seed=settings.seed + zlib.crc32(op.name.encode()),
         total=total,

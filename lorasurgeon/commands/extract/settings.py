@@ -9,9 +9,11 @@ import torch
 
 from ...errors import InvalidOptionError
 from ...io.dtypes import parse_dtype
+from ...io.layout import parse_size
 from ...ops.lowrank import Solver
 from .._inputs import NameFilter, check_device
 
+BUDGET_RANK = 256  # with --budget, each module's factors are found up to this rank (or --max-rank)
 Embeddings = Literal["lowrank", "full", "skip"]  # embedding changes (and a tied head's) as factors, whole, or left out
 Extras = Literal["full", "skip"]  # changed norms, biases and other non-matrix tensors
 
@@ -28,7 +30,10 @@ class ExtractSettings:
 
     Args:
         rank: a fixed rank for every module (capped by each matrix's own, and reported), or
-        energy: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by ``max_rank``).
+        energy: per module, the smallest rank keeping this share of ‖ΔW‖² (capped by ``max_rank``); with
+            ``budget``, a floor per module.
+        budget: a size ("15MB", in ``dtype``) or a number of parameters (int) for the whole adapter, spent
+            where it removes the most squared error (each module up to ``max_rank``, default BUDGET_RANK).
         include / exclude: regexes on tensor names (re.search) choosing what is compared.
         embeddings: embedding changes as LoRA factors ("lowrank"), stored whole ("full"), or left out.
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
@@ -42,6 +47,7 @@ class ExtractSettings:
     rank: int | None = None
     energy: float | None = None
     max_rank: int | None = None
+    budget: str | int | None = None  # a size in bytes ("15MB") or, as an int, a number of parameters
     include: str | None = None
     exclude: str | None = None
     embeddings: Embeddings = "lowrank"
@@ -55,13 +61,15 @@ class ExtractSettings:
 
     def __post_init__(self) -> None:
         rank, energy, max_rank = self.rank, self.energy, self.max_rank
-        if (rank is None) == (energy is None):
-            raise InvalidOptionError("give exactly one of --rank N or --energy F")
+        if rank is not None and (energy is not None or self.budget is not None):
+            raise InvalidOptionError("--rank gives every module one rank: it goes with neither --energy nor --budget")
+        if rank is None and energy is None and self.budget is None:
+            raise InvalidOptionError("give --rank N, --energy F or --budget SIZE")
         if rank is not None and (not isinstance(rank, int) or rank < 1):
             raise InvalidOptionError(f"--rank must be at least 1, got {rank}")
         if energy is not None and not 0.0 < energy <= 1.0:
             raise InvalidOptionError(f"--energy must be in (0, 1], got {energy}")
-        if max_rank is not None and energy is None:
+        if max_rank is not None and rank is not None:
             raise InvalidOptionError(
                 f"--max-rank caps the ranks --energy chooses; with --rank {rank} every module gets rank "
                 f"{rank} (or its matrix's own, if smaller): drop --max-rank, or use --energy"
@@ -79,7 +87,20 @@ class ExtractSettings:
             raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
         check_device(self.device)
         object.__setattr__(self, "dtype", dtype)
+        if self.budget is not None:
+            try:
+                params = self.budget if isinstance(self.budget, int) else parse_size(self.budget) // dtype.itemsize
+            except ValueError as exc:
+                raise InvalidOptionError(f"--budget {self.budget!r}: {exc}") from None
+            if params < 1:
+                raise InvalidOptionError(f"--budget must hold at least one parameter, got {self.budget!r}")
+            object.__setattr__(self, "budget", params)
         object.__setattr__(self, "names", NameFilter.parse(self.include, self.exclude))
+
+    @property
+    def budget_params(self) -> int | None:
+        assert self.budget is None or isinstance(self.budget, int)  # made a count in __post_init__
+        return self.budget
 
     @property
     def factor_dtype(self) -> torch.dtype:
@@ -92,6 +113,7 @@ class ExtractSettings:
             "rank": self.rank,
             "energy": self.energy,
             "max_rank": self.max_rank,
+            "budget_params": self.budget_params,
             "solver": self.solver,
             "seed": self.seed,
             "dtype": str(self.factor_dtype).removeprefix("torch."),

@@ -1,0 +1,71 @@
+"""extract --budget: each module's factors found up to a cap, then cut to the ranks that keep the most of
+‖ΔW‖² within the budget (ops.lowrank.allocate), the whole tensors stored charged first.
+
+The factors are A = √S·Vᵀ and B = U·√S, so row j of A and column j of B hold σⱼ between them
+(σⱼ² = ‖Aⱼ‖²·‖Bⱼ‖²) and their first k rows/columns are the rank-k factors of the same SVD: cutting them
+in the spool is the extraction at rank k, with ‖ΔW − B_k A_k‖² = ‖ΔW‖² − Σ_{j<k} σⱼ².
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import torch
+
+from ...adapter.names import saved_key
+from ...errors import InvalidOptionError
+from ...io.spool import SpoolWriter
+from ...ops.lora import LAYER_KINDS
+from ...ops.lowrank import allocate, rank_for_energy
+from .report import OpInfo
+from .settings import ExtractSettings
+
+
+def spend(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings) -> tuple[list[OpInfo], str]:
+    """The infos with each low-rank module cut to its share of ``settings.budget``; and a note saying how
+    the budget was spent.
+
+    Raises:
+        InvalidOptionError: the budget does not hold the whole tensors and rank 1 (or the --energy floors).
+    """
+    budget = settings.budget_params
+    assert budget is not None
+    lowrank = [i for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None]
+    keys = [tuple(saved_key(i.op.module, role) for role in LAYER_KINDS[i.op.kind].lora_roles) for i in lowrank]
+    factored = {k for pair in keys for k in pair}
+    fixed = sum(math.prod(spool.info(n).shape) for n in spool.names() if n not in factored)
+    spectra, costs, floors = [], [], []
+    for info, (a_key, b_key) in zip(lowrank, keys, strict=True):
+        a, b = spool.read(a_key).double(), spool.read(b_key).double()
+        b = b.reshape(b.shape[0], -1)  # a conv's B is (out, r, 1, 1)
+        s = (a.reshape(a.shape[0], -1).square().sum(1) * b.square().sum(0)).sqrt()
+        spectra.append(s)
+        costs.append(math.prod(a.shape[1:]) + b.shape[0])
+        floor = 1 if settings.energy is None else rank_for_energy(s, info.energy, settings.energy)
+        floors.append(min(floor, len(s)))
+    try:
+        ranks = allocate(spectra, costs, budget - fixed, floors, [len(s) for s in spectra])
+    except ValueError:
+        need = fixed + sum(f * c for f, c in zip(floors, costs, strict=True))
+        raise InvalidOptionError(
+            f"--budget of {budget:,} parameters is less than the {need:,} that the whole tensors and "
+            f"{'the --energy floors' if settings.energy is not None else 'rank 1 for every module'} need"
+        ) from None
+    out = {id(i): i for i in infos}
+    for info, (a_key, b_key), s, k in zip(lowrank, keys, spectra, ranks, strict=True):
+        if k < len(s):
+            a, b = spool.read(a_key), spool.read(b_key)
+            spool.write(a_key, a[:k].contiguous())
+            spool.write(b_key, b[:, :k].contiguous())
+        kept = float(torch.sum(s[:k] ** 2)) / info.energy if info.energy else 1.0
+        assert info.stats is not None
+        stats = dataclasses.replace(info.stats, rank=k, kept=kept, rel_error=math.sqrt(max(0.0, 1.0 - kept)))
+        out[id(info)] = dataclasses.replace(info, stats=stats)
+    spent = fixed + sum(k * c for k, c in zip(ranks, costs, strict=True))
+    note = (
+        f"--budget {budget:,} parameters: {spent:,} used, {fixed:,} of them by whole tensors; ranks "
+        f"{min(ranks, default=0)}..{max(ranks, default=0)} across {len(ranks)} modules"
+    )
+    return [out[id(i)] for i in infos], note
