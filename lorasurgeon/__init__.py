@@ -31,6 +31,8 @@ _EXPORTS = {
     "resize": "commands.resize",
     "combine": "commands.resize",
     "ResizeReport": "commands.resize",
+    "check": "commands.check",
+    "CheckReport": "commands.check",
     "diff": "commands.diff",
     "DiffReport": "commands.diff",
     "push": "hub.push",

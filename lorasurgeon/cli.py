@@ -576,6 +576,27 @@ def combine_cmd(
     _finish(report, quiet, push_to_hub, private)
 
 
+@cli.command("check")
+@debug_option
+@click.argument("adapter")
+@click.option("--for", "consumer", required=True, type=click.Choice(["vllm", "llama.cpp"]), help="The consumer.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
+    """What CONSUMER will refuse in ADAPTER, or compute otherwise than PEFT: exit 0 if it loads as PEFT
+    computes it, 1 if not (each problem named, with the command that rewrites it where one is exact).
+
+    \b
+    Examples:
+      lorasurgeon check my-lora --for vllm
+      lorasurgeon check my-lora --for llama.cpp --json
+    """
+    from .commands.check import check
+
+    report = check(adapter, consumer=consumer)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    sys.exit(report.exit_code)
+
+
 @cli.command("diff")
 @debug_option
 @click.argument("a")

@@ -1,0 +1,114 @@
+"""check --for vllm|llama.cpp: each loader rule (../shared/FORMATS.md §7-8) one by one, on adapters PEFT wrote
+and then edited to break exactly that rule; and where a fix is exact, the fixed adapter passes and PEFT
+still computes the same change. (vLLM cannot be imported on this CPU machine: its rules are restated.)"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FIX_ADAPTER, FIX_BASE, one_line_error, run_cli
+from safetensors.torch import load_file, save_file
+from test_resize import deltas
+
+import lorasurgeon as ls
+
+Q = "base_model.model.model.layers.0.self_attn.q_proj"
+
+
+def edited(tmp_path: Path, name: str, tensors=None, drop=(), **config) -> Path:
+    out = shutil.copytree(FIX_ADAPTER, tmp_path / name)
+    raw = json.loads((out / "adapter_config.json").read_text()) | config
+    (out / "adapter_config.json").write_text(json.dumps(raw))
+    t = {k: v for k, v in load_file(out / "adapter_model.safetensors").items() if k not in drop}
+    save_file(t | (tensors or {}), out / "adapter_model.safetensors")
+    return out
+
+
+CASES = {
+    # name: (consumer, edit, rule, severity)
+    "dora": ("vllm", dict(use_dora=True, tensors={f"{Q}.lora_magnitude_vector": torch.ones(64)}), "dora", "error"),
+    "bias": ("llama.cpp", dict(bias="all"), "bias", "error"),
+    "lora_bias": ("vllm", dict(lora_bias=True, tensors={f"{Q}.lora_B.bias": torch.zeros(64)}), "lora_bias", "error"),
+    "modules_to_save": (
+        "vllm",
+        dict(modules_to_save=["lm_head"], tensors={"base_model.model.lm_head.weight": torch.zeros(256, 64)}),
+        "modules_to_save",
+        "error",
+    ),
+    "full tensors": (
+        "llama.cpp",
+        dict(modules_to_save=["lm_head"], tensors={"base_model.model.lm_head.weight": torch.zeros(256, 64)}),
+        "full_tensors",
+        "error",
+    ),
+    "pissa": ("vllm", dict(init_lora_weights="pissa"), "init_lora_weights", "error"),
+    "rank": (
+        "vllm",
+        dict(r=600, tensors={f"{Q}.lora_A.weight": torch.randn(600, 64), f"{Q}.lora_B.weight": torch.randn(64, 600)}),
+        "rank",
+        "fix",
+    ),
+    "rslora": ("llama.cpp", dict(use_rslora=True), "alpha", "fix"),
+    "alpha_pattern": ("llama.cpp", dict(alpha_pattern={"q_proj": 32}), "alpha", "fix"),
+    "patterns": ("vllm", dict(alpha_pattern={"q_proj": 32}), "patterns", "note"),
+    "packed": (
+        "vllm",
+        dict(
+            drop=(f"{Q}.lora_A.weight", f"{Q}.lora_B.weight"),
+            tensors={
+                Q.replace("q_proj", "qkv_proj") + ".lora_A.weight": torch.randn(8, 64),
+                Q.replace("q_proj", "qkv_proj") + ".lora_B.weight": torch.randn(128, 8),
+            },
+        ),
+        "packed_modules",
+        "error",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_each_rule_is_named_with_its_severity(tmp_path, case):
+    consumer, edit, rule, severity = CASES[case]
+    adapter = edited(tmp_path, case.replace(" ", "_"), **edit)
+    r = run_cli("check", adapter, "--for", consumer, "--json")
+    doc = json.loads(r.stdout)
+    assert {(p["rule"], p["severity"]) for p in doc["problems"]} >= {(rule, severity)}, doc
+    assert r.exit_code == (0 if severity == "note" else 1) and doc["ok"] == (severity == "note")
+
+
+@pytest.mark.parametrize("consumer", ["vllm", "llama.cpp"])
+def test_a_plain_adapter_passes(consumer):
+    r = run_cli("check", FIX_ADAPTER, "--for", consumer)
+    assert r.exit_code == 0 and "loads as PEFT computes it" in r.stdout, r.output
+    if consumer == "vllm":
+        assert "needs --max-lora-rank 8 or more" in r.stdout
+
+
+@pytest.mark.parametrize("edit", [dict(use_rslora=True), dict(alpha_pattern={"q_proj": 32, "down_proj": 4})])
+def test_the_llama_cpp_fix_folds_the_scales_exactly(tmp_path, edit):
+    adapter = edited(tmp_path, "scaled", **edit)
+    report = ls.check(adapter, consumer="llama.cpp")
+    (fix,) = [p for p in report.problems if p.rule == "alpha"]
+    assert fix.fix.startswith("lorasurgeon resize")
+    ls.resize(adapter, tmp_path / "fixed", energy=1.0)
+    assert ls.check(tmp_path / "fixed", consumer="llama.cpp").exit_code == 0
+    want, got = deltas(adapter), deltas(tmp_path / "fixed")
+    for name, d in want.items():
+        assert float((got[name] - d).norm() / d.norm()) < 1e-5, name
+    # what llama.cpp computes: one alpha for all, each tensor's rank from its shape
+    config = json.loads((tmp_path / "fixed" / "adapter_config.json").read_text())
+    t = load_file(tmp_path / "fixed" / "adapter_model.safetensors")
+    for name, d in want.items():
+        a, b = t[f"base_model.model.{name}.lora_A.weight"], t[f"base_model.model.{name}.lora_B.weight"]
+        assert float((config["lora_alpha"] / a.shape[0] * (b.double() @ a.double()) - d).norm() / d.norm()) < 1e-5
+
+
+def test_mistakes_are_named(tmp_path):
+    r = run_cli("check", FIX_ADAPTER, "--for", "tgi")
+    assert r.exit_code == 2 and "Invalid value for '--for'" in r.output
+    one_line_error(run_cli("check", FIX_BASE, "--for", "vllm"), "is a model, not a PEFT adapter")
+    one_line_error(run_cli("check", tmp_path / "nope", "--for", "vllm"), "no such file or folder")
