@@ -134,6 +134,15 @@ def test_combine_truncated_is_the_best_rank_k_of_the_weighted_sum(tmp_path, seco
         assert float((got[name] - want).norm() / want.norm()) < 1e-5, name
 
 
+def test_a_result_is_replaced_only_with_overwrite(tmp_path):
+    assert run_cli("resize", FIX_ADAPTER, "--rank", "2", "-o", tmp_path / "r").exit_code == 0
+    one_line_error(run_cli("resize", FIX_ADAPTER, "--rank", "3", "-o", tmp_path / "r"), "--overwrite")
+    assert run_cli("resize", FIX_ADAPTER, "--rank", "3", "-o", tmp_path / "r", "--overwrite").exit_code == 0
+    assert json.loads((tmp_path / "r" / "adapter_config.json").read_text())["r"] == 3
+    r = run_cli("resize", FIX_ADAPTER, "--rank", "3", "-o", tmp_path / "d", "--dry-run")
+    assert r.exit_code == 0 and "Would write" in r.stdout and not (tmp_path / "d").exists()
+
+
 def test_mistakes_are_named(tmp_path, second):
     one_line_error(run_cli("resize", FIX_ADAPTER, "-o", tmp_path / "x"), "give --rank N, --energy F or --budget")
     one_line_error(run_cli("resize", FIX_ADAPTER, "--rank", "2", "--energy", "0.5", "-o", tmp_path / "x"), "give one")

@@ -446,7 +446,8 @@ def _run(
         labels = [s.label for s in sources]
         if dry_run:
             results = [ModuleResult(op.name, op.rank, op.rank, 1.0, 0.0) for op in ops]
-            return ResizeReport(None, labels, list(chosen), _method(target), results, parameters_in, 0, 1.0, True)
+            where = None if out is None else str(out)
+            return ResizeReport(where, labels, list(chosen), _method(target), results, parameters_in, 0, 1.0, True)
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
         fixed = sum(math.prod(c.spec.shape) for c in copies)  # whole tensors are charged to a budget too

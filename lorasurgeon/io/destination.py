@@ -32,6 +32,7 @@ RESULT_FILES = (
     "adapter_config.json",
     "extract_report.json",
     "requantization.json",
+    "resize_report.json",
     *SIDECARS,
 )
 
