@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -313,7 +314,7 @@ def _config(
     (their scale top / k is folded out of B), no alpha_pattern and no rsLoRA."""
     raw = dict(adapters[0].config.raw)
     raw.update(r=top, lora_alpha=top, use_rslora=False, alpha_pattern={})
-    raw["rank_pattern"] = {m.name: m.rank for m in results if m.rank != top}
+    raw["rank_pattern"] = {re.escape(m.name): m.rank for m in results if m.rank != top}  # PEFT matches regexes
     if combining and any(a.config.raw.get("target_modules") != raw.get("target_modules") for a in adapters):
         raw["target_modules"] = sorted(m.name for m in results)
         raw.pop("layers_to_transform", None)
