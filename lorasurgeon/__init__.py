@@ -31,6 +31,7 @@ _EXPORTS = {
     "resize": "commands.resize",
     "combine": "commands.resize",
     "ResizeReport": "commands.resize",
+    "to_gguf": "commands.to_gguf",
     "check": "commands.check",
     "CheckReport": "commands.check",
     "diff": "commands.diff",

@@ -10,7 +10,7 @@ import os
 import shlex
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import click
 
@@ -303,13 +303,16 @@ def unmerge_cmd(
     "--to",
     "to",
     default=None,
-    type=click.Choice(["merged", "adapter"]),
-    help="Target form of an augmented checkpoint (a model is converted with --dtype alone).",
+    type=click.Choice(["merged", "adapter", "gguf"]),
+    help="Target form of an augmented checkpoint; gguf: a PEFT adapter as a llama.cpp adapter file "
+    "(a model is converted with --dtype alone).",
 )
+@click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
 @_options(_write, _dtype_auto, _device, _shards, _push)
 def convert_cmd(
     augmented: str,
-    to: Target | None,
+    to: str | None,
+    base: str | None,
     out: str,
     overwrite: bool,
     dry_run: bool,
@@ -327,15 +330,27 @@ def convert_cmd(
     Examples:
       lorasurgeon convert aug --to adapter -o adapter-again
       lorasurgeon convert ./DeepSeek-V3-FP8 --dtype bfloat16 -o ./DeepSeek-V3-bf16
+      lorasurgeon convert my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
     """
+    if to == "gguf":
+        from .commands.to_gguf import to_gguf
+
+        if push_to_hub:
+            raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
+        report = to_gguf(augmented, out, base=base, overwrite=overwrite, dry_run=dry_run)
+        if report.dry_run or not quiet:
+            click.echo(report.summary())
+        return
     from .commands.merge import convert
 
+    if base is not None:
+        raise click.UsageError("--base goes with --to gguf")
     _check_push(push_to_hub, dry_run)
     _finish(
         convert(
             augmented,
             out,
-            to=to,
+            to=cast("Target | None", to),
             dtype=dtype,
             device=device,
             max_shard_size=max_shard_size,

@@ -1,0 +1,113 @@
+"""convert --to gguf, read back with the gguf package's own reader: names through its TensorNameMap, shapes,
+alpha, and the change llama.cpp computes (alpha / rank · B·A per tensor, q/k rows in its RoPE order) against
+PEFT's. llama.cpp itself does not build here, so its arithmetic and its converter's q/k permutation
+(convert_hf_to_gguf.py, LlamaModel.permute) are restated in this file."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
+from safetensors.torch import load_file, save_file
+from test_resize import deltas
+
+gguf = pytest.importorskip("gguf")
+
+
+def llama_cpp_deltas(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, object]]:
+    """Per GGUF base tensor, the change llama.cpp applies: alpha / rank(B) · B @ A (token_embd's A stored
+    transposed), and the file's key-values."""
+    reader = gguf.GGUFReader(str(path))
+    kv = {}
+    for key, field in reader.fields.items():
+        if field.data:
+            value = field.parts[field.data[0]]
+            kv[key] = bytes(value).decode() if value.dtype.kind == "u" and len(value) > 1 else value.tolist()
+    tensors = {t.name: torch.from_numpy(t.data.copy()).double() for t in reader.tensors}
+    alpha = float(kv["adapter.lora.alpha"][0])
+    out = {}
+    for name in [n for n in tensors if n.endswith(".lora_a")]:
+        base = name.removesuffix(".lora_a")
+        a, b = tensors[name], tensors[f"{base}.lora_b"]
+        if base.startswith("token_embd"):
+            a = a.t()
+        out[base] = alpha / b.shape[1] * (b @ a)
+    return out, kv
+
+
+def llama_permute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    # convert_hf_to_gguf.py, LlamaModel.permute (HF rotate-half -> llama.cpp's interleaved RoPE rows)
+    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def gguf_name(hf: str) -> str:
+    return gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, 2).get_name(f"{hf}.weight", try_suffixes=(".weight",))
+
+
+@pytest.mark.parametrize("edit", [{}, {"use_rslora": True, "alpha_pattern": {"down_proj": 4}}])
+def test_a_llama_adapter_is_what_llama_cpp_computes_as_peft_does(tmp_path, edit):
+    adapter = shutil.copytree(FIX_ADAPTER, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text()) | edit
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    r = run_cli("convert", adapter, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path / "a.gguf")
+    assert r.exit_code == 0 and "28 tensors" in r.stdout, r.output
+    got, kv = llama_cpp_deltas(tmp_path / "a.gguf")
+    assert kv["general.type"] == "adapter" and kv["adapter.type"] == "lora" and kv["general.architecture"] == "llama"
+    want = deltas(adapter)  # PEFT's own ΔW per module
+    base = json.loads((FIX_BASE / "config.json").read_text())
+    assert set(got) == {gguf_name(name) for name in want}
+    for name, d in want.items():
+        if name.endswith("q_proj"):
+            d = llama_permute(d, base["num_attention_heads"])
+        elif name.endswith("k_proj"):
+            d = llama_permute(d, base["num_key_value_heads"])
+        torch.testing.assert_close(got[gguf_name(name)], d, rtol=1e-5, atol=1e-7)
+    assert listing(tmp_path) == {"a.gguf", "adapter", *(f"adapter/{n}" for n in listing(adapter))}
+
+
+def test_a_qwen2_adapter_keeps_its_rows_and_the_embedding_a_is_transposed(tmp_path):
+    from architectures import ARCHS, build
+    from peft import LoraConfig, get_peft_model
+
+    build(ARCHS["qwen2"]).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "embed_tokens"])
+    get_peft_model(build(ARCHS["qwen2"]), lora).save_pretrained(tmp_path / "adapter")
+    r = run_cli("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "q.gguf")
+    assert r.exit_code == 0, r.output
+    reader = gguf.GGUFReader(str(tmp_path / "q.gguf"))
+    shapes = {t.name: tuple(int(x) for x in t.shape) for t in reader.tensors}
+    vocab = json.loads((tmp_path / "base" / "config.json").read_text())["vocab_size"]
+    assert shapes["token_embd.weight.lora_a"] == (4, vocab)  # ggml {r, vocab}: A transposed
+    got, kv = llama_cpp_deltas(tmp_path / "q.gguf")
+    assert kv["general.architecture"] == "qwen2"
+    t = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.q_proj"
+    want = 2.0 * t[f"{key}.lora_B.weight"].double() @ t[f"{key}.lora_A.weight"].double()  # no permutation
+    torch.testing.assert_close(got["blk.0.attn_q.weight"], want, rtol=1e-5, atol=1e-7)
+
+
+def test_what_llama_cpp_cannot_take_is_refused_by_name(tmp_path):
+    out = tmp_path / "x.gguf"
+    mts = shutil.copytree(FIX_ADAPTER, tmp_path / "mts")
+    t = load_file(mts / "adapter_model.safetensors") | {"base_model.model.lm_head.weight": torch.zeros(256, 64)}
+    save_file(t, mts / "adapter_model.safetensors")
+    one_line_error(run_cli("convert", mts, "--to", "gguf", "--base", FIX_BASE, "-o", out), "whole tensors", "11554")
+    gpt2 = tmp_path / "gpt2"
+    gpt2.mkdir()
+    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
+    one_line_error(run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", gpt2, "-o", out), "GPT2LMHeadModel")
+    hub = shutil.copytree(FIX_ADAPTER, tmp_path / "hub")
+    config = json.loads((hub / "adapter_config.json").read_text()) | {"base_model_name_or_path": "org/base"}
+    (hub / "adapter_config.json").write_text(json.dumps(config))
+    one_line_error(run_cli("convert", hub, "--to", "gguf", "-o", out), "give --base BASE")
+    one_line_error(run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path), "one file")
+    assert not out.exists()
+    assert run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", out).exit_code == 0
+    one_line_error(run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", out), "--overwrite")
+    assert run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", out, "--overwrite").exit_code == 0
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
