@@ -308,11 +308,19 @@ def unmerge_cmd(
     "(a model is converted with --dtype alone).",
 )
 @click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
+@click.option(
+    "--for",
+    "for_",
+    default=None,
+    type=click.Choice(["vllm", "llama.cpp"]),
+    help="An adapter rewritten exactly for this consumer (every component kept, scales in B), or refused by name.",
+)
 @_options(_write, _dtype_auto, _device, _shards, _push)
 def convert_cmd(
     augmented: str,
     to: str | None,
     base: str | None,
+    for_: str | None,
     out: str,
     overwrite: bool,
     dry_run: bool,
@@ -331,7 +339,21 @@ def convert_cmd(
       lorasurgeon convert aug --to adapter -o adapter-again
       lorasurgeon convert ./DeepSeek-V3-FP8 --dtype bfloat16 -o ./DeepSeek-V3-bf16
       lorasurgeon convert my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
+      lorasurgeon convert my-lora --for llama.cpp -o my-lora-llamacpp
     """
+    if for_ is not None:
+        if to is not None:
+            raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
+        from .commands.resize import resize
+
+        _check_push(push_to_hub, dry_run)
+        _finish(
+            resize(augmented, out, energy=1.0, for_=for_, overwrite=overwrite, dry_run=dry_run),
+            quiet,
+            push_to_hub,
+            private,
+        )
+        return
     if to == "gguf":
         from .commands.to_gguf import to_gguf
 
@@ -382,6 +404,13 @@ def _one_budget(size: str | None, params: int | None) -> str | int | None:
     "--budget", default=None, metavar="SIZE", help="The adapter's size (e.g. 15MB): ranks chosen to keep the most."
 )
 @click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters.")
+@click.option(
+    "--for",
+    "for_",
+    default=None,
+    type=click.Choice(["vllm", "llama.cpp"]),
+    help="One alpha with each module's scale in its B; what the consumer cannot take refused by name.",
+)
 @_filters
 @click.option(
     "--embeddings",
@@ -427,6 +456,7 @@ def extract_cmd(
     max_rank: int | None,
     budget: str | None,
     budget_params: int | None,
+    for_: str | None,
     include: str | None,
     exclude: str | None,
     embeddings: Embeddings,
@@ -462,6 +492,7 @@ def extract_cmd(
             energy=energy,
             max_rank=max_rank,
             budget=_one_budget(budget, budget_params),
+            for_=for_,
             include=include,
             exclude=exclude,
             embeddings=embeddings,
@@ -509,6 +540,13 @@ def push_cmd(
 
 
 _sizing = _options(
+    click.option(
+        "--for",
+        "for_",
+        default=None,
+        type=click.Choice(["vllm", "llama.cpp"]),
+        help="Make what this consumer loads as PEFT computes it, or refuse by name.",
+    ),
     click.option("--rank", type=int, default=None, help="The same rank for every module."),
     click.option(
         "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."

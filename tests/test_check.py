@@ -65,7 +65,7 @@ CASES = {
             },
         ),
         "packed_modules",
-        "error",
+        "note",  # Phi-3 itself has qkv_proj; only the base tells whether vLLM splits it
     ),
 }
 
@@ -93,8 +93,9 @@ def test_the_llama_cpp_fix_folds_the_scales_exactly(tmp_path, edit):
     adapter = edited(tmp_path, "scaled", **edit)
     report = ls.check(adapter, consumer="llama.cpp")
     (fix,) = [p for p in report.problems if p.rule == "alpha"]
-    assert fix.fix.startswith("lorasurgeon resize")
-    ls.resize(adapter, tmp_path / "fixed", energy=1.0)
+    assert fix.fix.startswith(f"lorasurgeon convert {adapter} --for llama.cpp")
+    r = run_cli("convert", adapter, "--for", "llama.cpp", "-o", tmp_path / "fixed")
+    assert r.exit_code == 0, r.output
     assert ls.check(tmp_path / "fixed", consumer="llama.cpp").exit_code == 0
     want, got = deltas(adapter), deltas(tmp_path / "fixed")
     for name, d in want.items():
@@ -112,3 +113,25 @@ def test_mistakes_are_named(tmp_path):
     assert r.exit_code == 2 and "Invalid value for '--for'" in r.output
     one_line_error(run_cli("check", FIX_BASE, "--for", "vllm"), "is a model, not a PEFT adapter")
     one_line_error(run_cli("check", tmp_path / "nope", "--for", "vllm"), "no such file or folder")
+
+
+def test_the_profiles_make_what_the_consumer_loads_or_refuse_by_name(tmp_path):
+    for consumer in ("vllm", "llama.cpp"):
+        ls.resize(FIX_ADAPTER, tmp_path / f"r-{consumer}", budget="40KB", for_=consumer)
+        ls.combine([FIX_ADAPTER, FIX_ADAPTER], tmp_path / f"c-{consumer}", weights=[1, 0.5], rank=6, for_=consumer)
+        for out in (tmp_path / f"r-{consumer}", tmp_path / f"c-{consumer}"):
+            assert ls.check(out, consumer=consumer).exit_code == 0, ls.check(out, consumer=consumer).summary()
+    mts = edited(
+        tmp_path, "mts", modules_to_save=["lm_head"], tensors={"base_model.model.lm_head.weight": torch.zeros(256, 64)}
+    )
+    one_line_error(run_cli("resize", mts, "--rank", "2", "--for", "llama.cpp", "-o", tmp_path / "x"), "whole tensors")
+    one_line_error(run_cli("convert", mts, "--for", "vllm", "-o", tmp_path / "x"), "--for vllm", "lm_head")
+    # the fixture's matrices are 64 wide, so a rank above vLLM's 512 cannot arise: lower the limit instead
+    import lorasurgeon.commands.resize as resize_module
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(resize_module, "VLLM_MAX_RANK", 4)
+        with pytest.raises(ls.InvalidOptionError, match="largest max_lora_rank"):
+            ls.resize(FIX_ADAPTER, tmp_path / "x", energy=1.0, for_="vllm")
+        ls.resize(FIX_ADAPTER, tmp_path / "capped", energy=1.0, max_rank=4, for_="vllm")
+    assert not (tmp_path / "x").exists()

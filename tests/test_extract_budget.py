@@ -70,3 +70,22 @@ def test_the_budget_in_bytes_and_with_energy_floors(finetune, tmp_path):
         run_cli("extract", FIX_BASE, finetune, "--rank", "2", "--budget", "1MB", "-o", tmp_path / "x"), "--rank"
     )
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.parametrize("consumer", ["vllm", "llama.cpp"])
+def test_extract_for_a_consumer_folds_the_scales_and_refuses_what_it_cannot_take(finetune, tmp_path, consumer):
+    from test_resize import deltas
+
+    r = run_cli(
+        "extract", FIX_BASE, finetune, "--energy", "0.5", "--extras", "skip", "--for", consumer, "-o", tmp_path / "a"
+    )
+    assert r.exit_code == 0, r.output
+    assert ls.check(tmp_path / "a", consumer=consumer).exit_code == 0
+    ls.extract(FIX_BASE, finetune, tmp_path / "plain", energy=0.5, extras="skip")
+    config = json.loads((tmp_path / "a" / "adapter_config.json").read_text())
+    assert not config["alpha_pattern"] and config["rank_pattern"]  # ranks differ, one alpha
+    got, want = deltas(tmp_path / "a"), deltas(tmp_path / "plain")
+    assert set(got) == set(want) and all(torch.allclose(got[k], want[k], rtol=1e-5, atol=1e-8) for k in want)
+    r = run_cli("extract", FIX_BASE, finetune, "--rank", "2", "--for", consumer, "-o", tmp_path / "x")
+    one_line_error(r, f"--for {consumer}", "whole tensors")  # the changed norms, stored whole by default
+    assert not (tmp_path / "x").exists()

@@ -102,9 +102,10 @@ def _vllm(adapter: LoraAdapter) -> tuple[list[Problem], int | None]:
         found.append(
             Problem(
                 "packed_modules",
-                "error",
-                f"{len(packed)} modules named like vLLM's packed layers ({packed[0]}): vLLM expects "
-                f"{PACKED[leaf]}, whose factors cannot be told apart from the packed ones",
+                "note",
+                f"{len(packed)} modules named like vLLM's packed layers ({packed[0]}): fine where the model itself "
+                f"has them (Phi-3's qkv_proj); where vLLM packs {PACKED[leaf]} into it, it expects LoRA on those "
+                "(the base's config tells which)",
             )
         )
     if cfg.rank_pattern or cfg.alpha_pattern:
@@ -130,7 +131,8 @@ def _vllm(adapter: LoraAdapter) -> tuple[list[Problem], int | None]:
                 "rank",
                 "fix",
                 f"rank {top} is more than vLLM's largest max_lora_rank ({VLLM_RANKS[-1]})",
-                f"lorasurgeon resize {adapter.path} --max-rank {VLLM_RANKS[-1]} --energy 1 -o OUT",
+                f"lorasurgeon resize {adapter.path} --for vllm --max-rank {VLLM_RANKS[-1]} --energy 1 -o OUT "
+                "(the best factors of that rank)",
             )
         )
     return found, (allowed[0] if allowed else None)
@@ -158,7 +160,8 @@ def _llama_cpp(adapter: LoraAdapter) -> list[Problem]:
                 "fix",
                 f"{what}: llama.cpp scales every tensor by one alpha / its rank, so these modules would be scaled "
                 "differently from PEFT",
-                f"lorasurgeon resize {adapter.path} --energy 1 -o OUT (each scale folded into its B)",
+                f"lorasurgeon convert {adapter.path} --for llama.cpp -o OUT (every component kept, each scale "
+                "folded into its B)",
             )
         )
     if any(m.name.split(".")[-1] in ("lm_head", "embed_out") for m in adapter.modules.values()):

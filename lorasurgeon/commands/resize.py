@@ -37,6 +37,9 @@ from ..io.spool import SpoolWriter
 from ..ops.lowrank import allocate, product_svd, rank_for_energy, split
 from ._inputs import Input, check_weights, prepare
 
+VLLM_MAX_RANK = 512  # vllm/config/lora.py MaxLoRARanks
+VLLM_WHOLE = (".classifier.weight", ".classifier.bias", ".score.weight", ".score.bias")  # whole tensors it loads
+
 
 @dataclass(frozen=True)
 class Target:
@@ -331,6 +334,7 @@ def resize(
     budget: str | int | None = None,
     budget_params: int | None = None,
     max_rank: int | None = None,
+    for_: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -345,7 +349,10 @@ def resize(
         rank, energy, budget, budget_params: one of: a rank for every module; per module the smallest rank
             keeping this share of ‖ΔW‖²; a size ("15MB", in the adapter's dtype) or a number of parameters
             for all LoRA factors together, spent where it removes the most squared error.
-        max_rank: a cap per module. device, overwrite, dry_run, progress: as for :func:`merge`.
+        max_rank: a cap per module.
+        for_: "vllm" or "llama.cpp": make (or refuse by name) what that consumer needs: one alpha, scales in B
+            (always), ranks within vLLM's 512, no whole tensors it refuses.
+        device, overwrite, dry_run, progress: as for :func:`merge`.
 
     Returns:
         A ResizeReport: per module the rank in and out and the share of ‖ΔW‖² kept.
@@ -359,6 +366,7 @@ def resize(
         None,
         out,
         dict(rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank),
+        for_=for_,
         device=device,
         overwrite=overwrite,
         dry_run=dry_run,
@@ -377,6 +385,7 @@ def combine(
     budget: str | int | None = None,
     budget_params: int | None = None,
     max_rank: int | None = None,
+    for_: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -388,7 +397,7 @@ def combine(
     Args:
         adapters: PEFT adapter folders of the same base model.
         weights: one per adapter (default 1.0 each).
-        out, rank, energy, budget, budget_params, max_rank, device, overwrite, dry_run, progress: as for
+        out, rank, energy, budget, budget_params, max_rank, for_, device, overwrite, dry_run, progress: as for
             :func:`resize` (no target: exact).
 
     Returns:
@@ -403,6 +412,7 @@ def combine(
         weights,
         out,
         dict(rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank),
+        for_=for_,
         device=device,
         overwrite=overwrite,
         dry_run=dry_run,
@@ -422,8 +432,11 @@ def _run(
     dry_run: bool,
     progress: Progress | None,
     combining: bool,
+    for_: str | None = None,
 ) -> ResizeReport:
     command = "combine" if combining else "resize"
+    if for_ not in (None, "vllm", "llama.cpp"):
+        raise InvalidOptionError(f"unknown --for {for_!r}: choose vllm or llama.cpp")
     if combining and len(paths) < 2:
         raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
     chosen = tuple(weights) if weights else (1.0,) * len(paths)
@@ -440,6 +453,12 @@ def _run(
         ops, copies = _plan(adapters, chosen)
         if not ops:
             raise UnsupportedError(f"{sources[0].label}: no LoRA modules to {command}")
+        refused = [c.name for c in copies if for_ == "llama.cpp" or not c.name.endswith(VLLM_WHOLE)] if for_ else []
+        if refused:
+            raise UnsupportedError(
+                f"{sources[0].label}: --for {for_}: whole tensors it does not load ({', '.join(refused[:3])}); "
+                "leave them out of the adapter"
+            )
         dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype
         target = Target.parse(**options, itemsize=itemsize(dtype), required=not combining)
         inputs = [a.checkpoint for a in adapters]
@@ -448,7 +467,9 @@ def _run(
         if dry_run:
             results = [ModuleResult(op.name, op.rank, op.rank, 1.0, 0.0) for op in ops]
             where = None if out is None else str(out)
-            return ResizeReport(where, labels, list(chosen), _method(target), results, parameters_in, 0, 1.0, True)
+            return ResizeReport(
+                where, labels, list(chosen), _method(target, for_), results, parameters_in, 0, 1.0, True
+            )
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
         fixed = sum(math.prod(c.spec.shape) for c in copies)  # whole tensors are charged to a budget too
@@ -457,6 +478,11 @@ def _run(
             spectra = list(run(ops, inputs, Discard(), compute=_spectrum, device=device).infos)
         ranks = {op.name: k for op, k in zip(ops, _ranks(ops, spectra, target, fixed), strict=True)}
         top = max(ranks.values())
+        if for_ == "vllm" and top > VLLM_MAX_RANK:
+            raise InvalidOptionError(
+                f"--for vllm: rank {top} is more than vLLM's largest max_lora_rank ({VLLM_MAX_RANK}): "
+                f"add --max-rank {VLLM_MAX_RANK} (the best factors of that rank) or a lower --rank"
+            )
         spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
         try:
             every: list[ModuleOp | CopyOp] = [*ops, *copies]
@@ -474,7 +500,7 @@ def _run(
                 str(out),
                 labels,
                 list(chosen),
-                _method(target),
+                _method(target, for_),
                 results,
                 parameters_in,
                 sum(r.rank * op.cost for r, op in zip(results, ops, strict=True)),
@@ -494,8 +520,9 @@ def _run(
             adapter.close()
 
 
-def _method(target: Target) -> dict[str, Any]:
-    return {k: v for k, v in vars(target).items() if v is not None} or {"exact": True}
+def _method(target: Target, for_: str | None = None) -> dict[str, Any]:
+    found = {k: v for k, v in vars(target).items() if v is not None} or {"exact": True}
+    return found | ({"for": for_} if for_ else {})
 
 
 def _card(report: ResizeReport, command: str, title: str, base: str | None) -> str:

@@ -19,8 +19,9 @@ from ...ops.lowrank import Solver
 from .._inputs import Input, plain_weights, prepare
 from .budget import spend
 from .compute import compute_extract
-from .finish import Origin, finish_adapter
+from .finish import Origin, adapter_rank, finish_adapter
 from .plan import FACTORED, plan_extract
+from .profile import fold_for
 from .report import ExtractReport, Skipped, Totals
 from .settings import Embeddings, ExtractSettings, Extras
 
@@ -36,6 +37,7 @@ def extract(
     energy: float | None = None,
     max_rank: int | None = None,
     budget: str | int | None = None,
+    for_: str | None = None,
     include: str | None = None,
     exclude: str | None = None,
     embeddings: Embeddings = "lowrank",
@@ -61,6 +63,8 @@ def extract(
             ``budget``, a floor per module.
         budget: the adapter's size, "15MB" (in ``dtype``) or a number of parameters (int): each module's
             rank chosen to keep the most of Σ‖ΔW‖² within it, the whole tensors stored charged too.
+        for_: "vllm" or "llama.cpp": one alpha with each module's scale in its B, and what that consumer
+            cannot take (experts, biases, whole tensors, vLLM ranks above 512) refused by name.
         include / exclude: regexes on tensor names (re.search) choosing what is compared.
         embeddings: embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
@@ -90,6 +94,7 @@ def extract(
         energy=energy,
         max_rank=max_rank,
         budget=budget,
+        for_=for_,
         include=include,
         exclude=exclude,
         embeddings=embeddings,
@@ -175,6 +180,9 @@ def extract(
             if settings.budget_params is not None:
                 infos, spent = spend(spool, infos, settings)
                 notes.append(spent)
+            if settings.for_ is not None:
+                ranks = [i.stats.rank for i in infos if i.status == "lowrank" and i.stats is not None]
+                fold_for(spool, infos, settings, adapter_rank(ranks, settings))
             report = finish_adapter(
                 spool,
                 infos,

@@ -203,6 +203,11 @@ def finish_adapter(
     return report
 
 
+def adapter_rank(ranks: Sequence[int], settings: ExtractSettings) -> int:
+    """The adapter's r (and lora_alpha): --rank, else the most common module rank."""
+    return settings.rank or (Counter(ranks).most_common(1)[0][0] if ranks else 8)
+
+
 def _config(
     settings: ExtractSettings,
     origin: Origin,
@@ -217,7 +222,7 @@ def _config(
     """adapter_config.json: scale 1 everywhere (lora_alpha = r), per-module ranks as patterns, the PEFT
     task type of the model's class (none where PEFT has none for it)."""
     ranks = {m: s.rank for m, s in lowrank.items()} | dict(stacks)
-    r = settings.rank or (Counter(ranks.values()).most_common(1)[0][0] if ranks else 8)
+    r = adapter_rank(list(ranks.values()), settings)
     all_modules = set(names.layers) | {n.rpartition(".")[0] for n in tensors}
     return {
         "peft_type": "LORA",
@@ -235,7 +240,8 @@ def _config(
         "target_modules": compress_targets(set(lowrank), all_modules) if lowrank else ([] if stacks else None),
         "target_parameters": compress_targets(set(stacks), {p for ps in names.stacked.values() for p in ps}, 2) or None,
         "rank_pattern": {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
-        "alpha_pattern": {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
+        # scale 1 per module; with --for, each B already carries k / r (extract.profile) and lora_alpha = r is all
+        "alpha_pattern": {} if settings.for_ else {re.escape(m): k for m, k in sorted(ranks.items()) if k != r},
         "modules_to_save": sorted(full_modules) or None,
         "lora_bias": bias_mode == "none" and bool(bias_modules),
     }

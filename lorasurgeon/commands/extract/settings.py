@@ -48,6 +48,7 @@ class ExtractSettings:
     energy: float | None = None
     max_rank: int | None = None
     budget: str | int | None = None  # a size in bytes ("15MB") or, as an int, a number of parameters
+    for_: str | None = None  # vllm | llama.cpp: the adapter as that consumer computes it (extract.profile)
     include: str | None = None
     exclude: str | None = None
     embeddings: Embeddings = "lowrank"
@@ -86,6 +87,8 @@ class ExtractSettings:
         if not dtype.is_floating_point:
             raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
         check_device(self.device)
+        if self.for_ not in (None, "vllm", "llama.cpp"):
+            raise InvalidOptionError(f"unknown --for {self.for_!r}: choose vllm or llama.cpp")
         object.__setattr__(self, "dtype", dtype)
         if self.budget is not None:
             try:
@@ -114,6 +117,7 @@ class ExtractSettings:
             "energy": self.energy,
             "max_rank": self.max_rank,
             "budget_params": self.budget_params,
+            "for": self.for_,
             "solver": self.solver,
             "seed": self.seed,
             "dtype": str(self.factor_dtype).removeprefix("torch."),
