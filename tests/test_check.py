@@ -126,6 +126,13 @@ def test_the_profiles_make_what_the_consumer_loads_or_refuse_by_name(tmp_path):
     )
     one_line_error(run_cli("resize", mts, "--rank", "2", "--for", "llama.cpp", "-o", tmp_path / "x"), "whole tensors")
     one_line_error(run_cli("convert", mts, "--for", "vllm", "-o", tmp_path / "x"), "--for vllm", "lm_head")
+    # a W0 PEFT saved beside an embedding LoRA (base_layer.weight) is left out, not refused: neither loads it
+    w0 = "base_model.model.model.embed_tokens.base_layer.weight"
+    saved = edited(tmp_path, "saved", tensors={w0: torch.zeros(256, 64)})
+    ls.resize(saved, tmp_path / "kept", rank=2)
+    ls.resize(saved, tmp_path / "dropped", rank=2, for_="llama.cpp")
+    assert w0 in load_file(tmp_path / "kept" / "adapter_model.safetensors")
+    assert w0 not in load_file(tmp_path / "dropped" / "adapter_model.safetensors")
     # the fixture's matrices are 64 wide, so a rank above vLLM's 512 cannot arise: lower the limit instead
     import lorasurgeon.commands.resize as resize_module
 

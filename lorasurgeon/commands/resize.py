@@ -453,6 +453,9 @@ def _run(
         ops, copies = _plan(adapters, chosen)
         if not ops:
             raise UnsupportedError(f"{sources[0].label}: no LoRA modules to {command}")
+        if for_:  # a saved W0 (base_layer.weight) is a copy of the base: neither consumer wants it
+            saved = {key for adapter in adapters for key in adapter.base_weights.values()}
+            copies = [c for c in copies if c.name not in saved]
         refused = [c.name for c in copies if for_ == "llama.cpp" or not c.name.endswith(VLLM_WHOLE)] if for_ else []
         if refused:
             raise UnsupportedError(
