@@ -91,6 +91,30 @@ def test_a_qwen2_adapter_keeps_its_rows_and_the_embedding_a_is_transposed(tmp_pa
     torch.testing.assert_close(got["blk.0.attn_q.weight"], want, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("arch", ["gemma", "gemma2"])
+def test_a_gemma_adapter_keeps_its_rows_and_its_tied_head_is_refused(tmp_path, arch):
+    from architectures import ARCHS, build
+    from peft import LoraConfig, get_peft_model
+
+    build(ARCHS[arch]).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "down_proj"])
+    get_peft_model(build(ARCHS[arch]), lora).save_pretrained(tmp_path / "adapter")
+    r = run_cli("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "g.gguf")
+    assert r.exit_code == 0, r.output
+    got, kv = llama_cpp_deltas(tmp_path / "g.gguf")
+    assert kv["general.architecture"] == arch
+    t = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    for hf, name in (("self_attn.q_proj", "attn_q"), ("mlp.down_proj", "ffn_down")):
+        key = f"base_model.model.model.layers.0.{hf}"
+        want = 2.0 * t[f"{key}.lora_B.weight"].double() @ t[f"{key}.lora_A.weight"].double()
+        torch.testing.assert_close(got[f"blk.0.{name}.weight"], want, rtol=1e-5, atol=1e-7)
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["lm_head"])
+    get_peft_model(build(ARCHS[arch]), lora).save_pretrained(tmp_path / "head")
+    r = run_cli("convert", tmp_path / "head", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "h.gguf")
+    one_line_error(r, "lm_head", "9065")
+
+
 def test_what_llama_cpp_cannot_take_is_refused_by_name(tmp_path):
     out = tmp_path / "x.gguf"
     mts = shutil.copytree(FIX_ADAPTER, tmp_path / "mts")

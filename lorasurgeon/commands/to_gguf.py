@@ -1,6 +1,8 @@
 """convert ADAPTER --to gguf: a llama.cpp LoRA adapter, written as llama.cpp's own convert_lora_to_gguf.py
 writes one (../shared/FORMATS.md §8), for the architectures done here.
 
+- Architectures: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 (whose converter classes were checked for
+  what they do to linear weights); others are refused by name.
 - Names: the base architecture's GGUF names from the ``gguf`` package's own TensorNameMap
   (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), with ``.lora_a``/``.lora_b``.
 - Tensors: A (r, in) and B (out, r) as PEFT stores them (ggml reads them as {in, r} and {r, out});
@@ -36,7 +38,10 @@ ARCHITECTURES = {
     "MistralForCausalLM": ("LLAMA", True),
     "Qwen2ForCausalLM": ("QWEN2", False),
     "Qwen3ForCausalLM": ("QWEN3", False),
+    "GemmaForCausalLM": ("GEMMA", False),  # its converter changes norms only, and drops lm_head (tied)
+    "Gemma2ForCausalLM": ("GEMMA2", False),
 }
+NO_HEAD = ("GemmaForCausalLM", "Gemma2ForCausalLM")  # llama.cpp has no output tensor for these
 
 
 @dataclass(frozen=True)
@@ -116,7 +121,7 @@ def to_gguf(
             found.append("trainable tokens")
         if loaded.config.target_parameters:
             found.append("target_parameters (stacked experts)")
-        tied = config.get("tie_word_embeddings", False)
+        tied = config.get("tie_word_embeddings", False) or arch in NO_HEAD
         if tied and any(m.name.endswith("lm_head") for m in loaded.modules.values()):
             found.append("LoRA on lm_head of a model whose head is its embedding (llama.cpp#9065)")
         if found:
