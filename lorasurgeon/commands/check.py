@@ -26,6 +26,11 @@ PACKED = {"qkv_proj": "q_proj, k_proj, v_proj", "gate_up_proj": "gate_proj, up_p
 UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
+def vllm_loads_whole(tensor: str) -> bool:
+    """Whether vLLM loads this whole tensor of an adapter (a parameter of a classifier or score head)."""
+    return tensor.rpartition(".")[0].split(".")[-1] in VLLM_SAVE_OK
+
+
 @dataclass(frozen=True)
 class Problem:
     rule: str  # a short name: "dora", "rank", "alpha_pattern", ...

@@ -16,7 +16,7 @@ from ...adapter.names import saved_key
 from ...errors import UnsupportedError
 from ...io.spool import SpoolWriter
 from ...ops.lora import LAYER_KINDS
-from ..check import VLLM_RANKS, VLLM_SAVE_OK
+from ..check import VLLM_RANKS, vllm_loads_whole
 from .report import OpInfo
 from .settings import ExtractSettings
 
@@ -37,7 +37,7 @@ def fold_for(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSetti
         found.append("bias changes as lora_B.bias (--extras skip)")
     whole = [i.op.name for i in infos if i.status == "full"]
     if consumer == "vllm":
-        whole = [n for n in whole if n.rpartition(".")[0].split(".")[-1] not in VLLM_SAVE_OK]
+        whole = [n for n in whole if not vllm_loads_whole(n)]
     if whole:
         found.append(f"whole tensors {whole[:3]} (--extras skip, --embeddings lowrank)")
     lowrank = [i for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None]

@@ -1,0 +1,114 @@
+"""resize and combine's plan: one op per module (its terms from every adapter that has it), one per whole
+tensor carried over; and what cannot be treated as low-rank factors, refused by name."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from ...adapter.weights import LoraAdapter, LoraModule
+from ...engine.plan import Ref
+from ...errors import IncompatibleError, UnsupportedError
+from ...io.dtypes import itemsize
+from ...io.layout import TensorSpec
+
+
+@dataclass(frozen=True)
+class ModuleOp:
+    """One module: its terms (A ref, B ref, factor) from every adapter that has it, and its output keys."""
+
+    name: str
+    kind: str  # linear | embedding | conv
+    terms: tuple[tuple[Ref, Ref, float], ...]
+    a_key: str
+    b_key: str
+    a_shape: tuple[int, ...]  # of the first adapter's A: (r, in) or (r, in, kh, kw)
+    b_shape: tuple[int, ...]
+    ranks: tuple[int, ...]  # of each term
+    nbytes: int
+    byte_copy: TensorSpec | None = None
+
+    def refs(self) -> list[Ref]:
+        return [r for a, b, _ in self.terms for r in (a, b)]
+
+    @property
+    def cost(self) -> int:
+        """Parameters per rank component: in + out."""
+        return math.prod(self.a_shape[1:]) + self.b_shape[0]
+
+    @property
+    def rank(self) -> int:
+        return sum(self.ranks)
+
+
+@dataclass(frozen=True)
+class CopyOp:
+    """A tensor carried over as it is (modules_to_save, a saved W0)."""
+
+    name: str
+    src: Ref
+    spec: TensorSpec
+
+    def refs(self) -> list[Ref]:
+        return [self.src]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.spec.shape) * itemsize(self.spec.dtype)
+
+    @property
+    def byte_copy(self) -> TensorSpec:
+        return self.spec
+
+
+def check_adapter(adapter: LoraAdapter, *, combining: bool) -> None:
+    cfg = adapter.config
+    found = cfg.unsupported()
+    if any("magnitude" in m.keys for m in adapter.modules.values()):
+        found.append("DoRA (its magnitude depends on the base weights, not on the factors)")
+    if any("B_bias" in m.keys for m in adapter.modules.values()):
+        found.append("lora_bias (a trained bias is not low-rank)")
+    if cfg.target_parameters:
+        found.append("target_parameters (stacked MoE experts: E·r rows per module)")
+    if adapter.token_deltas:
+        found.append("trainable tokens")
+    if combining and adapter.replacements:
+        found.append(f"modules_to_save / trained biases ({', '.join(sorted(adapter.replacements)[:3])}): whole tensors")
+    if found:
+        verb = "combined" if combining else "resized"
+        raise UnsupportedError(f"{adapter.path}: cannot be {verb} as low-rank factors: {'; '.join(found)}")
+
+
+def plan_modules(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> tuple[list[ModuleOp], list[CopyOp]]:
+    names: dict[str, list[tuple[int, LoraModule]]] = {}
+    for i, adapter in enumerate(adapters):
+        for name, module in adapter.modules.items():
+            names.setdefault(name, []).append((i, module))
+    ops: list[ModuleOp] = []
+    for name, found in names.items():
+        first_i, first = found[0]
+        info_of = adapters[first_i].checkpoint.info
+        a_role, b_role = ("emb_A", "emb_B") if first.kind == "embedding" else ("A", "B")
+        a_shape, b_shape = info_of(first.keys[a_role]).shape, info_of(first.keys[b_role]).shape
+        terms, ranks, nbytes = [], [], 0
+        for i, m in found:
+            ia, ib = adapters[i].checkpoint.info(m.keys[a_role]), adapters[i].checkpoint.info(m.keys[b_role])
+            if m.kind != first.kind or ia.shape[1:] != a_shape[1:] or ib.shape[0] != b_shape[0]:
+                raise IncompatibleError(
+                    f"{adapters[i].path}: module {name!r} is {m.kind} {list(ib.shape)} x {list(ia.shape)}, but "
+                    f"{adapters[first_i].path} has it {first.kind} {list(b_shape)} x {list(a_shape)}: "
+                    "not the same base model"
+                )
+            terms.append((Ref(i, m.keys[a_role]), Ref(i, m.keys[b_role]), weights[i] * m.scale))
+            ranks.append(ia.shape[0])
+            nbytes += ia.nbytes + ib.nbytes
+        keys = first.keys[a_role], first.keys[b_role]
+        ops.append(ModuleOp(name, first.kind, tuple(terms), *keys, a_shape, b_shape, tuple(ranks), nbytes))
+    copies: list[CopyOp] = []
+    for i, adapter in enumerate(adapters):
+        for key in [*adapter.replacements.values(), *adapter.base_weights.values()]:
+            info = adapter.checkpoint.info(key)
+            if key not in {c.name for c in copies}:
+                copies.append(CopyOp(key, Ref(i, key), TensorSpec(key, info.dtype, info.shape)))
+    return ops, copies
