@@ -561,7 +561,17 @@ _sizing = _options(
 @debug_option
 @click.argument("adapter")
 @_options(_write, _sizing, _device, _push)
-def resize_cmd(adapter: str, out: str, overwrite: bool, dry_run: bool, quiet: bool, **sizing: Any) -> None:
+def resize_cmd(
+    adapter: str,
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    device: str,
+    push_to_hub: str | None,
+    private: bool,
+    **sizing: Any,
+) -> None:
     """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
 
     \b
@@ -571,7 +581,6 @@ def resize_cmd(adapter: str, out: str, overwrite: bool, dry_run: bool, quiet: bo
     """
     from .commands.resize import resize
 
-    push_to_hub, private, device = sizing.pop("push_to_hub"), sizing.pop("private"), sizing.pop("device")
     _check_push(push_to_hub, dry_run)
     report = resize(
         adapter,
@@ -602,6 +611,9 @@ def combine_cmd(
     dry_run: bool,
     quiet: bool,
     weights: tuple[float, ...],
+    device: str,
+    push_to_hub: str | None,
+    private: bool,
     **sizing: Any,
 ) -> None:
     """One adapter for the weighted sum of ADAPTERS: exact (stacked factors) unless a rank, energy or budget
@@ -614,7 +626,6 @@ def combine_cmd(
     """
     from .commands.resize import combine
 
-    push_to_hub, private, device = sizing.pop("push_to_hub"), sizing.pop("private"), sizing.pop("device")
     _check_push(push_to_hub, dry_run)
     report = combine(
         adapters,
