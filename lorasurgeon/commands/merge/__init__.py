@@ -16,10 +16,10 @@ from ...adapter.weights import LoraAdapter, load_adapter
 from ...engine.execute import Progress, stream
 from ...errors import InvalidOptionError
 from ...formats.layout import QuantLayout
-from ...hub.cards import CARD_NAME, merge_card
+from ...hub.cards import merge_card
 from ...hub.source import Source
 from ...io.checkpoint import Checkpoint, open_checkpoint
-from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
+from ...io.sidecar import config_bytes, edit_config, read_config
 from ...names import ModelNames, model_names
 from .._inputs import Input, plain_weights, prepare
 from . import augmented as augment
@@ -29,7 +29,7 @@ from .plan import check_supported, plan_merge
 from .quantized import compute_requant, keep_ops
 from .report import MergeReport
 from .settings import Form, MergeSettings
-from .write import layout, report, write
+from .write import layout, report, write_model
 
 __all__ = ["MergeReport", "MergeSettings", "convert", "iter_merged", "merge", "unmerge"]
 
@@ -268,15 +268,12 @@ def _merge(
             return report(out, form, plan, None, untie, _notes(planned))
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        plain = planned.layout is not None and planned.stored is None
+        edited = edit_config(config, dtype=settings.dtype, untie=untie, dequantized=plain) if config else None
         extra: dict[str, bytes] = {}
-        if config:
-            plain = planned.layout is not None and planned.stored is None
-            extra["config.json"] = config_bytes(
-                edit_config(config, dtype=settings.dtype, untie=untie, dequantized=plain)
-            )
         if settings.form == "augmented":
             extra[CONFIG_NAME] = config_bytes(dict(planned.adapters[0].config.raw))
-        extra[CARD_NAME] = merge_card(
+        card = merge_card(
             title=Path(out).name,
             form=settings.form,
             unmerge=settings.unmerge,
@@ -286,19 +283,20 @@ def _merge(
             untied=untie,
             dtype=settings.dtype_words,
             quantization=_quantization_words(planned),
-        ).encode()
-        copies = [p for p in sidecar_files(planned.checkpoint.folder) if p.name not in extra]
+        )
         shards = layout(ops, planned.checkpoint, settings.max_shard_size, stored=planned.stored_input)
-        stats = write(
+        stats = write_model(
             out,
             ops,
             planned.inputs,
             shards,
             settings,
-            extra_files=extra,
-            copy_files=copies,
+            config=edited,
+            card=card,
+            folder=planned.checkpoint.folder,
             overwrite=overwrite,
             progress=progress,
+            extra=extra,
         )
         return report(out, form, plan, stats, untie, _notes(planned))
     finally:

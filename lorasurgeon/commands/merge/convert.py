@@ -25,7 +25,7 @@ from .ops import Plan, TensorOp
 from .plan import plan_merge
 from .report import MergeReport
 from .settings import MergeSettings, Target
-from .write import layout, report, write
+from .write import layout, report, write, write_model
 
 
 def convert(
@@ -158,20 +158,16 @@ def _convert_model(
         return report(out, "converted", plan, None, untie)
     if out is None:
         raise InvalidOptionError("an output folder is needed (or use dry_run)")
-    extra: dict[str, bytes] = {}
-    if config:
-        edited = edit_config(dict(config), dtype=settings.dtype, untie=untie, dequantized=quant is not None)
-        extra["config.json"] = config_bytes(edited)
-    extra[CARD_NAME] = convert_card(title=Path(out).name, source=source.label, base=source.label, to=target).encode()
-    copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
-    stats = write(
+    edited = edit_config(dict(config), dtype=settings.dtype, untie=untie, dequantized=quant is not None)
+    stats = write_model(
         out,
         ops,
         [view],
         layout(ops, view, settings.max_shard_size),
         settings,
-        extra_files=extra,
-        copy_files=copies,
+        config=edited if config else None,
+        card=convert_card(title=Path(out).name, source=source.label, base=source.label, to=target),
+        folder=ckpt.folder,
         overwrite=overwrite,
         progress=progress,
     )

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from ...engine.execute import ExecStats, Progress, run
+from ...hub.cards import CARD_NAME
 from ...io.checkpoint import Checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
-from ...io.sidecar import config_bytes
+from ...io.sidecar import config_bytes, sidecar_files
 from ...io.writer import CheckpointWriter
 from .ops import ACTIONS, Plan, TensorOp
 from .quantized import RequantReport, compute_requant
@@ -82,6 +84,31 @@ def write(
         if requantized:
             writer.add_file(REQUANT_NAME, config_bytes({"weights": requantized}))
         return stats
+
+
+def write_model(
+    out: str | os.PathLike[str],
+    ops: Sequence[TensorOp],
+    inputs: Sequence[Checkpoint],
+    shards: list[Shard],
+    settings: MergeSettings,
+    *,
+    config: dict[str, Any] | None,
+    card: str,
+    folder: Path,
+    overwrite: bool,
+    progress: Progress | None,
+    extra: Mapping[str, bytes] | None = None,
+) -> ExecStats[RequantReport | None]:
+    """:func:`write` for a model: its config.json (as edited), ``extra`` files, the model card, and the
+    sidecar files of ``folder`` that none of those replaces."""
+    files = {"config.json": config_bytes(config)} if config else {}
+    files |= dict(extra or {})
+    files[CARD_NAME] = card.encode()
+    copies = [p for p in sidecar_files(folder) if p.name not in files]
+    return write(
+        out, ops, inputs, shards, settings, extra_files=files, copy_files=copies, overwrite=overwrite, progress=progress
+    )
 
 
 def report(
