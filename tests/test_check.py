@@ -1,6 +1,7 @@
 """check --for vllm|llama.cpp: each loader rule (../shared/FORMATS.md §7-8) one by one, on adapters PEFT wrote
 and then edited to break exactly that rule; and where a fix is exact, the fixed adapter passes and PEFT
-still computes the same change. (vLLM cannot be imported on this CPU machine: its rules are restated.)"""
+still computes the same change. vLLM's own PEFTHelper judges the same adapters in tests/test_vllm.py
+where it imports."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ CASES = {
         "error",
     ),
     "pissa": ("vllm", dict(init_lora_weights="pissa"), "init_lora_weights", "error"),
+    "alora": ("vllm", dict(alora_invocation_tokens=[5, 6]), "variant", "error"),
+    "layer_replication": ("llama.cpp", dict(layer_replication=[[0, 2], [1, 2]]), "variant", "error"),
     "rank": (
         "vllm",
         dict(r=600, tensors={f"{Q}.lora_A.weight": torch.randn(600, 64), f"{Q}.lora_B.weight": torch.randn(64, 600)}),
@@ -81,11 +84,13 @@ def test_each_rule_is_named_with_its_severity(tmp_path, case):
 
 
 @pytest.mark.parametrize("consumer", ["vllm", "llama.cpp"])
-def test_a_plain_adapter_passes(consumer):
+def test_a_plain_adapter_passes(tmp_path, consumer):
     r = run_cli("check", FIX_ADAPTER, "--for", consumer)
     assert r.exit_code == 0 and "loads as PEFT computes it" in r.stdout, r.output
     if consumer == "vllm":
         assert "needs --max-lora-rank 8 or more" in r.stdout
+    # EVA only chose the first A (from activations): what it saved is a plain LoRA on an unchanged base
+    assert run_cli("check", edited(tmp_path, "eva", init_lora_weights="eva"), "--for", consumer).exit_code == 0
 
 
 @pytest.mark.parametrize("edit", [dict(use_rslora=True), dict(alpha_pattern={"q_proj": 32, "down_proj": 4})])

@@ -1,7 +1,8 @@
 """convert --to gguf, read back with the gguf package's own reader: names through its TensorNameMap, shapes,
 alpha, and the change llama.cpp computes (alpha / rank · B·A per tensor, q/k rows in its RoPE order) against
-PEFT's. llama.cpp itself does not build here, so its arithmetic and its converter's q/k permutation
-(convert_hf_to_gguf.py, LlamaModel.permute) are restated in this file."""
+PEFT's. llama.cpp's arithmetic and its converter's q/k permutation (convert_hf_to_gguf.py,
+LlamaModel.permute) are restated in this file; tests/test_llama_cpp.py runs llama.cpp itself where its
+Python bindings are installed."""
 
 from __future__ import annotations
 
@@ -121,10 +122,10 @@ def test_what_llama_cpp_cannot_take_is_refused_by_name(tmp_path):
     t = load_file(mts / "adapter_model.safetensors") | {"base_model.model.lm_head.weight": torch.zeros(256, 64)}
     save_file(t, mts / "adapter_model.safetensors")
     one_line_error(run_cli("convert", mts, "--to", "gguf", "--base", FIX_BASE, "-o", out), "whole tensors", "11554")
-    gpt2 = tmp_path / "gpt2"
-    gpt2.mkdir()
-    (gpt2 / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]}))
-    one_line_error(run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", gpt2, "-o", out), "GPT2LMHeadModel")
+    other = tmp_path / "bloom"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"architectures": ["BloomForCausalLM"]}))
+    one_line_error(run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", other, "-o", out), "BloomForCausalLM")
     hub = shutil.copytree(FIX_ADAPTER, tmp_path / "hub")
     config = json.loads((hub / "adapter_config.json").read_text()) | {"base_model_name_or_path": "org/base"}
     (hub / "adapter_config.json").write_text(json.dumps(config))
@@ -135,3 +136,63 @@ def test_what_llama_cpp_cannot_take_is_refused_by_name(tmp_path):
     one_line_error(run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", out), "--overwrite")
     assert run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", out, "--overwrite").exit_code == 0
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
+
+
+# convert_hf_to_gguf's classes (llama.cpp conversion/*.py) that permute q/k rows: LlamaModel (Mixtral) and OlmoModel
+PERMUTED = {"mixtral", "olmo"}
+GGUF_ARCH = {
+    "phi": "PHI2",
+    "phi3": "PHI3",
+    "gpt2": "GPT2",
+    "stablelm": "STABLELM",
+    "starcoder2": "STARCODER2",
+    "olmo": "OLMO",
+    "olmo2": "OLMO2",
+    "mixtral": "LLAMA",
+    "qwen2_moe": "QWEN2MOE",
+    "qwen3_moe": "QWEN3MOE",
+}
+
+
+@pytest.mark.parametrize("arch", sorted(GGUF_ARCH))
+def test_every_linear_layer_of_more_architectures_is_what_llama_cpp_computes(tmp_path, arch):
+    from architectures import ARCHS, build
+    from peft import LoraConfig, get_peft_model
+
+    build(ARCHS[arch]).save_pretrained(tmp_path / "base")
+    torch.manual_seed(1)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj"] if arch in ("mixtral", "qwen3_moe") else "all-linear"
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets, use_rslora=True)
+    model = get_peft_model(build(ARCHS[arch]), lora)
+    model.save_pretrained(tmp_path / "adapter")
+    r = run_cli("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "a.gguf")
+    assert r.exit_code == 0, r.output
+    got, kv = llama_cpp_deltas(tmp_path / "a.gguf")
+    model_arch = getattr(gguf.MODEL_ARCH, GGUF_ARCH[arch])
+    assert kv["general.architecture"] == gguf.MODEL_ARCH_NAMES[model_arch]
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    names = gguf.get_tensor_name_map(model_arch, config.get("num_hidden_layers", config.get("n_layer")))
+    want = {}
+    for name, module in model.named_modules():
+        if hasattr(module, "get_delta_weight") and "default" in getattr(module, "lora_A", {}):
+            d = module.get_delta_weight("default").detach().double()
+            hf = name.removeprefix("base_model.model.")
+            if module.fan_in_fan_out:  # GPT-2's Conv1D: llama.cpp's converter stores the weight as (out, in)
+                d = d.t()
+            if arch in PERMUTED and hf.endswith(("q_proj", "k_proj")):
+                heads = config["num_attention_heads" if hf.endswith("q_proj") else "num_key_value_heads"]
+                d = llama_permute(d, heads)
+            want[names.get_name(f"{hf}.weight", try_suffixes=(".weight",))] = d
+    assert None not in want and len(want) >= 4 and set(got) == set(want)
+    for name, d in want.items():
+        torch.testing.assert_close(got[name], d, rtol=1e-5, atol=1e-7, msg=name)
+
+
+def test_per_expert_loras_are_refused_by_name(tmp_path):
+    experts = shutil.copytree(FIX_ADAPTER, tmp_path / "experts")
+    t = load_file(experts / "adapter_model.safetensors")
+    t = {k.replace("self_attn.v_proj", "mlp.experts.0.down_proj"): v for k, v in t.items()}
+    save_file(t, experts / "adapter_model.safetensors")
+    r = run_cli("convert", experts, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path / "x.gguf")
+    one_line_error(r, "per-expert", "experts.0.down_proj")
+    assert not (tmp_path / "x.gguf").exists()

@@ -104,6 +104,7 @@ UNSUPPORTED = {
     "QA-LoRA": dict(use_qalora=True),
     "KaSA": dict(kasa_config={"x": 1}),
     "BD-LoRA": dict(use_bdlora={"x": 1}),
+    "layer replication": dict(layer_replication=[[0, 2], [1, 2]]),
     "peft_type IA3": dict(peft_type="IA3"),
 }
 

@@ -14,14 +14,16 @@ from ..errors import AdapterConfigError, InputNotFoundError
 
 CONFIG_NAME = "adapter_config.json"
 
-# Variants whose weights are not "W0 + s·B·A" on an unchanged base: refused by name.
-_UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")
-_UNSUPPORTED_KEYS = {
+# Variants whose weights are not "W0 + s·B·A" on an unchanged base: refused by name. (EVA, Gaussian,
+# orthogonal and LoRA-GA inits only choose the first A and B: the saved adapter is a plain LoRA.)
+UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq")
+UNSUPPORTED_KEYS = {
     "alora_invocation_tokens": "aLoRA (alora_invocation_tokens)",
     "arrow_config": "Arrow routing (arrow_config)",
     "use_qalora": "QA-LoRA (use_qalora)",
     "kasa_config": "KaSA (kasa_config)",
     "use_bdlora": "BD-LoRA (use_bdlora)",
+    "layer_replication": "layer replication (layer_replication: the adapted model has more layers than the base)",
 }
 
 
@@ -158,9 +160,9 @@ class AdapterConfig:
         if self.peft_type.upper() != "LORA":
             found.append(f"peft_type {self.peft_type} (only LORA is supported)")
         init = self.raw.get("init_lora_weights")
-        if isinstance(init, str) and init.lower().startswith(_UNSUPPORTED_INITS):
+        if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
             found.append(f"init_lora_weights={init!r} (the base was changed when training started)")
-        for key, label in _UNSUPPORTED_KEYS.items():
+        for key, label in UNSUPPORTED_KEYS.items():
             if self.raw.get(key):
                 found.append(label)
         return found

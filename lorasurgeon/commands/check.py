@@ -14,6 +14,7 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, get_args
 
+from ..adapter.config import UNSUPPORTED_INITS, UNSUPPORTED_KEYS
 from ..adapter.weights import LoraAdapter, load_adapter
 from ..errors import InvalidOptionError
 from ._inputs import Input, prepare
@@ -23,7 +24,6 @@ Severity = Literal["error", "fix", "note"]
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # vllm/config/lora.py MaxLoRARanks
 VLLM_SAVE_OK = ("classifier", "score")  # the modules_to_save newer vLLM accepts
 PACKED = {"qkv_proj": "q_proj, k_proj, v_proj", "gate_up_proj": "gate_proj, up_proj"}
-UNSUPPORTED_INITS = ("pissa", "olora", "corda", "loftq", "eva")
 
 
 def vllm_loads_whole(tensor: str) -> bool:
@@ -83,6 +83,9 @@ def _common(adapter: LoraAdapter, consumer: str) -> list[Problem]:
         found.append(
             Problem("init_lora_weights", "error", f"init_lora_weights={init!r} changed the base weights when training")
         )
+    for key, label in UNSUPPORTED_KEYS.items():
+        if raw.get(key):
+            found.append(Problem("variant", "error", f"{label}: not plain LoRA, and {consumer} does not apply it"))
     return found
 
 

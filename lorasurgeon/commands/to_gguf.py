@@ -1,8 +1,10 @@
 """convert ADAPTER --to gguf: a llama.cpp LoRA adapter, written as llama.cpp's own convert_lora_to_gguf.py
 writes one (../shared/FORMATS.md §8), for the architectures done here.
 
-- Architectures: Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma 2 (whose converter classes were checked for
-  what they do to linear weights); others are refused by name.
+- Architectures: those in ARCHITECTURES, whose classes in llama.cpp's converter (conversion/*.py) were read
+  for what they do to linear weights: nothing but a rename, or LlamaModel's q/k row permutation (Llama,
+  Mistral, Mixtral, OLMo). Others are refused by name, and so are per-expert LoRAs of MoE models (llama.cpp
+  stacks the experts into one tensor per projection).
 - Names: the base architecture's GGUF names from the ``gguf`` package's own TensorNameMap
   (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), with ``.lora_a``/``.lora_b``.
 - Tensors: A (r, in) and B (out, r) as PEFT stores them (ggml reads them as {in, r} and {r, out});
@@ -30,16 +32,27 @@ import torch
 from ..adapter.weights import LoraAdapter, load_adapter
 from ..errors import InputNotFoundError, InvalidOptionError, OutputError, OutputExistsError, UnsupportedError
 from ..io.scratch import make_scratch
+from ..names.builtin import is_tied
 from ._inputs import Input, prepare
 
 # HF architecture -> (gguf MODEL_ARCH name, whether q/k rows are permuted as convert_hf_to_gguf's LlamaModel does)
 ARCHITECTURES = {
     "LlamaForCausalLM": ("LLAMA", True),
     "MistralForCausalLM": ("LLAMA", True),
+    "MixtralForCausalLM": ("LLAMA", True),  # LlamaModel: permuted q/k, experts stacked
     "Qwen2ForCausalLM": ("QWEN2", False),
+    "Qwen2MoeForCausalLM": ("QWEN2MOE", False),
     "Qwen3ForCausalLM": ("QWEN3", False),
+    "Qwen3MoeForCausalLM": ("QWEN3MOE", False),
     "GemmaForCausalLM": ("GEMMA", False),  # its converter changes norms only, and drops lm_head (tied)
     "Gemma2ForCausalLM": ("GEMMA2", False),
+    "PhiForCausalLM": ("PHI2", False),
+    "Phi3ForCausalLM": ("PHI3", False),  # fused qkv_proj / gate_up_proj kept fused (attn_qkv / ffn_up)
+    "GPT2LMHeadModel": ("GPT2", False),  # Conv1D weights transposed to (out, in): PEFT's B·A already is
+    "StableLmForCausalLM": ("STABLELM", False),  # its converter stacks per-head q/k norms only
+    "Starcoder2ForCausalLM": ("STARCODER2", False),
+    "OlmoForCausalLM": ("OLMO", True),  # OlmoModel: LlamaModel's permutation
+    "Olmo2ForCausalLM": ("OLMO2", False),
 }
 NO_HEAD = ("GemmaForCausalLM", "Gemma2ForCausalLM")  # llama.cpp has no output tensor for these
 
@@ -121,15 +134,18 @@ def to_gguf(
             found.append("trainable tokens")
         if loaded.config.target_parameters:
             found.append("target_parameters (stacked experts)")
-        tied = config.get("tie_word_embeddings", False) or arch in NO_HEAD
+        experts = sorted(m.name for m in loaded.modules.values() if ".experts." in m.name)
+        if experts and not loaded.config.target_parameters:
+            found.append(f"per-expert LoRAs ({experts[0]}, ...; llama.cpp stacks the experts into one tensor)")
+        tied = is_tied(config) or arch in NO_HEAD
         if tied and any(m.name.endswith("lm_head") for m in loaded.modules.values()):
             found.append("LoRA on lm_head of a model whose head is its embedding (llama.cpp#9065)")
         if found:
             raise UnsupportedError(f"{source.label}: llama.cpp cannot take {'; '.join(found)}")
         arch_name, permuted = ARCHITECTURES[arch]
         model_arch = getattr(gguf.MODEL_ARCH, arch_name)
-        names = gguf.get_tensor_name_map(model_arch, int(config["num_hidden_layers"]))
-        n_head = int(config["num_attention_heads"])
+        names = gguf.get_tensor_name_map(model_arch, int(_hparam(config, "num_hidden_layers", "n_layer")))
+        n_head = int(_hparam(config, "num_attention_heads", "n_head"))
         n_kv = int(config.get("num_key_value_heads") or n_head)
         alpha = float(loaded.config.raw.get("lora_alpha") or 8)
         pairs: list[tuple[str, torch.Tensor]] = []
@@ -159,6 +175,13 @@ def to_gguf(
         return GgufReport(str(out), arch, len(pairs), alpha)
     finally:
         loaded.close()
+
+
+def _hparam(config: dict[str, Any], *keys: str) -> Any:
+    for key in keys:
+        if key in config:
+            return config[key]
+    raise InvalidOptionError(f"the base's config.json has no {keys[0]} (llama.cpp's names depend on it)")
 
 
 def _gguf() -> Any:
