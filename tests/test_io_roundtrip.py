@@ -11,13 +11,13 @@ from safetensors.torch import load_file, save_file
 
 from lorasurgeon.errors import OutputError, OutputExistsError
 from lorasurgeon.io import CheckpointWriter, TensorSpec, open_checkpoint, plan_shards, shards_like
-from lorasurgeon.io.dtypes import TORCH_DTYPES
+from lorasurgeon.io.dtypes import torch_dtypes
 
 
 def all_dtype_tensors() -> dict[str, torch.Tensor]:
     """One tensor per dtype safetensors has in torch, plus 0-d and empty ones."""
     out = {}
-    for i, (name, dtype) in enumerate(sorted(TORCH_DTYPES.items())):
+    for i, (name, dtype) in enumerate(sorted(torch_dtypes().items())):
         raw = torch.randint(0, 256, (3, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(i))
         if dtype.itemsize == 1:
             out[f"t.{name}"] = raw.view(dtype)

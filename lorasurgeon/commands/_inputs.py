@@ -10,9 +10,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter.config import CONFIG_NAME
 from ..adapter.names import AUGMENTED_SUFFIX, SAVED_PREFIX, SAVED_SUFFIX
@@ -23,6 +21,11 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.destination import check_destination
 from ..io.dtypes import parse_dtype
 from ..io.layout import parse_size
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 @dataclass(frozen=True)
@@ -103,7 +106,7 @@ def output_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
     return dtype
 
 
-FLOAT32_MAX = torch.finfo(torch.float32).max
+FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
 
 
 def check_weights(weights: Sequence[float]) -> None:
@@ -123,6 +126,8 @@ def parse_shard_size(text: str | int | None) -> int | None:
 
 
 def check_device(device: str) -> None:
+    if device == "cpu":  # known without asking torch (and without importing it)
+        return
     try:
         dev = torch.device(device)
     except RuntimeError:

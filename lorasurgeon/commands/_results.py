@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import NonFiniteError
 from ..ops.lora import all_finite
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 def check_finite(name: str, tensor: torch.Tensor) -> None:

@@ -8,9 +8,7 @@ import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from functools import partial
-from typing import Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Literal, get_args
 
 from ..engine.execute import Discard, Outcome, Progress, run
 from ..engine.plan import Ref
@@ -20,6 +18,11 @@ from ..io.layout import TensorSpec
 from ..io.sidecar import read_config
 from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ._inputs import Input, NameFilter, plain_weights, prepare
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 Status = Literal["identical", "changed", "shape_mismatch", "dtype_mismatch"]
 STATUSES: tuple[Status, ...] = get_args(Status)

@@ -13,7 +13,6 @@ from ..formats.detect import Quantization, detect
 from ..formats.layout import find_layout
 from ..hub.source import resolve
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.dtypes import safetensors_name
 from ..io.sidecar import read_config
 from ._inputs import input_kind
 from .merge.augmented import split_augmented
@@ -109,7 +108,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         _, adapter, _ = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), read_config(ckpt.folder))
     dtypes: dict[str, list[int]] = {}
     for info in ckpt.infos():
-        counts = dtypes.setdefault(safetensors_name(info.dtype), [0, 0])
+        counts = dtypes.setdefault(info.dtype_name, [0, 0])
         counts[0] += 1
         counts[1] += info.numel
     files = [ckpt.index_file] if ckpt.index_file else []
@@ -124,7 +123,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         dtypes={k: DtypeCount(*v) for k, v in sorted(dtypes.items())},
         metadata=dict(ckpt.metadata),
         adapter=_adapter_report(adapter) if adapter else None,
-        quantization=detect(((i.name, i.dtype) for i in ckpt.infos()), read_config(ckpt.folder)),
+        quantization=detect(((i.name, i.dtype_name) for i in ckpt.infos()), read_config(ckpt.folder)),
         form=form,
         quantized=_quantized(ckpt),
     )

@@ -25,15 +25,18 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..adapter.weights import LoraAdapter, load_adapter
 from ..errors import InputNotFoundError, InvalidOptionError, OutputError, OutputExistsError, UnsupportedError
 from ..io.scratch import make_scratch
 from ..names.builtin import is_tied
 from ._inputs import Input, prepare
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 # HF architecture -> (gguf MODEL_ARCH name, whether q/k rows are permuted as convert_hf_to_gguf's LlamaModel does)
 ARCHITECTURES = {

@@ -7,8 +7,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..adapter.config import CONFIG_NAME
 from ..adapter.weights import load_adapter
@@ -19,6 +18,11 @@ from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..io.header import read_header
 from ..io.layout import TensorSpec
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 @dataclass(frozen=True)

@@ -19,9 +19,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Generic, Protocol, TypeVar
-
-import torch
+from typing import TYPE_CHECKING, Generic, Protocol, TypeAlias, TypeVar
 
 from ..errors import LorasurgeonError
 from ..io.buffers import ReadBuffers
@@ -29,12 +27,17 @@ from ..io.checkpoint import FileSlice, TensorInfo
 from ..io.dtypes import itemsize
 from .plan import Op, Ref
 
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
+
 QUEUE_DEPTH = 2
 READ_AHEAD_BYTES = 256 << 20
 
 OpT = TypeVar("OpT", bound=Op)
 InfoT = TypeVar("InfoT")
-Written = torch.Tensor | FileSlice
+Written: TypeAlias = "torch.Tensor | FileSlice"  # (strings: torch is imported when first used)
 
 
 @dataclass(frozen=True)
@@ -82,7 +85,7 @@ class Progress(Protocol):
     def finish(self) -> None: ...
 
 
-Compute = Callable[[OpT, Mapping[Ref, torch.Tensor], torch.device], Outcome[InfoT]]
+Compute: TypeAlias = "Callable[[OpT, Mapping[Ref, torch.Tensor], torch.device], Outcome[InfoT]]"
 
 
 def _byte_copy(inputs: Sequence[Source], op: Op) -> FileSlice | None:

@@ -10,11 +10,14 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
-
-import torch
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ..io.checkpoint import TensorInfo
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 class Codec(Protocol):
@@ -79,9 +82,10 @@ class Requantized:
         )
 
 
-Encode = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
-Decode = Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]
-Fresh = Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]
+# (strings: torch is imported when first used, not when this module is)
+Encode: TypeAlias = "Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]"
+Decode: TypeAlias = "Callable[[torch.Tensor, dict[str, torch.Tensor]], torch.Tensor]"
+Fresh: TypeAlias = "Callable[[torch.Tensor, torch.Tensor], dict[str, torch.Tensor]]"
 
 
 CHUNK = 1 << 20  # values re-encoded at a time: bounds the temporaries whatever the tensor's size

@@ -18,13 +18,16 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, UnsupportedError
 from ..io.checkpoint import TensorInfo
 from .base import QuantTensor, Requantized, nearest_code, requantize_blocks, slabs
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 INV_127 = 7.874015718698502e-3  # bitsandbytes' int8_vectorwise_dequant multiplies by this
 STATE = ".weight.quant_state.bitsandbytes__"

@@ -14,14 +14,17 @@ from __future__ import annotations
 
 import re
 from collections.abc import Callable, Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import TensorInfo
 from .base import QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
-from .fp8 import E4M3, FP8_MAX, decode_e4m3, expand_tiles, from_tiles, scale_tiles_, to_tiles
+from .fp8 import FP8_MAX, decode_e4m3, expand_tiles, from_tiles, scale_tiles_, to_tiles
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 SUPPORTED = ("float-quantized", "int-quantized", "naive-quantized", "pack-quantized")
 
@@ -135,7 +138,7 @@ class Compressed:
         lo, hi = self.qrange
         y = x / p["scale"].to(torch.float32)[:, None]
         if self.float:
-            return y.clamp(lo, hi).to(E4M3).view(torch.uint8)
+            return y.clamp(lo, hi).to(torch.float8_e4m3fn).view(torch.uint8)
         if "zero_point" in p:
             y = y + p["zero_point"].to(torch.float32)[:, None]
         r = torch.round(y)  # half to even, as torch.round
@@ -208,7 +211,7 @@ class Compressed:
         params = {k: v.reshape(-1) for k, v in grid.items()}
         out: dict[str, torch.Tensor] = {"scale": params["scale"].to(scale.dtype).reshape(scale.shape)}
         if self.float:
-            out["weight"] = q.view(E4M3)
+            out["weight"] = q.view(torch.float8_e4m3fn)
         elif "packed" in parts:
             out["packed"] = pack(q, self.bits)
         else:
@@ -285,7 +288,7 @@ def find(
                 raise UnsupportedError(
                     f"{module}: weight_shape {list(shape)} does not fit weight_packed {list(packed.shape)}"
                 )
-        elif weight is not None and (not weight.dtype.is_floating_point or weight.dtype == E4M3):
+        elif weight is not None and (not weight.dtype.is_floating_point or weight.dtype == torch.float8_e4m3fn):
             parts, shape = [("weight", weight)], tuple(weight.shape)
         else:
             continue

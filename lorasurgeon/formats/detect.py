@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import torch
+from ..io.dtypes import FLOATING, torch_name
 
 # Name endings that only quantized layouts use -> the format they belong to.
 _SUFFIXES = (
@@ -39,18 +39,6 @@ _SUFFIXES = (
 )
 # gpt-oss's MXFP4 experts: ``*_blocks`` and ``*_scales`` in uint8.
 _MXFP4_SUFFIXES = ("_blocks", "_scales")
-_FLOAT8 = frozenset(
-    getattr(torch, n)
-    for n in (
-        "float8_e4m3fn",
-        "float8_e4m3fnuz",
-        "float8_e5m2",
-        "float8_e5m2fnuz",
-        "float8_e8m0fnu",
-        "float4_e2m1fn_x2",
-    )
-    if hasattr(torch, n)
-)
 
 
 @dataclass(frozen=True)
@@ -80,8 +68,9 @@ def _config_method(config: Mapping[str, Any]) -> tuple[str, str] | None:
     return None
 
 
-def detect(tensors: Iterable[tuple[str, torch.dtype]], config: Mapping[str, Any]) -> Quantization | None:
-    """The quantization of a checkpoint given its (name, dtype) pairs and config.json, or None."""
+def detect(tensors: Iterable[tuple[str, str]], config: Mapping[str, Any]) -> Quantization | None:
+    """The quantization of a checkpoint given its (name, safetensors dtype name) pairs and config.json, or
+    None."""
     found = _config_method(config)
     if found:
         return Quantization(*found)
@@ -89,12 +78,11 @@ def detect(tensors: Iterable[tuple[str, torch.dtype]], config: Mapping[str, Any]
         for suffix, method in _SUFFIXES:
             if name.endswith(suffix):
                 return Quantization(method, f"tensor {name}")
-        if dtype == torch.uint8 and name.endswith(_MXFP4_SUFFIXES):
+        if dtype == "U8" and name.endswith(_MXFP4_SUFFIXES):
             return Quantization("MXFP4 (gpt-oss layout)", f"tensor {name}, uint8")
-        if dtype in _FLOAT8:
-            return Quantization(
-                "float8 / float4 weights", f"tensor {name} stored as {str(dtype).removeprefix('torch.')}"
-            )
-        if name.rpartition(".")[2] == "weight" and not dtype.is_floating_point and not dtype.is_complex:
-            return Quantization("integer weights", f"tensor {name} stored as {str(dtype).removeprefix('torch.')}")
+        stored = torch_name(dtype).removeprefix("torch.")
+        if dtype.startswith(("F8_", "F4", "F6")):
+            return Quantization("float8 / float4 weights", f"tensor {name} stored as {stored}")
+        if name.rpartition(".")[2] == "weight" and dtype not in FLOATING and dtype != "C64":
+            return Quantization("integer weights", f"tensor {name} stored as {stored}")
     return None

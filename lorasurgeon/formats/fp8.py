@@ -12,17 +12,18 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import TensorInfo
 from .base import QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
 
-E4M3 = torch.float8_e4m3fn
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
+
 FP8_MAX = 448.0
-E8M0 = getattr(torch, "float8_e8m0fnu", None)
 
 
 # --- tiles: (..., R, C) <-> (tiles, bm·bn), zero-padded at the edges ---------------------------------
@@ -64,12 +65,12 @@ def scale_tiles_(values: torch.Tensor, scale: torch.Tensor, block: tuple[int, in
 def encode_e4m3(x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """Values (m, n) over their blocks' scales (m,) cast to e4m3 bytes, saturating at ±448."""
     y = x / params["scale"].to(torch.float32)[:, None]
-    return y.clamp(-FP8_MAX, FP8_MAX).to(E4M3).view(torch.uint8)
+    return y.clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).view(torch.uint8)
 
 
 def decode_e4m3(codes: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
     """e4m3 bytes (m, n) times their blocks' scales (m,), in float32."""
-    return codes.contiguous().view(E4M3).to(torch.float32) * params["scale"].to(torch.float32)[:, None]
+    return codes.contiguous().view(torch.float8_e4m3fn).to(torch.float32) * params["scale"].to(torch.float32)[:, None]
 
 
 def fresh_fp8_scale(amax: torch.Tensor, power_of_two: bool = False) -> torch.Tensor:
@@ -98,8 +99,8 @@ class BlockFP8:
     def store_scales(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         if like.dtype == torch.uint8:
             return (torch.log2(values).round() + 127).to(torch.uint8)
-        if E8M0 is not None and like.dtype == E8M0:
-            return values.to(E8M0)  # powers of two: exact
+        if like.dtype == getattr(torch, "float8_e8m0fnu", None):
+            return values.to(torch.float8_e8m0fnu)  # powers of two: exact
         return round_up_in(like.dtype, values)
 
     @property
@@ -113,7 +114,9 @@ class BlockFP8:
         self, qt: QuantTensor, parts: Mapping[str, torch.Tensor], w0: torch.Tensor, new: torch.Tensor
     ) -> tuple[dict[str, torch.Tensor], Requantized]:
         stored = parts["scale"]
-        power = self.power_of_two or stored.dtype == torch.uint8 or (E8M0 is not None and stored.dtype == E8M0)
+        power = (
+            self.power_of_two or stored.dtype == torch.uint8 or stored.dtype == getattr(torch, "float8_e8m0fnu", None)
+        )
 
         def fresh_scales(values: torch.Tensor, _: torch.Tensor) -> dict[str, torch.Tensor]:
             s = fresh_fp8_scale(values.abs().amax(dim=1), power)
@@ -140,7 +143,7 @@ class BlockFP8:
                 codes[e, rs] = from_tiles(got, (rs.stop - rs.start, cols), self.block)
                 scales[e, ts] = params["scale"].reshape(-1, scales.shape[-1])
                 done = done + part
-        weight = codes.reshape(qt.shape).view(E4M3)
+        weight = codes.reshape(qt.shape).view(torch.float8_e4m3fn)
         return {"weight": weight, "scale": self.store_scales(scales, stored).reshape(stored.shape)}, done
 
 
@@ -160,7 +163,7 @@ def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[Qu
         if not name.endswith(".weight_scale_inv"):
             continue
         weight = infos.get(name.removesuffix("_scale_inv"))
-        if weight is None or weight.dtype != E4M3:
+        if weight is None or weight.dtype != torch.float8_e4m3fn:
             continue
         grid = (*weight.shape[:-2], *(math.ceil(d / b) for d, b in zip(weight.shape[-2:], block, strict=True)))
         if len(weight.shape) < 2 or tuple(info.shape) != grid:

@@ -11,15 +11,18 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import Checkpoint, Decoded, TensorInfo
 from . import bnb, compressed, fp8, mxfp4
 from .base import QuantTensor
 from .detect import Quantization, detect
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 # Per-module activation scales of a quantized checkpoint: meaningless in a plain one, and possibly
 # stale once a merge changes the weight before them.
@@ -65,7 +68,7 @@ def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | No
         CorruptCheckpointError: a format's parts that do not fit together.
     """
     infos = {i.name: i for i in ckpt.infos()}
-    found = detect(((i.name, i.dtype) for i in infos.values()), config)
+    found = detect(((i.name, i.dtype_name) for i in infos.values()), config)
     if found is None:
         return None
     qconfig = _qconfig(config)
@@ -87,7 +90,7 @@ def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | No
     layout = QuantLayout(found, qconfig, {qt.name: qt for qt in tensors})
     covered = layout.parts
     statics = tuple(n for n in names if n.endswith(STATIC_SCALES) and n not in covered)
-    left = detect(((n, infos[n].dtype) for n in names if n not in covered and n not in statics), {})
+    left = detect(((n, infos[n].dtype_name) for n in names if n not in covered and n not in statics), {})
     if left is not None:
         raise UnsupportedError(
             f"{ckpt.root}: {left.evidence} is quantized ({left.method}) but not in a layout lorasurgeon reads "
@@ -108,7 +111,7 @@ def dequantized(ckpt: Checkpoint, layout: QuantLayout, *, keep_static: bool = Fa
         qt = first.get(info.name)
         if qt is not None:
             decoded = Decoded(tuple(i for _, i in qt.parts), partial(_decode, qt))
-            infos.append(TensorInfo(qt.name, torch.float32, qt.shape, info.file, None, decoded=decoded))
+            infos.append(TensorInfo.of(qt.name, torch.float32, qt.shape, info.file, None, decoded=decoded))
         elif info.name not in parts and info.name not in hidden_static:
             infos.append(info)
     return Checkpoint(ckpt.root, ckpt.format, list(ckpt.files), infos, ckpt.metadata, ckpt.index_file)

@@ -10,13 +10,23 @@ otherwise triton_kernels' ROUND_UP rule ``2^ceil(log2(amax / 6))``; values round
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..io.checkpoint import TensorInfo
 from .base import QuantTensor, Requantized, nearest_code, requantize_blocks
 
-LUT = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], dtype=torch.float32)
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
+
+E2M1_VALUES = (0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6)
+
+
+def _lut() -> torch.Tensor:
+    return torch.tensor(E2M1_VALUES, dtype=torch.float32)
+
+
 E2M1_MAX = 6.0
 
 
@@ -27,12 +37,12 @@ def _nibbles(blocks: torch.Tensor) -> torch.Tensor:
 
 def _encode(x: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
     y = x / p["scale"][:, None]
-    mag = nearest_code(y.abs().clamp(max=E2M1_MAX), LUT[:8], ties_to_even=True)
+    mag = nearest_code(y.abs().clamp(max=E2M1_MAX), _lut()[:8], ties_to_even=True)
     return (mag + 8 * torch.signbit(y).to(mag.dtype)).to(torch.uint8)
 
 
 def _decode(codes: torch.Tensor, p: dict[str, torch.Tensor]) -> torch.Tensor:
-    return LUT[codes.long()] * p["scale"][:, None]
+    return _lut()[codes.long()] * p["scale"][:, None]
 
 
 def _fresh(x: torch.Tensor, _: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -47,7 +57,7 @@ class MXFP4:
     @staticmethod
     def _values(blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
         """[E, R, G, 32] float32 values, as transformers' convert_moe_packed_tensors (ldexp) computes them."""
-        return torch.ldexp(LUT[_nibbles(blocks).long()], scales.to(torch.int32)[..., None] - 127)
+        return torch.ldexp(_lut()[_nibbles(blocks).long()], scales.to(torch.int32)[..., None] - 127)
 
     def dequantize(self, qt: QuantTensor, parts: Mapping[str, torch.Tensor]) -> torch.Tensor:
         blocks, scales = parts["blocks"], parts["scales"]

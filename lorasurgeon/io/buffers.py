@@ -9,7 +9,12 @@ overwritten; where that count cannot be read, every buffer is fresh.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 def _use_count(t: torch.Tensor) -> int | None:

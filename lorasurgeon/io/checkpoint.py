@@ -17,13 +17,17 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, InputNotFoundError, UnsupportedError
-from .dtypes import itemsize
+from .dtypes import itemsize, safetensors_name, torch_dtype
 from .header import read_header
 from .legacy import LegacyFile
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
@@ -44,7 +48,7 @@ class TensorInfo:
     """Where one tensor lives and what it is, known without reading it."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name ("BF16"): known without torch; ``dtype`` is the torch dtype
     shape: tuple[int, ...]
     file: Path
     offset: int | None  # absolute byte offset in a safetensors file; None for pickles
@@ -52,6 +56,21 @@ class TensorInfo:
     # Set when the tensor is computed from others (a quantized weight from its codes and scales):
     # read() reads the parts and hands them to the decoder; its bytes are in no file.
     decoded: Decoded | None = None
+
+    @staticmethod
+    def of(
+        name: str, dtype: torch.dtype | str, shape: tuple[int, ...], file: Path, offset: int | None, **kw: Any
+    ) -> TensorInfo:
+        """A TensorInfo from a torch dtype or a safetensors dtype name."""
+        return TensorInfo(name, safetensors_name(dtype), shape, file, offset, **kw)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype_name, str):  # a torch dtype given where its name is kept
+            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
     @property
     def file_key(self) -> str:
@@ -63,13 +82,13 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * itemsize(self.dtype)
+        return self.numel * itemsize(self.dtype_name)
 
     def file_slice(self) -> FileSlice | None:
         """Where this tensor's bytes lie in its file (None for a pickle, whose layout is not ours to read)."""
         if self.offset is None or self.decoded is not None:
             return None
-        return FileSlice(self.file, self.offset, self.nbytes, self.dtype, self.shape)
+        return FileSlice(self.file, self.offset, self.nbytes, self.dtype_name, self.shape)
 
 
 @dataclass(frozen=True)
@@ -90,18 +109,27 @@ class FileSlice:
     path: Path
     offset: int
     nbytes: int
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name
     shape: tuple[int, ...]
     parts: tuple[FileSlice, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype_name, str):  # a torch dtype given where its name is kept
+            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
     def ranges(self) -> tuple[FileSlice, ...]:
         """The contiguous pieces to copy, in order."""
         return self.parts or (self,)
 
     @staticmethod
-    def joined(parts: tuple[FileSlice, ...], dtype: torch.dtype, shape: tuple[int, ...]) -> FileSlice:
+    def joined(parts: tuple[FileSlice, ...], dtype: torch.dtype | str, shape: tuple[int, ...]) -> FileSlice:
         """One tensor made of several slices' bytes, in order."""
-        return FileSlice(parts[0].path, parts[0].offset, sum(p.nbytes for p in parts), dtype, shape, parts)
+        total = sum(p.nbytes for p in parts)
+        return FileSlice(parts[0].path, parts[0].offset, total, safetensors_name(dtype), shape, parts)
 
 
 class Checkpoint:
@@ -224,7 +252,7 @@ class Checkpoint:
             if info.offset is None or info.decoded is not None or len(info.shape) != 3:
                 raise UnsupportedError(f"{info.file}: {name!r} cannot be read in slices (a pickle, or not 3-D)")
             rows, cols = info.shape[1], info.shape[2]
-            offset = info.offset + (index * rows + start) * cols * itemsize(info.dtype)
+            offset = info.offset + (index * rows + start) * cols * itemsize(info.dtype_name)
             shape = (stop - start, cols)
             infos.append(dataclasses.replace(info, name=new, key=info.file_key, shape=shape, offset=offset))
         return self._view(infos)
@@ -321,10 +349,10 @@ def _scan(file: Path) -> tuple[list[TensorInfo], dict[str, str]]:
         size = file.stat().st_size
         with open(file, "rb") as fh:
             header = read_header(file, size, fh)
-        infos = [TensorInfo(e.name, e.dtype, e.shape, file, e.begin) for e in header.entries]
+        infos = [TensorInfo(e.name, e.dtype_name, e.shape, file, e.begin) for e in header.entries]
         return infos, header.metadata
     with LegacyFile(file) as legacy:
-        return [TensorInfo(n, d, s, file, None) for n, d, s in legacy.entries()], {}
+        return [TensorInfo.of(n, d, s, file, None) for n, d, s in legacy.entries()], {}
 
 
 def _read_index(index: Path) -> dict[Path, list[str]]:

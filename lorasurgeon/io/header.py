@@ -12,12 +12,15 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
-
-import torch
+from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import CorruptCheckpointError, UnsupportedError
-from .dtypes import TORCH_DTYPES, itemsize, safetensors_name
+from .dtypes import ITEMSIZE, itemsize, safetensors_name, torch_dtype
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 MAX_HEADER_BYTES = 100_000_000  # the limit safetensors itself enforces
 METADATA_KEY = "__metadata__"
@@ -28,10 +31,14 @@ class TensorEntry:
     """One tensor of a safetensors file, as its header describes it."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name ("BF16")
     shape: tuple[int, ...]
     begin: int  # absolute offset of the first byte in the file
     nbytes: int
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
 
 @dataclass(frozen=True)
@@ -97,13 +104,13 @@ def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> Tensor
     offsets = spec.get("data_offsets")
     if not isinstance(dtype_name, str):
         raise _fail(path, f"tensor {name!r} has no dtype")
-    if dtype_name not in TORCH_DTYPES:
+    if dtype_name not in ITEMSIZE:
         if dtype_name.startswith(("F4", "F6", "F8")):
             raise UnsupportedError(
                 f"{path}: tensor {name!r} has dtype {dtype_name}, a quantized format "
                 "lorasurgeon cannot read yet: give the unquantized checkpoint"
             )
-        raise UnsupportedError(f"{path}: tensor {name!r} has dtype {dtype_name}, which this torch cannot hold")
+        raise UnsupportedError(f"{path}: tensor {name!r} has dtype {dtype_name}, which lorasurgeon does not know")
     if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
         raise _fail(path, f"tensor {name!r} has an invalid shape {shape!r}")
     if (
@@ -113,19 +120,18 @@ def _parse_entry(path: Path, name: str, spec: object, data_start: int) -> Tensor
         or not 0 <= offsets[0] <= offsets[1]
     ):
         raise _fail(path, f"tensor {name!r} has invalid data_offsets {offsets!r}")
-    dtype = TORCH_DTYPES[dtype_name]
-    expected = math.prod(shape) * itemsize(dtype)
+    expected = math.prod(shape) * itemsize(dtype_name)
     if offsets[1] - offsets[0] != expected:
         raise _fail(
             path,
             f"tensor {name!r} ({dtype_name}{shape}) needs {expected} bytes "
             f"but its data_offsets span {offsets[1] - offsets[0]}",
         )
-    return TensorEntry(name, dtype, tuple(shape), data_start + offsets[0], expected)
+    return TensorEntry(name, dtype_name, tuple(shape), data_start + offsets[0], expected)
 
 
 def build_header(
-    tensors: list[tuple[str, torch.dtype, tuple[int, ...]]], metadata: dict[str, str] | None
+    tensors: list[tuple[str, torch.dtype | str, tuple[int, ...]]], metadata: dict[str, str] | None
 ) -> tuple[bytes, list[int]]:
     """Serialize a header exactly as safetensors does, for tensors given in file order.
 

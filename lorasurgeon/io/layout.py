@@ -10,11 +10,14 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
-import torch
+from .dtypes import itemsize, layout_key, safetensors_name, torch_dtype
 
-from .dtypes import itemsize, layout_key
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 T = TypeVar("T")
 
@@ -24,12 +27,24 @@ class TensorSpec:
     """An output tensor before it exists: enough to write its header."""
 
     name: str
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name
     shape: tuple[int, ...]
+
+    @staticmethod
+    def of(name: str, dtype: torch.dtype | str, shape: tuple[int, ...]) -> TensorSpec:
+        return TensorSpec(name, safetensors_name(dtype), shape)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype_name, str):  # a torch dtype given where its name is kept
+            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
 
     @property
     def nbytes(self) -> int:
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return math.prod(self.shape) * itemsize(self.dtype_name)
 
 
 @dataclass(frozen=True)
@@ -69,7 +84,7 @@ def split_greedy(items: Sequence[T], size_of: Callable[[T], int], max_size: int)
 
 def in_file_order(specs: Sequence[TensorSpec]) -> tuple[TensorSpec, ...]:
     """The order ``safetensors.torch.save_file`` lays tensors out: by dtype, then by name."""
-    return tuple(sorted(specs, key=lambda s: layout_key(s.name, s.dtype)))
+    return tuple(sorted(specs, key=lambda s: layout_key(s.name, s.dtype_name)))
 
 
 def shard_filename(prefix: str, index: int, count: int) -> str:

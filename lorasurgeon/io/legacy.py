@@ -10,10 +10,14 @@ from __future__ import annotations
 import pickle
 import re
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, UnsafeCheckpointError
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 def _reason(exc: BaseException) -> str:

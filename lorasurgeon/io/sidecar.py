@@ -9,9 +9,13 @@ from __future__ import annotations
 import fnmatch
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
+
 
 CONFIG = "config.json"
 # The files around the weights that a model or adapter folder carries (top level only): what is

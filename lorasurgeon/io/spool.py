@@ -11,8 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice, TensorInfo, pread_into
@@ -20,6 +19,11 @@ from .destination import absolute, check_replaceable
 from .layout import TensorSpec, plan_shards
 from .scratch import clean_stale, make_scratch
 from .writer import CheckpointWriter, copy_range, pwrite_all, tensor_bytes
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 class SpoolWriter:
@@ -75,7 +79,7 @@ class SpoolWriter:
                 nbytes = len(data)
         except OSError as exc:
             raise OutputError(f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc})") from None
-        self._items[name] = TensorInfo(name, tensor.dtype, tuple(tensor.shape), self._path, self._end)
+        self._items[name] = TensorInfo.of(name, tensor.dtype, tuple(tensor.shape), self._path, self._end)
         self._end += nbytes
 
     def discard(self, name: str) -> None:
@@ -107,7 +111,7 @@ class SpoolWriter:
         os.close(self._fd)
         self._fd = -1
         try:
-            specs = [TensorSpec(i.name, i.dtype, i.shape) for i in self._items.values()]
+            specs = [TensorSpec.of(i.name, i.dtype, i.shape) for i in self._items.values()]
             shards = plan_shards(specs, max_shard_size=None, prefix=self.prefix)
             with CheckpointWriter(
                 self.out, shards, overwrite=self.overwrite, index_name=None, metadata=self.metadata

@@ -21,8 +21,7 @@ import shutil
 import threading
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice
@@ -30,6 +29,11 @@ from .destination import absolute, check_replaceable
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
 from .scratch import clean_stale, make_scratch
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 
 def _fsync_dir(path: Path) -> None:

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from .lowrank import rank_for_energy, squared_norm, top_singular
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
 
 PROFILE = (0.5, 0.9, 0.99)
 
@@ -26,7 +30,7 @@ def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.equal(a.reshape(-1).view(torch.uint8), b.reshape(-1).view(torch.uint8))
 
 
-_SAME_SIZE_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_SAME_SIZE_INT = {1: "uint8", 2: "int16", 4: "int32", 8: "int64"}  # torch attributes
 
 
 def identical_fraction(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
@@ -38,7 +42,7 @@ def identical_fraction(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -
     if not fa.numel():
         return 1.0
     if a.dtype == b.dtype and a.element_size() in _SAME_SIZE_INT and a.dtype != torch.bool:
-        as_int = _SAME_SIZE_INT[a.element_size()]
+        as_int = getattr(torch, _SAME_SIZE_INT[a.element_size()])
         fa, fb = fa.contiguous().view(as_int), fb.contiguous().view(as_int)
         same = sum(int((fa[i : i + chunk] == fb[i : i + chunk]).sum()) for i in range(0, fa.numel(), chunk))
     else:

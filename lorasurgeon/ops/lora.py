@@ -15,9 +15,13 @@ Layouts (s = scale):
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
+
 
 LayerName = Literal["linear", "conv1d", "embedding", "conv", "experts"]
 

@@ -11,9 +11,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-import torch
+if TYPE_CHECKING:
+    import torch
+else:
+    from .._lazy import torch
+
 
 Solver = Literal["auto", "randomized", "exact"]
 KRYLOV_ITERS = 4

@@ -5,8 +5,7 @@ from __future__ import annotations
 import os
 from functools import partial
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...engine.execute import Progress, run
 from ...errors import InvalidOptionError, LorasurgeonError, UnsupportedError
@@ -24,6 +23,11 @@ from .plan import FACTORED, plan_extract
 from .profile import fold_for
 from .report import ExtractReport, Skipped, Totals
 from .settings import Embeddings, ExtractSettings, Extras
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 __all__ = ["ExtractReport", "ExtractSettings", "extract"]
 

@@ -11,8 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...adapter.names import saved_key
 from ...errors import InvalidOptionError
@@ -21,6 +20,11 @@ from ...ops.lora import LAYER_KINDS
 from ...ops.lowrank import allocate, rank_for_energy
 from .report import OpInfo
 from .settings import ExtractSettings
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 def spend(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings) -> tuple[list[OpInfo], str]:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...adapter.names import SAVED_PREFIX, saved_key
 from ...engine.execute import Outcome
@@ -16,6 +15,11 @@ from .._results import check_finite
 from .plan import ExpertsOf, ExtractOp
 from .report import ModuleStats, OpInfo
 from .settings import BUDGET_RANK, ExtractSettings
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 def compute_extract(

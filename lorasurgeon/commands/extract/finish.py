@@ -7,9 +7,7 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...adapter.names import SAVED_PREFIX, saved_key
@@ -24,6 +22,11 @@ from .compute import expert_piece
 from .plan import ExtractOp, views
 from .report import ExtractReport, FullTensor, ModuleStats, OpInfo, Skipped, Totals
 from .settings import ExtractSettings
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 REPORT_NAME = "extract_report.json"
 
@@ -184,7 +187,10 @@ def finish_adapter(
                 carried[SAVED_PREFIX + name] = in_memory[name]
     ops = [
         CarryOp(
-            key, Ref(0, name), tuned.info(name).nbytes, TensorSpec(key, tuned.info(name).dtype, tuned.info(name).shape)
+            key,
+            Ref(0, name),
+            tuned.info(name).nbytes,
+            TensorSpec.of(key, tuned.info(name).dtype, tuned.info(name).shape),
         )
         for key, name in carried.items()
     ]

@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ...errors import InvalidOptionError
 from ...io.dtypes import parse_dtype
 from ...io.layout import parse_size
 from ...ops.lowrank import Solver
 from .._inputs import NameFilter, check_device
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 BUDGET_RANK = 256  # with --budget, each module's factors are found up to this rank (or --max-rank)
 Embeddings = Literal["lowrank", "full", "skip"]  # embedding changes (and a tied head's) as factors, whole, or left out

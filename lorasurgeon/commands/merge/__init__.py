@@ -7,9 +7,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ...adapter.config import CONFIG_NAME
 from ...adapter.weights import LoraAdapter, load_adapter
@@ -30,6 +28,11 @@ from .quantized import compute_requant, keep_ops
 from .report import MergeReport
 from .settings import Form, MergeSettings
 from .write import layout, report, write_model
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 __all__ = ["MergeReport", "MergeSettings", "convert", "iter_merged", "merge", "unmerge"]
 

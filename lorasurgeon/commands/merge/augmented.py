@@ -10,9 +10,7 @@ from __future__ import annotations
 import re
 from collections import Counter
 from collections.abc import Mapping
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ...adapter.config import AdapterConfig
 from ...adapter.names import (
@@ -31,6 +29,11 @@ from ...io.checkpoint import Checkpoint
 from ...names import ModelNames, model_names, names_of_memory
 from .experts import BASE_LAYER, stack_shape, unwrapped
 from .ops import Action, TensorOp
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 ORIGINAL = "original_module"
 SAVED_COPY = f"modules_to_save.{ADAPTER_NAME}"

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...ops.lora import add_lora, add_lora_rowwise, dora_apply, replace_rows
 from .._results import check_finite
 from .ops import BiasTerm, LoraTerm, TensorOp
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 def compute_merge(

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import get_args
-
-import torch
+from typing import TYPE_CHECKING, get_args
 
 from ...adapter.config import CONFIG_NAME, AdapterConfig
 from ...engine.execute import Progress
@@ -26,6 +24,11 @@ from .plan import plan_merge
 from .report import MergeReport
 from .settings import MergeSettings, Target
 from .write import layout, report, write, write_model
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 def convert(

@@ -9,9 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
-
-import torch
+from typing import TYPE_CHECKING, Literal
 
 from ...adapter.names import split_saved_key
 from ...engine.plan import Ref
@@ -19,6 +17,11 @@ from ...formats.base import QuantTensor
 from ...io.dtypes import itemsize
 from ...io.layout import TensorSpec
 from ...ops.lora import LayerKind
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 # copy | merge | unmerge | replace (by a full tensor of the adapter) | restore (the adapter's saved W0,
 # written back by unmerge) | lora (an adapter tensor carried into the augmented form)
@@ -85,14 +88,14 @@ class TensorOp:
 
     @property
     def spec(self) -> TensorSpec:
-        return TensorSpec(self.name, self.dtype, self.shape)
+        return TensorSpec.of(self.name, self.dtype, self.shape)
 
     @property
     def specs(self) -> list[TensorSpec]:
         """Every tensor it writes: itself, or the stored parts of a re-quantized weight."""
         if self.quant is None:
             return [self.spec]
-        return [TensorSpec(i.name, i.dtype, i.shape) for _, i in self.quant.tensor.parts]
+        return [TensorSpec.of(i.name, i.dtype, i.shape) for _, i in self.quant.tensor.parts]
 
     def refs(self) -> list[Ref]:
         """Every input tensor this op reads."""

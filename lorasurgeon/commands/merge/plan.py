@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...adapter.names import CONV1D_MODEL_TYPES
 from ...adapter.weights import LoraAdapter, LoraModule
@@ -21,6 +20,11 @@ from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
 from .experts import expert_terms
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 def module_kind(

@@ -15,8 +15,7 @@ import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
@@ -25,6 +24,11 @@ from ...formats.base import CHUNK
 from ...formats.layout import QuantLayout
 from .compute import compute_merge
 from .ops import Requant, TensorOp
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 @dataclass(frozen=True)

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, cast, get_args
-
-import torch
+from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from ...errors import InvalidOptionError
 from .._inputs import check_weights, output_dtype, parse_shard_size
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 Form = Literal["merged", "augmented"]  # the plain architecture, or with the LoRA layers inside
 Target = Literal["merged", "adapter"]  # what convert turns an augmented checkpoint into

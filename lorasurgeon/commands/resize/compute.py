@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
@@ -16,6 +14,11 @@ from ...ops.lowrank import allocate, product_svd, rank_for_energy, split
 from .plan import CopyOp, ModuleOp
 from .report import ModuleResult
 from .settings import Target
+
+if TYPE_CHECKING:
+    import torch
+else:
+    from ..._lazy import torch
 
 
 def matrix(t: torch.Tensor, kind: str, role: str) -> torch.Tensor:

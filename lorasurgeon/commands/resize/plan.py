@@ -110,5 +110,5 @@ def plan_modules(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> t
         for key in [*adapter.replacements.values(), *adapter.base_weights.values()]:
             info = adapter.checkpoint.info(key)
             if key not in {c.name for c in copies}:
-                copies.append(CopyOp(key, Ref(i, key), TensorSpec(key, info.dtype, info.shape)))
+                copies.append(CopyOp(key, Ref(i, key), TensorSpec.of(key, info.dtype, info.shape)))
     return ops, copies
