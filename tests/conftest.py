@@ -16,6 +16,14 @@ warnings.filterwarnings("ignore", category=UserWarning)
 import make_fixtures as mf  # noqa: E402  (fixtures/ is on pytest's pythonpath)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def names_cache(tmp_path_factory) -> Path:
+    """The cache of model names (names.cache) in a folder of this run, not the user's ~/.cache."""
+    folder = tmp_path_factory.mktemp("cache")
+    os.environ["LORASURGEON_CACHE"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def llama_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("llama") / "base"

@@ -19,7 +19,7 @@ from ..formats.layout import QuantLayout, dequantized, find_layout
 from ..hub.source import Source, resolve_source
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.destination import check_destination
-from ..io.dtypes import parse_dtype
+from ..io.dtypes import is_floating, parse_dtype_name, safetensors_name, torch_name
 from ..io.layout import parse_size
 
 if TYPE_CHECKING:
@@ -94,16 +94,17 @@ def check_output(out: str | os.PathLike[str], inputs: Sequence[Path], *, overwri
     check_destination(out, inputs, overwrite=overwrite)
 
 
-def output_dtype(text: str | torch.dtype | None) -> torch.dtype | None:
+def output_dtype(text: str | torch.dtype | None) -> str | None:
+    """--dtype as a safetensors dtype name (None for "auto"), checked to be floating; no torch needed."""
     if text is None or text == "auto":
         return None
     try:
-        dtype = text if isinstance(text, torch.dtype) else parse_dtype(text)
+        name = parse_dtype_name(text) if isinstance(text, str) else safetensors_name(text)
     except ValueError as exc:
         raise InvalidOptionError(str(exc)) from None
-    if not dtype.is_floating_point:
-        raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
-    return dtype
+    if not is_floating(name):
+        raise InvalidOptionError(f"--dtype must be a floating dtype, not {torch_name(name)}")
+    return name
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max

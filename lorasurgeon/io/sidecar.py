@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from .dtypes import torch_name
+
 if TYPE_CHECKING:
     import torch
 else:
@@ -75,7 +77,7 @@ def is_tied(config: dict[str, Any]) -> bool:
 
 
 def edit_config(
-    config: dict[str, Any], *, dtype: torch.dtype | None, untie: bool, dequantized: bool = False
+    config: dict[str, Any], *, dtype: torch.dtype | str | None, untie: bool, dequantized: bool = False
 ) -> dict[str, Any]:
     """A copy of config with the dtype and tie_word_embeddings the result really has; ``dequantized``:
     without the quantization_config (or compression_config) of a quantized base."""
@@ -83,7 +85,7 @@ def edit_config(
     targets = [out] + [v for k, v in out.items() if k == "text_config" and isinstance(v, dict)]
     for doc in targets:
         if dtype is not None:
-            name = str(dtype).removeprefix("torch.")
+            name = torch_name(dtype).removeprefix("torch.")
             for key in ("dtype", "torch_dtype"):
                 if key in doc or (doc is out and key == "dtype" and "torch_dtype" not in doc):
                     doc[key] = name

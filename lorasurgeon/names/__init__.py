@@ -9,6 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .builtin import builtin, is_tied
+from .cache import remembered
 from .from_transformers import from_transformers, saved_keys
 from .model import FusedExperts, ModelNames
 
@@ -26,8 +27,12 @@ def _cached(file_keys: tuple[str, ...], config_json: str) -> ModelNames:
     """One meta model per checkpoint and config in a process (a program or a test suite merges the same
     model again and again); ModelNames is never changed once made."""
     config = json.loads(config_json)
-    found = from_transformers(file_keys, config)
-    return found if isinstance(found, ModelNames) else builtin(file_keys, config, found)
+
+    def compute() -> ModelNames:
+        found = from_transformers(file_keys, config)
+        return found if isinstance(found, ModelNames) else builtin(file_keys, config, found)
+
+    return remembered(file_keys, config_json, compute)
 
 
 def names_of_memory(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> ModelNames:

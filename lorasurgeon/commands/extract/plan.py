@@ -15,7 +15,7 @@ from ...adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDI
 from ...engine.plan import Ref
 from ...errors import IncompatibleError
 from ...io.checkpoint import Checkpoint
-from ...io.dtypes import itemsize
+from ...io.dtypes import is_floating, itemsize
 from ...io.layout import TensorSpec
 from ...names import ModelNames
 from ...ops.lora import LayerName
@@ -200,14 +200,16 @@ def plan_extract(
                 f"vocabulary resized from {b_info.shape[0]} to {t_info.shape[0]} rows: new rows cannot be a "
                 f"delta, stored in full; call resize_token_embeddings({t_info.shape[0]}) on the base before loading"
             )
-        if not t_info.dtype.is_floating_point:
+        if not is_floating(t_info.dtype_name):
             kind = settings.extras
         module = name.rpartition(".")[0]
         if kind in FACTORED:
             lora_modules.add(module)
         shape = t_info.shape
         ops.append(
-            ExtractOp(name, module, kind, Ref(1, key), base_ref, shape, math.prod(shape) * itemsize(t_info.dtype), note)
+            ExtractOp(
+                name, module, kind, Ref(1, key), base_ref, shape, math.prod(shape) * itemsize(t_info.dtype_name), note
+            )
         )
     # The bias of a module that gets LoRA factors is stored as lora_B.bias (lora_bias), not in full.
     ops = [

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ...errors import InvalidOptionError
-from ...io.dtypes import parse_dtype
+from ...io.dtypes import is_floating, itemsize, parse_dtype_name, safetensors_name, torch_dtype, torch_name
 from ...io.layout import parse_size
 from ...ops.lowrank import Solver
 from .._inputs import NameFilter, check_device
@@ -58,7 +58,7 @@ class ExtractSettings:
     extras: Extras = "full"
     solver: Solver = "auto"
     seed: int = 0
-    dtype: torch.dtype | str = torch.float32
+    dtype: torch.dtype | str = "float32"  # kept as its safetensors name once checked (factor_dtype: torch's)
     device: str = "cpu"
     allow_nonfinite: bool = False
     names: NameFilter = field(init=False, repr=False, compare=False)
@@ -84,18 +84,18 @@ class ExtractSettings:
         _choice("--embeddings", self.embeddings, Embeddings)
         _choice("--extras", self.extras, Extras)
         try:
-            dtype = parse_dtype(self.dtype) if isinstance(self.dtype, str) else self.dtype
+            dtype = parse_dtype_name(self.dtype) if isinstance(self.dtype, str) else safetensors_name(self.dtype)
         except ValueError as exc:
             raise InvalidOptionError(f"--dtype: {exc}") from None
-        if not dtype.is_floating_point:
-            raise InvalidOptionError(f"--dtype must be a floating dtype, not {dtype}")
+        if not is_floating(dtype):
+            raise InvalidOptionError(f"--dtype must be a floating dtype, not {torch_name(dtype)}")
         check_device(self.device)
         if self.for_ not in (None, "vllm", "llama.cpp"):
             raise InvalidOptionError(f"unknown --for {self.for_!r}: choose vllm or llama.cpp")
         object.__setattr__(self, "dtype", dtype)
         if self.budget is not None:
             try:
-                params = self.budget if isinstance(self.budget, int) else parse_size(self.budget) // dtype.itemsize
+                params = self.budget if isinstance(self.budget, int) else parse_size(self.budget) // itemsize(dtype)
             except ValueError as exc:
                 raise InvalidOptionError(f"--budget {self.budget!r}: {exc}") from None
             if params < 1:
@@ -110,8 +110,8 @@ class ExtractSettings:
 
     @property
     def factor_dtype(self) -> torch.dtype:
-        assert isinstance(self.dtype, torch.dtype)  # made one in __post_init__
-        return self.dtype
+        assert isinstance(self.dtype, str)  # made a name in __post_init__
+        return torch_dtype(self.dtype)
 
     def method(self) -> dict[str, Any]:
         """The ``method`` of extract_report.json and the model card."""
@@ -123,7 +123,7 @@ class ExtractSettings:
             "for": self.for_,
             "solver": self.solver,
             "seed": self.seed,
-            "dtype": str(self.factor_dtype).removeprefix("torch."),
+            "dtype": torch_name(self.dtype).removeprefix("torch."),
             "embeddings": self.embeddings,
             "extras": self.extras,
         }

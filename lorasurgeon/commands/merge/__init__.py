@@ -210,7 +210,7 @@ def _plan(
     planned = _Planned(base_src, adapter_srcs, ckpt, [], read_config(ckpt.folder), [], False)
     try:
         role = "the merged model" if settings.unmerge else "the base model"
-        keep = settings.quantize == "keep" or settings.dtype is None
+        keep = settings.quantize == "keep" or settings.dtype_name is None
         view, planned.layout = plain_weights(ckpt, planned.config, role=f"{base_src.label}: {role}", keep_static=keep)
         if planned.layout is None and settings.quantize == "keep":
             raise InvalidOptionError(f"{base_src.label}: {role} is not quantized: --quantize keep has nothing to keep")
@@ -229,7 +229,7 @@ def _plan(
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
         planned.names = model_names(ckpt.names(), planned.config)
         if settings.form == "augmented":
-            planned.ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype)
+            planned.ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype_name)
         else:
             planned.ops, planned.untie = plan_merge(
                 ckpt,
@@ -237,7 +237,7 @@ def _plan(
                 list(settings.weights),
                 planned.names,
                 planned.config.get("model_type"),
-                dtype=settings.dtype,
+                dtype=settings.dtype_name,
                 unmerge=settings.unmerge,
             )
         if planned.layout is not None and planned.stored_input is not None:
@@ -272,7 +272,7 @@ def _merge(
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
         plain = planned.layout is not None and planned.stored is None
-        edited = edit_config(config, dtype=settings.dtype, untie=untie, dequantized=plain) if config else None
+        edited = edit_config(config, dtype=settings.dtype_name, untie=untie, dequantized=plain) if config else None
         extra: dict[str, bytes] = {}
         if settings.form == "augmented":
             extra[CONFIG_NAME] = config_bytes(dict(planned.adapters[0].config.raw))

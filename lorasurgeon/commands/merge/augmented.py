@@ -26,14 +26,15 @@ from ...adapter.weights import LoraAdapter, adapter_from
 from ...engine.plan import Ref
 from ...errors import CorruptCheckpointError, UnsupportedError
 from ...io.checkpoint import Checkpoint
+from ...io.dtypes import is_floating
 from ...names import ModelNames, model_names, names_of_memory
 from .experts import BASE_LAYER, stack_shape, unwrapped
 from .ops import Action, TensorOp
 
 if TYPE_CHECKING:
-    import torch
+    pass
 else:
-    from ..._lazy import torch
+    pass
 
 ORIGINAL = "original_module"
 SAVED_COPY = f"modules_to_save.{ADAPTER_NAME}"
@@ -50,9 +51,7 @@ def _saved_module(adapter: LoraAdapter, module: str) -> bool:
     return any(module == m or module.endswith("." + m) for m in adapter.config.modules_to_save)
 
 
-def augmented_ops(
-    base: Checkpoint, adapter: LoraAdapter, names: ModelNames, dtype: torch.dtype | None
-) -> list[TensorOp]:
+def augmented_ops(base: Checkpoint, adapter: LoraAdapter, names: ModelNames, dtype: str | None) -> list[TensorOp]:
     """Ops writing base + adapter as one checkpoint with PEFT's in-memory key names (adapter = input 1).
 
     Its keys are the in-memory names (transformers 5 renames on load), every tied tensor included,
@@ -75,19 +74,21 @@ def augmented_ops(
             owner[_split(target)[0]] = _split(source)[0]
             tokens.add(_split(target)[0])
 
-    def add(name: str, src: Ref, action: Action = "copy", like: torch.dtype | None = None) -> None:
+    def add(name: str, src: Ref, action: Action = "copy", like: str | None = None) -> None:
         """One output tensor; ``like``: the base dtype a saved W0 is taken at (as PEFT's model holds it)."""
         info = (base if src.source == 0 else adapter.checkpoint).info(src.key)
-        held = like or info.dtype
-        out = dtype if dtype is not None and info.dtype.is_floating_point else held
-        ops.append(TensorOp(name, src, out, info.shape, action, src_dtype=held if held != info.dtype else None))
+        held = like or info.dtype_name
+        out = dtype if dtype is not None and is_floating(info.dtype_name) else held
+        ops.append(
+            TensorOp(name, src, out, info.shape, action, src_dtype_name=held if held != info.dtype_name else None)
+        )
 
     for name, key in entries:
         module, leaf = _split(name)
         src = Ref(0, key)
-        like: torch.dtype | None = None
+        like: str | None = None
         if name in adapter.base_weights:
-            like = base.info(src.key).dtype  # the base tensor's dtype, then the saved W0 as the source
+            like = base.info(src.key).dtype_name  # the base tensor's dtype, then the saved W0 as the source
             src = Ref(1, adapter.base_weights[name])
         if name in adapter.replacements and not _saved_module(adapter, module):
             src, like = Ref(1, adapter.replacements[name]), None  # bias="all"/"lora_only": loaded over the base
@@ -107,7 +108,7 @@ def augmented_ops(
         shape = stack_shape(names, base, name)
         if shape is None:
             raise UnsupportedError(f"{base.root}: the per-expert parts of {name!r} are not matrices")
-        out = dtype if dtype is not None and first.dtype.is_floating_point else first.dtype
+        out = dtype if dtype is not None and is_floating(first.dtype_name) else first.dtype_name
         ops.append(
             TensorOp(f"{module}{BASE_LAYER * wrappers[module]}.{leaf}", stack[0][0], out, shape, "copy", stack=stack)
         )

@@ -14,6 +14,7 @@ from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, convert_card
 from ...hub.source import Source
 from ...io.checkpoint import Checkpoint, open_checkpoint
+from ...io.dtypes import is_floating
 from ...io.layout import plan_shards
 from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
 from ...names import model_names
@@ -90,11 +91,11 @@ def convert(
         extra: dict[str, bytes] = {}
         copies: list[Path] = []
         if to == "merged":
-            ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype)
+            ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype_name)
             inputs = [base, adapter.checkpoint]
             shards = layout(ops, base, settings.max_shard_size)
             if config:
-                extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype, untie=untie))
+                extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype_name, untie=untie))
             copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
             index_name: str | None = "model.safetensors.index.json"
         else:
@@ -102,7 +103,7 @@ def convert(
                 TensorOp(
                     k,
                     Ref(0, k),
-                    settings.dtype if settings.dtype and i.dtype.is_floating_point else i.dtype,
+                    settings.dtype_name if settings.dtype_name and is_floating(i.dtype_name) else i.dtype_name,
                     i.shape,
                     "lora",
                 )
@@ -147,21 +148,21 @@ def _convert_model(
 ) -> MergeReport:
     """A model in another dtype: every tensor read (a quantized one dequantized), rounded once, written."""
     view, quant = plain_weights(ckpt, config, role=f"{source.label}: the model")
-    if settings.dtype is None:
+    if settings.dtype_name is None:
         what = f"it is quantized ({quant.describe()}); " if quant is not None else ""
         raise InvalidOptionError(
             f"{source.label} is a model: {what}convert writes it in another --dtype (bfloat16, float16 or float32): "
             "give one (an augmented checkpoint takes --to merged|adapter)"
         )
     names = model_names(view.names(), config)
-    ops, untie = plan_merge(view, [], [], names, str(config.get("model_type") or "") or None, dtype=settings.dtype)
+    ops, untie = plan_merge(view, [], [], names, str(config.get("model_type") or "") or None, dtype=settings.dtype_name)
     plan = Plan(tuple(ops), (str(source.path),), names.source)
-    target = f"--dtype={str(settings.dtype).removeprefix('torch.')}"
+    target = f"--dtype={settings.dtype_words}"
     if dry_run:
         return report(out, "converted", plan, None, untie)
     if out is None:
         raise InvalidOptionError("an output folder is needed (or use dry_run)")
-    edited = edit_config(dict(config), dtype=settings.dtype, untie=untie, dequantized=quant is not None)
+    edited = edit_config(dict(config), dtype=settings.dtype_name, untie=untie, dequantized=quant is not None)
     stats = write_model(
         out,
         ops,

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from ...adapter.names import split_saved_key
 from ...engine.plan import Ref
 from ...formats.base import QuantTensor
-from ...io.dtypes import itemsize
+from ...io.dtypes import itemsize, safetensors_name, torch_dtype, torch_name
 from ...io.layout import TensorSpec
 from ...ops.lora import LayerKind
 
@@ -65,14 +65,14 @@ class TensorOp:
 
     name: str
     src: Ref
-    dtype: torch.dtype
+    dtype_name: str  # safetensors' name of the dtype it is written in (``dtype``: the torch dtype)
     shape: tuple[int, ...]
     action: Action
     terms: tuple[Term, ...] = ()
     rows: tuple[RowPatch, ...] = ()
     # Round the source to this dtype before anything else: a W0 that PEFT saved (often in float32)
     # is held by the adapter model at the base's dtype, so it is taken at that dtype here too.
-    src_dtype: torch.dtype | None = None
+    src_dtype_name: str | None = None
     # The source is made of many tensors (the augmented form of experts transformers fuses on load):
     # stack[p][e] is part p of expert e; experts stacked on axis 0, the parts concatenated on axis 1.
     stack: tuple[tuple[Ref, ...], ...] = ()
@@ -80,22 +80,36 @@ class TensorOp:
     # as for any op, then re-quantized into these stored parts, read from input ``quant.source``.
     quant: Requant | None = None
 
+    def __post_init__(self) -> None:  # torch dtypes given where their names are kept
+        if not isinstance(self.dtype_name, str):
+            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
+        if self.src_dtype_name is not None and not isinstance(self.src_dtype_name, str):
+            object.__setattr__(self, "src_dtype_name", safetensors_name(self.src_dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)
+
+    @property
+    def src_dtype(self) -> torch.dtype | None:
+        return None if self.src_dtype_name is None else torch_dtype(self.src_dtype_name)
+
     @property
     def nbytes(self) -> int:
         if self.quant is not None:
             return self.quant.tensor.stored_nbytes
-        return math.prod(self.shape) * itemsize(self.dtype)
+        return math.prod(self.shape) * itemsize(self.dtype_name)
 
     @property
     def spec(self) -> TensorSpec:
-        return TensorSpec.of(self.name, self.dtype, self.shape)
+        return TensorSpec(self.name, self.dtype_name, self.shape)
 
     @property
     def specs(self) -> list[TensorSpec]:
         """Every tensor it writes: itself, or the stored parts of a re-quantized weight."""
         if self.quant is None:
             return [self.spec]
-        return [TensorSpec.of(i.name, i.dtype, i.shape) for _, i in self.quant.tensor.parts]
+        return [TensorSpec(i.name, i.dtype_name, i.shape) for _, i in self.quant.tensor.parts]
 
     def refs(self) -> list[Ref]:
         """Every input tensor this op reads."""
@@ -112,7 +126,7 @@ class TensorOp:
     @property
     def byte_copy(self) -> TensorSpec | None:
         """The output is the source's bytes when nothing changes them (see ``engine.plan.Op``)."""
-        unchanged = not self.terms and not self.rows and self.src_dtype is None and self.quant is None
+        unchanged = not self.terms and not self.rows and self.src_dtype_name is None and self.quant is None
         return self.spec if unchanged else None
 
 
@@ -181,7 +195,7 @@ def describe(plan: Plan) -> str:
         + (f"; {requant} weights re-quantized" if requant else "")
     )
     for op in plan.ops:
-        dtype = str(op.dtype).removeprefix("torch.") if op.quant is None else "float32→quantized"
+        dtype = torch_name(op.dtype_name).removeprefix("torch.") if op.quant is None else "float32→quantized"
         line = f"  {op.action:<8} {op.name}  {dtype}{list(op.shape)}"
         if op.stack:
             line += f"  <- [{op.src.source}] {sum(len(p) for p in op.stack)} tensors stacked: {op.src.key}, ..."

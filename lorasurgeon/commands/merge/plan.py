@@ -15,6 +15,7 @@ from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
+from ...io.dtypes import is_floating, torch_name
 from ...names import ModelNames
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
@@ -22,9 +23,9 @@ from .experts import expert_terms
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 if TYPE_CHECKING:
-    import torch
+    pass
 else:
-    from ..._lazy import torch
+    pass
 
 
 def module_kind(
@@ -40,7 +41,7 @@ def module_kind(
         conv1d_first = square and (model_type in CONV1D_MODEL_TYPES or bool(adapter.config.raw.get("fan_in_fan_out")))
         candidates = [CONV1D, LINEAR] if conv1d_first else [LINEAR, CONV1D]
     for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
-        if role in module.keys and not adapter.checkpoint.info(module.keys[role]).dtype.is_floating_point:
+        if role in module.keys and not is_floating(adapter.checkpoint.info(module.keys[role]).dtype_name):
             raise IncompatibleError(
                 f"{adapter.path}: module {module.name!r}: {module.keys[role]} is not a float tensor"
             )
@@ -91,7 +92,7 @@ def plan_merge(
     names: ModelNames,
     model_type: str | None,
     *,
-    dtype: torch.dtype | None,
+    dtype: str | None,
     unmerge: bool = False,
 ) -> tuple[list[TensorOp], bool]:
     """One op per output tensor, in base order, and whether a tied tensor had to be untied (and added).
@@ -149,9 +150,10 @@ def plan_merge(
 
     def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
         info = base.info(base_key(name))
-        if not info.dtype.is_floating_point:
+        if not is_floating(info.dtype_name):
             raise IncompatibleError(
-                f"{adapter.path}: targets {name!r}, a {info.dtype} tensor in the base: only float weights can be merged"
+                f"{adapter.path}: targets {name!r}, a {torch_name(info.dtype_name)} tensor in the base: only float "
+                "weights can be merged"
             )
         return info.shape
 
@@ -226,14 +228,14 @@ def plan_merge(
 
     def op_for(name: str, src_name: str) -> TensorOp:
         info = base.info(src_name)
-        out_dtype = dtype if (dtype is not None and info.dtype.is_floating_point) else info.dtype
+        out_dtype = dtype if (dtype is not None and is_floating(info.dtype_name)) else info.dtype_name
         saved = srcs.get(name) if name not in replaced else None
         # A saved W0 is taken at the base's dtype, as the adapter model holds it.
         src_dtype = None
-        if saved is not None and adapters[saved.source - 1].checkpoint.info(saved.key).dtype != info.dtype:
-            src_dtype = info.dtype
+        if saved is not None and adapters[saved.source - 1].checkpoint.info(saved.key).dtype_name != info.dtype_name:
+            src_dtype = info.dtype_name
         if unmerge and saved is not None:  # the adapter holds W0 itself: write it back, exactly
-            return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype=src_dtype)
+            return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype_name=src_dtype)
         src = replaced.get(name) or saved or Ref(0, src_name)
         t, r = tuple(terms.get(name, ())), tuple(rows.get(name, ()))
         changed: Action = "unmerge" if unmerge else "merge"
@@ -244,7 +246,7 @@ def plan_merge(
     by_name = {op.name: op for op in ops}
     own = {view: op_for(view, base_key(view)) for view in views}
     untie = any(
-        (op.src, op.terms, op.rows, op.src_dtype) != (held.src, held.terms, held.rows, held.src_dtype)
+        (op.src, op.terms, op.rows, op.src_dtype_name) != (held.src, held.terms, held.rows, held.src_dtype_name)
         for op, held in ((own[v], by_name[base_key(v)]) for v in views)
     )
     if untie:

@@ -85,9 +85,9 @@ def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[
             continue
         if op.src == Ref(0, qt.name) and not op.terms and not op.rows:
             # unchanged: each stored part copied byte for byte
-            out += [TensorOp(i.name, Ref(stored, i.name), i.dtype, i.shape, "copy") for _, i in qt.parts]
+            out += [TensorOp(i.name, Ref(stored, i.name), i.dtype_name, i.shape, "copy") for _, i in qt.parts]
             continue
-        out.append(dataclasses.replace(op, dtype=torch.float32, quant=Requant(qt, stored)))
+        out.append(dataclasses.replace(op, dtype_name="F32", quant=Requant(qt, stored)))
     return out
 
 
@@ -101,7 +101,7 @@ def compute_requant(
     qt, codec = op.quant.tensor, op.quant.tensor.codec
     parts = {role: tensors[ref] for role, ref in zip(qt.roles, op.quant.parts, strict=True)}
     w0 = codec.dequantize(qt, parts)
-    plain = dataclasses.replace(op, quant=None, dtype=torch.float32)
+    plain = dataclasses.replace(op, quant=None, dtype_name="F32")
     given = {**tensors, op.quant.plain: w0.clone()} if op.src == op.quant.plain else tensors
     exact = compute_merge(plain, given, device, allow_nonfinite=allow_nonfinite).outputs[0][1]
     if exact.shape != w0.shape:

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from ...errors import InvalidOptionError
+from ...io.dtypes import torch_dtype, torch_name
 from .._inputs import check_weights, output_dtype, parse_shard_size
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ class MergeSettings:
 
     weights: tuple[float, ...]  # one per adapter
     form: Form = "merged"
-    dtype: torch.dtype | None = None  # None: each tensor keeps its dtype
+    dtype_name: str | None = None  # safetensors' name; None: each tensor keeps its dtype
     device: str = "cpu"
     max_shard_size: int | None = None  # None: keep the base's layout
     allow_nonfinite: bool = False
@@ -81,5 +82,10 @@ class MergeSettings:
         return "unmerge" if self.unmerge else "merge"
 
     @property
+    def dtype(self) -> torch.dtype | None:
+        """The --dtype as a torch dtype (imports torch), None for each tensor's own."""
+        return None if self.dtype_name is None else torch_dtype(self.dtype_name)
+
+    @property
     def dtype_words(self) -> str:
-        return str(self.dtype).removeprefix("torch.") if self.dtype is not None else "as the base"
+        return torch_name(self.dtype_name).removeprefix("torch.") if self.dtype_name is not None else "as the base"

@@ -26,7 +26,7 @@ from ...adapter.weights import LoraAdapter, load_adapter
 from ...engine.execute import Discard, Progress, run
 from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, model_card
-from ...io.dtypes import itemsize
+from ...io.dtypes import itemsize, torch_dtype
 from ...io.sidecar import config_bytes
 from ...io.spool import SpoolWriter
 from .._inputs import Input, check_weights, prepare
@@ -193,7 +193,7 @@ def _run(
                 f"{sources[0].label}: --for {for_}: whole tensors it does not load ({', '.join(refused[:3])}); "
                 "leave them out of the adapter"
             )
-        dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype
+        dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
         target = Target.parse(**options, itemsize=itemsize(dtype), required=not combining)
         inputs = [a.checkpoint for a in adapters]
         parameters_in = sum(op.rank * op.cost for op in ops)
@@ -224,7 +224,7 @@ def _run(
                 every,
                 inputs,
                 spool,
-                compute=partial(factors, exact=target.exact, ranks=ranks, top=top, dtype=dtype),
+                compute=partial(factors, exact=target.exact, ranks=ranks, top=top, dtype=torch_dtype(dtype)),
                 device=device,
                 progress=progress,
             )

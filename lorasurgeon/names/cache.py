@@ -1,0 +1,103 @@
+"""ModelNames remembered on disk, so that asking transformers (an import of seconds and a meta model) is paid
+once per model and transformers version, not on every command.
+
+The key is everything the answer depends on: this file format's version, the installed transformers'
+version (read from its package metadata, without importing it), the config.json and the file keys. A
+value is written whole (a hidden file renamed into place) and one that cannot be read is recomputed.
+``LORASURGEON_CACHE`` names the folder (default ``$XDG_CACHE_HOME/lorasurgeon``, or ``~/.cache/lorasurgeon``);
+``LORASURGEON_CACHE=off`` turns it off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from .model import FusedExperts, ModelNames
+
+FORMAT = 1  # bump when ModelNames or the way it is computed changes
+
+
+def cache_dir() -> Path | None:
+    chosen = os.environ.get("LORASURGEON_CACHE")
+    if chosen and chosen.lower() in ("off", "0", "none"):
+        return None
+    if chosen:
+        return Path(chosen).expanduser() / "names"
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "lorasurgeon" / "names"
+
+
+def _transformers_version() -> str:
+    try:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
+        return "absent"
+
+
+def _key(file_keys: Sequence[str], config_json: str) -> str:
+    text = json.dumps([FORMAT, _transformers_version(), config_json, list(file_keys)])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def to_json(names: ModelNames) -> dict[str, Any]:
+    return {
+        "file_of": dict(names.file_of),
+        "tied": dict(names.tied),
+        "head": names.head,
+        "embedding": names.embedding,
+        "fused": {k: {"parts": [list(p) for p in f.parts], "axis": f.axis} for k, f in names.fused.items()},
+        "model_class": names.model_class,
+        "task_type": names.task_type,
+        "source": names.source,
+        "saved_as": dict(names.saved_as),
+        "transposed": sorted(names.transposed),
+        "layers": dict(names.layers),
+        "stacked": {k: list(v) for k, v in names.stacked.items()},
+    }
+
+
+def from_json(doc: dict[str, Any]) -> ModelNames:
+    return ModelNames(
+        file_of=doc["file_of"],
+        tied=doc["tied"],
+        head=doc["head"],
+        embedding=doc["embedding"],
+        fused={k: FusedExperts(tuple(tuple(p) for p in f["parts"]), f["axis"]) for k, f in doc["fused"].items()},
+        model_class=doc["model_class"],
+        task_type=doc["task_type"],
+        source=doc["source"],
+        saved_as=doc["saved_as"],
+        transposed=frozenset(doc["transposed"]),
+        layers=doc["layers"],
+        stacked={k: tuple(v) for k, v in doc["stacked"].items()},
+    )
+
+
+def remembered(file_keys: Sequence[str], config_json: str, compute: Callable[[], ModelNames]) -> ModelNames:
+    """The names from the disk cache, or ``compute()``'s, then stored (a cache that cannot be written is
+    skipped: it is never a reason to fail)."""
+    folder = cache_dir()
+    if folder is None:
+        return compute()
+    path = folder / f"{_key(file_keys, config_json)}.json"
+    try:
+        return from_json(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, ValueError, KeyError, TypeError):
+        pass
+    names = compute()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(to_json(names), fh)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+    return names
