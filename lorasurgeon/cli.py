@@ -443,6 +443,12 @@ def _one_budget(size: str | None, params: int | None) -> str | int | None:
     type=Dtype(DTYPES),
     help="dtype of the LoRA factors (bf16, fp16, fp32 work too).",
 )
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw it: kept share and rank per module, singular-value decay (.png/.pdf/.svg; lorasurgeon[plot]).",
+)
 @_options(_device, _nonfinite, _push)
 def extract_cmd(
     base: str,
@@ -464,6 +470,7 @@ def extract_cmd(
     solver: Solver,
     seed: int,
     dtype: str,
+    plot: str | None,
     device: str,
     allow_nonfinite: bool,
     push_to_hub: str | None,
@@ -478,7 +485,7 @@ def extract_cmd(
     Examples:
       lorasurgeon extract ./Llama-3-8B ./my-finetune --rank 16 -o my-lora
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
-      lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb
+      lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
     """
     from .commands.extract import extract
 
@@ -504,6 +511,7 @@ def extract_cmd(
             overwrite=overwrite,
             dry_run=dry_run,
             allow_nonfinite=allow_nonfinite,
+            plot=plot,
             progress=progress_bar(quiet, dry_run),
         ),
         quiet,
@@ -671,6 +679,12 @@ def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
     "--top", type=click.IntRange(min=0), default=20, show_default=True, help="How many changed tensors the table shows."
 )
 @click.option("--atol", type=float, default=None, help="Values within this absolute tolerance count as equal.")
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False),
+    default=None,
+    help="Also draw it: a layers × module-kind heatmap (.png/.pdf/.svg; needs lorasurgeon[plot]).",
+)
 @_options(_filters, _device)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def diff_cmd(
@@ -680,6 +694,7 @@ def diff_cmd(
     rank_profile: bool,
     top: int,
     atol: float | None,
+    plot: str | None,
     include: str | None,
     exclude: str | None,
     device: str,
@@ -691,6 +706,7 @@ def diff_cmd(
     Examples:
       lorasurgeon diff fixtures/base merged --rank-profile
       lorasurgeon diff ./model-fp32 ./model-bf16 --atol 1e-2 --json
+      lorasurgeon diff ./base ./finetuned --rank-profile --plot diff.png
     """
     from .commands.diff import diff
 
@@ -699,6 +715,7 @@ def diff_cmd(
         b,
         rank_profile=rank_profile,
         atol=atol,
+        plot=plot,
         include=include,
         exclude=exclude,
         device=device,

@@ -18,6 +18,7 @@ from ..io.layout import TensorSpec
 from ..io.sidecar import read_config
 from ..ops.compare import change, identical_fraction, rank_profile, same_bits
 from ._inputs import Input, NameFilter, plain_weights, prepare
+from .plot import check_plot_path, diff_figure, save
 
 if TYPE_CHECKING:
     import torch
@@ -207,6 +208,7 @@ def diff(
     exclude: str | None = None,
     device: str = "cpu",
     seed: int = 0,
+    plot: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor (any layouts the reader supports), streamed.
@@ -218,6 +220,8 @@ def diff(
         include / exclude: regexes on tensor names (re.search); one that leaves nothing is an error.
         device: where the comparison runs.
         seed: of the randomized solver behind ``rank_profile``.
+        plot: a picture to write (.png, .pdf, .svg; needs matplotlib): a layers × module-kind heatmap of
+            relative change (and of rank_90 with ``rank_profile``), the tensors outside the layers apart.
         progress: told the bytes to read and each tensor done.
 
     Returns:
@@ -233,6 +237,7 @@ def diff(
     if atol is not None and not atol >= 0:
         raise OptionError(f"--atol must be a non-negative number, got {atol}")
     keep = NameFilter.parse(include, exclude)
+    picture = check_plot_path(plot)
     src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
     path_a, path_b = src_a.path, src_b.path
     with open_checkpoint(path_a) as raw_a, open_checkpoint(path_b) as raw_b:
@@ -271,7 +276,7 @@ def diff(
         )
         found = {t.name: t for t in stats.infos}
         tensors = [found.get(o.name) or TensorDiff(o.name, "shape_mismatch") for o in ops]
-    return DiffReport(
+    report = DiffReport(
         str(path_a),
         str(path_b),
         [n for n in names_a if n not in set_b],
@@ -280,3 +285,6 @@ def diff(
         atol,
         stats.seconds,
     )
+    if picture is not None:
+        save(diff_figure(report), picture)
+    return report

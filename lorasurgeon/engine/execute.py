@@ -267,7 +267,7 @@ def run(
     several deep. A failure in any stage stops all three and is raised here; with ``unreadable``,
     an op whose input cannot be read is reported by it instead, and the run goes on.
     """
-    dev = torch.device(device)
+    dev: torch.device | None = None  # made (and torch imported) when the first tensor is computed
     start = time.perf_counter()
     stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=True, tolerate_unreadable=unreadable is not None)
     write_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
@@ -299,6 +299,7 @@ def run(
                 infos.append(unreadable(op, item.error))
                 outputs = []
             else:
+                dev = dev or torch.device(device)
                 outcome = compute(op, item.tensors, dev)
                 infos.append(outcome.info)
                 outputs = list(outcome.outputs)

@@ -158,7 +158,7 @@ class CheckpointWriter:
         os.umask(umask)
         os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
         for shard in self.shards:
-            header, offsets = build_header([(t.name, t.dtype, t.shape) for t in shard.tensors], meta)
+            header, offsets = build_header([(t.name, t.dtype_name, t.shape) for t in shard.tensors], meta)
             fd = os.open(self._tmp / shard.filename, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
             self._fds[shard.filename] = fd
             pwrite_all(fd, memoryview(header), 0)

@@ -21,6 +21,7 @@ else:
 
 Solver = Literal["auto", "randomized", "exact"]
 KRYLOV_ITERS = 4
+SIGMA_KEPT = 64  # singular values a factorization reports (extract --plot draws their decay)
 EXACT_FP64_NUMEL = 512 * 512  # small exact cases are solved in float64
 
 
@@ -33,6 +34,7 @@ class LowRank:
     kept: float  # Σ of the kept σᵢ², as a fraction of ‖M‖²
     energy: float  # ‖M‖² (float64 sum)
     solver: str
+    sigma: tuple[float, ...] = ()  # the leading singular values the solver found (at most SIGMA_KEPT), kept or not
 
     @property
     def rank(self) -> int:
@@ -170,10 +172,11 @@ def factorize(
     else:
         assert energy is not None  # exactly one of the two, checked above
         r = min(rank_for_energy(s, total, energy), cap)
+    sigma = tuple(float(x) for x in s[:SIGMA_KEPT].double())
     u, s, vh = u[:, :r], s[:r], vh[:r]
     root = torch.sqrt(s)
     kept = min(1.0, float(torch.sum(s.double() ** 2)) / total)
-    return LowRank((root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous(), kept, total, kind)
+    return LowRank((root[:, None] * vh).contiguous(), (u * root[None, :]).contiguous(), kept, total, kind, sigma)
 
 
 def _solve(m: torch.Tensor, k: int, kind: str, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

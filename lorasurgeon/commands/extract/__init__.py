@@ -16,6 +16,7 @@ from ...io.spool import SpoolWriter
 from ...names import model_names
 from ...ops.lowrank import Solver
 from .._inputs import Input, plain_weights, prepare
+from ..plot import check_plot_path, extract_figure, save
 from .budget import spend
 from .compute import compute_extract
 from .finish import Origin, adapter_rank, finish_adapter
@@ -53,6 +54,7 @@ def extract(
     overwrite: bool = False,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    plot: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD, streamed tensor by tensor.
@@ -79,6 +81,8 @@ def extract(
         overwrite: replace ``out`` if it is an earlier lorasurgeon result.
         dry_run: plan only; nothing is read beyond headers, nothing written.
         allow_nonfinite: go on past NaN/Inf in a change instead of stopping.
+        plot: a picture to write (.png, .pdf, .svg; needs matplotlib) once the adapter is: per module the
+            share of ‖ΔW‖² kept and the rank, and the singular-value decay of the largest changes.
         progress: told the bytes to read and each tensor done (the CLI's progress bar).
 
     Returns:
@@ -109,6 +113,9 @@ def extract(
         device=device,
         allow_nonfinite=allow_nonfinite,
     )
+    if plot is not None and dry_run:
+        raise InvalidOptionError("--plot draws what extract computed: it goes without --dry-run")
+    picture = check_plot_path(plot)
     base_src, tuned_src = prepare(
         [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")],
         out,
@@ -212,7 +219,9 @@ def extract(
                 ),
             )
             spool.commit()
-            return report
         except BaseException:
             spool.abort()
             raise
+    if picture is not None:
+        save(extract_figure(report), picture)
+    return report

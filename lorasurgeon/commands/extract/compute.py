@@ -65,9 +65,8 @@ def compute_extract(
         total=total,
     )  # ‖m‖² = ‖ΔW‖²: same elements
     a, b = lr.a.to(dtype), lr.b.to(dtype)
-    stats = ModuleStats(
-        op.module, op.kind, list(op.shape), lr.rank, lr.kept, relative_error(m, a, b, total=total), lr.solver
-    )
+    error = relative_error(m, a, b, total=total)
+    stats = ModuleStats(op.module, op.kind, list(op.shape), lr.rank, lr.kept, error, lr.solver, total, list(lr.sigma))
     if layer is CONV:
         a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
     a_role, b_role = layer.lora_roles
@@ -118,5 +117,5 @@ def _experts(
         rank, solver = max(rank, lr.rank), lr.solver
     if total == 0.0:
         return Outcome([], OpInfo(op, "unchanged"))
-    stats = ModuleStats(op.name, "experts", list(op.shape), rank, kept / total, (error / total) ** 0.5, solver)
+    stats = ModuleStats(op.name, "experts", list(op.shape), rank, kept / total, (error / total) ** 0.5, solver, total)
     return Outcome(outputs, OpInfo(op, "lowrank", total, stats))

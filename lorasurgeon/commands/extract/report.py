@@ -21,6 +21,8 @@ class ModuleStats:
     kept: float  # fraction of ‖ΔW‖² the factors keep
     rel_error: float  # ‖ΔW − BA‖ / ‖ΔW‖, measured on the factors as stored
     solver: str
+    energy: float = 0.0  # ‖ΔW‖²
+    sigma: list[float] = field(default_factory=list)  # ΔW's leading singular values, as many as the solver found
 
 
 @dataclass(frozen=True)
