@@ -3,6 +3,7 @@ time), on the committed fixtures; and what a small merge's whole-process time is
 
     python benchmarks/bench_startup.py            # median of 10 runs per command
     python benchmarks/bench_startup.py --runs 3   # smoke
+    python benchmarks/bench_startup.py --runs 3 --merge-sizes 620 1860   # and what whole merges are made of
 
 The first command on a model asks transformers for its tensor names once and caches them (names.cache);
 the runs here come after one such warm-up, as every use after the first does. Prints a markdown table:
@@ -68,9 +69,42 @@ print(json.dumps({{"import cli": t1 - t0, "import torch": t2 - t1, "merge (plan,
     return found
 
 
+def merge_parts(size_mb: int, runs: int, env: dict[str, str], work: Path) -> None:
+    """A Llama-shaped checkpoint of about ``size_mb`` (bench_merge's): the whole merge process against
+    python + the torch import, against start + headers + plan (--dry-run), and cp -r + sync."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_merge import generate, settle
+
+    root = work / f"m{size_mb}"
+    root.mkdir()
+    base, adapter, layers = generate(root, size_mb, 1024, 16)
+    subprocess.run(f"cat {base}/*.safetensors > /dev/null", shell=True, check=True)
+    merge = cli("merge", str(base), str(adapter), "-o", str(root / "o"), "-q")
+    wall(cli("merge", str(base), str(adapter), "-o", str(root / "o"), "--dry-run"), env)  # names cached
+    rows: dict[str, list[float]] = {k: [] for k in ("merge", "python + import torch", "--dry-run", "cp -r + sync")}
+    for _ in range(runs):
+        rows["python + import torch"].append(wall([sys.executable, "-c", "import lorasurgeon.cli, torch"], env)[0])
+        rows["--dry-run"].append(wall([*merge[:-1], "--dry-run"], env)[0])
+        settle()
+        rows["merge"].append(wall(merge, env)[0])
+        shutil.rmtree(root / "o")
+        settle()
+        rows["cp -r + sync"].append(wall(["sh", "-c", f"cp -r {base} {root}/c && sync {root}/c/*"], env)[0])
+        shutil.rmtree(root / "c")
+    mib = sum(f.stat().st_size for f in base.glob("*.safetensors")) / 2**20
+    med = {k: statistics.median(v) for k, v in rows.items()}
+    rest = med["merge"] - med["python + import torch"] - med["--dry-run"]
+    print(
+        f"| {layers} layers, {mib:.0f} MiB | {med['merge']:.2f} | {med['python + import torch']:.2f} | "
+        f"{med['--dry-run']:.2f} | {rest:.2f} | {med['cp -r + sync']:.2f} |"
+    )
+    shutil.rmtree(root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=10)
+    parser.add_argument("--merge-sizes", type=int, nargs="*", default=[], help="MB of checkpoints to merge")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -108,6 +142,12 @@ def main() -> None:
         print("\nA merge of the committed fixtures, in one process (seconds):\n")
         for what, seconds in breakdown(env, work / "m").items():
             print(f"- {what}: {seconds:.3f}")
+        if args.merge_sizes:
+            print(f"\nWhole merges (medians of {args.runs}; seconds):\n")
+            print("| checkpoint | merge | python + import torch | --dry-run | the rest | cp -r + sync |")
+            print("|---|---:|---:|---:|---:|---:|")
+            for size in args.merge_sizes:
+                merge_parts(size, args.runs, env, work)
 
 
 if __name__ == "__main__":
