@@ -18,7 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Generic, Protocol, TypeAlias, TypeVar
 
 from ..errors import LorasurgeonError
@@ -54,6 +54,10 @@ class ExecStats(Generic[InfoT]):
     bytes_written: int
     seconds: float
     infos: tuple[InfoT, ...]  # what each computed op reported (extract: per-module statistics), in order
+    # seconds each stage spent working, and the compute stage waiting on the others: read (the reader's
+    # reads), compute, write (handing outputs to the sink: its pwrite or file-to-file copy), wait_read
+    # (compute starved of input), wait_write (compute blocked on a full write queue)
+    stages: dict[str, float] = field(default_factory=dict)
 
 
 class Source(Protocol):
@@ -175,6 +179,7 @@ class _Stages(Generic[OpT]):
         # through C++ destructors and aborts the process. Every way out of a run sets ``stop`` or
         # sends _DONE, so each thread ends within one tensor and is joined.
         self.threads = [threading.Thread(target=self._read, name="lorasurgeon-read")]
+        self.seconds = {"read": 0.0, "compute": 0.0, "write": 0.0, "wait_read": 0.0, "wait_write": 0.0}
 
     def put(self, q: queue.Queue[object], item: object) -> bool:
         while not self.stop.is_set():
@@ -200,7 +205,12 @@ class _Stages(Generic[OpT]):
 
     def fetched(self) -> Iterator[tuple[OpT, _Fetched]]:
         """The ops and their fetched tensors, in order, as the reader delivers them."""
-        while (item := self.take(self.read_q)) is not _DONE:
+        while True:
+            waited = time.perf_counter()
+            item = self.take(self.read_q)
+            self.seconds["wait_read"] += time.perf_counter() - waited
+            if item is _DONE:
+                return
             assert isinstance(item, _Fetched)
             self.ahead.release(item.nbytes)  # the reader may fetch the next ops while this one computes
             yield self.ops[item.index], item
@@ -229,7 +239,9 @@ class _Stages(Generic[OpT]):
         if not self.ahead.acquire(nbytes, self.stop):
             raise _Stopping
         try:
+            began = time.perf_counter()
             tensors = {r: self.inputs[r.source].read(r.key, buffers) for r in refs}
+            self.seconds["read"] += time.perf_counter() - began
             return _Fetched(index, tensors, None, None, nbytes)
         except LorasurgeonError as exc:
             if not self.tolerate_unreadable:
@@ -276,8 +288,10 @@ def run(
         try:
             while (item := stages.take(write_q)) is not _DONE:
                 assert isinstance(item, _Writes)
+                began = time.perf_counter()
                 for name, tensor in item.outputs:
                     sink.write(name, tensor)
+                stages.seconds["write"] += time.perf_counter() - began
                 if progress is not None:
                     progress.advance(item.op.nbytes)
         except BaseException as exc:
@@ -300,12 +314,16 @@ def run(
                 outputs = []
             else:
                 dev = dev or torch.device(device)
+                began = time.perf_counter()
                 outcome = compute(op, item.tensors, dev)
+                stages.seconds["compute"] += time.perf_counter() - began
                 infos.append(outcome.info)
                 outputs = list(outcome.outputs)
             del item
+            waited = time.perf_counter()
             if not stages.put(write_q, _Writes(op, outputs)):
                 break
+            stages.seconds["wait_write"] += time.perf_counter() - waited
             written += sum(t.nbytes for _, t in outputs)
     except BaseException:
         stages.stop.set()
@@ -317,7 +335,7 @@ def run(
         if progress is not None:
             progress.finish()
     stages.raise_errors()
-    return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos))
+    return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos), dict(stages.seconds))
 
 
 def stream(

@@ -19,6 +19,7 @@ import os
 import queue
 import shutil
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -130,6 +131,8 @@ class CheckpointWriter:
         self._syncer: threading.Thread | None = None
         self._tmp: Path | None = None
         self._done = False
+        self.sync_seconds = 0.0  # in the early syncs of finished shards (a thread of their own)
+        self.commit_seconds = 0.0  # in commit: the last fsyncs, the index, the renames
         try:
             self._start(sum(s.nbytes for s in self.shards), {"format": "pt"} if metadata is None else metadata)
         except LorasurgeonError:
@@ -224,10 +227,12 @@ class CheckpointWriter:
 
     def _sync_loop(self) -> None:
         while (fd := self._sync_q.get()) is not None:
+            began = time.perf_counter()
             try:
                 os.fdatasync(fd)
             except OSError:
                 pass  # commit's fsync meets it again and reports it
+            self.sync_seconds += time.perf_counter() - began
 
     def _join_syncs(self) -> None:
         if self._syncer is not None:
@@ -265,6 +270,7 @@ class CheckpointWriter:
             raise RuntimeError(f"{len(self._slots)} planned tensors were never written ({missing} ...)")
         tmp = self.partial_dir
         old: Path | None = None
+        began = time.perf_counter()
         try:
             self._join_syncs()
             for fd in self._fds.values():
@@ -297,6 +303,7 @@ class CheckpointWriter:
             pass  # the result is complete and in place; only its durability across a power cut is left to the OS
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        self.commit_seconds = time.perf_counter() - began
         return self.out
 
     def _write_index(self) -> None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from statistics import median
 
 from .ops import Action, Plan, describe
@@ -32,6 +32,8 @@ class MergeReport:
     dry_run: bool
     requantized: tuple[RequantReport, ...] = ()  # each weight re-quantized into the base's format
     notes: tuple[str, ...] = ()  # what a user should know about the result (printed after the summary)
+    # seconds by stage, from the executor's and the writer's counters (see engine.execute.ExecStats.stages)
+    stages: dict[str, float] = field(default_factory=dict)
 
     @property
     def throughput(self) -> float:

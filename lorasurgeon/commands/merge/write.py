@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping, Sequence
 from functools import partial
@@ -83,7 +84,11 @@ def write(
         requantized = [i.to_dict() for i in stats.infos if i is not None]
         if requantized:
             writer.add_file(REQUANT_NAME, config_bytes({"weights": requantized}))
-        return stats
+    # committed: the writer's own counters join the executor's (sync: finished shards' early fdatasync,
+    # on a thread of its own while the run went on; commit: the last fsyncs, the index and the renames)
+    return dataclasses.replace(
+        stats, stages=stats.stages | {"sync": writer.sync_seconds, "commit": writer.commit_seconds}
+    )
 
 
 def write_model(
@@ -131,4 +136,5 @@ def report(
         stats is None,
         tuple(i for i in stats.infos if i is not None) if stats else (),
         notes,
+        dict(stats.stages) if stats else {},
     )
