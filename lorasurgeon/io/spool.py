@@ -16,9 +16,10 @@ from typing import TYPE_CHECKING
 from ..errors import LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice, TensorInfo, pread_into
 from .destination import absolute, check_replaceable
+from .direct import copy_range, pwrite_all
 from .layout import TensorSpec, plan_shards
 from .scratch import clean_stale, make_scratch
-from .writer import CheckpointWriter, copy_range, pwrite_all, tensor_bytes
+from .writer import CheckpointWriter, tensor_bytes
 
 if TYPE_CHECKING:
     import torch
