@@ -202,3 +202,68 @@ def test_an_unreadable_tensor_is_reported_and_the_run_goes_on_when_asked(tmp_pat
     assert stats.infos == ("ok t00", "ok t01", "unreadable t02: t02: truncated while reading", "ok t03")
     with pytest.raises(CorruptCheckpointError, match="t02"):
         run(ops, [OneBadTensor()], Discard(), compute=lambda op, t, d: Outcome([], None))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_several_workers_write_in_plan_order_with_few_results_waiting(tmp_path, workers):
+    """Ops computed at once on several threads, slow and fast ones mixed: the sink sees plan order, the
+    reports come in plan order, and results waiting for their turn never pass the bound."""
+    import threading
+    import time
+
+    from lorasurgeon.engine.execute import Outcome
+
+    ckpt = make(tmp_path)
+    # written in another dtype: computed, not copied file to file
+    ops = [TensorOp(i.name, Ref(0, i.name), torch.bfloat16, i.shape, "merge") for i in ckpt.infos()]
+    lock, alive, most = threading.Lock(), [0], [0]
+
+    def compute(op, tensors, device):
+        time.sleep(0.03 if int(op.name[1:]) % 3 == 0 else 0.001)  # every third op slow
+        with lock:
+            alive[0] += 1
+            most[0] = max(most[0], alive[0])
+        return Outcome([(op.name, (tensors[op.src] + 1).to(torch.bfloat16))], op.name)
+
+    class Sink:
+        order: list[str] = []
+
+        def write(self, name, tensor):
+            with lock:
+                alive[0] -= 1
+            Sink.order.append(name)
+            assert torch.equal(tensor, (ckpt.read(name) + 1).to(torch.bfloat16))
+
+    stats = run(ops, [ckpt], Sink(), compute=compute, workers=workers, threads=1)
+    assert Sink.order == [o.name for o in ops] and list(stats.infos) == [o.name for o in ops]
+    assert most[0] <= 2 * workers + 3  # waiting ≤ workers + 1, computing ≤ workers, the write queue 2
+
+
+def test_a_worker_failure_stops_the_run_and_puts_torch_back(tmp_path):
+    from lorasurgeon.engine.execute import Outcome
+
+    ckpt = make(tmp_path)
+    ops = [TensorOp(i.name, Ref(0, i.name), torch.bfloat16, i.shape, "merge") for i in ckpt.infos()]
+    before = torch.get_num_threads()
+
+    def compute(op, tensors, device):
+        if op.name == "t05":
+            raise ValueError("boom in a worker")
+        return Outcome([(op.name, tensors[op.src].to(torch.bfloat16))], None)
+
+    with pytest.raises(ValueError, match="boom in a worker"):
+        with CheckpointWriter(tmp_path / "out", plan_shards([o.spec for o in ops], max_shard_size=None)) as w:
+            run(ops, [ckpt], w, compute=compute, workers=3, threads=1)
+    assert torch.get_num_threads() == before
+    assert listing(tmp_path) == {"src", "src/model.safetensors"}
+
+
+def test_a_merge_on_several_workers_is_the_same_bytes(tmp_path):
+    from helpers import FIX_ADAPTER, FIX_BASE
+
+    import lorasurgeon as ls
+
+    ls.merge(FIX_BASE, [FIX_ADAPTER], tmp_path / "one", workers=1)
+    ls.merge(FIX_BASE, [FIX_ADAPTER], tmp_path / "three", workers=3)
+    one, three = tmp_path / "one" / "model.safetensors", tmp_path / "three" / "model.safetensors"
+    assert one.read_bytes() == three.read_bytes()

@@ -271,6 +271,8 @@ def run(
     progress: Progress | None = None,
     read_ahead: int = READ_AHEAD_BYTES,
     unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None = None,
+    workers: int = 1,
+    threads: int | None = None,
 ) -> ExecStats[InfoT]:
     """Execute ``ops`` in order, streaming: read ahead, compute, write behind.
 
@@ -278,11 +280,40 @@ def run(
     always by one op), so huge tensors (a 128 K-token embedding is 1 GB in bf16) are not queued
     several deep. A failure in any stage stops all three and is raised here; with ``unreadable``,
     an op whose input cannot be read is reported by it instead, and the run goes on.
+
+    ``workers`` > 1 computes that many ops at once, each on a thread of its own, their results handed
+    to the writer in plan order; at most ``workers`` results wait for their turn, so memory stays
+    bounded by a few tensors per worker. ``threads``: torch's intra-op threads while the run computes
+    (torch's own setting, process-wide, put back afterwards); None leaves it as it is.
     """
     dev: torch.device | None = None  # made (and torch imported) when the first tensor is computed
+    previous_threads: int | None = None
     start = time.perf_counter()
     stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=True, tolerate_unreadable=unreadable is not None)
     write_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+    lock = threading.Lock()
+
+    def device_for_compute() -> torch.device:
+        nonlocal dev, previous_threads
+        with lock:
+            if dev is None:
+                if threads is not None:
+                    previous_threads = torch.get_num_threads()
+                    torch.set_num_threads(threads)
+                dev = torch.device(device)
+            return dev
+
+    def settle(op: OpT, item: _Fetched) -> tuple[list[tuple[str, Written]], list[InfoT], float]:
+        """An op's outputs, what it reports (none for a copy), and the seconds its compute took."""
+        if item.piece is not None:
+            return [(op.name, item.piece)], [], 0.0
+        if item.error is not None:
+            assert unreadable is not None
+            return [], [unreadable(op, item.error)], 0.0
+        on = device_for_compute()
+        began = time.perf_counter()
+        outcome = compute(op, item.tensors, on)
+        return list(outcome.outputs), [outcome.info], time.perf_counter() - began
 
     def write_stage() -> None:
         try:
@@ -298,28 +329,60 @@ def run(
             stages.fail(exc)
 
     stages.threads.append(threading.Thread(target=write_stage, name="lorasurgeon-write"))
+    done: dict[int, tuple[list[tuple[str, Written]], list[InfoT]]] = {}
+    turn = threading.Condition()
+
+    def compute_stage() -> None:
+        """A worker: the next fetched op, computed; its result kept until its turn (while fewer than
+        ``workers`` results wait)."""
+        try:
+            for op, item in stages.fetched():
+                index = item.index
+                outputs, info, seconds = settle(op, item)
+                del item
+                with turn:
+                    stages.seconds["compute"] += seconds
+                    done[index] = (outputs, info)
+                    turn.notify_all()
+                    while len(done) > workers and not stages.stop.is_set():
+                        turn.wait(0.1)
+            stages.put(stages.read_q, _DONE)  # the reader's one end mark, passed on to the next worker
+        except BaseException as exc:
+            stages.fail(exc)
+        with turn:
+            turn.notify_all()
+
+    if workers > 1:
+        stages.threads += [
+            threading.Thread(target=compute_stage, name=f"lorasurgeon-compute-{i}") for i in range(workers)
+        ]
     if progress is not None:
         progress.start(sum(op.nbytes for op in ops))
     written = 0
     infos: list[InfoT] = []
+
+    def in_order() -> Iterator[tuple[OpT, list[tuple[str, Written]], list[InfoT]]]:
+        if workers <= 1:  # the calling thread computes
+            for op, item in stages.fetched():
+                outputs, info, seconds = settle(op, item)
+                stages.seconds["compute"] += seconds
+                del item
+                yield op, outputs, info
+            return
+        for index, op in enumerate(ops):
+            with turn:
+                while index not in done and not stages.stop.is_set():
+                    turn.wait(0.1)
+                if index not in done:
+                    return
+                outputs, info = done.pop(index)
+                turn.notify_all()
+            yield op, outputs, info
+
     try:
         stages.start()
-        for op, item in stages.fetched():
-            outputs: list[tuple[str, Written]]
-            if item.piece is not None:
-                outputs = [(op.name, item.piece)]
-            elif item.error is not None:
-                assert unreadable is not None
-                infos.append(unreadable(op, item.error))
-                outputs = []
-            else:
-                dev = dev or torch.device(device)
-                began = time.perf_counter()
-                outcome = compute(op, item.tensors, dev)
-                stages.seconds["compute"] += time.perf_counter() - began
-                infos.append(outcome.info)
-                outputs = list(outcome.outputs)
-            del item
+        for op, outputs, info in in_order():
+            infos += info
             waited = time.perf_counter()
             if not stages.put(write_q, _Writes(op, outputs)):
                 break
@@ -331,7 +394,12 @@ def run(
     finally:
         if not stages.stop.is_set():
             stages.put(write_q, _DONE)  # gives up if the writer has failed meanwhile
+        else:
+            with turn:
+                turn.notify_all()
         stages.join()
+        if previous_threads is not None:
+            torch.set_num_threads(previous_threads)
         if progress is not None:
             progress.finish()
     stages.raise_errors()

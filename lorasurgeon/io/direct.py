@@ -79,10 +79,11 @@ class BufferedFile:
 
 
 class AlignedWrites:
-    """Page-aligned buffers (anonymous mappings) written by a thread of their own, so that one is filled
-    while another goes to the disk (an O_DIRECT write returns when the device has the bytes)."""
+    """Page-aligned buffers (anonymous mappings) written by threads of their own, so that one is filled
+    while others go to the disk (an O_DIRECT write returns when the device has the bytes; two in flight
+    keep the device busier than one: 2.6 against 2.2 GB/s with dd on this project's VM)."""
 
-    def __init__(self, buffers: int = 2, size: int = CHUNK):
+    def __init__(self, buffers: int = 4, size: int = CHUNK, writers: int = 2):
         self._free: queue.SimpleQueue[mmap.mmap] = queue.SimpleQueue()
         self._all = [mmap.mmap(-1, size) for _ in range(buffers)]
         for buf in self._all:
@@ -91,8 +92,11 @@ class AlignedWrites:
         self._pending = 0
         self._cond = threading.Condition()
         self._error: OSError | None = None
-        self._thread = threading.Thread(target=self._loop, daemon=True, name="lorasurgeon-direct")
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._loop, daemon=True, name=f"lorasurgeon-direct-{i}") for i in range(writers)
+        ]
+        for t in self._threads:
+            t.start()
 
     def buffer(self) -> mmap.mmap:
         """A buffer to fill (waits while all are being written)."""
@@ -132,8 +136,10 @@ class AlignedWrites:
         self._raise()
 
     def close(self) -> None:
-        self._todo.put(None)
-        self._thread.join()
+        for _ in self._threads:
+            self._todo.put(None)
+        for t in self._threads:
+            t.join()
         self._all.clear()  # freed with their last reference (closing one still viewed would raise)
         while not self._free.empty():
             self._free.get()

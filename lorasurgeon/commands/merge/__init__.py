@@ -54,6 +54,7 @@ def merge(
     dry_run: bool = False,
     unmerge: bool = False,
     allow_nonfinite: bool = False,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ in float32, rounded once, streamed.
@@ -75,6 +76,8 @@ def merge(
         dry_run: plan only: headers are read, nothing is written.
         unmerge: subtract instead of add; the same as :func:`unmerge`.
         allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
+        workers: tensors computed at once on the CPU (default: one per core the reader and writer leave, at
+            most 8, each on one torch thread); the result is the same bytes whatever the number.
         progress: told the bytes to write and each tensor written (the CLI's progress bar).
 
     Returns:
@@ -100,6 +103,7 @@ def merge(
         max_shard_size=max_shard_size,
         allow_nonfinite=allow_nonfinite,
         unmerge=unmerge,
+        workers=workers,
     )
     return _merge(base, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
 
@@ -117,6 +121,7 @@ def unmerge(
     overwrite: bool = False,
     dry_run: bool = False,
     allow_nonfinite: bool = False,
+    workers: int | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, or an adapter's own saved W0, exactly.
@@ -127,7 +132,7 @@ def unmerge(
     Args:
         merged: the merged model (folder, file or Hub repo id).
         adapters, out, weights, dtype, quantize, device, max_shard_size, overwrite, dry_run, allow_nonfinite,
-            progress: as for :func:`merge`.
+            workers, progress: as for :func:`merge`.
 
     Returns:
         A MergeReport (form "unmerged").
@@ -150,6 +155,7 @@ def unmerge(
         max_shard_size=max_shard_size,
         allow_nonfinite=allow_nonfinite,
         unmerge=True,
+        workers=workers,
     )
     return _merge(merged, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast, get_args
@@ -32,6 +33,7 @@ class MergeSettings:
     allow_nonfinite: bool = False
     unmerge: bool = False
     quantize: Quantize | None = None  # None: keep for a quantized base unless a dtype is given
+    workers: int | None = None  # tensors computed at once on the CPU; None: compute_workers()
 
     @classmethod
     def parse(
@@ -46,6 +48,7 @@ class MergeSettings:
         allow_nonfinite: bool = False,
         unmerge: bool = False,
         quantize: str | None = None,
+        workers: int | None = None,
     ) -> MergeSettings:
         """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
         if form not in get_args(Form):
@@ -60,6 +63,8 @@ class MergeSettings:
             raise InvalidOptionError("the augmented form holds exactly one adapter, with weight 1")
         if quantize not in (None, *get_args(Quantize)):
             raise InvalidOptionError(f"unknown --quantize {quantize!r}: choose keep (or --dtype for a plain result)")
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise InvalidOptionError(f"--workers must be at least 1, got {workers}")
         out_dtype = output_dtype(dtype)
         if quantize == "keep" and out_dtype is not None:
             raise InvalidOptionError(
@@ -75,7 +80,17 @@ class MergeSettings:
             allow_nonfinite,
             unmerge,
             cast(Quantize | None, quantize),
+            workers,
         )
+
+    def compute_workers(self) -> tuple[int, int | None]:
+        """(ops computed at once, torch threads each) for the engine: on the CPU one op per core the reader
+        and writer leave (at most 8), each single-threaded (the row-block kernel loses more to thread
+        hand-offs than it gains: docs/benchmarks.md); on a GPU one op, torch's threads untouched."""
+        if self.device != "cpu":
+            return 1, None
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return self.workers or max(1, min(8, cores - 1)), 1
 
     @property
     def command(self) -> Literal["merge", "unmerge"]:

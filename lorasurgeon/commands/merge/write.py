@@ -73,6 +73,7 @@ def write(
             writer.copy_file(path)
         for name, data in extra_files.items():
             writer.add_file(name, data)
+        workers, threads = settings.compute_workers()
         stats = run(
             ops,
             inputs,
@@ -80,6 +81,8 @@ def write(
             device=settings.device,
             progress=progress,
             compute=partial(compute_requant, allow_nonfinite=settings.allow_nonfinite),
+            workers=workers,
+            threads=threads,
         )
         requantized = [i.to_dict() for i in stats.infos if i is not None]
         if requantized:
