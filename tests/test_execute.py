@@ -267,3 +267,14 @@ def test_a_merge_on_several_workers_is_the_same_bytes(tmp_path):
     ls.merge(FIX_BASE, [FIX_ADAPTER], tmp_path / "three", workers=3)
     one, three = tmp_path / "one" / "model.safetensors", tmp_path / "three" / "model.safetensors"
     assert one.read_bytes() == three.read_bytes()
+
+
+def test_workers_mistakes_are_named(tmp_path):
+    from helpers import FIX_ADAPTER, FIX_BASE, one_line_error, run_cli
+
+    r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "o", "--workers", "0")
+    assert r.exit_code == 2 and "--workers" in r.output
+    one_line_error(
+        run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "o", "--workers", "2", "--device", "cuda"), "--workers"
+    )
+    assert not (tmp_path / "o").exists()

@@ -124,3 +124,29 @@ def test_the_names_cache_holds_what_transformers_says_and_survives_damage(tmp_pa
     assert cache_dir() is None
     _cached.cache_clear()
     assert model_names(keys, config) == first
+
+
+BLOCKED = """
+import importlib, pkgutil, sys
+
+class Block:  # torch and the other heavy imports made impossible
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in ("torch", "numpy", "safetensors", "transformers", "matplotlib", "huggingface_hub"):
+            raise ImportError(f"blocked {name}")
+
+sys.meta_path.insert(0, Block())
+import lorasurgeon
+bad = []
+for m in pkgutil.walk_packages(lorasurgeon.__path__, "lorasurgeon."):
+    if not m.name.endswith("__main__"):
+        try:
+            importlib.import_module(m.name)
+        except Exception as exc:
+            bad.append(f"{m.name}: {exc}")
+print(bad)
+"""
+
+
+def test_every_module_imports_without_torch_numpy_or_transformers():
+    done = subprocess.run([sys.executable, "-c", BLOCKED], capture_output=True, text=True, cwd=ROOT, check=True)
+    assert done.stdout.strip() == "[]", done.stdout

@@ -136,6 +136,7 @@ class AlignedWrites:
         self._raise()
 
     def close(self) -> None:
+        """Stop the writing threads once what was handed over is done (or dropped after an error)."""
         for _ in self._threads:
             self._todo.put(None)
         for t in self._threads:

@@ -259,11 +259,11 @@ class CheckpointWriter:
         began = time.perf_counter()
         try:
             self._join_syncs()
+            self._release_bounce()  # every direct write done (each shard's finish() waited for its own)
             for file in self._files.values():
                 os.fsync(file.fd)
                 os.close(file.fd)
             self._files.clear()
-            self._release_bounce()
             for path in tmp.rglob("*"):
                 if path.is_file() and path.suffix != ".safetensors":
                     with open(path, "rb+") as fh:
@@ -309,13 +309,13 @@ class CheckpointWriter:
     def abort(self) -> None:
         """Throw away everything written so far."""
         self._join_syncs()  # before the files they sync are closed
+        self._release_bounce()  # its writes done (or dropped) before their descriptors close and are reused
         for file in self._files.values():
             try:
                 os.close(file.fd)
             except OSError:
                 pass
         self._files.clear()
-        self._release_bounce()
         self._done = True
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)

@@ -1,9 +1,9 @@
 """ModelNames remembered on disk, so that asking transformers (an import of seconds and a meta model) is paid
 once per model and transformers version, not on every command.
 
-The key is everything the answer depends on: this file format's version, the installed transformers'
-version (read from its package metadata, without importing it), the config.json and the file keys. A
-value is written whole (a hidden file renamed into place) and one that cannot be read is recomputed.
+The key is everything the answer depends on: this file format's version, the installed transformers' and
+lorasurgeon's versions (read from their package metadata, without importing them), the config.json and the
+file keys. A value is written whole (a hidden file renamed into place) and one that cannot be read is recomputed.
 ``LORASURGEON_CACHE`` names the folder (default ``$XDG_CACHE_HOME/lorasurgeon``, or ``~/.cache/lorasurgeon``);
 ``LORASURGEON_CACHE=off`` turns it off.
 """
@@ -34,15 +34,16 @@ def cache_dir() -> Path | None:
     return Path(base) / "lorasurgeon" / "names"
 
 
-def _transformers_version() -> str:
+def _version(package: str) -> str:
     try:
-        return metadata.version("transformers")
+        return metadata.version(package)
     except metadata.PackageNotFoundError:
         return "absent"
 
 
 def _key(file_keys: Sequence[str], config_json: str) -> str:
-    text = json.dumps([FORMAT, _transformers_version(), config_json, list(file_keys)])
+    versions = [_version("transformers"), _version("lorasurgeon")]
+    text = json.dumps([FORMAT, *versions, config_json, list(file_keys)])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 

@@ -65,6 +65,8 @@ class MergeSettings:
             raise InvalidOptionError(f"unknown --quantize {quantize!r}: choose keep (or --dtype for a plain result)")
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise InvalidOptionError(f"--workers must be at least 1, got {workers}")
+        if workers is not None and workers > 1 and device != "cpu":
+            raise InvalidOptionError(f"--workers is for the CPU: on {device} one tensor is computed at a time")
         out_dtype = output_dtype(dtype)
         if quantize == "keep" and out_dtype is not None:
             raise InvalidOptionError(
