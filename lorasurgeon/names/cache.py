@@ -2,14 +2,16 @@
 once per model and transformers version, not on every command.
 
 The key is everything the answer depends on: this file format's version, the installed transformers' and
-lorasurgeon's versions (read from their package metadata, without importing them), the config.json and the
-file keys. A value is written whole (a hidden file renamed into place) and one that cannot be read is recomputed.
+lorasurgeon's versions (read from their package metadata, without importing them), a digest of this
+package's code, the config.json and the file keys. A value is written whole (a hidden file renamed into
+place) and one that cannot be read is recomputed.
 ``LORASURGEON_CACHE`` names the folder (default ``$XDG_CACHE_HOME/lorasurgeon``, or ``~/.cache/lorasurgeon``);
 ``LORASURGEON_CACHE=off`` turns it off.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -41,8 +43,18 @@ def _version(package: str) -> str:
         return "absent"
 
 
+@functools.cache
+def _code() -> str:
+    """A digest of the code that computes the names (this package's files): an edited checkout is not
+    answered from what an earlier version of it computed."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def _key(file_keys: Sequence[str], config_json: str) -> str:
-    versions = [_version("transformers"), _version("lorasurgeon")]
+    versions = [_version("transformers"), _version("lorasurgeon"), _code()]
     text = json.dumps([FORMAT, *versions, config_json, list(file_keys)])
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
