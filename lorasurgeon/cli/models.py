@@ -1,157 +1,35 @@
-"""The command line: each command parses its options, calls one library function, prints its report.
-
-Options that several commands share are declared once, as groups, below.
-"""
+"""The commands on checkpoints: inspect, merge, unmerge, convert, extract, push, diff."""
 
 from __future__ import annotations
 
 import json
-import os
-import shlex
 import sys
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, TypeVar, cast
+from typing import TYPE_CHECKING, cast
 
 import click
 
-from . import __version__
-from .console import Dtype, Group, catch_stop_signals, debug_option, progress_bar
-from .errors import LorasurgeonError
+from ..console import Dtype, debug_option, progress_bar
+from . import cli
+from .options import (
+    DEVICE,
+    DTYPE_AUTO,
+    DTYPES,
+    FILTERS,
+    MERGING,
+    NONFINITE,
+    PUSH,
+    SHARDS,
+    WRITE,
+    check_push,
+    finish,
+    one_budget,
+    option_group,
+)
 
 if TYPE_CHECKING:  # click's choices guarantee these; the CLI imports no torch before a command runs
-    from .commands.extract.settings import Embeddings, Extras
-    from .commands.merge.settings import Form, Target
-    from .ops.lowrank import Solver
-
-F = TypeVar("F", bound=Callable[..., Any])
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-DTYPES = ["float32", "bfloat16", "float16"]
-
-
-def _options(*decorators: Callable[[F], F]) -> Callable[[F], F]:
-    """Several click options as one decorator, in the order they are listed in --help."""
-
-    def apply(f: F) -> F:
-        for decorator in reversed(decorators):
-            f = decorator(f)
-        return f
-
-    return apply
-
-
-# --- the option groups -------------------------------------------------------------------------
-_write = _options(
-    click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder."),
-    click.option(
-        "--overwrite",
-        is_flag=True,
-        help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.",
-    ),
-    click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
-)
-_device = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
-_dtype_auto = click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=Dtype(["auto", *DTYPES]),
-    help="Output dtype of floating tensors; auto keeps the input's (bf16, fp16, fp32 work too).",
-)
-_shards = click.option("--max-shard-size", default=None, help="e.g. 5GB; by default the input's layout is kept.")
-_nonfinite = click.option("--allow-nonfinite", is_flag=True, help="Write results holding NaN/Inf instead of stopping.")
-_filters = _options(
-    click.option("--include", default=None, help="Regex: only tensors whose name matches."),
-    click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches."),
-)
-_push = _options(
-    click.option(
-        "--push-to-hub",
-        "push_to_hub",
-        default=None,
-        metavar="REPO_ID",
-        help="Upload the result to this Hub repo when it is complete (checked before any work).",
-    ),
-    click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
-)
-_merging = _options(
-    _write,
-    click.option(
-        "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1.0 each)."
-    ),
-    _dtype_auto,
-    click.option(
-        "--quantize",
-        type=click.Choice(["keep"]),
-        default=None,
-        help="A quantized base (FP8, compressed-tensors, MXFP4, bitsandbytes): keep its format, the default unless "
-        "--dtype asks for a plain result. Changed blocks re-quantized, the others copied byte for byte.",
-    ),
-    _device,
-    click.option(
-        "--workers",
-        type=click.IntRange(min=1),
-        default=None,
-        help="Tensors computed at once on the CPU (default: one per core the reader and writer leave, at most 8).",
-    ),
-    _shards,
-    _nonfinite,
-    _push,
-)
-
-
-def _check_push(push_to_hub: str | None, dry_run: bool) -> None:
-    """Before any work: the repo id, the token and the Hub, so a bad push fails in seconds, not after a merge."""
-    if push_to_hub and not dry_run:
-        from .hub.push import check_push_target
-
-        check_push_target(push_to_hub)
-
-
-def _finish(report: Any, quiet: bool, push_to_hub: str | None, private: bool) -> None:
-    """Print the report (the plan, with --dry-run), then push the result if asked."""
-    if report.dry_run or not quiet:
-        click.echo(report.summary())
-    if not push_to_hub or report.dry_run:
-        return
-    from .hub.push import push
-
-    try:
-        pushed = push(report.output, push_to_hub, private=private)
-    except LorasurgeonError as exc:  # the result stays; say how to send it again
-        retry = shlex.join(
-            ["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else [])
-        )
-        raise LorasurgeonError(
-            f"{exc}; the result is complete in {report.output}: retry the upload with `{retry}`"
-        ) from None
-    if not quiet:
-        click.echo(pushed.summary())
-
-
-# --- the commands ------------------------------------------------------------------------------
-@click.group(cls=Group, context_settings=CONTEXT)
-@click.version_option(__version__, "--version", prog_name="lorasurgeon")
-@click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
-@click.pass_context
-def cli(ctx: click.Context, debug: bool) -> None:
-    """LoRA checkpoint surgery: merge, unmerge, extract, diff and inspect, streamed tensor by tensor.
-
-    Inputs are local folders/files or Hub repo ids (org/name[@revision]).
-
-    \b
-    Examples:
-      lorasurgeon merge fixtures/base fixtures/adapter -o merged
-      lorasurgeon merge meta-llama/Llama-3.1-8B my-org/my-lora -o merged --push-to-hub my-org/merged
-      lorasurgeon extract BASE FINETUNED --rank 16 -o lora
-      lorasurgeon diff fixtures/base merged --rank-profile
-      lorasurgeon inspect fixtures/adapter
-    """
-    ctx.obj = {"debug": debug}
-    if not debug:  # huggingface_hub logs retries and warnings; errors reach the user as one line
-        import logging
-
-        logging.getLogger("huggingface_hub").setLevel(logging.ERROR)
+    from ..commands.extract.settings import Embeddings, Extras
+    from ..commands.merge.settings import Form, Target
+    from ..ops.lowrank import Solver
 
 
 @cli.command("inspect")
@@ -176,8 +54,8 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
       lorasurgeon inspect fixtures/adapter --json
       lorasurgeon inspect merged --verify
     """
-    from .commands.inspect import format_report, inspect
-    from .commands.verify import verify
+    from ..commands.inspect import format_report, inspect
+    from ..commands.verify import verify
 
     report = inspect(path)
     verified = verify(path) if check else None
@@ -200,7 +78,7 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
     type=click.Choice(["merged", "augmented"]),
     help="merged: plain architecture; augmented: LoRA layers inside.",
 )
-@_merging
+@MERGING
 def merge_cmd(
     base: str,
     adapters: tuple[str, ...],
@@ -227,10 +105,10 @@ def merge_cmd(
       lorasurgeon merge ./Llama-3-8B ./my-lora --dtype bfloat16 -o ./Llama-3-8B-merged
       lorasurgeon merge BASE A1 A2 --weight 1 --weight 0.5 -o OUT
     """
-    from .commands.merge import merge
+    from ..commands.merge import merge
 
-    _check_push(push_to_hub, dry_run)
-    _finish(
+    check_push(push_to_hub, dry_run)
+    finish(
         merge(
             base,
             adapters,
@@ -257,7 +135,7 @@ def merge_cmd(
 @debug_option
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
-@_merging
+@MERGING
 def unmerge_cmd(
     merged: str,
     adapters: tuple[str, ...],
@@ -281,10 +159,10 @@ def unmerge_cmd(
     Example:
       lorasurgeon unmerge merged fixtures/adapter -o base-again
     """
-    from .commands.merge import unmerge
+    from ..commands.merge import unmerge
 
-    _check_push(push_to_hub, dry_run)
-    _finish(
+    check_push(push_to_hub, dry_run)
+    finish(
         unmerge(
             merged,
             adapters,
@@ -325,7 +203,7 @@ def unmerge_cmd(
     type=click.Choice(["vllm", "llama.cpp"]),
     help="An adapter rewritten exactly for this consumer (every component kept, scales in B), or refused by name.",
 )
-@_options(_write, _dtype_auto, _device, _shards, _push)
+@option_group(WRITE, DTYPE_AUTO, DEVICE, SHARDS, PUSH)
 def convert_cmd(
     augmented: str,
     to: str | None,
@@ -354,10 +232,10 @@ def convert_cmd(
     if for_ is not None:
         if to is not None:
             raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
-        from .commands.resize import resize
+        from ..commands.resize import resize
 
-        _check_push(push_to_hub, dry_run)
-        _finish(
+        check_push(push_to_hub, dry_run)
+        finish(
             resize(augmented, out, energy=1.0, for_=for_, overwrite=overwrite, dry_run=dry_run),
             quiet,
             push_to_hub,
@@ -365,7 +243,7 @@ def convert_cmd(
         )
         return
     if to == "gguf":
-        from .commands.to_gguf import to_gguf
+        from ..commands.to_gguf import to_gguf
 
         if push_to_hub:
             raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
@@ -373,12 +251,12 @@ def convert_cmd(
         if report.dry_run or not quiet:
             click.echo(report.summary())
         return
-    from .commands.merge import convert
+    from ..commands.merge import convert
 
     if base is not None:
         raise click.UsageError("--base goes with --to gguf")
-    _check_push(push_to_hub, dry_run)
-    _finish(
+    check_push(push_to_hub, dry_run)
+    finish(
         convert(
             augmented,
             out,
@@ -396,17 +274,11 @@ def convert_cmd(
     )
 
 
-def _one_budget(size: str | None, params: int | None) -> str | int | None:
-    if size is not None and params is not None:
-        raise click.UsageError("--budget and --budget-params: give one")
-    return params if params is not None else size
-
-
 @cli.command("extract")
 @debug_option
 @click.argument("base")
 @click.argument("finetuned")
-@_write
+@WRITE
 @click.option("--rank", type=int, default=None, help="Fixed rank for every module.")
 @click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
 @click.option("--max-rank", type=int, default=None, help="Cap for --energy and --budget.")
@@ -421,7 +293,7 @@ def _one_budget(size: str | None, params: int | None) -> str | int | None:
     type=click.Choice(["vllm", "llama.cpp"]),
     help="One alpha with each module's scale in its B; what the consumer cannot take refused by name.",
 )
-@_filters
+@FILTERS
 @click.option(
     "--embeddings",
     default="lowrank",
@@ -459,7 +331,7 @@ def _one_budget(size: str | None, params: int | None) -> str | int | None:
     default=None,
     help="Also draw it: kept share and rank per module, singular-value decay (.png/.pdf/.svg; lorasurgeon[plot]).",
 )
-@_options(_device, _nonfinite, _push)
+@option_group(DEVICE, NONFINITE, PUSH)
 def extract_cmd(
     base: str,
     finetuned: str,
@@ -497,10 +369,10 @@ def extract_cmd(
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
       lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
     """
-    from .commands.extract import extract
+    from ..commands.extract import extract
 
-    _check_push(push_to_hub, dry_run)
-    _finish(
+    check_push(push_to_hub, dry_run)
+    finish(
         extract(
             base,
             finetuned,
@@ -508,7 +380,7 @@ def extract_cmd(
             rank=rank,
             energy=energy,
             max_rank=max_rank,
-            budget=_one_budget(budget, budget_params),
+            budget=one_budget(budget, budget_params),
             for_=for_,
             include=include,
             exclude=exclude,
@@ -549,134 +421,12 @@ def push_cmd(
     Example:
       lorasurgeon push merged my-org/my-model-merged --private
     """
-    from .hub.push import check_push_target, push
+    from ..hub.push import check_push_target, push
 
     check_push_target(repo_id)
     click.echo(
         push(folder, repo_id, private=private, revision=revision, create_pr=create_pr, message=message).summary()
     )
-
-
-_sizing = _options(
-    click.option(
-        "--for",
-        "for_",
-        default=None,
-        type=click.Choice(["vllm", "llama.cpp"]),
-        help="Make what this consumer loads as PEFT computes it, or refuse by name.",
-    ),
-    click.option("--rank", type=int, default=None, help="The same rank for every module."),
-    click.option(
-        "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."
-    ),
-    click.option("--budget", default=None, metavar="SIZE", help="A size for all factors together (e.g. 15MB)."),
-    click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters."),
-    click.option("--max-rank", type=int, default=None, help="A cap per module."),
-)
-
-
-@cli.command("resize")
-@debug_option
-@click.argument("adapter")
-@_options(_write, _sizing, _device, _push)
-def resize_cmd(
-    adapter: str,
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    device: str,
-    push_to_hub: str | None,
-    private: bool,
-    **sizing: Any,
-) -> None:
-    """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
-
-    \b
-    Examples:
-      lorasurgeon resize my-lora --rank 8 -o my-lora-r8
-      lorasurgeon resize my-lora --budget 15MB -o my-lora-15mb
-    """
-    from .commands.resize import resize
-
-    _check_push(push_to_hub, dry_run)
-    report = resize(
-        adapter,
-        out,
-        **sizing,
-        device=device,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=progress_bar(quiet, dry_run),
-    )
-    _finish(report, quiet, push_to_hub, private)
-
-
-@cli.command("combine")
-@debug_option
-@click.argument("adapters", nargs=-1, required=True)
-@_options(
-    _write,
-    click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter (default 1.0 each)."),
-    _sizing,
-    _device,
-    _push,
-)
-def combine_cmd(
-    adapters: tuple[str, ...],
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    weights: tuple[float, ...],
-    device: str,
-    push_to_hub: str | None,
-    private: bool,
-    **sizing: Any,
-) -> None:
-    """One adapter for the weighted sum of ADAPTERS: exact (stacked factors) unless a rank, energy or budget
-    asks for fewer; then the optimal truncation, never forming ΔW.
-
-    \b
-    Examples:
-      lorasurgeon combine style-lora facts-lora --weight 1 --weight 0.5 -o both
-      lorasurgeon combine A B C --rank 32 -o abc-r32
-    """
-    from .commands.resize import combine
-
-    _check_push(push_to_hub, dry_run)
-    report = combine(
-        adapters,
-        out,
-        weights=weights,
-        **sizing,
-        device=device,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=progress_bar(quiet, dry_run),
-    )
-    _finish(report, quiet, push_to_hub, private)
-
-
-@cli.command("check")
-@debug_option
-@click.argument("adapter")
-@click.option("--for", "consumer", required=True, type=click.Choice(["vllm", "llama.cpp"]), help="The consumer.")
-@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
-def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
-    """What CONSUMER will refuse in ADAPTER, or compute otherwise than PEFT: exit 0 if it loads as PEFT
-    computes it, 1 if not (each problem named, with the command that rewrites it where one is exact).
-
-    \b
-    Examples:
-      lorasurgeon check my-lora --for vllm
-      lorasurgeon check my-lora --for llama.cpp --json
-    """
-    from .commands.check import check
-
-    report = check(adapter, consumer=consumer)
-    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
-    sys.exit(report.exit_code)
 
 
 @cli.command("diff")
@@ -695,7 +445,7 @@ def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
     default=None,
     help="Also draw it: a layers × module-kind heatmap (.png/.pdf/.svg; needs lorasurgeon[plot]).",
 )
-@_options(_filters, _device)
+@option_group(FILTERS, DEVICE)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def diff_cmd(
     a: str,
@@ -718,7 +468,7 @@ def diff_cmd(
       lorasurgeon diff ./model-fp32 ./model-bf16 --atol 1e-2 --json
       lorasurgeon diff ./base ./finetuned --rank-profile --plot diff.png
     """
-    from .commands.diff import diff
+    from ..commands.diff import diff
 
     report = diff(
         a,
@@ -733,12 +483,3 @@ def diff_cmd(
     )
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(top))
     sys.exit(report.exit_code)
-
-
-def main() -> None:
-    # Before torch (and its OpenMP runtime) is imported: idle OpenMP workers sleep instead of
-    # spinning, so they do not take the cores the reading and writing threads need. Measured in
-    # docs/benchmarks.md; set the variable yourself to override.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    catch_stop_signals()
-    cli(prog_name="lorasurgeon")

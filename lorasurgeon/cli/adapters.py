@@ -1,0 +1,128 @@
+"""The commands on adapters: resize, combine, check."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, Any
+
+import click
+
+from ..console import debug_option, progress_bar
+from . import cli
+from .options import (
+    DEVICE,
+    PUSH,
+    SIZING,
+    WRITE,
+    check_push,
+    finish,
+    option_group,
+)
+
+if TYPE_CHECKING:  # click's choices guarantee these; the CLI imports no torch before a command runs
+    pass
+
+
+@cli.command("resize")
+@debug_option
+@click.argument("adapter")
+@option_group(WRITE, SIZING, DEVICE, PUSH)
+def resize_cmd(
+    adapter: str,
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    device: str,
+    push_to_hub: str | None,
+    private: bool,
+    **sizing: Any,
+) -> None:
+    """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
+
+    \b
+    Examples:
+      lorasurgeon resize my-lora --rank 8 -o my-lora-r8
+      lorasurgeon resize my-lora --budget 15MB -o my-lora-15mb
+    """
+    from ..commands.resize import resize
+
+    check_push(push_to_hub, dry_run)
+    report = resize(
+        adapter,
+        out,
+        **sizing,
+        device=device,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=progress_bar(quiet, dry_run),
+    )
+    finish(report, quiet, push_to_hub, private)
+
+
+@cli.command("combine")
+@debug_option
+@click.argument("adapters", nargs=-1, required=True)
+@option_group(
+    WRITE,
+    click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter (default 1.0 each)."),
+    SIZING,
+    DEVICE,
+    PUSH,
+)
+def combine_cmd(
+    adapters: tuple[str, ...],
+    out: str,
+    overwrite: bool,
+    dry_run: bool,
+    quiet: bool,
+    weights: tuple[float, ...],
+    device: str,
+    push_to_hub: str | None,
+    private: bool,
+    **sizing: Any,
+) -> None:
+    """One adapter for the weighted sum of ADAPTERS: exact (stacked factors) unless a rank, energy or budget
+    asks for fewer; then the optimal truncation, never forming ΔW.
+
+    \b
+    Examples:
+      lorasurgeon combine style-lora facts-lora --weight 1 --weight 0.5 -o both
+      lorasurgeon combine A B C --rank 32 -o abc-r32
+    """
+    from ..commands.resize import combine
+
+    check_push(push_to_hub, dry_run)
+    report = combine(
+        adapters,
+        out,
+        weights=weights,
+        **sizing,
+        device=device,
+        overwrite=overwrite,
+        dry_run=dry_run,
+        progress=progress_bar(quiet, dry_run),
+    )
+    finish(report, quiet, push_to_hub, private)
+
+
+@cli.command("check")
+@debug_option
+@click.argument("adapter")
+@click.option("--for", "consumer", required=True, type=click.Choice(["vllm", "llama.cpp"]), help="The consumer.")
+@click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
+def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
+    """What CONSUMER will refuse in ADAPTER, or compute otherwise than PEFT: exit 0 if it loads as PEFT
+    computes it, 1 if not (each problem named, with the command that rewrites it where one is exact).
+
+    \b
+    Examples:
+      lorasurgeon check my-lora --for vllm
+      lorasurgeon check my-lora --for llama.cpp --json
+    """
+    from ..commands.check import check
+
+    report = check(adapter, consumer=consumer)
+    click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
+    sys.exit(report.exit_code)

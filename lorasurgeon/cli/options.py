@@ -1,0 +1,141 @@
+"""What the commands share: option groups declared once (in the order --help lists them), the check of a
+--push-to-hub target before any work, and the printing (and pushing) of a report."""
+
+from __future__ import annotations
+
+import shlex
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from ..console import Dtype
+from ..errors import LorasurgeonError
+
+F = TypeVar("F", bound=Callable[..., Any])
+DTYPES = ["float32", "bfloat16", "float16"]
+
+
+def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
+    """Several click options as one decorator, in the order they are listed in --help."""
+
+    def apply(f: F) -> F:
+        for decorator in reversed(decorators):
+            f = decorator(f)
+        return f
+
+    return apply
+
+
+# --- the option groups -------------------------------------------------------------------------
+WRITE = option_group(
+    click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder."),
+    click.option(
+        "--overwrite",
+        is_flag=True,
+        help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.",
+    ),
+    click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+    click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
+)
+DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
+DTYPE_AUTO = click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=Dtype(["auto", *DTYPES]),
+    help="Output dtype of floating tensors; auto keeps the input's (bf16, fp16, fp32 work too).",
+)
+SHARDS = click.option("--max-shard-size", default=None, help="e.g. 5GB; by default the input's layout is kept.")
+NONFINITE = click.option("--allow-nonfinite", is_flag=True, help="Write results holding NaN/Inf instead of stopping.")
+FILTERS = option_group(
+    click.option("--include", default=None, help="Regex: only tensors whose name matches."),
+    click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches."),
+)
+PUSH = option_group(
+    click.option(
+        "--push-to-hub",
+        "push_to_hub",
+        default=None,
+        metavar="REPO_ID",
+        help="Upload the result to this Hub repo when it is complete (checked before any work).",
+    ),
+    click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
+)
+MERGING = option_group(
+    WRITE,
+    click.option(
+        "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1.0 each)."
+    ),
+    DTYPE_AUTO,
+    click.option(
+        "--quantize",
+        type=click.Choice(["keep"]),
+        default=None,
+        help="A quantized base (FP8, compressed-tensors, MXFP4, bitsandbytes): keep its format, the default unless "
+        "--dtype asks for a plain result. Changed blocks re-quantized, the others copied byte for byte.",
+    ),
+    DEVICE,
+    click.option(
+        "--workers",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Tensors computed at once on the CPU (default: one per core the reader and writer leave, at most 8).",
+    ),
+    SHARDS,
+    NONFINITE,
+    PUSH,
+)
+
+
+def check_push(push_to_hub: str | None, dry_run: bool) -> None:
+    """Before any work: the repo id, the token and the Hub, so a bad push fails in seconds, not after a merge."""
+    if push_to_hub and not dry_run:
+        from ..hub.push import check_push_target
+
+        check_push_target(push_to_hub)
+
+
+def finish(report: Any, quiet: bool, push_to_hub: str | None, private: bool) -> None:
+    """Print the report (the plan, with --dry-run), then push the result if asked."""
+    if report.dry_run or not quiet:
+        click.echo(report.summary())
+    if not push_to_hub or report.dry_run:
+        return
+    from ..hub.push import push
+
+    try:
+        pushed = push(report.output, push_to_hub, private=private)
+    except LorasurgeonError as exc:  # the result stays; say how to send it again
+        retry = shlex.join(
+            ["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else [])
+        )
+        raise LorasurgeonError(
+            f"{exc}; the result is complete in {report.output}: retry the upload with `{retry}`"
+        ) from None
+    if not quiet:
+        click.echo(pushed.summary())
+
+
+def one_budget(size: str | None, params: int | None) -> str | int | None:
+    if size is not None and params is not None:
+        raise click.UsageError("--budget and --budget-params: give one")
+    return params if params is not None else size
+
+
+SIZING = option_group(
+    click.option(
+        "--for",
+        "for_",
+        default=None,
+        type=click.Choice(["vllm", "llama.cpp"]),
+        help="Make what this consumer loads as PEFT computes it, or refuse by name.",
+    ),
+    click.option("--rank", type=int, default=None, help="The same rank for every module."),
+    click.option(
+        "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."
+    ),
+    click.option("--budget", default=None, metavar="SIZE", help="A size for all factors together (e.g. 15MB)."),
+    click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters."),
+    click.option("--max-rank", type=int, default=None, help="A cap per module."),
+)
