@@ -15,7 +15,6 @@ from ..hub.source import resolve
 from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.sidecar import read_config
 from ._inputs import input_kind
-from .merge.augmented import split_augmented
 
 
 @dataclass(frozen=True)
@@ -105,6 +104,8 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         adapter = load_adapter(ckpt.folder)
         ckpt = adapter.checkpoint
     elif form == "augmented" and has_config:  # the adapter inside, read as convert reads it
+        from .merge.augmented import split_augmented  # the merge package only for this kind of checkpoint
+
         _, adapter, _ = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), read_config(ckpt.folder))
     dtypes: dict[str, list[int]] = {}
     for info in ckpt.infos():
