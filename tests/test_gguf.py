@@ -138,9 +138,15 @@ def test_what_llama_cpp_cannot_take_is_refused_by_name(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
 
 
-# convert_hf_to_gguf's classes (llama.cpp conversion/*.py) that permute q/k rows: LlamaModel (Mixtral) and OlmoModel
-PERMUTED = {"mixtral", "olmo"}
+# convert_hf_to_gguf's classes (llama.cpp conversion/*.py) that permute q/k rows: LlamaModel (Mistral, Mixtral)
+# and OlmoModel
+PERMUTED = {"mistral", "mixtral", "olmo"}
 GGUF_ARCH = {
+    "mistral": "LLAMA",
+    "qwen2": "QWEN2",
+    "qwen3": "QWEN3",
+    "gemma": "GEMMA",
+    "gemma2": "GEMMA2",
     "phi": "PHI2",
     "phi3": "PHI3",
     "gpt2": "GPT2",
@@ -151,6 +157,7 @@ GGUF_ARCH = {
     "mixtral": "LLAMA",
     "qwen2_moe": "QWEN2MOE",
     "qwen3_moe": "QWEN3MOE",
+    "gemma3": "GEMMA3",
 }
 
 
@@ -196,3 +203,15 @@ def test_per_expert_loras_are_refused_by_name(tmp_path):
     r = run_cli("convert", experts, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path / "x.gguf")
     one_line_error(r, "per-expert", "experts.0.down_proj")
     assert not (tmp_path / "x.gguf").exists()
+
+
+def test_a_gemma3_embedding_lora_is_refused_by_name(tmp_path):
+    from architectures import ARCHS, build
+    from peft import LoraConfig, get_peft_model
+
+    build(ARCHS["gemma3"]).save_pretrained(tmp_path / "base")
+    lora = LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=["q_proj", "embed_tokens"])
+    get_peft_model(build(ARCHS["gemma3"]), lora).save_pretrained(tmp_path / "adapter")
+    r = run_cli("convert", tmp_path / "adapter", "--to", "gguf", "--base", tmp_path / "base", "-o", tmp_path / "g.gguf")
+    one_line_error(r, "embedding", "Gemma3ForCausalLM", "vocabulary")
+    assert not (tmp_path / "g.gguf").exists()

@@ -49,6 +49,7 @@ ARCHITECTURES = {
     "Qwen3MoeForCausalLM": ("QWEN3MOE", False),
     "GemmaForCausalLM": ("GEMMA", False),  # its converter changes norms only, and drops lm_head (tied)
     "Gemma2ForCausalLM": ("GEMMA2", False),
+    "Gemma3ForCausalLM": ("GEMMA3", False),  # norms shifted, the embedding cut to the tokenizer's vocabulary
     "PhiForCausalLM": ("PHI2", False),
     "Phi3ForCausalLM": ("PHI3", False),  # fused qkv_proj / gate_up_proj kept fused (attn_qkv / ffn_up)
     "GPT2LMHeadModel": ("GPT2", False),  # Conv1D weights transposed to (out, in): PEFT's B·A already is
@@ -58,6 +59,9 @@ ARCHITECTURES = {
     "Olmo2ForCausalLM": ("OLMO2", False),
 }
 NO_HEAD = ("GemmaForCausalLM", "Gemma2ForCausalLM")  # llama.cpp has no output tensor for these
+# converters that cut the embedding's rows to the tokenizer's vocabulary (Gemma3Model.modify_tensors): an
+# embedding LoRA's A would have to be cut alike, from a tokenizer this command does not read
+TRIMMED_VOCABULARY = ("Gemma3ForCausalLM",)
 
 
 @dataclass(frozen=True)
@@ -143,6 +147,8 @@ def to_gguf(
         tied = is_tied(config) or arch in NO_HEAD
         if tied and any(m.name.endswith("lm_head") for m in loaded.modules.values()):
             found.append("LoRA on lm_head of a model whose head is its embedding (llama.cpp#9065)")
+        if arch in TRIMMED_VOCABULARY and any(m.kind == "embedding" for m in loaded.modules.values()):
+            found.append(f"a LoRA on the embedding of {arch} (llama.cpp cuts its rows to the tokenizer's vocabulary)")
         if found:
             raise UnsupportedError(f"{source.label}: llama.cpp cannot take {'; '.join(found)}")
         arch_name, permuted = ARCHITECTURES[arch]
