@@ -4,12 +4,13 @@ and written back from there later (what cost a merge as much CPU as its arithmet
 O_DIRECT wants the file offset, the length and the memory address of every write to be multiples of the
 device's block size (4 KiB covers every common one). A safetensors shard is not laid out in such blocks,
 and its tensors may arrive in any order, so a ``DirectFile`` keeps the blocks it has only part of (at most
-two per tensor, 4 KiB each) until their other bytes arrive, and copies whole blocks through an aligned
-buffer of its own. Every byte of a shard is written exactly once (header, then tensors, no gaps), so each
-kept block completes; the last one is written padded and the file cut to its size in ``finish``.
+two per tensor, 4 KiB each) until their other bytes arrive, and copies whole blocks into aligned buffers
+that ``AlignedWrites``' threads write while the next are filled. Every byte of a shard is written exactly
+once (header, then tensors, no gaps), so each kept block completes; the last one is written padded and
+the file cut to its size in ``finish``.
 
-Where the filesystem refuses O_DIRECT (tmpfs, some network filesystems) ``open_shard`` returns a
-``BufferedFile``: plain pwrite, and copy_file_range for bytes left in an input.
+Where the filesystem refuses O_DIRECT (ramfs, tmpfs before Linux 6.6, some network filesystems)
+``open_shard`` returns a ``BufferedFile``: plain pwrite, and copy_file_range for bytes left in an input.
 """
 
 from __future__ import annotations

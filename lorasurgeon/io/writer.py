@@ -4,8 +4,11 @@ Every shard's header is written first, from the planned names, dtypes and shapes
 tensor's place in its file is known before any data arrives; a tensor is written to that place
 as soon as it is handed over (in any order) and then dropped. No shard is ever held in memory.
 
+Shards of results of DIRECT_MIN_BYTES or more are written with O_DIRECT where the filesystem takes it
+(``io.direct``): straight from aligned buffers to the device, nothing left to write back.
+
 Everything goes into a hidden sibling folder (``.NAME.PID.XXXX.lorasurgeon-partial``). Each
-shard is synced to disk by a background thread as soon as its last tensor is in; ``commit``
+page-cache shard is synced to disk by a background thread as soon as its last tensor is in; ``commit``
 fsyncs the files, writes the index last, and renames the folder into place; any failure before
 that removes the partial folder. With ``overwrite`` an existing output is replaced only after
 the new one is complete.
