@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, InputNotFoundError, UnsupportedError
-from .dtypes import itemsize, safetensors_name, torch_dtype
+from .dtypes import DtypeByName, itemsize, safetensors_name
 from .header import read_header
 from .legacy import LegacyFile
 
@@ -44,7 +44,7 @@ BIN_SUFFIXES = (".bin", ".pt", ".pth")
 
 
 @dataclass(frozen=True)
-class TensorInfo:
+class TensorInfo(DtypeByName):
     """Where one tensor lives and what it is, known without reading it."""
 
     name: str
@@ -63,14 +63,6 @@ class TensorInfo:
     ) -> TensorInfo:
         """A TensorInfo from a torch dtype or a safetensors dtype name."""
         return TensorInfo(name, safetensors_name(dtype), shape, file, offset, **kw)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dtype_name, str):  # a torch dtype given where its name is kept
-            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype_name)
 
     @property
     def file_key(self) -> str:
@@ -100,7 +92,7 @@ class Decoded:
 
 
 @dataclass(frozen=True)
-class FileSlice:
+class FileSlice(DtypeByName):
     """A tensor's bytes left in its file: written by copying file to file, never through memory.
 
     ``parts``, when set: the tensor is these slices one after another (experts stacked from per-expert
@@ -112,14 +104,6 @@ class FileSlice:
     dtype_name: str  # safetensors' name
     shape: tuple[int, ...]
     parts: tuple[FileSlice, ...] = ()
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dtype_name, str):  # a torch dtype given where its name is kept
-            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype_name)
 
     def ranges(self) -> tuple[FileSlice, ...]:
         """The contiguous pieces to copy, in order."""

@@ -116,3 +116,19 @@ def parse_dtype_name(text: str) -> str:
 def parse_dtype(text: str) -> torch.dtype:
     """A torch dtype from its common spellings (see parse_dtype_name)."""
     return torch_dtype(parse_dtype_name(text))
+
+
+class DtypeByName:
+    """For frozen dataclasses that keep a dtype by its safetensors name in a ``dtype_name`` field (known
+    without torch): a torch dtype given there is kept as its name, and ``dtype`` is the torch dtype
+    (made, and torch imported, when asked for)."""
+
+    dtype_name: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dtype_name, str):
+            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch_dtype(self.dtype_name)

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from ..errors import CorruptCheckpointError, UnsupportedError
-from .dtypes import ITEMSIZE, itemsize, safetensors_name, torch_dtype
+from .dtypes import ITEMSIZE, DtypeByName, itemsize, safetensors_name
 
 if TYPE_CHECKING:
     import torch
@@ -27,7 +27,7 @@ METADATA_KEY = "__metadata__"
 
 
 @dataclass(frozen=True)
-class TensorEntry:
+class TensorEntry(DtypeByName):
     """One tensor of a safetensors file, as its header describes it."""
 
     name: str
@@ -35,10 +35,6 @@ class TensorEntry:
     shape: tuple[int, ...]
     begin: int  # absolute offset of the first byte in the file
     nbytes: int
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype_name)
 
 
 @dataclass(frozen=True)

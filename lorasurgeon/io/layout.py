@@ -12,7 +12,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
-from .dtypes import itemsize, layout_key, safetensors_name, torch_dtype
+from .dtypes import DtypeByName, itemsize, layout_key, safetensors_name
 
 if TYPE_CHECKING:
     import torch
@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class TensorSpec:
+class TensorSpec(DtypeByName):
     """An output tensor before it exists: enough to write its header."""
 
     name: str
@@ -33,14 +33,6 @@ class TensorSpec:
     @staticmethod
     def of(name: str, dtype: torch.dtype | str, shape: tuple[int, ...]) -> TensorSpec:
         return TensorSpec(name, safetensors_name(dtype), shape)
-
-    def __post_init__(self) -> None:
-        if not isinstance(self.dtype_name, str):  # a torch dtype given where its name is kept
-            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype_name)
 
     @property
     def nbytes(self) -> int:

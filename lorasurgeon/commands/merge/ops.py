@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Literal
 from ...adapter.names import split_saved_key
 from ...engine.plan import Ref
 from ...formats.base import QuantTensor
-from ...io.dtypes import itemsize, safetensors_name, torch_dtype, torch_name
+from ...io.dtypes import DtypeByName, itemsize, safetensors_name, torch_dtype, torch_name
 from ...io.layout import TensorSpec
 from ...ops.lora import LayerKind
 
@@ -60,7 +60,7 @@ class RowPatch:
 
 
 @dataclass(frozen=True)
-class TensorOp:
+class TensorOp(DtypeByName):
     """How one output tensor is made."""
 
     name: str
@@ -80,15 +80,10 @@ class TensorOp:
     # as for any op, then re-quantized into these stored parts, read from input ``quant.source``.
     quant: Requant | None = None
 
-    def __post_init__(self) -> None:  # torch dtypes given where their names are kept
-        if not isinstance(self.dtype_name, str):
-            object.__setattr__(self, "dtype_name", safetensors_name(self.dtype_name))
+    def __post_init__(self) -> None:
+        super().__post_init__()
         if self.src_dtype_name is not None and not isinstance(self.src_dtype_name, str):
             object.__setattr__(self, "src_dtype_name", safetensors_name(self.src_dtype_name))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return torch_dtype(self.dtype_name)
 
     @property
     def src_dtype(self) -> torch.dtype | None:
