@@ -21,10 +21,6 @@ import os
 import queue
 import threading
 from pathlib import Path
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    import torch
 
 BLOCK = 4096
 CHUNK = 8 << 20  # bytes copied and written at a time through the aligned buffer
@@ -235,14 +231,6 @@ class DirectFile:
             pwrite_all(self.fd, memoryview(buf), block * BLOCK)
         self._partial.clear()
         os.ftruncate(self.fd, self.size)
-
-
-def tensor_view(tensor: torch.Tensor) -> memoryview:
-    """A CPU tensor's bytes in C order, as safetensors stores them (a copy only if needed)."""
-    import torch
-
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().data.cast("B")
 
 
 def open_shard(path: Path, size: int, *, io: AlignedWrites | None) -> BufferedFile | DirectFile:

@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice
 from .destination import absolute, check_replaceable
-from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard, tensor_view
+from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
 from .scratch import clean_stale, make_scratch
@@ -64,7 +64,8 @@ def _put_back(old: Path, out: Path) -> None:
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes in C order, as safetensors stores them (a CPU copy only if needed)."""
-    return tensor_view(tensor)
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().data.cast("B")  # the array's own buffer, no copy
 
 
 class CheckpointWriter:
