@@ -20,6 +20,7 @@ import mmap
 import os
 import queue
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 BLOCK = 4096
@@ -169,57 +170,54 @@ class DirectFile:
         else:
             self._partial[block] = (buf, filled)
 
-    def _whole(self, pos: int, end: int) -> int:
-        """How many bytes from ``pos`` (block-aligned) to write as whole blocks now: up to CHUNK of the whole
-        blocks before ``end``, or the file's last block when it ends there (written padded)."""
-        whole = min(CHUNK, (end - pos) // BLOCK * BLOCK)
-        if whole == 0 and end == self.size:
-            whole = end - pos
-        return whole
+    def _pieces(self, offset: int, end: int) -> Iterator[tuple[int, int, bool]]:
+        """[offset, end) cut as it is written: (position, bytes, whole) — an edge up to the next block
+        boundary (kept as a partial block), or up to CHUNK of whole blocks from a block-aligned position
+        (the file's last block whole when the file ends there, written padded)."""
+        pos = offset
+        while pos < end:
+            whole = 0
+            if pos % BLOCK == 0:
+                whole = min(CHUNK, (end - pos) // BLOCK * BLOCK)
+                if whole == 0 and end == self.size:
+                    whole = end - pos
+            size = whole or min(end, (pos // BLOCK + 1) * BLOCK) - pos
+            yield pos, size, bool(whole)
+            pos += size
 
     def _submit(self, buf: mmap.mmap, nbytes: int, pos: int) -> None:
         self._io.submit(self.fd, buf, -(-nbytes // BLOCK) * BLOCK, pos)  # the last block padded
 
     def write(self, data: memoryview, offset: int) -> None:
-        """Bytes for [offset, offset + len): edges kept as partial blocks, whole blocks through the buffer."""
+        """Bytes for [offset, offset + len): edges kept as partial blocks, whole blocks through the buffers."""
         data = data.cast("B")
-        end = offset + len(data)
-        pos = offset
-        while pos < end:
-            whole = 0 if pos % BLOCK else self._whole(pos, end)
-            if whole == 0:  # an edge: up to the next block boundary
-                take = min(end, (pos // BLOCK + 1) * BLOCK) - pos
-                self._put_partial(data[pos - offset : pos - offset + take], pos)
-                pos += take
+        for pos, size, whole in self._pieces(offset, offset + len(data)):
+            piece = data[pos - offset : pos - offset + size]
+            if not whole:
+                self._put_partial(piece, pos)
                 continue
             buf = self._io.buffer()
-            buf[:whole] = data[pos - offset : pos - offset + whole]
-            self._submit(buf, whole, pos)
-            pos += whole
+            buf[:size] = piece
+            self._submit(buf, size, pos)
 
     def copy(self, src: Path, src_offset: int, offset: int, nbytes: int) -> None:
-        """Bytes of an input file: the whole blocks read straight into the aligned buffer and written from
+        """Bytes of an input file: the whole blocks read straight into an aligned buffer and written from
         it, the edges read apart and kept like any others."""
         fd = os.open(src, os.O_RDONLY)
         try:
-            end = offset + nbytes
-            pos = offset
-            while pos < end:
-                whole = 0 if pos % BLOCK else self._whole(pos, end)
-                if whole == 0:
-                    take = min(end, (pos // BLOCK + 1) * BLOCK) - pos
-                    piece = os.pread(fd, take, src_offset + pos - offset)
-                    if len(piece) != take:
+            for pos, size, whole in self._pieces(offset, offset + nbytes):
+                at = src_offset + pos - offset
+                if not whole:
+                    piece = os.pread(fd, size, at)
+                    if len(piece) != size:
                         raise EOFError(src)
                     self._put_partial(memoryview(piece), pos)
-                    pos += take
                     continue
                 buf = self._io.buffer()
-                got = os.preadv(fd, [memoryview(buf)[:whole]], src_offset + pos - offset)
-                self._submit(buf, whole if got == whole else 0, pos)  # a short read: the buffer back, unwritten
-                if got != whole:
+                got = os.preadv(fd, [memoryview(buf)[:size]], at)
+                self._submit(buf, size if got == size else 0, pos)  # a short read: the buffer back, unwritten
+                if got != size:
                     raise EOFError(src)
-                pos += whole
         finally:
             os.close(fd)
 
