@@ -9,9 +9,43 @@ resembles, so ``except FileNotFoundError`` keeps working for library users.
 
 from __future__ import annotations
 
+import re
+
+# Messages name options as the command line spells them (--overwrite, --rank 4); called from Python they
+# read as the functions' keywords (overwrite=True, rank=4). The CLI says which while it runs a command.
+_CLI: list[bool] = [False]
+_SWITCHES = {"overwrite", "dry-run", "allow-nonfinite", "allow-different-bases", "quiet", "private", "create-pr"}
+_COMMAND = re.compile(r"`[^`]*`|lorasurgeon \w[^;)]*")  # a suggested command line stays one
+_FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (\d[\w.]*|[A-Z]+)\b)?")
+
+
+def speak_cli(on: bool) -> None:
+    """Name options as flags (the CLI, while a command runs) or as keywords (the library, the default)."""
+    _CLI[0] = on
+
+
+def as_keywords(text: str) -> str:
+    """``text`` with each ``--flag [VALUE]`` outside a suggested command as the keyword it is in Python."""
+
+    def keyword(match: re.Match[str]) -> str:
+        name, value = match.group(1), match.group(2)
+        if name in _SWITCHES:
+            return f"{name.replace('-', '_')}=True"
+        return f"{name.replace('-', '_')}={value}" if value else name.replace("-", "_")
+
+    parts, at = [], 0
+    for command in _COMMAND.finditer(text):
+        parts += [_FLAG.sub(keyword, text[at : command.start()]), command.group(0)]
+        at = command.end()
+    return "".join([*parts, _FLAG.sub(keyword, text[at:])])
+
 
 class LorasurgeonError(Exception):
     """Base class of every error lorasurgeon raises on purpose."""
+
+    def __str__(self) -> str:
+        text = super().__str__()
+        return text if _CLI[0] else as_keywords(text)
 
 
 class InvalidOptionError(LorasurgeonError, ValueError):
@@ -52,3 +86,7 @@ class OutputError(LorasurgeonError, OSError):
 
 class NonFiniteError(LorasurgeonError, ValueError):
     """A result holds NaN or Inf (pass ``allow_nonfinite`` to write it anyway)."""
+
+
+class LorasurgeonWarning(UserWarning):
+    """Something the user should know that does not stop the run (the CLI prints it as one ``warning:`` line)."""

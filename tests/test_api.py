@@ -7,9 +7,11 @@ import subprocess
 import sys
 import textwrap
 
-from helpers import FIX_ADAPTER, FIX_BASE
+import pytest
+from helpers import FIX_ADAPTER, FIX_BASE, one_line_error, run_cli
 
 import lorasurgeon
+import lorasurgeon as ls
 
 
 def run_python(code: str, tmp_path) -> subprocess.CompletedProcess:
@@ -89,3 +91,18 @@ def test_every_public_function_documents_its_args_returns_and_raises():
         if inspect.isfunction(obj):
             doc = inspect.getdoc(obj) or ""
             assert all(section in doc for section in ("Args:", "Returns:", "Raises:")), name
+
+
+def test_errors_name_keywords_in_python_and_flags_on_the_command_line(tmp_path):
+    """A library user is told overwrite=True, rank=...; a CLI user --overwrite, --rank (the same message)."""
+    out = tmp_path / "merged"
+    ls.merge(FIX_BASE, [FIX_ADAPTER], out)
+    with pytest.raises(ls.OutputExistsError) as exc:
+        ls.merge(FIX_BASE, [FIX_ADAPTER], out)
+    assert "pass overwrite=True" in str(exc.value) and "--" not in str(exc.value)
+    with pytest.raises(ls.InvalidOptionError) as exc:
+        ls.extract(FIX_BASE, out, tmp_path / "lora", rank=0)
+    assert str(exc.value).startswith("rank must be at least 1") and "--" not in str(exc.value)
+    line = one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", out), "pass --overwrite")
+    assert "overwrite=True" not in line
+    one_line_error(run_cli("extract", FIX_BASE, out, "--rank", "0", "-o", tmp_path / "lora"), "--rank must be")

@@ -271,14 +271,25 @@ def check_unmerge(cell: Cell) -> None:
         assert ((back[name] - w0).abs() <= 1e-5 * scale + 1e-7).all(), name
 
 
+def own_rank(cell: Cell) -> int:
+    """The adapter's own rank, the largest its config gives a module: every change lorasurgeon's merge writes has
+    at most that rank (a fused gate_up_proj 2r, as extract counts it too), so extract at it gives the fine-tune
+    back. DoRA's change has no such rank (its magnitude rescales W0 whole), nor a head trained whole
+    (modules_to_save): full rank there."""
+    if cell.kind in ("dora", "mts-head"):
+        return 256
+    config = json.loads((cell.adapter / "adapter_config.json").read_text())
+    return max([int(config["r"]), *map(int, (config.get("rank_pattern") or {}).values())])
+
+
 def check_extract(cell: Cell) -> None:
-    """The merged model as a fine-tune: extract at full rank, load the adapter into the model's own class
-    with PEFT, and compare outputs with the fine-tune's."""
+    """The merged model as a fine-tune: extract at the adapter's own rank, load the adapter into the model's own
+    class with PEFT, and compare outputs with the fine-tune's."""
     from peft import PeftModel
 
     if not (cell.root / "merged").exists():
         ls.merge(cell.base, [cell.adapter], cell.root / "merged")
-    ls.extract(cell.base, cell.root / "merged", cell.root / "extracted", rank=256)
+    ls.extract(cell.base, cell.root / "merged", cell.root / "extracted", rank=own_rank(cell))
     finetune = outputs(load(cell.root / "merged", cell.arch), cell.arch)
     loaded = PeftModel.from_pretrained(load(cell.base, cell.arch), cell.root / "extracted").eval()
     torch.testing.assert_close(outputs(loaded, cell.arch), finetune, rtol=0, atol=EXTRACT_ATOL)

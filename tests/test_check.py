@@ -1,4 +1,4 @@
-"""check --for vllm|llama.cpp: each loader rule (../shared/FORMATS.md §7-8) one by one, on adapters PEFT wrote
+"""check --for vllm|llama.cpp: each loader rule (docs/formats.md §7-8) one by one, on adapters PEFT wrote
 and then edited to break exactly that rule; and where a fix is exact, the fixed adapter passes and PEFT
 still computes the same change. vLLM's own PEFTHelper judges the same adapters in tests/test_vllm.py
 where it imports."""
@@ -147,3 +147,16 @@ def test_the_profiles_make_what_the_consumer_loads_or_refuse_by_name(tmp_path):
             ls.resize(FIX_ADAPTER, tmp_path / "x", energy=1.0, for_="vllm")
         ls.resize(FIX_ADAPTER, tmp_path / "capped", energy=1.0, max_rank=4, for_="vllm")
     assert not (tmp_path / "x").exists()
+
+
+def test_the_max_lora_rank_named_admits_the_config_s_ranks_too(tmp_path):
+    """vLLM's validate_legal compares max(r, *rank_pattern.values()) from the config with --max-lora-rank: a config
+    stating r=100 over rank-8 tensors needs 128, not 8."""
+    adapter = shutil.copytree(FIX_ADAPTER, tmp_path / "adapter")
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    config["r"] = 100
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert ls.check(adapter, consumer="vllm").to_dict()["max_lora_rank"] == 128
+    config["r"], config["rank_pattern"] = 8, {"q_proj": 40}
+    (adapter / "adapter_config.json").write_text(json.dumps(config))
+    assert ls.check(adapter, consumer="vllm").to_dict()["max_lora_rank"] == 64

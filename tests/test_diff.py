@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -66,7 +67,19 @@ def test_exit_codes_and_json(tmp_path):
     assert different.exit_code == 1
     doc = json.loads(different.stdout)
     assert set(doc) >= {"only_in_a", "only_in_b", "tensors", "summary"}
-    assert set(doc["tensors"][0]) == {"name", "status", "rel_change", "max_abs_diff", "cosine", "identical_fraction"}
+    assert set(doc["tensors"][0]) == {
+        "name",
+        "status",
+        "rel_change",
+        "max_abs_diff",
+        "cosine",
+        "identical_fraction",
+    } | {
+        "nan_in_a",
+        "nan_in_b",
+        "inf_in_a",
+        "inf_in_b",
+    }
     assert run_cli("diff", a, b, "--atol", "1e-2").exit_code == 0
     assert run_cli("diff", a, b, "--atol", "1e-4").exit_code == 1
     missing = run_cli("diff", a, tmp_path / "nope")
@@ -121,7 +134,7 @@ def test_include_exclude_and_table(llama_dir, tmp_path):
     assert all("layers.0." in t.name and "mlp" not in t.name for t in report.tensors)
     result = run_cli("diff", llama_dir, changed.parent, "--top", "1")
     assert result.exit_code == 1
-    assert "q_proj" in result.stdout and "1 more changed tensors" in result.stdout
+    assert "q_proj" in result.stdout and "1 more changed tensor" in result.stdout
     assert "2 changed" in result.stdout
 
 
@@ -183,3 +196,61 @@ def test_a_filter_that_matches_nothing_is_an_error(tmp_path):
     assert result.stderr.strip() == (
         "error: --include 'q_proj' leaves none of the 1 + 1 tensors of A and B to compare (names look like 'x.weight')"
     )
+
+
+def test_nan_and_inf_are_counted_and_leave_no_similarity(tmp_path):
+    w = seeded((4, 4))
+    with_nan, with_inf = w.clone(), w.clone()
+    with_nan[0, 0] = float("nan")
+    with_inf[1, 1], with_inf[2, 2] = float("inf"), float("-inf")
+    a = write(tmp_path / "a.safetensors", {"nan": w, "inf": w.clone(), "ok": w.clone()})
+    b = write(tmp_path / "b.safetensors", {"nan": with_nan, "inf": with_inf, "ok": w + 0.1})
+    result = run_cli("diff", a, b, "--json")
+    assert result.exit_code == 1
+    doc = {t["name"]: t for t in json.loads(result.stdout)["tensors"]}
+    assert doc["nan"]["cosine"] is None and doc["inf"]["cosine"] is None  # not -1.0
+    assert (doc["nan"]["nan_in_a"], doc["nan"]["nan_in_b"], doc["nan"]["inf_in_b"]) == (0, 1, 0)
+    assert (doc["inf"]["nan_in_b"], doc["inf"]["inf_in_a"], doc["inf"]["inf_in_b"]) == (0, 0, 2)
+    assert doc["ok"]["cosine"] == pytest.approx(1.0, abs=1e-2) and doc["ok"]["nan_in_b"] == doc["ok"]["inf_in_b"] == 0
+    lines = run_cli("diff", a, b).stdout.splitlines()
+    rows = {line.split()[0]: line for line in lines[1:4]}
+    assert list(rows)[:2] == ["nan", "inf"] or list(rows)[:2] == ["inf", "nan"]  # the most alarming first
+    assert "—" in rows["nan"] and "-1.0" not in rows["nan"]
+    assert "nan: 1 NaN in B" in lines and "inf: 2 Inf in B" in lines
+
+
+def test_cosine_of_a_tensor_with_nan_is_nan_not_minus_one():
+    from lorasurgeon.ops.compare import change
+
+    a, b = seeded((3, 3)), seeded((3, 3), seed=1)
+    b[0, 0] = float("nan")
+    assert math.isnan(change(a, b).cosine)
+
+
+def test_long_lists_say_how_many_more_and_shape_mismatches_follow_top(tmp_path):
+    common = {f"s{i}": seeded((2,)) for i in range(5)}
+    a = write(tmp_path / "a.safetensors", common | {f"only_a{i:02}": torch.ones(1) for i in range(28)})
+    b = write(
+        tmp_path / "b.safetensors",
+        {k: seeded((3,)) for k in common} | {f"only_b{i:02}": torch.ones(1) for i in range(21)},
+    )
+    out = run_cli("diff", a, b).stdout.splitlines()
+    assert sum(line.startswith("only in A: ") for line in out) == 20 and "... 8 more only in A" in out
+    assert sum(line.startswith("only in B: ") for line in out) == 20 and "... 1 more only in B" in out
+    out = run_cli("diff", a, b, "--top", "2").stdout.splitlines()
+    assert [line for line in out if "shapes differ" in line] == ["s0: shapes differ", "s1: shapes differ"]
+    assert "... 3 more with shapes that differ" in out
+    assert "... 26 more only in A" in out and "... 19 more only in B" in out
+
+
+def test_plot_says_where_it_wrote(tmp_path):
+    w = seeded((4, 4))
+    a = write(tmp_path / "a.safetensors", {"model.layers.0.q.weight": w})
+    b = write(tmp_path / "b.safetensors", {"model.layers.0.q.weight": w + 1})
+    picture = tmp_path / "x.png"
+    result = run_cli("diff", a, b, "--plot", picture, "-q")
+    assert result.exit_code == 1 and picture.exists()
+    assert result.stdout.strip().splitlines()[-1] == f"Wrote {picture}"
+    doc = json.loads(run_cli("diff", a, b, "--plot", picture, "--overwrite", "--json", "-q").stdout)
+    assert doc["plot"] == str(picture)
+    assert "plot" not in json.loads(run_cli("diff", a, b, "--json").stdout)

@@ -121,3 +121,83 @@ def test_an_augmented_checkpoint_is_recognised_with_its_ranks(tmp_path):
     table = run_cli("inspect", tmp_path / "aug").stdout
     assert f"lorasurgeon convert {tmp_path / 'aug'} --to adapter|merged" in table
     assert json.loads(run_cli("inspect", fixtures / "base", "--json").stdout)["form"] == "model"
+
+
+def test_a_models_architecture_from_its_config():
+    base = ROOT / "fixtures" / "base"
+    doc = json.loads(run_cli("inspect", base, "--json").stdout)
+    assert doc["architecture"] == {
+        "model_type": "llama",
+        "architecture": "LlamaForCausalLM",
+        "layers": 2,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "attention_heads": 4,
+        "kv_heads": 2,
+        "vocab_size": 256,
+        "tied_embeddings": False,
+        "dtype": "bfloat16",
+        "quantization": None,
+    }
+    table = run_cli("inspect", base).stdout
+    assert "  model       llama (LlamaForCausalLM), bfloat16\n" in table
+    assert "  shape       2 layers, hidden 64, intermediate 128, 4 attention heads, 2 kv heads, vocab 256\n" in table
+    assert "  embeddings  untied\n" in table
+    assert json.loads(run_cli("inspect", ROOT / "fixtures" / "adapter", "--json").stdout)["architecture"] is None
+
+
+def model_with_config(folder, config: dict):
+    folder.mkdir()
+    save_file({"model.embed_tokens.weight": torch.zeros(4, 2)}, folder / "model.safetensors")
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+ARCH_CONFIGS = {  # config.json -> what inspect must say (the fields not named here: None)
+    "gpt2 names, tied by default": (
+        {"model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "n_layer": 3, "n_embd": 32, "n_head": 4},
+        {"model_type": "gpt2", "architecture": "GPT2LMHeadModel", "layers": 3, "hidden_size": 32},
+        {"attention_heads": 4, "tied_embeddings": True},
+    ),
+    "gemma says untied": (
+        {"model_type": "gemma", "tie_word_embeddings": False, "torch_dtype": "float16", "vocab_size": 1000},
+        {"model_type": "gemma", "tied_embeddings": False, "dtype": "float16", "vocab_size": 1000},
+        {},
+    ),
+    "multimodal, numbers in text_config": (
+        {
+            "model_type": "llava",
+            "architectures": ["LlavaForConditionalGeneration"],
+            "text_config": {"num_hidden_layers": 4, "hidden_size": 16, "tie_word_embeddings": True},
+        },
+        {"model_type": "llava", "architecture": "LlavaForConditionalGeneration", "layers": 4, "hidden_size": 16},
+        {"tied_embeddings": True},
+    ),
+    "quantized": (
+        {"model_type": "qwen3", "quantization_config": {"quant_method": "fp8"}, "num_key_value_heads": 8},
+        {"model_type": "qwen3", "quantization": "fp8", "kv_heads": 8, "tied_embeddings": False},
+        {},
+    ),
+    "nothing known": ({"foo": 1}, {}, {}),
+}
+
+
+@pytest.mark.parametrize("case", list(ARCH_CONFIGS))
+def test_architecture_keys_aliases_defaults_and_what_is_missing(tmp_path, case):
+    config, want, more = ARCH_CONFIGS[case]
+    report = inspect(model_with_config(tmp_path / "m", config))
+    assert report.architecture is not None
+    got = {k: v for k, v in report.architecture.__dict__.items() if v is not None}
+    assert got == want | more
+    table = run_cli("inspect", tmp_path / "m").stdout
+    numbers = {"layers", "hidden_size", "intermediate_size", "attention_heads", "kv_heads", "vocab_size"}
+    for label, shown in (("model ", {"model_type"}), ("shape ", numbers), ("embeddings", {"tied_embeddings"})):
+        assert (f"  {label}" in table) == bool(shown & set(got)), (label, table)
+    assert ("kv heads" in table) == ("kv_heads" in got) and ("intermediate" in table) == ("intermediate_size" in got)
+    if "quantization" in got:
+        assert "quantized: fp8" in table
+
+
+def test_a_model_without_config_has_no_architecture(tmp_path):
+    save_file({"a": torch.zeros(2)}, tmp_path / "m.safetensors")
+    assert inspect(tmp_path / "m.safetensors").architecture is None

@@ -150,3 +150,68 @@ def test_without_matplotlib_the_extra_is_named(tmp_path, merged):
     assert done.returncode == 2 and "lorasurgeon[plot]" in done.stderr, done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert listing(tmp_path) == set()
+
+
+def panel(fig, title: str):
+    """The axes whose title's first line is ``title`` (the second line gives the range drawn)."""
+    (ax,) = [ax for ax in fig.axes if ax.get_title().split("\n")[0] == title]
+    return ax
+
+
+def synthetic(layers: int, kinds: int, rel=lambda i, j: 0.02 + 1e-5 * j, rank=lambda i, j: 6 + (i + j) % 2):
+    from lorasurgeon.commands.diff import DiffReport, TensorDiff
+
+    tensors = [
+        TensorDiff(f"model.layers.{i}.k{j}.weight", "changed", rel(i, j), 0.1, 0.99, 0.0, 1, rank(i, j), 9)
+        for i in range(layers)
+        for j in range(kinds)
+    ]
+    return DiffReport("a", "b", [], [], tensors, None, 0.0)
+
+
+def test_relative_change_is_coloured_from_zero_and_the_title_gives_the_range(merged):
+    report = ls.diff(FIX_BASE, merged, rank_profile=True)
+    ax = panel(diff_figure(report), "relative change ‖B − A‖ / ‖A‖")
+    lo, hi = ax.images[0].get_clim()
+    values = [t.rel_change for t in report.tensors if t.status == "changed"]
+    assert max(values) < 1.01 * min(values)  # a tiny spread: it must not look dramatic
+    assert lo == 0 and max(values) <= hi
+    assert f"{min(values):.4g}" in ax.get_title() and f"{max(values):.4g}" in ax.get_title()
+
+
+def test_relative_change_over_decades_is_drawn_on_whole_decades():
+    fig = diff_figure(synthetic(3, 4, rel=lambda i, j: 3e-4 * 10 ** (j / 1.5)))
+    lo, hi = panel(fig, "relative change ‖B − A‖ / ‖A‖").images[0].get_clim()
+    assert (lo, hi) == pytest.approx((1e-4, 0.1))  # data from 3e-4 to 3e-2
+
+
+def test_ranks_are_drawn_in_integer_steps(tmp_path, merged):
+    fig = diff_figure(ls.diff(FIX_BASE, merged, rank_profile=True))
+    extract = extract_figure(ls.extract(FIX_BASE, merged, tmp_path / "lora", rank=8))
+    for image in (panel(fig, "rank keeping 90% of ‖B − A‖²").images[0], panel(extract, "rank chosen").images[0]):
+        ticks = image.colorbar.get_ticks()
+        assert len(ticks) >= 2 and all(float(t).is_integer() for t in ticks), ticks
+        assert image.to_rgba(6.0) == image.to_rgba(6.3) != image.to_rgba(7.0)  # one colour per rank
+    assert panel(extract, "share of ‖ΔW‖² kept").images[0].get_clim() == (0.0, 1.0)
+    assert "%" in panel(extract, "share of ‖ΔW‖² kept").get_title().split("\n")[1]
+
+
+def test_figures_are_sized_to_their_grid(tmp_path, merged):
+    def px(fig):
+        width, height = fig.get_size_inches() * DPI
+        return width, height
+
+    fig = diff_figure(ls.diff(FIX_BASE, merged, rank_profile=True))  # 2 layers × 9 kinds, 3 tensors apart
+    width, height = px(fig)
+    assert 300 <= height and width <= 1500 and width / height <= 4
+    fig.draw_without_rendering()
+    apart = panel(fig, "outside the layers").get_position().width
+    assert apart < 0.6 * panel(fig, "relative change ‖B − A‖ / ‖A‖").get_position().width
+    deep = diff_figure(synthetic(80, 7))
+    assert not [ax for ax in deep.axes if ax.get_title() == "outside the layers"]  # none apart: no panel
+    deep_width, deep_height = px(deep)
+    assert height < deep_height <= 1600 and deep_width <= width
+    wide_width, _ = px(diff_figure(synthetic(2, 60)))
+    assert wide_width <= 3000
+    ew, eh = px(extract_figure(ls.extract(FIX_BASE, merged, tmp_path / "lora", rank=8)))
+    assert 300 <= eh and ew <= 1600

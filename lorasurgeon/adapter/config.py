@@ -2,17 +2,51 @@
 
 from __future__ import annotations
 
-import json
 import math
 import re
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import AdapterConfigError, InputNotFoundError
+from ..errors import AdapterConfigError, InputNotFoundError, LorasurgeonWarning
+from ..io.sidecar import read_json_object
 
 CONFIG_NAME = "adapter_config.json"
+
+# The fields of PEFT's LoraConfig (and PeftConfig), as of PEFT 0.21.2: PEFT warns about any other key and
+# ignores it (PeftConfig.from_peft_type: "Unexpected keyword arguments"), and so does lorasurgeon.
+KNOWN_KEYS = frozenset(
+    """alora_invocation_tokens alpha_pattern arrow_config auto_mapping base_model_name_or_path bias corda_config
+    ensure_weight_tying eva_config exclude_modules fan_in_fan_out inference_mode init_lora_weights kasa_config
+    layer_replication layers_pattern layers_to_transform loftq_config lora_alpha lora_bias lora_dropout lora_ga_config
+    megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version qalora_group_size r
+    rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices use_bdlora
+    use_dora use_qalora use_rslora velora_config""".split()
+)
+# What PEFT's LoraConfig takes when the file does not say (its dataclass defaults).
+PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
+
+
+class AdapterConfigWarning(LorasurgeonWarning):
+    """adapter_config.json is read as PEFT reads it, but PEFT would warn, or fill in a default silently."""
+
+
+def peft_warnings(raw: Mapping[str, Any]) -> list[str]:
+    """What a reader of this LoRA config should be told: the keys PEFT ignores, the defaults it fills in."""
+    if str(raw.get("peft_type", "LORA")).upper() != "LORA":
+        return []  # another PEFT type: its keys and defaults are its own, and it is refused as that type
+    unknown = [
+        f"unexpected key {key!r}, ignored (as PEFT ignores it: a newer PEFT's, or a typo?)"
+        for key in sorted(raw)
+        if key not in KNOWN_KEYS
+    ]
+    defaulted = [
+        f"no {key}: PEFT's default {key}={value} is used" for key, value in PEFT_DEFAULTS.items() if key not in raw
+    ]
+    return unknown + defaulted
+
 
 # Variants whose weights are not "W0 + s·B·A" on an unchanged base: refused by name. (EVA, Gaussian,
 # orthogonal and LoRA-GA inits only choose the first A and B: the saved adapter is a plain LoRA.)
@@ -62,22 +96,21 @@ class AdapterConfig:
 
     @classmethod
     def load(cls, folder: str | Path) -> AdapterConfig:
-        """Read ``adapter_config.json`` from an adapter folder (or the file itself)."""
+        """Read ``adapter_config.json`` from an adapter folder (or the file itself); an AdapterConfigWarning for
+        each key PEFT would ignore and each default it would fill in (``peft_warnings``)."""
         path = Path(folder)
         if path.is_dir():
             path = path / CONFIG_NAME
         if not path.is_file():
             raise InputNotFoundError(f"{path}: not found; a PEFT adapter folder needs {CONFIG_NAME}")
+        raw = read_json_object(path, AdapterConfigError)
         try:
-            raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-            raise AdapterConfigError(f"{path}: not valid JSON ({exc})") from None
-        if not isinstance(raw, dict):
-            raise AdapterConfigError(f"{path}: expected a JSON object")
-        try:
-            return cls.from_dict(raw)
+            config = cls.from_dict(raw)
         except (TypeError, ValueError) as exc:
             raise AdapterConfigError(f"{path}: {exc}") from None
+        for warning in peft_warnings(raw):
+            warnings.warn(f"{path}: {warning}", AdapterConfigWarning, stacklevel=2)
+        return config
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> AdapterConfig:
@@ -98,7 +131,7 @@ class AdapterConfig:
         layers = raw.get("layers_to_transform")
         if isinstance(layers, int):
             layers = [layers]
-        r = raw.get("r", 8)
+        r = raw.get("r", PEFT_DEFAULTS["r"])
         if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
@@ -116,7 +149,7 @@ class AdapterConfig:
             raw=dict(raw),
             peft_type=str(raw.get("peft_type", "LORA")),
             r=r,
-            lora_alpha=float(raw.get("lora_alpha", 8)),
+            lora_alpha=float(raw.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])),
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
             target_modules=names(raw.get("target_modules"), "target_modules"),

@@ -16,7 +16,7 @@ from ..console import Group, catch_stop_signals
 CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
 
 
-@click.group(cls=Group, context_settings=CONTEXT)
+@click.group(cls=Group, context_settings=CONTEXT, invoke_without_command=True, subcommand_metavar="COMMAND [ARGS]...")
 @click.version_option(__version__, "--version", prog_name="lorasurgeon")
 @click.option("--debug", is_flag=True, help="Show full tracebacks on errors.")
 @click.pass_context
@@ -34,6 +34,9 @@ def cli(ctx: click.Context, debug: bool) -> None:
       lorasurgeon inspect fixtures/adapter
     """
     ctx.obj = {"debug": debug}
+    if ctx.invoked_subcommand is None:  # `lorasurgeon` alone: the help, and success (click's own would exit 2)
+        click.echo(ctx.get_help())
+        ctx.exit(0)
     if not debug:  # huggingface_hub logs retries and warnings; errors reach the user as one line
         import logging
 

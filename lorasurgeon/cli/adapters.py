@@ -11,6 +11,8 @@ import click
 from ..console import debug_option, progress_bar
 from . import cli
 from .options import (
+    CONSUMER,
+    CONSUMERS,
     DEVICE,
     PUSH,
     SIZING,
@@ -67,6 +69,11 @@ def resize_cmd(
 @option_group(
     WRITE,
     click.option("--weight", "weights", type=float, multiple=True, help="Weight of each adapter (default 1.0 each)."),
+    click.option(
+        "--allow-different-bases",
+        is_flag=True,
+        help="Combine adapters whose base_model_name_or_path differ (their shapes must still agree).",
+    ),
     SIZING,
     DEVICE,
     PUSH,
@@ -78,6 +85,7 @@ def combine_cmd(
     dry_run: bool,
     quiet: bool,
     weights: tuple[float, ...],
+    allow_different_bases: bool,
     device: str,
     push_to_hub: str | None,
     private: bool,
@@ -99,6 +107,7 @@ def combine_cmd(
         out,
         weights=weights,
         **sizing,
+        allow_different_bases=allow_different_bases,
         device=device,
         overwrite=overwrite,
         dry_run=dry_run,
@@ -110,7 +119,7 @@ def combine_cmd(
 @cli.command("check")
 @debug_option
 @click.argument("adapter")
-@click.option("--for", "consumer", required=True, type=click.Choice(["vllm", "llama.cpp"]), help="The consumer.")
+@click.option("--for", "consumer", required=True, type=CONSUMERS, help=f"{CONSUMER}: its loader's rules are checked.")
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
 def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
     """What CONSUMER will refuse in ADAPTER, or compute otherwise than PEFT: exit 0 if it loads as PEFT

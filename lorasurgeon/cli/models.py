@@ -15,6 +15,7 @@ from .options import (
     DTYPE_AUTO,
     DTYPES,
     FILTERS,
+    FOR,
     MERGING,
     NONFINITE,
     PUSH,
@@ -24,6 +25,7 @@ from .options import (
     finish,
     one_budget,
     option_group,
+    write_options,
 )
 
 if TYPE_CHECKING:  # click's choices guarantee these; the CLI imports no torch before a command runs
@@ -45,8 +47,8 @@ if TYPE_CHECKING:  # click's choices guarantee these; the CLI imports no torch b
 def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
     """Describe a model, PEFT adapter or augmented checkpoint from its headers (no tensor data is read).
 
-    PATH is a folder (model, sharded model or PEFT adapter), a single .safetensors/.bin file,
-    or a Hub repo id. --verify reads every byte and checks what headers cannot show.
+    PATH is a folder (model, sharded model or PEFT adapter), a single .safetensors/.bin file, a .gguf
+    (a llama.cpp adapter or model), or a Hub repo id. --verify reads every byte and checks what headers cannot show.
 
     \b
     Examples:
@@ -196,14 +198,8 @@ def unmerge_cmd(
     "(a model is converted with --dtype alone).",
 )
 @click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
-@click.option(
-    "--for",
-    "for_",
-    default=None,
-    type=click.Choice(["vllm", "llama.cpp"]),
-    help="An adapter rewritten exactly for this consumer (every component kept, scales in B), or refused by name.",
-)
-@option_group(WRITE, DTYPE_AUTO, DEVICE, SHARDS, PUSH)
+@FOR
+@option_group(write_options("Result folder (a .gguf file with --to gguf)."), DTYPE_AUTO, DEVICE, SHARDS, PUSH)
 def convert_cmd(
     augmented: str,
     to: str | None,
@@ -281,18 +277,17 @@ def convert_cmd(
 @WRITE
 @click.option("--rank", type=int, default=None, help="Fixed rank for every module.")
 @click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
-@click.option("--max-rank", type=int, default=None, help="Cap for --energy and --budget.")
+@click.option(
+    "--max-rank",
+    type=int,
+    default=None,
+    help="A cap per module for --energy (default: none) and --budget (default: 256).",
+)
 @click.option(
     "--budget", default=None, metavar="SIZE", help="The adapter's size (e.g. 15MB): ranks chosen to keep the most."
 )
 @click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters.")
-@click.option(
-    "--for",
-    "for_",
-    default=None,
-    type=click.Choice(["vllm", "llama.cpp"]),
-    help="One alpha with each module's scale in its B; what the consumer cannot take refused by name.",
-)
+@FOR
 @FILTERS
 @click.option(
     "--embeddings",
@@ -445,6 +440,7 @@ def push_cmd(
     default=None,
     help="Also draw it: a layers × module-kind heatmap (.png/.pdf/.svg; needs lorasurgeon[plot]).",
 )
+@click.option("--overwrite", is_flag=True, help="Replace an earlier picture at the --plot path.")
 @option_group(FILTERS, DEVICE)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def diff_cmd(
@@ -455,6 +451,7 @@ def diff_cmd(
     top: int,
     atol: float | None,
     plot: str | None,
+    overwrite: bool,
     include: str | None,
     exclude: str | None,
     device: str,
@@ -476,6 +473,7 @@ def diff_cmd(
         rank_profile=rank_profile,
         atol=atol,
         plot=plot,
+        overwrite=overwrite,
         include=include,
         exclude=exclude,
         device=device,

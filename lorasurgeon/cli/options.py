@@ -9,7 +9,7 @@ from typing import Any, TypeVar
 
 import click
 
-from ..console import Dtype
+from ..console import Dtype, resume_stops
 from ..errors import LorasurgeonError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -28,15 +28,30 @@ def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 # --- the option groups -------------------------------------------------------------------------
-WRITE = option_group(
-    click.option("-o", "--output", "out", required=True, type=click.Path(), help="Result folder."),
-    click.option(
-        "--overwrite",
-        is_flag=True,
-        help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.",
-    ),
-    click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
-    click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
+def write_options(out_help: str = "Result folder.") -> Callable[[F], F]:
+    """-o, --overwrite, --dry-run, --quiet; ``out_help``: what -o is, where a command writes something else."""
+    return option_group(
+        click.option("-o", "--output", "out", required=True, type=click.Path(), help=out_help),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Replace OUT, if it is an earlier lorasurgeon result (or empty), once the new one is complete.",
+        ),
+        click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
+        click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
+    )
+
+
+WRITE = write_options()
+CONSUMERS = click.Choice(["vllm", "llama.cpp"])
+CONSUMER = "The consumer that will load the adapter"  # --for, in every command that has it
+FOR = click.option(
+    "--for",
+    "for_",
+    default=None,
+    type=CONSUMERS,
+    help=f"{CONSUMER}: written as it computes PEFT's change (one alpha, each module's scale in its B), "
+    "or refused by name where it cannot load it.",
 )
 DEVICE = click.option("--device", default="cpu", show_default=True, help="cpu, cuda or cuda:N.")
 DTYPE_AUTO = click.option(
@@ -104,12 +119,11 @@ def finish(report: Any, quiet: bool, push_to_hub: str | None, private: bool) -> 
         return
     from ..hub.push import push
 
+    retry = shlex.join(["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else []))
     try:
+        resume_stops(f"the result is complete in {report.output}, not uploaded: upload it with `{retry}`")
         pushed = push(report.output, push_to_hub, private=private)
     except LorasurgeonError as exc:  # the result stays; say how to send it again
-        retry = shlex.join(
-            ["lorasurgeon", "push", str(report.output), push_to_hub] + (["--private"] if private else [])
-        )
         raise LorasurgeonError(
             f"{exc}; the result is complete in {report.output}: retry the upload with `{retry}`"
         ) from None
@@ -124,18 +138,14 @@ def one_budget(size: str | None, params: int | None) -> str | int | None:
 
 
 SIZING = option_group(
-    click.option(
-        "--for",
-        "for_",
-        default=None,
-        type=click.Choice(["vllm", "llama.cpp"]),
-        help="Make what this consumer loads as PEFT computes it, or refuse by name.",
-    ),
+    FOR,
     click.option("--rank", type=int, default=None, help="The same rank for every module."),
     click.option(
         "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."
     ),
     click.option("--budget", default=None, metavar="SIZE", help="A size for all factors together (e.g. 15MB)."),
     click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters."),
-    click.option("--max-rank", type=int, default=None, help="A cap per module."),
+    click.option(
+        "--max-rank", type=int, default=None, help="A cap per module (default: none, each module's own rank)."
+    ),
 )

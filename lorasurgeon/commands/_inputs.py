@@ -185,11 +185,19 @@ def input_kind(ckpt: Checkpoint) -> InputKind:
 
 
 def expect_kind(
-    path: Path, label: str, *, role: str, want: InputKind, command: str, others: Sequence[tuple[Path, str]] = ()
+    path: Path,
+    label: str,
+    *,
+    role: str,
+    want: InputKind,
+    command: str,
+    others: Sequence[tuple[Path, str]] = (),
+    hint: str | None = None,
 ) -> None:
     """Refuse an input of the wrong kind, saying what it is and what to run instead.
 
-    ``others``: the command's other inputs (path, label), to recognise swapped arguments.
+    ``others``: the command's other inputs (path, label), to recognise swapped arguments; ``hint``: what to
+    run instead, where the caller knows better than the command's name (an option says what the user wants).
     """
     with open_checkpoint(path) as ckpt:
         kind = input_kind(ckpt)
@@ -219,4 +227,4 @@ def expect_kind(
             "convert",
         ): f"; it is already an adapter (`lorasurgeon merge BASE {label} --form augmented` makes the augmented form)",
     }
-    raise IncompatibleError(what + hints.get((kind, command), ""))
+    raise IncompatibleError(what + (hint if hint is not None else hints.get((kind, command), "")))

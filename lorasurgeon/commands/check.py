@@ -1,7 +1,7 @@
 """check: what a consumer (vLLM, llama.cpp) will refuse in an adapter, or silently compute otherwise.
 
 From the adapter's config and headers alone, each rule of the consumer's loader (see
-../shared/FORMATS.md §7-8, with the loaders' source named there) is checked and reported with its
+docs/formats.md §7-8, with the loaders' source named there) is checked and reported with its
 severity: ``error`` (the consumer refuses it, or computes something else, and no exact rewrite
 exists), ``fix`` (it would be wrong as it is, and an exact rewrite exists: the report names the
 command), ``note`` (loads, with a condition to know). The exit status is 1 when anything is an error
@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from ..adapter.config import UNSUPPORTED_INITS, UNSUPPORTED_KEYS
 from ..adapter.weights import LoraAdapter, load_adapter
 from ..errors import InvalidOptionError
+from ..words import plural
 from ._inputs import Input, prepare
 
 Consumer = Literal["vllm", "llama.cpp"]
@@ -46,7 +47,7 @@ class CheckReport:
     adapter: str
     consumer: str
     problems: list[Problem] = field(default_factory=list)
-    max_lora_rank: int | None = None  # vLLM: the smallest --max-lora-rank that admits this adapter
+    max_lora_rank: int | None = None  # vLLM: the smallest --max-lora-rank that admits it (None: it does not load)
 
     @property
     def exit_code(self) -> int:
@@ -103,7 +104,9 @@ def _vllm(adapter: LoraAdapter) -> tuple[list[Problem], int | None]:
         if not k.endswith(("lora_A.weight", "lora_B.weight", "lora_embedding_A", "lora_embedding_B"))
     ]
     if odd and not saves:
-        found.append(Problem("weights", "error", f"{len(odd)} tensors vLLM calls unsupported LoRA weights: {odd[:3]}"))
+        found.append(
+            Problem("weights", "error", f"{plural(len(odd), 'tensor')} vLLM calls unsupported LoRA weights: {odd[:3]}")
+        )
     packed = sorted({m.name for m in adapter.modules.values() if m.name.split(".")[-1] in PACKED})
     if packed:
         leaf = packed[0].split(".")[-1]
@@ -111,9 +114,9 @@ def _vllm(adapter: LoraAdapter) -> tuple[list[Problem], int | None]:
             Problem(
                 "packed_modules",
                 "note",
-                f"{len(packed)} modules named like vLLM's packed layers ({packed[0]}): fine where the model itself "
-                f"has them (Phi-3's qkv_proj); where vLLM packs {PACKED[leaf]} into it, it expects LoRA on those "
-                "(the base's config tells which)",
+                f"{plural(len(packed), 'module')} named like vLLM's packed layers ({packed[0]}): fine where the model "
+                f"itself has them (Phi-3's qkv_proj); where vLLM packs {PACKED[leaf]} into it, it expects LoRA "
+                "on those (the base's config tells which)",
             )
         )
     if cfg.rank_pattern or cfg.alpha_pattern:
@@ -130,8 +133,10 @@ def _vllm(adapter: LoraAdapter) -> tuple[list[Problem], int | None]:
         found.append(
             Problem("target_parameters", "note", "3-D expert LoRA: only for models vLLM marks is_3d_moe_weight")
         )
-    ranks = [m.rank for m in adapter.modules.values()] or [int(raw.get("r") or 8)]
-    top = max(ranks)
+    # vLLM checks the ranks the config states (PEFTHelper.validate_legal: max(r, *rank_pattern.values())) and
+    # loads the tensors': --max-lora-rank must admit both
+    stated = [int(raw.get("r") or 8), *(int(r) for r in (cfg.rank_pattern or {}).values())]
+    top = max([m.rank for m in adapter.modules.values()] + stated)
     allowed = [r for r in VLLM_RANKS if r >= top]
     if not allowed:
         found.append(
@@ -202,7 +207,8 @@ def check(adapter: str | os.PathLike[str], *, consumer: str) -> CheckReport:
     try:
         if consumer == "vllm":
             problems, max_rank = _vllm(loaded)
-            return CheckReport(source.label, consumer, problems, max_rank)
+            loads = all(p.severity == "note" for p in problems)  # a rank to state only for what loads
+            return CheckReport(source.label, consumer, problems, max_rank if loads else None)
         return CheckReport(source.label, consumer, _llama_cpp(loaded))
     finally:
         loaded.close()

@@ -6,7 +6,7 @@ import math
 import os
 import zlib
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Literal, get_args
 
@@ -16,7 +16,8 @@ from ..errors import InvalidOptionError as OptionError
 from ..io.checkpoint import open_checkpoint
 from ..io.layout import TensorSpec
 from ..io.sidecar import read_config
-from ..ops.compare import change, identical_fraction, rank_profile, same_bits
+from ..ops.compare import change, identical_fraction, non_finite, rank_profile, same_bits
+from ..words import plural
 from ._inputs import Input, NameFilter, plain_weights, prepare
 from .plot import check_plot_path, diff_figure, save
 
@@ -53,6 +54,10 @@ class TensorDiff:
     rank_50: int | None = None
     rank_90: int | None = None
     rank_99: int | None = None
+    nan_in_a: int | None = None  # elements that are NaN (None: not read, as for a shape mismatch)
+    nan_in_b: int | None = None
+    inf_in_a: int | None = None  # elements that are ±Inf
+    inf_in_b: int | None = None
 
     def to_dict(self) -> dict:
         doc = asdict(self)
@@ -60,6 +65,16 @@ class TensorDiff:
             if doc[key] is None:
                 del doc[key]
         return doc
+
+    @property
+    def non_finite(self) -> bool:
+        """NaN or Inf in A or B: no similarity to report (rel_change, max_abs_diff, cosine None)."""
+        return any((self.nan_in_a, self.nan_in_b, self.inf_in_a, self.inf_in_b))
+
+    def non_finite_note(self) -> str:
+        counts = [(self.nan_in_a, "NaN in A"), (self.inf_in_a, "Inf in A"), (self.nan_in_b, "NaN in B")]
+        counts.append((self.inf_in_b, "Inf in B"))
+        return f"{self.name}: " + ", ".join(f"{n} {what}" for n, what in counts if n)
 
 
 @dataclass(frozen=True)
@@ -73,6 +88,7 @@ class DiffReport:
     tensors: list[TensorDiff]
     atol: float | None
     seconds: float
+    plot: str | None = None  # where the picture went (--plot)
 
     def within_atol(self, t: TensorDiff) -> bool:
         """A tensor that differs, but by no more than ``atol`` anywhere (never without an atol)."""
@@ -84,10 +100,11 @@ class DiffReport:
         )
 
     def differing(self) -> list[TensorDiff]:
-        """The tensors that count as different: changed beyond ``atol`` (if any), most changed first."""
+        """The tensors that count as different: changed beyond ``atol`` (if any), those holding NaN or Inf
+        first, then the most changed."""
         return sorted(
             (t for t in self.tensors if t.status in ("changed", "dtype_mismatch") and not self.within_atol(t)),
-            key=lambda t: -(t.rel_change or 0.0),
+            key=lambda t: (not t.non_finite, -(t.rel_change or 0.0)),
         )
 
     @property
@@ -111,6 +128,7 @@ class DiffReport:
             "only_in_a": len(self.only_in_a),
             "only_in_b": len(self.only_in_b),
             "common": len(self.tensors),
+            "non_finite": sum(t.non_finite for t in self.tensors),
             "identical_checkpoints": self.identical,
             "atol": self.atol,
             "seconds": round(self.seconds, 3),
@@ -128,37 +146,32 @@ class DiffReport:
             "only_in_b": self.only_in_b,
             "tensors": tensors,
             "summary": self.summary(),
-        }
+        } | ({"plot": self.plot} if self.plot is not None else {})
 
     def table(self, top: int = 20) -> str:
-        """The most changed tensors first (beyond ``atol``, if given), then a summary line."""
+        """The most changed tensors first (beyond ``atol``, if given), then what else differs (each list cut at
+        ``top``, with how many more), a summary line, and where the picture went."""
         if top < 0:
             raise ValueError(f"top must be at least 0, got {top}")
         changed = self.differing()
-        shown = changed[:top]
-        lines = []
-        if shown:
-            profile = any(t.rank_50 is not None for t in shown)
-            width = max(len(t.name) for t in shown)
-            head = (
-                f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9} "
-                f"{'identical':>9}"
-            )
-            lines.append(head + ("  rank50 rank90 rank99" if profile else ""))
-            for t in shown:
-                line = (
-                    f"{t.name.ljust(width)}  {t.status:<14} {t.rel_change:>10.3g} "
-                    f"{t.max_abs_diff:>10.3g} {t.cosine:>9.6f} {t.identical_fraction:>9.2%}"
-                )
-                if profile and t.rank_50 is not None:
-                    line += f"  {t.rank_50:>6} {t.rank_90:>6} {t.rank_99:>6}"
-                lines.append(line)
-        if len(changed) > len(shown):
-            lines.append(f"... {len(changed) - len(shown)} more changed tensors (--top N shows more)")
-        for t in self.tensors:
-            if t.status == "shape_mismatch":
-                lines.append(f"{t.name}: shapes differ")
-        lines += [f"only in A: {n}" for n in self.only_in_a[:top]] + [f"only in B: {n}" for n in self.only_in_b[:top]]
+        lines = _rows(changed[:top])
+        if len(changed) > top:
+            more = plural(len(changed) - top, "more changed tensor")
+            lines.append(f"... {more} (--top N shows more)")
+        lines += _cut([t.non_finite_note() for t in self.tensors if t.non_finite], top, "holding NaN or Inf")
+        lines += _cut(
+            [f"{t.name}: shapes differ" for t in self.tensors if t.status == "shape_mismatch"],
+            top,
+            "with shapes that differ",
+        )
+        lines += _cut([f"only in A: {n}" for n in self.only_in_a], top, "only in A")
+        lines += _cut([f"only in B: {n}" for n in self.only_in_b], top, "only in B")
+        lines.append(self._verdict())
+        if self.plot is not None:
+            lines.append(f"Wrote {self.plot}")
+        return "\n".join(lines)
+
+    def _verdict(self) -> str:
         s = self.summary()
         verdict = "identical" if self.identical else "different"
         if self.atol is not None:
@@ -166,12 +179,47 @@ class DiffReport:
         beyond = sum(t.status == "changed" and not self.within_atol(t) for t in self.tensors)
         dtype = sum(t.status == "dtype_mismatch" and not self.within_atol(t) for t in self.tensors)
         within = f"{s['within_atol']} within --atol, " if self.atol is not None else ""
-        lines.append(
-            f"{verdict}: {s['common']} common tensors — {s['identical']} identical, {within}"
-            f"{beyond} changed, {dtype} dtype mismatches, {s['shape_mismatch']} shape mismatches; "
-            f"{s['only_in_a']} only in A, {s['only_in_b']} only in B"
+        bad = (
+            f"; {plural(s['non_finite'], 'tensor')} {'holds' if s['non_finite'] == 1 else 'hold'} NaN or Inf"
+            if s["non_finite"]
+            else ""
         )
-        return "\n".join(lines)
+        return (
+            f"{verdict}: {plural(s['common'], 'common tensor')} — {s['identical']} identical, {within}"
+            f"{beyond} changed, {dtype} dtype mismatches, {s['shape_mismatch']} shape mismatches; "
+            f"{s['only_in_a']} only in A, {s['only_in_b']} only in B{bad}"
+        )
+
+
+def _cut(lines: list[str], top: int, what: str) -> list[str]:
+    """The first ``top`` lines, and how many more there are."""
+    return lines[:top] + ([f"... {len(lines) - top} more {what}"] if len(lines) > top else [])
+
+
+def _number(value: float | None, width: int, spec: str) -> str:
+    """A statistic, or a dash where there is none (a tensor holding NaN or Inf)."""
+    if value is None or math.isnan(value):
+        return "—".rjust(width)
+    return f"{value:>{width}{spec}}"
+
+
+def _rows(shown: list[TensorDiff]) -> list[str]:
+    if not shown:
+        return []
+    profile = any(t.rank_50 is not None for t in shown)
+    width = max(len("tensor"), *(len(t.name) for t in shown))
+    head = f"{'tensor'.ljust(width)}  {'status':<14} {'rel.change':>10} {'max|Δ|':>10} {'cosine':>9} {'identical':>9}"
+    lines = [head + ("  rank50 rank90 rank99" if profile else "")]
+    for t in shown:
+        line = (
+            f"{t.name.ljust(width)}  {t.status:<14} {_number(t.rel_change, 10, '.3g')} "
+            f"{_number(t.max_abs_diff, 10, '.3g')} {_number(t.cosine, 9, '.6f')} "
+            f"{_number(t.identical_fraction, 9, '.2%')}"
+        )
+        if profile and t.rank_50 is not None:
+            line += f"  {t.rank_50:>6} {t.rank_90:>6} {t.rank_99:>6}"
+        lines.append(line)
+    return lines
 
 
 def _json_safe(doc: dict) -> dict:
@@ -185,9 +233,12 @@ def compute_diff(
     if not op.comparable:
         return Outcome([], TensorDiff(op.name, "shape_mismatch"))
     if same_bits(a, b):
-        return Outcome([], TensorDiff(op.name, "identical", 0.0, 0.0, 1.0, 1.0))
+        return Outcome([], TensorDiff(op.name, "identical", 0.0, 0.0, 1.0, 1.0, **_counts(a, b, same=True)))
     same = identical_fraction(a, b)
     status: Status = "dtype_mismatch" if a.dtype != b.dtype else "changed"
+    counts = _counts(a, b, same=False)
+    if any(counts.values()):  # no similarity to speak of: report the counts instead
+        return Outcome([], TensorDiff(op.name, status, identical_fraction=same, **counts))
     if not a.dtype.is_floating_point and a.dtype == b.dtype:  # integers: exact in float64
         a, b = a.to(torch.float64), b.to(torch.float64)
     a, b = a.to(device), b.to(device)
@@ -195,7 +246,16 @@ def compute_diff(
     ranks: Sequence[int | None] = (None, None, None)
     if profile and a.dim() == 2 and stats.max_abs_diff > 0:
         ranks = rank_profile(b.to(torch.float32) - a.to(torch.float32), seed=seed + zlib.crc32(op.name.encode()))
-    return Outcome([], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks))
+    return Outcome(
+        [], TensorDiff(op.name, status, stats.rel_change, stats.max_abs_diff, stats.cosine, same, *ranks, **counts)
+    )
+
+
+def _counts(a: torch.Tensor, b: torch.Tensor, *, same: bool) -> dict[str, int]:
+    """NaN and Inf elements in A and in B (B's are A's when the bits are the same)."""
+    nan_a, inf_a = non_finite(a)
+    nan_b, inf_b = (nan_a, inf_a) if same else non_finite(b)
+    return {"nan_in_a": nan_a, "nan_in_b": nan_b, "inf_in_a": inf_a, "inf_in_b": inf_b}
 
 
 def diff(
@@ -209,6 +269,7 @@ def diff(
     device: str = "cpu",
     seed: int = 0,
     plot: str | os.PathLike[str] | None = None,
+    overwrite: bool = False,
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor (any layouts the reader supports), streamed.
@@ -222,6 +283,7 @@ def diff(
         seed: of the randomized solver behind ``rank_profile``.
         plot: a picture to write (.png, .pdf, .svg; needs matplotlib): a layers × module-kind heatmap of
             relative change (and of rank_90 with ``rank_profile``), the tensors outside the layers apart.
+        overwrite: replace an earlier picture at ``plot``.
         progress: told the bytes to read and each tensor done.
 
     Returns:
@@ -237,7 +299,7 @@ def diff(
     if atol is not None and not atol >= 0:
         raise OptionError(f"--atol must be a non-negative number, got {atol}")
     keep = NameFilter.parse(include, exclude)
-    picture = check_plot_path(plot)
+    picture = check_plot_path(plot, overwrite=overwrite)
     src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
     path_a, path_b = src_a.path, src_b.path
     with open_checkpoint(path_a) as raw_a, open_checkpoint(path_b) as raw_b:
@@ -286,5 +348,6 @@ def diff(
         stats.seconds,
     )
     if picture is not None:
-        save(diff_figure(report), picture)
+        save(diff_figure(report), picture, overwrite=overwrite)
+        report = replace(report, plot=str(picture))
     return report

@@ -1,5 +1,5 @@
 """convert ADAPTER --to gguf: a llama.cpp LoRA adapter, written as llama.cpp's own convert_lora_to_gguf.py
-writes one (../shared/FORMATS.md §8), for the architectures done here.
+writes one (docs/formats.md §8), for the architectures done here.
 
 - Architectures: those in ARCHITECTURES, whose classes in llama.cpp's converter (conversion/*.py) were read
   for what they do to linear weights: nothing but a rename, or LlamaModel's q/k row permutation (Llama,
@@ -11,6 +11,8 @@ writes one (../shared/FORMATS.md §8), for the architectures done here.
   the token embedding's A transposed (llama.cpp's llm_build_inp_embd).
 - LLaMA-family q/k: convert_hf_to_gguf's LlamaModel permutes the rows of q_proj and k_proj (HF's
   rotate-half RoPE layout to llama.cpp's interleaved one); a LoRA's rows are its B's, permuted alike.
+- Base: its config.json names the architecture; where its folder holds weights, the adapter's shapes are
+  checked against their headers by merge's own plan (an adapter merge refuses is refused here too).
 - Scale: llama.cpp multiplies every pair by alpha / (its B's rank) with one alpha for the file, so each
   module's B carries s · r / alpha (s: PEFT's scale for that module, rsLoRA and patterns included).
 
@@ -20,7 +22,6 @@ whole or not at all.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 from dataclasses import dataclass
@@ -28,10 +29,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter.weights import LoraAdapter, load_adapter
-from ..errors import InputNotFoundError, InvalidOptionError, OutputError, OutputExistsError, UnsupportedError
-from ..io.scratch import make_scratch
+from ..errors import (
+    CorruptCheckpointError,
+    InputNotFoundError,
+    InvalidOptionError,
+    LorasurgeonError,
+    OutputError,
+    OutputExistsError,
+    UnsupportedError,
+)
+from ..io.checkpoint import FOLDER_LAYOUTS, open_checkpoint
+from ..io.destination import absolute, check_replaceable, earlier_file
+from ..io.publish import publish
+from ..io.scratch import make_scratch, release
+from ..io.sidecar import CONFIG, read_json_object
+from ..names import model_names
 from ..names.builtin import is_tied
-from ._inputs import Input, prepare
+from ..words import plural
+from ._inputs import Input, plain_weights, prepare
+from .merge.plan import plan_merge
 
 if TYPE_CHECKING:
     import torch
@@ -74,7 +90,9 @@ class GgufReport:
 
     def summary(self) -> str:
         verb = "Would write" if self.dry_run else "Wrote"
-        what = f"a llama.cpp LoRA adapter for {self.architecture}, {self.tensors} tensors, alpha {self.alpha:g}"
+        what = (
+            f"a llama.cpp LoRA adapter for {self.architecture}, {plural(self.tensors, 'tensor')}, alpha {self.alpha:g}"
+        )
         return f"{verb} {self.output}: {what}"
 
 
@@ -83,16 +101,30 @@ def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def _base_config(adapter: LoraAdapter, base: str | os.PathLike[str] | None) -> dict[str, Any]:
-    where = Path(base) if base is not None else Path(str(adapter.config.base_model or ""))
-    config = where / "config.json" if where.is_dir() else where
+def _base_folder(adapter: LoraAdapter, base: str | os.PathLike[str] | None) -> Path:
+    """--base, else the adapter's base_model_name_or_path: a folder, or its config.json alone."""
+    return Path(base) if base is not None else Path(str(adapter.config.base_model or ""))
+
+
+def _base_config(where: Path) -> dict[str, Any]:
+    config = where / CONFIG if where.is_dir() else where
     if not config.is_file():
         raise InputNotFoundError(
             f"{where}: no config.json of the base model (llama.cpp's names and q/k layout depend on it): "
             "give --base BASE"
         )
-    found: dict[str, Any] = json.loads(config.read_text(encoding="utf-8"))
-    return found
+    return read_json_object(config, CorruptCheckpointError)
+
+
+def _check_fits(adapter: LoraAdapter, where: Path, config: dict[str, Any]) -> None:
+    """The adapter's modules against the base's headers, by merge's own plan (headers only), so that what
+    merge refuses is refused here too; a base given by its config.json alone has no weights to check."""
+    if not any((where / filename).is_file() for filename, _ in FOLDER_LAYOUTS):
+        return
+    with open_checkpoint(where) as ckpt:
+        weights, _ = plain_weights(ckpt, config, role=f"{where}: the base model")
+        names = model_names(weights.names(), config)
+        plan_merge(weights, [adapter], [1.0], names, config.get("model_type"), dtype=None)
 
 
 def to_gguf(
@@ -117,13 +149,16 @@ def to_gguf(
     Raises:
         UnsupportedError: an architecture not done here, or what llama.cpp cannot take (DoRA, biases, whole
             tensors, trainable tokens, stacked experts, a head tied to the embedding).
-        InputNotFoundError: no base config. OutputExistsError: ``out`` exists (without ``overwrite``).
+        IncompatibleError: an adapter whose shapes do not fit the base's weights (as merge refuses it).
+        InputNotFoundError: no base config. CorruptCheckpointError: a base config.json that is not a JSON object.
+        OutputExistsError: ``out`` exists (without ``overwrite``).
     """
     gguf = _gguf()
     (source,) = prepare([Input(adapter, "ADAPTER", "adapter")], None, command="convert", overwrite=False, device="cpu")
     loaded = load_adapter(source.path)
     try:
-        config = _base_config(loaded, base)
+        where = _base_folder(loaded, base)
+        config = _base_config(where)
         arch = (config.get("architectures") or ["?"])[0]
         if arch not in ARCHITECTURES:
             raise UnsupportedError(
@@ -151,6 +186,7 @@ def to_gguf(
             found.append(f"a LoRA on the embedding of {arch} (llama.cpp cuts its rows to the tokenizer's vocabulary)")
         if found:
             raise UnsupportedError(f"{source.label}: llama.cpp cannot take {'; '.join(found)}")
+        _check_fits(loaded, where, config)
         arch_name, permuted = ARCHITECTURES[arch]
         model_arch = getattr(gguf.MODEL_ARCH, arch_name)
         names = gguf.get_tensor_name_map(model_arch, int(_hparam(config, "num_hidden_layers", "n_layer")))
@@ -206,10 +242,14 @@ def _gguf() -> Any:
 def _write(out: Path, arch: str, alpha: float, pairs: list[tuple[str, torch.Tensor]], *, overwrite: bool) -> None:
     gguf = _gguf()
 
+    out = absolute(out)
+    gguf_file = earlier_file("GGUF", b"GGUF")
     if out.is_dir():
         raise OutputExistsError(f"{out}: a folder; --to gguf writes one file (e.g. -o adapter.gguf)")
-    if out.exists() and not overwrite:
-        raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace it)")
+    if os.path.lexists(out):
+        if not overwrite:
+            raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace an earlier result)")
+        check_replaceable(out, gguf_file)
     if not out.parent.is_dir():
         raise OutputError(f"{out.parent}: no such folder")
     scratch = make_scratch(out, "partial")
@@ -227,8 +267,11 @@ def _write(out: Path, arch: str, alpha: float, pairs: list[tuple[str, torch.Tens
         writer.close()
         with open(partial, "rb+") as fh:
             os.fsync(fh.fileno())
-        os.replace(partial, out)
+        publish(partial, out, overwrite=overwrite, not_replaceable=gguf_file)
     except OSError as exc:
+        if isinstance(exc, LorasurgeonError):
+            raise
         raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from None
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        release(scratch)

@@ -13,11 +13,14 @@ from ..adapter.config import CONFIG_NAME
 from ..adapter.weights import load_adapter
 from ..engine.execute import Discard, Outcome, run
 from ..engine.plan import Ref
-from ..errors import LorasurgeonError
+from ..errors import LorasurgeonError, UnsupportedError
 from ..hub.source import resolve
 from ..io.checkpoint import open_checkpoint
 from ..io.header import read_header
 from ..io.layout import TensorSpec
+from ..io.sidecar import CONFIG, read_config
+from ..words import plural
+from .inspect_gguf import is_gguf
 
 if TYPE_CHECKING:
     import torch
@@ -46,8 +49,8 @@ class VerifyReport:
         return {**asdict(self), "ok": self.ok}
 
     def summary(self) -> str:
-        head = f"verify: read {self.tensors} tensors ({self.bytes_read:,} bytes): " + (
-            "no problems" if self.ok else f"{len(self.problems)} problems"
+        head = f"verify: read {plural(self.tensors, 'tensor')} ({self.bytes_read:,} bytes): " + (
+            "no problems" if self.ok else plural(len(self.problems), "problem")
         )
         return "\n".join([head] + [f"  {p.where}: {p.what}" for p in self.problems])
 
@@ -66,8 +69,14 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         InputNotFoundError: no such local path, or no such Hub repo or revision.
         CorruptCheckpointError, UnsafeCheckpointError: a file that cannot be read safely.
             Damage that prevents opening the checkpoint at all is raised, not listed.
+        UnsupportedError: a .gguf file.
     """
     root = resolve(path)
+    if is_gguf(root):
+        raise UnsupportedError(
+            f"{path}: a GGUF file; --verify reads safetensors and .bin checkpoints (inspect shows what its "
+            "headers hold, and llama.cpp checks its tensors when it loads it)"
+        )
     problems: list[Problem] = []
     with open_checkpoint(root) as ckpt:
         indexed = set(ckpt)
@@ -95,6 +104,10 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
             load_adapter(folder).close()
         except LorasurgeonError as exc:
             problems.append(Problem(CONFIG_NAME, str(exc)))
+    try:
+        read_config(folder)
+    except LorasurgeonError as exc:
+        problems.append(Problem(CONFIG, str(exc)))
     return VerifyReport(str(root), count, read, problems)
 
 
@@ -139,10 +152,12 @@ def _layout_problems(file: Path, indexed: set[str] | None) -> list[Problem]:
     problems, end = [], header.data_start
     for entry in header.entries:
         if entry.begin > end:
-            problems.append(Problem(file.name, f"{entry.begin - end} unused bytes before tensor {entry.name!r}"))
+            problems.append(
+                Problem(file.name, f"{plural(entry.begin - end, 'unused byte')} before tensor {entry.name!r}")
+            )
         end = max(end, entry.begin + entry.nbytes)
         if indexed is not None and entry.name not in indexed:
             problems.append(Problem(file.name, f"holds tensor {entry.name!r}, which the index does not list"))
     if size > end:
-        problems.append(Problem(file.name, f"{size - end} bytes after the last tensor"))
+        problems.append(Problem(file.name, f"{plural(size - end, 'byte')} after the last tensor"))
     return problems

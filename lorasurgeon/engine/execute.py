@@ -357,6 +357,7 @@ def run(
             threading.Thread(target=compute_stage, name=f"lorasurgeon-compute-{i}") for i in range(workers)
         ]
     if progress is not None:
+        torch.Tensor  # noqa: B018  (torch's import, seconds on a cold start, before the bar, not inside its 0%)
         progress.start(sum(op.nbytes for op in ops))
     written = 0
     infos: list[InfoT] = []

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import Checkpoint, Decoded, TensorInfo
+from ..words import plural
 from . import bnb, compressed, fp8, mxfp4
 from .base import QuantTensor
 from .detect import Quantization, detect
@@ -48,7 +49,7 @@ class QuantLayout:
         return sorted({qt.codec.method for qt in self.tensors.values()})
 
     def describe(self) -> str:
-        return f"{', '.join(self.methods) or self.found.method} ({len(self.tensors)} quantized weights)"
+        return f"{', '.join(self.methods) or self.found.method} ({plural(len(self.tensors), 'quantized weight')})"
 
 
 def _qconfig(config: Mapping[str, Any]) -> Mapping[str, Any]:

@@ -14,7 +14,9 @@ CARD_NAME = "README.md"
 def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str]) -> str:
     """README.md text: metadata (base_model, base_model_relation, library_name, tags) + body.
 
-    ``kind``: "merged" (relation merge, library transformers), "adapter" / "augmented"
+    ``title``: the result folder's name (``-o out1/sub`` -> ``sub``), the name the result goes by on the Hub;
+    each card's "Made by" command writes that same folder (``-o sub``), so the card holds no local path of
+    the output. ``kind``: "merged" (relation merge, library transformers), "adapter" / "augmented"
     (relation adapter, library peft), "unmerged" (a base model recovered: no relation).
     """
     from huggingface_hub import ModelCard, ModelCardData
@@ -37,6 +39,35 @@ def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str])
 def command(*words: object) -> list[str]:
     """A shell-quoted command line as a markdown code block."""
     return ["```bash", shlex.join(str(w) for w in words if w is not None and w != ""), "```"]
+
+
+def made_by(*words: object) -> list[str]:
+    """The card's last lines: the command that made the result (its -o: the card's title)."""
+    return ["", "Made by:", *command(*words)]
+
+
+def method_words(method: Mapping[str, Any]) -> str:
+    """How ranks were chosen, in words: "rank 4", "energy 0.9, max rank 64", "a budget of 3,840 parameters".
+
+    ``method``: extract's (budget_params) or resize's and combine's (budget: a number of parameters, exact)."""
+    budget = method.get("budget_params") or method.get("budget")
+    parts = [f"rank {method['rank']}"] if method.get("rank") else []
+    parts += [f"energy {method['energy']:g}"] if method.get("energy") else []
+    parts += [f"a budget of {budget:,} parameters"] if budget else []
+    parts += [f"max rank {method['max_rank']}"] if method.get("max_rank") else []
+    parts += ["every component kept"] if method.get("exact") else []
+    parts += [f"for {method['for']}"] if method.get("for") else []
+    return ", ".join(parts)
+
+
+def method_flags(method: Mapping[str, Any]) -> list[str]:
+    """The same ``method`` as the options that choose it again (a budget as --budget-params)."""
+    budget = method.get("budget_params") or method.get("budget")
+    flags = [f"--rank={method['rank']}"] if method.get("rank") else []
+    flags += [f"--energy={method['energy']:g}"] if method.get("energy") else []
+    flags += [f"--budget-params={budget}"] if budget else []
+    flags += [f"--max-rank={method['max_rank']}"] if method.get("max_rank") else []
+    return flags + ([f"--for={method['for']}"] if method.get("for") else [])
 
 
 def merge_card(
@@ -120,11 +151,7 @@ def extract_card(
     parameters: int,
     full: Sequence[_FullLine],
 ) -> str:
-    parts = [f"rank {method['rank']}"] if method.get("rank") else []
-    parts += [f"energy {method['energy']:g}"] if method.get("energy") else []
-    parts += [f"a budget of {method['budget_params']:,} parameters"] if method.get("budget_params") else []
-    parts += [f"max rank {method['max_rank']}"] if method.get("max_rank") else []
-    how = ", ".join(parts)
+    how = method_words(method)
     lines = [
         f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
         f"each weight delta ({how}; solver {method['solver']}).",
@@ -137,9 +164,5 @@ def extract_card(
     lines += [f"| `{m.name}` | {m.rank} | {m.kept:.2%} | {m.rel_error:.4f} |" for m in modules]
     if full:
         lines += ["", "Stored in full: " + ", ".join(f"`{f.name}` ({f.reason})" for f in full) + "."]
-    flags = [f"--rank={method['rank']}"] if method.get("rank") else []
-    flags += [f"--energy={method['energy']:g}"] if method.get("energy") else []
-    flags += [f"--budget-params={method['budget_params']}"] if method.get("budget_params") else []
-    flags += [f"--max-rank={method['max_rank']}"] if method.get("max_rank") else []
-    lines += ["", "Made by:"] + command("lorasurgeon", "extract", base, finetuned, *flags, "-o", title)
+    lines += made_by("lorasurgeon", "extract", base, finetuned, *method_flags(method), "-o", title)
     return model_card(kind="adapter", base=base, title=title, lines=lines)

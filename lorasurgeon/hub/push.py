@@ -8,6 +8,7 @@ from pathlib import Path
 
 from .. import __version__
 from ..errors import InputNotFoundError, InvalidOptionError, LorasurgeonError
+from ..words import plural
 from .source import is_transport_error, offline
 
 
@@ -18,7 +19,7 @@ class PushReport:
     files: int
 
     def summary(self) -> str:
-        return f"Pushed {self.files} files to {self.repo_id}: {self.url}"
+        return f"Pushed {plural(self.files, 'file')} to {self.repo_id}: {self.url}"
 
 
 def check_push_target(repo_id: str) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from ..errors import OutputError, OutputExistsError
@@ -79,11 +79,10 @@ def _protected() -> list[tuple[str, Path]]:
     return [(what, Path(os.path.realpath(folder))) for what, folder in found]
 
 
-def check_replaceable(out: Path) -> None:
-    """Refuse to replace ``out`` unless it is empty or a previous lorasurgeon result."""
-    if not out.is_dir():
-        raise OutputError(f"{out}: exists and is not a folder; --overwrite replaces only an earlier result")
-    reason = _not_a_result(out)
+def check_replaceable(out: Path, not_replaceable: Callable[[Path], str | None] | None = None) -> None:
+    """Refuse to replace ``out`` unless it is an earlier result (by default: an empty folder or a previous
+    lorasurgeon result folder; ``not_replaceable`` says why not for other kinds of result)."""
+    reason = (not_replaceable or not_a_result_folder)(out)
     if reason:
         raise OutputError(
             f"{out}: not replaced: {reason}; --overwrite replaces only an earlier lorasurgeon result "
@@ -91,8 +90,10 @@ def check_replaceable(out: Path) -> None:
         )
 
 
-def _not_a_result(folder: Path) -> str | None:
+def not_a_result_folder(folder: Path) -> str | None:
     """Why ``folder`` is not a previous result (None when it is one, or is empty)."""
+    if folder.is_symlink() or not folder.is_dir():
+        return "it is not a folder"
     try:
         entries = sorted(folder.iterdir())
     except OSError as exc:
@@ -119,3 +120,20 @@ def _is_our_card(path: Path) -> bool:
         return False
     front = text[4:].split("\n---", 1)[0]
     return f"- {CARD_TAG}" in (line.strip() for line in front.splitlines())
+
+
+def earlier_file(kind: str, *magics: bytes) -> Callable[[Path], str | None]:
+    """For a one-file result (a GGUF file, a picture): why what is at a path is not an earlier one (a plain file
+    starting with one of ``magics``), None when it is."""
+
+    def not_replaceable(path: Path) -> str | None:
+        if path.is_symlink() or not path.is_file():
+            return f"it is not a {kind} file"
+        try:
+            with open(path, "rb") as fh:
+                head = fh.read(max(map(len, magics)))
+        except OSError as exc:
+            return f"it cannot be read ({exc.strerror or exc})"
+        return None if any(head.startswith(m) for m in magics) else f"it is not a {kind} file"
+
+    return not_replaceable

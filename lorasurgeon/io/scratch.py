@@ -1,50 +1,125 @@
 """Hidden scratch folders beside an output, and the clean-up of those a killed run left behind.
 
-Names are ``.{output name}.{pid}.{random}.lorasurgeon-{kind}``: a folder whose process is gone
-is debris from a killed run and is removed by the next run for the same output; one whose
-process is alive belongs to a concurrent run and is left alone.
+Names are ``.{output name}.{pid}.{random}.lorasurgeon-{kind}``. The run that makes one holds an
+advisory lock (``flock``) on it for as long as it exists; the kernel drops the lock when that
+process ends, however it ends (a killed process that is still a zombie, whose pid still answers
+``kill(pid, 0)``, holds no lock; nor does an unrelated process that got the same pid). So a folder
+whose lock can be taken is debris, and the next run for the same output removes it; one whose lock
+is held belongs to a run at work and is left alone. A folder is locked before it gets its final
+name (it is made as ``...lorasurgeon-new`` and renamed), so no run ever sees one unlocked while its
+owner lives. Folders of older versions, which hold no lock, are judged by their pid.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
+from .rename import rename_noreplace
+
 KINDS = ("partial", "spool", "old")
-_NAME = re.compile(r"^\.(?P<out>.+)\.(?P<pid>\d+)\.[^.]+\.lorasurgeon-(?P<kind>partial|spool|old)$")
+_NAME = re.compile(r"^\.(?P<out>.+)\.(?P<pid>\d+)\.[^.]+\.lorasurgeon-(?P<kind>partial|spool|old|new)$")
+_held: dict[Path, int] = {}  # scratch folder -> the descriptor holding its lock
+before_writing: list[Callable[[], None]] = []  # called once before the first scratch of the process
+
+
+def writing() -> None:
+    """About to leave something on disk that a stop must clean up (a scratch folder, a hidden file): the hooks
+    run once (the CLI arms its stop signals here; until then a stop has nothing to clean and ends the run at once)."""
+    while before_writing:
+        before_writing.pop(0)()
 
 
 def make_scratch(out: Path, kind: str) -> Path:
-    """A new hidden folder beside ``out`` (same file system, so a rename can publish it)."""
+    """A new hidden folder beside ``out`` (same file system, so a rename can publish it), locked by this process
+    until :func:`release`."""
     assert kind in KINDS
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=f".lorasurgeon-{kind}", dir=out.parent))
+    writing()
+    made = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".lorasurgeon-new", dir=out.parent))
+    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        final = made.with_name(made.name.removesuffix("new") + kind)
+        os.rename(made, final)
+    except BaseException:
+        os.close(fd)
+        shutil.rmtree(made, ignore_errors=True)
+        raise
+    _held[final] = fd
+    return final
 
 
-def _alive(pid: int) -> bool:
+def release(folder: Path) -> None:
+    """Drop this process's lock on a scratch folder (once it is removed, or published under another name)."""
+    fd = _held.pop(folder, None)
+    if fd is not None:
+        os.close(fd)
+
+
+def _pid_gone(pid: int) -> bool:
+    """For folders without a lock: the process is gone, or only a zombie is left of it."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
-        return False
-    except PermissionError:
         return True
-    return True
+    except PermissionError:
+        return False
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[-1].split()[:1] == ["Z"]
+
+
+def _owner_gone(entry: Path, pid: int) -> int | None:
+    """If ``entry``'s owner is gone: a descriptor holding its lock now (-1 when it could not be opened), else None."""
+    if entry in _held:
+        return None
+    try:
+        fd = os.open(entry, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return -1 if _pid_gone(pid) else None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    if entry.name.endswith("-new") and not _pid_gone(pid):  # being locked and renamed by a live run right now
+        os.close(fd)
+        return None
+    return fd
 
 
 def clean_stale(out: Path) -> list[Path]:
-    """Remove the scratch folders of ``out`` left by runs that no longer exist; returns them."""
+    """Remove the scratch folders of ``out`` left by runs that no longer exist; returns them.
+
+    An earlier result that a killed run had moved aside (``old``) goes back to ``out`` if that is free.
+    """
     removed: list[Path] = []
     if not out.parent.is_dir():
         return removed
     for entry in out.parent.iterdir():
         match = _NAME.match(entry.name)
-        if match and match.group("out") == out.name and not _alive(int(match.group("pid"))):
+        if not match or match.group("out") != out.name:
+            continue
+        fd = _owner_gone(entry, int(match.group("pid")))
+        if fd is None:
+            continue
+        try:
             previous = entry / "result"
-            if match.group("kind") == "old" and previous.exists() and not out.exists():
-                # killed between moving the old result aside and moving the new one in: put it back
-                os.replace(previous, out)
+            if match.group("kind") == "old" and os.path.lexists(previous):
+                try:
+                    rename_noreplace(previous, out)
+                except OSError:
+                    continue  # out is taken: the earlier result stays here rather than be lost
             shutil.rmtree(entry, ignore_errors=True)
             removed.append(entry)
+        finally:
+            if fd >= 0:
+                os.close(fd)
     return removed

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from ..errors import CorruptCheckpointError, LorasurgeonError
 from .dtypes import torch_name
 
 if TYPE_CHECKING:
@@ -59,13 +60,31 @@ def sidecar_files(folder: Path) -> list[Path]:
 
 
 def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a dict ({} when absent or unreadable: it is optional for the math)."""
+    """config.json as a dict ({} when absent: it is optional for the math).
+
+    Raises:
+        CorruptCheckpointError: a config.json that is there but not a JSON object, by name.
+    """
     path = folder / CONFIG
+    if not path.exists():
+        return {}
+    return read_json_object(path, CorruptCheckpointError)
+
+
+def read_json_object(path: Path, error: type[LorasurgeonError]) -> dict[str, Any]:
+    """A JSON config file (config.json, adapter_config.json) as a dict; anything else is ``error``, naming the
+    file and, for a syntax error, where it is."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return {}
-    return doc if isinstance(doc, dict) else {}
+    except json.JSONDecodeError as exc:
+        raise error(f"{path}: not valid JSON (line {exc.lineno} column {exc.colno}: {exc.msg})") from None
+    except UnicodeDecodeError as exc:
+        raise error(f"{path}: not valid JSON (not UTF-8: {exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise error(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not isinstance(doc, dict):
+        raise error(f"{path}: expected a JSON object, not {type(doc).__name__}")
+    return doc
 
 
 def is_tied(config: dict[str, Any]) -> bool:

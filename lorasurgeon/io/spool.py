@@ -18,7 +18,7 @@ from .checkpoint import FileSlice, TensorInfo, pread_into
 from .destination import absolute, check_replaceable
 from .direct import copy_range, pwrite_all
 from .layout import TensorSpec, plan_shards
-from .scratch import clean_stale, make_scratch
+from .scratch import clean_stale, make_scratch, release
 from .writer import CheckpointWriter, tensor_bytes
 
 if TYPE_CHECKING:
@@ -115,7 +115,7 @@ class SpoolWriter:
             specs = [TensorSpec.of(i.name, i.dtype, i.shape) for i in self._items.values()]
             shards = plan_shards(specs, max_shard_size=None, prefix=self.prefix)
             with CheckpointWriter(
-                self.out, shards, overwrite=self.overwrite, index_name=None, metadata=self.metadata
+                self.out, shards, overwrite=self.overwrite, index_name=None, metadata=self.metadata, checked=True
             ) as writer:
                 for name, data in self._files.items():
                     writer.add_file(name, data)
@@ -133,4 +133,5 @@ class SpoolWriter:
             self._fd = -1
         if self._dir is not None:
             shutil.rmtree(self._dir, ignore_errors=True)
+            release(self._dir)
             self._dir = None

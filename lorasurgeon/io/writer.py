@@ -9,9 +9,9 @@ Shards of results of DIRECT_MIN_BYTES or more are written with O_DIRECT where th
 
 Everything goes into a hidden sibling folder (``.NAME.PID.XXXX.lorasurgeon-partial``). Each
 page-cache shard is synced to disk by a background thread as soon as its last tensor is in; ``commit``
-fsyncs the files, writes the index last, and renames the folder into place; any failure before
-that removes the partial folder. With ``overwrite`` an existing output is replaced only after
-the new one is complete.
+fsyncs the files, writes the index last, and publishes the folder (``io.publish``): never over
+anything that appeared at ``out`` meanwhile, and with ``overwrite`` only over an earlier result,
+checked again at that moment. Any failure before that removes the partial folder.
 """
 
 from __future__ import annotations
@@ -28,11 +28,12 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice
-from .destination import absolute, check_replaceable
+from .destination import absolute, check_replaceable, not_a_result_folder
 from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
-from .scratch import clean_stale, make_scratch
+from .publish import publish
+from .scratch import clean_stale, make_scratch, release
 
 if TYPE_CHECKING:
     import torch
@@ -53,15 +54,6 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _put_back(old: Path, out: Path) -> None:
-    """The earlier result, moved aside for the new one, goes back where it was."""
-    try:
-        os.replace(old / "result", out)
-        shutil.rmtree(old, ignore_errors=True)
-    except OSError:
-        pass  # left in ``old``; the next run for this output puts it back (scratch.clean_stale)
-
-
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes in C order, as safetensors stores them (a CPU copy only if needed)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
@@ -77,7 +69,9 @@ class CheckpointWriter:
         shards: the planned files and their tensors (see :mod:`lorasurgeon.io.layout`).
         index_name: the index written when there is more than one shard (None: never).
         metadata: the safetensors ``__metadata__`` of every shard.
-        overwrite: replace an existing ``out`` once the new result is complete.
+        overwrite: replace an existing ``out`` once the new result is complete (if it is still an earlier
+            result then: see :mod:`lorasurgeon.io.publish`).
+        checked: the caller checked ``out`` when its run started (a spool's late writer): only commit checks.
 
     Use as a context manager: a clean exit commits, an exception aborts.
     """
@@ -91,6 +85,7 @@ class CheckpointWriter:
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
         direct: bool | None = None,
+        checked: bool = False,
     ):
         self.out = absolute(out)
         self.shards = list(shards)
@@ -98,7 +93,8 @@ class CheckpointWriter:
         names = [t.name for s in self.shards for t in s.tensors]
         if len(set(names)) != len(names):
             raise ValueError("a tensor is planned twice")
-        if os.path.lexists(self.out):
+        self.overwrite = overwrite
+        if os.path.lexists(self.out) and not checked:
             if not overwrite:
                 raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace an earlier result)")
             check_replaceable(self.out)
@@ -259,7 +255,6 @@ class CheckpointWriter:
             self.abort()
             raise RuntimeError(f"{len(self._slots)} planned tensors were never written ({missing} ...)")
         tmp = self.partial_dir
-        old: Path | None = None
         began = time.perf_counter()
         try:
             self._join_syncs()
@@ -275,14 +270,10 @@ class CheckpointWriter:
             if self.index_name:
                 self._write_index()
             _fsync_dir(tmp)
-            if os.path.lexists(self.out):
-                old = make_scratch(self.out, "old")
-                os.replace(self.out, old / "result")
-            os.replace(tmp, self.out)
+            publish(tmp, self.out, overwrite=self.overwrite, not_replaceable=not_a_result_folder)
+            release(tmp)
             self._tmp = None
         except BaseException as exc:
-            if old is not None and not os.path.lexists(self.out):
-                _put_back(old, self.out)
             self.abort()
             if isinstance(exc, OSError) and not isinstance(exc, LorasurgeonError):
                 raise OutputError(f"{self.out}: could not finish writing ({exc.strerror or exc})") from None
@@ -292,8 +283,6 @@ class CheckpointWriter:
             _fsync_dir(self.out.parent)
         except OSError:
             pass  # the result is complete and in place; only its durability across a power cut is left to the OS
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
         self.commit_seconds = time.perf_counter() - began
         return self.out
 
@@ -323,6 +312,7 @@ class CheckpointWriter:
         self._done = True
         if self._tmp is not None:
             shutil.rmtree(self._tmp, ignore_errors=True)
+            release(self._tmp)
             self._tmp = None
 
     def _release_bounce(self) -> None:

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from .builtin import builtin, is_tied
-from .cache import remembered
+from .cache import remembered, remembered_keys
 from .from_transformers import from_transformers, saved_keys
 from .model import FusedExperts, ModelNames
 
@@ -38,5 +38,6 @@ def _cached(file_keys: tuple[str, ...], config_json: str) -> ModelNames:
 def names_of_memory(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any]) -> ModelNames:
     """The names of the checkpoint transformers would save for a model holding tensors of these in-memory
     names and shapes (an augmented checkpoint's base): its ``file_of`` and ``fused`` say where each goes."""
-    keys = saved_keys(shapes, config)
+    config_json = json.dumps(config, sort_keys=True, default=str)
+    keys = remembered_keys(shapes, config_json, lambda: saved_keys(shapes, config))
     return model_names(keys if keys is not None else list(shapes), config)

@@ -16,7 +16,7 @@ import hashlib
 import json
 import os
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -96,21 +96,40 @@ def from_json(doc: dict[str, Any]) -> ModelNames:
 def remembered(file_keys: Sequence[str], config_json: str, compute: Callable[[], ModelNames]) -> ModelNames:
     """The names from the disk cache, or ``compute()``'s, then stored (a cache that cannot be written is
     skipped: it is never a reason to fail)."""
+    doc = _remembered_doc(_key(file_keys, config_json), lambda: to_json(compute()))
+    try:
+        return from_json(doc)
+    except (KeyError, TypeError, ValueError):  # a damaged cache file: answer afresh
+        return compute()
+
+
+def remembered_keys(
+    shapes: Mapping[str, tuple[int, ...]], config_json: str, compute: Callable[[], list[str] | None]
+) -> list[str] | None:
+    """The file keys save_pretrained writes for in-memory tensors of these shapes (``saved_keys``), cached alike."""
+    parts = ["saved-keys", *(f"{name}:{list(shape)}" for name, shape in sorted(shapes.items()))]
+    doc = _remembered_doc(_key(parts, config_json), lambda: {"keys": compute()})
+    keys = doc.get("keys")
+    return [str(k) for k in keys] if isinstance(keys, list) else compute()
+
+
+def _remembered_doc(key: str, compute: Callable[[], dict[str, Any]]) -> dict[str, Any]:
     folder = cache_dir()
     if folder is None:
         return compute()
-    path = folder / f"{_key(file_keys, config_json)}.json"
+    path = folder / f"{key}.json"
     try:
-        return from_json(json.loads(path.read_text(encoding="utf-8")))
-    except (OSError, ValueError, KeyError, TypeError):
+        found: dict[str, Any] = json.loads(path.read_text(encoding="utf-8"))
+        return found
+    except (OSError, ValueError):
         pass
-    names = compute()
+    doc = compute()
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, prefix=".", suffix=".tmp")
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(to_json(names), fh)
+            json.dump(doc, fh)
         os.replace(tmp, path)
     except OSError:
         pass
-    return names
+    return doc

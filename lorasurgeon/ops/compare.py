@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -62,8 +63,22 @@ def change(a: torch.Tensor, b: torch.Tensor) -> Change:
     if na == 0 or nb == 0:
         cosine = 1.0 if na == nb else 0.0
     else:
-        cosine = min(1.0, max(-1.0, _dot64(a32, b32) / (na * nb)))
+        cosine = _clamped(_dot64(a32, b32) / (na * nb))
     return Change(rel, max_abs, cosine)
+
+
+def _clamped(cosine: float) -> float:
+    """Into [-1, 1] (rounding can step past it); NaN stays NaN (min/max would make it -1.0)."""
+    return cosine if math.isnan(cosine) else min(1.0, max(-1.0, cosine))
+
+
+def non_finite(t: torch.Tensor, chunk: int = 1 << 20) -> tuple[int, int]:
+    """How many elements are NaN and how many ±Inf (0, 0 for integer dtypes). Counted a block at a time."""
+    if not t.dtype.is_floating_point:
+        return 0, 0
+    flat = t.reshape(-1)
+    blocks = [flat[i : i + chunk] for i in range(0, flat.numel(), chunk)]
+    return sum(int(torch.isnan(b).sum()) for b in blocks), sum(int(torch.isinf(b).sum()) for b in blocks)
 
 
 def _dot64(a: torch.Tensor, b: torch.Tensor, chunk: int = 1 << 20) -> float:
@@ -80,3 +95,21 @@ def rank_profile(diff: torch.Tensor, *, seed: int = 0, fractions: Sequence[float
         return [0 for _ in fractions]
     _, s, _, total, _ = top_singular(m, energy=max(fractions), seed=seed)
     return [rank_for_energy(s, total, f) for f in fractions]
+
+
+# A change of less than this many units of the dtype's eps (relative to the tensor) is rounding noise:
+# one rounding into a dtype moves each element by at most half an ulp, ≤ eps/2 of its value.
+ROUNDING_NOISE = 1.0
+
+
+def rounding_units(change_sq: float, base_sq: float, dtype: torch.dtype) -> float:
+    """‖ΔW‖ / (eps · ‖W‖), from ‖ΔW‖² and ‖W‖²: a tensor's change in units of ``dtype``'s rounding
+    (``torch.finfo(dtype).eps``, the gap between 1.0 and the next value). One rounding to ``dtype`` (a cast
+    to it, or a round trip through another dtype that holds its values but for subnormals) moves each element
+    by at most eps/2 of its value, so it stays under 1/2 (under ROUNDING_NOISE): a change that small is what
+    rounding alone does, not training. 0.0 for no change, inf for a change of a zero tensor."""
+    if change_sq == 0.0:
+        return 0.0
+    if base_sq == 0.0:
+        return float("inf")
+    return math.sqrt(change_sq / base_sq) / torch.finfo(dtype).eps

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import os
+import warnings
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...engine.execute import Progress, run
-from ...errors import InvalidOptionError, LorasurgeonError, UnsupportedError
+from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
 from ...hub.cards import CARD_NAME, extract_card
 from ...io.checkpoint import open_checkpoint
 from ...io.sidecar import read_config
@@ -16,6 +17,7 @@ from ...io.spool import SpoolWriter
 from ...names import model_names
 from ...ops.lowrank import Solver
 from .._inputs import Input, plain_weights, prepare
+from .._timing import timed
 from ..plot import check_plot_path, extract_figure, save
 from .budget import spend
 from .compute import compute_extract
@@ -33,6 +35,7 @@ else:
 __all__ = ["ExtractReport", "ExtractSettings", "extract"]
 
 
+@timed
 def extract(
     base: str | os.PathLike[str],
     finetuned: str | os.PathLike[str],
@@ -115,7 +118,7 @@ def extract(
     )
     if plot is not None and dry_run:
         raise InvalidOptionError("--plot draws what extract computed: it goes without --dry-run")
-    picture = check_plot_path(plot)
+    picture = check_plot_path(plot, overwrite=overwrite)
     base_src, tuned_src = prepare(
         [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")],
         out,
@@ -148,8 +151,8 @@ def extract(
         )
         if settings.budget_params is not None and any(o.experts is not None for o in ops):
             raise UnsupportedError(
-                "--budget with stacked MoE experts (target_parameters share one rank per module): use --rank or "
-                "--energy, or --exclude the experts"
+                f"{settings.budget_flag} with stacked MoE experts (target_parameters share one rank per module): "
+                "use --rank or --energy, or --exclude the experts"
             )
         if dry_run:
             counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
@@ -222,6 +225,8 @@ def extract(
         except BaseException:
             spool.abort()
             raise
+    for warning in report.warnings:  # the adapter may not be what was meant: said on stderr, kept in the report
+        warnings.warn(warning, LorasurgeonWarning, stacklevel=2)
     if picture is not None:
-        save(extract_figure(report), picture)
+        save(extract_figure(report), picture, overwrite=overwrite)
     return report

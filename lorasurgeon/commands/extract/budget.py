@@ -54,7 +54,7 @@ def spend(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings
     except ValueError:
         need = fixed + sum(f * c for f, c in zip(floors, costs, strict=True))
         raise InvalidOptionError(
-            f"--budget of {budget:,} parameters is less than the {need:,} that the whole tensors and "
+            f"{settings.budget_flag} of {budget:,} parameters is less than the {need:,} that the whole tensors and "
             f"{'the --energy floors' if settings.energy is not None else 'rank 1 for every module'} need"
         ) from None
     out = {id(i): i for i in infos}
@@ -69,7 +69,7 @@ def spend(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings
         out[id(info)] = dataclasses.replace(info, stats=stats)
     spent = fixed + sum(k * c for k, c in zip(ranks, costs, strict=True))
     note = (
-        f"--budget {budget:,} parameters: {spent:,} used, {fixed:,} of them by whole tensors; ranks "
+        f"{settings.budget_flag} {budget:,} parameters: {spent:,} used, {fixed:,} of them by whole tensors; ranks "
         f"{min(ranks, default=0)}..{max(ranks, default=0)} across {len(ranks)} modules"
     )
     return [out[id(i)] for i in infos], note

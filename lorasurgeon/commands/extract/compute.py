@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 from ...adapter.names import SAVED_PREFIX, saved_key
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
+from ...ops.compare import rounding_units
 from ...ops.lora import CONV, LAYER_KINDS
 from ...ops.lowrank import difference, factorize, relative_error, squared_norm
 from .._results import check_finite
@@ -34,23 +35,28 @@ def compute_extract(
     if base is not None and base.dtype == tuned.dtype and torch.equal(base, tuned):
         return Outcome([], OpInfo(op, "unchanged"))
     if op.kind == "full" or base is None or not tuned.is_floating_point():
-        change = 0.0
+        change, rounding = 0.0, None
         if base is not None and base.shape == tuned.shape and tuned.is_floating_point():
+            base_sq = squared_norm(base)
             # ‖base − tuned‖² = ‖ΔW‖²; tuned is what gets written, base is ours and not used again
             change = squared_norm(difference(base, tuned))
             if change == 0.0:  # the same values in another dtype: nothing to store
                 return Outcome([], OpInfo(op, "unchanged"))
-        return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change))
+            rounding = rounding_units(change, base_sq, tuned.dtype)
+        return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change, rounding=rounding))
+    tuned_dtype = tuned.dtype
     delta = difference(tuned, base, device)  # tuned is ours (a fresh read) and not used again
     if not settings.allow_nonfinite:
         check_finite(op.name, delta)
     total = squared_norm(delta)
     if total == 0.0:  # same values in another dtype
         return Outcome([], OpInfo(op, "unchanged"))
+    rounding = rounding_units(total, squared_norm(base), tuned_dtype)
     if op.kind == "skip":
-        return Outcome([], OpInfo(op, "skipped", total))
+        return Outcome([], OpInfo(op, "skipped", total, rounding=rounding))
     if op.kind == "bias":
-        return Outcome([(saved_key(op.module, "B_bias"), delta.to(dtype).cpu())], OpInfo(op, "bias", total))
+        bias = delta.to(dtype).cpu()
+        return Outcome([(saved_key(op.module, "B_bias"), bias)], OpInfo(op, "bias", total, rounding=rounding))
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     layer = LAYER_KINDS[op.kind]
     m = delta.T if layer.transposed else delta.reshape(delta.shape[0], -1)
@@ -71,7 +77,7 @@ def compute_extract(
         a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
     a_role, b_role = layer.lora_roles
     outputs = [(saved_key(op.module, a_role), a.cpu()), (saved_key(op.module, b_role), b.cpu())]
-    return Outcome(outputs, OpInfo(op, "lowrank", total, stats))
+    return Outcome(outputs, OpInfo(op, "lowrank", total, stats, rounding))
 
 
 def expert_piece(parameter: str, expert: int, role: str) -> str:
@@ -102,9 +108,9 @@ def _experts(
             check_finite(f"{of.parameter}[{e}]", m)
         lr = factorize(
             m,
-            rank=settings.rank,
+            rank=of.rank(settings.rank),  # per file matrix fused into it, as PEFT counts it
             energy=settings.energy,
-            max_rank=settings.max_rank,
+            max_rank=of.rank(settings.max_rank),
             solver=settings.solver,
             seed=settings.seed + zlib.crc32(f"{of.parameter}[{e}]".encode()),
             total=energy,

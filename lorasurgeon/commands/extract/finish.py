@@ -17,6 +17,7 @@ from ...io.checkpoint import Checkpoint
 from ...io.layout import TensorSpec
 from ...io.spool import SpoolWriter
 from ...names import ModelNames
+from ...ops.compare import ROUNDING_NOISE
 from ...ops.lora import LAYER_KINDS
 from .compute import expert_piece
 from .plan import ExtractOp, views
@@ -108,6 +109,27 @@ def _stack_experts(spool: SpoolWriter, infos: Sequence[OpInfo], names: ModelName
     return ranks
 
 
+def _expert_stats(infos: Sequence[OpInfo]) -> dict[str, ModuleStats]:
+    """Per stacked parameter, its experts' factors as one report line: the largest rank, the share of the
+    experts' Σ‖ΔW‖² kept, the relative error over them all; its shape as the model holds it."""
+    grouped: dict[str, list[OpInfo]] = {}
+    for i in infos:
+        if i.op.experts is not None and i.status == "lowrank" and i.stats is not None:
+            grouped.setdefault(i.op.experts.parameter, []).append(i)
+    lines = {}
+    for parameter, group in grouped.items():
+        stats = [i.stats for i in group if i.stats is not None]
+        energy = sum(s.energy for s in stats)
+        kept = sum(s.kept * s.energy for s in stats) / energy
+        error = (sum(s.rel_error**2 * s.energy for s in stats) / energy) ** 0.5
+        of = group[0].op.experts
+        assert of is not None
+        shape = [of.experts, *group[0].op.shape] if of.parts else list(group[0].op.shape)
+        rank = max(s.rank for s in stats)
+        lines[parameter] = ModuleStats(parameter, "experts", shape, rank, kept, error, stats[0].solver, energy)
+    return lines
+
+
 def _out_features(stats: ModuleStats) -> int:
     return stats.shape[1] if LAYER_KINDS[stats.kind].transposed else stats.shape[0]
 
@@ -137,7 +159,8 @@ def finish_adapter(
     if capped:
         notes.append(
             f"--rank {settings.rank} is more than {len(capped)} modules' matrices allow; each of those got "
-            f"its full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}; see rank_pattern)"
+            f"its full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}); the config's r and "
+            "rank_pattern give the ranks stored"
         )
     carried: dict[str, str] = {}  # adapter key -> fine-tune tensor stored whole
     # A bias that changed while its module's weight did not: no factors to hang it on, keep the module in full.
@@ -204,14 +227,18 @@ def finish_adapter(
         )
         + "\n",
     )
-    report = _report(spool, infos, tuned, lowrank, full_modules, settings, origin, excluded, seconds, notes)
+    shown = {**lowrank, **_expert_stats(infos)}  # the report shows each stacked parameter's experts as one line
+    report = _report(spool, infos, tuned, shown, full_modules, settings, origin, excluded, seconds, notes)
     spool.add_file(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
     return report
 
 
 def adapter_rank(ranks: Sequence[int], settings: ExtractSettings) -> int:
-    """The adapter's r (and lora_alpha): --rank, else the most common module rank."""
-    return settings.rank or (Counter(ranks).most_common(1)[0][0] if ranks else 8)
+    """The adapter's r (and lora_alpha): the most common rank stored (the largest of those as common), so r
+    is a rank some module has (--rank above a matrix's own is not); --rank (or 8) only where none is stored."""
+    if not ranks:
+        return settings.rank or 8
+    return max(Counter(ranks).items(), key=lambda rank_count: (rank_count[1], rank_count[0]))[0]
 
 
 def _config(
@@ -251,6 +278,21 @@ def _config(
         "modules_to_save": sorted(full_modules) or None,
         "lora_bias": bias_mode == "none" and bool(bias_modules),
     }
+
+
+def _rounding_warning(infos: Sequence[OpInfo], tuned: Checkpoint) -> list[str]:
+    """A warning when every changed tensor changed less than its dtype's rounding (ops.compare.rounding_units):
+    the two checkpoints differ by rounding noise (a cast and back, a re-save), not by a fine-tune."""
+    changed = [i for i in infos if i.status in ("lowrank", "bias", "full", "skipped")]
+    if not changed or any(i.rounding is None or i.rounding >= ROUNDING_NOISE for i in changed):
+        return []
+    dtypes = sorted({tuned.info(i.op.tuned.key).dtype_name for i in changed})
+    top = max(i.rounding for i in changed if i.rounding is not None)
+    return [
+        f"the change is at the level of {'/'.join(dtypes)} rounding: each of the {len(changed)} changed tensors "
+        f"moved less than the dtype's eps relative to the base (‖ΔW‖/‖W‖ at most {top:.2g} eps) — rounding "
+        "noise (a dtype round trip or re-save), not a fine-tune; the adapter holds that noise"
+    ]
 
 
 def _reason(op: ExtractOp) -> str:
@@ -300,4 +342,5 @@ def _report(
         skipped,
         totals,
         notes,
+        _rounding_warning(infos, tuned),
     )

@@ -13,7 +13,7 @@ from typing import Literal
 
 from ...adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
 from ...engine.plan import Ref
-from ...errors import IncompatibleError
+from ...errors import IncompatibleError, InvalidOptionError
 from ...io.checkpoint import Checkpoint
 from ...io.dtypes import is_floating, itemsize
 from ...io.layout import TensorSpec
@@ -59,6 +59,12 @@ class ExpertsOf:
     transposed: bool  # stored (E, in, out) (GPT-OSS)
     expert: int | None = None
     parts: tuple[tuple[Ref, Ref], ...] = ()
+
+    def rank(self, rank: int | None) -> int | None:
+        """--rank (or --max-rank) for this parameter as PEFT counts it: per file matrix fused into it. PEFT gives
+        a gate_up_proj fused from per-expert gate and up matrices r for each (``all-linear`` on Mixtral or Qwen-MoE:
+        rank_pattern ``gate_up_proj`` 2r, alpha 2α), so each expert's change there has rank 2r."""
+        return None if rank is None else rank * max(1, len(self.parts))
 
 
 def _expert_ops(
@@ -154,7 +160,12 @@ def plan_extract(
     model_type: str | None,
     settings: ExtractSettings,
 ) -> tuple[list[ExtractOp], int]:
-    """The ops, in the fine-tune's order, and how many tensors include/exclude left out."""
+    """The ops, in the fine-tune's order, and how many tensors include/exclude left out.
+
+    Raises:
+        IncompatibleError: the two do not share an architecture, or a tensor's shape.
+        InvalidOptionError: include/exclude leave no tensor to compare.
+    """
     base_names = views(base, base_model)
     tuned_names = views(tuned, tuned_model)
     only_base = sorted(set(base_names) - set(tuned_names))
@@ -210,6 +221,11 @@ def plan_extract(
             ExtractOp(
                 name, module, kind, Ref(1, key), base_ref, shape, math.prod(shape) * itemsize(t_info.dtype_name), note
             )
+        )
+    if not ops and settings.names.active:
+        raise InvalidOptionError(
+            f"{settings.names.describe()} leaves none of the {len(tuned_names)} tensors of the fine-tune to "
+            f"compare (names look like {next(iter(tuned_names))!r})"
         )
     # The bias of a module that gets LoRA factors is stored as lora_B.bias (lora_bias), not in full.
     ops = [

@@ -6,6 +6,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from ...words import plural
 from .plan import ExtractOp
 
 # unchanged (equal values) | lowrank (LoRA factors) | bias (a lora_B.bias) | full (stored whole) | skipped
@@ -40,6 +41,7 @@ class OpInfo:
     status: Status
     energy: float = 0.0  # ‖ΔW‖²
     stats: ModuleStats | None = None
+    rounding: float | None = None  # ‖ΔW‖ / (eps · ‖W‖) in the fine-tune's dtype (ops.compare.rounding_units)
 
 
 @dataclass(frozen=True)
@@ -73,10 +75,12 @@ class ExtractReport:
     skipped: Skipped
     totals: Totals
     notes: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # the adapter may not be what was meant (rounding noise)
     dry_run: bool = False
+    wall: float = 0.0  # the whole call (totals.seconds: the streaming part)
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k != "dry_run"}
+        return {k: v for k, v in asdict(self).items() if k not in ("dry_run", "wall")}
 
     def summary(self) -> str:
         if self.dry_run:
@@ -92,9 +96,10 @@ class ExtractReport:
         lines += [f"stored in full: {f.name} ({f.reason})" for f in self.full]
         t = self.totals
         lines.append(
-            f"Wrote {self.output}: {len(self.modules)} low-rank modules, {len(self.full)} full tensors, "
+            f"Wrote {self.output}: {plural(len(self.modules), 'low-rank module')}, "
+            f"{plural(len(self.full), 'full tensor')}, "
             f"{t.parameters:,} parameters ({t.bytes / 2**20:.1f} MiB); kept {t.kept:.2%} of the "
-            f"fine-tune's change; {self.skipped.unchanged} tensors unchanged; {t.seconds:.1f} s."
+            f"fine-tune's change; {plural(self.skipped.unchanged, 'tensor')} unchanged; {self.wall or t.seconds:.1f} s."
         )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

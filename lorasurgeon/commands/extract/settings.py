@@ -62,11 +62,14 @@ class ExtractSettings:
     device: str = "cpu"
     allow_nonfinite: bool = False
     names: NameFilter = field(init=False, repr=False, compare=False)
+    budget_flag: str = field(init=False, repr=False, compare=False)  # the budget's option: a number is --budget-params
 
     def __post_init__(self) -> None:
         rank, energy, max_rank = self.rank, self.energy, self.max_rank
+        flag = "--budget-params" if isinstance(self.budget, int) else "--budget"
+        object.__setattr__(self, "budget_flag", flag)
         if rank is not None and (energy is not None or self.budget is not None):
-            raise InvalidOptionError("--rank gives every module one rank: it goes with neither --energy nor --budget")
+            raise InvalidOptionError(f"--rank gives every module one rank: it goes with neither --energy nor {flag}")
         if rank is None and energy is None and self.budget is None:
             raise InvalidOptionError("give --rank N, --energy F or --budget SIZE")
         if rank is not None and (not isinstance(rank, int) or rank < 1):
@@ -97,9 +100,9 @@ class ExtractSettings:
             try:
                 params = self.budget if isinstance(self.budget, int) else parse_size(self.budget) // itemsize(dtype)
             except ValueError as exc:
-                raise InvalidOptionError(f"--budget {self.budget!r}: {exc}") from None
+                raise InvalidOptionError(f"{flag} {self.budget!r}: {exc}") from None
             if params < 1:
-                raise InvalidOptionError(f"--budget must hold at least one parameter, got {self.budget!r}")
+                raise InvalidOptionError(f"{flag} must hold at least one parameter, got {self.budget!r}")
             object.__setattr__(self, "budget", params)
         object.__setattr__(self, "names", NameFilter.parse(self.include, self.exclude))
 

@@ -20,6 +20,7 @@ from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.sidecar import config_bytes, edit_config, read_config
 from ...names import ModelNames, model_names
 from .._inputs import Input, plain_weights, prepare
+from .._timing import timed
 from . import augmented as augment
 from .convert import convert
 from .ops import Plan, TensorOp
@@ -36,9 +37,16 @@ else:
 
 __all__ = ["MergeReport", "MergeSettings", "convert", "iter_merged", "merge", "unmerge"]
 
-Paths = Sequence[str | os.PathLike[str]]
+AdapterPaths = Sequence[str | os.PathLike[str]]
+Paths = AdapterPaths | str | os.PathLike[str]  # what the public functions take: one adapter may come alone
 
 
+def _adapter_list(adapters: Paths) -> list[str | os.PathLike[str]]:
+    """One adapter given alone (a path or repo id, not in a list) is a list of one, not a list of characters."""
+    return [adapters] if isinstance(adapters, str | os.PathLike) else list(adapters)
+
+
+@timed
 def merge(
     base: str | os.PathLike[str],
     adapters: Paths,
@@ -61,7 +69,7 @@ def merge(
 
     Args:
         base: the base model: a folder, a file, or a Hub repo id ``org/name[@revision]``.
-        adapters: PEFT adapter folders (or Hub ids), applied in order.
+        adapters: PEFT adapter folders (or Hub ids), applied in order; one may be given alone.
         out: the result folder; may be None with ``dry_run``.
         weights: one per adapter (default 1.0 each).
         form: "merged" (the plain architecture) or "augmented" (the LoRA layers inside; one adapter).
@@ -93,6 +101,7 @@ def merge(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
+    adapters = _adapter_list(adapters)
     settings = MergeSettings.parse(
         adapters=len(adapters),
         weights=weights,
@@ -108,6 +117,7 @@ def merge(
     return _merge(base, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
 
 
+@timed
 def unmerge(
     merged: str | os.PathLike[str],
     adapters: Paths,
@@ -146,6 +156,7 @@ def unmerge(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
+    adapters = _adapter_list(adapters)
     settings = MergeSettings.parse(
         adapters=len(adapters),
         weights=weights,
@@ -194,7 +205,7 @@ class _Planned:
 
 def _plan(
     base: str | os.PathLike[str],
-    adapters: Paths,
+    adapters: AdapterPaths,
     out: str | os.PathLike[str] | None,
     settings: MergeSettings,
     *,
@@ -256,7 +267,7 @@ def _plan(
 
 def _merge(
     base: str | os.PathLike[str],
-    adapters: Paths,
+    adapters: AdapterPaths,
     out: str | os.PathLike[str] | None,
     settings: MergeSettings,
     *,
@@ -365,6 +376,7 @@ def iter_merged(
     Raises:
         The errors of :func:`merge` (at the call, or NonFiniteError while iterating).
     """
+    adapters = _adapter_list(adapters)
     settings = MergeSettings.parse(
         adapters=len(adapters), weights=weights, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite
     )

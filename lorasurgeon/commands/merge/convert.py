@@ -4,13 +4,14 @@ quantized one dequantized) to another dtype."""
 from __future__ import annotations
 
 import os
+import shlex
 from pathlib import Path
 from typing import TYPE_CHECKING, get_args
 
 from ...adapter.config import CONFIG_NAME, AdapterConfig
 from ...engine.execute import Progress
 from ...engine.plan import Ref
-from ...errors import InvalidOptionError, UnsupportedError
+from ...errors import InvalidOptionError, LorasurgeonError, UnsupportedError
 from ...hub.cards import CARD_NAME, convert_card
 from ...hub.source import Source
 from ...io.checkpoint import Checkpoint, open_checkpoint
@@ -19,6 +20,7 @@ from ...io.layout import plan_shards
 from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
 from ...names import model_names
 from .._inputs import Input, expect_kind, input_kind, plain_weights, prepare
+from .._timing import timed
 from . import augmented as augment
 from .ops import Plan, TensorOp
 from .plan import plan_merge
@@ -32,6 +34,7 @@ else:
     from ..._lazy import torch
 
 
+@timed
 def convert(
     augmented: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
@@ -79,7 +82,9 @@ def convert(
         kind = input_kind(ckpt)
         if kind == "model" and to != "adapter":
             return _convert_model(ckpt, config, source, out, settings, overwrite, dry_run, progress)
-        expect_kind(source.path, source.label, role="INPUT", want="augmented", command="convert")
+        merging = kind == "adapter" and to == "merged"  # the adapter applied to its base: that is merge
+        hint = _merge_instead(source.label, ckpt.folder, out) if merging else None
+        expect_kind(source.path, source.label, role="INPUT", want="augmented", command="convert", hint=hint)
         if to is None:
             raise InvalidOptionError(f"{source.label} is an augmented checkpoint: give --to merged or --to adapter")
         if input_kind(ckpt) == "augmented" and plain_weights(ckpt, config, role=source.label)[1] is not None:
@@ -134,6 +139,17 @@ def convert(
             index_name=index_name,
         )
         return report(out, to, plan, stats, untie)
+
+
+def _merge_instead(label: str, folder: Path, out: str | os.PathLike[str] | None) -> str:
+    """What to run instead of ``convert ADAPTER --to merged``: merge, naming the base the adapter's config records."""
+    try:
+        base = AdapterConfig.load(folder).base_model
+    except LorasurgeonError:
+        base = None
+    merge = shlex.join(["lorasurgeon", "merge", "BASE", label, "-o", str(out or "OUT")])
+    named = f"; its config names {base!r}" if base else ""
+    return f"; to merge it into its base model: `{merge}` (BASE: the model it was trained on{named})"
 
 
 def _convert_model(

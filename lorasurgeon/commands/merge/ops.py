@@ -17,6 +17,7 @@ from ...formats.base import QuantTensor
 from ...io.dtypes import DtypeByName, itemsize, safetensors_name, torch_dtype, torch_name
 from ...io.layout import TensorSpec
 from ...ops.lora import LayerKind
+from ...words import plural
 
 if TYPE_CHECKING:
     import torch
@@ -185,9 +186,9 @@ def describe(plan: Plan) -> str:
     actions = sorted({op.action for op in plan.ops})
     requant = sum(op.quant is not None for op in plan.ops)
     lines.append(
-        f"{len(plan.ops)} output tensors, {plan.nbytes / 2**20:.1f} MiB: "
+        f"{plural(len(plan.ops), 'output tensor')}, {plan.nbytes / 2**20:.1f} MiB: "
         + ", ".join(f"{plan.count(a)} {a}" for a in actions)
-        + (f"; {requant} weights re-quantized" if requant else "")
+        + (f"; {plural(requant, 'weight')} re-quantized" if requant else "")
     )
     for op in plan.ops:
         dtype = torch_name(op.dtype_name).removeprefix("torch.") if op.quant is None else "float32→quantized"

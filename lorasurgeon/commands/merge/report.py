@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from statistics import median
 
+from ...io.layout import human_bytes
+from ...words import plural
+from .._timing import rate
 from .ops import Action, Plan, describe
 from .quantized import RequantReport
 
@@ -14,7 +17,7 @@ _WORDS: dict[Action, str] = {
     "restore": "restored exactly from the adapter's saved W0",
     "replace": "replaced by the adapter",
     "copy": "copied",
-    "lora": "LoRA tensors",
+    "lora": "LoRA",  # counted in words: plural(n, "LoRA tensor")
 }
 
 
@@ -34,6 +37,13 @@ class MergeReport:
     notes: tuple[str, ...] = ()  # what a user should know about the result (printed after the summary)
     # seconds by stage, from the executor's and the writer's counters (see engine.execute.ExecStats.stages)
     stages: dict[str, float] = field(default_factory=dict)
+    wall: float = 0.0  # the whole call, imports and planning included (``seconds``: the streaming part)
+
+    def __repr__(self) -> str:  # the plan holds every tensor: a repr names the figures, not the plan
+        return (
+            f"MergeReport(output={self.output!r}, form={self.form!r}, tensors={sum(self.counts.values())}, "
+            f"bytes={self.bytes}, wall={self.wall:.3f}, seconds={self.seconds:.3f}, dry_run={self.dry_run})"
+        )
 
     @property
     def throughput(self) -> float:
@@ -42,10 +52,13 @@ class MergeReport:
     def summary(self) -> str:
         if self.dry_run:
             return describe(self.plan)
-        done = ", ".join(f"{n} {_WORDS[a]}" for a, n in self.counts.items() if n)
+        done = ", ".join(
+            plural(n, "LoRA tensor") if a == "lora" else f"{n:,} {_WORDS[a]}" for a, n in self.counts.items() if n
+        )
+        speed = rate(self.bytes, self.wall)
         text = (
-            f"Wrote {self.output} ({self.form}): {sum(self.counts.values())} tensors ({done}), "
-            f"{self.bytes / 2**20:.1f} MiB in {self.seconds:.2f} s ({self.throughput / 2**20:.0f} MiB/s)."
+            f"Wrote {self.output} ({self.form}): {plural(sum(self.counts.values()), 'tensor')} ({done}), "
+            f"{human_bytes(self.bytes)} in {self.wall:.2f} s{f' ({speed})' if speed else ''}."
         )
         if self.untied_embeddings:
             text += " Input and output embeddings now differ: both written, tie_word_embeddings=false."
@@ -60,8 +73,8 @@ class MergeReport:
         r = self.requantized
         blocks = sum(x.blocks for x in r)
         lines = [
-            f"Re-quantized {len(r)} weights ({', '.join(sorted({x.method for x in r}))}): "
-            f"{sum(x.blocks_changed for x in r)} of {blocks} blocks changed, "
+            f"Re-quantized {plural(len(r), 'weight')} ({', '.join(sorted({x.method for x in r}))}): "
+            f"{sum(x.blocks_changed for x in r)} of {plural(blocks, 'block')} changed, "
             f"{sum(x.blocks_rescaled for x in r)} needed a new scale; the rest kept their bytes.",
             f"  error against the exact W0 + ΔW: median {median(x.error for x in r):.3g}, "
             f"max {max(x.error for x in r):.3g} (the format's own, quantizing those values afresh: median "

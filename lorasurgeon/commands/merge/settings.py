@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from ...errors import InvalidOptionError
 from ...io.dtypes import torch_dtype, torch_name
+from ...words import plural
 from .._inputs import check_weights, output_dtype, parse_shard_size
 
 if TYPE_CHECKING:
@@ -57,7 +58,9 @@ class MergeSettings:
             raise InvalidOptionError("give at least one adapter")
         chosen = tuple(weights) if weights else (1.0,) * adapters
         if len(chosen) != adapters:
-            raise InvalidOptionError(f"{len(chosen)} weights for {adapters} adapters: give one --weight per adapter")
+            raise InvalidOptionError(
+                f"{plural(len(chosen), 'weight')} for {plural(adapters, 'adapter')}: give one --weight per adapter"
+            )
         check_weights(chosen)
         if form == "augmented" and (adapters != 1 or chosen[0] != 1.0 or unmerge):
             raise InvalidOptionError("the augmented form holds exactly one adapter, with weight 1")

@@ -25,14 +25,15 @@ from ...adapter.config import CONFIG_NAME
 from ...adapter.weights import LoraAdapter, load_adapter
 from ...engine.execute import Discard, Progress, run
 from ...errors import InvalidOptionError, UnsupportedError
-from ...hub.cards import CARD_NAME, model_card
+from ...hub.cards import CARD_NAME, made_by, method_flags, method_words, model_card
 from ...io.dtypes import itemsize, torch_dtype
 from ...io.sidecar import config_bytes
 from ...io.spool import SpoolWriter
+from ...words import plural
 from .._inputs import Input, check_weights, prepare
 from ..check import VLLM_RANKS, vllm_loads_whole
 from .compute import choose_ranks, factors, spectrum
-from .plan import CopyOp, ModuleOp, check_adapter, plan_modules
+from .plan import CopyOp, ModuleOp, check_adapter, check_same_base, plan_modules
 from .report import ModuleResult, ResizeReport
 from .settings import Target
 
@@ -117,6 +118,7 @@ def combine(
     budget_params: int | None = None,
     max_rank: int | None = None,
     for_: str | None = None,
+    allow_different_bases: bool = False,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -128,6 +130,8 @@ def combine(
     Args:
         adapters: PEFT adapter folders of the same base model.
         weights: one per adapter (default 1.0 each).
+        allow_different_bases: combine adapters whose configs name different base models (one model under
+            two names); their shapes are checked all the same.
         out, rank, energy, budget, budget_params, max_rank, for_, device, overwrite, dry_run, progress: as for
             :func:`resize` (no target: exact).
 
@@ -136,7 +140,8 @@ def combine(
 
     Raises:
         InvalidOptionError, UnsupportedError: as for :func:`resize`; modules_to_save is refused too.
-        IncompatibleError: a module the adapters hold with different shapes.
+        IncompatibleError: a module the adapters hold with different shapes; adapters whose configs name
+            different base models (unless ``allow_different_bases``).
     """
     return _run(
         list(adapters),
@@ -149,6 +154,7 @@ def combine(
         dry_run=dry_run,
         progress=progress,
         combining=True,
+        allow_different_bases=allow_different_bases,
     )
 
 
@@ -164,6 +170,7 @@ def _run(
     progress: Progress | None,
     combining: bool,
     for_: str | None = None,
+    allow_different_bases: bool = False,
 ) -> ResizeReport:
     command = "combine" if combining else "resize"
     if for_ not in (None, "vllm", "llama.cpp"):
@@ -172,7 +179,9 @@ def _run(
         raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
     chosen = tuple(weights) if weights else (1.0,) * len(paths)
     if len(chosen) != len(paths):
-        raise InvalidOptionError(f"{len(chosen)} weights for {len(paths)} adapters: give one --weight per adapter")
+        raise InvalidOptionError(
+            f"{plural(len(chosen), 'weight')} for {plural(len(paths), 'adapter')}: give one --weight per adapter"
+        )
     check_weights(chosen)
     sources = prepare(
         [Input(p, "ADAPTER", "adapter") for p in paths], out, command=command, overwrite=overwrite, device=device
@@ -181,6 +190,8 @@ def _run(
     try:
         for adapter in adapters:
             check_adapter(adapter, combining=combining)
+        if combining and not allow_different_bases:
+            check_same_base(adapters)
         ops, copies = plan_modules(adapters, chosen)
         if not ops:
             raise UnsupportedError(f"{sources[0].label}: no LoRA modules to {command}")
@@ -266,7 +277,9 @@ def _card(report: ResizeReport, command: str, title: str, base: str | None) -> s
         else f"`{report.inputs[0]}` at a lower rank"
     )
     lines = [
-        f"{what}: {report.parameters:,} LoRA parameters, {100 * report.kept:.2f}% of ‖ΔW‖² kept (method: "
-        f"{report.method}).",
+        f"{what}: {report.parameters:,} LoRA parameters, {100 * report.kept:.2f}% of ‖ΔW‖² kept "
+        f"({method_words(report.method)}).",
     ]
+    weights = [f"--weight={w:g}" for w in report.weights] if any(w != 1.0 for w in report.weights) else []
+    lines += made_by("lorasurgeon", command, *report.inputs, *weights, *method_flags(report.method), "-o", title)
     return model_card(kind="adapter", base=base, title=title, lines=lines)

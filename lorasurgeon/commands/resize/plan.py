@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import PurePosixPath
 
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
@@ -78,6 +79,27 @@ def check_adapter(adapter: LoraAdapter, *, combining: bool) -> None:
     if found:
         verb = "combined" if combining else "resized"
         raise UnsupportedError(f"{adapter.path}: cannot be {verb} as low-rank factors: {'; '.join(found)}")
+
+
+def same_base(a: str, b: str) -> bool:
+    """Whether two base_model_name_or_path name one model: equal, or one a path ending in the other (a folder
+    named relatively and absolutely, a Hub id and a local copy in a folder of its name)."""
+    parts_a, parts_b = PurePosixPath(a).parts, PurePosixPath(b).parts
+    common = min(len(parts_a), len(parts_b))
+    return parts_a[-common:] == parts_b[-common:]
+
+
+def check_same_base(adapters: Sequence[LoraAdapter]) -> None:
+    """Adapters combined must be of one base model: those whose configs name different ones are refused by
+    name (an adapter that names none is taken at its word: its shapes are still checked, module by module)."""
+    first = adapters[0]
+    for other in adapters[1:]:
+        ours, theirs = first.config.base_model, other.config.base_model
+        if ours and theirs and not same_base(ours, theirs):
+            raise IncompatibleError(
+                f"{other.path}: base_model_name_or_path {theirs!r}, but {first.path} has {ours!r}: adapters "
+                "of different base models (if both are of one model under two names, pass --allow-different-bases)"
+            )
 
 
 def plan_modules(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> tuple[list[ModuleOp], list[CopyOp]]:

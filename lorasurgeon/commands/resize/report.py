@@ -6,6 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from ...words import plural
+
 
 @dataclass(frozen=True)
 class ModuleResult:
@@ -37,12 +39,13 @@ class ResizeReport:
         return asdict(self)
 
     def summary(self) -> str:
-        head = f"{'Would write' if self.dry_run else 'Wrote'} {self.output}: {len(self.modules)} modules"
+        head = f"{'Would write' if self.dry_run else 'Wrote'} {self.output}: {plural(len(self.modules), 'module')}"
         if self.dry_run:
             return head + f", {self.parameters_in:,} LoRA parameters in ({', '.join(self.inputs)})"
         lines = [
             f"{head}, {self.parameters:,} LoRA parameters (from {self.parameters_in:,}), "
-            f"{100 * self.kept:.2f}% of ‖ΔW‖² kept" + (f"; {len(self.copied)} tensors copied" if self.copied else "")
+            f"{100 * self.kept:.2f}% of ‖ΔW‖² kept"
+            + (f"; {plural(len(self.copied), 'tensor')} copied" if self.copied else "")
         ]
         ranks = sorted({(m.rank_in, m.rank) for m in self.modules})
         lines.append("  ranks (in -> out): " + ", ".join(f"{a}->{b}" for a, b in ranks[:12]))
