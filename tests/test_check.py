@@ -120,6 +120,21 @@ def test_mistakes_are_named(tmp_path):
     one_line_error(run_cli("check", tmp_path / "nope", "--for", "vllm"), "no such file or folder")
 
 
+def test_consumers_are_one_registry(tmp_path):
+    """Every command reaches a consumer through lorasurgeon.consumers: an unknown name is refused by name,
+    with the registry's choices, and the CLI's --for offers exactly the registry's consumers."""
+    from lorasurgeon.cli.options import CONSUMERS as CHOICES
+    from lorasurgeon.consumers import CONSUMERS, consumer
+
+    assert list(CHOICES.choices) == list(CONSUMERS) == ["vllm", "llama.cpp"]
+    assert all(consumer(name).name == name for name in CONSUMERS)
+    with pytest.raises(ls.InvalidOptionError, match=r"unknown consumer 'tgi': choose vllm or llama.cpp"):
+        ls.check(FIX_ADAPTER, consumer="tgi")
+    with pytest.raises(ls.InvalidOptionError, match=r"for 'tgi': choose vllm or llama.cpp"):
+        ls.resize(FIX_ADAPTER, tmp_path / "x", rank=2, for_="tgi")
+    assert not (tmp_path / "x").exists()
+
+
 def test_the_profiles_make_what_the_consumer_loads_or_refuse_by_name(tmp_path):
     for consumer in ("vllm", "llama.cpp"):
         ls.resize(FIX_ADAPTER, tmp_path / f"r-{consumer}", budget="40KB", for_=consumer)
@@ -139,10 +154,10 @@ def test_the_profiles_make_what_the_consumer_loads_or_refuse_by_name(tmp_path):
     assert w0 in load_file(tmp_path / "kept" / "adapter_model.safetensors")
     assert w0 not in load_file(tmp_path / "dropped" / "adapter_model.safetensors")
     # the fixture's matrices are 64 wide, so a rank above vLLM's 512 cannot arise: lower the limit instead
-    import lorasurgeon.commands.resize as resize_module
+    from lorasurgeon.consumers import consumer
 
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(resize_module, "VLLM_MAX_RANK", 4)
+        mp.setattr(consumer("vllm"), "max_rank", 4)
         with pytest.raises(ls.InvalidOptionError, match="largest max_lora_rank"):
             ls.resize(FIX_ADAPTER, tmp_path / "x", energy=1.0, for_="vllm")
         ls.resize(FIX_ADAPTER, tmp_path / "capped", energy=1.0, max_rank=4, for_="vllm")

@@ -596,6 +596,40 @@ def test_inspect_describes_the_quantized_weights(folders):
     assert json.loads(run_cli("inspect", FIX_BASE, "--json").stdout)["quantized"] is None
 
 
+def test_every_format_module_is_in_the_registry_and_claims_its_checkpoints():
+    """Each formats module's FORMAT is registered (a new format is its module plus one registry line), once;
+    a quant_method names the format alone, without one the first format a tensor name marks reads it; config.json's
+    quantization block is found in one place (text_config included) for detection and dispatch alike."""
+    import importlib
+    import pkgutil
+
+    import lorasurgeon.formats as formats
+    from lorasurgeon.formats.detect import detect, quant_config
+    from lorasurgeon.formats.layout import READS
+    from lorasurgeon.formats.registry import FORMATS, claiming
+
+    modules = [importlib.import_module(f"lorasurgeon.formats.{m.name}") for m in pkgutil.iter_modules(formats.__path__)]
+    declared = [m.FORMAT for m in modules if hasattr(m, "FORMAT")]
+    assert sorted(f.name for f in FORMATS) == sorted(f.name for f in declared) == sorted({f.name for f in FORMATS})
+    assert READS == ", ".join(f.reads for f in FORMATS)
+    for f in FORMATS:
+        assert f.codecs and all(callable(c.dequantize) and callable(c.requantize) for c in f.codecs)
+
+    def name(qconfig, names):
+        found = claiming(qconfig, names)
+        return found and found.name
+
+    assert name({"quant_method": "bitsandbytes"}, ["x.weight_scale_inv"]) == "bitsandbytes"
+    assert name({}, ["x.weight", "x.SCB"]) == "bitsandbytes"
+    assert name({}, ["e_blocks", "x.weight_scale_inv"]) == "fp8"  # asked in the registry's order
+    assert name({"quant_method": "gptq"}, ["x.weight_scale_inv"]) is None
+    assert name({}, ["x.weight_packed"]) is None  # compressed-tensors: by its quant_method only
+    config = {"text_config": {"quantization_config": {"quant_method": "fp8", "weight_block_size": [64, 64]}}}
+    qc = quant_config(config)
+    assert qc is not None and qc.block == config["text_config"]["quantization_config"]
+    assert detect((), config).describe() == "fp8 (config.json text_config.quantization_config.quant_method = fp8)"
+
+
 def test_integer_buffers_that_are_not_weights_are_not_quantization(tmp_path):
     """BatchNorm's num_batches_tracked and BERT's position_ids are int64 in unquantized models."""
     folder = tmp_path / "plain"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -14,32 +13,35 @@ from .options import (
     CONSUMER,
     CONSUMERS,
     DEVICE,
+    FOR,
     PUSH,
-    SIZING,
     WRITE,
     check_push,
     finish,
     option_group,
+    sizing_options,
 )
-
-if TYPE_CHECKING:  # click's choices guarantee these; the CLI imports no torch before a command runs
-    pass
 
 
 @cli.command("resize")
 @debug_option
 @click.argument("adapter")
-@option_group(WRITE, SIZING, DEVICE, PUSH)
+@option_group(WRITE, FOR, sizing_options(), DEVICE, PUSH)
 def resize_cmd(
     adapter: str,
     out: str,
     overwrite: bool,
     dry_run: bool,
     quiet: bool,
+    for_: str | None,
+    rank: int | None,
+    energy: float | None,
+    budget: str | None,
+    budget_params: int | None,
+    max_rank: int | None,
     device: str,
     push_to_hub: str | None,
     private: bool,
-    **sizing: Any,
 ) -> None:
     """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
 
@@ -54,7 +56,12 @@ def resize_cmd(
     report = resize(
         adapter,
         out,
-        **sizing,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        budget_params=budget_params,
+        max_rank=max_rank,
+        for_=for_,
         device=device,
         overwrite=overwrite,
         dry_run=dry_run,
@@ -74,7 +81,8 @@ def resize_cmd(
         is_flag=True,
         help="Combine adapters whose base_model_name_or_path differ (their shapes must still agree).",
     ),
-    SIZING,
+    FOR,
+    sizing_options(),
     DEVICE,
     PUSH,
 )
@@ -86,10 +94,15 @@ def combine_cmd(
     quiet: bool,
     weights: tuple[float, ...],
     allow_different_bases: bool,
+    for_: str | None,
+    rank: int | None,
+    energy: float | None,
+    budget: str | None,
+    budget_params: int | None,
+    max_rank: int | None,
     device: str,
     push_to_hub: str | None,
     private: bool,
-    **sizing: Any,
 ) -> None:
     """One adapter for the weighted sum of ADAPTERS: exact (stacked factors) unless a rank, energy or budget
     asks for fewer; then the optimal truncation, never forming ΔW.
@@ -106,7 +119,12 @@ def combine_cmd(
         adapters,
         out,
         weights=weights,
-        **sizing,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        budget_params=budget_params,
+        max_rank=max_rank,
+        for_=for_,
         allow_different_bases=allow_different_bases,
         device=device,
         overwrite=overwrite,

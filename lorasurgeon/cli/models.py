@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, cast
 
 import click
 
+from ..commands.sizing import BUDGET_RANK
 from ..console import Dtype, debug_option, progress_bar
 from . import cli
 from .options import (
@@ -23,8 +24,8 @@ from .options import (
     WRITE,
     check_push,
     finish,
-    one_budget,
     option_group,
+    sizing_options,
     write_options,
 )
 
@@ -275,18 +276,7 @@ def convert_cmd(
 @click.argument("base")
 @click.argument("finetuned")
 @WRITE
-@click.option("--rank", type=int, default=None, help="Fixed rank for every module.")
-@click.option("--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖².")
-@click.option(
-    "--max-rank",
-    type=int,
-    default=None,
-    help="A cap per module for --energy (default: none) and --budget (default: 256).",
-)
-@click.option(
-    "--budget", default=None, metavar="SIZE", help="The adapter's size (e.g. 15MB): ranks chosen to keep the most."
-)
-@click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters.")
+@sizing_options(default_max_rank=BUDGET_RANK)
 @FOR
 @FILTERS
 @click.option(
@@ -365,6 +355,7 @@ def extract_cmd(
       lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
     """
     from ..commands.extract import extract
+    from ..commands.sizing import one_budget
 
     check_push(push_to_hub, dry_run)
     finish(

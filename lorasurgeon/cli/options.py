@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import click
 
 from ..console import Dtype, resume_stops
+from ..consumers import CONSUMERS as consumer_registry
 from ..errors import LorasurgeonError
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -43,7 +44,7 @@ def write_options(out_help: str = "Result folder.") -> Callable[[F], F]:
 
 
 WRITE = write_options()
-CONSUMERS = click.Choice(["vllm", "llama.cpp"])
+CONSUMERS = click.Choice(list(consumer_registry))
 CONSUMER = "The consumer that will load the adapter"  # --for, in every command that has it
 FOR = click.option(
     "--for",
@@ -131,21 +132,25 @@ def finish(report: Any, quiet: bool, push_to_hub: str | None, private: bool) -> 
         click.echo(pushed.summary())
 
 
-def one_budget(size: str | None, params: int | None) -> str | int | None:
-    if size is not None and params is not None:
-        raise click.UsageError("--budget and --budget-params: give one")
-    return params if params is not None else size
-
-
-SIZING = option_group(
-    FOR,
-    click.option("--rank", type=int, default=None, help="The same rank for every module."),
-    click.option(
-        "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."
-    ),
-    click.option("--budget", default=None, metavar="SIZE", help="A size for all factors together (e.g. 15MB)."),
-    click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters."),
-    click.option(
-        "--max-rank", type=int, default=None, help="A cap per module (default: none, each module's own rank)."
-    ),
-)
+def sizing_options(default_max_rank: int | None = None) -> Callable[[F], F]:
+    """--rank, --energy, --budget, --budget-params, --max-rank (commands.sizing.Sizing); ``default_max_rank``: a
+    budget's cap per module when --max-rank is not given (extract's), None: each module's own rank."""
+    max_rank_help = (
+        "A cap per module (default: none, each module's own rank)."
+        if default_max_rank is None
+        else f"A cap per module for --energy (default: none) and --budget (default: {default_max_rank})."
+    )
+    return option_group(
+        click.option("--rank", type=int, default=None, help="The same rank for every module."),
+        click.option(
+            "--energy", type=float, default=None, help="Per module, the smallest rank keeping this share of ‖ΔW‖²."
+        ),
+        click.option(
+            "--budget",
+            default=None,
+            metavar="SIZE",
+            help="The adapter's size (e.g. 15MB): ranks chosen where they keep the most.",
+        ),
+        click.option("--budget-params", type=int, default=None, help="The budget as a number of parameters."),
+        click.option("--max-rank", type=int, default=None, help=max_rank_help),
+    )

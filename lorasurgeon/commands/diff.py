@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Literal, get_args
 from ..engine.execute import Discard, Outcome, Progress, run
 from ..engine.plan import Ref
 from ..errors import InvalidOptionError as OptionError
-from ..io.checkpoint import open_checkpoint
+from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.layout import TensorSpec
 from ..io.sidecar import read_config
 from ..ops.compare import change, identical_fraction, non_finite, rank_profile, same_bits
@@ -258,6 +258,28 @@ def _counts(a: torch.Tensor, b: torch.Tensor, *, same: bool) -> dict[str, int]:
     return {"nan_in_a": nan_a, "nan_in_b": nan_b, "inf_in_a": inf_a, "inf_in_b": inf_b}
 
 
+def _kept_names(ca: Checkpoint, cb: Checkpoint, keep: NameFilter) -> tuple[list[str], list[str]]:
+    """The tensor names of A and B that --include/--exclude keep; a filter that leaves nothing is refused."""
+    names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
+    if keep.active and not names_a and not names_b and (len(ca) or len(cb)):
+        example = next(iter(ca), None) or next(iter(cb))
+        raise OptionError(
+            f"{keep.describe()} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to "
+            f"compare (names look like {example!r})"
+        )
+    return names_a, names_b
+
+
+def _diff_ops(ca: Checkpoint, cb: Checkpoint, names_a: list[str], in_b: set[str]) -> list[DiffOp]:
+    """One op per tensor in both, in A's order; a shape mismatch is planned but reads nothing."""
+    ops = []
+    for name in (n for n in names_a if n in in_b):
+        ia, ib = ca.info(name), cb.info(name)
+        same = ia.shape == ib.shape
+        ops.append(DiffOp(name, Ref(0, name), Ref(1, name), same, ia.nbytes + ib.nbytes if same else 0))
+    return ops
+
+
 def diff(
     a: str | os.PathLike[str],
     b: str | os.PathLike[str],
@@ -301,35 +323,14 @@ def diff(
     keep = NameFilter.parse(include, exclude)
     picture = check_plot_path(plot, overwrite=overwrite)
     src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
-    path_a, path_b = src_a.path, src_b.path
-    with open_checkpoint(path_a) as raw_a, open_checkpoint(path_b) as raw_b:
+    with open_checkpoint(src_a.path) as raw_a, open_checkpoint(src_b.path) as raw_b:
         # a quantized checkpoint is compared by its values (dequantized), not its stored codes
         ca, _ = plain_weights(raw_a, read_config(raw_a.folder), role=f"{src_a.label}: A")
         cb, _ = plain_weights(raw_b, read_config(raw_b.folder), role=f"{src_b.label}: B")
-        names_a, names_b = [n for n in ca if keep(n)], [n for n in cb if keep(n)]
-        if keep.active and not names_a and not names_b and (len(ca) or len(cb)):
-            example = next(iter(ca), None) or next(iter(cb))
-            raise OptionError(
-                f"{keep.describe()} leaves none of the {len(ca)} + {len(cb)} tensors of A and B to "
-                f"compare (names look like {example!r})"
-            )
-        set_a, set_b = set(names_a), set(names_b)
-        ops = []
-        for name in names_a:
-            if name in set_b:
-                ia, ib = ca.info(name), cb.info(name)
-                ops.append(
-                    DiffOp(
-                        name,
-                        Ref(0, name),
-                        Ref(1, name),
-                        ia.shape == ib.shape,
-                        ia.nbytes + ib.nbytes if ia.shape == ib.shape else 0,
-                    )
-                )
-        # shape mismatches need no data: don't read them
+        names_a, names_b = _kept_names(ca, cb, keep)
+        ops = _diff_ops(ca, cb, names_a, set(names_b))
         stats = run(
-            [o for o in ops if o.comparable],
+            [o for o in ops if o.comparable],  # shape mismatches need no data: don't read them
             [ca, cb],
             Discard(),
             compute=partial(compute_diff, profile=rank_profile, seed=seed),
@@ -338,15 +339,9 @@ def diff(
         )
         found = {t.name: t for t in stats.infos}
         tensors = [found.get(o.name) or TensorDiff(o.name, "shape_mismatch") for o in ops]
-    report = DiffReport(
-        str(path_a),
-        str(path_b),
-        [n for n in names_a if n not in set_b],
-        [n for n in names_b if n not in set_a],
-        tensors,
-        atol,
-        stats.seconds,
-    )
+    set_a, set_b = set(names_a), set(names_b)
+    only_a, only_b = [n for n in names_a if n not in set_b], [n for n in names_b if n not in set_a]
+    report = DiffReport(str(src_a.path), str(src_b.path), only_a, only_b, tensors, atol, stats.seconds)
     if picture is not None:
         save(diff_figure(report), picture, overwrite=overwrite)
         report = replace(report, plot=str(picture))

@@ -1,10 +1,10 @@
 """convert ADAPTER --to gguf: a llama.cpp LoRA adapter, written as llama.cpp's own convert_lora_to_gguf.py
 writes one (docs/formats.md §8), for the architectures done here.
 
-- Architectures: those in ARCHITECTURES, whose classes in llama.cpp's converter (conversion/*.py) were read
-  for what they do to linear weights: nothing but a rename, or LlamaModel's q/k row permutation (Llama,
-  Mistral, Mixtral, OLMo). Others are refused by name, and so are per-expert LoRAs of MoE models (llama.cpp
-  stacks the experts into one tensor per projection).
+- Architectures: those in ARCHITECTURES (``consumers.llama_cpp``, with what else llama.cpp refuses), whose
+  classes in llama.cpp's converter (conversion/*.py) were read for what they do to linear weights: nothing but
+  a rename, or LlamaModel's q/k row permutation (Llama, Mistral, Mixtral, OLMo). Others are refused by name,
+  and so are per-expert LoRAs of MoE models (llama.cpp stacks the experts into one tensor per projection).
 - Names: the base architecture's GGUF names from the ``gguf`` package's own TensorNameMap
   (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), with ``.lora_a``/``.lora_b``.
 - Tensors: A (r, in) and B (out, r) as PEFT stores them (ggml reads them as {in, r} and {r, out});
@@ -29,6 +29,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ..adapter.weights import LoraAdapter, load_adapter
+from ..consumers.llama_cpp import ARCHITECTURES as ARCHITECTURES
+from ..consumers.llama_cpp import LLAMA_CPP
 from ..errors import (
     CorruptCheckpointError,
     InputNotFoundError,
@@ -44,7 +46,6 @@ from ..io.publish import publish
 from ..io.scratch import make_scratch, release
 from ..io.sidecar import CONFIG, read_json_object
 from ..names import model_names
-from ..names.builtin import is_tied
 from ..words import plural
 from ._inputs import Input, plain_weights, prepare
 from .merge.plan import plan_merge
@@ -53,31 +54,6 @@ if TYPE_CHECKING:
     import torch
 else:
     from .._lazy import torch
-
-# HF architecture -> (gguf MODEL_ARCH name, whether q/k rows are permuted as convert_hf_to_gguf's LlamaModel does)
-ARCHITECTURES = {
-    "LlamaForCausalLM": ("LLAMA", True),
-    "MistralForCausalLM": ("LLAMA", True),
-    "MixtralForCausalLM": ("LLAMA", True),  # LlamaModel: permuted q/k, experts stacked
-    "Qwen2ForCausalLM": ("QWEN2", False),
-    "Qwen2MoeForCausalLM": ("QWEN2MOE", False),
-    "Qwen3ForCausalLM": ("QWEN3", False),
-    "Qwen3MoeForCausalLM": ("QWEN3MOE", False),
-    "GemmaForCausalLM": ("GEMMA", False),  # its converter changes norms only, and drops lm_head (tied)
-    "Gemma2ForCausalLM": ("GEMMA2", False),
-    "Gemma3ForCausalLM": ("GEMMA3", False),  # norms shifted, the embedding cut to the tokenizer's vocabulary
-    "PhiForCausalLM": ("PHI2", False),
-    "Phi3ForCausalLM": ("PHI3", False),  # fused qkv_proj / gate_up_proj kept fused (attn_qkv / ffn_up)
-    "GPT2LMHeadModel": ("GPT2", False),  # Conv1D weights transposed to (out, in): PEFT's B·A already is
-    "StableLmForCausalLM": ("STABLELM", False),  # its converter stacks per-head q/k norms only
-    "Starcoder2ForCausalLM": ("STARCODER2", False),
-    "OlmoForCausalLM": ("OLMO", True),  # OlmoModel: LlamaModel's permutation
-    "Olmo2ForCausalLM": ("OLMO2", False),
-}
-NO_HEAD = ("GemmaForCausalLM", "Gemma2ForCausalLM")  # llama.cpp has no output tensor for these
-# converters that cut the embedding's rows to the tokenizer's vocabulary (Gemma3Model.modify_tensors): an
-# embedding LoRA's A would have to be cut alike, from a tokenizer this command does not read
-TRIMMED_VOCABULARY = ("Gemma3ForCausalLM",)
 
 
 @dataclass(frozen=True)
@@ -159,35 +135,11 @@ def to_gguf(
     try:
         where = _base_folder(loaded, base)
         config = _base_config(where)
-        arch = (config.get("architectures") or ["?"])[0]
-        if arch not in ARCHITECTURES:
-            raise UnsupportedError(
-                f"{arch}: GGUF adapters are written for {', '.join(ARCHITECTURES)} (llama.cpp's names and layouts "
-                "are per architecture)"
-            )
-        found = []
-        if loaded.config.use_dora or any("magnitude" in m.keys for m in loaded.modules.values()):
-            found.append("DoRA")
-        if loaded.config.bias != "none" or loaded.config.lora_bias:
-            found.append("trained biases")
-        if loaded.replacements:
-            found.append(f"whole tensors ({', '.join(sorted(loaded.replacements)[:3])}; llama.cpp#11554)")
-        if loaded.token_deltas:
-            found.append("trainable tokens")
-        if loaded.config.target_parameters:
-            found.append("target_parameters (stacked experts)")
-        experts = sorted(m.name for m in loaded.modules.values() if ".experts." in m.name)
-        if experts and not loaded.config.target_parameters:
-            found.append(f"per-expert LoRAs ({experts[0]}, ...; llama.cpp stacks the experts into one tensor)")
-        tied = is_tied(config) or arch in NO_HEAD
-        if tied and any(m.name.endswith("lm_head") for m in loaded.modules.values()):
-            found.append("LoRA on lm_head of a model whose head is its embedding (llama.cpp#9065)")
-        if arch in TRIMMED_VOCABULARY and any(m.kind == "embedding" for m in loaded.modules.values()):
-            found.append(f"a LoRA on the embedding of {arch} (llama.cpp cuts its rows to the tokenizer's vocabulary)")
+        arch, arch_name, permuted = LLAMA_CPP.gguf_architecture(config)
+        found = LLAMA_CPP.gguf_refusals(loaded, config, arch)
         if found:
-            raise UnsupportedError(f"{source.label}: llama.cpp cannot take {'; '.join(found)}")
+            raise UnsupportedError(f"{source.label}: {LLAMA_CPP.label} cannot take {'; '.join(found)}")
         _check_fits(loaded, where, config)
-        arch_name, permuted = ARCHITECTURES[arch]
         model_arch = getattr(gguf.MODEL_ARCH, arch_name)
         names = gguf.get_tensor_name_map(model_arch, int(_hparam(config, "num_hidden_layers", "n_layer")))
         n_head = int(_hparam(config, "num_attention_heads", "n_head"))
@@ -204,7 +156,7 @@ def to_gguf(
             b = loaded.checkpoint.read(module.keys[roles[1]]).to(torch.float32)
             if a.dim() != 2:
                 raise UnsupportedError(f"{hf}: a {module.kind} LoRA is not a matrix pair llama.cpp reads")
-            b = b * (module.scale * a.shape[0] / alpha)  # llama.cpp applies alpha / rank
+            b = b * LLAMA_CPP.fold(module.scale, a.shape[0], alpha)  # llama.cpp applies alpha / rank
             if permuted and hf.endswith("self_attn.q_proj"):
                 b = permute_rows(b, n_head)
             elif permuted and hf.endswith("self_attn.k_proj"):

@@ -286,65 +286,139 @@ def run(
     bounded by a few tensors per worker. ``threads``: torch's intra-op threads while the run computes
     (torch's own setting, process-wide, put back afterwards); None leaves it as it is.
     """
-    dev: torch.device | None = None  # made (and torch imported) when the first tensor is computed
-    previous_threads: int | None = None
     start = time.perf_counter()
     stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=True, tolerate_unreadable=unreadable is not None)
-    write_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
-    lock = threading.Lock()
+    job = _Run(stages, sink, _Compute(compute, device, threads, unreadable), progress, workers)
+    written, infos = job.execute()
+    return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos), dict(stages.seconds))
 
-    def device_for_compute() -> torch.device:
-        nonlocal dev, previous_threads
-        with lock:
-            if dev is None:
-                if threads is not None:
-                    previous_threads = torch.get_num_threads()
-                    torch.set_num_threads(threads)
-                dev = torch.device(device)
-            return dev
 
-    def settle(op: OpT, item: _Fetched) -> tuple[list[tuple[str, Written]], list[InfoT], float]:
+class _Compute(Generic[OpT, InfoT]):
+    """What computing one fetched op takes: the compute function, its device (made, and torch's threads set,
+    when the first tensor is computed), and the report of an unreadable input."""
+
+    def __init__(
+        self,
+        compute: Compute[OpT, InfoT],
+        device: str,
+        threads: int | None,
+        unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None,
+    ):
+        self.compute, self.device, self.threads, self.unreadable = compute, device, threads, unreadable
+        self._dev: torch.device | None = None
+        self._previous_threads: int | None = None
+        self._lock = threading.Lock()
+
+    def _device(self) -> torch.device:
+        with self._lock:
+            if self._dev is None:
+                if self.threads is not None:
+                    self._previous_threads = torch.get_num_threads()
+                    torch.set_num_threads(self.threads)
+                self._dev = torch.device(self.device)
+            return self._dev
+
+    def settle(self, op: OpT, item: _Fetched) -> tuple[list[tuple[str, Written]], list[InfoT], float]:
         """An op's outputs, what it reports (none for a copy), and the seconds its compute took."""
         if item.piece is not None:
             return [(op.name, item.piece)], [], 0.0
         if item.error is not None:
-            assert unreadable is not None
-            return [], [unreadable(op, item.error)], 0.0
-        on = device_for_compute()
+            assert self.unreadable is not None
+            return [], [self.unreadable(op, item.error)], 0.0
+        on = self._device()
         began = time.perf_counter()
-        outcome = compute(op, item.tensors, on)
+        outcome = self.compute(op, item.tensors, on)
         return list(outcome.outputs), [outcome.info], time.perf_counter() - began
 
-    def write_stage() -> None:
+    def restore_threads(self) -> None:
+        if self._previous_threads is not None:
+            torch.set_num_threads(self._previous_threads)
+
+
+class _Run(Generic[OpT, InfoT]):
+    """One run's compute and write stages around the reader (``_Stages``): the calling thread hands results to
+    the writer in plan order, computing them itself or taking them from ``workers`` compute threads."""
+
+    def __init__(
+        self,
+        stages: _Stages[OpT],
+        sink: Sink,
+        computer: _Compute[OpT, InfoT],
+        progress: Progress | None,
+        workers: int,
+    ):
+        self.stages, self.sink, self.computer, self.progress, self.workers = stages, sink, computer, progress, workers
+        self.write_q: queue.Queue[object] = queue.Queue(QUEUE_DEPTH)
+        self.done: dict[int, tuple[list[tuple[str, Written]], list[InfoT]]] = {}  # computed, waiting for its turn
+        self.turn = threading.Condition()
+        stages.threads.append(threading.Thread(target=self._write_stage, name="lorasurgeon-write"))
+        if workers > 1:
+            stages.threads += [
+                threading.Thread(target=self._compute_stage, name=f"lorasurgeon-compute-{i}") for i in range(workers)
+            ]
+
+    def execute(self) -> tuple[int, list[InfoT]]:
+        """Run every stage to the end; the bytes handed to the sink and what each op reported."""
+        stages, written, infos = self.stages, 0, []
+        if self.progress is not None:
+            torch.Tensor  # noqa: B018  (torch's import, seconds on a cold start, before the bar, not inside its 0%)
+            self.progress.start(sum(op.nbytes for op in stages.ops))
         try:
-            while (item := stages.take(write_q)) is not _DONE:
+            stages.start()
+            for op, outputs, info in self._in_order():
+                infos += info
+                waited = time.perf_counter()
+                if not stages.put(self.write_q, _Writes(op, outputs)):
+                    break
+                stages.seconds["wait_write"] += time.perf_counter() - waited
+                written += sum(t.nbytes for _, t in outputs)
+        except BaseException:
+            stages.stop.set()
+            raise
+        finally:
+            self._close()
+        stages.raise_errors()
+        return written, infos
+
+    def _close(self) -> None:
+        if not self.stages.stop.is_set():
+            self.stages.put(self.write_q, _DONE)  # gives up if the writer has failed meanwhile
+        else:
+            with self.turn:
+                self.turn.notify_all()
+        self.stages.join()
+        self.computer.restore_threads()
+        if self.progress is not None:
+            self.progress.finish()
+
+    def _write_stage(self) -> None:
+        stages = self.stages
+        try:
+            while (item := stages.take(self.write_q)) is not _DONE:
                 assert isinstance(item, _Writes)
                 began = time.perf_counter()
                 for name, tensor in item.outputs:
-                    sink.write(name, tensor)
+                    self.sink.write(name, tensor)
                 stages.seconds["write"] += time.perf_counter() - began
-                if progress is not None:
-                    progress.advance(item.op.nbytes)
+                if self.progress is not None:
+                    self.progress.advance(item.op.nbytes)
         except BaseException as exc:
             stages.fail(exc)
 
-    stages.threads.append(threading.Thread(target=write_stage, name="lorasurgeon-write"))
-    done: dict[int, tuple[list[tuple[str, Written]], list[InfoT]]] = {}
-    turn = threading.Condition()
-
-    def compute_stage() -> None:
+    def _compute_stage(self) -> None:
         """A worker: the next fetched op, computed; its result kept until its turn (while fewer than
         ``workers`` results wait)."""
+        stages, turn = self.stages, self.turn
         try:
             for op, item in stages.fetched():
                 index = item.index
-                outputs, info, seconds = settle(op, item)
+                outputs, info, seconds = self.computer.settle(op, item)
                 del item
                 with turn:
                     stages.seconds["compute"] += seconds
-                    done[index] = (outputs, info)
+                    self.done[index] = (outputs, info)
                     turn.notify_all()
-                    while len(done) > workers and not stages.stop.is_set():
+                    while len(self.done) > self.workers and not stages.stop.is_set():
                         turn.wait(0.1)
             stages.put(stages.read_q, _DONE)  # the reader's one end mark, passed on to the next worker
         except BaseException as exc:
@@ -352,59 +426,24 @@ def run(
         with turn:
             turn.notify_all()
 
-    if workers > 1:
-        stages.threads += [
-            threading.Thread(target=compute_stage, name=f"lorasurgeon-compute-{i}") for i in range(workers)
-        ]
-    if progress is not None:
-        torch.Tensor  # noqa: B018  (torch's import, seconds on a cold start, before the bar, not inside its 0%)
-        progress.start(sum(op.nbytes for op in ops))
-    written = 0
-    infos: list[InfoT] = []
-
-    def in_order() -> Iterator[tuple[OpT, list[tuple[str, Written]], list[InfoT]]]:
-        if workers <= 1:  # the calling thread computes
+    def _in_order(self) -> Iterator[tuple[OpT, list[tuple[str, Written]], list[InfoT]]]:
+        stages = self.stages
+        if self.workers <= 1:  # the calling thread computes
             for op, item in stages.fetched():
-                outputs, info, seconds = settle(op, item)
+                outputs, info, seconds = self.computer.settle(op, item)
                 stages.seconds["compute"] += seconds
                 del item
                 yield op, outputs, info
             return
-        for index, op in enumerate(ops):
-            with turn:
-                while index not in done and not stages.stop.is_set():
-                    turn.wait(0.1)
-                if index not in done:
+        for index, op in enumerate(stages.ops):
+            with self.turn:
+                while index not in self.done and not stages.stop.is_set():
+                    self.turn.wait(0.1)
+                if index not in self.done:
                     return
-                outputs, info = done.pop(index)
-                turn.notify_all()
+                outputs, info = self.done.pop(index)
+                self.turn.notify_all()
             yield op, outputs, info
-
-    try:
-        stages.start()
-        for op, outputs, info in in_order():
-            infos += info
-            waited = time.perf_counter()
-            if not stages.put(write_q, _Writes(op, outputs)):
-                break
-            stages.seconds["wait_write"] += time.perf_counter() - waited
-            written += sum(t.nbytes for _, t in outputs)
-    except BaseException:
-        stages.stop.set()
-        raise
-    finally:
-        if not stages.stop.is_set():
-            stages.put(write_q, _DONE)  # gives up if the writer has failed meanwhile
-        else:
-            with turn:
-                turn.notify_all()
-        stages.join()
-        if previous_threads is not None:
-            torch.set_num_threads(previous_threads)
-        if progress is not None:
-            progress.finish()
-    stages.raise_errors()
-    return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos), dict(stages.seconds))
 
 
 def stream(

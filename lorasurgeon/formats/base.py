@@ -1,18 +1,21 @@
 """What every quantized format has in common: a weight stored as parts, and re-quantizing it by blocks.
 
-A format module finds its ``QuantTensor``s from a checkpoint's headers and config.json, and gives
-its ``Codec``: ``dequantize`` (the parts -> float32 values, code x scale in float32 as the producer's
-reference computes them) and ``requantize`` (float32 values -> the parts, with the producer's rule
-applied only where the values changed). Everything here is pure: tensors in, tensors out.
+A format module exposes one ``Format`` (``formats.registry.FORMATS`` lists them): whether a checkpoint
+is in it (``claims``, from config.json's quantization block and the tensor names), its ``QuantTensor``s
+found from the headers (``find``), each with its ``Codec``: ``dequantize`` (the parts -> float32
+values, code x scale in float32 as the producer's reference computes them) and ``requantize``
+(float32 values -> the parts, with the producer's rule applied only where the values changed).
+Everything here is pure: tensors in, tensors out.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from ..io.checkpoint import TensorInfo
+from .detect import quant_method
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +83,36 @@ class Requantized:
             self.rescaled + other.rescaled,
             self.fresh_sq_error + other.fresh_sq_error,
         )
+
+
+@dataclass(frozen=True)
+class Headers:
+    """A checkpoint as a format's ``find`` sees it: its stored tensors by name, and a way to read the
+    few small ones a layout keeps its facts in (a packed weight's shape, a quant state)."""
+
+    infos: Mapping[str, TensorInfo]
+    read: Callable[[TensorInfo], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Format:
+    """One quantized format, as the registry (``formats.registry.FORMATS``) holds it: every format has
+    this one shape, so ``formats.layout`` asks them all the same way."""
+
+    name: str  # config.json's quantization_config.quant_method for it: "fp8", "compressed-tensors", ...
+    reads: str  # what lorasurgeon reads of it, in words (a refusal lists every format's)
+    find: Callable[[Headers, Mapping[str, Any]], list[QuantTensor]]  # (headers, quantization block) -> weights
+    codecs: tuple[type[Codec], ...]  # the Codec classes its weights carry
+    # without a quant_method in config.json: a tensor name that shows the format (None: only by quant_method)
+    marks: Callable[[str], bool] | None = None
+
+    def claims(self, qconfig: Mapping[str, Any], names: Sequence[str]) -> bool:
+        """Whether a checkpoint with this quantization block (``{}`` if none) and these tensor names is
+        in this format: named by its quant_method, or, where none is named, shown by a tensor's name."""
+        method = quant_method(qconfig)
+        if method:
+            return method == self.name
+        return self.marks is not None and any(self.marks(n) for n in names)
 
 
 # (strings: torch is imported when first used, not when this module is)

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import CorruptCheckpointError, UnsupportedError
 from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, nearest_code, requantize_blocks, slabs
+from .base import Format, Headers, QuantTensor, Requantized, nearest_code, requantize_blocks, slabs
 
 if TYPE_CHECKING:
     import torch
@@ -169,13 +169,14 @@ def _state(info: TensorInfo, read: Callable[[TensorInfo], torch.Tensor]) -> dict
     return state
 
 
-def find(infos: Mapping[str, TensorInfo], read: Callable[[TensorInfo], torch.Tensor]) -> list[QuantTensor]:
+def find(headers: Headers, qconfig: Mapping[str, Any]) -> list[QuantTensor]:
     """bitsandbytes' 4-bit weights (by their quant_state tensor) and LLM.int8 weights (by ``SCB``).
 
     Raises:
         UnsupportedError: an int8 weight_format other than row-major (0).
         CorruptCheckpointError: a quant state that is not bitsandbytes' JSON, or a part missing.
     """
+    infos, read = headers.infos, headers.read
     found = []
     for name, info in infos.items():
         if STATE in name:
@@ -206,3 +207,12 @@ def find(infos: Mapping[str, TensorInfo], read: Callable[[TensorInfo], torch.Ten
                 parts_i8.append(("weight_format", fmt))
             found.append(QuantTensor(f"{module}.weight", tuple(weight.shape), tuple(parts_i8), Int8()))
     return found
+
+
+FORMAT = Format(
+    name="bitsandbytes",
+    reads="bitsandbytes 4-bit and LLM.int8",
+    find=find,
+    codecs=(Bnb4bit, Int8),
+    marks=lambda name: STATE in name or name.endswith(".SCB"),
+)

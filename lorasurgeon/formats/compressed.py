@@ -13,12 +13,12 @@ Rotations (``transform_config``) and sparsity change what the stored tensors mea
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
 from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
+from .base import Format, Headers, QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
 from .fp8 import FP8_MAX, decode_e4m3, expand_tiles, from_tiles, scale_tiles_, to_tiles
 
 if TYPE_CHECKING:
@@ -249,9 +249,7 @@ def _scheme(qconfig: Mapping[str, Any], module: str) -> tuple[str, Mapping[str, 
     return str(chosen.get("format") or qconfig.get("format") or ""), chosen["weights"]
 
 
-def find(
-    infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any], read: Callable[[TensorInfo], torch.Tensor]
-) -> list[QuantTensor]:
+def find(headers: Headers, qconfig: Mapping[str, Any]) -> list[QuantTensor]:
     """The quantized weights of a compressed-tensors checkpoint: each module with a ``weight_scale``.
 
     Raises:
@@ -265,6 +263,7 @@ def find(
     sparsity = qconfig.get("sparsity_config")
     if isinstance(sparsity, Mapping) and sparsity.get("format") not in (None, "dense"):
         raise UnsupportedError(f"compressed-tensors sparsity_config format {sparsity.get('format')!r}: not supported")
+    infos, read = headers.infos, headers.read
     found = []
     for name, scale in infos.items():
         if not name.endswith(".weight_scale"):
@@ -300,3 +299,11 @@ def find(
             raise UnsupportedError(f"{module}: group strategy without group_size")
         found.append(QuantTensor(f"{module}.weight", shape, tuple(parts), codec))
     return found
+
+
+FORMAT = Format(
+    name="compressed-tensors",
+    reads="compressed-tensors (float/int/naive/pack-quantized)",
+    find=find,
+    codecs=(Compressed,),
+)

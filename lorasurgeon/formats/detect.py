@@ -52,8 +52,35 @@ class Quantization:
         return f"{self.method} ({self.evidence})"
 
 
-def _config_method(config: Mapping[str, Any]) -> tuple[str, str] | None:
-    docs = [("", config)]
+@dataclass(frozen=True)
+class QuantConfig:
+    """config.json's quantization block: where it is, and what it holds."""
+
+    key: str  # "quantization_config", "compression_config", "text_config.quantization_config", ...
+    block: Mapping[str, Any]  # its contents ({} where the value is not an object)
+
+    @property
+    def method(self) -> str:
+        return quant_method(self.block)
+
+    @property
+    def found(self) -> Quantization:
+        return Quantization(
+            self.method or "unknown",
+            f"config.json {self.key}" + (f".quant_method = {self.method}" if self.method else ""),
+        )
+
+
+def quant_method(block: Mapping[str, Any]) -> str:
+    """A quantization block's quant_method ("" if it names none)."""
+    return str(block.get("quant_method") or "")
+
+
+def quant_config(config: Mapping[str, Any]) -> QuantConfig | None:
+    """The quantization block of config.json (``quantization_config``, or the older ``compression_config``;
+    top level first, then in ``text_config``), or None. The one reader of that block: detection and the
+    formats' dispatch both take it from here."""
+    docs: list[tuple[str, Mapping[str, Any]]] = [("", config)]
     text = config.get("text_config")
     if isinstance(text, Mapping):
         docs.append(("text_config.", text))
@@ -61,19 +88,19 @@ def _config_method(config: Mapping[str, Any]) -> tuple[str, str] | None:
         for key in ("quantization_config", "compression_config"):
             q = doc.get(key)
             if q:
-                method = q.get("quant_method") if isinstance(q, Mapping) else None
-                return str(method or "unknown"), f"config.json {where}{key}" + (
-                    f".quant_method = {method}" if method else ""
-                )
+                return QuantConfig(where + key, q if isinstance(q, Mapping) else {})
     return None
 
 
 def detect(tensors: Iterable[tuple[str, str]], config: Mapping[str, Any]) -> Quantization | None:
     """The quantization of a checkpoint given its (name, safetensors dtype name) pairs and config.json, or
     None."""
-    found = _config_method(config)
-    if found:
-        return Quantization(*found)
+    found = quant_config(config)
+    return found.found if found is not None else from_tensors(tensors)
+
+
+def from_tensors(tensors: Iterable[tuple[str, str]]) -> Quantization | None:
+    """The quantization that (name, safetensors dtype name) pairs show by themselves, or None."""
     for name, dtype in tensors:
         for suffix, method in _SUFFIXES:
             if name.endswith(suffix):

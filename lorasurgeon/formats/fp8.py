@@ -15,8 +15,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ..errors import UnsupportedError
-from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
+from .base import Format, Headers, QuantTensor, Requantized, requantize_blocks, round_up_in, slabs
 
 if TYPE_CHECKING:
     import torch
@@ -147,7 +146,7 @@ class BlockFP8:
         return {"weight": weight, "scale": self.store_scales(scales, stored).reshape(stored.shape)}, done
 
 
-def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[QuantTensor]:
+def find(headers: Headers, qconfig: Mapping[str, Any]) -> list[QuantTensor]:
     """The block-FP8 weights: a 1-byte ``X.weight`` with a sibling ``X.weight_scale_inv`` (as DeepSeek's own
     fp8_cast_bf16 tells them), tiles of ``weight_block_size``.
 
@@ -158,6 +157,7 @@ def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[Qu
     if len(block) != 2 or not all(isinstance(b, int) and b > 0 for b in block):
         raise UnsupportedError(f"config.json quantization_config.weight_block_size {list(block)} is not [rows, cols]")
     fmt = str(qconfig.get("scale_fmt") or "float")
+    infos = headers.infos
     found = []
     for name, info in infos.items():
         if not name.endswith(".weight_scale_inv"):
@@ -174,3 +174,12 @@ def find(infos: Mapping[str, TensorInfo], qconfig: Mapping[str, Any]) -> list[Qu
         codec = BlockFP8((block[0], block[1]), fmt)
         found.append(QuantTensor(weight.name, weight.shape, (("weight", weight), ("scale", info)), codec))
     return found
+
+
+FORMAT = Format(
+    name="fp8",
+    reads="block FP8",
+    find=find,
+    codecs=(BlockFP8,),
+    marks=lambda name: name.endswith(".weight_scale_inv"),
+)

@@ -1,9 +1,10 @@
 """A quantized checkpoint's layout, and the checkpoint as plain float32 weights (a view, read lazily).
 
-``find_layout`` asks each format module for its quantized weights, and refuses by name anything
-quantized that none of them reads. ``dequantized`` gives a Checkpoint view in which each quantized
-weight is one tensor under its plain name (float32, computed from its stored parts when read) and
-the stored parts are hidden: every command reads it like an unquantized checkpoint.
+``find_layout`` asks the registered formats (``formats.registry.FORMATS``, in order) which one claims
+the checkpoint, has that one find its quantized weights, and refuses by name anything quantized that
+none of them reads. ``dequantized`` gives a Checkpoint view in which each quantized weight is one
+tensor under its plain name (float32, computed from its stored parts when read) and the stored parts
+are hidden: every command reads it like an unquantized checkpoint.
 """
 
 from __future__ import annotations
@@ -16,9 +17,9 @@ from typing import TYPE_CHECKING, Any
 from ..errors import UnsupportedError
 from ..io.checkpoint import Checkpoint, Decoded, TensorInfo
 from ..words import plural
-from . import bnb, compressed, fp8, mxfp4
-from .base import QuantTensor
-from .detect import Quantization, detect
+from .base import Headers, QuantTensor
+from .detect import Quantization, from_tensors, quant_config
+from .registry import claiming, reads
 
 if TYPE_CHECKING:
     import torch
@@ -28,7 +29,7 @@ else:
 # Per-module activation scales of a quantized checkpoint: meaningless in a plain one, and possibly
 # stale once a merge changes the weight before them.
 STATIC_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale")
-READS = "block FP8, compressed-tensors (float/int/naive/pack-quantized), MXFP4 experts, bitsandbytes 4-bit and LLM.int8"
+READS = reads()  # "block FP8, compressed-tensors (...), ...": what a refusal says lorasurgeon reads
 
 
 @dataclass(frozen=True)
@@ -52,15 +53,6 @@ class QuantLayout:
         return f"{', '.join(self.methods) or self.found.method} ({plural(len(self.tensors), 'quantized weight')})"
 
 
-def _qconfig(config: Mapping[str, Any]) -> Mapping[str, Any]:
-    for doc in (config, config.get("text_config") or {}):
-        for key in ("quantization_config", "compression_config"):
-            if isinstance(doc, Mapping) and isinstance(doc.get(key), Mapping):
-                found: Mapping[str, Any] = doc[key]
-                return found
-    return {}
-
-
 def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | None:
     """The quantized weights of ``ckpt`` (None if it is not quantized).
 
@@ -69,29 +61,22 @@ def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | No
         CorruptCheckpointError: a format's parts that do not fit together.
     """
     infos = {i.name: i for i in ckpt.infos()}
-    found = detect(((i.name, i.dtype_name) for i in infos.values()), config)
+    qc = quant_config(config)
+    found = qc.found if qc is not None else from_tensors((i.name, i.dtype_name) for i in infos.values())
     if found is None:
         return None
-    qconfig = _qconfig(config)
-    method = str(qconfig.get("quant_method") or "")
+    qconfig: Mapping[str, Any] = qc.block if qc is not None else {}
     names = list(infos)
-    tensors: list[QuantTensor] = []
-    if method == "fp8" or (not method and any(n.endswith(".weight_scale_inv") for n in names)):
-        tensors = fp8.find(infos, qconfig)
-    elif method == "compressed-tensors":
-        tensors = compressed.find(infos, qconfig, ckpt.read_info)
-    elif method == "mxfp4" or (not method and any(n.endswith("_blocks") for n in names)):
-        tensors = mxfp4.find(infos)
-    elif method == "bitsandbytes" or (not method and any(bnb.STATE in n or n.endswith(".SCB") for n in names)):
-        tensors = bnb.find(infos, ckpt.read_info)
-    else:
+    fmt = claiming(qconfig, names)
+    if fmt is None:
         raise UnsupportedError(
             f"{ckpt.root}: quantized as {found.describe()}, a format lorasurgeon does not read (it reads {READS})"
         )
+    tensors = fmt.find(Headers(infos, ckpt.read_info), qconfig)
     layout = QuantLayout(found, qconfig, {qt.name: qt for qt in tensors})
     covered = layout.parts
     statics = tuple(n for n in names if n.endswith(STATIC_SCALES) and n not in covered)
-    left = detect(((n, infos[n].dtype_name) for n in names if n not in covered and n not in statics), {})
+    left = from_tensors((n, infos[n].dtype_name) for n in names if n not in covered and n not in statics)
     if left is not None:
         raise UnsupportedError(
             f"{ckpt.root}: {left.evidence} is quantized ({left.method}) but not in a layout lorasurgeon reads "

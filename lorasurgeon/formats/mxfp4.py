@@ -10,10 +10,9 @@ otherwise triton_kernels' ROUND_UP rule ``2^ceil(log2(amax / 6))``; values round
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from ..io.checkpoint import TensorInfo
-from .base import QuantTensor, Requantized, nearest_code, requantize_blocks
+from .base import Format, Headers, QuantTensor, Requantized, nearest_code, requantize_blocks
 
 if TYPE_CHECKING:
     import torch
@@ -94,8 +93,9 @@ class MXFP4:
         return {"blocks": new_blocks, "scales": exps.to(torch.uint8).reshape(scales.shape)}, done
 
 
-def find(infos: Mapping[str, TensorInfo]) -> list[QuantTensor]:
+def find(headers: Headers, qconfig: Mapping[str, Any]) -> list[QuantTensor]:
     """gpt-oss's packed experts: ``X_blocks`` [E, R, G, 16] with ``X_scales`` [E, R, G], both uint8."""
+    infos = headers.infos
     found = []
     for name, blocks in infos.items():
         if not name.endswith("_blocks") or blocks.dtype != torch.uint8 or len(blocks.shape) != 4:
@@ -110,3 +110,12 @@ def find(infos: Mapping[str, TensorInfo]) -> list[QuantTensor]:
         parts = (("blocks", blocks), ("scales", scales))
         found.append(QuantTensor(base, (e, g * 32, r), parts, MXFP4()))
     return found
+
+
+FORMAT = Format(
+    name="mxfp4",
+    reads="MXFP4 experts",
+    find=find,
+    codecs=(MXFP4,),
+    marks=lambda name: name.endswith("_blocks"),
+)

@@ -87,14 +87,6 @@ def read_json_object(path: Path, error: type[LorasurgeonError]) -> dict[str, Any
     return doc
 
 
-def is_tied(config: dict[str, Any]) -> bool:
-    """transformers' default is tied unless the config says otherwise (top level or text_config)."""
-    text = config.get("text_config")
-    if isinstance(text, dict) and "tie_word_embeddings" in text:
-        return bool(text["tie_word_embeddings"])
-    return bool(config.get("tie_word_embeddings", True))
-
-
 def edit_config(
     config: dict[str, Any], *, dtype: torch.dtype | str | None, untie: bool, dequantized: bool = False
 ) -> dict[str, Any]:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
-from .checkpoint import FileSlice
+from .checkpoint import SAFETENSORS_INDEX, FileSlice
 from .destination import absolute, check_replaceable, not_a_result_folder
 from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard
 from .header import build_header
@@ -81,7 +81,7 @@ class CheckpointWriter:
         out: str | os.PathLike[str],
         shards: Sequence[Shard],
         *,
-        index_name: str | None = "model.safetensors.index.json",
+        index_name: str | None = SAFETENSORS_INDEX,
         metadata: dict[str, str] | None = None,
         overwrite: bool = False,
         direct: bool | None = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -11,18 +12,19 @@ from typing import TYPE_CHECKING
 from ...engine.execute import Progress, run
 from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
 from ...hub.cards import CARD_NAME, extract_card
-from ...io.checkpoint import open_checkpoint
+from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.sidecar import read_config
 from ...io.spool import SpoolWriter
-from ...names import model_names
+from ...names import ModelNames, model_names
 from ...ops.lowrank import Solver
 from .._inputs import Input, plain_weights, prepare
 from .._timing import timed
 from ..plot import check_plot_path, extract_figure, save
+from ..sizing import BUDGET_RANK, Sizing
 from .budget import spend
 from .compute import compute_extract
 from .finish import Origin, adapter_rank, finish_adapter
-from .plan import FACTORED, plan_extract
+from .plan import FACTORED, ExtractOp, plan_extract
 from .profile import fold_for
 from .report import ExtractReport, Skipped, Totals
 from .settings import Embeddings, ExtractSettings, Extras
@@ -101,10 +103,9 @@ def extract(
         NonFiniteError: a change holds NaN or Inf (unless ``allow_nonfinite``).
     """
     settings = ExtractSettings(
-        rank=rank,
-        energy=energy,
-        max_rank=max_rank,
-        budget=budget,
+        Sizing.of(
+            rank=rank, energy=energy, budget=budget, max_rank=max_rank, default_max_rank=BUDGET_RANK, energy_floors=True
+        ),
         for_=for_,
         include=include,
         exclude=exclude,
@@ -130,103 +131,127 @@ def extract(
         raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
     origin = Origin(base_src.label, tuned_src.label, str(out))
     with open_checkpoint(base_src.path) as b_raw, open_checkpoint(tuned_src.path) as t_raw:
-        b_cfg, t_cfg = read_config(b_raw.folder), read_config(t_raw.folder)
-        # a quantized base (QLoRA, then a full fine-tune) is read by its values: the change is measured
-        # against the dequantized base
-        b_ckpt, b_quant = plain_weights(b_raw, b_cfg, role=f"{base_src.label}: the base model")
-        t_ckpt, t_quant = plain_weights(t_raw, t_cfg, role=f"{tuned_src.label}: the fine-tune")
-        read_as = [
-            f"{what} is quantized ({q.describe()}): read dequantized, the change measured against its values"
-            for what, q in (("the base", b_quant), ("the fine-tune", t_quant))
-            if q is not None
-        ]
-        tuned_model = model_names(t_ckpt.names(), t_cfg)
-        ops, excluded = plan_extract(
-            b_ckpt,
-            t_ckpt,
-            base_model=model_names(b_ckpt.names(), b_cfg),
-            tuned_model=tuned_model,
-            model_type=t_cfg.get("model_type") or b_cfg.get("model_type"),
-            settings=settings,
-        )
-        if settings.budget_params is not None and any(o.experts is not None for o in ops):
-            raise UnsupportedError(
-                f"{settings.budget_flag} with stacked MoE experts (target_parameters share one rank per module): "
-                "use --rank or --energy, or --exclude the experts"
-            )
+        planned = _plan(b_raw, t_raw, origin, settings)
         if dry_run:
-            counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
-            notes = (
-                [
-                    f"{len(ops)} tensors compared ({excluded} excluded): "
-                    + ", ".join(f"{n} {k}" for k, n in counts.items() if n)
-                ]
-                + read_as
-                + [o.note for o in ops if o.note]
-            )
-            return ExtractReport(
-                None,
-                origin.base,
-                origin.finetuned,
-                settings.method(),
-                [],
-                [],
-                Skipped(0, excluded, []),
-                Totals(0, 0, 0.0, 0.0, 0.0, "", []),
-                notes,
-                dry_run=True,
-            )
+            return _dry_report(planned, origin, settings)
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
-        spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
-        try:
-            stats = run(
-                ops,
-                [b_ckpt, t_ckpt],
-                spool,
-                compute=partial(compute_extract, settings=settings),
-                device=device,
-                progress=progress,
-            )
-            if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
-                raise LorasurgeonError(f"{finetuned}: no tensor differs from the base: there is nothing to extract")
-            infos, notes = list(stats.infos), list(read_as)
-            if settings.budget_params is not None:
-                infos, spent = spend(spool, infos, settings)
-                notes.append(spent)
-            if settings.for_ is not None:
-                ranks = [i.stats.rank for i in infos if i.status == "lowrank" and i.stats is not None]
-                fold_for(spool, infos, settings, adapter_rank(ranks, settings))
-            report = finish_adapter(
-                spool,
-                infos,
-                t_ckpt,
-                tuned_model,
-                settings,
-                origin,
-                excluded=excluded,
-                seconds=stats.seconds,
-                notes_before=notes,
-            )
-            spool.add_file(
-                CARD_NAME,
-                extract_card(
-                    title=Path(out).name,
-                    base=origin.base,
-                    finetuned=origin.finetuned,
-                    method=report.method,
-                    modules=report.modules,
-                    kept=report.totals.kept,
-                    parameters=report.totals.parameters,
-                    full=report.full,
-                ),
-            )
-            spool.commit()
-        except BaseException:
-            spool.abort()
-            raise
+        report = _write(planned, out, origin, settings, overwrite=overwrite, progress=progress)
     for warning in report.warnings:  # the adapter may not be what was meant: said on stderr, kept in the report
         warnings.warn(warning, LorasurgeonWarning, stacklevel=2)
     if picture is not None:
         save(extract_figure(report), picture, overwrite=overwrite)
     return report
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """What extract will compare, from the headers: the plain (dequantized where quantized) checkpoints, the
+    fine-tune's names, the ops, how many tensors the filters left out, and notes on how the inputs are read."""
+
+    base: Checkpoint
+    tuned: Checkpoint
+    tuned_names: ModelNames
+    ops: list[ExtractOp]
+    excluded: int
+    read_as: list[str]
+
+
+def _plan(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: ExtractSettings) -> _Planned:
+    b_cfg, t_cfg = read_config(b_raw.folder), read_config(t_raw.folder)
+    # a quantized base (QLoRA, then a full fine-tune) is read by its values: the change is measured
+    # against the dequantized base
+    b_ckpt, b_quant = plain_weights(b_raw, b_cfg, role=f"{origin.base}: the base model")
+    t_ckpt, t_quant = plain_weights(t_raw, t_cfg, role=f"{origin.finetuned}: the fine-tune")
+    read_as = [
+        f"{what} is quantized ({q.describe()}): read dequantized, the change measured against its values"
+        for what, q in (("the base", b_quant), ("the fine-tune", t_quant))
+        if q is not None
+    ]
+    tuned_names = model_names(t_ckpt.names(), t_cfg)
+    ops, excluded = plan_extract(
+        b_ckpt,
+        t_ckpt,
+        base_model=model_names(b_ckpt.names(), b_cfg),
+        tuned_model=tuned_names,
+        model_type=t_cfg.get("model_type") or b_cfg.get("model_type"),
+        settings=settings,
+    )
+    if settings.budget_params is not None and any(o.experts is not None for o in ops):
+        raise UnsupportedError(
+            f"{settings.budget_flag} with stacked MoE experts (target_parameters share one rank per module): "
+            "use --rank or --energy, or --exclude the experts"
+        )
+    return _Planned(b_ckpt, t_ckpt, tuned_names, ops, excluded, read_as)
+
+
+def _dry_report(planned: _Planned, origin: Origin, settings: ExtractSettings) -> ExtractReport:
+    """The plan as a report: what would be compared, and how."""
+    ops = planned.ops
+    counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
+    compared = f"{len(ops)} tensors compared ({planned.excluded} excluded): " + ", ".join(
+        f"{n} {k}" for k, n in counts.items() if n
+    )
+    notes = [compared, *planned.read_as, *(o.note for o in ops if o.note)]
+    nothing = Totals(0, 0, 0.0, 0.0, 0.0, "", [])
+    skipped = Skipped(0, planned.excluded, [])
+    return ExtractReport(
+        None, origin.base, origin.finetuned, settings.method(), [], [], skipped, nothing, notes, dry_run=True
+    )
+
+
+def _write(
+    planned: _Planned,
+    out: str | os.PathLike[str],
+    origin: Origin,
+    settings: ExtractSettings,
+    *,
+    overwrite: bool,
+    progress: Progress | None,
+) -> ExtractReport:
+    """Compute the factors into a spool, finish the adapter (budget, consumer, whole tensors, config, report,
+    card) and publish it."""
+    spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
+    try:
+        compute = partial(compute_extract, settings=settings)
+        inputs = [planned.base, planned.tuned]
+        stats = run(planned.ops, inputs, spool, compute=compute, device=settings.device, progress=progress)
+        if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
+            raise LorasurgeonError(f"{origin.finetuned}: no tensor differs from the base: there is nothing to extract")
+        infos, notes = list(stats.infos), list(planned.read_as)
+        if settings.budget_params is not None:
+            infos, spent = spend(spool, infos, settings)
+            notes.append(spent)
+        if settings.for_ is not None:
+            ranks = [i.stats.rank for i in infos if i.status == "lowrank" and i.stats is not None]
+            fold_for(spool, infos, settings, adapter_rank(ranks, settings))
+        report = finish_adapter(
+            spool,
+            infos,
+            planned.tuned,
+            planned.tuned_names,
+            settings,
+            origin,
+            excluded=planned.excluded,
+            seconds=stats.seconds,
+            notes_before=notes,
+        )
+        spool.add_file(CARD_NAME, _card(report, Path(out).name, origin))
+        spool.commit()
+    except BaseException:
+        spool.abort()
+        raise
+    return report
+
+
+def _card(report: ExtractReport, title: str, origin: Origin) -> str:
+    return extract_card(
+        title=title,
+        base=origin.base,
+        finetuned=origin.finetuned,
+        method=report.method,
+        modules=report.modules,
+        kept=report.totals.kept,
+        parameters=report.totals.parameters,
+        full=report.full,
+    )

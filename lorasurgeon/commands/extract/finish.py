@@ -6,14 +6,14 @@ import json
 import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
 from ... import __version__
 from ...adapter.names import SAVED_PREFIX, saved_key
 from ...engine.execute import Outcome, run
 from ...engine.plan import Ref
-from ...io.checkpoint import Checkpoint
+from ...io.checkpoint import Checkpoint, TensorInfo
 from ...io.layout import TensorSpec
 from ...io.spool import SpoolWriter
 from ...names import ModelNames
@@ -148,89 +148,127 @@ def finish_adapter(
 ) -> ExtractReport:
     """Add the whole tensors PEFT needs, adapter_config.json and extract_report.json; return the report.
     Adapter keys are in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes."""
-    in_memory = views(tuned, names)  # in-memory name -> file key
-    stacks = _stack_experts(spool, [i for i in infos if i.op.experts is not None and i.status == "lowrank"], names)
-    lowrank = {
-        i.op.module: i.stats for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None
-    }
-    full_modules = {i.op.module for i in infos if i.status == "full"}
-    notes = list(notes_before) + sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
-    capped = sorted((s.rank, s.name) for s in lowrank.values() if settings.rank is not None and s.rank < settings.rank)
-    if capped:
-        notes.append(
-            f"--rank {settings.rank} is more than {len(capped)} modules' matrices allow; each of those got "
-            f"its full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}); the config's r and "
-            "rank_pattern give the ranks stored"
-        )
-    carried: dict[str, str] = {}  # adapter key -> fine-tune tensor stored whole
-    # A bias that changed while its module's weight did not: no factors to hang it on, keep the module in full.
-    bias_modules = set()
-    for i in infos:
-        if i.status == "bias" and i.op.module not in lowrank:
-            spool.discard(saved_key(i.op.module, "B_bias"))
-            full_modules.add(i.op.module)
-        elif i.status == "bias":
-            bias_modules.add(i.op.module)
-    # A tensor of a module that also holds adapted layers (BERT's cls.predictions.bias, beside the decoder):
-    # PEFT saves it only as modules_to_save of the whole module, which clashes with the layers inside.
-    adapted = set(lowrank) | full_modules
-    owners = {p.rpartition(".")[0] for p in stacks}  # modules whose stacked experts get a LoRA
-    containers = {m for m in full_modules if m in owners or any(o.startswith(m + ".") for o in adapted | owners)}
-    if containers:
-        left_out = sorted(i.op.name for i in infos if i.op.module in containers and i.status == "full")
+    parts = _Parts.of(spool, infos, tuned, names, settings, notes_before)
+    parts.leave_out_containers(spool)
+    bias_mode = parts.place_biases(spool, settings)
+    parts.carry_whole_modules(spool)
+    ops = [_carry_op(key, name, tuned.info(name)) for key, name in parts.carried.items()]
+    seconds += run(ops, [tuned], spool, compute=_carry).seconds
+    kept = (parts.lowrank, parts.stacks, parts.full_modules)
+    config = _config(settings, origin, *kept, bias_mode, parts.bias_modules, names, set(parts.in_memory))
+    spool.add_file("adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
+    shown = {**parts.lowrank, **_expert_stats(parts.infos)}  # each stacked parameter's experts as one line
+    report = _report(
+        spool, parts.infos, tuned, shown, parts.full_modules, settings, origin, excluded, seconds, parts.notes
+    )
+    spool.add_file(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
+    return report
+
+
+def _carry_op(key: str, name: str, info: TensorInfo) -> CarryOp:
+    """The fine-tune's tensor ``name`` copied into the adapter whole, under its adapter key."""
+    return CarryOp(key, Ref(0, name), info.nbytes, TensorSpec.of(key, info.dtype, info.shape))
+
+
+@dataclass
+class _Parts:
+    """What the adapter is made of, as its finishing decides: factored modules, modules stored whole, biases,
+    the notes that explain each decision, and the fine-tune's tensors to carry over whole."""
+
+    infos: list[OpInfo]
+    in_memory: dict[str, str]  # in-memory name -> file key
+    stacks: dict[str, int]  # stacked experts' parameters given a LoRA -> their rank
+    lowrank: dict[str, ModuleStats]
+    full_modules: set[str]
+    bias_modules: set[str] = field(default_factory=set)
+    notes: list[str] = field(default_factory=list)
+    carried: dict[str, str] = field(default_factory=dict)  # adapter key -> fine-tune tensor stored whole
+
+    @classmethod
+    def of(
+        cls,
+        spool: SpoolWriter,
+        infos: Sequence[OpInfo],
+        tuned: Checkpoint,
+        names: ModelNames,
+        settings: ExtractSettings,
+        notes_before: Sequence[str],
+    ) -> _Parts:
+        stacks = _stack_experts(spool, [i for i in infos if i.op.experts is not None and i.status == "lowrank"], names)
+        lowrank = {
+            i.op.module: i.stats
+            for i in infos
+            if i.status == "lowrank" and i.stats is not None and i.op.experts is None
+        }
+        full = {i.op.module for i in infos if i.status == "full"}
+        notes = list(notes_before) + sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
+        parts = cls(list(infos), views(tuned, names), stacks, lowrank, full, notes=notes)
+        parts.note_capped_ranks(settings)
+        return parts
+
+    def note_capped_ranks(self, settings: ExtractSettings) -> None:
+        rank = settings.rank
+        capped = sorted((s.rank, s.name) for s in self.lowrank.values() if rank is not None and s.rank < rank)
+        if capped:
+            self.notes.append(
+                f"--rank {rank} is more than {len(capped)} modules' matrices allow; each of those got "
+                f"its full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}); the config's r and "
+                "rank_pattern give the ranks stored"
+            )
+
+    def leave_out_containers(self, spool: SpoolWriter) -> None:
+        """A changed bias whose module's weight did not change: no factors to hang it on, the module goes in full.
+        A tensor of a module that also holds adapted layers (BERT's cls.predictions.bias, beside the decoder):
+        PEFT saves it only as modules_to_save of the whole module, which clashes with the layers inside."""
+        for i in self.infos:
+            if i.status == "bias" and i.op.module not in self.lowrank:
+                spool.discard(saved_key(i.op.module, "B_bias"))
+                self.full_modules.add(i.op.module)
+            elif i.status == "bias":
+                self.bias_modules.add(i.op.module)
+        adapted = set(self.lowrank) | self.full_modules
+        owners = {p.rpartition(".")[0] for p in self.stacks}  # modules whose stacked experts get a LoRA
+        full = self.full_modules
+        containers = {m for m in full if m in owners or any(o.startswith(m + ".") for o in adapted | owners)}
+        if not containers:
+            return
+        left_out = sorted(i.op.name for i in self.infos if i.op.module in containers and i.status == "full")
         for name in left_out:
             spool.discard(SAVED_PREFIX + name)
-        infos = [replace(i, status="skipped") if i.op.name in left_out else i for i in infos]
-        full_modules -= containers
-        notes.append(
+        self.infos = [replace(i, status="skipped") if i.op.name in left_out else i for i in self.infos]
+        self.full_modules -= containers
+        self.notes.append(
             f"left out {', '.join(left_out)}: held by a module that also holds adapted layers, so PEFT could "
             "store it only as modules_to_save of the whole module, over those layers"
         )
-    bias_mode = "none"
-    if bias_modules and not all(f"{m}.bias" in in_memory and s.kind != "embedding" for m, s in lowrank.items()):
-        # lora_bias gives every LoRA layer a bias: PEFT refuses it on embeddings and cannot merge it
-        # into a layer without one. Store the biases of LoRA modules whole instead.
-        bias_mode = "lora_only"
-        notes.append(
+
+    def place_biases(self, spool: SpoolWriter, settings: ExtractSettings) -> str:
+        """The adapter's ``bias`` mode: lora_bias (a lora_B.bias on every LoRA module, zero where nothing
+        changed), or, where PEFT cannot take lora_bias, the biases of LoRA modules stored whole (lora_only)."""
+        if not self.bias_modules:
+            return "none"
+        if all(f"{m}.bias" in self.in_memory and s.kind != "embedding" for m, s in self.lowrank.items()):
+            for module, stats in self.lowrank.items():
+                if module not in self.bias_modules:
+                    zeros = torch.zeros(_out_features(stats), dtype=settings.factor_dtype)
+                    spool.write(saved_key(module, "B_bias"), zeros)
+            return "none"
+        self.notes.append(
             "some LoRA modules have no bias (or are embeddings), where PEFT's lora_bias cannot go: "
             "the biases of LoRA modules are stored in full (bias: lora_only)"
         )
-        for module in sorted(lowrank):
+        for module in sorted(self.lowrank):
             spool.discard(saved_key(module, "B_bias"))
-            if f"{module}.bias" in in_memory:
-                carried[f"{SAVED_PREFIX}{module}.base_layer.bias"] = in_memory[f"{module}.bias"]
-    elif bias_modules:  # lora_bias gives every LoRA module a lora_B.bias: zero where nothing changed
-        for module, stats in lowrank.items():
-            if module not in bias_modules:
-                spool.write(saved_key(module, "B_bias"), torch.zeros(_out_features(stats), dtype=settings.factor_dtype))
-    # modules_to_save replaces whole modules: store every parameter of each, changed or not.
-    for module in sorted(full_modules):
-        for name in [n for n in in_memory if n.rpartition(".")[0] == module]:
-            if SAVED_PREFIX + name not in spool:
-                carried[SAVED_PREFIX + name] = in_memory[name]
-    ops = [
-        CarryOp(
-            key,
-            Ref(0, name),
-            tuned.info(name).nbytes,
-            TensorSpec.of(key, tuned.info(name).dtype, tuned.info(name).shape),
-        )
-        for key, name in carried.items()
-    ]
-    seconds += run(ops, [tuned], spool, compute=_carry).seconds
-    spool.add_file(
-        "adapter_config.json",
-        json.dumps(
-            _config(settings, origin, lowrank, stacks, full_modules, bias_mode, bias_modules, names, set(in_memory)),
-            indent=2,
-            sort_keys=True,
-        )
-        + "\n",
-    )
-    shown = {**lowrank, **_expert_stats(infos)}  # the report shows each stacked parameter's experts as one line
-    report = _report(spool, infos, tuned, shown, full_modules, settings, origin, excluded, seconds, notes)
-    spool.add_file(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
-    return report
+            if f"{module}.bias" in self.in_memory:
+                self.carried[f"{SAVED_PREFIX}{module}.base_layer.bias"] = self.in_memory[f"{module}.bias"]
+        return "lora_only"
+
+    def carry_whole_modules(self, spool: SpoolWriter) -> None:
+        """modules_to_save replaces whole modules: every parameter of each is stored, changed or not."""
+        for module in sorted(self.full_modules):
+            for name in [n for n in self.in_memory if n.rpartition(".")[0] == module]:
+                if SAVED_PREFIX + name not in spool:
+                    self.carried[SAVED_PREFIX + name] = self.in_memory[name]
 
 
 def adapter_rank(ranks: Sequence[int], settings: ExtractSettings) -> int:

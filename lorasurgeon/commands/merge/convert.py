@@ -3,12 +3,14 @@ quantized one dequantized) to another dtype."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shlex
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, Any, get_args
 
 from ...adapter.config import CONFIG_NAME, AdapterConfig
+from ...adapter.weights import LoraAdapter
 from ...engine.execute import Progress
 from ...engine.plan import Ref
 from ...errors import InvalidOptionError, LorasurgeonError, UnsupportedError
@@ -16,10 +18,10 @@ from ...hub.cards import CARD_NAME, convert_card
 from ...hub.source import Source
 from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.dtypes import is_floating
-from ...io.layout import plan_shards
+from ...io.layout import Shard, plan_shards
 from ...io.sidecar import config_bytes, edit_config, read_config, sidecar_files
-from ...names import model_names
-from .._inputs import Input, expect_kind, input_kind, plain_weights, prepare
+from ...names import ModelNames, model_names
+from .._inputs import Input, InputKind, expect_kind, input_kind, plain_weights, prepare
 from .._timing import timed
 from . import augmented as augment
 from .ops import Plan, TensorOp
@@ -82,63 +84,101 @@ def convert(
         kind = input_kind(ckpt)
         if kind == "model" and to != "adapter":
             return _convert_model(ckpt, config, source, out, settings, overwrite, dry_run, progress)
-        merging = kind == "adapter" and to == "merged"  # the adapter applied to its base: that is merge
-        hint = _merge_instead(source.label, ckpt.folder, out) if merging else None
-        expect_kind(source.path, source.label, role="INPUT", want="augmented", command="convert", hint=hint)
-        if to is None:
-            raise InvalidOptionError(f"{source.label} is an augmented checkpoint: give --to merged or --to adapter")
-        if input_kind(ckpt) == "augmented" and plain_weights(ckpt, config, role=source.label)[1] is not None:
-            raise UnsupportedError(
-                f"{source.label}: a quantized augmented checkpoint is not something lorasurgeon reads"
-            )
+        to = _augmented_target(ckpt, config, source, out, kind, to)
         adapter_config = AdapterConfig.load(ckpt.folder)
         base, adapter, names = augment.split_augmented(ckpt, adapter_config, config)
-        extra: dict[str, bytes] = {}
-        copies: list[Path] = []
         if to == "merged":
-            ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype_name)
-            inputs = [base, adapter.checkpoint]
-            shards = layout(ops, base, settings.max_shard_size)
-            if config:
-                extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype_name, untie=untie))
-            copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
-            index_name: str | None = "model.safetensors.index.json"
+            conversion = _to_merged(ckpt, config, base, adapter, names, settings)
         else:
-            ops = [
-                TensorOp(
-                    k,
-                    Ref(0, k),
-                    settings.dtype_name if settings.dtype_name and is_floating(i.dtype_name) else i.dtype_name,
-                    i.shape,
-                    "lora",
-                )
-                for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)
-            ]
-            inputs, untie = [adapter.checkpoint], False
-            shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
-            extra[CONFIG_NAME] = config_bytes(dict(adapter_config.raw))
-            index_name = None
-        plan = Plan(tuple(ops), (str(source.path),), names.source)
+            conversion = _to_adapter(adapter, adapter_config, settings)
+        plan = Plan(tuple(conversion.ops), (str(source.path),), names.source)
         if dry_run:
-            return report(out, to, plan, None, untie)
+            return report(out, to, plan, None, conversion.untie)
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
-        extra[CARD_NAME] = convert_card(
+        conversion.extra[CARD_NAME] = convert_card(
             title=Path(out).name, source=source.label, base=adapter_config.base_model, to=to
         ).encode()
         stats = write(
             out,
-            ops,
-            inputs,
-            shards,
+            conversion.ops,
+            conversion.inputs,
+            conversion.shards,
             settings,
-            extra_files=extra,
-            copy_files=copies,
+            extra_files=conversion.extra,
+            copy_files=conversion.copies,
             overwrite=overwrite,
             progress=progress,
-            index_name=index_name,
+            index_name=conversion.index_name,
         )
-        return report(out, to, plan, stats, untie)
+        return report(out, to, plan, stats, conversion.untie)
+
+
+def _augmented_target(
+    ckpt: Checkpoint,
+    config: dict[str, object],
+    source: Source,
+    out: str | os.PathLike[str] | None,
+    kind: InputKind,
+    to: Target | None,
+) -> Target:
+    """The form an augmented checkpoint is converted to; anything else given as one refused, saying what to run."""
+    merging = kind == "adapter" and to == "merged"  # the adapter applied to its base: that is merge
+    hint = _merge_instead(source.label, ckpt.folder, out) if merging else None
+    expect_kind(source.path, source.label, role="INPUT", want="augmented", command="convert", hint=hint)
+    if to is None:
+        raise InvalidOptionError(f"{source.label} is an augmented checkpoint: give --to merged or --to adapter")
+    if kind == "augmented" and plain_weights(ckpt, config, role=source.label)[1] is not None:
+        raise UnsupportedError(f"{source.label}: a quantized augmented checkpoint is not something lorasurgeon reads")
+    return to
+
+
+@dataclasses.dataclass
+class _Conversion:
+    """What converting an augmented checkpoint writes: the ops, their inputs and shards, the files beside them."""
+
+    ops: list[TensorOp]
+    inputs: list[Checkpoint]
+    shards: list[Shard]
+    untie: bool
+    extra: dict[str, bytes]  # file name -> its bytes (config, model card)
+    copies: list[Path]  # sidecar files copied as they are
+    index_name: str | None  # the shard index, when sharded
+
+
+def _to_merged(
+    ckpt: Checkpoint,
+    config: dict[str, Any],
+    base: Checkpoint,
+    adapter: LoraAdapter,
+    names: ModelNames,
+    settings: MergeSettings,
+) -> _Conversion:
+    """The merged form: the adapter merged into its base, as ``merge`` would write it."""
+    ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype_name)
+    extra: dict[str, bytes] = {}
+    if config:
+        extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype_name, untie=untie))
+    copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+    shards = layout(ops, base, settings.max_shard_size)
+    return _Conversion(ops, [base, adapter.checkpoint], shards, untie, extra, copies, "model.safetensors.index.json")
+
+
+def _to_adapter(adapter: LoraAdapter, adapter_config: AdapterConfig, settings: MergeSettings) -> _Conversion:
+    """The adapter folder: the adapter's tensors under their saved names (one file), its adapter_config.json."""
+    ops = [
+        TensorOp(
+            k,
+            Ref(0, k),
+            settings.dtype_name if settings.dtype_name and is_floating(i.dtype_name) else i.dtype_name,
+            i.shape,
+            "lora",
+        )
+        for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)
+    ]
+    shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
+    extra = {CONFIG_NAME: config_bytes(dict(adapter_config.raw))}
+    return _Conversion(ops, [adapter.checkpoint], shards, False, extra, [], None)
 
 
 def _merge_instead(label: str, folder: Path, out: str | os.PathLike[str] | None) -> str:

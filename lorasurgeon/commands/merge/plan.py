@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING
 
 from ...adapter.names import CONV1D_MODEL_TYPES
 from ...adapter.weights import LoraAdapter, LoraModule
@@ -21,11 +20,6 @@ from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
 from .._inputs import FLOAT32_MAX
 from .experts import expert_terms
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
-
-if TYPE_CHECKING:
-    pass
-else:
-    pass
 
 
 def module_kind(
@@ -85,6 +79,208 @@ def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> No
             )
 
 
+@dataclasses.dataclass(frozen=True)
+class BaseTensors:
+    """The base's tensors as adapters name them: file keys, and the tied tensors the files omit (views)."""
+
+    base: Checkpoint
+    names: ModelNames
+    views: dict[str, str]  # in-memory tied tensors the files omit -> their in-memory source
+
+    def plan_key(self, name: str) -> str | None:
+        """An adapter's tensor name -> the file key it is, or the tied view it names."""
+        file = self.names.file_key(name)
+        if file is not None and file in self.base:
+            return file
+        if name in self.base:
+            return name
+        return name if name in self.views else None
+
+    def target(self, name: str, adapter: LoraAdapter, what: str) -> str:
+        """The plan key of what ``adapter`` targets; refused by name when the base lacks it."""
+        key = self.plan_key(name)
+        if key is None:
+            raise IncompatibleError(
+                f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
+                "(is this adapter for another model?)"
+            )
+        return key
+
+    def base_key(self, key: str) -> str:
+        """The file tensor behind a plan key: itself, or a tied view's source."""
+        if key in self.base:
+            return key
+        source = self.names.file_key(self.views[key])
+        assert source is not None  # tied_absent keeps only views whose source the files hold
+        return source
+
+    def tied_to(self, key: str) -> list[str]:
+        """Plan keys of the tensors the model ties to file tensor ``key``: views the files omit, and ones they
+        hold (T5's lm_head, whose config ties it whatever the files say: PEFT follows the config)."""
+        source = self.names.memory_name(key)
+        return [
+            self.plan_key(t) or t for t, s in self.names.tied.items() if s == source and (self.plan_key(t) or t) != key
+        ]
+
+    def shape_of(self, name: str, adapter: LoraAdapter) -> tuple[int, ...]:
+        """The base shape of plan key ``name``; only a float tensor can be merged."""
+        info = self.base.info(self.base_key(name))
+        if not is_floating(info.dtype_name):
+            raise IncompatibleError(
+                f"{adapter.path}: targets {name!r}, a {torch_name(info.dtype_name)} tensor in the base: only float "
+                "weights can be merged"
+            )
+        return info.shape
+
+    def same_shape(self, name: str, adapter: LoraAdapter, key: str, what: str) -> None:
+        """Refuse an adapter tensor ``key`` that stands for ``name`` but has another shape."""
+        want, got = self.shape_of(name, adapter), adapter.checkpoint.info(key).shape
+        if got != want:
+            raise IncompatibleError(
+                f"{adapter.path}: {what} {key!r} is {list(got)}, the base's {name!r} is {list(want)} "
+                "(is this adapter for another model, or for a resized vocabulary?)"
+            )
+
+
+def signed_scale(adapter: LoraAdapter, module: LoraModule, weight: float, scale: float, sign: float) -> float:
+    """sign × weight × alpha/r of one module, refused when it does not fit float32 arithmetic."""
+    signed = sign * weight * scale
+    if not math.isfinite(signed) or abs(signed) > FLOAT32_MAX:
+        raise AdapterConfigError(
+            f"{adapter.path}: module {module.name!r}: its scale (weight {weight:g} x alpha/r {scale:g}) "
+            "does not fit float32 arithmetic; check lora_alpha and the weight"
+        )
+    return signed
+
+
+def check_magnitude(adapter: LoraAdapter, magnitude: Ref, kind: LayerKind, shape: tuple[int, ...], wname: str) -> None:
+    """A DoRA magnitude holds one value per output unit of the weight it scales."""
+    numel = adapter.checkpoint.info(magnitude.key).numel
+    units = shape[1] if kind.transposed else shape[0]
+    if numel != units:
+        raise IncompatibleError(
+            f"{adapter.path}: DoRA magnitude {magnitude.key!r} has {numel} values, {wname!r} has {units} output units"
+        )
+
+
+@dataclasses.dataclass
+class Changes:
+    """What the adapters do to the base, by plan key, collected adapter by adapter."""
+
+    tensors: BaseTensors
+    sign: float  # -1 for unmerge
+    model_type: str | None
+    terms: dict[str, list[Term]] = dataclasses.field(default_factory=dict)  # LoRA and lora_bias terms
+    saved: dict[str, Ref] = dataclasses.field(default_factory=dict)  # W0 as the adapter saved it
+    rows: dict[str, list[RowPatch]] = dataclasses.field(default_factory=dict)  # trainable tokens
+    replaced: dict[str, Ref] = dataclasses.field(default_factory=dict)  # full trained tensors
+
+    def add_adapter(self, source: int, adapter: LoraAdapter, weight: float) -> None:
+        """Everything adapter number ``source`` (its merge weight ``weight``) changes."""
+        stacked: dict[str, str] = {}  # stacked parameter -> the wrapper adapting it
+        for module in adapter.modules.values():
+            on_stack = adapter.config.target_parameters and module.kind == "linear"
+            if on_stack and self.tensors.plan_key(module.weight_name) is None:
+                self.add_stacked_module(source, adapter, weight, module, stacked)
+            else:
+                self.add_module(source, adapter, weight, module)
+        self.add_saved_weights(source, adapter)
+        self.add_replacements(source, adapter)
+        self.add_token_deltas(source, adapter)
+
+    def add_stacked_module(
+        self, source: int, adapter: LoraAdapter, weight: float, module: LoraModule, stacked: dict[str, str]
+    ) -> None:
+        """A LoRA on a stacked MoE parameter: one term per file tensor its change lands in."""
+        tensors = self.tensors
+        parameter, scale, shares = expert_terms(module, adapter, tensors.names, tensors.base)
+        if parameter in stacked:
+            raise IncompatibleError(
+                f"{adapter.path}: modules {stacked[parameter]!r} and {module.name!r} both adapt {parameter!r}"
+            )
+        stacked[parameter] = module.name
+        a, b = Ref(source, module.keys["A"]), Ref(source, module.keys["B"])
+        for key, kind in shares:
+            term = LoraTerm(kind, a, b, signed_scale(adapter, module, weight, scale, self.sign))
+            self.terms.setdefault(key, []).append(term)
+
+    def add_module(self, source: int, adapter: LoraAdapter, weight: float, module: LoraModule) -> None:
+        """A LoRA module on one weight (DoRA's magnitude included), and its lora_bias."""
+        tensors = self.tensors
+        wname = tensors.target(module.weight_name, adapter, f"module {module.name!r}")
+        kind = module_kind(module, tensors.shape_of(wname, adapter), self.model_type, adapter)
+        a_role, b_role = kind.lora_roles
+        a, b = Ref(source, module.keys[a_role]), Ref(source, module.keys[b_role])
+        mag = Ref(source, module.keys["magnitude"]) if "magnitude" in module.keys else None
+        if mag is not None:
+            check_magnitude(adapter, mag, kind, tensors.shape_of(wname, adapter), wname)
+        scale = signed_scale(adapter, module, weight, module.scale, self.sign)
+        self.terms.setdefault(wname, []).append(LoraTerm(kind, a, b, scale, mag))
+        if "B_bias" in module.keys:
+            bname = tensors.target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
+            self.terms.setdefault(bname, []).append(BiasTerm(Ref(source, module.keys["B_bias"]), scale))
+
+    def add_saved_weights(self, source: int, adapter: LoraAdapter) -> None:
+        """W0 itself: merge adds to it, unmerge restores it."""
+        for name, key in adapter.base_weights.items():
+            planned = self.tensors.target(name, adapter, "a saved base_layer weight")
+            self.saved[planned] = Ref(source, key)
+            self.tensors.same_shape(planned, adapter, key, "the saved base_layer weight")
+
+    def add_replacements(self, source: int, adapter: LoraAdapter) -> None:
+        """Full trained tensors (modules_to_save, trained biases): they replace the base's."""
+        for name, key in adapter.replacements.items():
+            planned = self.tensors.target(name, adapter, "a full trained tensor")
+            self.replaced[planned] = Ref(source, key)
+            self.tensors.same_shape(planned, adapter, key, "the full trained tensor")
+
+    def add_token_deltas(self, source: int, adapter: LoraAdapter) -> None:
+        """Trainable tokens: rows patched in the embedding and in every module tied to it."""
+        tensors = self.tensors
+        for token_module, key in adapter.token_deltas.items():
+            indices = adapter.config.token_indices(token_module)
+            assert indices is not None  # load_adapter refuses token deltas the config does not name
+            wname = tensors.target(f"{token_module}.weight", adapter, "trainable tokens")
+            rows_, dim = tensors.shape_of(wname, adapter)[:2]
+            if adapter.checkpoint.info(key).shape != (len(indices), dim) or not all(0 <= t < rows_ for t in indices):
+                raise IncompatibleError(
+                    f"{adapter.path}: trainable tokens {key!r} {list(adapter.checkpoint.info(key).shape)} do not fit "
+                    f"token ids {list(indices)[:5]}... of {wname!r} {[rows_, dim]}"
+                )
+            patch = RowPatch(indices, Ref(source, key))
+            self.rows.setdefault(wname, []).append(patch)
+            for tied_key in tensors.tied_to(wname):  # PEFT wraps every module tied to the embedding with its tokens
+                self.rows.setdefault(tied_key, []).append(patch)
+
+    def share_tied_saved_weights(self) -> None:
+        """A saved W0 of any tied module is loaded by PEFT into the one shared tensor."""
+        for view in self.tensors.views:
+            source_key = self.tensors.base_key(view)
+            shared = self.saved.get(source_key) or self.saved.get(view)
+            if shared is not None:
+                self.saved[source_key] = self.saved[view] = shared
+
+
+def tensor_op(
+    changes: Changes, name: str, src_name: str, adapters: list[LoraAdapter], *, dtype: str | None, unmerge: bool
+) -> TensorOp:
+    """The op writing plan key ``name``, whose base tensor is ``src_name``."""
+    info = changes.tensors.base.info(src_name)
+    out_dtype = dtype if (dtype is not None and is_floating(info.dtype_name)) else info.dtype_name
+    saved = changes.saved.get(name) if name not in changes.replaced else None
+    # A saved W0 is taken at the base's dtype, as the adapter model holds it.
+    src_dtype = None
+    if saved is not None and adapters[saved.source - 1].checkpoint.info(saved.key).dtype_name != info.dtype_name:
+        src_dtype = info.dtype_name
+    if unmerge and saved is not None:  # the adapter holds W0 itself: write it back, exactly
+        return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype_name=src_dtype)
+    src = changes.replaced.get(name) or saved or Ref(0, src_name)
+    t, r = tuple(changes.terms.get(name, ())), tuple(changes.rows.get(name, ()))
+    changed: Action = "unmerge" if unmerge else "merge"
+    action: Action = changed if (t or r) else ("replace" if name in changes.replaced else "copy")
+    return TensorOp(name, src, out_dtype, info.shape, action, t, r, src_dtype)
+
+
 def plan_merge(
     base: Checkpoint,
     adapters: list[LoraAdapter],
@@ -101,153 +297,21 @@ def plan_merge(
     transformers 5, renamed), or as the files name them (as under transformers 4): both resolve.
     A tied tensor the files omit (a tied head) is a view of its source with its own ops.
     """
-    sign = -1.0 if unmerge else 1.0
-    terms: dict[str, list[Term]] = {}
-    srcs: dict[str, Ref] = {}
-    rows: dict[str, list[RowPatch]] = {}
-    replaced: dict[str, Ref] = {}
-    views = names.tied_absent(set(base))  # in-memory tied tensors the files omit -> their in-memory source
+    tensors = BaseTensors(base, names, names.tied_absent(set(base)))
+    changes = Changes(tensors, sign=-1.0 if unmerge else 1.0, model_type=model_type)
+    for source, (adapter, weight) in enumerate(zip(adapters, weights, strict=True), start=1):
+        changes.add_adapter(source, adapter, weight)
+    changes.share_tied_saved_weights()
 
-    def plan_key(name: str) -> str | None:
-        """An adapter's tensor name -> the file key it is, or the tied view it names."""
-        file = names.file_key(name)
-        if file is not None and file in base:
-            return file
-        if name in base:
-            return name
-        return name if name in views else None
-
-    def target(name: str, adapter: LoraAdapter, what: str) -> str:
-        key = plan_key(name)
-        if key is None:
-            raise IncompatibleError(
-                f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
-                "(is this adapter for another model?)"
-            )
-        return key
-
-    def same_shape(name: str, adapter: LoraAdapter, key: str, what: str) -> None:
-        want, got = shape_of(name, adapter), adapter.checkpoint.info(key).shape
-        if got != want:
-            raise IncompatibleError(
-                f"{adapter.path}: {what} {key!r} is {list(got)}, the base's {name!r} is {list(want)} "
-                "(is this adapter for another model, or for a resized vocabulary?)"
-            )
-
-    def base_key(key: str) -> str:
-        """The file tensor behind a plan key: itself, or a tied view's source."""
-        if key in base:
-            return key
-        source = names.file_key(views[key])
-        assert source is not None  # tied_absent keeps only views whose source the files hold
-        return source
-
-    def tied_to(key: str) -> list[str]:
-        """Plan keys of the tensors the model ties to file tensor ``key``: views the files omit, and ones they
-        hold (T5's lm_head, whose config ties it whatever the files say: PEFT follows the config)."""
-        source = names.memory_name(key)
-        return [plan_key(t) or t for t, s in names.tied.items() if s == source and (plan_key(t) or t) != key]
-
-    def shape_of(name: str, adapter: LoraAdapter) -> tuple[int, ...]:
-        info = base.info(base_key(name))
-        if not is_floating(info.dtype_name):
-            raise IncompatibleError(
-                f"{adapter.path}: targets {name!r}, a {torch_name(info.dtype_name)} tensor in the base: only float "
-                "weights can be merged"
-            )
-        return info.shape
-
-    def check_scale(adapter: LoraAdapter, module: LoraModule, w: float, scale: float) -> float:
-        signed = sign * w * scale
-        if not math.isfinite(signed) or abs(signed) > FLOAT32_MAX:
-            raise AdapterConfigError(
-                f"{adapter.path}: module {module.name!r}: its scale (weight {w:g} x alpha/r {scale:g}) "
-                "does not fit float32 arithmetic; check lora_alpha and the weight"
-            )
-        return signed
-
-    for i, (adapter, w) in enumerate(zip(adapters, weights, strict=True), start=1):
-        stacked: dict[str, str] = {}  # stacked parameter -> the wrapper adapting it
-        for module in adapter.modules.values():
-            if adapter.config.target_parameters and module.kind == "linear" and plan_key(module.weight_name) is None:
-                parameter, scale, shares = expert_terms(module, adapter, names, base)  # a stacked MoE parameter
-                if parameter in stacked:
-                    raise IncompatibleError(
-                        f"{adapter.path}: modules {stacked[parameter]!r} and {module.name!r} both adapt {parameter!r}"
-                    )
-                stacked[parameter] = module.name
-                a, b = Ref(i, module.keys["A"]), Ref(i, module.keys["B"])
-                for key, kind in shares:
-                    terms.setdefault(key, []).append(LoraTerm(kind, a, b, check_scale(adapter, module, w, scale)))
-                continue
-            wname = target(module.weight_name, adapter, f"module {module.name!r}")
-            kind = module_kind(module, shape_of(wname, adapter), model_type, adapter)
-            a_role, b_role = kind.lora_roles
-            a, b = Ref(i, module.keys[a_role]), Ref(i, module.keys[b_role])
-            mag = Ref(i, module.keys["magnitude"]) if "magnitude" in module.keys else None
-            if mag is not None:
-                shape, numel = shape_of(wname, adapter), adapter.checkpoint.info(mag.key).numel
-                units = shape[1] if kind.transposed else shape[0]
-                if numel != units:
-                    raise IncompatibleError(
-                        f"{adapter.path}: DoRA magnitude {mag.key!r} has {numel} values, "
-                        f"{wname!r} has {units} output units"
-                    )
-            scale = check_scale(adapter, module, w, module.scale)
-            terms.setdefault(wname, []).append(LoraTerm(kind, a, b, scale, mag))
-            if "B_bias" in module.keys:
-                bname = target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
-                terms.setdefault(bname, []).append(BiasTerm(Ref(i, module.keys["B_bias"]), scale))
-        for name, key in adapter.base_weights.items():  # W0 itself: merge adds to it, unmerge restores it
-            planned = target(name, adapter, "a saved base_layer weight")
-            srcs[planned] = Ref(i, key)
-            same_shape(planned, adapter, key, "the saved base_layer weight")
-        for name, key in adapter.replacements.items():
-            planned = target(name, adapter, "a full trained tensor")
-            replaced[planned] = Ref(i, key)
-            same_shape(planned, adapter, key, "the full trained tensor")
-        for token_module, key in adapter.token_deltas.items():
-            indices = adapter.config.token_indices(token_module)
-            assert indices is not None  # load_adapter refuses token deltas the config does not name
-            wname = target(f"{token_module}.weight", adapter, "trainable tokens")
-            rows_, dim = shape_of(wname, adapter)[:2]
-            if adapter.checkpoint.info(key).shape != (len(indices), dim) or not all(0 <= t < rows_ for t in indices):
-                raise IncompatibleError(
-                    f"{adapter.path}: trainable tokens {key!r} {list(adapter.checkpoint.info(key).shape)} do not fit "
-                    f"token ids {list(indices)[:5]}... of {wname!r} {[rows_, dim]}"
-                )
-            patch = RowPatch(indices, Ref(i, key))
-            rows.setdefault(wname, []).append(patch)
-            for tied_key in tied_to(wname):  # PEFT wraps every module tied to the embedding with its tokens
-                rows.setdefault(tied_key, []).append(patch)
-
-    for view in views:  # a saved W0 of any tied module is loaded by PEFT into the one shared tensor
-        shared = srcs.get(base_key(view)) or srcs.get(view)
-        if shared is not None:
-            srcs[base_key(view)] = srcs[view] = shared
-
-    def op_for(name: str, src_name: str) -> TensorOp:
-        info = base.info(src_name)
-        out_dtype = dtype if (dtype is not None and is_floating(info.dtype_name)) else info.dtype_name
-        saved = srcs.get(name) if name not in replaced else None
-        # A saved W0 is taken at the base's dtype, as the adapter model holds it.
-        src_dtype = None
-        if saved is not None and adapters[saved.source - 1].checkpoint.info(saved.key).dtype_name != info.dtype_name:
-            src_dtype = info.dtype_name
-        if unmerge and saved is not None:  # the adapter holds W0 itself: write it back, exactly
-            return TensorOp(name, saved, out_dtype, info.shape, "restore", src_dtype_name=src_dtype)
-        src = replaced.get(name) or saved or Ref(0, src_name)
-        t, r = tuple(terms.get(name, ())), tuple(rows.get(name, ()))
-        changed: Action = "unmerge" if unmerge else "merge"
-        action: Action = changed if (t or r) else ("replace" if name in replaced else "copy")
-        return TensorOp(name, src, out_dtype, info.shape, action, t, r, src_dtype)
-
-    ops = [op_for(name, name) for name in base]
+    ops = [tensor_op(changes, name, name, adapters, dtype=dtype, unmerge=unmerge) for name in base]
     by_name = {op.name: op for op in ops}
-    own = {view: op_for(view, base_key(view)) for view in views}
+    own = {
+        view: tensor_op(changes, view, tensors.base_key(view), adapters, dtype=dtype, unmerge=unmerge)
+        for view in tensors.views
+    }
     untie = any(
         (op.src, op.terms, op.rows, op.src_dtype_name) != (held.src, held.terms, held.rows, held.src_dtype_name)
-        for op, held in ((own[v], by_name[base_key(v)]) for v in views)
+        for op, held in ((own[v], by_name[tensors.base_key(v)]) for v in tensors.views)
     )
     if untie:
         # The adapters made a tied tensor differ from its source: write every tensor the model tied

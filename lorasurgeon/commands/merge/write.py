@@ -11,7 +11,7 @@ from typing import Any
 
 from ...engine.execute import ExecStats, Progress, run
 from ...hub.cards import CARD_NAME
-from ...io.checkpoint import Checkpoint
+from ...io.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, sidecar_files
 from ...io.writer import CheckpointWriter
@@ -66,7 +66,7 @@ def write(
     copy_files: list[Path],
     overwrite: bool,
     progress: Progress | None,
-    index_name: str | None = "model.safetensors.index.json",
+    index_name: str | None = SAFETENSORS_INDEX,
 ) -> ExecStats[RequantReport | None]:
     with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
         for path in copy_files:

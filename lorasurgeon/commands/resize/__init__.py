@@ -23,6 +23,7 @@ from typing import Any
 
 from ...adapter.config import CONFIG_NAME
 from ...adapter.weights import LoraAdapter, load_adapter
+from ...consumers import Consumer, consumer
 from ...engine.execute import Discard, Progress, run
 from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, made_by, method_flags, method_words, model_card
@@ -31,15 +32,13 @@ from ...io.sidecar import config_bytes
 from ...io.spool import SpoolWriter
 from ...words import plural
 from .._inputs import Input, check_weights, prepare
-from ..check import VLLM_RANKS, vllm_loads_whole
+from ..sizing import Sizing
 from .compute import choose_ranks, factors, spectrum
 from .plan import CopyOp, ModuleOp, check_adapter, check_same_base, plan_modules
 from .report import ModuleResult, ResizeReport
 from .settings import Target
 
 __all__ = ["ModuleResult", "ResizeReport", "Target", "combine", "resize"]
-
-VLLM_MAX_RANK = VLLM_RANKS[-1]  # the largest max_lora_rank vLLM takes
 
 
 def _config(
@@ -97,7 +96,7 @@ def resize(
         [adapter],
         None,
         out,
-        dict(rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank),
+        Sizing.of(rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank),
         for_=for_,
         device=device,
         overwrite=overwrite,
@@ -147,7 +146,9 @@ def combine(
         list(adapters),
         weights,
         out,
-        dict(rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank),
+        Sizing.of(
+            rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank, required=False
+        ),
         for_=for_,
         device=device,
         overwrite=overwrite,
@@ -162,7 +163,7 @@ def _run(
     paths: Sequence[str | os.PathLike[str]],
     weights: Sequence[float] | None,
     out: str | os.PathLike[str] | None,
-    options: dict[str, Any],
+    sizing: Sizing,
     *,
     device: str,
     overwrite: bool,
@@ -173,16 +174,8 @@ def _run(
     allow_different_bases: bool = False,
 ) -> ResizeReport:
     command = "combine" if combining else "resize"
-    if for_ not in (None, "vllm", "llama.cpp"):
-        raise InvalidOptionError(f"unknown --for {for_!r}: choose vllm or llama.cpp")
-    if combining and len(paths) < 2:
-        raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
-    chosen = tuple(weights) if weights else (1.0,) * len(paths)
-    if len(chosen) != len(paths):
-        raise InvalidOptionError(
-            f"{plural(len(chosen), 'weight')} for {plural(len(paths), 'adapter')}: give one --weight per adapter"
-        )
-    check_weights(chosen)
+    profile = None if for_ is None else consumer(for_, "--for")
+    chosen = _weights(paths, weights, combining)
     sources = prepare(
         [Input(p, "ADAPTER", "adapter") for p in paths], out, command=command, overwrite=overwrite, device=device
     )
@@ -195,18 +188,9 @@ def _run(
         ops, copies = plan_modules(adapters, chosen)
         if not ops:
             raise UnsupportedError(f"{sources[0].label}: no LoRA modules to {command}")
-        if for_:  # a saved W0 (base_layer.weight) is a copy of the base: neither consumer wants it
-            saved = {key for adapter in adapters for key in adapter.base_weights.values()}
-            copies = [c for c in copies if c.name not in saved]
-        refused = [c.name for c in copies if for_ == "llama.cpp" or not vllm_loads_whole(c.name)] if for_ else []
-        if refused:
-            raise UnsupportedError(
-                f"{sources[0].label}: --for {for_}: whole tensors it does not load ({', '.join(refused[:3])}); "
-                "leave them out of the adapter"
-            )
+        copies = _copies_for(profile, adapters, copies, sources[0].label)
         dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
-        target = Target.parse(**options, itemsize=itemsize(dtype), required=not combining)
-        inputs = [a.checkpoint for a in adapters]
+        target = Target.of(sizing, itemsize(dtype))
         parameters_in = sum(op.rank * op.cost for op in ops)
         labels = [s.label for s in sources]
         if dry_run:
@@ -217,23 +201,14 @@ def _run(
             )
         if out is None:
             raise InvalidOptionError("an output folder is needed (or use dry_run)")
-        fixed = sum(math.prod(c.spec.shape) for c in copies)  # whole tensors are charged to a budget too
-        spectra = None
-        if target.energy is not None or target.budget is not None:  # a first pass: each module's spectrum
-            spectra = list(run(ops, inputs, Discard(), compute=spectrum, device=device).infos)
-        ranks = {op.name: k for op, k in zip(ops, choose_ranks(ops, spectra, target, fixed), strict=True)}
+        ranks = _ranks(ops, copies, adapters, target, device, profile)
         top = max(ranks.values())
-        if for_ == "vllm" and top > VLLM_MAX_RANK:
-            raise InvalidOptionError(
-                f"--for vllm: rank {top} is more than vLLM's largest max_lora_rank ({VLLM_MAX_RANK}): "
-                f"add --max-rank {VLLM_MAX_RANK} (the best factors of that rank) or a lower --rank"
-            )
         spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
         try:
             every: list[ModuleOp | CopyOp] = [*ops, *copies]
             stats = run(
                 every,
-                inputs,
+                [a.checkpoint for a in adapters],
                 spool,
                 compute=partial(factors, exact=target.exact, ranks=ranks, top=top, dtype=torch_dtype(dtype)),
                 device=device,
@@ -265,9 +240,66 @@ def _run(
             adapter.close()
 
 
+def _weights(
+    paths: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None, combining: bool
+) -> tuple[float, ...]:
+    """One weight per adapter (1.0 each by default), checked."""
+    if combining and len(paths) < 2:
+        raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
+    chosen = tuple(weights) if weights else (1.0,) * len(paths)
+    if len(chosen) != len(paths):
+        raise InvalidOptionError(
+            f"{plural(len(chosen), 'weight')} for {plural(len(paths), 'adapter')}: give one --weight per adapter"
+        )
+    check_weights(chosen)
+    return chosen
+
+
+def _copies_for(
+    profile: Consumer | None, adapters: Sequence[LoraAdapter], copies: list[CopyOp], label: str
+) -> list[CopyOp]:
+    """The whole tensors an adapter for ``profile`` keeps: a saved W0 (base_layer.weight) is a copy of the
+    base, which no consumer wants, so it is left out; any other the consumer does not load is refused."""
+    if profile is None:
+        return copies
+    saved = {key for adapter in adapters for key in adapter.base_weights.values()}
+    copies = [c for c in copies if c.name not in saved]
+    refused = [c.name for c in copies if not profile.loads_whole(c.name)]
+    if refused:
+        raise UnsupportedError(
+            f"{label}: --for {profile.name}: whole tensors it does not load ({', '.join(refused[:3])}); "
+            "leave them out of the adapter"
+        )
+    return copies
+
+
+def _ranks(
+    ops: Sequence[ModuleOp],
+    copies: Sequence[CopyOp],
+    adapters: Sequence[LoraAdapter],
+    target: Target,
+    device: str,
+    profile: Consumer | None,
+) -> dict[str, int]:
+    """Each module's rank: from the target, after a first pass for each module's spectrum where it needs one;
+    refused where the largest is more than ``profile`` loads."""
+    fixed = sum(math.prod(c.spec.shape) for c in copies)  # whole tensors are charged to a budget too
+    spectra = None
+    if target.energy is not None or target.budget is not None:  # a first pass: each module's spectrum
+        inputs = [a.checkpoint for a in adapters]
+        spectra = list(run(ops, inputs, Discard(), compute=spectrum, device=device).infos)
+    ranks = {op.name: k for op, k in zip(ops, choose_ranks(ops, spectra, target, fixed), strict=True)}
+    top = max(ranks.values())
+    if profile is not None and profile.too_high(top):
+        raise InvalidOptionError(
+            f"--for {profile.name}: rank {top} is more than {profile.rank_limit} ({profile.max_rank}): "
+            f"add --max-rank {profile.max_rank} (the best factors of that rank) or a lower --rank"
+        )
+    return ranks
+
+
 def _method(target: Target, for_: str | None = None) -> dict[str, Any]:
-    found = {k: v for k, v in vars(target).items() if v is not None} or {"exact": True}
-    return found | ({"for": for_} if for_ else {})
+    return target.method() | ({"for": for_} if for_ else {})
 
 
 def _card(report: ResizeReport, command: str, title: str, base: str | None) -> str:

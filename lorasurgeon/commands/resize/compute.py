@@ -89,7 +89,7 @@ def choose_ranks(
         return allocate(list(spectra), [op.cost for op in ops], target.budget - fixed, [1] * len(ops), caps)
     except ValueError:
         raise InvalidOptionError(
-            f"--budget of {target.budget:,} parameters is less than rank 1 everywhere needs "
+            f"{target.sizing.flag} of {target.budget:,} parameters is less than rank 1 everywhere needs "
             f"({sum(op.cost for op in ops) + fixed:,})"
         ) from None
 

@@ -1,0 +1,32 @@
+"""The quantized formats lorasurgeon reads: one ``Format`` per module, in the order they are asked.
+
+Where config.json names no quant_method, the first format a tensor name marks is the one; a format
+that can be told only by its quant_method (compressed-tensors) may stand anywhere. Adding a format
+is one module exposing its ``FORMAT`` and one line here (CONTRIBUTING.md, "Adding a quantized format").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import bnb, compressed, fp8, mxfp4
+from .base import Format
+
+FORMATS: tuple[Format, ...] = (
+    fp8.FORMAT,
+    compressed.FORMAT,
+    mxfp4.FORMAT,
+    bnb.FORMAT,
+)
+
+
+def claiming(qconfig: Mapping[str, Any], names: Sequence[str]) -> Format | None:
+    """The format a checkpoint with this quantization block (``{}`` if none) and these tensor names is in,
+    or None if none of the registered formats claims it."""
+    return next((f for f in FORMATS if f.claims(qconfig, names)), None)
+
+
+def reads() -> str:
+    """Every registered format in words, as a refusal lists them."""
+    return ", ".join(f.reads for f in FORMATS)
