@@ -105,3 +105,35 @@ def test_without_transformers_the_builtin_table_answers():
     untied = builtin(keys, {"model_type": "llama"}, "why")  # llama's class default: untied
     assert untied.tied == {} and untied.file_key("model.layers.0.self_attn.q_proj.weight") == keys[1]
     assert model_names(keys, {}).source == "built-in table (config.json names no model_type)"
+
+
+@pytest.mark.parametrize("arch_name", ["gpt2", "llama", "bert", "mixtral"])
+def test_the_builtin_layer_kinds_are_what_transformers_says(arch_name, tmp_path):
+    """Without transformers, the names alone give each weight's layer kind (GPT-2's Conv1D by model type, the
+    embeddings by leaf name, the head a Linear): the same answer as transformers' own modules."""
+    _, model, keys, config = saved(arch_name, tmp_path)
+    told, fallback = model_names(keys, config), builtin(keys, config, "why")
+    assert fallback.model_type == told.model_type == config["model_type"]
+    shapes = {name: p.dim() for name, p in model.state_dict().items()}
+    for name in fallback.file_of:
+        module, _, leaf = name.rpartition(".")
+        if leaf == "weight" and shapes.get(name) in (2, 4) and module in told.layers:
+            assert fallback.layer_of(module, shapes[name]) == told.layer_of(module, shapes[name]), name
+
+
+def test_one_vocabulary_of_layer_kinds():
+    """ModelNames.layers, the adapter's module kinds and the ops' LayerKinds use one set of names."""
+    from typing import get_args
+
+    from lorasurgeon.adapter.weights import AdapterLayer
+    from lorasurgeon.ops.lora import LAYER_KINDS, LayerName
+
+    assert set(LAYER_KINDS) | {"experts"} == set(get_args(LayerName))
+    assert set(get_args(AdapterLayer)) <= set(get_args(LayerName))
+    names = builtin(["transformer.wte.weight", "transformer.h.0.attn.c_attn.weight"], {"model_type": "gpt2"}, "why")
+    assert dict(names.layers) == {
+        "transformer.wte": "embedding",
+        "transformer.h.0.attn.c_attn": "conv1d",
+        "lm_head": "linear",
+    }
+    assert names.layer_of("transformer.h.0.attn.c_attn", 4) == "conv" and names.task_type == "CAUSAL_LM"

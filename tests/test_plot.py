@@ -215,3 +215,12 @@ def test_figures_are_sized_to_their_grid(tmp_path, merged):
     assert wide_width <= 3000
     ew, eh = px(extract_figure(ls.extract(FIX_BASE, merged, tmp_path / "lora", rank=8)))
     assert 300 <= eh and ew <= 1600
+
+
+def test_extract_plot_says_where_it_wrote_and_sizes_in_words(tmp_path, merged):
+    picture = tmp_path / "e.png"
+    done = run_cli("extract", FIX_BASE, merged, "--rank", "4", "-o", tmp_path / "lora", "--plot", picture)
+    assert done.exit_code == 0, done.stderr
+    lines = done.stdout.strip().splitlines()
+    assert lines[-1] == f"Wrote {picture}" and picture.read_bytes().startswith(b"\x89PNG")
+    assert "0.0 MiB" not in done.stdout and re.search(r"parameters \(\d+(\.\d+)? KiB\)", done.stdout)

@@ -1,11 +1,10 @@
 """Key names of LoRA tensors: in PEFT's saved adapter files and in the augmented (in-memory) form.
 
-Every naming fact about the PEFT format lives in these tables.
+Every naming fact about the PEFT format lives in these tables; facts about the model's own names (its
+embeddings, head, Conv1D model types) are ``names.tables``.
 """
 
 from __future__ import annotations
-
-from collections.abc import Container
 
 SAVED_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
@@ -62,44 +61,7 @@ def augmented_key(module: str, role: str) -> str:
     return f"{module}.{AUGMENTED_SUFFIX[role]}"
 
 
-# Tied embeddings: the output embedding transformers omits from the files when tied, and the
-# input embeddings it then shares its weight with (first present wins).
-OUTPUT_EMBEDDING = "lm_head.weight"
-INPUT_EMBEDDINGS = (
-    "model.embed_tokens.weight",
-    "transformer.wte.weight",
-    "model.decoder.embed_tokens.weight",
-    "model.language_model.embed_tokens.weight",
-    "language_model.model.embed_tokens.weight",
-    "gpt_neox.embed_in.weight",
-    "embed_tokens.weight",
-)
-
-
-def input_embedding(names: Container[str]) -> str | None:
-    """The input embedding among a checkpoint's tensor names (the first of INPUT_EMBEDDINGS present)."""
-    return next((n for n in INPUT_EMBEDDINGS if n in names), None)
-
-
 # Target names for which PEFT saves the embedding layers' W0 with the adapter (EMBEDDING_LAYER_NAMES).
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
 
-# Architectures whose linear layers are transformers' Conv1D (weight stored (in, out)).
-CONV1D_MODEL_TYPES = frozenset({"gpt2", "openai-gpt", "imagegpt", "decision_transformer"})
-
 TOKEN_ADAPTER = "token_adapter"
-
-# Leaf names of nn.Embedding modules in transformers models (LoRA uses lora_embedding_A/B there).
-EMBEDDING_LEAVES = frozenset(
-    {
-        "embed_tokens",
-        "wte",
-        "wpe",
-        "embed_positions",
-        "word_embeddings",
-        "position_embeddings",
-        "token_type_embeddings",
-        "embed_in",
-        "shared",
-    }
-)

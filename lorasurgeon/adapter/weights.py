@@ -1,4 +1,5 @@
-"""LoraAdapter: a PEFT adapter folder read as modules with their LoRA tensors, from headers only."""
+"""LoraAdapter: the common in-memory adapter (PEFT's layout: its saved key names) -- modules with their LoRA
+tensors, from headers only -- which every adapter format (``adapter.formats``) reads into."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..errors import AdapterConfigError, IncompatibleError
-from ..io.checkpoint import Checkpoint, open_checkpoint
+from ..io.checkpoint import Checkpoint
 from .config import AdapterConfig
 from .names import TOKEN_ADAPTER, split_saved_key
 
@@ -54,13 +55,16 @@ class LoraAdapter:
 
 
 def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
-    """Open a PEFT adapter folder: config + tensor headers, grouped by module.
+    """Open an adapter: config + tensor headers, grouped by module, read by the first format of the registry
+    (``adapter.formats.registry``) that claims it -- today PEFT's folder.
 
     Raises:
         AdapterConfigError: the config or tensors do not describe a valid LoRA adapter.
+        UnsupportedError: no registered format claims it (the refusal lists them).
     """
-    folder = Path(path)
-    return adapter_from(folder, AdapterConfig.load(folder), open_checkpoint(folder))
+    from .formats.registry import adapter_format  # the formats read adapters into this module's types
+
+    return adapter_format(path).read(Path(path))
 
 
 def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..adapter.config import CONFIG_NAME
-from ..adapter.names import AUGMENTED_SUFFIX, SAVED_PREFIX, SAVED_SUFFIX
+from ..adapter.formats.registry import is_adapter
+from ..adapter.names import AUGMENTED_SUFFIX
 from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
 from ..formats.layout import QuantLayout, dequantized, find_layout
 from ..hub.source import Source, resolve_source
@@ -171,17 +171,12 @@ _KIND_WORDS = {
 
 
 def input_kind(ckpt: Checkpoint) -> InputKind:
-    """What a checkpoint is, from its keys: a PEFT adapter, an augmented model, or a plain model."""
+    """What a checkpoint is, from its keys and files: an augmented model (PEFT's LoRA layers inside), an
+    adapter (a format of the registry, adapter.formats.registry, claims it), or a plain model."""
     augmented = tuple(f".{s}" for s in AUGMENTED_SUFFIX.values())
-    saved = tuple(f".{SAVED_SUFFIX[r]}" for r in ("A", "emb_A", "tokens_delta"))
-    keys = ckpt.names()
-    if any(k.endswith(augmented) for k in keys):
+    if any(k.endswith(augmented) for k in ckpt.names()):
         return "augmented"
-    if any(k.startswith(SAVED_PREFIX) and k.endswith(saved) for k in keys):
-        return "adapter"
-    if ckpt.files and ckpt.files[0].name.startswith("adapter_model") and (ckpt.folder / CONFIG_NAME).is_file():
-        return "adapter"  # an adapter of full tensors only (modules_to_save)
-    return "model"
+    return "adapter" if is_adapter(ckpt) else "model"
 
 
 def expect_kind(

@@ -100,7 +100,7 @@ def _check_fits(adapter: LoraAdapter, where: Path, config: dict[str, Any]) -> No
     with open_checkpoint(where) as ckpt:
         weights, _ = plain_weights(ckpt, config, role=f"{where}: the base model")
         names = model_names(weights.names(), config)
-        plan_merge(weights, [adapter], [1.0], names, config.get("model_type"), dtype=None)
+        plan_merge(weights, [adapter], [1.0], names, dtype=None)
 
 
 def to_gguf(

@@ -15,8 +15,8 @@ from __future__ import annotations
 import fcntl
 import os
 import re
+import secrets
 import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -35,23 +35,47 @@ def writing() -> None:
         before_writing.pop(0)()
 
 
-def make_scratch(out: Path, kind: str) -> Path:
+def make_scratch(out: Path, kind: str, keep: Callable[[Path], None] | None = None) -> Path:
     """A new hidden folder beside ``out`` (same file system, so a rename can publish it), locked by this process
-    until :func:`release`."""
+    until :func:`release`. ``keep`` is handed the folder as soon as it has its name, so that an owner who must
+    remove it (a writer's abort) knows it even if a stop signal cuts in before this returns; a stop before that
+    removes it here."""
     assert kind in KINDS
     writing()
-    made = Path(tempfile.mkdtemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".lorasurgeon-new", dir=out.parent))
-    fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    made = final = _new_folder(out)
+    fd = -1
+    try:  # from here on, whatever stops it (a signal included) removes the folder
         final = made.with_name(made.name.removesuffix("new") + kind)
+        fd = os.open(made, os.O_RDONLY | os.O_DIRECTORY)
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.rename(made, final)
+        _held[final] = fd
+        if keep is not None:
+            keep(final)
     except BaseException:
-        os.close(fd)
-        shutil.rmtree(made, ignore_errors=True)
+        _held.pop(final, None)
+        if fd >= 0:
+            os.close(fd)
+        for folder in (made, final):
+            shutil.rmtree(folder, ignore_errors=True)
         raise
-    _held[final] = fd
     return final
+
+
+def _new_folder(out: Path) -> Path:
+    """A new private ``....lorasurgeon-new`` folder beside ``out``, named before it is made (mkdtemp returns the
+    name only after running more code), so that a stop signal arriving just after ``mkdir`` knows what to remove."""
+    for _ in range(1000):
+        made = out.parent / f".{out.name}.{os.getpid()}.{secrets.token_hex(4)}.lorasurgeon-new"
+        try:
+            os.mkdir(made, 0o700)
+        except FileExistsError:
+            continue
+        except BaseException:
+            shutil.rmtree(made, ignore_errors=True)  # a random name: if it is there, this call made it
+            raise
+        return made
+    raise FileExistsError(f"{out.parent}: no free name for a scratch folder")
 
 
 def release(folder: Path) -> None:

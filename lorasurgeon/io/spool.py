@@ -49,8 +49,7 @@ class SpoolWriter:
         try:
             self.out.parent.mkdir(parents=True, exist_ok=True)
             clean_stale(self.out)
-            self._dir = make_scratch(self.out, "spool")
-            self._path = self._dir / "spool.bin"
+            self._path = make_scratch(self.out, "spool", keep=self._keep) / "spool.bin"
             self._fd = os.open(self._path, os.O_WRONLY | os.O_CREAT, 0o600)
         except LorasurgeonError:
             self.abort()
@@ -64,6 +63,9 @@ class SpoolWriter:
         self._end = 0
         self._items: dict[str, TensorInfo] = {}
         self._files: dict[str, bytes] = {}
+
+    def _keep(self, folder: Path) -> None:
+        self._dir = folder
 
     def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:
         """Spool one tensor, or copy a FileSlice's bytes in (a later write of the same name replaces it)."""

@@ -135,21 +135,24 @@ class CheckpointWriter:
                 "free some space or choose another -o"
             )
         clean_stale(self.out)  # debris of a killed run for this same output
-        self._tmp = make_scratch(self.out, "partial")
+        make_scratch(self.out, "partial", keep=self._keep)
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(self._tmp, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
+        os.chmod(self.partial_dir, 0o777 & ~umask)  # mkdtemp makes it private; a result is an ordinary folder
         big = sum(s.nbytes for s in self.shards) >= DIRECT_MIN_BYTES
         if self._direct or (self._direct is None and big):
             self._io = AlignedWrites()
         for shard in self.shards:
             header, offsets = build_header([(t.name, t.dtype_name, t.shape) for t in shard.tensors], meta)
             size = len(header) + shard.nbytes
-            file = open_shard(self._tmp / shard.filename, size, io=self._io)
+            file = open_shard(self.partial_dir / shard.filename, size, io=self._io)
             self._files[shard.filename] = file
             file.write(memoryview(header), 0)
             for spec, off in zip(shard.tensors, offsets, strict=True):
                 self._slots[spec.name] = (shard.filename, len(header) + off, spec)
+
+    def _keep(self, folder: Path) -> None:
+        self._tmp = folder
 
     @property
     def partial_dir(self) -> Path:

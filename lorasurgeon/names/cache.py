@@ -23,7 +23,7 @@ from typing import Any
 
 from .model import FusedExperts, ModelNames
 
-FORMAT = 1  # bump when ModelNames or the way it is computed changes
+FORMAT = 2  # bump when ModelNames or the way it is computed changes
 
 
 def cache_dir() -> Path | None:
@@ -73,6 +73,7 @@ def to_json(names: ModelNames) -> dict[str, Any]:
         "transposed": sorted(names.transposed),
         "layers": dict(names.layers),
         "stacked": {k: list(v) for k, v in names.stacked.items()},
+        "model_type": names.model_type,
     }
 
 
@@ -90,6 +91,7 @@ def from_json(doc: dict[str, Any]) -> ModelNames:
         transposed=frozenset(doc["transposed"]),
         layers=doc["layers"],
         stacked={k: tuple(v) for k, v in doc["stacked"].items()},
+        model_type=doc["model_type"],
     )
 
 

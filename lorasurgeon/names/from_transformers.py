@@ -7,28 +7,13 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .model import FusedExperts, ModelNames
+from .tables import task_type
 
-# PEFT's task type for a transformers class, by the end of its name (None: PEFT's plain PeftModel).
-_TASKS = (
-    ("ForCausalLM", "CAUSAL_LM"),
-    ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
-    ("ForSeq2SeqLM", "SEQ_2_SEQ_LM"),
-    ("ForSequenceClassification", "SEQ_CLS"),
-    ("ForTokenClassification", "TOKEN_CLS"),
-    ("ForQuestionAnswering", "QUESTION_ANS"),
-    ("Model", "FEATURE_EXTRACTION"),
-)
-# transformers classes whose forward is not PEFT's seq2seq signature, or have no task PEFT names.
-_NO_TASK = ("WhisperForConditionalGeneration", "CLIPTextModel", "CLIPVisionModel")
-
-
-def task_type(class_name: str | None) -> str | None:
-    if class_name is None or class_name in _NO_TASK:
-        return None
-    return next((task for end, task in _TASKS if class_name.endswith(end)), None)
+if TYPE_CHECKING:
+    from ..ops.lora import LayerName
 
 
 def _meta_model(config: Mapping[str, Any]) -> Any:
@@ -131,21 +116,22 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
         frozenset(transposed),
         _layers(model),
         stacked,
+        config["model_type"],
     )
 
 
-def _layers(model: Any) -> dict[str, str]:
+def _layers(model: Any) -> dict[str, LayerName]:
     """Each module PEFT can put a LoRA layer on, by kind (its own isinstance tests, in this order)."""
     import torch
     from transformers.pytorch_utils import Conv1D
 
-    kinds = (
+    kinds: tuple[tuple[type, LayerName], ...] = (
         (torch.nn.Embedding, "embedding"),
         (Conv1D, "conv1d"),
         (torch.nn.Linear, "linear"),
         (torch.nn.Conv2d, "conv"),
     )
-    layers = {}
+    layers: dict[str, LayerName] = {}
     for name, module in model.named_modules():
         kind = next((k for cls, k in kinds if isinstance(module, cls)), None)
         if kind is not None and name:

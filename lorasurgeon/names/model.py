@@ -10,8 +10,13 @@ and which PEFT task type the model's class needs.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from ..ops.lora import LayerName
 
 
 @dataclass(frozen=True)
@@ -44,10 +49,12 @@ class ModelNames:
     # in-memory stacked expert parameters stored (E, in, out) rather than (E, out, in) (GPT-OSS: is_transposed)
     transposed: frozenset[str] = frozenset()
     # in-memory module -> the kind of layer PEFT would wrap it as: linear, conv1d (GPT-2's), embedding, conv
-    layers: Mapping[str, str] = field(default_factory=dict)
+    # (ops.lora's LayerName: one vocabulary); from transformers' own modules, or the built-in table's names
+    layers: Mapping[str, LayerName] = field(default_factory=dict)
     # in-memory module -> its stacked (3-D) expert parameters in the order the module registers them (PEFT
     # nests one ParamWrapper per targeted parameter in that order: the first is the innermost)
     stacked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    model_type: str | None = None  # config.json's model_type these names were made for (None: it names none)
 
     def file_key(self, name: str) -> str | None:
         """The file key of an in-memory tensor name the files hold whole (None if they do not)."""
@@ -63,11 +70,18 @@ class ModelNames:
         in-memory names (the augmented form) back."""
         return self.saved_as.get(name, name)
 
+    def layer_of(self, module: str, ndim: int) -> LayerName | None:
+        """The kind of layer PEFT would wrap in-memory ``module`` as, its weight having ``ndim`` axes (None: none
+        PEFT wraps). A 4-D weight is a Conv2d's: the built-in table knows names, not shapes (transformers' answer
+        is never a Linear, Conv1D or Embedding with a 4-D weight)."""
+        kind = self.layers.get(module)
+        return "conv" if kind is not None and ndim == 4 else kind
+
     def parameters_of(self, module: str) -> list[str]:
         """The in-memory names of a module's own parameters (held whole by the files, or fused from them)."""
         return sorted(n for n in (*self.file_of, *self.fused) if n.rpartition(".")[0] == module)
 
-    @property
+    @functools.cached_property  # asked once per module by a plan: built once (the fields never change)
     def _memory_of(self) -> dict[str, str]:
         return {file: memory for memory, file in self.file_of.items()}
 

@@ -23,6 +23,7 @@ else:
     from .._lazy import torch
 
 
+# The one vocabulary of layer kinds: LayerKind.name, ModelNames.layers (all but experts), extract's kinds.
 LayerName = Literal["linear", "conv1d", "embedding", "conv", "experts"]
 
 

@@ -231,6 +231,14 @@ def split(u: torch.Tensor, s: torch.Tensor, vh: torch.Tensor, k: int) -> tuple[t
 DP_UNITS = 1 << 18  # budgets up to this many units of gcd(costs) are allocated exactly
 
 
+class OverBudget(ValueError):
+    """The floors alone cost more than the budget: ``need`` parameters, ``budget`` given."""
+
+    def __init__(self, need: int, budget: int):
+        super().__init__(f"the floors alone need {need} parameters, more than the budget of {budget}")
+        self.need, self.budget = need, budget
+
+
 def allocate(
     spectra: list[torch.Tensor], costs: list[int], budget: int, floors: list[int], caps: list[int]
 ) -> list[int]:
@@ -243,14 +251,18 @@ def allocate(
     greedy: components in decreasing σ² / cost across all matrices, a component that no longer fits
     closing its matrix.
 
+    One allocator for every command that spends a budget (resize and combine over an adapter's modules, extract
+    over a fine-tune's): the callers give the spectra, costs, floors and caps, and say what a budget too small
+    for the floors means in their own words.
+
     Raises:
-        ValueError: the floors alone cost more than the budget.
+        OverBudget: the floors alone cost more than the budget (a ValueError; ``need`` says how much they cost).
     """
     lo = [min(f, c, len(s)) for f, c, s in zip(floors, caps, spectra, strict=True)]
     hi = [min(c, len(s)) for c, s in zip(caps, spectra, strict=True)]
     need = sum(r * c for r, c in zip(lo, costs, strict=True))
     if need > budget:
-        raise ValueError(f"the floors alone need {need} parameters, more than the budget of {budget}")
+        raise OverBudget(need, budget)
     unit = math.gcd(*costs) if costs else 1
     if budget // unit <= DP_UNITS:
         return _allocate_exact(spectra, [c // unit for c in costs], budget // unit, lo, hi)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,6 +21,7 @@ from .._inputs import Input, plain_weights, prepare
 from .._timing import timed
 from ..plot import check_plot_path, extract_figure, save
 from ..sizing import BUDGET_RANK, Sizing
+from .assemble import Factors
 from .budget import spend
 from .compute import compute_extract
 from .finish import Origin, adapter_rank, finish_adapter
@@ -141,6 +142,7 @@ def extract(
         warnings.warn(warning, LorasurgeonWarning, stacklevel=2)
     if picture is not None:
         save(extract_figure(report), picture, overwrite=overwrite)
+        report = replace(report, plot=str(picture))
     return report
 
 
@@ -174,7 +176,6 @@ def _plan(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: Extrac
         t_ckpt,
         base_model=model_names(b_ckpt.names(), b_cfg),
         tuned_model=tuned_names,
-        model_type=t_cfg.get("model_type") or b_cfg.get("model_type"),
         settings=settings,
     )
     if settings.budget_params is not None and any(o.experts is not None for o in ops):
@@ -209,29 +210,41 @@ def _write(
     overwrite: bool,
     progress: Progress | None,
 ) -> ExtractReport:
-    """Compute the factors into a spool, finish the adapter (budget, consumer, whole tensors, config, report,
-    card) and publish it."""
-    spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
+    """Two passes through the engine. The first computes every changed matrix's factors (up to the cap under
+    --budget) and each bias change into a scratch spool, reporting what the plan needs (ranks, singular values,
+    energies); then the plan is decided from those results and the headers: the ranks within --budget, the
+    scales --for folds into B, what is stored whole, the bias mode, the stacked experts. The second pass
+    (extract.assemble) writes each adapter tensor once from the scratch spool or the fine-tune; then config,
+    report, card, and the adapter is published."""
+    factors = SpoolWriter(out, prefix="factors", overwrite=overwrite)  # the first pass's results, never published
+    try:
+        spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
+    except BaseException:
+        factors.abort()
+        raise
     try:
         compute = partial(compute_extract, settings=settings)
         inputs = [planned.base, planned.tuned]
-        stats = run(planned.ops, inputs, spool, compute=compute, device=settings.device, progress=progress)
+        stats = run(planned.ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
         if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
             raise LorasurgeonError(f"{origin.finetuned}: no tensor differs from the base: there is nothing to extract")
-        infos, notes = list(stats.infos), list(planned.read_as)
+        infos, notes, computed = list(stats.infos), list(planned.read_as), Factors(factors)
         if settings.budget_params is not None:
-            infos, spent = spend(spool, infos, settings)
+            infos, spent = spend(infos, computed, planned.tuned, settings)
             notes.append(spent)
+        scales: dict[str, float] = {}
         if settings.for_ is not None:
             ranks = [i.stats.rank for i in infos if i.status == "lowrank" and i.stats is not None]
-            fold_for(spool, infos, settings, adapter_rank(ranks, settings))
+            scales = fold_for(infos, settings, adapter_rank(ranks, settings))
         report = finish_adapter(
+            computed,
             spool,
             infos,
             planned.tuned,
             planned.tuned_names,
             settings,
             origin,
+            scales=scales,
             excluded=planned.excluded,
             seconds=stats.seconds,
             notes_before=notes,
@@ -241,6 +254,8 @@ def _write(
     except BaseException:
         spool.abort()
         raise
+    finally:
+        factors.abort()
     return report
 
 

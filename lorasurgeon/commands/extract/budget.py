@@ -1,9 +1,10 @@
-"""extract --budget: each module's factors found up to a cap, then cut to the ranks that keep the most of
-‖ΔW‖² within the budget (ops.lowrank.allocate), the whole tensors stored charged first.
+"""extract --budget: each module's factors found up to a cap (the first pass), then the ranks that keep the most
+of ‖ΔW‖² within the budget (ops.lowrank.allocate, resize's allocator too), the whole tensors stored charged first.
 
 The factors are A = √S·Vᵀ and B = U·√S, so row j of A and column j of B hold σⱼ between them
-(σⱼ² = ‖Aⱼ‖²·‖Bⱼ‖²) and their first k rows/columns are the rank-k factors of the same SVD: cutting them
-in the spool is the extraction at rank k, with ‖ΔW − B_k A_k‖² = ‖ΔW‖² − Σ_{j<k} σⱼ².
+(σⱼ² = ‖Aⱼ‖²·‖Bⱼ‖², ``compute.stored_spectrum``) and their first k rows/columns are the rank-k factors of the same
+SVD: the finishing pass cuts them there (``assemble.CutOp``), with ‖ΔW − B_k A_k‖² = ‖ΔW‖² − Σ_{j<k} σⱼ². This
+decides the ranks from the first pass's results and the headers; it reads no tensor.
 """
 
 from __future__ import annotations
@@ -15,9 +16,10 @@ from typing import TYPE_CHECKING
 
 from ...adapter.names import saved_key
 from ...errors import InvalidOptionError
-from ...io.spool import SpoolWriter
+from ...io.checkpoint import Checkpoint
 from ...ops.lora import LAYER_KINDS
-from ...ops.lowrank import allocate, rank_for_energy
+from ...ops.lowrank import OverBudget, allocate, rank_for_energy
+from .assemble import Factors
 from .report import OpInfo
 from .settings import ExtractSettings
 
@@ -27,9 +29,11 @@ else:
     from ..._lazy import torch
 
 
-def spend(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings) -> tuple[list[OpInfo], str]:
-    """The infos with each low-rank module cut to its share of ``settings.budget``; and a note saying how
-    the budget was spent.
+def spend(
+    infos: Sequence[OpInfo], factors: Factors, tuned: Checkpoint, settings: ExtractSettings
+) -> tuple[list[OpInfo], str]:
+    """The infos with each low-rank module's rank its share of ``settings.budget`` (what the finishing pass cuts
+    its factors to); and a note saying how the budget was spent.
 
     Raises:
         InvalidOptionError: the budget does not hold the whole tensors and rank 1 (or the --energy floors).
@@ -39,30 +43,26 @@ def spend(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings
     lowrank = [i for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None]
     keys = [tuple(saved_key(i.op.module, role) for role in LAYER_KINDS[i.op.kind].lora_roles) for i in lowrank]
     factored = {k for pair in keys for k in pair}
-    fixed = sum(math.prod(spool.info(n).shape) for n in spool.names() if n not in factored)
+    fixed = sum(math.prod(factors.info(n).shape) for n in factors.names() if n not in factored)  # lora_B.bias
+    fixed += sum(tuned.info(i.op.tuned.key).numel for i in infos if i.status == "full")  # stored whole
     spectra, costs, floors = [], [], []
     for info, (a_key, b_key) in zip(lowrank, keys, strict=True):
-        a, b = spool.read(a_key).double(), spool.read(b_key).double()
-        b = b.reshape(b.shape[0], -1)  # a conv's B is (out, r, 1, 1)
-        s = (a.reshape(a.shape[0], -1).square().sum(1) * b.square().sum(0)).sqrt()
+        s = info.spectrum
+        assert s is not None  # compute_extract gives it under --budget
+        a_shape, b_shape = factors.info(a_key).shape, factors.info(b_key).shape
         spectra.append(s)
-        costs.append(math.prod(a.shape[1:]) + b.shape[0])
+        costs.append(math.prod(a_shape[1:]) + b_shape[0])
         floor = 1 if settings.energy is None else rank_for_energy(s, info.energy, settings.energy)
         floors.append(min(floor, len(s)))
     try:
         ranks = allocate(spectra, costs, budget - fixed, floors, [len(s) for s in spectra])
-    except ValueError:
-        need = fixed + sum(f * c for f, c in zip(floors, costs, strict=True))
+    except OverBudget as short:
         raise InvalidOptionError(
-            f"{settings.budget_flag} of {budget:,} parameters is less than the {need:,} that the whole tensors and "
-            f"{'the --energy floors' if settings.energy is not None else 'rank 1 for every module'} need"
+            f"{settings.budget_flag} of {budget:,} parameters is less than the {fixed + short.need:,} that the whole "
+            f"tensors and {'the --energy floors' if settings.energy is not None else 'rank 1 for every module'} need"
         ) from None
     out = {id(i): i for i in infos}
-    for info, (a_key, b_key), s, k in zip(lowrank, keys, spectra, ranks, strict=True):
-        if k < len(s):
-            a, b = spool.read(a_key), spool.read(b_key)
-            spool.write(a_key, a[:k].contiguous())
-            spool.write(b_key, b[:, :k].contiguous())
+    for info, s, k in zip(lowrank, spectra, ranks, strict=True):
         kept = float(torch.sum(s[:k] ** 2)) / info.energy if info.energy else 1.0
         assert info.stats is not None
         stats = dataclasses.replace(info.stats, rank=k, kept=kept, rel_error=math.sqrt(max(0.0, 1.0 - kept)))

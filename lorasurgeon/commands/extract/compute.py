@@ -6,7 +6,7 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ...adapter.names import SAVED_PREFIX, saved_key
+from ...adapter.names import saved_key
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...ops.compare import rounding_units
@@ -43,7 +43,8 @@ def compute_extract(
             if change == 0.0:  # the same values in another dtype: nothing to store
                 return Outcome([], OpInfo(op, "unchanged"))
             rounding = rounding_units(change, base_sq, tuned.dtype)
-        return Outcome([(SAVED_PREFIX + op.name, tuned)], OpInfo(op, "full", change, rounding=rounding))
+        # stored whole: the finishing pass copies it from the fine-tune (extract.assemble), if it is kept
+        return Outcome([], OpInfo(op, "full", change, rounding=rounding))
     tuned_dtype = tuned.dtype
     delta = difference(tuned, base, device)  # tuned is ours (a fresh read) and not used again
     if not settings.allow_nonfinite:
@@ -75,9 +76,19 @@ def compute_extract(
     stats = ModuleStats(op.module, op.kind, list(op.shape), lr.rank, lr.kept, error, lr.solver, total, list(lr.sigma))
     if layer is CONV:
         a, b = a.reshape(lr.rank, *delta.shape[1:]), b[:, :, None, None]
+    a, b = a.cpu(), b.cpu()
     a_role, b_role = layer.lora_roles
-    outputs = [(saved_key(op.module, a_role), a.cpu()), (saved_key(op.module, b_role), b.cpu())]
-    return Outcome(outputs, OpInfo(op, "lowrank", total, stats, rounding))
+    outputs = [(saved_key(op.module, a_role), a), (saved_key(op.module, b_role), b)]
+    spectrum = stored_spectrum(a, b) if budget else None
+    return Outcome(outputs, OpInfo(op, "lowrank", total, stats, rounding, spectrum))
+
+
+def stored_spectrum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The singular values the factors hold as stored (in their dtype), float64: A = √S·Vᵀ and B = U·√S, so
+    row j of A and column j of B hold σⱼ between them, σⱼ = ‖Aⱼ‖·‖Bⱼ‖ (a conv's B is (out, r, 1, 1))."""
+    a64, b64 = a.double(), b.double()
+    b64 = b64.reshape(b64.shape[0], -1)
+    return (a64.reshape(a64.shape[0], -1).square().sum(1) * b64.square().sum(0)).sqrt()
 
 
 def expert_piece(parameter: str, expert: int, role: str) -> str:

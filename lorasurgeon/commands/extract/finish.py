@@ -1,4 +1,5 @@
-"""The end of an extraction: complete the adapter (whole modules, bias mode, config) and report what was kept."""
+"""The end of an extraction: what the adapter is made of, decided from the first pass's results (whole modules,
+bias mode, stacked experts, config), written by the finishing pass (``assemble``); and the report of what was kept."""
 
 from __future__ import annotations
 
@@ -7,27 +8,22 @@ import re
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from ... import __version__
 from ...adapter.names import SAVED_PREFIX, saved_key
-from ...engine.execute import Outcome, run
+from ...engine.execute import run
 from ...engine.plan import Ref
-from ...io.checkpoint import Checkpoint, TensorInfo
-from ...io.layout import TensorSpec
+from ...io.checkpoint import Checkpoint
 from ...io.spool import SpoolWriter
 from ...names import ModelNames
 from ...ops.compare import ROUNDING_NOISE
 from ...ops.lora import LAYER_KINDS
+from .assemble import FACTORS, TUNED, CopyOp, Factors, FinalOp, StackOp, ZerosOp, assemble, factor_ops
 from .compute import expert_piece
 from .plan import ExtractOp, views
 from .report import ExtractReport, FullTensor, ModuleStats, OpInfo, Skipped, Totals
 from .settings import ExtractSettings
-
-if TYPE_CHECKING:
-    import torch
-else:
-    from ..._lazy import torch
 
 REPORT_NAME = "extract_report.json"
 
@@ -39,24 +35,6 @@ class Origin:
     base: str
     finetuned: str
     output: str
-
-
-@dataclass(frozen=True)
-class CarryOp:
-    """A fine-tune tensor stored whole in the adapter, under PEFT's name for it (copied, never computed)."""
-
-    name: str  # its key in the adapter
-    src: Ref
-    nbytes: int
-    byte_copy: TensorSpec | None
-
-    def refs(self) -> list[Ref]:
-        return [self.src]
-
-
-def _carry(op: CarryOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Outcome[None]:
-    """A carried tensor the engine could not copy byte for byte (a legacy .bin input): as read."""
-    return Outcome([(op.name, tensors[op.src])], None)
 
 
 def compress_targets(modules: set[str], all_modules: set[str], segments: int = 1) -> list[str]:
@@ -80,33 +58,33 @@ def _wrapper(parameter: str, targeted: set[str], names: ModelNames) -> str:
     return owner + ".base_layer" * (len(order) - 1 - order.index(parameter))
 
 
-def _stack_experts(spool: SpoolWriter, infos: Sequence[OpInfo], names: ModelNames) -> dict[str, int]:
-    """Each stacked parameter's per-expert factors (spooled) as PEFT's one lora_A (E·r, in) and lora_B
-    (out, E·r): expert e in rows e·r… of A and columns e, e+E, … of B, all at the largest rank (zero rows
-    and columns where an expert needed fewer). Returns parameter -> rank."""
+def _stack_ops(factors: Factors, infos: Sequence[OpInfo], names: ModelNames) -> list[StackOp]:
+    """Per stacked parameter, the op that gathers its experts' factors (spooled one expert at a time by the
+    first pass) into PEFT's one lora_A / lora_B, at the largest rank an expert has."""
     experts: dict[str, int] = {}
     for i in infos:
         assert i.op.experts is not None
         experts[i.op.experts.parameter] = i.op.experts.experts
-    ranks: dict[str, int] = {}
+    ops = []
     for parameter, count in experts.items():
         pieces = [(e, expert_piece(parameter, e, "A"), expert_piece(parameter, e, "B")) for e in range(count)]
-        pieces = [p for p in pieces if p[1] in spool]
-        rank = max(spool.info(a).shape[0] for _, a, _ in pieces)
-        a0, b0 = spool.info(pieces[0][1]), spool.info(pieces[0][2])
-        stacked_a = torch.zeros(count * rank, a0.shape[1], dtype=a0.dtype)
-        stacked_b = torch.zeros(b0.shape[0], count * rank, dtype=b0.dtype)
-        for e, a_name, b_name in pieces:
-            a, b = spool.read(a_name), spool.read(b_name)
-            stacked_a[e * rank : e * rank + a.shape[0]] = a
-            stacked_b[:, e + count * torch.arange(b.shape[1])] = b
-            spool.discard(a_name)
-            spool.discard(b_name)
+        pieces = [p for p in pieces if p[1] in factors]
+        rank = max(factors.info(a).shape[0] for _, a, _ in pieces)
+        a0, b0 = factors.info(pieces[0][1]), factors.info(pieces[0][2])
         module = _wrapper(parameter, set(experts), names)  # PEFT's name for it, every targeted one known
-        spool.write(saved_key(module, "A"), stacked_a)
-        spool.write(saved_key(module, "B"), stacked_b)
-        ranks[parameter] = rank
-    return ranks
+        ops.append(
+            StackOp(
+                parameter,
+                (saved_key(module, "A"), saved_key(module, "B")),
+                tuple((e, Ref(FACTORS, a), Ref(FACTORS, b)) for e, a, b in pieces),
+                count,
+                rank,
+                (a0.shape[0], a0.shape[1]),
+                (b0.shape[0], b0.shape[1]),
+                a0.dtype,
+            )
+        )
+    return ops
 
 
 def _expert_stats(infos: Sequence[OpInfo]) -> dict[str, ModuleStats]:
@@ -135,6 +113,7 @@ def _out_features(stats: ModuleStats) -> int:
 
 
 def finish_adapter(
+    factors: Factors,
     spool: SpoolWriter,
     infos: Sequence[OpInfo],
     tuned: Checkpoint,
@@ -142,18 +121,20 @@ def finish_adapter(
     settings: ExtractSettings,
     origin: Origin,
     *,
+    scales: Mapping[str, float],
     excluded: int,
     seconds: float,
     notes_before: Sequence[str] = (),
 ) -> ExtractReport:
-    """Add the whole tensors PEFT needs, adapter_config.json and extract_report.json; return the report.
-    Adapter keys are in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes."""
-    parts = _Parts.of(spool, infos, tuned, names, settings, notes_before)
-    parts.leave_out_containers(spool)
-    bias_mode = parts.place_biases(spool, settings)
-    parts.carry_whole_modules(spool)
-    ops = [_carry_op(key, name, tuned.info(name)) for key, name in parts.carried.items()]
-    seconds += run(ops, [tuned], spool, compute=_carry).seconds
+    """Decide what the adapter holds from the first pass's results (``infos``, each module's rank final, its B's
+    ``scales`` for --for) and ``factors`` (its scratch spool: headers only here), write it into ``spool`` as
+    the finishing pass, add adapter_config.json and extract_report.json; return the report. Adapter keys are
+    in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes."""
+    parts = _Parts.of(factors, infos, tuned, names, settings, notes_before)
+    parts.leave_out_containers()
+    bias_mode = parts.place_biases(settings)
+    parts.carry_whole_modules()
+    seconds += run(parts.final_ops(factors, tuned, scales), [factors, tuned], spool, compute=assemble).seconds
     kept = (parts.lowrank, parts.stacks, parts.full_modules)
     config = _config(settings, origin, *kept, bias_mode, parts.bias_modules, names, set(parts.in_memory))
     spool.add_file("adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
@@ -165,46 +146,50 @@ def finish_adapter(
     return report
 
 
-def _carry_op(key: str, name: str, info: TensorInfo) -> CarryOp:
-    """The fine-tune's tensor ``name`` copied into the adapter whole, under its adapter key."""
-    return CarryOp(key, Ref(0, name), info.nbytes, TensorSpec.of(key, info.dtype, info.shape))
-
-
 @dataclass
 class _Parts:
-    """What the adapter is made of, as its finishing decides: factored modules, modules stored whole, biases,
-    the notes that explain each decision, and the fine-tune's tensors to carry over whole."""
+    """What the adapter is made of, as its finishing decides: factored modules, stacked experts, modules stored
+    whole, biases, the notes that explain each decision, and the fine-tune's tensors stored whole."""
 
     infos: list[OpInfo]
     in_memory: dict[str, str]  # in-memory name -> file key
-    stacks: dict[str, int]  # stacked experts' parameters given a LoRA -> their rank
+    stack_ops: list[StackOp]  # stacked experts' parameters given a LoRA
     lowrank: dict[str, ModuleStats]
     full_modules: set[str]
+    whole: dict[str, str]  # adapter key -> the fine-tune tensor a changed one stored whole is (extract's "full")
     bias_modules: set[str] = field(default_factory=set)
+    lora_bias: bool = False  # bias_modules' changes are stored as their lora_B.bias
+    zeros: list[ZerosOp] = field(default_factory=list)  # lora_B.bias of LoRA modules whose bias did not change
     notes: list[str] = field(default_factory=list)
     carried: dict[str, str] = field(default_factory=dict)  # adapter key -> fine-tune tensor stored whole
 
     @classmethod
     def of(
         cls,
-        spool: SpoolWriter,
+        factors: Factors,
         infos: Sequence[OpInfo],
         tuned: Checkpoint,
         names: ModelNames,
         settings: ExtractSettings,
         notes_before: Sequence[str],
     ) -> _Parts:
-        stacks = _stack_experts(spool, [i for i in infos if i.op.experts is not None and i.status == "lowrank"], names)
+        stacks = _stack_ops(factors, [i for i in infos if i.op.experts is not None and i.status == "lowrank"], names)
         lowrank = {
             i.op.module: i.stats
             for i in infos
             if i.status == "lowrank" and i.stats is not None and i.op.experts is None
         }
         full = {i.op.module for i in infos if i.status == "full"}
+        whole = {SAVED_PREFIX + i.op.name: i.op.tuned.key for i in infos if i.status == "full"}
         notes = list(notes_before) + sorted({i.op.note for i in infos if i.op.note and i.status != "unchanged"})
-        parts = cls(list(infos), views(tuned, names), stacks, lowrank, full, notes=notes)
+        parts = cls(list(infos), views(tuned, names), stacks, lowrank, full, whole, notes=notes)
         parts.note_capped_ranks(settings)
         return parts
+
+    @property
+    def stacks(self) -> dict[str, int]:
+        """Stacked experts' parameters given a LoRA -> their rank."""
+        return {op.name: op.rank for op in self.stack_ops}
 
     def note_capped_ranks(self, settings: ExtractSettings) -> None:
         rank = settings.rank
@@ -216,13 +201,12 @@ class _Parts:
                 "rank_pattern give the ranks stored"
             )
 
-    def leave_out_containers(self, spool: SpoolWriter) -> None:
+    def leave_out_containers(self) -> None:
         """A changed bias whose module's weight did not change: no factors to hang it on, the module goes in full.
         A tensor of a module that also holds adapted layers (BERT's cls.predictions.bias, beside the decoder):
         PEFT saves it only as modules_to_save of the whole module, which clashes with the layers inside."""
         for i in self.infos:
-            if i.status == "bias" and i.op.module not in self.lowrank:
-                spool.discard(saved_key(i.op.module, "B_bias"))
+            if i.status == "bias" and i.op.module not in self.lowrank:  # its lora_B.bias is not stored
                 self.full_modules.add(i.op.module)
             elif i.status == "bias":
                 self.bias_modules.add(i.op.module)
@@ -234,7 +218,7 @@ class _Parts:
             return
         left_out = sorted(i.op.name for i in self.infos if i.op.module in containers and i.status == "full")
         for name in left_out:
-            spool.discard(SAVED_PREFIX + name)
+            self.whole.pop(SAVED_PREFIX + name, None)
         self.infos = [replace(i, status="skipped") if i.op.name in left_out else i for i in self.infos]
         self.full_modules -= containers
         self.notes.append(
@@ -242,33 +226,48 @@ class _Parts:
             "store it only as modules_to_save of the whole module, over those layers"
         )
 
-    def place_biases(self, spool: SpoolWriter, settings: ExtractSettings) -> str:
+    def place_biases(self, settings: ExtractSettings) -> str:
         """The adapter's ``bias`` mode: lora_bias (a lora_B.bias on every LoRA module, zero where nothing
         changed), or, where PEFT cannot take lora_bias, the biases of LoRA modules stored whole (lora_only)."""
         if not self.bias_modules:
             return "none"
         if all(f"{m}.bias" in self.in_memory and s.kind != "embedding" for m, s in self.lowrank.items()):
+            self.lora_bias = True
             for module, stats in self.lowrank.items():
                 if module not in self.bias_modules:
-                    zeros = torch.zeros(_out_features(stats), dtype=settings.factor_dtype)
-                    spool.write(saved_key(module, "B_bias"), zeros)
+                    self.zeros.append(ZerosOp(saved_key(module, "B_bias"), _out_features(stats), settings.factor_dtype))
             return "none"
         self.notes.append(
             "some LoRA modules have no bias (or are embeddings), where PEFT's lora_bias cannot go: "
             "the biases of LoRA modules are stored in full (bias: lora_only)"
         )
-        for module in sorted(self.lowrank):
-            spool.discard(saved_key(module, "B_bias"))
+        for module in sorted(self.lowrank):  # their lora_B.bias is not stored
             if f"{module}.bias" in self.in_memory:
                 self.carried[f"{SAVED_PREFIX}{module}.base_layer.bias"] = self.in_memory[f"{module}.bias"]
         return "lora_only"
 
-    def carry_whole_modules(self, spool: SpoolWriter) -> None:
+    def carry_whole_modules(self) -> None:
         """modules_to_save replaces whole modules: every parameter of each is stored, changed or not."""
         for module in sorted(self.full_modules):
             for name in [n for n in self.in_memory if n.rpartition(".")[0] == module]:
-                if SAVED_PREFIX + name not in spool:
+                if SAVED_PREFIX + name not in self.whole:
                     self.carried[SAVED_PREFIX + name] = self.in_memory[name]
+
+    def final_ops(self, factors: Factors, tuned: Checkpoint, scales: Mapping[str, float]) -> list[FinalOp]:
+        """The finishing pass: each adapter tensor once, from the first pass's ``factors`` or the fine-tune."""
+        ops: list[FinalOp] = list(self.stack_ops)
+        for module, stats in self.lowrank.items():
+            a_role, b_role = LAYER_KINDS[stats.kind].lora_roles
+            ops += factor_ops(
+                factors, (saved_key(module, a_role), saved_key(module, b_role)), stats.rank, scales.get(module)
+            )
+        for module in sorted(self.bias_modules) if self.lora_bias else []:
+            key = saved_key(module, "B_bias")
+            ops.append(CopyOp.of(key, Ref(FACTORS, key), factors.info(key)))
+        ops += self.zeros
+        whole = {**self.whole, **self.carried}
+        ops += [CopyOp.of(key, Ref(TUNED, name), tuned.info(name)) for key, name in whole.items()]
+        return ops
 
 
 def adapter_rank(ranks: Sequence[int], settings: ExtractSettings) -> int:
@@ -297,7 +296,7 @@ def _config(
     all_modules = set(names.layers) | {n.rpartition(".")[0] for n in tensors}
     return {
         "peft_type": "LORA",
-        "task_type": names.task_type if names.layers else "CAUSAL_LM",
+        "task_type": names.task_type,
         "base_model_name_or_path": origin.base,
         "r": r,
         "lora_alpha": r,

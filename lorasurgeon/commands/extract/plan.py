@@ -11,13 +11,13 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-from ...adapter.names import CONV1D_MODEL_TYPES, EMBEDDING_LEAVES, INPUT_EMBEDDINGS, OUTPUT_EMBEDDING
 from ...engine.plan import Ref
 from ...errors import IncompatibleError, InvalidOptionError
 from ...io.checkpoint import Checkpoint
 from ...io.dtypes import is_floating, itemsize
 from ...io.layout import TensorSpec
 from ...names import ModelNames
+from ...names.tables import INPUT_EMBEDDINGS
 from ...ops.lora import LayerName
 from .settings import ExtractSettings
 
@@ -126,18 +126,14 @@ def views(ckpt: Checkpoint, names: ModelNames) -> dict[str, str]:
 
 
 def _kind(
-    name: str, ndim: int, names: ModelNames, model_type: str | None, settings: ExtractSettings, tied_head: bool
+    name: str, ndim: int, names: ModelNames, kinds: ModelNames, settings: ExtractSettings, tied_head: bool
 ) -> ExtractKind:
     """What the change of one tensor becomes: a LoRA layer of the kind PEFT would wrap its module as, or the
-    --embeddings / --extras choice. The model's own layer types where transformers gives them."""
+    --embeddings / --extras choice. The layer kinds are ``kinds``' (``ModelNames.layer_of``)."""
     module, _, leaf = name.rpartition(".")
-    layer = names.layers.get(module)
-    is_head = name == names.head or (not names.layers and name == OUTPUT_EMBEDDING)
-    if names.layers:
-        is_embedding = layer == "embedding" or (tied_head and is_head)
-    else:  # no transformers: the names say it
-        is_embedding = module.rpartition(".")[2] in EMBEDDING_LEAVES or (tied_head and is_head)
-        layer = ("conv1d" if model_type in CONV1D_MODEL_TYPES and not is_head else "linear") if ndim == 2 else "conv"
+    layer = kinds.layer_of(module, ndim)
+    is_head = name == names.head
+    is_embedding = layer == "embedding" or (tied_head and is_head)
     if leaf != "weight" or layer is None:
         return settings.extras
     if ndim == 2 and is_embedding:
@@ -157,10 +153,10 @@ def plan_extract(
     *,
     base_model: ModelNames,
     tuned_model: ModelNames,
-    model_type: str | None,
     settings: ExtractSettings,
 ) -> tuple[list[ExtractOp], int]:
-    """The ops, in the fine-tune's order, and how many tensors include/exclude left out.
+    """The ops, in the fine-tune's order, and how many tensors include/exclude left out. The layer kinds are the
+    names' (the fine-tune's, or the base's where only its config names a model type).
 
     Raises:
         IncompatibleError: the two do not share an architecture, or a tensor's shape.
@@ -176,11 +172,13 @@ def plan_extract(
             f"{tuned.root} and {base.root} do not share an architecture: {len(only_tuned)} tensors only in the "
             f"fine-tune, {len(only_base)} only in the base (e.g. {sample})"
         )
-    head = tuned_model.head or (OUTPUT_EMBEDDING if not tuned_model.layers else None)
+    head = tuned_model.head
     # the head is the embedding's tensor in either checkpoint: --embeddings decides for both
     tied_head = head is not None and (
         head in base_model.tied_absent(set(base)) or head in tuned_model.tied_absent(set(tuned))
     )
+    # layer kinds: the fine-tune's names, the base's where only the base's config names a model type
+    kinds = base_model if base_model.model_type and not tuned_model.model_type else tuned_model
     lora_modules = set()
     ops, stacked, excluded = _expert_ops(base, tuned, tuned_model, settings)  # their tensors are theirs alone
     for name, key in tuned_names.items():
@@ -190,7 +188,7 @@ def plan_extract(
             excluded += 1
             continue
         t_info, b_info = tuned.info(key), base.info(base_names[name])
-        kind = _kind(name, len(t_info.shape), tuned_model, model_type, settings, tied_head)
+        kind = _kind(name, len(t_info.shape), tuned_model, kinds, settings, tied_head)
         note = ""
         base_ref: Ref | None = Ref(0, base_names[name])
         if t_info.shape != b_info.shape:

@@ -6,25 +6,23 @@ rank) stays, alpha_pattern goes, and a module of rank k carries k / r in its B: 
 = B A for everyone. What the consumer cannot take is refused: stacked experts (one rank per stack),
 biases (lora_bias), whole tensors (all for llama.cpp; all but classifier/score for vLLM), a rank
 above vLLM's 512. Which whole tensors and ranks it takes, and how a scale is folded, are the consumer's own
-(``lorasurgeon.consumers``).
+(``lorasurgeon.consumers``). This decides the scales from the first pass's results; the finishing pass
+(``assemble.CutOp``) writes each B once, scaled.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-from ...adapter.names import saved_key
 from ...consumers import consumer
 from ...errors import UnsupportedError
-from ...io.spool import SpoolWriter
-from ...ops.lora import LAYER_KINDS
 from .report import OpInfo
 from .settings import ExtractSettings
 
 
-def fold_for(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSettings, rank: int) -> None:
-    """Scale each low-rank module's B by (its rank / ``rank``) in the spool, after refusing what
-    ``settings.for_`` cannot load.
+def fold_for(infos: Sequence[OpInfo], settings: ExtractSettings, rank: int) -> dict[str, float]:
+    """Per low-rank module whose rank is not ``rank``, the factor its B is scaled by (its rank / ``rank``, as
+    the consumer folds it), after refusing what ``settings.for_`` cannot load.
 
     Raises:
         UnsupportedError: stacked experts, biases, whole tensors or a rank the consumer does not take.
@@ -45,9 +43,10 @@ def fold_for(spool: SpoolWriter, infos: Sequence[OpInfo], settings: ExtractSetti
         found.append(f"rank {top} above {target.rank_limit} {target.max_rank} (--max-rank)")
     if found:
         raise UnsupportedError(f"--for {target.name}: the adapter would hold {'; '.join(found)}")
+    scales = {}
     for info in lowrank:
         assert info.stats is not None
         k = info.stats.rank
         if k != rank:  # extract's factors are the change itself (scale 1); the config's alpha is ``rank``
-            key = saved_key(info.op.module, LAYER_KINDS[info.op.kind].lora_roles[1])
-            spool.write(key, (spool.read(key).float() * target.fold(1.0, k, rank)).to(settings.factor_dtype))
+            scales[info.op.module] = target.fold(1.0, k, rank)
+    return scales

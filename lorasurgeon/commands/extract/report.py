@@ -4,10 +4,14 @@ extract_report.json (its keys are a contract)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
+from ...io.layout import human_bytes
 from ...words import plural
 from .plan import ExtractOp
+
+if TYPE_CHECKING:
+    import torch
 
 # unchanged (equal values) | lowrank (LoRA factors) | bias (a lora_B.bias) | full (stored whole) | skipped
 Status = Literal["unchanged", "lowrank", "bias", "full", "skipped"]
@@ -42,6 +46,8 @@ class OpInfo:
     energy: float = 0.0  # ‖ΔW‖²
     stats: ModuleStats | None = None
     rounding: float | None = None  # ‖ΔW‖ / (eps · ‖W‖) in the fine-tune's dtype (ops.compare.rounding_units)
+    # --budget: the factors' singular values as stored (σⱼ = ‖Aⱼ‖·‖Bⱼ‖, float64), what the budget is spent by
+    spectrum: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -78,9 +84,10 @@ class ExtractReport:
     warnings: list[str] = field(default_factory=list)  # the adapter may not be what was meant (rounding noise)
     dry_run: bool = False
     wall: float = 0.0  # the whole call (totals.seconds: the streaming part)
+    plot: str | None = None  # the picture drawn, once it is written
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("dry_run", "wall")}
+        return {k: v for k, v in asdict(self).items() if k not in ("dry_run", "wall", "plot")}
 
     def summary(self) -> str:
         if self.dry_run:
@@ -98,8 +105,9 @@ class ExtractReport:
         lines.append(
             f"Wrote {self.output}: {plural(len(self.modules), 'low-rank module')}, "
             f"{plural(len(self.full), 'full tensor')}, "
-            f"{t.parameters:,} parameters ({t.bytes / 2**20:.1f} MiB); kept {t.kept:.2%} of the "
+            f"{t.parameters:,} parameters ({human_bytes(t.bytes)}); kept {t.kept:.2%} of the "
             f"fine-tune's change; {plural(self.skipped.unchanged, 'tensor')} unchanged; {self.wall or t.seconds:.1f} s."
         )
         lines += [f"note: {n}" for n in self.notes]
+        lines += [f"Wrote {self.plot}"] if self.plot else []
         return "\n".join(lines)

@@ -23,12 +23,12 @@ from .._inputs import Input, plain_weights, prepare
 from .._timing import timed
 from . import augmented as augment
 from .convert import convert
-from .ops import Plan, TensorOp
+from .ops import MergeOp, Plan
 from .plan import check_supported, plan_merge
-from .quantized import compute_requant, keep_ops
+from .quantized import keep_ops
 from .report import MergeReport
 from .settings import Form, MergeSettings
-from .write import layout, report, write_model
+from .write import compute_op, layout, report, write_model
 
 if TYPE_CHECKING:
     import torch
@@ -180,7 +180,7 @@ class _Planned:
     checkpoint: Checkpoint
     adapters: list[LoraAdapter]
     config: dict[str, Any]
-    ops: list[TensorOp]
+    ops: Sequence[MergeOp]
     untie: bool
     names: ModelNames | None = None
     layout: QuantLayout | None = None  # the base is quantized
@@ -246,19 +246,19 @@ def _plan(
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
         planned.names = model_names(ckpt.names(), planned.config)
         if settings.form == "augmented":
-            planned.ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype_name)
+            ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype_name)
         else:
-            planned.ops, planned.untie = plan_merge(
+            ops, planned.untie = plan_merge(
                 ckpt,
                 planned.adapters,
                 list(settings.weights),
                 planned.names,
-                planned.config.get("model_type"),
                 dtype=settings.dtype_name,
                 unmerge=settings.unmerge,
             )
+        planned.ops = ops
         if planned.layout is not None and planned.stored_input is not None:
-            planned.ops = keep_ops(planned.ops, planned.layout, planned.stored_input[0])
+            planned.ops = keep_ops(ops, planned.layout, planned.stored_input[0])
     except BaseException:
         planned.close()
         raise
@@ -384,7 +384,7 @@ def iter_merged(
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         try:
-            compute = partial(compute_requant, allow_nonfinite=settings.allow_nonfinite)
+            compute = partial(compute_op, allow_nonfinite=settings.allow_nonfinite)
             yield from stream(planned.ops, planned.inputs, compute=compute, device=settings.device)
         finally:
             planned.close()

@@ -155,7 +155,7 @@ def _to_merged(
     settings: MergeSettings,
 ) -> _Conversion:
     """The merged form: the adapter merged into its base, as ``merge`` would write it."""
-    ops, untie = plan_merge(base, [adapter], [1.0], names, config.get("model_type"), dtype=settings.dtype_name)
+    ops, untie = plan_merge(base, [adapter], [1.0], names, dtype=settings.dtype_name)
     extra: dict[str, bytes] = {}
     if config:
         extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype_name, untie=untie))
@@ -211,7 +211,7 @@ def _convert_model(
             "give one (an augmented checkpoint takes --to merged|adapter)"
         )
     names = model_names(view.names(), config)
-    ops, untie = plan_merge(view, [], [], names, str(config.get("model_type") or "") or None, dtype=settings.dtype_name)
+    ops, untie = plan_merge(view, [], [], names, dtype=settings.dtype_name)
     plan = Plan(tuple(ops), (str(source.path),), names.source)
     target = f"--dtype={settings.dtype_words}"
     if dry_run:

@@ -1,8 +1,10 @@
-"""A merge's plan: one TensorOp per output tensor, built from headers before any tensor is read.
+"""A merge's plan: one op per output tensor, built from headers before any tensor is read.
 
 A TensorOp says where its source tensor lives (``Ref``: input number + key), which LoRA terms
-to apply to it, and the dtype and shape it is written with. The engine runs them with
-``compute.compute_merge``; ``describe`` prints them for ``--dry-run``.
+to apply to it, and the dtype and shape it is written with; the engine runs it with
+``compute.compute_merge``. A RequantOp (``--quantize keep``) is a quantized base's weight: its
+TensorOp computed in float32, then re-quantized into the stored parts (``quantized.compute_requant``).
+``describe`` prints them for ``--dry-run``.
 """
 
 from __future__ import annotations
@@ -62,7 +64,7 @@ class RowPatch:
 
 @dataclass(frozen=True)
 class TensorOp(DtypeByName):
-    """How one output tensor is made."""
+    """How one output tensor is made: its source (W0), plus the terms, with rows patched, in ``dtype``."""
 
     name: str
     src: Ref
@@ -77,9 +79,6 @@ class TensorOp(DtypeByName):
     # The source is made of many tensors (the augmented form of experts transformers fuses on load):
     # stack[p][e] is part p of expert e; experts stacked on axis 0, the parts concatenated on axis 1.
     stack: tuple[tuple[Ref, ...], ...] = ()
-    # Written quantized as the base stores it (merge --quantize keep): the result is computed in float32
-    # as for any op, then re-quantized into these stored parts, read from input ``quant.source``.
-    quant: Requant | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -92,8 +91,6 @@ class TensorOp(DtypeByName):
 
     @property
     def nbytes(self) -> int:
-        if self.quant is not None:
-            return self.quant.tensor.stored_nbytes
         return math.prod(self.shape) * itemsize(self.dtype_name)
 
     @property
@@ -102,36 +99,51 @@ class TensorOp(DtypeByName):
 
     @property
     def specs(self) -> list[TensorSpec]:
-        """Every tensor it writes: itself, or the stored parts of a re-quantized weight."""
-        if self.quant is None:
-            return [self.spec]
-        return [TensorSpec(i.name, i.dtype_name, i.shape) for _, i in self.quant.tensor.parts]
+        """Every tensor it writes: itself."""
+        return [self.spec]
 
-    def refs(self) -> list[Ref]:
-        """Every input tensor this op reads."""
-        # stacked: expert by expert, each expert's parts in order -- the order of the stack's bytes
-        refs = [r for expert in zip(*self.stack, strict=True) for r in expert] if self.stack else [self.src]
-        if self.quant is not None:  # its stored parts; W0 is decoded from them, not read twice
-            refs = [r for r in refs if r != self.quant.plain] + list(self.quant.parts)
+    def source_refs(self) -> list[Ref]:
+        """The tensors W0 is read from: the source, or every part of a stack, expert by expert, each
+        expert's parts in order (the order of the stack's bytes)."""
+        return [r for expert in zip(*self.stack, strict=True) for r in expert] if self.stack else [self.src]
+
+    def change_refs(self) -> list[Ref]:
+        """The tensors of its terms and row patches."""
+        refs: list[Ref] = []
         for t in self.terms:
             refs += (
                 [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
             )
         return refs + [p.values for p in self.rows]
 
+    def refs(self) -> list[Ref]:
+        """Every input tensor this op reads."""
+        return self.source_refs() + self.change_refs()
+
     @property
     def byte_copy(self) -> TensorSpec | None:
         """The output is the source's bytes when nothing changes them (see ``engine.plan.Op``)."""
-        unchanged = not self.terms and not self.rows and self.src_dtype_name is None and self.quant is None
+        unchanged = not self.terms and not self.rows and self.src_dtype_name is None
         return self.spec if unchanged else None
 
 
 @dataclass(frozen=True)
-class Requant:
-    """Where a quantized weight's stored parts are read from, and its plain (dequantized) tensor's ref."""
+class RequantOp:
+    """A quantized base's weight written in its format (merge --quantize keep): ``merge`` (a float32
+    TensorOp, as planned on the dequantized view) computed, then re-quantized into the stored parts of
+    ``tensor``, read from input ``source``; W0 is decoded from those parts, not read twice."""
 
+    merge: TensorOp
     tensor: QuantTensor
     source: int  # the input holding the stored parts (the base checkpoint as it is on disk)
+
+    @property
+    def name(self) -> str:
+        return self.merge.name
+
+    @property
+    def action(self) -> Action:
+        return self.merge.action
 
     @property
     def parts(self) -> tuple[Ref, ...]:
@@ -139,14 +151,41 @@ class Requant:
 
     @property
     def plain(self) -> Ref:
+        """The plain (dequantized) weight's ref in the view the plan was made on."""
         return Ref(0, self.tensor.name)
+
+    @property
+    def nbytes(self) -> int:
+        return self.tensor.stored_nbytes
+
+    @property
+    def specs(self) -> list[TensorSpec]:
+        """Every tensor it writes: the stored parts of the re-quantized weight."""
+        return [TensorSpec(i.name, i.dtype_name, i.shape) for _, i in self.tensor.parts]
+
+    def refs(self) -> list[Ref]:
+        """Every input tensor this op reads: the stored parts in place of the plain weight."""
+        source = [r for r in self.merge.source_refs() if r != self.plain]
+        return source + list(self.parts) + self.merge.change_refs()
+
+    @property
+    def byte_copy(self) -> TensorSpec | None:
+        return None  # always computed: an unchanged weight is planned as copies of its parts
+
+
+MergeOp = TensorOp | RequantOp  # one op of a merge's plan
+
+
+def merge_of(op: MergeOp) -> TensorOp:
+    """The plain merge an op computes: itself, or the float32 merge a RequantOp re-quantizes."""
+    return op.merge if isinstance(op, RequantOp) else op
 
 
 @dataclass(frozen=True)
 class Plan:
     """Everything a run will do: the ops, the inputs' paths, and what else goes in the folder."""
 
-    ops: tuple[TensorOp, ...]
+    ops: tuple[MergeOp, ...]
     inputs: tuple[str, ...]
     names: str = ""  # where the model's names came from (ModelNames.source)
 
@@ -154,7 +193,7 @@ class Plan:
         """Adapter module -> the file tensors it changes, as planned (in-memory names to the files')."""
         found: dict[str, list[str]] = {}
         for op in self.ops:
-            for term in op.terms:
+            for term in merge_of(op).terms:
                 module = split_saved_key(term.b.key)[0]
                 if op.name not in found.setdefault(module, []):
                     found[module].append(op.name)
@@ -184,25 +223,30 @@ def describe(plan: Plan) -> str:
             shown = ", ".join(keys[:3]) + (f", ... ({len(keys)} tensors)" if len(keys) > 3 else "")
             lines.append(f"  {module} -> {shown}")
     actions = sorted({op.action for op in plan.ops})
-    requant = sum(op.quant is not None for op in plan.ops)
+    requant = sum(isinstance(op, RequantOp) for op in plan.ops)
     lines.append(
         f"{plural(len(plan.ops), 'output tensor')}, {plan.nbytes / 2**20:.1f} MiB: "
         + ", ".join(f"{plan.count(a)} {a}" for a in actions)
         + (f"; {plural(requant, 'weight')} re-quantized" if requant else "")
     )
-    for op in plan.ops:
-        dtype = torch_name(op.dtype_name).removeprefix("torch.") if op.quant is None else "float32→quantized"
-        line = f"  {op.action:<8} {op.name}  {dtype}{list(op.shape)}"
-        if op.stack:
-            line += f"  <- [{op.src.source}] {sum(len(p) for p in op.stack)} tensors stacked: {op.src.key}, ..."
-        elif op.src.key != op.name or op.src.source:
-            line += f"  <- [{op.src.source}] {op.src.key}"
-        for t in op.terms:
-            what = "lora_bias" if isinstance(t, BiasTerm) else ("DoRA" if t.magnitude else t.kind.name)
-            line += f"  {'+' if t.scale >= 0 else '-'} {abs(t.scale):.6g}·[{t.b.source}] {what}"
-        for r in op.rows:
-            line += f"  rows {len(r.indices)} <- [{r.values.source}]"
-        if op.quant is not None:
-            line += f"  -> re-quantized ({op.quant.tensor.codec.method}): " + ", ".join(s.name for s in op.specs)
-        lines.append(line)
+    lines += [_describe_op(op) for op in plan.ops]
     return "\n".join(lines)
+
+
+def _describe_op(op: MergeOp) -> str:
+    """One op's line of ``describe``."""
+    plain = merge_of(op)
+    dtype = "float32→quantized" if isinstance(op, RequantOp) else torch_name(op.dtype_name).removeprefix("torch.")
+    line = f"  {op.action:<8} {op.name}  {dtype}{list(plain.shape)}"
+    if plain.stack:
+        line += f"  <- [{plain.src.source}] {sum(len(p) for p in plain.stack)} tensors stacked: {plain.src.key}, ..."
+    elif plain.src.key != op.name or plain.src.source:
+        line += f"  <- [{plain.src.source}] {plain.src.key}"
+    for t in plain.terms:
+        what = "lora_bias" if isinstance(t, BiasTerm) else ("DoRA" if t.magnitude else t.kind.name)
+        line += f"  {'+' if t.scale >= 0 else '-'} {abs(t.scale):.6g}·[{t.b.source}] {what}"
+    for r in plain.rows:
+        line += f"  rows {len(r.indices)} <- [{r.values.source}]"
+    if isinstance(op, RequantOp):
+        line += f"  -> re-quantized ({op.tensor.codec.method}): " + ", ".join(s.name for s in op.specs)
+    return line

@@ -9,30 +9,30 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from ...adapter.names import CONV1D_MODEL_TYPES
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
 from ...io.dtypes import is_floating, torch_name
 from ...names import ModelNames
-from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind
+from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind, LayerName
 from .._inputs import FLOAT32_MAX
 from .experts import expert_terms
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
 
 
 def module_kind(
-    module: LoraModule, weight_shape: tuple[int, ...], model_type: str | None, adapter: LoraAdapter
+    module: LoraModule, weight_shape: tuple[int, ...], layer: LayerName | None, adapter: LoraAdapter
 ) -> LayerKind:
-    """Linear, Conv1D, Embedding or Conv, checked against the base weight's shape."""
+    """Linear, Conv1D, Embedding or Conv, checked against the base weight's shape; ``layer``: the kind the model
+    holds the module as (``ModelNames.layers``), which decides a square weight."""
     a_role, b_role = LAYER_KINDS[module.kind].lora_roles
     a = adapter.checkpoint.info(module.keys[a_role]).shape
     b = adapter.checkpoint.info(module.keys[b_role]).shape
     candidates = [LAYER_KINDS[module.kind]]
     if module.kind == "linear":  # a Linear or GPT-2's Conv1D: the base weight's shape tells them apart
         square = LINEAR.delta_shape(a, b) == CONV1D.delta_shape(a, b)
-        conv1d_first = square and (model_type in CONV1D_MODEL_TYPES or bool(adapter.config.raw.get("fan_in_fan_out")))
+        conv1d_first = square and (layer == "conv1d" or bool(adapter.config.raw.get("fan_in_fan_out")))
         candidates = [CONV1D, LINEAR] if conv1d_first else [LINEAR, CONV1D]
     for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
         if role in module.keys and not is_floating(adapter.checkpoint.info(module.keys[role]).dtype_name):
@@ -122,6 +122,10 @@ class BaseTensors:
             self.plan_key(t) or t for t, s in self.names.tied.items() if s == source and (self.plan_key(t) or t) != key
         ]
 
+    def layer_of(self, key: str) -> LayerName | None:
+        """The kind of layer the model holds plan key ``key``'s module as (the names', by in-memory name)."""
+        return self.names.layers.get(self.names.memory_name(key).rpartition(".")[0])
+
     def shape_of(self, name: str, adapter: LoraAdapter) -> tuple[int, ...]:
         """The base shape of plan key ``name``; only a float tensor can be merged."""
         info = self.base.info(self.base_key(name))
@@ -169,7 +173,6 @@ class Changes:
 
     tensors: BaseTensors
     sign: float  # -1 for unmerge
-    model_type: str | None
     terms: dict[str, list[Term]] = dataclasses.field(default_factory=dict)  # LoRA and lora_bias terms
     saved: dict[str, Ref] = dataclasses.field(default_factory=dict)  # W0 as the adapter saved it
     rows: dict[str, list[RowPatch]] = dataclasses.field(default_factory=dict)  # trainable tokens
@@ -208,7 +211,7 @@ class Changes:
         """A LoRA module on one weight (DoRA's magnitude included), and its lora_bias."""
         tensors = self.tensors
         wname = tensors.target(module.weight_name, adapter, f"module {module.name!r}")
-        kind = module_kind(module, tensors.shape_of(wname, adapter), self.model_type, adapter)
+        kind = module_kind(module, tensors.shape_of(wname, adapter), tensors.layer_of(wname), adapter)
         a_role, b_role = kind.lora_roles
         a, b = Ref(source, module.keys[a_role]), Ref(source, module.keys[b_role])
         mag = Ref(source, module.keys["magnitude"]) if "magnitude" in module.keys else None
@@ -286,7 +289,6 @@ def plan_merge(
     adapters: list[LoraAdapter],
     weights: list[float],
     names: ModelNames,
-    model_type: str | None,
     *,
     dtype: str | None,
     unmerge: bool = False,
@@ -295,10 +297,11 @@ def plan_merge(
 
     Ops are keyed by the files' own names; an adapter names tensors as they are in memory (under
     transformers 5, renamed), or as the files name them (as under transformers 4): both resolve.
-    A tied tensor the files omit (a tied head) is a view of its source with its own ops.
+    A tied tensor the files omit (a tied head) is a view of its source with its own ops. Each module's layer
+    kind is ``names``'.
     """
     tensors = BaseTensors(base, names, names.tied_absent(set(base)))
-    changes = Changes(tensors, sign=-1.0 if unmerge else 1.0, model_type=model_type)
+    changes = Changes(tensors, sign=-1.0 if unmerge else 1.0)
     for source, (adapter, weight) in enumerate(zip(adapters, weights, strict=True), start=1):
         changes.add_adapter(source, adapter, weight)
     changes.share_tied_saved_weights()

@@ -2,10 +2,10 @@
 
 The plan is made on the dequantized view of the base (``formats.layout.dequantized``), as for any
 model. ``keep_ops`` then turns it back into the base's format: a quantized weight nothing changes
-is its stored parts copied byte for byte; a changed one is computed in float32 (W0 decoded from its
-parts, + ΔW, exactly as an unquantized merge) and re-quantized into the same parts, block by block
-(``Codec.requantize``: untouched blocks keep their bytes). ``compute_requant`` also measures what
-that cost: the stored result against the exact float32 values, next to what quantizing those values
+is its stored parts copied byte for byte; a changed one becomes a RequantOp, which ``compute_requant``
+computes in float32 (W0 decoded from its parts, + ΔW, exactly as an unquantized merge) and re-quantizes
+into the same parts, block by block (``Codec.requantize``: untouched blocks keep their bytes). It also
+measures what that cost: the stored result against the exact float32 values, next to what quantizing those values
 afresh with the producer's rule would cost (the format's own error on this tensor).
 """
 
@@ -23,7 +23,7 @@ from ...errors import UnsupportedError
 from ...formats.base import CHUNK
 from ...formats.layout import QuantLayout
 from .compute import compute_merge
-from .ops import Requant, TensorOp
+from .ops import MergeOp, RequantOp, TensorOp
 
 if TYPE_CHECKING:
     import torch
@@ -63,7 +63,7 @@ def _change(w0: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> tupl
     return (math.sqrt(delta_sq), math.sqrt(error_sq)), (dot / delta_sq if delta_sq else 1.0)
 
 
-def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[TensorOp]:
+def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[MergeOp]:
     """The plan's ops, made on the dequantized view, written in the base's quantized format.
 
     ``stored``: the input number of the base as it is on disk (its stored parts).
@@ -71,7 +71,7 @@ def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[
     Raises:
         UnsupportedError: a quantized weight that would be written under another name (a tied head).
     """
-    out: list[TensorOp] = []
+    out: list[MergeOp] = []
     for op in ops:
         qt = layout.tensors.get(op.name)
         from_quantized = op.src.source == 0 and op.src.key in layout.tensors
@@ -87,23 +87,20 @@ def keep_ops(ops: Sequence[TensorOp], layout: QuantLayout, stored: int) -> list[
             # unchanged: each stored part copied byte for byte
             out += [TensorOp(i.name, Ref(stored, i.name), i.dtype_name, i.shape, "copy") for _, i in qt.parts]
             continue
-        out.append(dataclasses.replace(op, dtype_name="F32", quant=Requant(qt, stored)))
+        out.append(RequantOp(dataclasses.replace(op, dtype_name="F32"), qt, stored))
     return out
 
 
 def compute_requant(
-    op: TensorOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
-) -> Outcome[RequantReport | None]:
+    op: RequantOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
+) -> Outcome[RequantReport]:
     """One re-quantized op: W0 decoded from the stored parts, the merge computed in float32 as for any op,
     re-quantized (blocks that did not change keep their bytes), and the cost measured."""
-    if op.quant is None:
-        return Outcome(compute_merge(op, tensors, device, allow_nonfinite=allow_nonfinite).outputs, None)
-    qt, codec = op.quant.tensor, op.quant.tensor.codec
-    parts = {role: tensors[ref] for role, ref in zip(qt.roles, op.quant.parts, strict=True)}
+    qt, codec = op.tensor, op.tensor.codec
+    parts = {role: tensors[ref] for role, ref in zip(qt.roles, op.parts, strict=True)}
     w0 = codec.dequantize(qt, parts)
-    plain = dataclasses.replace(op, quant=None, dtype_name="F32")
-    given = {**tensors, op.quant.plain: w0.clone()} if op.src == op.quant.plain else tensors
-    exact = compute_merge(plain, given, device, allow_nonfinite=allow_nonfinite).outputs[0][1]
+    given = {**tensors, op.plain: w0.clone()} if op.merge.src == op.plain else tensors
+    exact = compute_merge(op.merge, given, device, allow_nonfinite=allow_nonfinite).outputs[0][1]
     if exact.shape != w0.shape:
         raise UnsupportedError(f"{op.name}: the merged tensor {list(exact.shape)} is not the stored {list(qt.shape)}")
     new_parts, done = codec.requantize(qt, parts, w0, exact)

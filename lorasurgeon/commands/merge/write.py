@@ -7,25 +7,40 @@ import os
 from collections.abc import Mapping, Sequence
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from ...engine.execute import ExecStats, Progress, run
+from ...engine.execute import ExecStats, Outcome, Progress, run
+from ...engine.plan import Ref
 from ...hub.cards import CARD_NAME
 from ...io.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, sidecar_files
 from ...io.writer import CheckpointWriter
-from .ops import ACTIONS, Plan, TensorOp
+from .compute import compute_merge
+from .ops import ACTIONS, MergeOp, Plan, RequantOp
 from .quantized import RequantReport, compute_requant
 from .report import MergeReport
 from .settings import MergeSettings
+
+if TYPE_CHECKING:
+    import torch
 
 DEFAULT_SHARD = "5GB"
 REQUANT_NAME = "requantization.json"  # per re-quantized weight, what keeping the base's format cost
 
 
+def compute_op(
+    op: MergeOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
+) -> Outcome[RequantReport | None]:
+    """The engine's compute for a merge's ops: a RequantOp re-quantized, a plain TensorOp merged."""
+    if isinstance(op, RequantOp):
+        done = compute_requant(op, tensors, device, allow_nonfinite=allow_nonfinite)
+        return Outcome(done.outputs, done.info)
+    return Outcome(compute_merge(op, tensors, device, allow_nonfinite=allow_nonfinite).outputs, None)
+
+
 def layout(
-    ops: Sequence[TensorOp],
+    ops: Sequence[MergeOp],
     base: Checkpoint,
     max_shard_size: int | None,
     prefix: str = "model",
@@ -43,8 +58,8 @@ def layout(
         # adapter replaced): the base's file names and layout, also for renamed views.
         weight_map: dict[str, str] = {}
         for op in ops:
-            if op.quant is not None:
-                weight_map.update((i.name, i.file.name) for _, i in op.quant.tensor.parts)
+            if isinstance(op, RequantOp):
+                weight_map.update((i.name, i.file.name) for _, i in op.tensor.parts)
             elif stored is not None and op.src.source == stored[0]:
                 weight_map[op.name] = stored[1].info(op.src.key).file.name
             elif (home := op.src.key if op.src.source == 0 else op.name) in base:
@@ -57,7 +72,7 @@ def layout(
 
 def write(
     out: str | os.PathLike[str],
-    ops: Sequence[TensorOp],
+    ops: Sequence[MergeOp],
     inputs: Sequence[Checkpoint],
     shards: list[Shard],
     settings: MergeSettings,
@@ -80,7 +95,7 @@ def write(
             writer,
             device=settings.device,
             progress=progress,
-            compute=partial(compute_requant, allow_nonfinite=settings.allow_nonfinite),
+            compute=partial(compute_op, allow_nonfinite=settings.allow_nonfinite),
             workers=workers,
             threads=threads,
         )
@@ -96,7 +111,7 @@ def write(
 
 def write_model(
     out: str | os.PathLike[str],
-    ops: Sequence[TensorOp],
+    ops: Sequence[MergeOp],
     inputs: Sequence[Checkpoint],
     shards: list[Shard],
     settings: MergeSettings,

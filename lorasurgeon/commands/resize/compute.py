@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...errors import InvalidOptionError, UnsupportedError
-from ...ops.lowrank import allocate, product_svd, rank_for_energy, split
+from ...ops.lowrank import OverBudget, allocate, product_svd, rank_for_energy, split
 from .plan import CopyOp, ModuleOp
 from .report import ModuleResult
 from .settings import Target
@@ -87,7 +87,7 @@ def choose_ranks(
     assert target.budget is not None
     try:
         return allocate(list(spectra), [op.cost for op in ops], target.budget - fixed, [1] * len(ops), caps)
-    except ValueError:
+    except OverBudget:
         raise InvalidOptionError(
             f"{target.sizing.flag} of {target.budget:,} parameters is less than rank 1 everywhere needs "
             f"({sum(op.cost for op in ops) + fixed:,})"
