@@ -143,3 +143,12 @@ def test_peft_writer_round_trip(tmp_path):
         assert torch.equal(again.checkpoint.read(name), source.checkpoint.read(name)), name
     again.close()
     source.close()
+
+
+def test_every_role_has_a_saved_key_and_every_augmented_one_is_a_role():
+    from typing import get_args
+
+    from lorasurgeon.adapter.names import AUGMENTED_SUFFIX, SAVED_SUFFIX, Role
+
+    assert list(SAVED_SUFFIX) == list(get_args(Role))
+    assert set(AUGMENTED_SUFFIX) <= set(get_args(Role))

@@ -138,6 +138,17 @@ def test_what_llama_cpp_cannot_take_is_refused_by_name(tmp_path):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no scratch left behind
 
 
+def test_an_output_inside_an_input_is_refused_by_name_as_for_every_command(tmp_path):
+    adapter, base = shutil.copytree(FIX_ADAPTER, tmp_path / "adapter"), shutil.copytree(FIX_BASE, tmp_path / "base")
+    before = {p: listing(p) for p in (adapter, base)}
+    for inside, given in ((adapter / "a.gguf", adapter), (base / "a.gguf", base)):
+        r = run_cli("convert", adapter, "--to", "gguf", "--base", base, "-o", inside)
+        one_line_error(r, f"{inside}: overlaps the input {given}")
+        r = run_cli("convert", adapter, "--to", "gguf", "--base", base, "-o", inside, "--dry-run")
+        one_line_error(r, "overlaps the input")
+    assert {p: listing(p) for p in (adapter, base)} == before
+
+
 # convert_hf_to_gguf's classes (llama.cpp conversion/*.py) that permute q/k rows: LlamaModel (Mistral, Mixtral)
 # and OlmoModel
 PERMUTED = {"mistral", "mixtral", "olmo"}

@@ -177,6 +177,16 @@ def test_a_complete_peft_config_is_read_without_a_warning():
         AdapterConfig.load(FIX_ADAPTER)
 
 
+def test_a_bias_peft_does_not_know_is_refused_naming_its_values(tmp_path):
+    from lorasurgeon.adapter.config import AdapterConfig
+    from lorasurgeon.errors import AdapterConfigError
+
+    config = json.loads((FIX_ADAPTER / "adapter_config.json").read_text())
+    (tmp_path / "adapter_config.json").write_text(json.dumps(config | {"bias": "some"}))
+    with pytest.raises(AdapterConfigError, match="bias must be one of none, all, lora_only, got 'some'"):
+        AdapterConfig.load(tmp_path)
+
+
 def test_the_keys_and_defaults_are_peft_s():
     from lorasurgeon.adapter.config import KNOWN_KEYS, PEFT_DEFAULTS
 

@@ -96,16 +96,16 @@ def test_help_texts_are_one_wording_and_name_their_defaults():
 
 
 def test_counts_are_in_words():
+    from lorasurgeon.commands.convert import GgufReport
     from lorasurgeon.commands.resize.report import ModuleResult, ResizeReport
-    from lorasurgeon.commands.to_gguf import GgufReport
-    from lorasurgeon.commands.verify import Problem, VerifyReport
+    from lorasurgeon.commands.verify import VerifyProblem, VerifyReport
     from lorasurgeon.hub.push import PushReport
 
     assert [plural(n, "tensor") for n in (0, 1, 2, 1234)] == ["0 tensors", "1 tensor", "2 tensors", "1,234 tensors"]
     assert plural(1, "entry", "entries") == "1 entry" and plural(3, "entry", "entries") == "3 entries"
     one = ResizeReport("out", ["a"], [1.0], {"rank": 4}, [ModuleResult("m", 8, 4, 0.9, 1.0)], 16, 8, 0.9, copied=["t"])
     assert ": 1 module, " in one.summary() and "; 1 tensor copied" in one.summary()
-    verified = VerifyReport("x", 1, 8, [Problem("f", "bad")]).summary()
+    verified = VerifyReport("x", 1, 8, [VerifyProblem("f", "bad")]).summary()
     assert verified.startswith("verify: read 1 tensor (8 bytes): 1 problem")
     assert PushReport("me/x", "https://hub/x", 1).summary().startswith("Pushed 1 file to")
     assert ", 1 tensor, " in GgufReport("x.gguf", "llama", 1, 16.0).summary()

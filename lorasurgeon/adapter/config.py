@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 from ..errors import AdapterConfigError, InputNotFoundError, LorasurgeonWarning
 from ..io.sidecar import read_json_object
@@ -25,6 +25,8 @@ KNOWN_KEYS = frozenset(
     rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices use_bdlora
     use_dora use_qalora use_rslora velora_config""".split()
 )
+# LoraConfig.bias: which biases PEFT trains (and saves in full) beside the LoRA factors.
+Bias = Literal["none", "all", "lora_only"]
 # What PEFT's LoraConfig takes when the file does not say (its dataclass defaults).
 PEFT_DEFAULTS = {"r": 8, "lora_alpha": 8}
 
@@ -73,6 +75,13 @@ def _as_tuple(value: tuple[str, ...] | str | None) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else (value or ())
 
 
+def _bias(value: Any) -> Bias:
+    """LoraConfig.bias, one of PEFT's values (PEFT refuses any other when it loads the adapter)."""
+    if isinstance(value, str) and value in get_args(Bias):
+        return cast(Bias, value)
+    raise ValueError(f"bias must be one of {', '.join(get_args(Bias))}, got {value!r}")
+
+
 @dataclass(frozen=True)
 class AdapterConfig:
     """The fields of a PEFT LoRA config that decide what its tensors mean."""
@@ -88,7 +97,7 @@ class AdapterConfig:
     alpha_pattern: Mapping[str, float]
     layers_to_transform: tuple[int, ...] | None
     modules_to_save: tuple[str, ...]
-    bias: str
+    bias: Bias
     lora_bias: bool
     trainable_token_indices: Mapping[str, tuple[int, ...]] | None
     base_model: str | None
@@ -157,7 +166,7 @@ class AdapterConfig:
             alpha_pattern={str(k): float(v) for k, v in dict(raw.get("alpha_pattern") or {}).items()},
             layers_to_transform=tuple(int(i) for i in layers) if layers else None,
             modules_to_save=_as_tuple(names(raw.get("modules_to_save"), "modules_to_save")),
-            bias=str(raw.get("bias", "none")),
+            bias=_bias(raw.get("bias", "none")),
             lora_bias=bool(raw.get("lora_bias", False)),
             trainable_token_indices=tti,
             base_model=raw.get("base_model_name_or_path"),

@@ -6,11 +6,24 @@ embeddings, head, Conv1D model types) are ``names.tables``.
 
 from __future__ import annotations
 
+from typing import Final, Literal
+
 SAVED_PREFIX = "base_model.model."
 ADAPTER_NAME = "default"
 
+# A LoRA tensor's role in its module: the key tables below are by role, and so are LoraModule.keys.
+Role = Literal["A", "B", "B_bias", "emb_A", "emb_B", "magnitude", "tokens_delta", "base_weight"]
+ROLE_A: Final = "A"  # lora_A
+ROLE_B: Final = "B"  # lora_B
+ROLE_B_BIAS: Final = "B_bias"  # lora_B.bias (lora_bias=True)
+ROLE_EMB_A: Final = "emb_A"  # lora_embedding_A
+ROLE_EMB_B: Final = "emb_B"  # lora_embedding_B
+ROLE_MAGNITUDE: Final = "magnitude"  # DoRA's magnitude vector
+ROLE_TOKENS_DELTA: Final = "tokens_delta"  # trainable tokens' rows
+ROLE_BASE_WEIGHT: Final = "base_weight"  # the W0 PEFT saves for an embedding / lm_head
+
 # role -> suffix after "<module>." in a saved adapter file (no adapter name inside).
-SAVED_SUFFIX = {
+SAVED_SUFFIX: dict[Role, str] = {
     "A": "lora_A.weight",
     "B": "lora_B.weight",
     "B_bias": "lora_B.bias",
@@ -22,7 +35,7 @@ SAVED_SUFFIX = {
 }
 
 # role -> suffix after "<module>." in a PEFT-wrapped model's state dict (adapter name inside).
-AUGMENTED_SUFFIX = {
+AUGMENTED_SUFFIX: dict[Role, str] = {
     "A": f"lora_A.{ADAPTER_NAME}.weight",
     "B": f"lora_B.{ADAPTER_NAME}.weight",
     "B_bias": f"lora_B.{ADAPTER_NAME}.bias",
@@ -38,7 +51,7 @@ def strip_prefix(key: str) -> str:
     return key[len(SAVED_PREFIX) :] if key.startswith(SAVED_PREFIX) else key
 
 
-def split_saved_key(key: str) -> tuple[str, str | None]:
+def split_saved_key(key: str) -> tuple[str, Role | None]:
     """(module, role) for a LoRA tensor key; (base tensor name, None) for a plain tensor.
 
     ``base_model.model.layers.0.q_proj.lora_A.weight`` -> ``("layers.0.q_proj", "A")``;
@@ -51,12 +64,12 @@ def split_saved_key(key: str) -> tuple[str, str | None]:
     return name, None
 
 
-def saved_key(module: str, role: str) -> str:
+def saved_key(module: str, role: Role) -> str:
     """The key of a LoRA tensor in a saved adapter file."""
     return f"{SAVED_PREFIX}{module}.{SAVED_SUFFIX[role]}"
 
 
-def augmented_key(module: str, role: str) -> str:
+def augmented_key(module: str, role: Role) -> str:
     """The key of a LoRA tensor in the augmented form (a PEFT-wrapped model's state dict)."""
     return f"{module}.{AUGMENTED_SUFFIX[role]}"
 

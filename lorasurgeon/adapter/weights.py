@@ -11,7 +11,17 @@ from typing import Literal
 from ..errors import AdapterConfigError, IncompatibleError
 from ..io.checkpoint import Checkpoint
 from .config import AdapterConfig
-from .names import TOKEN_ADAPTER, split_saved_key
+from .names import (
+    ROLE_A,
+    ROLE_B,
+    ROLE_BASE_WEIGHT,
+    ROLE_EMB_A,
+    ROLE_EMB_B,
+    ROLE_TOKENS_DELTA,
+    TOKEN_ADAPTER,
+    Role,
+    split_saved_key,
+)
 
 # What the adapter alone says a module is: "linear" stands for a Linear or GPT-2's Conv1D (the base
 # weight's shape tells them apart, commands.merge.plan.module_kind), "embedding", "conv".
@@ -24,7 +34,7 @@ class LoraModule:
 
     name: str
     kind: AdapterLayer
-    keys: dict[str, str]  # role -> key in the adapter file
+    keys: dict[Role, str]  # role -> key in the adapter file
     rank: int
     alpha: float
     scale: float
@@ -69,7 +79,7 @@ def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
 
 def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:
     """Group the saved-format keys of ``ckpt`` into modules (also used for views of augmented files)."""
-    groups: dict[str, dict[str, str]] = {}
+    groups: dict[str, dict[Role, str]] = {}
     replacements: dict[str, str] = {}
     for key in ckpt:
         module, role = split_saved_key(key)
@@ -79,17 +89,17 @@ def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraA
             groups.setdefault(module, {})[role] = key
     modules, base_weights, token_deltas = {}, {}, {}
     for name, keys in groups.items():
-        if "base_weight" in keys:  # the W0 PEFT saved for an embedding / lm_head
-            base_weights[f"{name.removesuffix('.' + TOKEN_ADAPTER)}.weight"] = keys["base_weight"]
-        if "tokens_delta" in keys:
-            token_deltas[name] = keys["tokens_delta"]
+        if ROLE_BASE_WEIGHT in keys:  # the W0 PEFT saved for an embedding / lm_head
+            base_weights[f"{name.removesuffix('.' + TOKEN_ADAPTER)}.weight"] = keys[ROLE_BASE_WEIGHT]
+        if ROLE_TOKENS_DELTA in keys:
+            token_deltas[name] = keys[ROLE_TOKENS_DELTA]
             if config.token_indices(name) is None:
                 raise AdapterConfigError(
                     f"{folder}: trainable tokens for {name!r} but trainable_token_indices does not name it"
                 )
-        if "A" in keys or "emb_A" in keys:
+        if ROLE_A in keys or ROLE_EMB_A in keys:
             modules[name] = _module(folder, config, ckpt, name, keys)
-        elif set(keys) - {"base_weight", "tokens_delta"}:
+        elif set(keys) - {ROLE_BASE_WEIGHT, ROLE_TOKENS_DELTA}:
             raise AdapterConfigError(f"{folder}: module {name!r} has {', '.join(sorted(keys))} but no lora_A")
     # PEFT saves a targeted embedding / head whole (save_embedding_layers): its frozen bias (Phi's and
     # GPT-J's lm_head) comes with its W0 -- the base's own bias, not a trained one, unless bias= trains it.
@@ -100,10 +110,10 @@ def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraA
     return LoraAdapter(folder, config, ckpt, modules, replacements, base_weights, token_deltas)
 
 
-def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str, keys: dict[str, str]) -> LoraModule:
-    embedding = "emb_A" in keys
-    a_key = keys["emb_A"] if embedding else keys["A"]  # the caller grouped a module by its lora_A
-    b_key = keys.get("emb_B") if embedding else keys.get("B")
+def _module(folder: Path, config: AdapterConfig, ckpt: Checkpoint, name: str, keys: dict[Role, str]) -> LoraModule:
+    embedding = ROLE_EMB_A in keys
+    a_key = keys[ROLE_EMB_A] if embedding else keys[ROLE_A]  # the caller grouped a module by its lora_A
+    b_key = keys.get(ROLE_EMB_B) if embedding else keys.get(ROLE_B)
     if b_key is None:
         raise AdapterConfigError(f"{folder}: module {name!r} has lora_A but no lora_B")
     a, b = ckpt.info(a_key), ckpt.info(b_key)

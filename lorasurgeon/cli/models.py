@@ -240,7 +240,7 @@ def convert_cmd(
         )
         return
     if to == "gguf":
-        from ..commands.to_gguf import to_gguf
+        from ..commands.convert import to_gguf
 
         if push_to_hub:
             raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
@@ -248,7 +248,7 @@ def convert_cmd(
         if report.dry_run or not quiet:
             click.echo(report.summary())
         return
-    from ..commands.merge import convert
+    from ..commands.convert import convert
 
     if base is not None:
         raise click.UsageError("--base goes with --to gguf")

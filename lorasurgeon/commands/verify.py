@@ -29,7 +29,7 @@ else:
 
 
 @dataclass(frozen=True)
-class Problem:
+class VerifyProblem:
     where: str  # a tensor name or a file
     what: str
 
@@ -39,7 +39,7 @@ class VerifyReport:
     path: str
     tensors: int
     bytes_read: int
-    problems: list[Problem] = field(default_factory=list)
+    problems: list[VerifyProblem] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -77,7 +77,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
             f"{path}: a GGUF file; --verify reads safetensors and .bin checkpoints (inspect shows what its "
             "headers hold, and llama.cpp checks its tensors when it loads it)"
         )
-    problems: list[Problem] = []
+    problems: list[VerifyProblem] = []
     with open_checkpoint(root) as ckpt:
         indexed = set(ckpt)
         if ckpt.index_file is not None:
@@ -86,7 +86,7 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
             total = metadata.get("total_size") if isinstance(metadata, dict) else None
             if total is not None and total != ckpt.nbytes:
                 problems.append(
-                    Problem(
+                    VerifyProblem(
                         ckpt.index_file.name, f"metadata.total_size is {total}, the tensors hold {ckpt.nbytes} bytes"
                     )
                 )
@@ -103,11 +103,11 @@ def verify(path: str | os.PathLike[str]) -> VerifyReport:
         try:
             load_adapter(folder).close()
         except LorasurgeonError as exc:
-            problems.append(Problem(CONFIG_NAME, str(exc)))
+            problems.append(VerifyProblem(CONFIG_NAME, str(exc)))
     try:
         read_config(folder)
     except LorasurgeonError as exc:
-        problems.append(Problem(CONFIG, str(exc)))
+        problems.append(VerifyProblem(CONFIG, str(exc)))
     return VerifyReport(str(root), count, read, problems)
 
 
@@ -127,7 +127,7 @@ class ReadOp:
 @dataclass(frozen=True)
 class _Checked:
     nbytes_read: int
-    problem: Problem | None
+    problem: VerifyProblem | None
 
 
 def _check(op: ReadOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Outcome[_Checked]:
@@ -136,15 +136,15 @@ def _check(op: ReadOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device
     if tensor.is_floating_point():
         nan, inf = int(torch.isnan(tensor).sum()), int(torch.isinf(tensor).sum())
         if nan or inf:
-            problem = Problem(op.name, f"{nan} NaN and {inf} Inf of {tensor.numel()} values")
+            problem = VerifyProblem(op.name, f"{nan} NaN and {inf} Inf of {tensor.numel()} values")
     return Outcome([], _Checked(tensor.numel() * tensor.element_size(), problem))
 
 
 def _unreadable(op: ReadOp, exc: LorasurgeonError) -> _Checked:
-    return _Checked(0, Problem(op.name, str(exc)))
+    return _Checked(0, VerifyProblem(op.name, str(exc)))
 
 
-def _layout_problems(file: Path, indexed: set[str] | None) -> list[Problem]:
+def _layout_problems(file: Path, indexed: set[str] | None) -> list[VerifyProblem]:
     """Gaps, trailing bytes and tensors the index does not list (safetensors itself rejects the first two)."""
     size = file.stat().st_size
     with open(file, "rb") as fh:
@@ -153,11 +153,11 @@ def _layout_problems(file: Path, indexed: set[str] | None) -> list[Problem]:
     for entry in header.entries:
         if entry.begin > end:
             problems.append(
-                Problem(file.name, f"{plural(entry.begin - end, 'unused byte')} before tensor {entry.name!r}")
+                VerifyProblem(file.name, f"{plural(entry.begin - end, 'unused byte')} before tensor {entry.name!r}")
             )
         end = max(end, entry.begin + entry.nbytes)
         if indexed is not None and entry.name not in indexed:
-            problems.append(Problem(file.name, f"holds tensor {entry.name!r}, which the index does not list"))
+            problems.append(VerifyProblem(file.name, f"holds tensor {entry.name!r}, which the index does not list"))
     if size > end:
-        problems.append(Problem(file.name, f"{plural(size - end, 'byte')} after the last tensor"))
+        problems.append(VerifyProblem(file.name, f"{plural(size - end, 'byte')} after the last tensor"))
     return problems

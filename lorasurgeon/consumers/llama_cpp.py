@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from ..adapter.names import ROLE_MAGNITUDE
 from ..errors import UnsupportedError
 from .base import Consumer, Findings, Problem
 
@@ -102,7 +103,7 @@ class LlamaCpp(Consumer):
         from ..names.builtin import is_tied  # here: check --for llama.cpp has no base and need not import names
 
         found = []
-        if adapter.config.use_dora or any("magnitude" in m.keys for m in adapter.modules.values()):
+        if adapter.config.use_dora or any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values()):
             found.append("DoRA")
         if adapter.config.bias != "none" or adapter.config.lora_bias:
             found.append("trained biases")

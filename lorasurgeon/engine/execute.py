@@ -60,7 +60,7 @@ class ExecStats(Generic[InfoT]):
     stages: dict[str, float] = field(default_factory=dict)
 
 
-class Source(Protocol):
+class Readable(Protocol):
     """What the engine needs of an input: its tensors' descriptions, and reading one (a Checkpoint)."""
 
     def info(self, name: str) -> TensorInfo: ...
@@ -92,7 +92,7 @@ class Progress(Protocol):
 Compute: TypeAlias = "Callable[[OpT, Mapping[Ref, torch.Tensor], torch.device], Outcome[InfoT]]"
 
 
-def _byte_copy(inputs: Sequence[Source], op: Op) -> FileSlice | None:
+def _byte_copy(inputs: Sequence[Readable], op: Op) -> FileSlice | None:
     """An op's output as its inputs' bytes left on disk, where they can be (same bytes out as in)."""
     spec = op.byte_copy
     if spec is None:
@@ -163,7 +163,7 @@ class _Stages(Generic[OpT]):
     def __init__(
         self,
         ops: Sequence[OpT],
-        inputs: Sequence[Source],
+        inputs: Sequence[Readable],
         *,
         read_ahead: int,
         byte_copies: bool,
@@ -263,7 +263,7 @@ class _Stages(Generic[OpT]):
 
 def run(
     ops: Sequence[OpT],
-    inputs: Sequence[Source],
+    inputs: Sequence[Readable],
     sink: Sink,
     *,
     compute: Compute[OpT, InfoT],
@@ -448,7 +448,7 @@ class _Run(Generic[OpT, InfoT]):
 
 def stream(
     ops: Sequence[OpT],
-    inputs: Sequence[Source],
+    inputs: Sequence[Readable],
     *,
     compute: Compute[OpT, InfoT],
     device: str = "cpu",

@@ -17,7 +17,7 @@ import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import CorruptCheckpointError, InputNotFoundError, UnsupportedError
 from .dtypes import DtypeByName, itemsize, safetensors_name
@@ -31,8 +31,10 @@ else:
 
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
+# What a checkpoint's files are (Checkpoint.format).
+CheckpointFormat = Literal["safetensors", "safetensors-sharded", "pytorch-bin", "pytorch-bin-sharded"]
 # Folder layouts, most preferred first: (file to look for, format name).
-FOLDER_LAYOUTS = (
+FOLDER_LAYOUTS: tuple[tuple[str, CheckpointFormat], ...] = (
     (SAFETENSORS_INDEX, "safetensors-sharded"),
     ("model.safetensors", "safetensors"),
     ("adapter_model.safetensors", "safetensors"),
@@ -122,7 +124,7 @@ class Checkpoint:
     def __init__(
         self,
         root: Path,
-        format: str,
+        format: CheckpointFormat,
         files: list[Path],
         infos: list[TensorInfo],
         metadata: dict[str, str],
@@ -308,7 +310,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     )
 
 
-def _open_file(root: Path, file: Path, fmt: str) -> Checkpoint:
+def _open_file(root: Path, file: Path, fmt: CheckpointFormat) -> Checkpoint:
     if fmt.endswith("-sharded"):
         shards = _read_index(file)
         infos: list[TensorInfo] = []

@@ -17,6 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
+from ..adapter.names import ROLE_A, ROLE_B, ROLE_EMB_A, ROLE_EMB_B, Role
+
 if TYPE_CHECKING:
     import torch
 else:
@@ -38,7 +40,7 @@ class LayerKind:
 
     name: LayerName
     transposed: bool
-    lora_roles: tuple[str, str] = ("A", "B")
+    lora_roles: tuple[Role, Role] = (ROLE_A, ROLE_B)
     matrix: bool = True
 
     def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
@@ -141,7 +143,7 @@ class StackedExperts(LayerKind):
 
 LINEAR = LayerKind("linear", transposed=False)
 CONV1D = LayerKind("conv1d", transposed=True)
-EMBEDDING = LayerKind("embedding", transposed=True, lora_roles=("emb_A", "emb_B"))
+EMBEDDING = LayerKind("embedding", transposed=True, lora_roles=(ROLE_EMB_A, ROLE_EMB_B))
 CONV = _ConvKind("conv", transposed=False, matrix=False)
 LAYER_KINDS: dict[str, LayerKind] = {k.name: k for k in (LINEAR, CONV1D, EMBEDDING, CONV)}
 

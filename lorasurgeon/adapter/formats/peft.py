@@ -12,13 +12,13 @@ from ...io.checkpoint import open_checkpoint
 from ...io.sidecar import config_bytes
 from ...io.spool import SpoolWriter
 from ..config import CONFIG_NAME, AdapterConfig
-from ..names import AUGMENTED_SUFFIX, SAVED_PREFIX, SAVED_SUFFIX
+from ..names import AUGMENTED_SUFFIX, ROLE_A, ROLE_EMB_A, ROLE_TOKENS_DELTA, SAVED_PREFIX, SAVED_SUFFIX
 from ..weights import LoraAdapter, adapter_from
 from .base import AdapterFormat, Probe
 
 PREFIX = "adapter_model"  # adapter_model.safetensors, as PEFT's save_pretrained names it
 
-_SAVED = tuple(f".{SAVED_SUFFIX[r]}" for r in ("A", "emb_A", "tokens_delta"))
+_SAVED = tuple(f".{SAVED_SUFFIX[r]}" for r in (ROLE_A, ROLE_EMB_A, ROLE_TOKENS_DELTA))
 _AUGMENTED = tuple(f".{s}" for s in AUGMENTED_SUFFIX.values())
 
 

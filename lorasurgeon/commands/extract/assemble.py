@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
+from ...adapter.names import ROLE_A, ROLE_B, Role
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...io.checkpoint import TensorInfo
@@ -80,7 +81,7 @@ class CutOp:
     src: Ref
     nbytes: int
     rank: int
-    role: str  # "A" | "B"
+    role: Role  # ROLE_A | ROLE_B
     scale: float | None = None
     byte_copy: TensorSpec | None = None
 
@@ -89,7 +90,7 @@ class CutOp:
 
     def outputs(self, tensors: Mapping[Ref, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
         t = tensors[self.src]
-        cut = t[: self.rank] if self.role == "A" else t[:, : self.rank]
+        cut = t[: self.rank] if self.role == ROLE_A else t[:, : self.rank]
         if self.scale is not None:
             cut = (cut.float() * self.scale).to(t.dtype)
         return [(self.name, cut.contiguous())]
@@ -161,8 +162,8 @@ def factor_ops(factors: Factors, keys: tuple[str, str], rank: int, scale: float 
         return [CopyOp.of(a_key, Ref(FACTORS, a_key), a), CopyOp.of(b_key, Ref(FACTORS, b_key), b)]
     share = rank / max(1, a.shape[0])
     return [
-        CutOp(a_key, Ref(FACTORS, a_key), math.ceil(a.nbytes * share), rank, "A"),
-        CutOp(b_key, Ref(FACTORS, b_key), math.ceil(b.nbytes * share), rank, "B", scale),
+        CutOp(a_key, Ref(FACTORS, a_key), math.ceil(a.nbytes * share), rank, ROLE_A),
+        CutOp(b_key, Ref(FACTORS, b_key), math.ceil(b.nbytes * share), rank, ROLE_B, scale),
     ]
 
 

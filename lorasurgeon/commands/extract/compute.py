@@ -6,7 +6,7 @@ import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
 
-from ...adapter.names import saved_key
+from ...adapter.names import ROLE_A, ROLE_B, ROLE_B_BIAS, Role, saved_key
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...ops.compare import rounding_units
@@ -57,7 +57,7 @@ def compute_extract(
         return Outcome([], OpInfo(op, "skipped", total, rounding=rounding))
     if op.kind == "bias":
         bias = delta.to(dtype).cpu()
-        return Outcome([(saved_key(op.module, "B_bias"), bias)], OpInfo(op, "bias", total, rounding=rounding))
+        return Outcome([(saved_key(op.module, ROLE_B_BIAS), bias)], OpInfo(op, "bias", total, rounding=rounding))
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     layer = LAYER_KINDS[op.kind]
     m = delta.T if layer.transposed else delta.reshape(delta.shape[0], -1)
@@ -91,7 +91,7 @@ def stored_spectrum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a64.reshape(a64.shape[0], -1).square().sum(1) * b64.square().sum(0)).sqrt()
 
 
-def expert_piece(parameter: str, expert: int, role: str) -> str:
+def expert_piece(parameter: str, expert: int, role: Role) -> str:
     """A spooled name for one expert's factor, stacked into the parameter's lora_A / lora_B at the end."""
     return f"@experts/{parameter}/{expert}/{role}"
 
@@ -127,7 +127,7 @@ def _experts(
             total=energy,
         )
         a, b = lr.a.to(settings.factor_dtype), lr.b.to(settings.factor_dtype)
-        outputs += [(expert_piece(of.parameter, e, "A"), a.cpu()), (expert_piece(of.parameter, e, "B"), b.cpu())]
+        outputs += [(expert_piece(of.parameter, e, ROLE_A), a.cpu()), (expert_piece(of.parameter, e, ROLE_B), b.cpu())]
         total += energy
         kept += energy * lr.kept
         error += relative_error(m, a, b, total=energy) ** 2 * energy

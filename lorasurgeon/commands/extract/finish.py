@@ -11,7 +11,8 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from ... import __version__
-from ...adapter.names import SAVED_PREFIX, saved_key
+from ...adapter.config import Bias
+from ...adapter.names import ROLE_A, ROLE_B, ROLE_B_BIAS, SAVED_PREFIX, saved_key
 from ...engine.execute import run
 from ...engine.plan import Ref
 from ...io.checkpoint import Checkpoint
@@ -67,7 +68,7 @@ def _stack_ops(factors: Factors, infos: Sequence[OpInfo], names: ModelNames) -> 
         experts[i.op.experts.parameter] = i.op.experts.experts
     ops = []
     for parameter, count in experts.items():
-        pieces = [(e, expert_piece(parameter, e, "A"), expert_piece(parameter, e, "B")) for e in range(count)]
+        pieces = [(e, expert_piece(parameter, e, ROLE_A), expert_piece(parameter, e, ROLE_B)) for e in range(count)]
         pieces = [p for p in pieces if p[1] in factors]
         rank = max(factors.info(a).shape[0] for _, a, _ in pieces)
         a0, b0 = factors.info(pieces[0][1]), factors.info(pieces[0][2])
@@ -75,7 +76,7 @@ def _stack_ops(factors: Factors, infos: Sequence[OpInfo], names: ModelNames) -> 
         ops.append(
             StackOp(
                 parameter,
-                (saved_key(module, "A"), saved_key(module, "B")),
+                (saved_key(module, ROLE_A), saved_key(module, ROLE_B)),
                 tuple((e, Ref(FACTORS, a), Ref(FACTORS, b)) for e, a, b in pieces),
                 count,
                 rank,
@@ -226,7 +227,7 @@ class _Parts:
             "store it only as modules_to_save of the whole module, over those layers"
         )
 
-    def place_biases(self, settings: ExtractSettings) -> str:
+    def place_biases(self, settings: ExtractSettings) -> Bias:
         """The adapter's ``bias`` mode: lora_bias (a lora_B.bias on every LoRA module, zero where nothing
         changed), or, where PEFT cannot take lora_bias, the biases of LoRA modules stored whole (lora_only)."""
         if not self.bias_modules:
@@ -235,7 +236,9 @@ class _Parts:
             self.lora_bias = True
             for module, stats in self.lowrank.items():
                 if module not in self.bias_modules:
-                    self.zeros.append(ZerosOp(saved_key(module, "B_bias"), _out_features(stats), settings.factor_dtype))
+                    self.zeros.append(
+                        ZerosOp(saved_key(module, ROLE_B_BIAS), _out_features(stats), settings.factor_dtype)
+                    )
             return "none"
         self.notes.append(
             "some LoRA modules have no bias (or are embeddings), where PEFT's lora_bias cannot go: "
@@ -262,7 +265,7 @@ class _Parts:
                 factors, (saved_key(module, a_role), saved_key(module, b_role)), stats.rank, scales.get(module)
             )
         for module in sorted(self.bias_modules) if self.lora_bias else []:
-            key = saved_key(module, "B_bias")
+            key = saved_key(module, ROLE_B_BIAS)
             ops.append(CopyOp.of(key, Ref(FACTORS, key), factors.info(key)))
         ops += self.zeros
         whole = {**self.whole, **self.carried}
@@ -284,7 +287,7 @@ def _config(
     lowrank: Mapping[str, ModuleStats],
     stacks: Mapping[str, int],
     full_modules: set[str],
-    bias_mode: str,
+    bias_mode: Bias,
     bias_modules: set[str],
     names: ModelNames,
     tensors: set[str],

@@ -1,4 +1,4 @@
-"""merge, unmerge and convert: options checked, a plan made from headers, the engine run, the result written."""
+"""merge, unmerge and iter_merged: options checked, a plan made from headers, the engine run, the result written."""
 
 from __future__ import annotations
 
@@ -22,7 +22,6 @@ from ...names import ModelNames, model_names
 from .._inputs import Input, plain_weights, prepare
 from .._timing import timed
 from . import augmented as augment
-from .convert import convert
 from .ops import MergeOp, Plan
 from .plan import check_supported, plan_merge
 from .quantized import keep_ops
@@ -35,7 +34,7 @@ if TYPE_CHECKING:
 else:
     from ..._lazy import torch
 
-__all__ = ["MergeReport", "MergeSettings", "convert", "iter_merged", "merge", "unmerge"]
+__all__ = ["MergeReport", "MergeSettings", "iter_merged", "merge", "unmerge"]
 
 AdapterPaths = Sequence[str | os.PathLike[str]]
 Paths = AdapterPaths | str | os.PathLike[str]  # what the public functions take: one adapter may come alone

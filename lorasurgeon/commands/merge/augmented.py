@@ -18,6 +18,8 @@ from ...adapter.names import (
     ADAPTER_NAME,
     AUGMENTED_SUFFIX,
     EMBEDDING_LAYER_NAMES,
+    ROLE_BASE_WEIGHT,
+    ROLE_TOKENS_DELTA,
     SAVED_PREFIX,
     TOKEN_ADAPTER,
     augmented_key,
@@ -34,9 +36,9 @@ from .ops import Action, TensorOp
 
 ORIGINAL = "original_module"
 SAVED_COPY = f"modules_to_save.{ADAPTER_NAME}"
-TOKENS_DELTA = f"{TOKEN_ADAPTER}.trainable_tokens_delta.{ADAPTER_NAME}"
+TOKENS_DELTA = AUGMENTED_SUFFIX[ROLE_TOKENS_DELTA]
 # The adapter's tensors in the augmented form: ".lora_A.default.weight" -> "A", ... (tokens apart).
-_LORA_SUFFIXES = {f".{suffix}": role for role, suffix in AUGMENTED_SUFFIX.items() if role != "tokens_delta"}
+_LORA_SUFFIXES = {f".{suffix}": role for role, suffix in AUGMENTED_SUFFIX.items() if role != ROLE_TOKENS_DELTA}
 
 
 def _split(name: str) -> tuple[str, str]:
@@ -163,7 +165,7 @@ def _saved_name(key: str) -> str | None:
         suffix, role = lora
         return saved_key(key[: -len(suffix)], role)
     if key.endswith("." + TOKENS_DELTA):
-        return saved_key(key[: -len(TOKENS_DELTA) - 1], "tokens_delta")
+        return saved_key(key[: -len(TOKENS_DELTA) - 1], ROLE_TOKENS_DELTA)
     if f".{SAVED_COPY}." in key:
         module, leaf = key.split(f".{SAVED_COPY}.")
         return f"{SAVED_PREFIX}{module}.{leaf}"
@@ -191,8 +193,8 @@ def _drop_tied_copies(
         if target in base_names and source in base_names and ckpt.same_values(base_names[target], base_names[source]):
             del base_names[target]
         # trainable tokens mirrored onto a tied module are the embedding's: keep one copy.
-        mirrored = saved_key(_split(target)[0], "tokens_delta")
-        if mirrored in saved_names and saved_key(_split(source)[0], "tokens_delta") in saved_names:
+        mirrored = saved_key(_split(target)[0], ROLE_TOKENS_DELTA)
+        if mirrored in saved_names and saved_key(_split(source)[0], ROLE_TOKENS_DELTA) in saved_names:
             del saved_names[mirrored]
 
 
@@ -232,7 +234,7 @@ def split_augmented(
     if _saves_embedding_layers(config):
         for layer in [_split(n)[0] for n in (names.embedding, names.head) if n]:
             if f"{layer}.base_layer.weight" in ckpt:
-                saved_names[saved_key(layer, "base_weight")] = f"{layer}.base_layer.weight"
+                saved_names[saved_key(layer, ROLE_BASE_WEIGHT)] = f"{layer}.base_layer.weight"
     saved_names.update({SAVED_PREFIX + key: key for key in _trained_biases(ckpt, config, base_names)})
     adapter = adapter_from(ckpt.folder, config, ckpt.renamed(saved_names))
     files = names_of_memory({name: ckpt.info(key).shape for name, key in base_names.items()}, model_config)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...adapter.names import ROLE_A, ROLE_B
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...errors import IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint
@@ -74,13 +75,13 @@ def resolve_expert_module(
         UnsupportedError: more than one fits (named), or PEFT variants a ParamWrapper cannot hold.
     """
     where = f"{adapter.path}: module {module.name!r} (target_parameters)"
-    extra = sorted(set(module.keys) - {"A", "B"})
+    extra = sorted(set(module.keys) - {ROLE_A, ROLE_B})
     if extra:  # PEFT refuses DoRA and lora_bias on parameters; a file that has them is not PEFT's
         raise UnsupportedError(f"{where}: has {', '.join(extra)}, which PEFT's ParamWrapper does not support")
     owner = unwrapped(module.name)
     candidates = [p for p in names.parameters_of(owner) if _targeted(adapter.config.target_parameters, p)]
-    a = adapter.checkpoint.info(module.keys["A"]).shape
-    b = adapter.checkpoint.info(module.keys["B"]).shape
+    a = adapter.checkpoint.info(module.keys[ROLE_A]).shape
+    b = adapter.checkpoint.info(module.keys[ROLE_B]).shape
     fits: list[tuple[str, tuple[int, int, int], bool]] = []
     for parameter in candidates:
         shape = stack_shape(names, base, parameter)
@@ -152,8 +153,8 @@ def expert_terms(
             tensor, or a file tensor that is not a float weight.
     """
     expert = resolve_expert_module(module, adapter, names, base)
-    a = adapter.checkpoint.info(module.keys["A"]).shape
-    b = adapter.checkpoint.info(module.keys["B"]).shape
+    a = adapter.checkpoint.info(module.keys[ROLE_A]).shape
+    b = adapter.checkpoint.info(module.keys[ROLE_B]).shape
     for key, kind in expert.pieces:
         info = base.info(key)
         if kind.delta_shape(a, b) != info.shape or not info.dtype.is_floating_point:

@@ -9,6 +9,15 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from ...adapter.names import (
+    ROLE_A,
+    ROLE_B,
+    ROLE_B_BIAS,
+    ROLE_EMB_A,
+    ROLE_EMB_B,
+    ROLE_MAGNITUDE,
+    Role,
+)
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
@@ -19,6 +28,9 @@ from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind, LayerName
 from .._inputs import FLOAT32_MAX
 from .experts import expert_terms
 from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
+
+# The roles of a LoRA module's own tensors, each of which must be a float tensor.
+_FLOAT_ROLES: tuple[Role, ...] = (ROLE_EMB_A, ROLE_EMB_B, ROLE_A, ROLE_B, ROLE_MAGNITUDE, ROLE_B_BIAS)
 
 
 def module_kind(
@@ -34,7 +46,7 @@ def module_kind(
         square = LINEAR.delta_shape(a, b) == CONV1D.delta_shape(a, b)
         conv1d_first = square and (layer == "conv1d" or bool(adapter.config.raw.get("fan_in_fan_out")))
         candidates = [CONV1D, LINEAR] if conv1d_first else [LINEAR, CONV1D]
-    for role in ("emb_A", "emb_B", "A", "B", "magnitude", "B_bias"):
+    for role in _FLOAT_ROLES:
         if role in module.keys and not is_floating(adapter.checkpoint.info(module.keys[role]).dtype_name):
             raise IncompatibleError(
                 f"{adapter.path}: module {module.name!r}: {module.keys[role]} is not a float tensor"
@@ -55,7 +67,7 @@ def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> No
         found.append("ensure_weight_tying (adapters tied between embedding and lm_head)")
     if found:
         raise UnsupportedError(f"{adapter.path}: not plain LoRA, cannot be merged: {'; '.join(found)}")
-    has_dora = any("magnitude" in m.keys for m in adapter.modules.values())
+    has_dora = any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values())
     if has_dora and unmerge:
         raise UnsupportedError(
             f"{adapter.path}: DoRA cannot be unmerged from the merged weights alone: every merged row "
@@ -202,7 +214,7 @@ class Changes:
                 f"{adapter.path}: modules {stacked[parameter]!r} and {module.name!r} both adapt {parameter!r}"
             )
         stacked[parameter] = module.name
-        a, b = Ref(source, module.keys["A"]), Ref(source, module.keys["B"])
+        a, b = Ref(source, module.keys[ROLE_A]), Ref(source, module.keys[ROLE_B])
         for key, kind in shares:
             term = LoraTerm(kind, a, b, signed_scale(adapter, module, weight, scale, self.sign))
             self.terms.setdefault(key, []).append(term)
@@ -214,14 +226,14 @@ class Changes:
         kind = module_kind(module, tensors.shape_of(wname, adapter), tensors.layer_of(wname), adapter)
         a_role, b_role = kind.lora_roles
         a, b = Ref(source, module.keys[a_role]), Ref(source, module.keys[b_role])
-        mag = Ref(source, module.keys["magnitude"]) if "magnitude" in module.keys else None
+        mag = Ref(source, module.keys[ROLE_MAGNITUDE]) if ROLE_MAGNITUDE in module.keys else None
         if mag is not None:
             check_magnitude(adapter, mag, kind, tensors.shape_of(wname, adapter), wname)
         scale = signed_scale(adapter, module, weight, module.scale, self.sign)
         self.terms.setdefault(wname, []).append(LoraTerm(kind, a, b, scale, mag))
-        if "B_bias" in module.keys:
+        if ROLE_B_BIAS in module.keys:
             bname = tensors.target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
-            self.terms.setdefault(bname, []).append(BiasTerm(Ref(source, module.keys["B_bias"]), scale))
+            self.terms.setdefault(bname, []).append(BiasTerm(Ref(source, module.keys[ROLE_B_BIAS]), scale))
 
     def add_saved_weights(self, source: int, adapter: LoraAdapter) -> None:
         """W0 itself: merge adds to it, unmerge restores it."""

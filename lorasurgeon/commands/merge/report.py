@@ -4,12 +4,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from statistics import median
+from typing import Literal
 
 from ...io.layout import human_bytes
 from ...words import plural
 from .._timing import rate
 from .ops import Action, Plan, describe
 from .quantized import RequantReport
+
+# What a MergeReport's result is: merge's forms, unmerge's, convert's targets, or a model converted to safetensors.
+ResultForm = Literal["merged", "augmented", "unmerged", "adapter", "converted"]
 
 _WORDS: dict[Action, str] = {
     "merge": "merged",
@@ -26,7 +30,7 @@ class MergeReport:
     """What a merge/unmerge/convert did (or, with dry_run, would do). Every figure is measured in the run."""
 
     output: str | None
-    form: str  # merged | augmented | unmerged | adapter
+    form: ResultForm
     plan: Plan
     counts: dict[Action, int]  # output tensors by action
     bytes: int

@@ -19,7 +19,7 @@ from ...io.writer import CheckpointWriter
 from .compute import compute_merge
 from .ops import ACTIONS, MergeOp, Plan, RequantOp
 from .quantized import RequantReport, compute_requant
-from .report import MergeReport
+from .report import MergeReport, ResultForm
 from .settings import MergeSettings
 
 if TYPE_CHECKING:
@@ -136,7 +136,7 @@ def write_model(
 
 def report(
     out: str | os.PathLike[str] | None,
-    form: str,
+    form: ResultForm,
     plan: Plan,
     stats: ExecStats[RequantReport | None] | None,
     untie: bool,

@@ -7,6 +7,7 @@ import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
+from ...adapter.names import ROLE_A, ROLE_B, Role
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...errors import InvalidOptionError, UnsupportedError
@@ -21,9 +22,9 @@ else:
     from ..._lazy import torch
 
 
-def matrix(t: torch.Tensor, kind: str, role: str) -> torch.Tensor:
+def matrix(t: torch.Tensor, kind: str, role: Role) -> torch.Tensor:
     if kind == "conv":
-        if role == "B" and t.shape[2:] != (1, 1):
+        if role == ROLE_B and t.shape[2:] != (1, 1):
             raise UnsupportedError(f"a conv lora_B with a {list(t.shape[2:])} kernel is not a matrix product")
         return t.reshape(t.shape[0], -1)
     return t
@@ -31,8 +32,8 @@ def matrix(t: torch.Tensor, kind: str, role: str) -> torch.Tensor:
 
 def stacked(op: ModuleOp, tensors: Mapping[Ref, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """(B, A) of Σ factor·B A: B's columns and A's rows stacked, in float32."""
-    b = torch.cat([matrix(tensors[rb], op.kind, "B").to(torch.float32) * f for _, rb, f in op.terms], dim=1)
-    a = torch.cat([matrix(tensors[ra], op.kind, "A").to(torch.float32) for ra, _, _ in op.terms], dim=0)
+    b = torch.cat([matrix(tensors[rb], op.kind, ROLE_B).to(torch.float32) * f for _, rb, f in op.terms], dim=1)
+    a = torch.cat([matrix(tensors[ra], op.kind, ROLE_A).to(torch.float32) for ra, _, _ in op.terms], dim=0)
     return b, a
 
 

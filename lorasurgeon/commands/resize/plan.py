@@ -8,11 +8,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
+from ...adapter.names import ROLE_B_BIAS, ROLE_MAGNITUDE
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import IncompatibleError, UnsupportedError
 from ...io.dtypes import itemsize
 from ...io.layout import TensorSpec
+from ...ops.lora import EMBEDDING, LINEAR
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,9 @@ class CopyOp:
 def check_adapter(adapter: LoraAdapter, *, combining: bool) -> None:
     cfg = adapter.config
     found = cfg.unsupported()
-    if any("magnitude" in m.keys for m in adapter.modules.values()):
+    if any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values()):
         found.append("DoRA (its magnitude depends on the base weights, not on the factors)")
-    if any("B_bias" in m.keys for m in adapter.modules.values()):
+    if any(ROLE_B_BIAS in m.keys for m in adapter.modules.values()):
         found.append("lora_bias (a trained bias is not low-rank)")
     if cfg.target_parameters:
         found.append("target_parameters (stacked MoE experts: E·r rows per module)")
@@ -111,7 +113,7 @@ def plan_modules(adapters: Sequence[LoraAdapter], weights: Sequence[float]) -> t
     for name, found in names.items():
         first_i, first = found[0]
         info_of = adapters[first_i].checkpoint.info
-        a_role, b_role = ("emb_A", "emb_B") if first.kind == "embedding" else ("A", "B")
+        a_role, b_role = (EMBEDDING if first.kind == "embedding" else LINEAR).lora_roles
         a_shape, b_shape = info_of(first.keys[a_role]).shape, info_of(first.keys[b_role]).shape
         terms, ranks, nbytes = [], [], 0
         for i, m in found:

@@ -7,7 +7,8 @@ writes one (docs/formats.md §8), for the architectures done here.
   and so are per-expert LoRAs of MoE models (llama.cpp stacks the experts into one tensor per projection).
 - Names: the base architecture's GGUF names from the ``gguf`` package's own TensorNameMap
   (``model.layers.0.self_attn.q_proj.weight`` -> ``blk.0.attn_q.weight``), with ``.lora_a``/``.lora_b``.
-- Tensors: A (r, in) and B (out, r) as PEFT stores them (ggml reads them as {in, r} and {r, out});
+- Tensors: each module's A and B read through the engine (``engine.execute.stream``, a ``PairOp`` per module):
+  A (r, in) and B (out, r) as PEFT stores them (ggml reads them as {in, r} and {r, out});
   the token embedding's A transposed (llama.cpp's llm_build_inp_embd).
 - LLaMA-family q/k: convert_hf_to_gguf's LlamaModel permutes the rows of q_proj and k_proj (HF's
   rotate-half RoPE layout to llama.cpp's interleaved one); a LoRA's rows are its B's, permuted alike.
@@ -16,22 +17,28 @@ writes one (docs/formats.md §8), for the architectures done here.
 - Scale: llama.cpp multiplies every pair by alpha / (its B's rank) with one alpha for the file, so each
   module's B carries s · r / alpha (s: PEFT's scale for that module, rsLoRA and patterns included).
 
-The file is written beside its destination under a hidden name, fsynced and renamed: it appears
+The destination is checked before any tensor is read, by the rules of every result (``io.destination``: never
+an input or inside one); the file is written beside it under a hidden name, fsynced and renamed: it appears
 whole or not at all.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..adapter.weights import LoraAdapter, load_adapter
-from ..consumers.llama_cpp import ARCHITECTURES as ARCHITECTURES
-from ..consumers.llama_cpp import LLAMA_CPP
-from ..errors import (
+from ...adapter.config import PEFT_DEFAULTS
+from ...adapter.names import strip_prefix
+from ...adapter.weights import LoraAdapter, load_adapter
+from ...consumers.llama_cpp import LLAMA_CPP
+from ...engine.execute import Outcome, stream
+from ...engine.plan import Ref
+from ...errors import (
     CorruptCheckpointError,
     InputNotFoundError,
     InvalidOptionError,
@@ -40,20 +47,24 @@ from ..errors import (
     OutputExistsError,
     UnsupportedError,
 )
-from ..io.checkpoint import FOLDER_LAYOUTS, open_checkpoint
-from ..io.destination import absolute, check_replaceable, earlier_file
-from ..io.publish import publish
-from ..io.scratch import make_scratch, release
-from ..io.sidecar import CONFIG, read_json_object
-from ..names import model_names
-from ..words import plural
-from ._inputs import Input, plain_weights, prepare
-from .merge.plan import plan_merge
+from ...io.checkpoint import FOLDER_LAYOUTS, open_checkpoint
+from ...io.destination import absolute, check_destination, check_replaceable, earlier_file
+from ...io.layout import TensorSpec
+from ...io.publish import publish
+from ...io.scratch import make_scratch, release
+from ...io.sidecar import CONFIG, read_json_object
+from ...names import model_names
+from ...ops.lora import LAYER_KINDS
+from ...words import plural
+from .._inputs import Input, plain_weights, prepare
+from ..merge.plan import plan_merge
 
 if TYPE_CHECKING:
     import torch
 else:
-    from .._lazy import torch
+    from ..._lazy import torch
+
+GGUF_FILE = earlier_file("GGUF", b"GGUF")  # what --overwrite may replace: an earlier .gguf
 
 
 @dataclass(frozen=True)
@@ -70,6 +81,34 @@ class GgufReport:
             f"a llama.cpp LoRA adapter for {self.architecture}, {plural(self.tensors, 'tensor')}, alpha {self.alpha:g}"
         )
         return f"{verb} {self.output}: {what}"
+
+
+@dataclass(frozen=True)
+class PairOp:
+    """One module's pair as the GGUF file holds it (the engine's op of ``--to gguf``)."""
+
+    name: str  # the GGUF tensor name, before .lora_a / .lora_b
+    a: Ref
+    b: Ref
+    fold: float  # what B is multiplied by (llama.cpp applies alpha / rank to every pair)
+    heads: int | None  # B's rows permuted as LlamaModel's q/k, in this many heads (None: kept)
+    transpose_a: bool  # the token embedding's A (llama.cpp's llm_build_inp_embd)
+    nbytes: int  # the float32 bytes of both
+    byte_copy: TensorSpec | None = None  # every pair is computed
+
+    def refs(self) -> list[Ref]:
+        return [self.a, self.b]
+
+
+def compute_pair(op: PairOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Outcome[None]:
+    """A and B in float32, B scaled (and its rows permuted), A transposed for the token embedding."""
+    a = tensors[op.a].to(torch.float32)
+    b = tensors[op.b].to(torch.float32) * op.fold
+    if op.heads is not None:
+        b = permute_rows(b, op.heads)
+    if op.transpose_a:
+        a = a.t()
+    return Outcome([(f"{op.name}.lora_a", a.contiguous()), (f"{op.name}.lora_b", b.contiguous())], None)
 
 
 def permute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
@@ -103,6 +142,26 @@ def _check_fits(adapter: LoraAdapter, where: Path, config: dict[str, Any]) -> No
         plan_merge(weights, [adapter], [1.0], names, dtype=None)
 
 
+def check_gguf_destination(
+    out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, overwrite: bool
+) -> Path:
+    """Where the .gguf may go, before any tensor is read: one file, by every result's rules
+    (``io.destination.check_destination``: never an input, inside one or a protected folder), replacing only
+    an earlier .gguf (with ``overwrite``), in a folder that exists. Returns it, absolute."""
+    path = absolute(out)
+    if path.is_dir():
+        raise OutputExistsError(f"{path}: a folder; --to gguf writes one file (e.g. -o adapter.gguf)")
+    try:
+        check_destination(path, inputs, overwrite=False)
+    except OutputExistsError:
+        if not overwrite:
+            raise
+        check_replaceable(path, GGUF_FILE)
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: no such folder")
+    return path
+
+
 def to_gguf(
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
@@ -127,51 +186,67 @@ def to_gguf(
             tensors, trainable tokens, stacked experts, a head tied to the embedding).
         IncompatibleError: an adapter whose shapes do not fit the base's weights (as merge refuses it).
         InputNotFoundError: no base config. CorruptCheckpointError: a base config.json that is not a JSON object.
+        OutputError: ``out`` is, or is inside, an input (or a protected folder), or not an earlier .gguf to replace.
         OutputExistsError: ``out`` exists (without ``overwrite``).
     """
     gguf = _gguf()
+    # out=None: a .gguf is one file, whose place is checked below (check_gguf_destination), not a result folder
     (source,) = prepare([Input(adapter, "ADAPTER", "adapter")], None, command="convert", overwrite=False, device="cpu")
     loaded = load_adapter(source.path)
     try:
         where = _base_folder(loaded, base)
         config = _base_config(where)
+        path = None if out is None else check_gguf_destination(out, [source.path, where], overwrite=overwrite)
         arch, arch_name, permuted = LLAMA_CPP.gguf_architecture(config)
         found = LLAMA_CPP.gguf_refusals(loaded, config, arch)
         if found:
             raise UnsupportedError(f"{source.label}: {LLAMA_CPP.label} cannot take {'; '.join(found)}")
         _check_fits(loaded, where, config)
         model_arch = getattr(gguf.MODEL_ARCH, arch_name)
+        alpha = _file_alpha(loaded)
         names = gguf.get_tensor_name_map(model_arch, int(_hparam(config, "num_hidden_layers", "n_layer")))
-        n_head = int(_hparam(config, "num_attention_heads", "n_head"))
-        n_kv = int(config.get("num_key_value_heads") or n_head)
-        alpha = float(loaded.config.raw.get("lora_alpha") or 8)
-        pairs: list[tuple[str, torch.Tensor]] = []
-        for module in loaded.modules.values():
-            hf = module.name.removeprefix("base_model.model.")
-            target = names.get_name(f"{hf}.weight", try_suffixes=(".weight",))
-            if target is None:
-                raise UnsupportedError(f"{hf}: llama.cpp's {arch_name} has no tensor for it")
-            roles = ("emb_A", "emb_B") if module.kind == "embedding" else ("A", "B")
-            a = loaded.checkpoint.read(module.keys[roles[0]]).to(torch.float32)
-            b = loaded.checkpoint.read(module.keys[roles[1]]).to(torch.float32)
-            if a.dim() != 2:
-                raise UnsupportedError(f"{hf}: a {module.kind} LoRA is not a matrix pair llama.cpp reads")
-            b = b * LLAMA_CPP.fold(module.scale, a.shape[0], alpha)  # llama.cpp applies alpha / rank
-            if permuted and hf.endswith("self_attn.q_proj"):
-                b = permute_rows(b, n_head)
-            elif permuted and hf.endswith("self_attn.k_proj"):
-                b = permute_rows(b, n_kv)
-            if target.startswith("token_embd"):
-                a = a.t()
-            pairs += [(f"{target}.lora_a", a.contiguous()), (f"{target}.lora_b", b.contiguous())]
+        ops = plan_pairs(loaded, config, names, arch_name, alpha, permuted=permuted)
         if dry_run:
-            return GgufReport(None if out is None else str(out), arch, len(pairs), alpha, True)
-        if out is None:
+            return GgufReport(None if out is None else str(out), arch, 2 * len(ops), alpha, True)
+        if path is None:
             raise InvalidOptionError("an output file is needed (or use dry_run)")
-        _write(Path(out), gguf.MODEL_ARCH_NAMES[model_arch], alpha, pairs, overwrite=overwrite)
+        pairs = list(stream(ops, [loaded.checkpoint], compute=compute_pair))
+        _write(path, gguf.MODEL_ARCH_NAMES[model_arch], alpha, pairs, overwrite=overwrite)
         return GgufReport(str(out), arch, len(pairs), alpha)
     finally:
         loaded.close()
+
+
+def _file_alpha(adapter: LoraAdapter) -> float:
+    """The file's one alpha: the adapter's lora_alpha (PEFT's default where it names none); an alpha of 0
+    (PEFT: every scale 0) is written as the default, every B then scaled to zero (llama.cpp reads 0 as none)."""
+    return adapter.config.lora_alpha or float(PEFT_DEFAULTS["lora_alpha"])
+
+
+def plan_pairs(
+    adapter: LoraAdapter, config: dict[str, Any], names: Any, arch_name: str, alpha: float, *, permuted: bool
+) -> list[PairOp]:
+    """A PairOp per module, from headers: its GGUF name (gguf's TensorNameMap), its A and B (their roles by
+    layer kind), B's fold for one ``alpha``, the heads its q/k rows are permuted in where ``permuted`` (LlamaModel's
+    layout), whether A is transposed; a module llama.cpp has no tensor for, or not a matrix pair, refused by name."""
+    n_head = int(_hparam(config, "num_attention_heads", "n_head"))
+    n_kv = int(config.get("num_key_value_heads") or n_head)
+    heads = {"self_attn.q_proj": n_head, "self_attn.k_proj": n_kv} if permuted else {}
+    ops = []
+    for module in adapter.modules.values():
+        hf = strip_prefix(module.name)
+        target = names.get_name(f"{hf}.weight", try_suffixes=(".weight",))
+        if target is None:
+            raise UnsupportedError(f"{hf}: llama.cpp's {arch_name} has no tensor for it")
+        a_key, b_key = (module.keys[role] for role in LAYER_KINDS[module.kind].lora_roles)
+        a, b = adapter.checkpoint.info(a_key), adapter.checkpoint.info(b_key)
+        if len(a.shape) != 2:
+            raise UnsupportedError(f"{hf}: a {module.kind} LoRA is not a matrix pair llama.cpp reads")
+        fold = LLAMA_CPP.fold(module.scale, a.shape[0], alpha)  # llama.cpp applies alpha / rank
+        permute = next((n for suffix, n in heads.items() if hf.endswith(suffix)), None)
+        nbytes = 4 * (math.prod(a.shape) + math.prod(b.shape))
+        ops.append(PairOp(target, Ref(0, a_key), Ref(0, b_key), fold, permute, target.startswith("token_embd"), nbytes))
+    return ops
 
 
 def _hparam(config: dict[str, Any], *keys: str) -> Any:
@@ -192,18 +267,8 @@ def _gguf() -> Any:
 
 
 def _write(out: Path, arch: str, alpha: float, pairs: list[tuple[str, torch.Tensor]], *, overwrite: bool) -> None:
+    """The file written beside ``out`` (checked by check_gguf_destination) under a hidden name, fsynced, renamed."""
     gguf = _gguf()
-
-    out = absolute(out)
-    gguf_file = earlier_file("GGUF", b"GGUF")
-    if out.is_dir():
-        raise OutputExistsError(f"{out}: a folder; --to gguf writes one file (e.g. -o adapter.gguf)")
-    if os.path.lexists(out):
-        if not overwrite:
-            raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace an earlier result)")
-        check_replaceable(out, gguf_file)
-    if not out.parent.is_dir():
-        raise OutputError(f"{out.parent}: no such folder")
     scratch = make_scratch(out, "partial")
     partial = scratch / out.name
     try:
@@ -219,7 +284,7 @@ def _write(out: Path, arch: str, alpha: float, pairs: list[tuple[str, torch.Tens
         writer.close()
         with open(partial, "rb+") as fh:
             os.fsync(fh.fileno())
-        publish(partial, out, overwrite=overwrite, not_replaceable=gguf_file)
+        publish(partial, out, overwrite=overwrite, not_replaceable=GGUF_FILE)
     except OSError as exc:
         if isinstance(exc, LorasurgeonError):
             raise

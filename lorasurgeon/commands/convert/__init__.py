@@ -1,0 +1,114 @@
+"""convert: the three things ``lorasurgeon convert`` does, one module each --
+
+- ``from_augmented``: an augmented checkpoint (``merge --form augmented``) to the merged form or a PEFT adapter folder;
+- ``model_dtype``: a model (a quantized one dequantized) to another dtype;
+- ``gguf_adapter``: a PEFT adapter to a llama.cpp GGUF adapter file (``--to gguf``, :func:`to_gguf`).
+
+No submodule is named like a function, so ``convert`` and ``to_gguf`` here are always the functions.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, get_args
+
+from ...adapter.config import AdapterConfig
+from ...engine.execute import Progress
+from ...errors import InvalidOptionError
+from ...hub.cards import CARD_NAME, convert_card
+from ...io.checkpoint import open_checkpoint
+from ...io.sidecar import read_config
+from .._inputs import Input, input_kind, prepare
+from .._timing import timed
+from ..merge import augmented as augment
+from ..merge.ops import Plan
+from ..merge.report import MergeReport
+from ..merge.settings import MergeSettings, Target
+from ..merge.write import report, write
+from .from_augmented import augmented_target, to_adapter, to_merged
+from .gguf_adapter import GgufReport, to_gguf
+from .model_dtype import convert_model
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = ["GgufReport", "convert", "to_gguf"]
+
+
+@timed
+def convert(
+    augmented: str | os.PathLike[str],
+    out: str | os.PathLike[str] | None,
+    *,
+    to: Target | None = None,
+    dtype: str | torch.dtype | None = "auto",
+    device: str = "cpu",
+    max_shard_size: str | int | None = None,
+    overwrite: bool = False,
+    dry_run: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Progress | None = None,
+) -> MergeReport:
+    """Turn an augmented checkpoint (``merge(form="augmented")``) into the merged form or a PEFT adapter;
+    or a model into another ``dtype``, streamed: a quantized model dequantized (block FP8,
+    compressed-tensors, MXFP4, bitsandbytes), its quantization_config removed.
+
+    Args:
+        augmented: the augmented checkpoint, or a model (folder, file or Hub repo id).
+        out: the result folder; may be None with ``dry_run``.
+        to: "merged" (the same as merging its adapter into its base) or "adapter" (the adapter folder);
+            needed for an augmented checkpoint, None (or "merged") for a model.
+        dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite, progress: as for :func:`merge`.
+
+    Returns:
+        A MergeReport (form "merged" or "adapter").
+
+    Raises:
+        InvalidOptionError: an option that cannot be used (weights, dtype, device, sizes).
+        InputNotFoundError, CorruptCheckpointError, UnsafeCheckpointError: an input that cannot be read.
+        AdapterConfigError: adapter_config.json is missing or invalid.
+        IncompatibleError: inputs that do not belong together, or arguments of the wrong kind.
+        UnsupportedError: a PEFT variant or a quantized checkpoint it does not handle.
+        OutputError, OutputExistsError: ``out`` cannot or may not be written.
+        NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
+    """
+    if to is not None and to not in get_args(Target):
+        raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
+    settings = MergeSettings.parse(
+        adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
+    )
+    (source,) = prepare([Input(augmented, "INPUT")], out, command="convert", overwrite=overwrite, device=device)
+    with open_checkpoint(source.path) as ckpt:
+        config = read_config(ckpt.folder)
+        kind = input_kind(ckpt)
+        if kind == "model" and to != "adapter":
+            return convert_model(ckpt, config, source, out, settings, overwrite, dry_run, progress)
+        to = augmented_target(ckpt, config, source, out, kind, to)
+        adapter_config = AdapterConfig.load(ckpt.folder)
+        base, adapter, names = augment.split_augmented(ckpt, adapter_config, config)
+        if to == "merged":
+            conversion = to_merged(ckpt, config, base, adapter, names, settings)
+        else:
+            conversion = to_adapter(adapter, adapter_config, settings)
+        plan = Plan(tuple(conversion.ops), (str(source.path),), names.source)
+        if dry_run:
+            return report(out, to, plan, None, conversion.untie)
+        if out is None:
+            raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        conversion.extra[CARD_NAME] = convert_card(
+            title=Path(out).name, source=source.label, base=adapter_config.base_model, to=to
+        ).encode()
+        stats = write(
+            out,
+            conversion.ops,
+            conversion.inputs,
+            conversion.shards,
+            settings,
+            extra_files=conversion.extra,
+            copy_files=conversion.copies,
+            overwrite=overwrite,
+            progress=progress,
+            index_name=conversion.index_name,
+        )
+        return report(out, to, plan, stats, conversion.untie)
