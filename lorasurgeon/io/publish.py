@@ -75,10 +75,14 @@ def publish(staged: Path, out: Path, *, overwrite: bool, not_replaceable: Callab
         reason = not_replaceable(out)
         if reason is None:
             old = _move_aside(out)
-            reason = None if old is None else not_replaceable(old / "result")  # nothing added before the move
-            if reason is not None:
-                assert old is not None
-                _return_old(old, out)
+            try:
+                reason = None if old is None else not_replaceable(old / "result")  # nothing added before the move
+            except BaseException:  # a stop signal: the earlier result goes back
+                reason = "stopped"
+                raise
+            finally:
+                if reason is not None and old is not None:
+                    _return_old(old, out)
         if reason is not None:
             raise _taken(staged, out, f"changed while this run worked and is not replaced: {reason}")
     _renaming.append(out)
