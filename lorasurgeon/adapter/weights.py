@@ -77,6 +77,18 @@ def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     return adapter_format(path).read(Path(path))
 
 
+def adapter_of(ckpt: Checkpoint) -> LoraAdapter:
+    """:func:`load_adapter` from the adapter's checkpoint, already open (its headers are not read again); the
+    adapter owns it (``close()`` closes it).
+
+    Raises:
+        AdapterConfigError, UnsupportedError: as for :func:`load_adapter`.
+    """
+    from .formats.registry import opened_format
+
+    return opened_format(ckpt).read_opened(ckpt)
+
+
 def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:
     """Group the saved-format keys of ``ckpt`` into modules (also used for views of augmented files)."""
     groups: dict[str, dict[Role, str]] = {}

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..adapter.formats.registry import is_adapter
 from ..adapter.names import AUGMENTED_SUFFIX
+from ..adapter.weights import LoraAdapter, adapter_of
 from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
 from ..formats.layout import QuantLayout, dequantized, find_layout
 from ..hub.source import Source, resolve_source
@@ -43,15 +44,74 @@ def prepare(
     """Every command's first step, before any tensor is read: resolve each input (a path, or a Hub repo
     id), check its kind (the first one's message names swapped arguments), check the output's place
     and the device. Returns the resolved inputs, in order."""
+    with open_inputs(inputs, out, command=command, overwrite=overwrite, device=device) as opened:
+        return [o.source for o in opened]
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A resolved input and, where its kind was checked, its checkpoint, open (headers read once)."""
+
+    source: Source
+    checkpoint: Checkpoint | None
+
+
+class OpenedInputs(list[Opened]):
+    """A command's inputs as :func:`open_inputs` opened them; ``with`` (or ``close()``) closes every one."""
+
+    def close(self) -> None:
+        for o in self:
+            if o.checkpoint is not None:
+                o.checkpoint.close()
+
+    def __enter__(self) -> OpenedInputs:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_inputs(
+    inputs: Sequence[Input], out: str | os.PathLike[str] | None, *, command: str, overwrite: bool, device: str
+) -> OpenedInputs:
+    """:func:`prepare`, keeping open the checkpoint of each input whose kind it checked, for the command to
+    read instead of opening it again. The caller closes them (``with``); on an error they are closed here."""
     sources = [resolve_source(i.spec) for i in inputs]
-    for n, (wanted, source) in enumerate(zip(inputs, sources, strict=True)):
-        if wanted.want is not None:
-            others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
-            expect_kind(source.path, source.label, role=wanted.role, want=wanted.want, command=command, others=others)
-    if out is not None:
-        check_output(out, [s.path for s in sources], overwrite=overwrite)
-    check_device(device)
-    return sources
+    opened = OpenedInputs()
+    try:
+        for n, (wanted, source) in enumerate(zip(inputs, sources, strict=True)):
+            ckpt = None
+            if wanted.want is not None:
+                ckpt = open_checkpoint(source.path)
+                opened.append(Opened(source, ckpt))
+                others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
+                _check_kind(
+                    input_kind(ckpt), source.label, role=wanted.role, want=wanted.want, command=command, others=others
+                )
+            else:
+                opened.append(Opened(source, None))
+        if out is not None:
+            check_output(out, [s.path for s in sources], overwrite=overwrite)
+        check_device(device)
+    except BaseException:
+        opened.close()
+        raise
+    return opened
+
+
+def adapters_of(opened: Sequence[Opened]) -> list[LoraAdapter]:
+    """Each input :func:`open_inputs` opened, read as an adapter from its open checkpoint (its headers not read
+    again); the adapters own the checkpoints from here. On an error, those read are closed."""
+    adapters: list[LoraAdapter] = []
+    try:
+        for o in opened:
+            assert o.checkpoint is not None  # an adapter input's kind is checked, so it is open
+            adapters.append(adapter_of(o.checkpoint))
+    except BaseException:
+        for a in adapters:
+            a.close()
+        raise
+    return adapters
 
 
 @dataclass(frozen=True)
@@ -196,6 +256,20 @@ def expect_kind(
     """
     with open_checkpoint(path) as ckpt:
         kind = input_kind(ckpt)
+    _check_kind(kind, label, role=role, want=want, command=command, others=others, hint=hint)
+
+
+def _check_kind(
+    kind: InputKind,
+    label: str,
+    *,
+    role: str,
+    want: InputKind,
+    command: str,
+    others: Sequence[tuple[Path, str]] = (),
+    hint: str | None = None,
+) -> None:
+    """:func:`expect_kind` for an input whose kind is known."""
     if kind == want:
         return
     what = f"{label}: {role} is {_KIND_WORDS[kind]}, not {_KIND_WORDS[want]}"

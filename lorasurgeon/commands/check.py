@@ -14,7 +14,6 @@ import os
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from ..adapter.weights import load_adapter
 from ..consumers import Consumer as Consumer
 from ..consumers import Problem as Problem
 from ..consumers import Severity as Severity
@@ -23,7 +22,7 @@ from ..consumers.vllm import PACKED as PACKED
 from ..consumers.vllm import VLLM_RANKS as VLLM_RANKS
 from ..consumers.vllm import VLLM_SAVE_OK as VLLM_SAVE_OK
 from ..consumers.vllm import vllm_loads_whole as vllm_loads_whole
-from ._inputs import Input, prepare
+from ._inputs import Input, adapters_of, open_inputs
 
 
 @dataclass(frozen=True)
@@ -71,8 +70,10 @@ def check(adapter: str | os.PathLike[str], *, consumer: str) -> CheckReport:
         InputNotFoundError, AdapterConfigError, IncompatibleError: not a readable PEFT adapter.
     """
     rules = consumer_named(consumer)
-    (source,) = prepare([Input(adapter, "ADAPTER", "adapter")], None, command="check", overwrite=False, device="cpu")
-    loaded = load_adapter(source.path)
+    adapter_input = Input(adapter, "ADAPTER", "adapter")
+    with open_inputs([adapter_input], None, command="check", overwrite=False, device="cpu") as opened:
+        (loaded,) = adapters_of(opened)
+    source = opened[0].source
     try:
         found = rules.check(loaded)
     finally:

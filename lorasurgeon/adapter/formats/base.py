@@ -90,5 +90,15 @@ class AdapterFormat:
     holds: str  # what a folder of it holds, in words: a refusal lists every format's
     claims: Callable[[Probe], bool]  # whether an input is in this format: file names and headers only, no torch
     read: Callable[[Path], LoraAdapter]  # its files as the common adapter (headers only; tensors read later)
+    # the same from the input's checkpoint, already open (its headers not read again; the adapter owns it);
+    # None: ``read`` opens the files itself
+    read_open: Callable[[Checkpoint], LoraAdapter] | None = None
     # an output folder to write an adapter into, in this format (None: lorasurgeon does not write it)
     writer: Callable[[str | os.PathLike[str], bool], AdapterWriter] | None = None
+
+    def read_opened(self, ckpt: Checkpoint) -> LoraAdapter:
+        """The adapter whose checkpoint ``ckpt`` is, open: read from it where the format can, else from its path."""
+        if self.read_open is not None:
+            return self.read_open(ckpt)
+        ckpt.close()
+        return self.read(ckpt.root)

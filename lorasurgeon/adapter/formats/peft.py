@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ...io.checkpoint import open_checkpoint
+from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.sidecar import config_bytes
 from ...io.spool import SpoolWriter
 from ..config import CONFIG_NAME, AdapterConfig
@@ -37,6 +37,11 @@ def read(path: Path) -> LoraAdapter:
     return adapter_from(path, AdapterConfig.load(path), open_checkpoint(path))
 
 
+def read_open(ckpt: Checkpoint) -> LoraAdapter:
+    """:func:`read`, from the adapter's checkpoint already open."""
+    return adapter_from(ckpt.root, AdapterConfig.load(ckpt.root), ckpt)
+
+
 class PeftWriter(SpoolWriter):
     """An adapter folder as PEFT writes it: the tensors under their saved names in one
     adapter_model.safetensors, the config as adapter_config.json."""
@@ -54,5 +59,6 @@ FORMAT = AdapterFormat(
     holds=f"PEFT ({CONFIG_NAME} + {PREFIX}.safetensors)",
     claims=claims,
     read=read,
+    read_open=read_open,
     writer=PeftWriter,
 )

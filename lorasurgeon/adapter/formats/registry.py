@@ -41,6 +41,18 @@ def adapter_format(path: str | os.PathLike[str]) -> AdapterFormat:
     raise UnsupportedError(f"{path}: not an adapter lorasurgeon reads (it reads {known()})")
 
 
+def opened_format(ckpt: Checkpoint) -> AdapterFormat:
+    """The format of the adapter whose checkpoint is open (:func:`adapter_format`, its headers not read again).
+
+    Raises:
+        UnsupportedError: no format claims it: every format lorasurgeon reads, by name.
+    """
+    found = claiming(Probe.of(ckpt))
+    if found is None:
+        raise UnsupportedError(f"{ckpt.root}: not an adapter lorasurgeon reads (it reads {known()})")
+    return found
+
+
 def known() -> str:
     """Every registered format in words, as a refusal lists them."""
     return ", ".join(f.holds for f in ADAPTER_FORMATS)

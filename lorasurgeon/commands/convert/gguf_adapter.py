@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter.config import PEFT_DEFAULTS
 from ...adapter.names import strip_prefix
-from ...adapter.weights import LoraAdapter, load_adapter
+from ...adapter.weights import LoraAdapter
 from ...consumers.llama_cpp import LLAMA_CPP
 from ...engine.execute import Outcome, stream
 from ...engine.plan import Ref
@@ -56,7 +56,7 @@ from ...io.sidecar import CONFIG, read_json_object
 from ...names import model_names
 from ...ops.lora import LAYER_KINDS
 from ...words import plural
-from .._inputs import Input, plain_weights, prepare
+from .._inputs import Input, adapters_of, open_inputs, plain_weights
 from ..merge.plan import plan_merge
 
 if TYPE_CHECKING:
@@ -191,8 +191,10 @@ def to_gguf(
     """
     gguf = _gguf()
     # out=None: a .gguf is one file, whose place is checked below (check_gguf_destination), not a result folder
-    (source,) = prepare([Input(adapter, "ADAPTER", "adapter")], None, command="convert", overwrite=False, device="cpu")
-    loaded = load_adapter(source.path)
+    adapter_input = Input(adapter, "ADAPTER", "adapter")
+    with open_inputs([adapter_input], None, command="convert", overwrite=False, device="cpu") as opened:
+        (loaded,) = adapters_of(opened)
+    source = opened[0].source
     try:
         where = _base_folder(loaded, base)
         config = _base_config(where)

@@ -10,16 +10,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter.config import CONFIG_NAME
-from ...adapter.weights import LoraAdapter, load_adapter
+from ...adapter.weights import LoraAdapter, adapter_of
 from ...engine.execute import Progress, stream
 from ...errors import InvalidOptionError
 from ...formats.layout import QuantLayout
 from ...hub.cards import merge_card
 from ...hub.source import Source
-from ...io.checkpoint import Checkpoint, open_checkpoint
+from ...io.checkpoint import Checkpoint
 from ...io.sidecar import config_bytes, edit_config, read_config
 from ...names import ModelNames, model_names
-from .._inputs import Input, plain_weights, prepare
+from .._inputs import Input, OpenedInputs, open_inputs, plain_weights
 from .._timing import timed
 from . import augmented as augment
 from .ops import MergeOp, Plan
@@ -184,6 +184,7 @@ class _Planned:
     names: ModelNames | None = None
     layout: QuantLayout | None = None  # the base is quantized
     stored: Checkpoint | None = None  # the quantized base as stored, when the result keeps its format
+    opened: OpenedInputs | None = None  # the inputs as the kind check opened them (each header read once)
 
     @property
     def inputs(self) -> list[Checkpoint]:
@@ -200,6 +201,8 @@ class _Planned:
         self.checkpoint.close()
         if self.stored is not None:
             self.stored.close()
+        if self.opened is not None:
+            self.opened.close()
 
 
 def _plan(
@@ -212,7 +215,7 @@ def _plan(
 ) -> _Planned:
     """Every check and the plan, from headers: inputs, kinds, output, quantization, PEFT variants, shapes."""
     command = settings.command
-    base_src, *adapter_srcs = prepare(
+    opened = open_inputs(
         [
             Input(base, "MERGED" if settings.unmerge else "BASE", "model"),
             *(Input(a, "ADAPTER", "adapter") for a in adapters),
@@ -222,9 +225,11 @@ def _plan(
         overwrite=overwrite,
         device=settings.device,
     )
-    ckpt = open_checkpoint(base_src.path)
-    planned = _Planned(base_src, adapter_srcs, ckpt, [], read_config(ckpt.folder), [], False)
+    base_src, ckpt = opened[0].source, opened[0].checkpoint
+    assert ckpt is not None  # every input's kind is checked, so each is open
+    planned = _Planned(base_src, [o.source for o in opened[1:]], ckpt, [], {}, [], False, opened=opened)
     try:
+        planned.config = read_config(ckpt.folder)
         role = "the merged model" if settings.unmerge else "the base model"
         keep = settings.quantize == "keep" or settings.dtype_name is None
         view, planned.layout = plain_weights(ckpt, planned.config, role=f"{base_src.label}: {role}", keep_static=keep)
@@ -240,8 +245,9 @@ def _plan(
             if not keep:
                 ckpt.close()
             ckpt = view
-        for src, w in zip(adapter_srcs, settings.weights, strict=True):
-            planned.adapters.append(load_adapter(src.path))
+        for src, w in zip(opened[1:], settings.weights, strict=True):
+            assert src.checkpoint is not None
+            planned.adapters.append(adapter_of(src.checkpoint))
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
         planned.names = model_names(ckpt.names(), planned.config)
         if settings.form == "augmented":

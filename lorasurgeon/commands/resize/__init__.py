@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from ...adapter.config import CONFIG_NAME
-from ...adapter.weights import LoraAdapter, load_adapter
+from ...adapter.weights import LoraAdapter
 from ...consumers import Consumer, consumer
 from ...engine.execute import Discard, Progress, run
 from ...errors import InvalidOptionError, UnsupportedError
@@ -31,7 +31,7 @@ from ...io.dtypes import itemsize, torch_dtype
 from ...io.sidecar import config_bytes
 from ...io.spool import SpoolWriter
 from ...words import plural
-from .._inputs import Input, check_weights, prepare
+from .._inputs import Input, adapters_of, check_weights, open_inputs
 from ..sizing import Sizing
 from .compute import choose_ranks, factors, spectrum
 from .plan import CopyOp, ModuleOp, check_adapter, check_same_base, plan_modules
@@ -176,10 +176,10 @@ def _run(
     command = "combine" if combining else "resize"
     profile = None if for_ is None else consumer(for_, "--for")
     chosen = _weights(paths, weights, combining)
-    sources = prepare(
-        [Input(p, "ADAPTER", "adapter") for p in paths], out, command=command, overwrite=overwrite, device=device
-    )
-    adapters = [load_adapter(s.path) for s in sources]
+    inputs = [Input(p, "ADAPTER", "adapter") for p in paths]
+    with open_inputs(inputs, out, command=command, overwrite=overwrite, device=device) as opened:
+        adapters = adapters_of(opened)
+    sources = [o.source for o in opened]
     try:
         for adapter in adapters:
             check_adapter(adapter, combining=combining)
