@@ -54,3 +54,43 @@ def test_check_and_resize_read_the_adapter_header_once(tmp_path, header_reads):
     header_reads.clear()
     lorasurgeon.resize(adapter, tmp_path / "small", rank=2)
     assert dict(header_reads) == {"adapter": 1}
+
+
+@pytest.fixture
+def tuned(tmp_path) -> Path:
+    """A fine-tune of the base: the adapter merged into it."""
+    lorasurgeon.merge(FIXTURES / "base", FIXTURES / "adapter", tmp_path / "tuned")
+    return tmp_path / "tuned"
+
+
+def test_extract_reads_each_header_once(tmp_path, tuned, header_reads):
+    base = FIXTURES / "base"
+    lorasurgeon.extract(base, tuned, tmp_path / "warm", rank=2)
+    header_reads.clear()
+    lorasurgeon.extract(base, tuned, tmp_path / "out", rank=2)
+    assert dict(header_reads) == {"base": 1, "tuned": 1}
+
+
+def test_diff_reads_each_header_once(tuned, header_reads):
+    base = FIXTURES / "base"
+    lorasurgeon.diff(base, tuned)
+    header_reads.clear()
+    lorasurgeon.diff(base, tuned)
+    assert dict(header_reads) == {"base": 1, "tuned": 1}
+
+
+@pytest.mark.parametrize("to", ["merged", "adapter"])
+def test_convert_augmented_reads_its_header_once(tmp_path, header_reads, to):
+    lorasurgeon.merge(FIXTURES / "base", FIXTURES / "adapter", tmp_path / "aug", form="augmented")
+    lorasurgeon.convert(tmp_path / "aug", tmp_path / "warm", to=to)
+    header_reads.clear()
+    lorasurgeon.convert(tmp_path / "aug", tmp_path / "out", to=to)
+    assert dict(header_reads) == {"aug": 1}
+
+
+def test_convert_model_dtype_reads_its_header_once(tmp_path, header_reads):
+    base = FIXTURES / "base"
+    lorasurgeon.convert(base, tmp_path / "warm", dtype="bfloat16")
+    header_reads.clear()
+    lorasurgeon.convert(base, tmp_path / "out", dtype="bfloat16")
+    assert dict(header_reads) == {"base": 1}

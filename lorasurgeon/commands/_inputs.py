@@ -85,7 +85,7 @@ def open_inputs(
                 ckpt = open_checkpoint(source.path)
                 opened.append(Opened(source, ckpt))
                 others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
-                _check_kind(
+                check_kind(
                     input_kind(ckpt), source.label, role=wanted.role, want=wanted.want, command=command, others=others
                 )
             else:
@@ -256,10 +256,10 @@ def expect_kind(
     """
     with open_checkpoint(path) as ckpt:
         kind = input_kind(ckpt)
-    _check_kind(kind, label, role=role, want=want, command=command, others=others, hint=hint)
+    check_kind(kind, label, role=role, want=want, command=command, others=others, hint=hint)
 
 
-def _check_kind(
+def check_kind(
     kind: InputKind,
     label: str,
     *,

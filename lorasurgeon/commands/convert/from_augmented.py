@@ -19,7 +19,7 @@ from ...io.dtypes import is_floating
 from ...io.layout import Shard, plan_shards
 from ...io.sidecar import config_bytes, edit_config, sidecar_files
 from ...names import ModelNames
-from .._inputs import InputKind, expect_kind, plain_weights
+from .._inputs import InputKind, check_kind, plain_weights
 from ..merge.ops import TensorOp
 from ..merge.plan import plan_merge
 from ..merge.settings import MergeSettings, Target
@@ -37,7 +37,7 @@ def augmented_target(
     """The form an augmented checkpoint is converted to; anything else given as one refused, saying what to run."""
     merging = kind == "adapter" and to == "merged"  # the adapter applied to its base: that is merge
     hint = _merge_instead(source.label, ckpt.folder, out) if merging else None
-    expect_kind(source.path, source.label, role="INPUT", want="augmented", command="convert", hint=hint)
+    check_kind(kind, source.label, role="INPUT", want="augmented", command="convert", hint=hint)  # kind: known
     if to is None:
         raise InvalidOptionError(f"{source.label} is an augmented checkpoint: give --to merged or --to adapter")
     if kind == "augmented" and plain_weights(ckpt, config, role=source.label)[1] is not None:

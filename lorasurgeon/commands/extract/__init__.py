@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 from ...engine.execute import Progress, run
 from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
 from ...hub.cards import CARD_NAME, extract_card
-from ...io.checkpoint import Checkpoint, open_checkpoint
+from ...io.checkpoint import Checkpoint
 from ...io.sidecar import read_config
 from ...io.spool import SpoolWriter
 from ...names import ModelNames, model_names
 from ...ops.lowrank import Solver
-from .._inputs import Input, plain_weights, prepare
+from .._inputs import Input, open_inputs, plain_weights
 from .._timing import timed
 from ..plot import check_plot_path, extract_figure, save
 from ..sizing import BUDGET_RANK, Sizing
@@ -121,17 +121,18 @@ def extract(
     if plot is not None and dry_run:
         raise InvalidOptionError("--plot draws what extract computed: it goes without --dry-run")
     picture = check_plot_path(plot, overwrite=overwrite)
-    base_src, tuned_src = prepare(
+    with open_inputs(
         [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")],
         out,
         command="extract",
         overwrite=overwrite,
         device=device,
-    )
-    if base_src.path.resolve() == tuned_src.path.resolve():
-        raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
-    origin = Origin(base_src.label, tuned_src.label, str(out))
-    with open_checkpoint(base_src.path) as b_raw, open_checkpoint(tuned_src.path) as t_raw:
+    ) as opened:  # each checkpoint the kind check opened, read from here (its header parsed once)
+        (base_src, b_raw), (tuned_src, t_raw) = ((o.source, o.checkpoint) for o in opened)
+        assert b_raw is not None and t_raw is not None  # both kinds are checked, so both are open
+        if base_src.path.resolve() == tuned_src.path.resolve():
+            raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
+        origin = Origin(base_src.label, tuned_src.label, str(out))
         planned = _plan(b_raw, t_raw, origin, settings)
         if dry_run:
             return _dry_report(planned, origin, settings)
