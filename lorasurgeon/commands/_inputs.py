@@ -239,8 +239,8 @@ def input_kind(ckpt: Checkpoint) -> InputKind:
     return "adapter" if is_adapter(ckpt) else "model"
 
 
-def expect_kind(
-    path: Path,
+def check_kind(
+    kind: InputKind,
     label: str,
     *,
     role: str,
@@ -254,22 +254,6 @@ def expect_kind(
     ``others``: the command's other inputs (path, label), to recognise swapped arguments; ``hint``: what to
     run instead, where the caller knows better than the command's name (an option says what the user wants).
     """
-    with open_checkpoint(path) as ckpt:
-        kind = input_kind(ckpt)
-    check_kind(kind, label, role=role, want=want, command=command, others=others, hint=hint)
-
-
-def check_kind(
-    kind: InputKind,
-    label: str,
-    *,
-    role: str,
-    want: InputKind,
-    command: str,
-    others: Sequence[tuple[Path, str]] = (),
-    hint: str | None = None,
-) -> None:
-    """:func:`expect_kind` for an input whose kind is known."""
     if kind == want:
         return
     what = f"{label}: {role} is {_KIND_WORDS[kind]}, not {_KIND_WORDS[want]}"

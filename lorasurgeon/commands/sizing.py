@@ -134,3 +134,21 @@ class Sizing:
         if params < 1:
             raise InvalidOptionError(f"--budget must hold at least one parameter, got {self.budget!r}")
         return params
+
+
+class SizedBy:
+    """For settings that hold a ``sizing`` (extract's, resize's): its rank, energy and max_rank read off it."""
+
+    sizing: Sizing
+
+    @property
+    def rank(self) -> int | None:
+        return self.sizing.rank
+
+    @property
+    def energy(self) -> float | None:
+        return self.sizing.energy
+
+    @property
+    def max_rank(self) -> int | None:
+        return self.sizing.max_rank

@@ -11,7 +11,7 @@ from ...io.dtypes import is_floating, itemsize, parse_dtype_name, safetensors_na
 from ...ops.lowrank import Solver
 from .._inputs import NameFilter, check_device
 from ..sizing import BUDGET_RANK as BUDGET_RANK  # with --budget, each module's factors are found up to this rank
-from ..sizing import NOTHING_GIVEN, Sizing
+from ..sizing import NOTHING_GIVEN, SizedBy, Sizing
 
 if TYPE_CHECKING:
     import torch
@@ -29,7 +29,7 @@ def _choice(flag: str, value: object, kind: Any) -> None:
 
 
 @dataclass(frozen=True)
-class ExtractSettings:
+class ExtractSettings(SizedBy):
     """How to extract; every field is checked when the object is made (InvalidOptionError, by option name).
 
     Args:
@@ -80,18 +80,6 @@ class ExtractSettings:
         object.__setattr__(self, "dtype", dtype)
         object.__setattr__(self, "budget_params", self.sizing.budget_params(itemsize(dtype)))
         object.__setattr__(self, "names", NameFilter.parse(self.include, self.exclude))
-
-    @property
-    def rank(self) -> int | None:
-        return self.sizing.rank
-
-    @property
-    def energy(self) -> float | None:
-        return self.sizing.energy
-
-    @property
-    def max_rank(self) -> int | None:
-        return self.sizing.max_rank
 
     @property
     def budget_flag(self) -> str:

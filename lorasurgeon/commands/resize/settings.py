@@ -5,11 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ..sizing import Sizing
+from ..sizing import SizedBy, Sizing
 
 
 @dataclass(frozen=True)
-class Target:
+class Target(SizedBy):
     """How many components to keep (``sizing``: one of rank, energy, budget; none keeps them all), with the
     budget in parameters once the adapter's dtype is known."""
 
@@ -20,18 +20,6 @@ class Target:
     def of(cls, sizing: Sizing, itemsize: int) -> Target:
         """``sizing`` with a --budget in bytes counted in parameters of ``itemsize`` bytes."""
         return cls(sizing, sizing.budget_params(itemsize))
-
-    @property
-    def rank(self) -> int | None:
-        return self.sizing.rank
-
-    @property
-    def energy(self) -> float | None:
-        return self.sizing.energy
-
-    @property
-    def max_rank(self) -> int | None:
-        return self.sizing.max_rank
 
     @property
     def exact(self) -> bool:
