@@ -1,7 +1,9 @@
 """lorasurgeon: LoRA checkpoint surgery, streamed tensor by tensor.
 
 Library entry points mirror the CLI commands; each returns a frozen report dataclass and raises
-a :class:`LorasurgeonError` subclass on bad input. Names are imported on first use, so that
+a :class:`LorasurgeonError` subclass on bad input. Each is a keyword builder of an :class:`Output` and its
+command's settings (``MergeSettings``, ``ExtractSettings``, ...), which ``lorasurgeon.commands.<command>.run``
+takes directly. Names are imported on first use, so that
 ``lorasurgeon --version`` does not pay for importing torch. No submodule of this package is
 named like a public function (the commands live in ``lorasurgeon.commands``), so
 ``lorasurgeon.merge`` is the function however often it is called and whatever was imported before.
@@ -28,14 +30,18 @@ _EXPORTS = {
     "extract": "commands.extract",
     "ExtractReport": "commands.extract",
     "ExtractSettings": "commands.extract",
+    "Output": "commands._inputs",
     "resize": "commands.resize",
     "combine": "commands.resize",
     "ResizeReport": "commands.resize",
+    "ResizeSettings": "commands.resize",
     "to_gguf": "commands.convert",
+    "ConvertSettings": "commands.convert",
     "check": "commands.check",
     "CheckReport": "commands.check",
     "diff": "commands.diff",
     "DiffReport": "commands.diff",
+    "DiffSettings": "commands.diff",
     "push": "hub.push",
     "PushReport": "hub.push",
     "open_checkpoint": "io",

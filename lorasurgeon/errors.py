@@ -17,6 +17,7 @@ _CLI: list[bool] = [False]
 _SWITCHES = {"overwrite", "dry-run", "allow-nonfinite", "allow-different-bases", "quiet", "private", "create-pr"}
 _COMMAND = re.compile(r"`[^`]*`|lorasurgeon \w[^;)]*")  # a suggested command line stays one
 _FLAG = re.compile(r"--([a-z][a-z0-9-]*)(?: (\d[\w.]*|[A-Z]+)\b)?")
+_RESERVED = {"for": "for_"}  # a flag whose keyword is a Python word gets PEP 8's trailing underscore
 
 
 def speak_cli(on: bool) -> None:
@@ -28,10 +29,11 @@ def as_keywords(text: str) -> str:
     """``text`` with each ``--flag [VALUE]`` outside a suggested command as the keyword it is in Python."""
 
     def keyword(match: re.Match[str]) -> str:
-        name, value = match.group(1), match.group(2)
-        if name in _SWITCHES:
-            return f"{name.replace('-', '_')}=True"
-        return f"{name.replace('-', '_')}={value}" if value else name.replace("-", "_")
+        flag, value = match.group(1), match.group(2)
+        name = _RESERVED.get(flag, flag.replace("-", "_"))
+        if flag in _SWITCHES:
+            return f"{name}=True"
+        return f"{name}={value}" if value else name
 
     parts, at = [], 0
     for command in _COMMAND.finditer(text):

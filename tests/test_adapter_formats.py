@@ -16,7 +16,8 @@ from helpers import FIX_ADAPTER, FIX_BASE, ROOT
 from safetensors.torch import save_file
 
 from lorasurgeon.adapter.formats import peft, registry
-from lorasurgeon.adapter.formats.base import AdapterFormat, Probe
+from lorasurgeon.adapter.formats.base import AdapterFormat
+from lorasurgeon.adapter.formats.registry import Probe
 from lorasurgeon.adapter.names import strip_prefix
 from lorasurgeon.adapter.weights import LoraAdapter, load_adapter
 from lorasurgeon.commands._inputs import input_kind
@@ -72,7 +73,7 @@ def test_which_inputs_peft_claims(tmp_path):
 def test_claims_read_headers_only_without_torch():
     script = (
         "import sys; from pathlib import Path\n"
-        "from lorasurgeon.adapter.formats.base import Probe\n"
+        "from lorasurgeon.adapter.formats.registry import Probe\n"
         "from lorasurgeon.adapter.formats.registry import claiming\n"
         f"assert claiming(Probe(Path({str(FIX_ADAPTER)!r}))).name == 'peft'\n"
         f"assert claiming(Probe(Path({str(FIX_BASE)!r}))) is None\n"

@@ -130,7 +130,7 @@ def test_consumers_are_one_registry(tmp_path):
     assert all(consumer(name).name == name for name in CONSUMERS)
     with pytest.raises(ls.InvalidOptionError, match=r"unknown consumer 'tgi': choose vllm or llama.cpp"):
         ls.check(FIX_ADAPTER, consumer="tgi")
-    with pytest.raises(ls.InvalidOptionError, match=r"for 'tgi': choose vllm or llama.cpp"):
+    with pytest.raises(ls.InvalidOptionError, match=r"unknown for_ 'tgi': choose vllm or llama.cpp"):
         ls.resize(FIX_ADAPTER, tmp_path / "x", rank=2, for_="tgi")
     assert not (tmp_path / "x").exists()
 

@@ -132,6 +132,16 @@ def test_plot_mistakes_are_refused_before_any_work(tmp_path, merged):
     assert listing(tmp_path) == set()
 
 
+def test_a_picture_goes_by_every_results_rules_never_into_an_input(tmp_path, merged):
+    """The picture is a result like any other (io.publish.check_place): never written into an input's folder."""
+    before = listing(merged)
+    inside = merged / "diff.png"
+    one_line_error(run_cli("diff", FIX_BASE, merged, "--plot", inside), "--plot", "overlaps the input")
+    extract = ("extract", FIX_BASE, merged, "--rank", "2", "-o", tmp_path / "lora", "--plot", inside)
+    one_line_error(run_cli(*extract), "--plot", "overlaps the input")
+    assert listing(merged) == before and not (tmp_path / "lora").exists()
+
+
 def test_without_matplotlib_the_extra_is_named(tmp_path, merged):
     script = (
         "import sys; sys.modules['matplotlib'] = None\n"

@@ -17,8 +17,7 @@ from helpers import FIX_ADAPTER, FIX_BASE, ROOT, run_cli
 from reference import read_folder
 
 from lorasurgeon.io.publish import ResultKept, publish
-from lorasurgeon.io.rename import rename_noreplace
-from lorasurgeon.io.scratch import clean_stale, make_scratch, release
+from lorasurgeon.io.scratch import clean_stale, make_scratch, release, rename_noreplace
 
 # The real CLI in a child process, its progress replaced by a gate: at its first tensor it says it is
 # waiting (a file in GATE) and goes on only once GATE/go exists.
@@ -33,8 +32,8 @@ class Gate:
             (gate / f"waiting-{os.getpid()}").touch()
             time.sleep(0.005)
     def finish(self): pass
-import lorasurgeon.cli.models as models
-models.progress_bar = lambda quiet, dry_run=False: Gate()
+import lorasurgeon.cli.options as options
+options.progress_bar = lambda quiet, dry_run=False: Gate()
 from lorasurgeon.cli import main
 sys.argv = ["lorasurgeon", *sys.argv[2:]]
 main()

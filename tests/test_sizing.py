@@ -44,50 +44,50 @@ def flags():
 )
 def test_each_rule_is_named_by_option(flags, options, message):
     with pytest.raises(InvalidOptionError) as exc:
-        Sizing.of(**options)
+        Sizing.parse(**options)
     assert str(exc.value).startswith(message), str(exc.value)
 
 
 def test_what_a_sizing_says_of_itself():
-    size = Sizing.of(budget="1KB", max_rank=4)
+    size = Sizing.parse(budget="1KB", max_rank=4)
     assert (size.flag, size.budget_params(4), size.budget_params(2), size.exact) == ("--budget", 250, 500, False)
-    count = Sizing.of(budget_params=300)
+    count = Sizing.parse(budget_params=300)
     assert (count.budget, count.flag, count.budget_params(4)) == (300, "--budget-params", 300)
-    assert Sizing.of(budget=300) == count  # extract's budget=int: a number of parameters, as --budget-params
-    assert Sizing.of(required=False).exact and not Sizing.of(rank=4).exact
-    assert Sizing.of(budget="1MB", default_max_rank=BUDGET_RANK).budget_rank == BUDGET_RANK
-    assert Sizing.of(budget="1MB", max_rank=16, default_max_rank=BUDGET_RANK).budget_rank == 16
-    assert Sizing.of(budget="1MB").budget_rank is None  # resize: each module's own rank
+    assert Sizing.parse(budget=300) == count  # extract's budget=int: a number of parameters, as --budget-params
+    assert Sizing.parse(required=False).exact and not Sizing.parse(rank=4).exact
+    assert Sizing.parse(budget="1MB", default_max_rank=BUDGET_RANK).budget_rank == BUDGET_RANK
+    assert Sizing.parse(budget="1MB", max_rank=16, default_max_rank=BUDGET_RANK).budget_rank == 16
+    assert Sizing.parse(budget="1MB").budget_rank is None  # resize: each module's own rank
     with pytest.raises(InvalidOptionError, match="budget must hold at least one parameter, got '3'"):
-        Sizing.of(budget="3").budget_params(4)
+        Sizing.parse(budget="3").budget_params(4)
 
 
 def test_energy_goes_with_a_budget_only_as_a_floor_where_the_command_has_floors():
-    floored = Sizing.of(energy=0.5, budget="1MB", energy_floors=True)
+    floored = Sizing.parse(energy=0.5, budget="1MB", energy_floors=True)
     assert (floored.energy, floored.budget) == (0.5, "1MB")
     with pytest.raises(InvalidOptionError, match="give one of them"):
-        Sizing.of(energy=0.5, budget="1MB")
+        Sizing.parse(energy=0.5, budget="1MB")
     with pytest.raises(InvalidOptionError, match="give one of them"):  # --rank goes with neither, floors or not
-        Sizing.of(rank=4, budget="1MB", energy_floors=True)
+        Sizing.parse(rank=4, budget="1MB", energy_floors=True)
 
 
 def test_max_rank_needs_something_to_cap(flags):
     with pytest.raises(InvalidOptionError, match="--max-rank caps the ranks --energy or --budget choose"):
-        Sizing.of(max_rank=4, required=False)
-    assert Sizing.of(energy=0.5, max_rank=4, required=False).max_rank == 4
+        Sizing.parse(max_rank=4, required=False)
+    assert Sizing.parse(energy=0.5, max_rank=4, required=False).max_rank == 4
 
 
 def test_the_settings_hold_one_sizing():
-    settings = ExtractSettings(Sizing.of(budget="1KB", energy=0.3, energy_floors=True), dtype="bfloat16")
+    settings = ExtractSettings(Sizing.parse(budget="1KB", energy=0.3, energy_floors=True), dtype="bfloat16")
     got = (settings.budget_params, settings.budget_flag, settings.energy, settings.rank)
     assert got == (500, "--budget", 0.3, None)
     assert settings.method()["budget_params"] == 500 and settings.method()["energy"] == 0.3
     with pytest.raises(InvalidOptionError, match="give rank=N"):  # one made by hand, sizing nothing
         ExtractSettings(Sizing())
-    target = Target.of(Sizing.of(budget="1KB", max_rank=4), itemsize=2)
+    target = Target.of(Sizing.parse(budget="1KB", max_rank=4), itemsize=2)
     assert (target.budget, target.max_rank, target.exact) == (500, 4, False)
     assert target.method() == {"budget": 500, "max_rank": 4}
-    assert Target.of(Sizing.of(required=False), itemsize=4).method() == {"exact": True}
+    assert Target.of(Sizing.parse(required=False), itemsize=4).method() == {"exact": True}
 
 
 def test_extract_resize_and_combine_say_the_same(tmp_path):

@@ -84,9 +84,9 @@ def adapter_of(ckpt: Checkpoint) -> LoraAdapter:
     Raises:
         AdapterConfigError, UnsupportedError: as for :func:`load_adapter`.
     """
-    from .formats.registry import opened_format
+    from .formats.registry import read_opened
 
-    return opened_format(ckpt).read_opened(ckpt)
+    return read_opened(ckpt)
 
 
 def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import json
 import sys
+from typing import Any
 
 import click
 
-from ..console import debug_option, progress_bar
+from ..console import debug_option
 from . import cli
 from .options import (
     CONSUMER,
@@ -16,8 +17,7 @@ from .options import (
     FOR,
     PUSH,
     WRITE,
-    check_push,
-    finish,
+    Job,
     option_group,
     sizing_options,
 )
@@ -27,22 +27,7 @@ from .options import (
 @debug_option
 @click.argument("adapter")
 @option_group(WRITE, FOR, sizing_options(), DEVICE, PUSH)
-def resize_cmd(
-    adapter: str,
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    for_: str | None,
-    rank: int | None,
-    energy: float | None,
-    budget: str | None,
-    budget_params: int | None,
-    max_rank: int | None,
-    device: str,
-    push_to_hub: str | None,
-    private: bool,
-) -> None:
+def resize_cmd(adapter: str, **options: Any) -> None:
     """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
 
     \b
@@ -50,24 +35,10 @@ def resize_cmd(
       lorasurgeon resize my-lora --rank 8 -o my-lora-r8
       lorasurgeon resize my-lora --budget 15MB -o my-lora-15mb
     """
-    from ..commands.resize import resize
+    from ..commands.resize import ResizeSettings, run
 
-    check_push(push_to_hub, dry_run)
-    report = resize(
-        adapter,
-        out,
-        rank=rank,
-        energy=energy,
-        budget=budget,
-        budget_params=budget_params,
-        max_rank=max_rank,
-        for_=for_,
-        device=device,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=progress_bar(quiet, dry_run),
-    )
-    finish(report, quiet, push_to_hub, private)
+    job = Job.pop(options)
+    job.finish(run([adapter], job.output(), ResizeSettings.parse(adapters=1, **options)))
 
 
 @cli.command("combine")
@@ -86,24 +57,7 @@ def resize_cmd(
     DEVICE,
     PUSH,
 )
-def combine_cmd(
-    adapters: tuple[str, ...],
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    weights: tuple[float, ...],
-    allow_different_bases: bool,
-    for_: str | None,
-    rank: int | None,
-    energy: float | None,
-    budget: str | None,
-    budget_params: int | None,
-    max_rank: int | None,
-    device: str,
-    push_to_hub: str | None,
-    private: bool,
-) -> None:
+def combine_cmd(adapters: tuple[str, ...], **options: Any) -> None:
     """One adapter for the weighted sum of ADAPTERS: exact (stacked factors) unless a rank, energy or budget
     asks for fewer; then the optimal truncation, never forming ΔW.
 
@@ -112,26 +66,11 @@ def combine_cmd(
       lorasurgeon combine style-lora facts-lora --weight 1 --weight 0.5 -o both
       lorasurgeon combine A B C --rank 32 -o abc-r32
     """
-    from ..commands.resize import combine
+    from ..commands.resize import ResizeSettings, run
 
-    check_push(push_to_hub, dry_run)
-    report = combine(
-        adapters,
-        out,
-        weights=weights,
-        rank=rank,
-        energy=energy,
-        budget=budget,
-        budget_params=budget_params,
-        max_rank=max_rank,
-        for_=for_,
-        allow_different_bases=allow_different_bases,
-        device=device,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=progress_bar(quiet, dry_run),
-    )
-    finish(report, quiet, push_to_hub, private)
+    job = Job.pop(options)
+    settings = ResizeSettings.parse(adapters=len(adapters), combining=True, **options)
+    job.finish(run(adapters, job.output(), settings))
 
 
 @cli.command("check")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import TYPE_CHECKING, cast
+from typing import Any
 
 import click
 
@@ -22,17 +22,11 @@ from .options import (
     PUSH,
     SHARDS,
     WRITE,
-    check_push,
-    finish,
+    Job,
     option_group,
     sizing_options,
     write_options,
 )
-
-if TYPE_CHECKING:  # click's choices guarantee these; the CLI imports no torch before a command runs
-    from ..commands.extract.settings import Embeddings, Extras
-    from ..commands.merge.settings import Form, Target
-    from ..ops.lowrank import Solver
 
 
 @cli.command("inspect")
@@ -82,24 +76,7 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
     help="merged: plain architecture; augmented: LoRA layers inside.",
 )
 @MERGING
-def merge_cmd(
-    base: str,
-    adapters: tuple[str, ...],
-    form: Form,
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    weights: tuple[float, ...],
-    dtype: str,
-    quantize: str | None,
-    device: str,
-    workers: int | None,
-    max_shard_size: str | None,
-    allow_nonfinite: bool,
-    push_to_hub: str | None,
-    private: bool,
-) -> None:
+def merge_cmd(base: str, adapters: tuple[str, ...], **options: Any) -> None:
     """Merge PEFT LoRA adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
 
     \b
@@ -108,30 +85,10 @@ def merge_cmd(
       lorasurgeon merge ./Llama-3-8B ./my-lora --dtype bfloat16 -o ./Llama-3-8B-merged
       lorasurgeon merge BASE A1 A2 --weight 1 --weight 0.5 -o OUT
     """
-    from ..commands.merge import merge
+    from ..commands.merge import MergeSettings, run
 
-    check_push(push_to_hub, dry_run)
-    finish(
-        merge(
-            base,
-            adapters,
-            out,
-            weights=weights,
-            form=form,
-            dtype=dtype,
-            quantize=quantize,
-            device=device,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            allow_nonfinite=allow_nonfinite,
-            workers=workers,
-            progress=progress_bar(quiet, dry_run),
-        ),
-        quiet,
-        push_to_hub,
-        private,
-    )
+    job = Job.pop(options)
+    job.finish(run(base, adapters, job.output(), MergeSettings.parse(adapters=len(adapters), **options)))
 
 
 @cli.command("unmerge")
@@ -139,52 +96,18 @@ def merge_cmd(
 @click.argument("merged")
 @click.argument("adapters", nargs=-1, required=True)
 @MERGING
-def unmerge_cmd(
-    merged: str,
-    adapters: tuple[str, ...],
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    weights: tuple[float, ...],
-    dtype: str,
-    quantize: str | None,
-    device: str,
-    workers: int | None,
-    max_shard_size: str | None,
-    allow_nonfinite: bool,
-    push_to_hub: str | None,
-    private: bool,
-) -> None:
+def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     """Take adapters back out of MERGED: W0 = W − Σ w·(α/r)·B·A.
 
     \b
     Example:
       lorasurgeon unmerge merged fixtures/adapter -o base-again
     """
-    from ..commands.merge import unmerge
+    from ..commands.merge import MergeSettings, run
 
-    check_push(push_to_hub, dry_run)
-    finish(
-        unmerge(
-            merged,
-            adapters,
-            out,
-            weights=weights,
-            dtype=dtype,
-            quantize=quantize,
-            device=device,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            allow_nonfinite=allow_nonfinite,
-            workers=workers,
-            progress=progress_bar(quiet, dry_run),
-        ),
-        quiet,
-        push_to_hub,
-        private,
-    )
+    job = Job.pop(options)
+    settings = MergeSettings.parse(adapters=len(adapters), unmerge=True, **options)
+    job.finish(run(merged, adapters, job.output(), settings))
 
 
 @cli.command("convert")
@@ -201,21 +124,7 @@ def unmerge_cmd(
 @click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
 @FOR
 @option_group(write_options("Result folder (a .gguf file with --to gguf)."), DTYPE_AUTO, DEVICE, SHARDS, PUSH)
-def convert_cmd(
-    augmented: str,
-    to: str | None,
-    base: str | None,
-    for_: str | None,
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    dtype: str,
-    device: str,
-    max_shard_size: str | None,
-    push_to_hub: str | None,
-    private: bool,
-) -> None:
+def convert_cmd(augmented: str, to: str | None, base: str | None, for_: str | None, **options: Any) -> None:
     """Turn an augmented checkpoint (from merge --form augmented) into merged or adapter form; or a
     model into another --dtype, a quantized one (FP8, compressed-tensors, MXFP4, bitsandbytes) dequantized.
 
@@ -226,49 +135,29 @@ def convert_cmd(
       lorasurgeon convert my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
       lorasurgeon convert my-lora --for llama.cpp -o my-lora-llamacpp
     """
+    if to == "gguf" and options["push_to_hub"]:
+        raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
+    if for_ is not None and to is not None:
+        raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
+    if base is not None and to != "gguf":
+        raise click.UsageError("--base goes with --to gguf")
+    job = Job.pop(options)
     if for_ is not None:
-        if to is not None:
-            raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
-        from ..commands.resize import resize
+        from ..commands.resize import ResizeSettings
+        from ..commands.resize import run as resize
 
-        check_push(push_to_hub, dry_run)
-        finish(
-            resize(augmented, out, energy=1.0, for_=for_, overwrite=overwrite, dry_run=dry_run),
-            quiet,
-            push_to_hub,
-            private,
-        )
-        return
-    if to == "gguf":
+        settings = ResizeSettings.parse(adapters=1, energy=1.0, for_=for_, device=options["device"])
+        job.finish(resize([augmented], job.output(), settings))
+    elif to == "gguf":
         from ..commands.convert import to_gguf
 
-        if push_to_hub:
-            raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
-        report = to_gguf(augmented, out, base=base, overwrite=overwrite, dry_run=dry_run)
-        if report.dry_run or not quiet:
+        report = to_gguf(augmented, job.out, base=base, overwrite=job.overwrite, dry_run=job.dry_run)
+        if report.dry_run or not job.quiet:
             click.echo(report.summary())
-        return
-    from ..commands.convert import convert
+    else:
+        from ..commands.convert import ConvertSettings, run
 
-    if base is not None:
-        raise click.UsageError("--base goes with --to gguf")
-    check_push(push_to_hub, dry_run)
-    finish(
-        convert(
-            augmented,
-            out,
-            to=cast("Target | None", to),
-            dtype=dtype,
-            device=device,
-            max_shard_size=max_shard_size,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            progress=progress_bar(quiet, dry_run),
-        ),
-        quiet,
-        push_to_hub,
-        private,
-    )
+        job.finish(run(augmented, job.output(), ConvertSettings.parse(to=to, **options)))
 
 
 @cli.command("extract")
@@ -317,32 +206,7 @@ def convert_cmd(
     help="Also draw it: kept share and rank per module, singular-value decay (.png/.pdf/.svg; lorasurgeon[plot]).",
 )
 @option_group(DEVICE, NONFINITE, PUSH)
-def extract_cmd(
-    base: str,
-    finetuned: str,
-    out: str,
-    overwrite: bool,
-    dry_run: bool,
-    quiet: bool,
-    rank: int | None,
-    energy: float | None,
-    max_rank: int | None,
-    budget: str | None,
-    budget_params: int | None,
-    for_: str | None,
-    include: str | None,
-    exclude: str | None,
-    embeddings: Embeddings,
-    extras: Extras,
-    solver: Solver,
-    seed: int,
-    dtype: str,
-    plot: str | None,
-    device: str,
-    allow_nonfinite: bool,
-    push_to_hub: str | None,
-    private: bool,
-) -> None:
+def extract_cmd(base: str, finetuned: str, **options: Any) -> None:
     """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD.
 
     Writes OUT/adapter_config.json, OUT/adapter_model.safetensors and OUT/extract_report.json
@@ -354,38 +218,10 @@ def extract_cmd(
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
       lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
     """
-    from ..commands.extract import extract
-    from ..commands.sizing import one_budget
+    from ..commands.extract import ExtractSettings, run
 
-    check_push(push_to_hub, dry_run)
-    finish(
-        extract(
-            base,
-            finetuned,
-            out,
-            rank=rank,
-            energy=energy,
-            max_rank=max_rank,
-            budget=one_budget(budget, budget_params),
-            for_=for_,
-            include=include,
-            exclude=exclude,
-            embeddings=embeddings,
-            extras=extras,
-            solver=solver,
-            device=device,
-            seed=seed,
-            dtype=dtype,
-            overwrite=overwrite,
-            dry_run=dry_run,
-            allow_nonfinite=allow_nonfinite,
-            plot=plot,
-            progress=progress_bar(quiet, dry_run),
-        ),
-        quiet,
-        push_to_hub,
-        private,
-    )
+    job = Job.pop(options)
+    job.finish(run(base, finetuned, job.output(), ExtractSettings.parse(**options)))
 
 
 @cli.command("push")
@@ -435,18 +271,7 @@ def push_cmd(
 @option_group(FILTERS, DEVICE)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 def diff_cmd(
-    a: str,
-    b: str,
-    as_json: bool,
-    rank_profile: bool,
-    top: int,
-    atol: float | None,
-    plot: str | None,
-    overwrite: bool,
-    include: str | None,
-    exclude: str | None,
-    device: str,
-    quiet: bool,
+    a: str, b: str, as_json: bool, top: int, plot: str | None, overwrite: bool, quiet: bool, **options: Any
 ) -> None:
     """Compare checkpoints A and B tensor by tensor; exit 0 if identical, 1 if not, 2 on error.
 
@@ -456,19 +281,9 @@ def diff_cmd(
       lorasurgeon diff ./model-fp32 ./model-bf16 --atol 1e-2 --json
       lorasurgeon diff ./base ./finetuned --rank-profile --plot diff.png
     """
-    from ..commands.diff import diff
+    from ..commands._inputs import Output
+    from ..commands.diff import DiffSettings, run
 
-    report = diff(
-        a,
-        b,
-        rank_profile=rank_profile,
-        atol=atol,
-        plot=plot,
-        overwrite=overwrite,
-        include=include,
-        exclude=exclude,
-        device=device,
-        progress=progress_bar(quiet),
-    )
+    report = run(a, b, Output(plot, overwrite, progress=progress_bar(quiet)), DiffSettings.parse(**options))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(top))
     sys.exit(report.exit_code)

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Callable
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import click
 
-from ..console import Dtype, resume_stops
+from ..console import Dtype, progress_bar, resume_stops
 from ..consumers import CONSUMERS as consumer_registry
 from ..errors import LorasurgeonError
+
+if TYPE_CHECKING:
+    from ..commands._inputs import Output
 
 F = TypeVar("F", bound=Callable[..., Any])
 DTYPES = ["float32", "bfloat16", "float16"]
@@ -102,6 +106,39 @@ MERGING = option_group(
     NONFINITE,
     PUSH,
 )
+
+
+@dataclass(frozen=True)
+class Job:
+    """The options every writing command shares (-o, --overwrite, --dry-run, --quiet, --push-to-hub, --private),
+    taken out of the command's options by :meth:`pop` -- what remains are its settings' own, passed on as they
+    are to the settings' ``parse``. The Job checks a push target before any work, makes the command's Output,
+    and prints (and pushes) the report after."""
+
+    out: str | None
+    overwrite: bool = False
+    dry_run: bool = False
+    quiet: bool = False
+    push_to_hub: str | None = None
+    private: bool = False
+
+    @classmethod
+    def pop(cls, options: dict[str, Any]) -> Job:
+        """The shared options, removed from ``options``; a --push-to-hub target checked now."""
+        fields = ("out", "overwrite", "dry_run", "quiet", "push_to_hub", "private")
+        job = cls(**{f: options.pop(f) for f in fields if f in options})
+        check_push(job.push_to_hub, job.dry_run)
+        return job
+
+    def output(self) -> Output:
+        """Where the command writes, with the progress bar unless --quiet (or --dry-run)."""
+        from ..commands._inputs import Output
+
+        return Output(self.out, self.overwrite, self.dry_run, progress_bar(self.quiet, self.dry_run))
+
+    def finish(self, report: Any) -> None:
+        """Print the report, then push the result if asked."""
+        finish(report, self.quiet, self.push_to_hub, self.private)
 
 
 def check_push(push_to_hub: str | None, dry_run: bool) -> None:

@@ -1,5 +1,9 @@
 """What every command checks before any work: its inputs (resolved, of the right kind, a quantized one
-read as plain weights), its output's place, its options (device, dtype, sizes, weights, name filters)."""
+read as plain weights), its output's place, its options (device, dtype, sizes, weights, name filters).
+
+Every command is ``run(inputs, out, settings)``: its inputs as the user named them, an :class:`Output`, and
+its validated settings object; the public functions (``merge``, ``extract``, ...) are keyword builders of
+those two objects, and the CLI builds them from its option groups."""
 
 from __future__ import annotations
 
@@ -15,18 +19,43 @@ from typing import TYPE_CHECKING, Any, Literal
 from ..adapter.formats.registry import is_adapter
 from ..adapter.names import AUGMENTED_SUFFIX
 from ..adapter.weights import LoraAdapter, adapter_of
+from ..engine.execute import Progress
 from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
 from ..formats.layout import QuantLayout, dequantized, find_layout
 from ..hub.source import Source, resolve_source
 from ..io.checkpoint import Checkpoint, open_checkpoint
-from ..io.destination import check_destination
 from ..io.dtypes import is_floating, parse_dtype_name, safetensors_name, torch_name
 from ..io.layout import parse_size
+from ..io.publish import check_destination
 
 if TYPE_CHECKING:
     import torch
 else:
     from .._lazy import torch
+
+
+@dataclass(frozen=True)
+class Output:
+    """A command's result: its path (None only with ``dry_run``), whether an earlier result there may be
+    replaced, whether to plan only, and what is told of the progress (the CLI's bar).
+
+    Args:
+        path: the result folder (or file: a picture, a .gguf); None with ``dry_run``.
+        overwrite: replace what is at ``path`` if it is an earlier lorasurgeon result (or empty).
+        dry_run: plan only: headers are read, nothing is written.
+        progress: told the bytes to handle and each tensor done.
+    """
+
+    path: str | os.PathLike[str] | None
+    overwrite: bool = False
+    dry_run: bool = False
+    progress: Progress | None = None
+
+    def where(self) -> str | os.PathLike[str]:
+        """The path to write to: refused by name when there is none (only a dry run goes without)."""
+        if self.path is None:
+            raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        return self.path
 
 
 @dataclass(frozen=True)
@@ -150,7 +179,7 @@ class NameFilter:
 
 def check_output(out: str | os.PathLike[str], inputs: Sequence[Path], *, overwrite: bool) -> None:
     """Refuse, before any work, an output that overlaps an input, is a protected folder, or exists
-    and is not ours to replace (see :mod:`lorasurgeon.io.destination`)."""
+    and is not ours to replace (see :mod:`lorasurgeon.io.publish`)."""
     check_destination(out, inputs, overwrite=overwrite)
 
 

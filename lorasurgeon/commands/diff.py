@@ -10,7 +10,8 @@ from dataclasses import asdict, dataclass, replace
 from functools import partial
 from typing import TYPE_CHECKING, Literal, get_args
 
-from ..engine.execute import Discard, Outcome, Progress, run
+from ..engine.execute import Discard, Outcome, Progress
+from ..engine.execute import run as engine_run
 from ..engine.plan import Ref
 from ..errors import InvalidOptionError as OptionError
 from ..io.checkpoint import Checkpoint, open_checkpoint
@@ -18,7 +19,7 @@ from ..io.layout import TensorSpec
 from ..io.sidecar import read_config
 from ..ops.compare import change, identical_fraction, non_finite, rank_profile, same_bits
 from ..words import plural
-from ._inputs import Input, NameFilter, plain_weights, prepare
+from ._inputs import Input, NameFilter, Output, plain_weights, prepare
 from .plot import check_plot_path, diff_figure, save
 
 if TYPE_CHECKING:
@@ -318,10 +319,44 @@ def diff(
         InvalidOptionError: a negative atol, an invalid regex, a filter that matches nothing.
         UnsupportedError: a checkpoint quantized in a format lorasurgeon does not read.
     """
-    if atol is not None and not atol >= 0:
-        raise OptionError(f"--atol must be a non-negative number, got {atol}")
-    keep = NameFilter.parse(include, exclude)
-    picture = check_plot_path(plot, overwrite=overwrite)
+    settings = DiffSettings.parse(
+        rank_profile=rank_profile, atol=atol, include=include, exclude=exclude, device=device, seed=seed
+    )
+    return run(a, b, Output(plot, overwrite, progress=progress), settings)
+
+
+@dataclass(frozen=True)
+class DiffSettings:
+    """How to compare. Make it with :meth:`parse`, which checks every option by name; the fields are
+    :func:`diff`'s keywords (``names``: the --include / --exclude regexes, compiled)."""
+
+    rank_profile: bool = False
+    atol: float | None = None
+    names: NameFilter = NameFilter()
+    device: str = "cpu"
+    seed: int = 0
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        rank_profile: bool = False,
+        atol: float | None = None,
+        include: str | None = None,
+        exclude: str | None = None,
+        device: str = "cpu",
+        seed: int = 0,
+    ) -> DiffSettings:
+        if atol is not None and not atol >= 0:
+            raise OptionError(f"--atol must be a non-negative number, got {atol}")
+        return cls(rank_profile, atol, NameFilter.parse(include, exclude), device, seed)
+
+
+def run(a: str | os.PathLike[str], b: str | os.PathLike[str], out: Output, settings: DiffSettings) -> DiffReport:
+    """Compare ``a`` and ``b`` as ``settings`` say; ``out`` is the picture to draw (its path None: none): what
+    :func:`diff` builds its two objects for, and the CLI calls."""
+    picture = check_plot_path(out.path, [a, b], overwrite=out.overwrite)
+    device, keep = settings.device, settings.names
     src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
     with open_checkpoint(src_a.path) as raw_a, open_checkpoint(src_b.path) as raw_b:
         # a quantized checkpoint is compared by its values (dequantized), not its stored codes
@@ -329,20 +364,20 @@ def diff(
         cb, _ = plain_weights(raw_b, read_config(raw_b.folder), role=f"{src_b.label}: B")
         names_a, names_b = _kept_names(ca, cb, keep)
         ops = _diff_ops(ca, cb, names_a, set(names_b))
-        stats = run(
+        stats = engine_run(
             [o for o in ops if o.comparable],  # shape mismatches need no data: don't read them
             [ca, cb],
             Discard(),
-            compute=partial(compute_diff, profile=rank_profile, seed=seed),
+            compute=partial(compute_diff, profile=settings.rank_profile, seed=settings.seed),
             device=device,
-            progress=progress,
+            progress=out.progress,
         )
         found = {t.name: t for t in stats.infos}
         tensors = [found.get(o.name) or TensorDiff(o.name, "shape_mismatch") for o in ops]
     set_a, set_b = set(names_a), set(names_b)
     only_a, only_b = [n for n in names_a if n not in set_b], [n for n in names_b if n not in set_a]
-    report = DiffReport(str(src_a.path), str(src_b.path), only_a, only_b, tensors, atol, stats.seconds)
+    report = DiffReport(str(src_a.path), str(src_b.path), only_a, only_b, tensors, settings.atol, stats.seconds)
     if picture is not None:
-        save(diff_figure(report), picture, overwrite=overwrite)
+        save(diff_figure(report), picture, overwrite=out.overwrite)
         report = replace(report, plot=str(picture))
     return report

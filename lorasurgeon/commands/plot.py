@@ -12,14 +12,13 @@ import math
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import InvalidOptionError, LorasurgeonError, OutputError, OutputExistsError, UnsupportedError
-from ..io.destination import absolute, check_replaceable, earlier_file
-from ..io.publish import publish
+from ..io.publish import absolute, check_place, check_replaceable, earlier_file, publish
 from ..io.scratch import writing
 
 if TYPE_CHECKING:
@@ -84,9 +83,12 @@ def grid(cells: Iterable[tuple[str, float, str]]) -> Grid:
     return Grid(layers, kinds, values, marks, apart)
 
 
-def check_plot_path(path: str | os.PathLike[str] | None, *, overwrite: bool = False) -> Path | None:
-    """The picture's path, checked before any work: a known format, a folder that exists, nothing there unless
-    ``overwrite`` (and then an earlier picture), matplotlib there."""
+def check_plot_path(
+    path: str | os.PathLike[str] | None, inputs: Sequence[str | os.PathLike[str]] = (), *, overwrite: bool = False
+) -> Path | None:
+    """The picture's path, checked before any work: a known format, by every result's rules (``io.publish.
+    check_place``: never an input, inside one, or a protected folder), a folder that exists, nothing there
+    unless ``overwrite`` (and then an earlier picture), matplotlib there."""
     if path is None:
         return None
     out = Path(path)
@@ -94,6 +96,10 @@ def check_plot_path(path: str | os.PathLike[str] | None, *, overwrite: bool = Fa
         raise InvalidOptionError(f"--plot {out}: give a file ending in {', '.join(FORMATS)}")
     if out.is_dir():
         raise OutputError(f"--plot {out}: a folder; give a file name (e.g. {out / 'plot.png'})")
+    try:
+        check_place(out, inputs)
+    except OutputError as exc:
+        raise OutputError(f"--plot {exc}") from None
     if os.path.lexists(out):
         if not overwrite:
             raise OutputExistsError(f"--plot {out}: already exists (pass --overwrite to replace an earlier picture)")

@@ -28,7 +28,7 @@ def one_budget(budget: str | int | None, budget_params: int | None) -> str | int
 @dataclass(frozen=True)
 class Sizing:
     """How many components to keep: a rank for every module, an energy share per module, or a budget for all of
-    them; none of them (combine): every component. Made by :meth:`of`, which checks every rule.
+    them; none of them (combine): every component. Made by :meth:`parse`, which checks every rule.
 
     Args:
         rank: the same rank for every module (capped by each matrix's own).
@@ -48,7 +48,7 @@ class Sizing:
     default_max_rank: int | None = None
 
     @classmethod
-    def of(
+    def parse(
         cls,
         *,
         rank: int | None = None,

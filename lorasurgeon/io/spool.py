@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING
 
 from ..errors import LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice, TensorInfo, pread_into
-from .destination import absolute, check_replaceable
 from .direct import copy_range, pwrite_all
 from .layout import TensorSpec, plan_shards
+from .publish import absolute, check_replaceable
 from .scratch import clean_stale, make_scratch, release
 from .writer import CheckpointWriter, tensor_bytes
 

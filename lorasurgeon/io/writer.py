@@ -28,11 +28,10 @@ from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import SAFETENSORS_INDEX, FileSlice
-from .destination import absolute, check_replaceable, not_a_result_folder
 from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
-from .publish import publish
+from .publish import absolute, check_replaceable, not_a_result_folder, publish
 from .scratch import clean_stale, make_scratch, release
 
 if TYPE_CHECKING:
@@ -65,7 +64,7 @@ class CheckpointWriter:
 
     Args:
         out: the result folder; must not exist unless ``overwrite``, and then only an earlier
-            result is replaced (see :mod:`lorasurgeon.io.destination`).
+            result is replaced (see :mod:`lorasurgeon.io.publish`).
         shards: the planned files and their tensors (see :mod:`lorasurgeon.io.layout`).
         index_name: the index written when there is more than one shard (None: never).
         metadata: the safetensors ``__metadata__`` of every shard.

@@ -1,78 +1,34 @@
-"""AdapterFormat (what every adapter format is to the registry) and Probe (what its ``claims`` sees)."""
+"""AdapterFormat (what every adapter format is to the registry) and AdapterWriter (what its writer is)."""
 
 from __future__ import annotations
 
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-from ...errors import LorasurgeonError
-from ...io.checkpoint import Checkpoint, open_checkpoint
+from ...io.checkpoint import Checkpoint
 
 if TYPE_CHECKING:
     import torch
 
-    from ...io.checkpoint import FileSlice
+    from ...io.checkpoint import FileSlice, TensorInfo
     from ..weights import LoraAdapter
-
-
-@dataclass
-class Probe:
-    """An input as a format's ``claims`` sees it, without torch: its path and folder, and the files and tensor
-    names of the checkpoint there (headers only, read once, when first asked).
-
-    A path that is no checkpoint lorasurgeon opens (a .gguf, a folder of other files) has no files and no
-    names: its ``error`` says why, and the registry raises it when no format claims the input.
-    """
-
-    path: Path
-    _files: list[Path] | None = field(default=None, repr=False)
-    _names: list[str] | None = field(default=None, repr=False)
-    error: LorasurgeonError | None = None
-
-    @classmethod
-    def of(cls, ckpt: Checkpoint) -> Probe:
-        """The probe of a checkpoint already open (its headers are not read again)."""
-        return cls(ckpt.root, list(ckpt.files), ckpt.names())
-
-    @property
-    def folder(self) -> Path:
-        return self.path if self.path.is_dir() else self.path.parent
-
-    def has(self, filename: str) -> bool:
-        """Whether the input's folder holds a file of this name."""
-        return (self.folder / filename).is_file()
-
-    def files(self) -> list[Path]:
-        """The checkpoint files open_checkpoint reads for this path (empty when it reads none)."""
-        self._open()
-        assert self._files is not None
-        return self._files
-
-    def names(self) -> list[str]:
-        """The tensor names in those files' headers (empty when there are none to read)."""
-        self._open()
-        assert self._names is not None
-        return self._names
-
-    def _open(self) -> None:
-        if self._names is not None:
-            return
-        try:
-            with open_checkpoint(self.path) as ckpt:
-                self._files, self._names = list(ckpt.files), ckpt.names()
-        except LorasurgeonError as exc:
-            self._files, self._names, self.error = [], [], exc
+    from .registry import Probe
 
 
 class AdapterWriter(Protocol):
     """What a command writes an adapter into (an engine ``Sink``): tensors under PEFT's saved names (the
     common form's), each turned into the format's own; extra files; then ``finish`` with the PEFT config,
-    which writes the format's config and publishes the folder whole. ``abort`` removes what was written."""
+    which writes the format's config and publishes the folder whole. ``abort`` removes what was written.
+    ``names`` and ``info`` tell what was written so far (a report counts it)."""
 
     def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None: ...
+
+    def names(self) -> list[str]: ...
+
+    def info(self, name: str) -> TensorInfo: ...
 
     def add_file(self, relname: str, data: bytes | str) -> None: ...
 
@@ -95,10 +51,3 @@ class AdapterFormat:
     read_open: Callable[[Checkpoint], LoraAdapter] | None = None
     # an output folder to write an adapter into, in this format (None: lorasurgeon does not write it)
     writer: Callable[[str | os.PathLike[str], bool], AdapterWriter] | None = None
-
-    def read_opened(self, ckpt: Checkpoint) -> LoraAdapter:
-        """The adapter whose checkpoint ``ckpt`` is, open: read from it where the format can, else from its path."""
-        if self.read_open is not None:
-            return self.read_open(ckpt)
-        ckpt.close()
-        return self.read(ckpt.root)

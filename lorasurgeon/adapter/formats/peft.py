@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.sidecar import config_bytes
@@ -14,7 +14,10 @@ from ...io.spool import SpoolWriter
 from ..config import CONFIG_NAME, AdapterConfig
 from ..names import AUGMENTED_SUFFIX, ROLE_A, ROLE_EMB_A, ROLE_TOKENS_DELTA, SAVED_PREFIX, SAVED_SUFFIX
 from ..weights import LoraAdapter, adapter_from
-from .base import AdapterFormat, Probe
+from .base import AdapterFormat
+
+if TYPE_CHECKING:
+    from .registry import Probe
 
 PREFIX = "adapter_model"  # adapter_model.safetensors, as PEFT's save_pretrained names it
 

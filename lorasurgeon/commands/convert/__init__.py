@@ -10,8 +10,9 @@ No submodule is named like a function, so ``convert`` and ``to_gguf`` here are a
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, get_args
+from typing import TYPE_CHECKING, cast, get_args
 
 from ...adapter.config import AdapterConfig
 from ...engine.execute import Progress
@@ -19,7 +20,7 @@ from ...errors import InvalidOptionError
 from ...hub.cards import CARD_NAME, convert_card
 from ...io.checkpoint import open_checkpoint
 from ...io.sidecar import read_config
-from .._inputs import Input, input_kind, prepare
+from .._inputs import Input, Output, input_kind, prepare
 from .._timing import timed
 from ..merge import augmented as augment
 from ..merge.ops import Plan
@@ -33,7 +34,7 @@ from .model_dtype import convert_model
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["GgufReport", "convert", "to_gguf"]
+__all__ = ["ConvertSettings", "GgufReport", "convert", "run", "to_gguf"]
 
 
 @timed
@@ -73,42 +74,75 @@ def convert(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
-    if to is not None and to not in get_args(Target):
-        raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
-    settings = MergeSettings.parse(
-        adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
+    settings = ConvertSettings.parse(
+        to=to, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
     )
-    (source,) = prepare([Input(augmented, "INPUT")], out, command="convert", overwrite=overwrite, device=device)
+    return run(augmented, Output(out, overwrite, dry_run, progress), settings)
+
+
+@dataclass(frozen=True)
+class ConvertSettings:
+    """How to convert: the target form (``to``) and the merge settings the writing takes (dtype, device, shard
+    size, allow_nonfinite). Make it with :meth:`parse`, which checks every option by name."""
+
+    to: Target | None
+    merge: MergeSettings
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        to: str | None = None,
+        dtype: str | torch.dtype | None = "auto",
+        device: str = "cpu",
+        max_shard_size: str | int | None = None,
+        allow_nonfinite: bool = False,
+    ) -> ConvertSettings:
+        if to is not None and to not in get_args(Target):
+            raise InvalidOptionError(f"unknown target form {to!r}: choose merged or adapter")
+        merge = MergeSettings.parse(
+            adapters=1, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
+        )
+        return cls(cast("Target | None", to), merge)
+
+
+@timed
+def run(augmented: str | os.PathLike[str], out: Output, settings: ConvertSettings) -> MergeReport:
+    """Convert ``augmented`` (an augmented checkpoint, or a model) as ``settings`` say, into ``out``: what
+    :func:`convert` builds its two objects for, and the CLI calls."""
+    to, merge, overwrite = settings.to, settings.merge, out.overwrite
+    (source,) = prepare(
+        [Input(augmented, "INPUT")], out.path, command="convert", overwrite=overwrite, device=merge.device
+    )
     with open_checkpoint(source.path) as ckpt:
         config = read_config(ckpt.folder)
         kind = input_kind(ckpt)
         if kind == "model" and to != "adapter":
-            return convert_model(ckpt, config, source, out, settings, overwrite, dry_run, progress)
-        to = augmented_target(ckpt, config, source, out, kind, to)
+            return convert_model(ckpt, config, source, out.path, merge, overwrite, out.dry_run, out.progress)
+        to = augmented_target(ckpt, config, source, out.path, kind, to)
         adapter_config = AdapterConfig.load(ckpt.folder)
         base, adapter, names = augment.split_augmented(ckpt, adapter_config, config)
         if to == "merged":
-            conversion = to_merged(ckpt, config, base, adapter, names, settings)
+            conversion = to_merged(ckpt, config, base, adapter, names, merge)
         else:
-            conversion = to_adapter(adapter, adapter_config, settings)
+            conversion = to_adapter(adapter, adapter_config, merge)
         plan = Plan(tuple(conversion.ops), (str(source.path),), names.source)
-        if dry_run:
-            return report(out, to, plan, None, conversion.untie)
-        if out is None:
-            raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        if out.dry_run:
+            return report(out.path, to, plan, None, conversion.untie)
+        where = out.where()
         conversion.extra[CARD_NAME] = convert_card(
-            title=Path(out).name, source=source.label, base=adapter_config.base_model, to=to
+            title=Path(where).name, source=source.label, base=adapter_config.base_model, to=to
         ).encode()
         stats = write(
-            out,
+            where,
             conversion.ops,
             conversion.inputs,
             conversion.shards,
-            settings,
+            merge,
             extra_files=conversion.extra,
             copy_files=conversion.copies,
             overwrite=overwrite,
-            progress=progress,
+            progress=out.progress,
             index_name=conversion.index_name,
         )
-        return report(out, to, plan, stats, conversion.untie)
+        return report(where, to, plan, stats, conversion.untie)

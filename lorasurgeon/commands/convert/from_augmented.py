@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ...adapter.config import CONFIG_NAME, AdapterConfig
+from ...adapter.formats.peft import PREFIX as PEFT_PREFIX
 from ...adapter.weights import LoraAdapter
 from ...engine.plan import Ref
 from ...errors import InvalidOptionError, LorasurgeonError, UnsupportedError
@@ -77,7 +78,8 @@ def to_merged(
 
 
 def to_adapter(adapter: LoraAdapter, adapter_config: AdapterConfig, settings: MergeSettings) -> Conversion:
-    """The adapter folder: the adapter's tensors under their saved names (one file), its adapter_config.json."""
+    """The adapter folder in PEFT's format: the adapter's tensors under their saved names (one file, its name PEFT's:
+    adapter.formats.peft), its adapter_config.json; written header first, as merge writes, the shapes known."""
     ops = [
         TensorOp(
             k,
@@ -88,7 +90,7 @@ def to_adapter(adapter: LoraAdapter, adapter_config: AdapterConfig, settings: Me
         )
         for k, i in ((k, adapter.checkpoint.info(k)) for k in adapter.checkpoint)
     ]
-    shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix="adapter_model")
+    shards = plan_shards([op.spec for op in ops], max_shard_size=None, prefix=PEFT_PREFIX)
     extra = {CONFIG_NAME: config_bytes(dict(adapter_config.raw))}
     return Conversion(ops, [adapter.checkpoint], shards, False, extra, [], None)
 

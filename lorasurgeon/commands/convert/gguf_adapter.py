@@ -17,7 +17,7 @@ writes one (docs/formats.md §8), for the architectures done here.
 - Scale: llama.cpp multiplies every pair by alpha / (its B's rank) with one alpha for the file, so each
   module's B carries s · r / alpha (s: PEFT's scale for that module, rsLoRA and patterns included).
 
-The destination is checked before any tensor is read, by the rules of every result (``io.destination``: never
+The destination is checked before any tensor is read, by the rules of every result (``io.publish``: never
 an input or inside one); the file is written beside it under a hidden name, fsynced and renamed: it appears
 whole or not at all.
 """
@@ -48,9 +48,8 @@ from ...errors import (
     UnsupportedError,
 )
 from ...io.checkpoint import FOLDER_LAYOUTS, open_checkpoint
-from ...io.destination import absolute, check_destination, check_replaceable, earlier_file
 from ...io.layout import TensorSpec
-from ...io.publish import publish
+from ...io.publish import absolute, check_place, check_replaceable, earlier_file, publish
 from ...io.scratch import make_scratch, release
 from ...io.sidecar import CONFIG, read_json_object
 from ...names import model_names
@@ -146,16 +145,15 @@ def check_gguf_destination(
     out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, overwrite: bool
 ) -> Path:
     """Where the .gguf may go, before any tensor is read: one file, by every result's rules
-    (``io.destination.check_destination``: never an input, inside one or a protected folder), replacing only
+    (``io.publish.check_place``: never an input, inside one or a protected folder), replacing only
     an earlier .gguf (with ``overwrite``), in a folder that exists. Returns it, absolute."""
     path = absolute(out)
     if path.is_dir():
         raise OutputExistsError(f"{path}: a folder; --to gguf writes one file (e.g. -o adapter.gguf)")
-    try:
-        check_destination(path, inputs, overwrite=False)
-    except OutputExistsError:
+    check_place(path, inputs)
+    if os.path.lexists(path):
         if not overwrite:
-            raise
+            raise OutputExistsError(f"{path}: already exists (pass --overwrite to replace an earlier result)")
         check_replaceable(path, GGUF_FILE)
     if not path.parent.is_dir():
         raise OutputError(f"{path.parent}: no such folder")

@@ -9,7 +9,9 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...engine.execute import Progress, run
+from ...adapter.formats.registry import adapter_writer
+from ...engine.execute import Progress
+from ...engine.execute import run as engine_run
 from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
 from ...hub.cards import CARD_NAME, extract_card
 from ...io.checkpoint import Checkpoint
@@ -17,10 +19,9 @@ from ...io.sidecar import read_config
 from ...io.spool import SpoolWriter
 from ...names import ModelNames, model_names
 from ...ops.lowrank import Solver
-from .._inputs import Input, open_inputs, plain_weights
+from .._inputs import Input, Output, open_inputs, plain_weights
 from .._timing import timed
 from ..plot import check_plot_path, extract_figure, save
-from ..sizing import BUDGET_RANK, Sizing
 from .assemble import Factors
 from .budget import spend
 from .compute import compute_extract
@@ -35,7 +36,7 @@ if TYPE_CHECKING:
 else:
     from ..._lazy import torch
 
-__all__ = ["ExtractReport", "ExtractSettings", "extract"]
+__all__ = ["ExtractReport", "ExtractSettings", "extract", "run"]
 
 
 @timed
@@ -80,13 +81,10 @@ def extract(
         include / exclude: regexes on tensor names (re.search) choosing what is compared.
         embeddings: embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
-        solver: "randomized" (block Krylov), "exact" (full SVD), or "auto".
+        solver, seed: "randomized" (block Krylov, from ``seed``), "exact" (full SVD), or "auto".
         device: where the SVDs run: "cpu", "cuda" or "cuda:N".
-        seed: of the randomized solver.
         dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
-        overwrite: replace ``out`` if it is an earlier lorasurgeon result.
-        dry_run: plan only; nothing is read beyond headers, nothing written.
-        allow_nonfinite: go on past NaN/Inf in a change instead of stopping.
+        overwrite, dry_run, allow_nonfinite: as for :func:`merge` (a dry run reads nothing beyond headers).
         plot: a picture to write (.png, .pdf, .svg; needs matplotlib) once the adapter is: per module the
             share of ‖ΔW‖² kept and the rank, and the singular-value decay of the largest changes.
         progress: told the bytes to read and each tensor done (the CLI's progress bar).
@@ -103,10 +101,11 @@ def extract(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a change holds NaN or Inf (unless ``allow_nonfinite``).
     """
-    settings = ExtractSettings(
-        Sizing.of(
-            rank=rank, energy=energy, budget=budget, max_rank=max_rank, default_max_rank=BUDGET_RANK, energy_floors=True
-        ),
+    settings = ExtractSettings.parse(
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        max_rank=max_rank,
         for_=for_,
         include=include,
         exclude=exclude,
@@ -117,32 +116,37 @@ def extract(
         dtype=dtype,
         device=device,
         allow_nonfinite=allow_nonfinite,
+        plot=plot,
     )
-    if plot is not None and dry_run:
+    return run(base, finetuned, Output(out, overwrite, dry_run, progress), settings)
+
+
+@timed
+def run(
+    base: str | os.PathLike[str], finetuned: str | os.PathLike[str], out: Output, settings: ExtractSettings
+) -> ExtractReport:
+    """The adapter of ``finetuned`` − ``base``, as ``settings`` say, written to ``out``: what :func:`extract`
+    builds its two objects for, and the CLI calls."""
+    if settings.plot is not None and out.dry_run:
         raise InvalidOptionError("--plot draws what extract computed: it goes without --dry-run")
-    picture = check_plot_path(plot, overwrite=overwrite)
+    picture = check_plot_path(settings.plot, [base, finetuned], overwrite=out.overwrite)
+    inputs = [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")]
     with open_inputs(
-        [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")],
-        out,
-        command="extract",
-        overwrite=overwrite,
-        device=device,
+        inputs, out.path, command="extract", overwrite=out.overwrite, device=settings.device
     ) as opened:  # each checkpoint the kind check opened, read from here (its header parsed once)
         (base_src, b_raw), (tuned_src, t_raw) = ((o.source, o.checkpoint) for o in opened)
         assert b_raw is not None and t_raw is not None  # both kinds are checked, so both are open
         if base_src.path.resolve() == tuned_src.path.resolve():
             raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
-        origin = Origin(base_src.label, tuned_src.label, str(out))
+        origin = Origin(base_src.label, tuned_src.label, str(out.path))
         planned = _plan(b_raw, t_raw, origin, settings)
-        if dry_run:
+        if out.dry_run:
             return _dry_report(planned, origin, settings)
-        if out is None:
-            raise InvalidOptionError("an output folder is needed (or use dry_run)")
-        report = _write(planned, out, origin, settings, overwrite=overwrite, progress=progress)
+        report = _write(planned, out.where(), origin, settings, overwrite=out.overwrite, progress=out.progress)
     for warning in report.warnings:  # the adapter may not be what was meant: said on stderr, kept in the report
-        warnings.warn(warning, LorasurgeonWarning, stacklevel=2)
+        warnings.warn(warning, LorasurgeonWarning, stacklevel=3)
     if picture is not None:
-        save(extract_figure(report), picture, overwrite=overwrite)
+        save(extract_figure(report), picture, overwrite=out.overwrite)
         report = replace(report, plot=str(picture))
     return report
 
@@ -219,14 +223,14 @@ def _write(
     report, card, and the adapter is published."""
     factors = SpoolWriter(out, prefix="factors", overwrite=overwrite)  # the first pass's results, never published
     try:
-        spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
+        adapter = adapter_writer(out, overwrite=overwrite)
     except BaseException:
         factors.abort()
         raise
     try:
         compute = partial(compute_extract, settings=settings)
         inputs = [planned.base, planned.tuned]
-        stats = run(planned.ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
+        stats = engine_run(planned.ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
         if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
             raise LorasurgeonError(f"{origin.finetuned}: no tensor differs from the base: there is nothing to extract")
         infos, notes, computed = list(stats.infos), list(planned.read_as), Factors(factors)
@@ -237,9 +241,9 @@ def _write(
         if settings.for_ is not None:
             ranks = [i.stats.rank for i in infos if i.status == "lowrank" and i.stats is not None]
             scales = fold_for(infos, settings, adapter_rank(ranks, settings))
-        report = finish_adapter(
+        report, config = finish_adapter(
             computed,
-            spool,
+            adapter,
             infos,
             planned.tuned,
             planned.tuned_names,
@@ -250,10 +254,10 @@ def _write(
             seconds=stats.seconds,
             notes_before=notes,
         )
-        spool.add_file(CARD_NAME, _card(report, Path(out).name, origin))
-        spool.commit()
+        adapter.add_file(CARD_NAME, _card(report, Path(out).name, origin))
+        adapter.finish(config)
     except BaseException:
-        spool.abort()
+        adapter.abort()
         raise
     finally:
         factors.abort()

@@ -12,11 +12,11 @@ from typing import Any
 
 from ... import __version__
 from ...adapter.config import Bias
+from ...adapter.formats.base import AdapterWriter
 from ...adapter.names import ROLE_A, ROLE_B, ROLE_B_BIAS, SAVED_PREFIX, saved_key
 from ...engine.execute import run
 from ...engine.plan import Ref
 from ...io.checkpoint import Checkpoint
-from ...io.spool import SpoolWriter
 from ...names import ModelNames
 from ...ops.compare import ROUNDING_NOISE
 from ...ops.lora import LAYER_KINDS
@@ -115,7 +115,7 @@ def _out_features(stats: ModuleStats) -> int:
 
 def finish_adapter(
     factors: Factors,
-    spool: SpoolWriter,
+    spool: AdapterWriter,
     infos: Sequence[OpInfo],
     tuned: Checkpoint,
     names: ModelNames,
@@ -126,10 +126,10 @@ def finish_adapter(
     excluded: int,
     seconds: float,
     notes_before: Sequence[str] = (),
-) -> ExtractReport:
+) -> tuple[ExtractReport, dict[str, Any]]:
     """Decide what the adapter holds from the first pass's results (``infos``, each module's rank final, its B's
     ``scales`` for --for) and ``factors`` (its scratch spool: headers only here), write it into ``spool`` as
-    the finishing pass, add adapter_config.json and extract_report.json; return the report. Adapter keys are
+    the finishing pass, add extract_report.json; return the report and the adapter's PEFT config. Adapter keys are
     in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes."""
     parts = _Parts.of(factors, infos, tuned, names, settings, notes_before)
     parts.leave_out_containers()
@@ -138,13 +138,12 @@ def finish_adapter(
     seconds += run(parts.final_ops(factors, tuned, scales), [factors, tuned], spool, compute=assemble).seconds
     kept = (parts.lowrank, parts.stacks, parts.full_modules)
     config = _config(settings, origin, *kept, bias_mode, parts.bias_modules, names, set(parts.in_memory))
-    spool.add_file("adapter_config.json", json.dumps(config, indent=2, sort_keys=True) + "\n")
     shown = {**parts.lowrank, **_expert_stats(parts.infos)}  # each stacked parameter's experts as one line
     report = _report(
         spool, parts.infos, tuned, shown, parts.full_modules, settings, origin, excluded, seconds, parts.notes
     )
     spool.add_file(REPORT_NAME, json.dumps(report.to_dict(), indent=2) + "\n")
-    return report
+    return report, config
 
 
 @dataclass
@@ -342,7 +341,7 @@ def _reason(op: ExtractOp) -> str:
 
 
 def _report(
-    spool: SpoolWriter,
+    spool: AdapterWriter,
     infos: Sequence[OpInfo],
     tuned: Checkpoint,
     lowrank: Mapping[str, ModuleStats],

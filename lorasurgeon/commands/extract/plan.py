@@ -13,7 +13,7 @@ from typing import Literal
 
 from ...engine.plan import Ref
 from ...errors import IncompatibleError, InvalidOptionError
-from ...io.checkpoint import Checkpoint
+from ...io.checkpoint import Checkpoint, TensorInfo
 from ...io.dtypes import is_floating, itemsize
 from ...io.layout import TensorSpec
 from ...names import ModelNames
@@ -147,6 +147,26 @@ def _kind(
     return settings.extras
 
 
+def _resized(name: str, base: TensorInfo, tuned: TensorInfo, embeddings: tuple[str | None, ...]) -> str:
+    """Why a tensor whose shapes differ is stored whole (a resized vocabulary), or a refusal by name."""
+    resized = (
+        name in embeddings
+        or name in INPUT_EMBEDDINGS
+        and len(tuned.shape) == 2
+        and tuned.shape[1] == base.shape[1]
+        and tuned.shape[0] > base.shape[0]
+    )
+    if not resized:
+        raise IncompatibleError(
+            f"tensor {name!r} is {list(base.shape)} in the base but {list(tuned.shape)} in the fine-tune: "
+            "different architectures cannot be extracted"
+        )
+    return (
+        f"vocabulary resized from {base.shape[0]} to {tuned.shape[0]} rows: new rows cannot be a "
+        f"delta, stored in full; call resize_token_embeddings({tuned.shape[0]}) on the base before loading"
+    )
+
+
 def plan_extract(
     base: Checkpoint,
     tuned: Checkpoint,
@@ -189,26 +209,10 @@ def plan_extract(
             continue
         t_info, b_info = tuned.info(key), base.info(base_names[name])
         kind = _kind(name, len(t_info.shape), tuned_model, kinds, settings, tied_head)
-        note = ""
+        note = "" if t_info.shape == b_info.shape else _resized(name, b_info, t_info, (tuned_model.embedding, head))
         base_ref: Ref | None = Ref(0, base_names[name])
-        if t_info.shape != b_info.shape:
-            resized = (
-                name in (tuned_model.embedding, head)
-                or name in INPUT_EMBEDDINGS
-                and len(t_info.shape) == 2
-                and t_info.shape[1] == b_info.shape[1]
-                and t_info.shape[0] > b_info.shape[0]
-            )
-            if not resized:
-                raise IncompatibleError(
-                    f"tensor {name!r} is {list(b_info.shape)} in the base but {list(t_info.shape)} in the fine-tune: "
-                    "different architectures cannot be extracted"
-                )
+        if note:
             kind, base_ref = "full", None
-            note = (
-                f"vocabulary resized from {b_info.shape[0]} to {t_info.shape[0]} rows: new rows cannot be a "
-                f"delta, stored in full; call resize_token_embeddings({t_info.shape[0]}) on the base before loading"
-            )
         if not is_floating(t_info.dtype_name):
             kind = settings.extras
         module = name.rpartition(".")[0]

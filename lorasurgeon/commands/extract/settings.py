@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -30,10 +31,11 @@ def _choice(flag: str, value: object, kind: Any) -> None:
 
 @dataclass(frozen=True)
 class ExtractSettings(SizedBy):
-    """How to extract; every field is checked when the object is made (InvalidOptionError, by option name).
+    """How to extract. Make it with :meth:`parse` (the options as the CLI and :func:`extract` take them); every
+    field is checked when the object is made (InvalidOptionError, by option name).
 
     Args:
-        sizing: the ranks (``Sizing.of``): a fixed rank for every module (capped by each matrix's own, and
+        sizing: the ranks (``Sizing.parse``): a fixed rank for every module (capped by each matrix's own, and
             reported), or per module the smallest rank keeping a share of ‖ΔW‖² (capped by ``max_rank``), or a
             budget: a size ("15MB", in ``dtype``) or a number of parameters for the whole adapter, spent where it
             removes the most squared error (each module up to ``max_rank``, default BUDGET_RANK), with the
@@ -46,6 +48,7 @@ class ExtractSettings(SizedBy):
         dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
         device: where the SVDs run ("cpu", "cuda", "cuda:N").
         allow_nonfinite: go on past NaN/Inf in a change instead of stopping.
+        plot: a picture of the result to write once the adapter is (.png, .pdf, .svg).
     """
 
     sizing: Sizing
@@ -59,11 +62,36 @@ class ExtractSettings(SizedBy):
     dtype: torch.dtype | str = "float32"  # kept as its safetensors name once checked (factor_dtype: torch's)
     device: str = "cpu"
     allow_nonfinite: bool = False
+    plot: str | os.PathLike[str] | None = None
     names: NameFilter = field(init=False, repr=False, compare=False)
     budget_params: int | None = field(init=False, repr=False, compare=False)  # the budget in parameters of dtype
 
+    @classmethod
+    def parse(
+        cls,
+        *,
+        rank: int | None = None,
+        energy: float | None = None,
+        budget: str | int | None = None,
+        budget_params: int | None = None,
+        max_rank: int | None = None,
+        **options: Any,
+    ) -> ExtractSettings:
+        """Validated settings: the sizing options by extract's rules (a budget's ranks capped at BUDGET_RANK
+        unless ``max_rank``, an energy with a budget a floor per module), ``options`` the other fields."""
+        sizing = Sizing.parse(
+            rank=rank,
+            energy=energy,
+            budget=budget,
+            budget_params=budget_params,
+            max_rank=max_rank,
+            default_max_rank=BUDGET_RANK,
+            energy_floors=True,
+        )
+        return cls(sizing, **options)
+
     def __post_init__(self) -> None:
-        if self.sizing.exact:  # Sizing.of(required=True) says so first; a Sizing made by hand may not
+        if self.sizing.exact:  # Sizing.parse(required=True) says so first; a Sizing made by hand may not
             raise InvalidOptionError(NOTHING_GIVEN)
         _choice("--solver", self.solver, Solver)
         _choice("--embeddings", self.embeddings, Embeddings)

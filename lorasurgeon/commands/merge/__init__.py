@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from functools import partial
@@ -19,22 +20,23 @@ from ...hub.source import Source
 from ...io.checkpoint import Checkpoint
 from ...io.sidecar import config_bytes, edit_config, read_config
 from ...names import ModelNames, model_names
-from .._inputs import Input, OpenedInputs, open_inputs, plain_weights
+from .._inputs import Input, OpenedInputs, Output, open_inputs, plain_weights
 from .._timing import timed
 from . import augmented as augment
+from .compute import compute_op
 from .ops import MergeOp, Plan
 from .plan import check_supported, plan_merge
 from .quantized import keep_ops
 from .report import MergeReport
 from .settings import Form, MergeSettings
-from .write import compute_op, layout, report, write_model
+from .write import layout, report, write_model
 
 if TYPE_CHECKING:
     import torch
 else:
     from ..._lazy import torch
 
-__all__ = ["MergeReport", "MergeSettings", "iter_merged", "merge", "unmerge"]
+__all__ = ["MergeReport", "MergeSettings", "Output", "iter_merged", "merge", "run", "unmerge"]
 
 AdapterPaths = Sequence[str | os.PathLike[str]]
 Paths = AdapterPaths | str | os.PathLike[str]  # what the public functions take: one adapter may come alone
@@ -81,7 +83,7 @@ def merge(
         max_shard_size: e.g. "5GB"; by default the base's file names and shard layout are kept.
         overwrite: replace ``out`` if it is an earlier lorasurgeon result (or empty).
         dry_run: plan only: headers are read, nothing is written.
-        unmerge: subtract instead of add; the same as :func:`unmerge`.
+        unmerge: deprecated: call :func:`unmerge` (this warns, and does the same).
         allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
         workers: tensors computed at once on the CPU (default: one per core the reader and writer leave, at
             most 8, each on one torch thread); the result is the same bytes whatever the number.
@@ -100,6 +102,8 @@ def merge(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
         NonFiniteError: a result holds NaN or Inf (unless ``allow_nonfinite``).
     """
+    if unmerge:
+        warnings.warn("merge(unmerge=True) is unmerge(...): call that instead", FutureWarning, stacklevel=3)
     adapters = _adapter_list(adapters)
     settings = MergeSettings.parse(
         adapters=len(adapters),
@@ -113,7 +117,7 @@ def merge(
         unmerge=unmerge,
         workers=workers,
     )
-    return _merge(base, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
+    return run(base, adapters, Output(out, overwrite, dry_run, progress), settings)
 
 
 @timed
@@ -167,7 +171,7 @@ def unmerge(
         unmerge=True,
         workers=workers,
     )
-    return _merge(merged, adapters, out, settings, overwrite=overwrite, dry_run=dry_run, progress=progress)
+    return run(merged, adapters, Output(out, overwrite, dry_run, progress), settings)
 
 
 @dataclass
@@ -270,17 +274,11 @@ def _plan(
     return planned
 
 
-def _merge(
-    base: str | os.PathLike[str],
-    adapters: AdapterPaths,
-    out: str | os.PathLike[str] | None,
-    settings: MergeSettings,
-    *,
-    overwrite: bool,
-    dry_run: bool,
-    progress: Progress | None,
-) -> MergeReport:
-    planned = _plan(base, adapters, out, settings, overwrite=overwrite)
+@timed
+def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, settings: MergeSettings) -> MergeReport:
+    """The merge (or, with ``settings.unmerge``, the unmerge) of ``adapters`` into ``base``, as ``settings`` say,
+    written to ``out``: what :func:`merge` and :func:`unmerge` build their two objects for, and the CLI calls."""
+    planned = _plan(base, adapters, out.path, settings, overwrite=out.overwrite)
     form = "unmerged" if settings.unmerge else settings.form
     try:
         ops, untie, config = planned.ops, planned.untie, planned.config
@@ -289,17 +287,16 @@ def _merge(
             (str(planned.base.path), *(str(a.path) for a in planned.adapter_sources)),
             planned.names.source if planned.names else "",
         )
-        if dry_run:
-            return report(out, form, plan, None, untie, _notes(planned))
-        if out is None:
-            raise InvalidOptionError("an output folder is needed (or use dry_run)")
+        if out.dry_run:
+            return report(out.path, form, plan, None, untie, _notes(planned))
+        where = out.where()
         plain = planned.layout is not None and planned.stored is None
         edited = edit_config(config, dtype=settings.dtype_name, untie=untie, dequantized=plain) if config else None
         extra: dict[str, bytes] = {}
         if settings.form == "augmented":
             extra[CONFIG_NAME] = config_bytes(dict(planned.adapters[0].config.raw))
         card = merge_card(
-            title=Path(out).name,
+            title=Path(where).name,
             form=settings.form,
             unmerge=settings.unmerge,
             base=planned.base.label,
@@ -311,7 +308,7 @@ def _merge(
         )
         shards = layout(ops, planned.checkpoint, settings.max_shard_size, stored=planned.stored_input)
         stats = write_model(
-            out,
+            where,
             ops,
             planned.inputs,
             shards,
@@ -319,11 +316,11 @@ def _merge(
             config=edited,
             card=card,
             folder=planned.checkpoint.folder,
-            overwrite=overwrite,
-            progress=progress,
+            overwrite=out.overwrite,
+            progress=out.progress,
             extra=extra,
         )
-        return report(out, form, plan, stats, untie, _notes(planned))
+        return report(where, form, plan, stats, untie, _notes(planned))
     finally:
         planned.close()
 

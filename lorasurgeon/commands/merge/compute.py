@@ -1,4 +1,5 @@
-"""One merge op computed: W0 + Σ ΔW in float32, rounded once to the output dtype."""
+"""One merge op computed (the engine's compute for a merge: compute_op): W0 + Σ ΔW in float32, rounded once to the
+output dtype; a RequantOp's result re-quantized (merge.quantized)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,26 @@ from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...ops.lora import add_lora, add_lora_rowwise, dora_apply, replace_rows
 from .._results import check_finite
-from .ops import BiasTerm, LoraTerm, TensorOp
+from .ops import BiasTerm, LoraTerm, MergeOp, RequantOp, TensorOp
 
 if TYPE_CHECKING:
     import torch
+
+    from .quantized import RequantReport
 else:
     from ..._lazy import torch
+
+
+def compute_op(
+    op: MergeOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
+) -> Outcome[RequantReport | None]:
+    """The engine's compute for a merge's ops: a RequantOp re-quantized, a plain TensorOp merged."""
+    if isinstance(op, RequantOp):
+        from .quantized import compute_requant  # which computes its float32 result here (compute_merge)
+
+        done = compute_requant(op, tensors, device, allow_nonfinite=allow_nonfinite)
+        return Outcome(done.outputs, done.info)
+    return Outcome(compute_merge(op, tensors, device, allow_nonfinite=allow_nonfinite).outputs, None)
 
 
 def compute_merge(

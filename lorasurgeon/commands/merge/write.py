@@ -9,34 +9,23 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ...engine.execute import ExecStats, Outcome, Progress, run
-from ...engine.plan import Ref
+from ...engine.execute import ExecStats, Progress, run
 from ...hub.cards import CARD_NAME
 from ...io.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
 from ...io.sidecar import config_bytes, sidecar_files
 from ...io.writer import CheckpointWriter
-from .compute import compute_merge
+from .compute import compute_op
 from .ops import ACTIONS, MergeOp, Plan, RequantOp
-from .quantized import RequantReport, compute_requant
+from .quantized import RequantReport
 from .report import MergeReport, ResultForm
 from .settings import MergeSettings
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 DEFAULT_SHARD = "5GB"
 REQUANT_NAME = "requantization.json"  # per re-quantized weight, what keeping the base's format cost
-
-
-def compute_op(
-    op: MergeOp, tensors: Mapping[Ref, torch.Tensor], device: torch.device, *, allow_nonfinite: bool = False
-) -> Outcome[RequantReport | None]:
-    """The engine's compute for a merge's ops: a RequantOp re-quantized, a plain TensorOp merged."""
-    if isinstance(op, RequantOp):
-        done = compute_requant(op, tensors, device, allow_nonfinite=allow_nonfinite)
-        return Outcome(done.outputs, done.info)
-    return Outcome(compute_merge(op, tensors, device, allow_nonfinite=allow_nonfinite).outputs, None)
 
 
 def layout(

@@ -21,24 +21,22 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...adapter.config import CONFIG_NAME
+from ...adapter.formats.registry import adapter_writer
 from ...adapter.weights import LoraAdapter
-from ...consumers import Consumer, consumer
-from ...engine.execute import Discard, Progress, run
+from ...consumers import Consumer
+from ...engine.execute import Discard, Progress
+from ...engine.execute import run as engine_run
 from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, made_by, method_flags, method_words, model_card
 from ...io.dtypes import itemsize, torch_dtype
 from ...io.sidecar import config_bytes
-from ...io.spool import SpoolWriter
-from ...words import plural
-from .._inputs import Input, adapters_of, check_weights, open_inputs
-from ..sizing import Sizing
+from .._inputs import Input, Output, adapters_of, open_inputs
 from .compute import choose_ranks, factors, spectrum
 from .plan import CopyOp, ModuleOp, check_adapter, check_same_base, plan_modules
 from .report import ModuleResult, ResizeReport
-from .settings import Target
+from .settings import ResizeSettings, Target
 
-__all__ = ["ModuleResult", "ResizeReport", "Target", "combine", "resize"]
+__all__ = ["ModuleResult", "ResizeReport", "ResizeSettings", "Target", "combine", "resize", "run"]
 
 
 def _config(
@@ -92,18 +90,17 @@ def resize(
         InvalidOptionError: options that contradict each other or are out of range.
         UnsupportedError: DoRA, lora_bias, target_parameters, trainable tokens, variants.
     """
-    return _run(
-        [adapter],
-        None,
-        out,
-        Sizing.of(rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank),
+    settings = ResizeSettings.parse(
+        adapters=1,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        budget_params=budget_params,
+        max_rank=max_rank,
         for_=for_,
         device=device,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=progress,
-        combining=False,
     )
+    return run([adapter], Output(out, overwrite, dry_run, progress), settings)
 
 
 def combine(
@@ -142,117 +139,91 @@ def combine(
         IncompatibleError: a module the adapters hold with different shapes; adapters whose configs name
             different base models (unless ``allow_different_bases``).
     """
-    return _run(
-        list(adapters),
-        weights,
-        out,
-        Sizing.of(
-            rank=rank, energy=energy, budget=budget, budget_params=budget_params, max_rank=max_rank, required=False
-        ),
-        for_=for_,
-        device=device,
-        overwrite=overwrite,
-        dry_run=dry_run,
-        progress=progress,
+    settings = ResizeSettings.parse(
+        adapters=len(adapters),
         combining=True,
+        weights=weights,
+        rank=rank,
+        energy=energy,
+        budget=budget,
+        budget_params=budget_params,
+        max_rank=max_rank,
+        for_=for_,
         allow_different_bases=allow_different_bases,
+        device=device,
     )
+    return run(list(adapters), Output(out, overwrite, dry_run, progress), settings)
 
 
-def _run(
-    paths: Sequence[str | os.PathLike[str]],
-    weights: Sequence[float] | None,
-    out: str | os.PathLike[str] | None,
-    sizing: Sizing,
-    *,
-    device: str,
-    overwrite: bool,
-    dry_run: bool,
-    progress: Progress | None,
-    combining: bool,
-    for_: str | None = None,
-    allow_different_bases: bool = False,
-) -> ResizeReport:
-    command = "combine" if combining else "resize"
-    profile = None if for_ is None else consumer(for_, "--for")
-    chosen = _weights(paths, weights, combining)
+def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSettings) -> ResizeReport:
+    """Resize the adapter at ``paths[0]``, or combine those at ``paths`` (``settings.combining``), as ``settings``
+    say, into ``out``: what :func:`resize` and :func:`combine` build their two objects for, and the CLI calls."""
+    command, profile = settings.command, settings.consumer
     inputs = [Input(p, "ADAPTER", "adapter") for p in paths]
-    with open_inputs(inputs, out, command=command, overwrite=overwrite, device=device) as opened:
+    with open_inputs(inputs, out.path, command=command, overwrite=out.overwrite, device=settings.device) as opened:
         adapters = adapters_of(opened)
-    sources = [o.source for o in opened]
+    labels = [o.source.label for o in opened]
     try:
-        for adapter in adapters:
-            check_adapter(adapter, combining=combining)
-        if combining and not allow_different_bases:
-            check_same_base(adapters)
-        ops, copies = plan_modules(adapters, chosen)
-        if not ops:
-            raise UnsupportedError(f"{sources[0].label}: no LoRA modules to {command}")
-        copies = _copies_for(profile, adapters, copies, sources[0].label)
+        ops, copies = _plan(adapters, labels[0], settings)
         dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
-        target = Target.of(sizing, itemsize(dtype))
+        target = Target.of(settings.sizing, itemsize(dtype))
         parameters_in = sum(op.rank * op.cost for op in ops)
-        labels = [s.label for s in sources]
-        if dry_run:
+        method = _method(target, settings.for_)
+        if out.dry_run:
             results = [ModuleResult(op.name, op.rank, op.rank, 1.0, 0.0) for op in ops]
-            where = None if out is None else str(out)
+            planned_at = None if out.path is None else str(out.path)
             return ResizeReport(
-                where, labels, list(chosen), _method(target, for_), results, parameters_in, 0, 1.0, True
+                planned_at, labels, list(settings.weights), method, results, parameters_in, 0, 1.0, True
             )
-        if out is None:
-            raise InvalidOptionError("an output folder is needed (or use dry_run)")
-        ranks = _ranks(ops, copies, adapters, target, device, profile)
+        where = out.where()
+        ranks = _ranks(ops, copies, adapters, target, settings.device, profile)
         top = max(ranks.values())
-        spool = SpoolWriter(out, prefix="adapter_model", overwrite=overwrite)
+        writer = adapter_writer(where, overwrite=out.overwrite)
         try:
             every: list[ModuleOp | CopyOp] = [*ops, *copies]
-            stats = run(
+            stats = engine_run(
                 every,
                 [a.checkpoint for a in adapters],
-                spool,
+                writer,
                 compute=partial(factors, exact=target.exact, ranks=ranks, top=top, dtype=torch_dtype(dtype)),
-                device=device,
-                progress=progress,
+                device=settings.device,
+                progress=out.progress,
             )
             results = [i for i in stats.infos if isinstance(i, ModuleResult)]
             total = sum(r.energy for r in results)
             report = ResizeReport(
-                str(out),
+                str(where),
                 labels,
-                list(chosen),
-                _method(target, for_),
+                list(settings.weights),
+                method,
                 results,
                 parameters_in,
                 sum(r.rank * op.cost for r, op in zip(results, ops, strict=True)),
                 sum(r.kept * r.energy for r in results) / total if total else 1.0,
                 copied=[c.name for c in copies],
             )
-            spool.add_file(CONFIG_NAME, config_bytes(_config(adapters, results, top, combining)))
-            spool.add_file("resize_report.json", config_bytes(report.to_dict()))
-            spool.add_file(CARD_NAME, _card(report, command, Path(out).name, adapters[0].config.base_model))
-            spool.commit()
+            writer.add_file("resize_report.json", config_bytes(report.to_dict()))
+            writer.add_file(CARD_NAME, _card(report, command, Path(where).name, adapters[0].config.base_model))
+            writer.finish(_config(adapters, results, top, settings.combining))
             return report
         except BaseException:
-            spool.abort()
+            writer.abort()
             raise
     finally:
         for adapter in adapters:
             adapter.close()
 
 
-def _weights(
-    paths: Sequence[str | os.PathLike[str]], weights: Sequence[float] | None, combining: bool
-) -> tuple[float, ...]:
-    """One weight per adapter (1.0 each by default), checked."""
-    if combining and len(paths) < 2:
-        raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
-    chosen = tuple(weights) if weights else (1.0,) * len(paths)
-    if len(chosen) != len(paths):
-        raise InvalidOptionError(
-            f"{plural(len(chosen), 'weight')} for {plural(len(paths), 'adapter')}: give one --weight per adapter"
-        )
-    check_weights(chosen)
-    return chosen
+def _plan(adapters: Sequence[LoraAdapter], label: str, settings: ResizeSettings) -> tuple[list[ModuleOp], list[CopyOp]]:
+    """The modules' ops and the whole tensors' copies, from the headers; what cannot be done refused by name."""
+    for adapter in adapters:
+        check_adapter(adapter, combining=settings.combining)
+    if settings.combining and not settings.allow_different_bases:
+        check_same_base(adapters)
+    ops, copies = plan_modules(adapters, settings.weights)
+    if not ops:
+        raise UnsupportedError(f"{label}: no LoRA modules to {settings.command}")
+    return ops, _copies_for(settings.consumer, adapters, copies, label)
 
 
 def _copies_for(
@@ -287,7 +258,7 @@ def _ranks(
     spectra = None
     if target.energy is not None or target.budget is not None:  # a first pass: each module's spectrum
         inputs = [a.checkpoint for a in adapters]
-        spectra = list(run(ops, inputs, Discard(), compute=spectrum, device=device).infos)
+        spectra = list(engine_run(ops, inputs, Discard(), compute=spectrum, device=device).infos)
     ranks = {op.name: k for op, k in zip(ops, choose_ranks(ops, spectra, target, fixed), strict=True)}
     top = max(ranks.values())
     if profile is not None and profile.too_high(top):

@@ -1,11 +1,84 @@
-"""resize and combine's target: the Sizing asked for, its budget counted in parameters of the adapter's dtype."""
+"""ResizeSettings: resize and combine's options, validated once; Target: the Sizing asked for, its budget counted
+in parameters of the adapter's dtype."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...consumers import Consumer, consumer
+from ...errors import InvalidOptionError
+from ...words import plural
+from .._inputs import check_weights
 from ..sizing import SizedBy, Sizing
+
+
+@dataclass(frozen=True)
+class ResizeSettings(SizedBy):
+    """How to resize one adapter or combine several. Make it with :meth:`parse`, which checks every option by name.
+
+    Args:
+        sizing: how many components each module keeps (none given, with combine: every one, exactly).
+        weights: one per adapter.
+        combining: combine (several adapters, a weighted sum) rather than resize (one).
+        for_: a consumer's name: what it needs made, or refused by name.
+        allow_different_bases: combine adapters whose configs name different base models.
+        device: where the QR and SVDs run.
+    """
+
+    sizing: Sizing
+    weights: tuple[float, ...]
+    combining: bool = False
+    for_: str | None = None
+    allow_different_bases: bool = False
+    device: str = "cpu"
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        adapters: int,
+        combining: bool = False,
+        weights: Sequence[float] | None = None,
+        rank: int | None = None,
+        energy: float | None = None,
+        budget: str | int | None = None,
+        budget_params: int | None = None,
+        max_rank: int | None = None,
+        for_: str | None = None,
+        allow_different_bases: bool = False,
+        device: str = "cpu",
+    ) -> ResizeSettings:
+        """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
+        sizing = Sizing.parse(
+            rank=rank,
+            energy=energy,
+            budget=budget,
+            budget_params=budget_params,
+            max_rank=max_rank,
+            required=not combining,
+        )
+        if for_ is not None:
+            consumer(for_, "--for")
+        if combining and adapters < 2:
+            raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
+        chosen = tuple(weights) if weights else (1.0,) * adapters
+        if len(chosen) != adapters:
+            raise InvalidOptionError(
+                f"{plural(len(chosen), 'weight')} for {plural(adapters, 'adapter')}: give one --weight per adapter"
+            )
+        check_weights(chosen)
+        return cls(sizing, chosen, combining, for_, allow_different_bases, device)
+
+    @property
+    def command(self) -> str:
+        return "combine" if self.combining else "resize"
+
+    @property
+    def consumer(self) -> Consumer | None:
+        """The consumer --for names (None: PEFT's own rules)."""
+        return None if self.for_ is None else consumer(self.for_, "--for")
 
 
 @dataclass(frozen=True)
