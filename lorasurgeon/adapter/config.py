@@ -63,6 +63,16 @@ UNSUPPORTED_KEYS = {
 }
 
 
+def _converted(init: str) -> str:
+    """How to make a plain LoRA of an adapter whose init changed the base, where one can be made."""
+    if init.lower().startswith("loftq"):
+        return ""
+    return (
+        ": make it the plain LoRA of the unchanged base with `lorasurgeon convert ADAPTER --initial INITIAL -o LORA`, "
+        "INITIAL the adapter PEFT saved before training"
+    )
+
+
 def pattern_key(patterns: Mapping[str, Any], module: str) -> str | None:
     """The first key of ``patterns`` (file order) matching ``module`` as PEFT's ``get_pattern_key`` does."""
     for key in patterns:
@@ -203,7 +213,7 @@ class AdapterConfig:
             found.append(f"peft_type {self.peft_type} (only LORA is supported)")
         init = self.raw.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
-            found.append(f"init_lora_weights={init!r} (the base was changed when training started)")
+            found.append(f"init_lora_weights={init!r} (the base was changed when training started){_converted(init)}")
         for key, label in UNSUPPORTED_KEYS.items():
             if self.raw.get(key):
                 found.append(label)

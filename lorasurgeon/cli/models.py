@@ -122,9 +122,18 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     "(a model is converted with --dtype alone).",
 )
 @click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
+@click.option(
+    "--initial",
+    default=None,
+    metavar="DIR",
+    help="A PiSSA/OLoRA/CorDA adapter's initial adapter (saved before training): INPUT made the plain LoRA "
+    "of the unchanged base, exactly (rank 2r).",
+)
 @FOR
 @option_group(write_options("Result folder (a .gguf file with --to gguf)."), DTYPE_AUTO, DEVICE, SHARDS, PUSH)
-def convert_cmd(augmented: str, to: str | None, base: str | None, for_: str | None, **options: Any) -> None:
+def convert_cmd(
+    augmented: str, to: str | None, base: str | None, initial: str | None, for_: str | None, **options: Any
+) -> None:
     """Turn an augmented checkpoint (from merge --form augmented) into merged or adapter form; or a
     model into another --dtype, a quantized one (FP8, compressed-tensors, MXFP4, bitsandbytes) dequantized.
 
@@ -134,6 +143,7 @@ def convert_cmd(augmented: str, to: str | None, base: str | None, for_: str | No
       lorasurgeon convert ./DeepSeek-V3-FP8 --dtype bfloat16 -o ./DeepSeek-V3-bf16
       lorasurgeon convert my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
       lorasurgeon convert my-lora --for llama.cpp -o my-lora-llamacpp
+      lorasurgeon convert my-pissa-lora --initial my-pissa-init -o my-lora
     """
     if to == "gguf" and options["push_to_hub"]:
         raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
@@ -141,8 +151,14 @@ def convert_cmd(augmented: str, to: str | None, base: str | None, for_: str | No
         raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
     if base is not None and to != "gguf":
         raise click.UsageError("--base goes with --to gguf")
+    if initial is not None and (to is not None or for_ is not None):
+        raise click.UsageError("--initial makes a plain LoRA adapter: it goes without --to and --for")
     job = Job.pop(options)
-    if for_ is not None:
+    if initial is not None:
+        from ..commands.convert.initial import from_initial
+
+        job.finish(from_initial(augmented, initial, job.output(), device=options["device"]))
+    elif for_ is not None:
         from ..commands.resize import ResizeSettings
         from ..commands.resize import run as resize
 

@@ -97,7 +97,7 @@ def check_place(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[
     for path in inputs:
         src = Path(os.path.realpath(absolute(path)))
         if real == src or src in real.parents or real in src.parents:
-            raise OutputError(f"{out}: overlaps the input {path}; choose an output folder apart from the inputs")
+            raise OutputError(f"{out}: overlaps the input {path}; choose an output apart from the inputs")
     return target
 
 
