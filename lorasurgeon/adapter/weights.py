@@ -4,7 +4,7 @@ tensors, from headers only -- which every adapter format (``adapter.formats``) r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -59,6 +59,7 @@ class LoraAdapter:
     replacements: dict[str, str]  # base tensor name -> adapter key (modules_to_save, bias)
     base_weights: dict[str, str]  # base weight name -> adapter key of a saved base_layer.weight (W0)
     token_deltas: dict[str, str]  # module -> key of its trainable_tokens_delta rows
+    format: str = "peft"  # the adapter format it was read from (adapter.formats.registry sets it)
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -74,7 +75,8 @@ def load_adapter(path: str | os.PathLike[str]) -> LoraAdapter:
     """
     from .formats.registry import adapter_format  # the formats read adapters into this module's types
 
-    return adapter_format(path).read(Path(path))
+    found = adapter_format(path)
+    return replace(found.read(Path(path)), format=found.name)
 
 
 def adapter_of(ckpt: Checkpoint) -> LoraAdapter:

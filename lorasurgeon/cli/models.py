@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..adapter.formats.registry import writable
 from ..commands.sizing import BUDGET_RANK
 from ..console import Dtype, debug_option, progress_bar
 from . import cli
@@ -27,6 +28,8 @@ from .options import (
     sizing_options,
     write_options,
 )
+
+ADAPTER_FORMATS = writable()  # the adapter formats convert --to writes (the registry's: one line adds one)
 
 
 @cli.command("inspect")
@@ -117,9 +120,9 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     "--to",
     "to",
     default=None,
-    type=click.Choice(["merged", "adapter", "gguf"]),
-    help="Target form of an augmented checkpoint; gguf: a PEFT adapter as a llama.cpp adapter file "
-    "(a model is converted with --dtype alone).",
+    type=click.Choice(["merged", "adapter", "gguf", *ADAPTER_FORMATS]),
+    help="Target form of an augmented checkpoint; gguf: a PEFT adapter as a llama.cpp adapter file; "
+    f"{', '.join(ADAPTER_FORMATS)}: an adapter in that adapter format (a model is converted with --dtype alone).",
 )
 @click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
 @click.option(
@@ -144,6 +147,7 @@ def convert_cmd(
       lorasurgeon convert my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
       lorasurgeon convert my-lora --for llama.cpp -o my-lora-llamacpp
       lorasurgeon convert my-pissa-lora --initial my-pissa-init -o my-lora
+      lorasurgeon convert my-lora --to mlx -o my-lora-mlx
     """
     if to == "gguf" and options["push_to_hub"]:
         raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
@@ -164,6 +168,10 @@ def convert_cmd(
 
         settings = ResizeSettings.parse(adapters=1, energy=1.0, for_=for_, device=options["device"])
         job.finish(resize([augmented], job.output(), settings))
+    elif to in ADAPTER_FORMATS:
+        from ..commands.convert.adapter_format import to_format
+
+        job.finish(to_format(augmented, job.output(), target=to, device=options["device"]))
     elif to == "gguf":
         from ..commands.convert import to_gguf
 

@@ -51,6 +51,7 @@ class AdapterReport:
     replaced_tensors: list[str]
     modules: list[ModuleReport]
     target_parameters: list[str] = field(default_factory=list)
+    format: str = "peft"  # the adapter format it is in (adapter.formats.registry)
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,8 @@ class CheckpointReport:
 
 
 def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
-    """Describe a model, PEFT adapter or augmented checkpoint from its headers (no tensor data is read).
+    """Describe a model, adapter (in any format the registry reads) or augmented checkpoint from its headers (no
+    tensor data is read).
 
     Args:
         path: a folder, a single .safetensors/.bin/.gguf file, or a Hub repo id ``org/name[@revision]``.
@@ -279,6 +281,7 @@ def _adapter_report(adapter: LoraAdapter) -> AdapterReport:
         replaced_tensors=sorted(adapter.replacements),
         modules=[_module_report(m, cfg, set(adapter.modules)) for m in adapter.modules.values()],
         target_parameters=list(cfg.target_parameters),
+        format=adapter.format,
     )
 
 
@@ -300,7 +303,7 @@ def _module_report(module: LoraModule, cfg: AdapterConfig, modules: set[str]) ->
 
 _FORMS = {
     "model": "model",
-    "adapter": "PEFT adapter",
+    "adapter": "adapter ({format} format)",
     "augmented": "augmented: a model with LoRA layers inside (lorasurgeon convert {path} --to adapter|merged "
     "-o OUT gives the adapter or the merged model)",
 }
@@ -310,10 +313,11 @@ def format_report(report: CheckpointReport) -> str:
     """A readable multi-line summary (the output of ``inspect`` without ``--json``)."""
     if report.gguf is not None:
         return "\n".join(_gguf_lines(report, report.gguf))
+    held = report.adapter.format if report.adapter else "?"
     lines = [
         f"{report.path}",
         f"  format      {report.format}",
-        f"  form        {_FORMS[report.form].format(path=report.path)}",
+        f"  form        {_FORMS[report.form].format(path=report.path, format=held)}",
         *_architecture_lines(report.architecture),
         f"  files       {len(report.files)}: {', '.join(report.files[:4])}" + (" ..." if len(report.files) > 4 else ""),
         *_count_lines(report),

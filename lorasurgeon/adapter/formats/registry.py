@@ -5,7 +5,7 @@ module exposing its ``FORMAT`` and one line here (CONTRIBUTING.md, "Adding an ad
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -104,9 +104,9 @@ def read_opened(ckpt: Checkpoint) -> LoraAdapter:
     """
     found = opened_format(ckpt)
     if found.read_open is not None:
-        return found.read_open(ckpt)
+        return replace(found.read_open(ckpt), format=found.name)
     ckpt.close()
-    return found.read(ckpt.root)
+    return replace(found.read(ckpt.root), format=found.name)
 
 
 def opened_format(ckpt: Checkpoint) -> AdapterFormat:
@@ -129,6 +129,11 @@ def adapter_writer(out: str | os.PathLike[str], *, overwrite: bool, name: str = 
         writable = ", ".join(f.name for f in ADAPTER_FORMATS if f.writer is not None)
         raise UnsupportedError(f"lorasurgeon does not write {name!r} adapters (it writes {writable})")
     return found.writer(out, overwrite)
+
+
+def writable() -> list[str]:
+    """The names of the formats lorasurgeon writes adapters in (``convert --to``)."""
+    return [f.name for f in ADAPTER_FORMATS if f.writer is not None]
 
 
 def known() -> str:

@@ -1,0 +1,46 @@
+"""convert ADAPTER --to FORMAT: an adapter read by any format of the registry, written by the target format's
+writer -- the tensors as they were (checked by reading both back through the registry), the config PEFT's."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
+
+from lorasurgeon.adapter.formats.registry import writable
+from lorasurgeon.adapter.weights import load_adapter
+
+
+def _tensors(folder):
+    adapter = load_adapter(folder)
+    try:
+        return {k: adapter.checkpoint.read(k) for k in adapter.checkpoint}, adapter.format
+    finally:
+        adapter.close()
+
+
+def test_every_writable_format_round_trips_the_fixture_adapter_exactly(tmp_path):
+    original, _ = _tensors(FIX_ADAPTER)
+    for target in writable():
+        out = tmp_path / target
+        done = run_cli("convert", FIX_ADAPTER, "--to", target, "-o", out)
+        assert done.exit_code == 0, done.output
+        assert f"({target} adapter)" in done.output
+        back = tmp_path / f"{target}-back"
+        assert run_cli("convert", out, "--to", "peft", "-o", back).exit_code == 0
+        again, fmt = _tensors(back)
+        assert fmt == "peft" and again.keys() == original.keys()
+        assert all(torch.equal(again[k], original[k]) for k in original), target
+        assert _tensors(out)[1] == target
+        inspected = run_cli("inspect", out)
+        assert f"adapter ({target} format)" in inspected.output
+    config = json.loads((tmp_path / "peft-back" / "adapter_config.json").read_text())
+    assert config["r"] == json.loads((FIX_ADAPTER / "adapter_config.json").read_text())["r"]
+
+
+def test_a_dry_run_writes_nothing_and_a_model_is_refused_by_kind(tmp_path):
+    dry = run_cli("convert", FIX_ADAPTER, "--to", "peft", "-o", tmp_path / "x", "--dry-run")
+    assert dry.exit_code == 0 and "Would write 28 tensors of the peft adapter" in dry.output
+    one_line_error(run_cli("convert", FIX_BASE, "--to", "peft", "-o", tmp_path / "x"), "is a model")
+    assert listing(tmp_path) == set()
