@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
 
@@ -44,3 +45,18 @@ def test_a_dry_run_writes_nothing_and_a_model_is_refused_by_kind(tmp_path):
     assert dry.exit_code == 0 and "Would write 28 tensors of the peft adapter" in dry.output
     one_line_error(run_cli("convert", FIX_BASE, "--to", "peft", "-o", tmp_path / "x"), "is a model")
     assert listing(tmp_path) == set()
+
+
+def test_a_gguf_adapter_comes_back_as_peft_and_merges_the_same(tmp_path):
+    """PEFT -> llama.cpp GGUF (--to gguf) -> PEFT (--to peft --base): the same merge, bit for bit (the
+    fixture's plain LoRA: each B's fold for the file's one alpha is exact); read failures named in one line."""
+    pytest.importorskip("gguf")
+    assert run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path / "a.gguf").exit_code == 0
+    done = run_cli("convert", tmp_path / "a.gguf", "--to", "peft", "--base", FIX_BASE, "-o", tmp_path / "back")
+    assert done.exit_code == 0, done.output
+    for adapter, out in ((FIX_ADAPTER, "m1"), (tmp_path / "back", "m2")):
+        assert run_cli("merge", FIX_BASE, adapter, "-o", tmp_path / out, "-q").exit_code == 0
+    assert run_cli("diff", tmp_path / "m1", tmp_path / "m2").exit_code == 0  # identical
+    no_base = run_cli("convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x")
+    assert no_base.exit_code == 2 and "needs --base BASE" in no_base.output
+    assert not (tmp_path / "x").exists()

@@ -125,7 +125,8 @@ UNSUPPORTED = {
     "KaSA": dict(kasa_config={"x": 1}),
     "BD-LoRA": dict(use_bdlora={"x": 1}),
     "layer replication": dict(layer_replication=[[0, 2], [1, 2]]),
-    "peft_type IA3": dict(peft_type="IA3"),
+    "peft_type POLY": dict(peft_type="POLY"),  # a tuner with no math here (ops.tuners)
+    "IA3 config over LoRA tensors": dict(peft_type="IA3"),  # a tuner lorasurgeon folds, but not its tensors
 }
 
 

@@ -63,6 +63,18 @@ UNSUPPORTED_KEYS = {
 }
 
 
+def _or_default(raw: Mapping[str, Any], key: str) -> Any:
+    """``raw[key]``, or PEFT's default where it is missing or null (another tuner's config may hold a null)."""
+    value = raw.get(key)
+    return PEFT_DEFAULTS[key] if value is None else value
+
+
+def _tuners() -> str:
+    from ..ops.tuners import TUNERS
+
+    return ", ".join(["LORA", *(t.upper() for t in TUNERS)])
+
+
 def _converted(init: str) -> str:
     """How to make a plain LoRA of an adapter whose init changed the base, where one can be made."""
     if init.lower().startswith("loftq"):
@@ -151,7 +163,10 @@ class AdapterConfig:
         if isinstance(layers, int):
             layers = [layers]
         r = raw.get("r", PEFT_DEFAULTS["r"])
-        if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
+        lora = str(raw.get("peft_type", "LORA")).upper() == "LORA"  # another tuner's r is its own (OFT's may be 0)
+        if not lora and (r is None or isinstance(r, bool) or not isinstance(r, int)):
+            r = 0  # its math reads its own fields (ops.tuners); r is LoRA's
+        if not isinstance(r, int) or isinstance(r, bool) or (r <= 0 and lora) or r < 0:
             raise ValueError(f"r must be a positive integer, got {r!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
             for key in dict(raw.get(field_name) or {}):
@@ -168,7 +183,7 @@ class AdapterConfig:
             raw=dict(raw),
             peft_type=str(raw.get("peft_type", "LORA")),
             r=r,
-            lora_alpha=float(raw.get("lora_alpha", PEFT_DEFAULTS["lora_alpha"])),
+            lora_alpha=float(_or_default(raw, "lora_alpha")),
             use_rslora=bool(raw.get("use_rslora", False)),
             use_dora=bool(raw.get("use_dora", False)),
             target_modules=names(raw.get("target_modules"), "target_modules"),
@@ -182,6 +197,13 @@ class AdapterConfig:
             base_model=raw.get("base_model_name_or_path"),
             target_parameters=_as_tuple(names(raw.get("target_parameters"), "target_parameters")),
         )
+
+    @property
+    def folded_tuner(self) -> bool:
+        """A tuner other than LoRA whose math ``ops.tuners`` holds (LoHa, LoKr, IA³, OFT, VeRA, ...)."""
+        from ..ops.tuners import TUNERS  # torch-free at import
+
+        return self.peft_type.lower() in TUNERS
 
     @property
     def peft_version(self) -> tuple[int, int, int] | None:
@@ -209,8 +231,8 @@ class AdapterConfig:
     def unsupported(self) -> list[str]:
         """Names of the variants this config uses that are not plain LoRA (empty when it is)."""
         found = []
-        if self.peft_type.upper() != "LORA":
-            found.append(f"peft_type {self.peft_type} (only LORA is supported)")
+        if self.peft_type.upper() != "LORA" and not self.folded_tuner:
+            found.append(f"peft_type {self.peft_type} (PEFT's tuners lorasurgeon folds: {_tuners()})")
         init = self.raw.get("init_lora_weights")
         if isinstance(init, str) and init.lower().startswith(UNSUPPORTED_INITS):
             found.append(f"init_lora_weights={init!r} (the base was changed when training started){_converted(init)}")

@@ -4,7 +4,7 @@ tensors, from headers only -- which every adapter format (``adapter.formats``) r
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -22,6 +22,7 @@ from .names import (
     Role,
     split_saved_key,
 )
+from .tuned import TunedModule, group_tuned, tuner_of
 
 # What the adapter alone says a module is: "linear" stands for a Linear or GPT-2's Conv1D (the base
 # weight's shape tells them apart, commands.merge.plan.module_kind), "embedding", "conv".
@@ -60,6 +61,12 @@ class LoraAdapter:
     base_weights: dict[str, str]  # base weight name -> adapter key of a saved base_layer.weight (W0)
     token_deltas: dict[str, str]  # module -> key of its trainable_tokens_delta rows
     format: str = "peft"  # the adapter format it was read from (adapter.formats.registry sets it)
+    tuned: dict[str, TunedModule] = field(default_factory=dict)  # modules of a tuner other than LoRA (ops.tuners)
+
+    @property
+    def tuner(self) -> str | None:
+        """The PEFT tuner other than LoRA whose modules it holds (``ops.tuners``), None for LoRA."""
+        return next(iter(self.tuned.values())).tuner if self.tuned else None
 
     def close(self) -> None:
         self.checkpoint.close()
@@ -92,7 +99,12 @@ def adapter_of(ckpt: Checkpoint) -> LoraAdapter:
 
 
 def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:
-    """Group the saved-format keys of ``ckpt`` into modules (also used for views of augmented files)."""
+    """Group the saved-format keys of ``ckpt`` into modules (also used for views of augmented files); those of a
+    tuner other than LoRA by its parts (``adapter.tuned``)."""
+    tuner = tuner_of(config)
+    if tuner is not None:
+        tuned, whole = group_tuned(folder, config, ckpt, tuner)
+        return LoraAdapter(folder, config, ckpt, {}, whole, {}, {}, tuned=tuned)
     groups: dict[str, dict[Role, str]] = {}
     replacements: dict[str, str] = {}
     for key in ckpt:

@@ -52,6 +52,6 @@ def main() -> None:
     cli(prog_name="lorasurgeon")
 
 
-from . import adapters, models  # noqa: E402, F401  (each adds its commands to cli)
+from . import adapters, convert, models  # noqa: E402, F401  (each adds its commands to cli)
 
 __all__ = ["cli", "main"]

@@ -1,4 +1,4 @@
-"""The commands on checkpoints: inspect, merge, unmerge, convert, extract, push, diff."""
+"""The commands on checkpoints: inspect, merge, unmerge, extract, push, diff (convert: cli/convert.py)."""
 
 from __future__ import annotations
 
@@ -8,28 +8,22 @@ from typing import Any
 
 import click
 
-from ..adapter.formats.registry import writable
 from ..commands.sizing import BUDGET_RANK
 from ..console import Dtype, debug_option, progress_bar
 from . import cli
 from .options import (
     DEVICE,
-    DTYPE_AUTO,
     DTYPES,
     FILTERS,
     FOR,
     MERGING,
     NONFINITE,
     PUSH,
-    SHARDS,
     WRITE,
     Job,
     option_group,
     sizing_options,
-    write_options,
 )
-
-ADAPTER_FORMATS = writable()  # the adapter formats convert --to writes (the registry's: one line adds one)
 
 
 @cli.command("inspect")
@@ -111,77 +105,6 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     job = Job.pop(options)
     settings = MergeSettings.parse(adapters=len(adapters), unmerge=True, **options)
     job.finish(run(merged, adapters, job.output(), settings))
-
-
-@cli.command("convert")
-@debug_option
-@click.argument("augmented", metavar="INPUT")
-@click.option(
-    "--to",
-    "to",
-    default=None,
-    type=click.Choice(["merged", "adapter", "gguf", *ADAPTER_FORMATS]),
-    help="Target form of an augmented checkpoint; gguf: a PEFT adapter as a llama.cpp adapter file; "
-    f"{', '.join(ADAPTER_FORMATS)}: an adapter in that adapter format (a model is converted with --dtype alone).",
-)
-@click.option("--base", default=None, help="With --to gguf: the base model's folder (its config.json).")
-@click.option(
-    "--initial",
-    default=None,
-    metavar="DIR",
-    help="A PiSSA/OLoRA/CorDA adapter's initial adapter (saved before training): INPUT made the plain LoRA "
-    "of the unchanged base, exactly (rank 2r).",
-)
-@FOR
-@option_group(write_options("Result folder (a .gguf file with --to gguf)."), DTYPE_AUTO, DEVICE, SHARDS, PUSH)
-def convert_cmd(
-    augmented: str, to: str | None, base: str | None, initial: str | None, for_: str | None, **options: Any
-) -> None:
-    """Turn an augmented checkpoint (from merge --form augmented) into merged or adapter form; or a
-    model into another --dtype, a quantized one (FP8, compressed-tensors, MXFP4, bitsandbytes) dequantized.
-
-    \b
-    Examples:
-      lorasurgeon convert aug --to adapter -o adapter-again
-      lorasurgeon convert ./DeepSeek-V3-FP8 --dtype bfloat16 -o ./DeepSeek-V3-bf16
-      lorasurgeon convert my-lora --to gguf --base ./Llama-3-8B -o my-lora.gguf
-      lorasurgeon convert my-lora --for llama.cpp -o my-lora-llamacpp
-      lorasurgeon convert my-pissa-lora --initial my-pissa-init -o my-lora
-      lorasurgeon convert my-lora --to mlx -o my-lora-mlx
-    """
-    if to == "gguf" and options["push_to_hub"]:
-        raise click.UsageError("--to gguf writes one file: upload it with `hf upload REPO FILE`")
-    if for_ is not None and to is not None:
-        raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
-    if base is not None and to != "gguf":
-        raise click.UsageError("--base goes with --to gguf")
-    if initial is not None and (to is not None or for_ is not None):
-        raise click.UsageError("--initial makes a plain LoRA adapter: it goes without --to and --for")
-    job = Job.pop(options)
-    if initial is not None:
-        from ..commands.convert.initial import from_initial
-
-        job.finish(from_initial(augmented, initial, job.output(), device=options["device"]))
-    elif for_ is not None:
-        from ..commands.resize import ResizeSettings
-        from ..commands.resize import run as resize
-
-        settings = ResizeSettings.parse(adapters=1, energy=1.0, for_=for_, device=options["device"])
-        job.finish(resize([augmented], job.output(), settings))
-    elif to in ADAPTER_FORMATS:
-        from ..commands.convert.adapter_format import to_format
-
-        job.finish(to_format(augmented, job.output(), target=to, device=options["device"]))
-    elif to == "gguf":
-        from ..commands.convert import to_gguf
-
-        report = to_gguf(augmented, job.out, base=base, overwrite=job.overwrite, dry_run=job.dry_run)
-        if report.dry_run or not job.quiet:
-            click.echo(report.summary())
-    else:
-        from ..commands.convert import ConvertSettings, run
-
-        job.finish(run(augmented, job.output(), ConvertSettings.parse(to=to, **options)))
 
 
 @cli.command("extract")

@@ -92,8 +92,8 @@ MERGING = option_group(
         "--quantize",
         type=click.Choice(["keep"]),
         default=None,
-        help="A quantized base (FP8, compressed-tensors, MXFP4, bitsandbytes): keep its format, the default unless "
-        "--dtype asks for a plain result. Changed blocks re-quantized, the others copied byte for byte.",
+        help="A quantized base (FP8, compressed-tensors, MXFP4, bitsandbytes, MLX): keep its format, the default "
+        "unless --dtype asks for a plain result. Changed blocks re-quantized, the others copied byte for byte.",
     ),
     DEVICE,
     click.option(

@@ -251,6 +251,7 @@ _ORDER = {
     "merge": "BASE first, then ADAPTER",
     "unmerge": "MERGED first, then ADAPTER",
     "extract": "BASE, then FINETUNED",
+    "convert": "the adapter as INPUT, then --base BASE or --initial INITIAL",
 }
 _KIND_WORDS = {
     "model": "a model",
@@ -294,7 +295,7 @@ def check_kind(
             if input_kind(ckpt) == want:
                 raise IncompatibleError(
                     f"{what}, and {other_label} is {_KIND_WORDS[want]}: the arguments look "
-                    f"swapped (lorasurgeon {command} takes {_ORDER[command]})"
+                    f"swapped (lorasurgeon {command} takes {_ORDER.get(command, 'them in the other order')})"
                 )
     hints = {
         ("model", "merge"): "; a PEFT adapter folder holds adapter_config.json and adapter_model.safetensors",

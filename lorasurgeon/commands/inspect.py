@@ -52,6 +52,7 @@ class AdapterReport:
     modules: list[ModuleReport]
     target_parameters: list[str] = field(default_factory=list)
     format: str = "peft"  # the adapter format it is in (adapter.formats.registry)
+    tuner: str | None = None  # PEFT's tuner other than LoRA (ops.tuners) whose modules it holds; r, alpha are LoRA's
 
 
 @dataclass(frozen=True)
@@ -266,6 +267,8 @@ def _adapter_report(adapter: LoraAdapter) -> AdapterReport:
     cfg = adapter.config
     kinds = {m.kind for m in adapter.modules.values()}
     features = cfg.features() + sorted(k for k in kinds if k != "linear")
+    if adapter.tuner is not None:  # a tuner other than LoRA: its parts per module, no rank or scale of LoRA's
+        features = [f"{adapter.tuner} (merged as PEFT merges it; `convert --to lora` gives its best LoRA)"]
     if adapter.base_weights:
         features.append("base_layer_weights")
     target = cfg.target_modules
@@ -279,9 +282,11 @@ def _adapter_report(adapter: LoraAdapter) -> AdapterReport:
         unsupported=cfg.unsupported(),
         modules_to_save=list(cfg.modules_to_save),
         replaced_tensors=sorted(adapter.replacements),
-        modules=[_module_report(m, cfg, set(adapter.modules)) for m in adapter.modules.values()],
+        modules=[_module_report(m, cfg, set(adapter.modules)) for m in adapter.modules.values()]
+        + [ModuleReport(m.name, m.tuner, 0, None, None) for m in adapter.tuned.values()],
         target_parameters=list(cfg.target_parameters),
         format=adapter.format,
+        tuner=adapter.tuner,
     )
 
 
@@ -337,7 +342,9 @@ def format_report(report: CheckpointReport) -> str:
         return "\n".join(lines)
     target = a.target_modules if isinstance(a.target_modules, str) else ", ".join(a.target_modules or [])
     lines += [
-        f"  adapter     {a.peft_type}, r={a.r}, lora_alpha={a.lora_alpha:g}, base={a.base_model or '?'}",
+        f"  adapter     {a.peft_type}, "
+        + ("" if a.tuner else f"r={a.r}, lora_alpha={a.lora_alpha:g}, ")
+        + f"base={a.base_model or '?'}",
         f"  targets     {target}" + (f"; parameters {', '.join(a.target_parameters)}" if a.target_parameters else ""),
         f"  features    {', '.join(a.features) or 'plain LoRA'}",
     ]
@@ -349,7 +356,9 @@ def format_report(report: CheckpointReport) -> str:
         width = max(len(m.name) for m in a.modules)
         lines.append(f"  {'module'.ljust(width)}  {'kind':<9} {'rank':>4} {'alpha':>7} {'scale':>8}")
         for m in a.modules:
-            if m.alpha is None or m.scale is None:  # stacked experts: E·r rows, E known from the base
+            if m.kind not in ("linear", "embedding", "conv", "experts"):  # a tuner's module: no LoRA rank
+                lines.append(f"  {m.name.ljust(width)}  {m.kind:<9}")
+            elif m.alpha is None or m.scale is None:  # stacked experts: E·r rows, E known from the base
                 lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {'(E·r)':>16}")
             else:
                 lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g}")

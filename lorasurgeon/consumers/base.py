@@ -49,6 +49,15 @@ class Consumer(ABC):
         """The rules every consumer here shares: plain LoRA only, no trained biases, no token deltas."""
         cfg, raw, who = adapter.config, adapter.config.raw, self.label
         found = []
+        if adapter.tuned:
+            found.append(
+                Problem(
+                    "peft_type",
+                    "error",
+                    f"peft_type {cfg.peft_type}: {who} loads LoRA adapters only; `lorasurgeon convert ADAPTER "
+                    "--to lora --base BASE --rank N -o LORA` gives the best LoRA of its change",
+                )
+            )
         if cfg.use_dora:
             found.append(Problem("dora", "error", f"{who} does not apply DoRA's magnitude vectors"))
         if cfg.bias != "none":

@@ -103,6 +103,10 @@ class LlamaCpp(Consumer):
         from ..names.builtin import is_tied  # here: check --for llama.cpp has no base and need not import names
 
         found = []
+        if adapter.tuned:
+            found.append(
+                f"a {adapter.config.peft_type} adapter (LoRA only: `lorasurgeon convert ADAPTER --to lora` first)"
+            )
         if adapter.config.use_dora or any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values()):
             found.append("DoRA")
         if adapter.config.bias != "none" or adapter.config.lora_bias:

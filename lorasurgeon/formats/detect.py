@@ -72,8 +72,12 @@ class QuantConfig:
 
 
 def quant_method(block: Mapping[str, Any]) -> str:
-    """A quantization block's quant_method ("" if it names none)."""
-    return str(block.get("quant_method") or "")
+    """A quantization block's quant_method ("" if it names none); MLX's, which names none, holds group_size and
+    bits alone (mlx-lm's ``quantization``, copied into ``quantization_config``)."""
+    if block.get("quant_method"):
+        return str(block["quant_method"])
+    affine = block.get("mode", "affine") == "affine"  # MLX's other modes (mxfp4, ...) are not read
+    return "mlx" if {"group_size", "bits"} <= set(block) and affine else ""
 
 
 def quant_config(config: Mapping[str, Any]) -> QuantConfig | None:
@@ -85,7 +89,7 @@ def quant_config(config: Mapping[str, Any]) -> QuantConfig | None:
     if isinstance(text, Mapping):
         docs.append(("text_config.", text))
     for where, doc in docs:
-        for key in ("quantization_config", "compression_config"):
+        for key in ("quantization_config", "compression_config", "quantization"):  # the last: MLX's own, older
             q = doc.get(key)
             if q:
                 return QuantConfig(where + key, q if isinstance(q, Mapping) else {})

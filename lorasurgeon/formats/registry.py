@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import bnb, compressed, fp8, mxfp4
+from . import bnb, compressed, fp8, mlx, mxfp4
 from .base import Format
 
 FORMATS: tuple[Format, ...] = (
@@ -18,6 +18,7 @@ FORMATS: tuple[Format, ...] = (
     compressed.FORMAT,
     mxfp4.FORMAT,
     bnb.FORMAT,
+    mlx.FORMAT,
 )
 
 

@@ -150,7 +150,9 @@ def extract_card(
     kept: float,
     parameters: int,
     full: Sequence[_FullLine],
+    command: Sequence[str] = (),
 ) -> str:
+    """``command``: the command line that made it, before its sizing flags (default: extract BASE FINETUNED)."""
     how = method_words(method)
     lines = [
         f"A LoRA adapter extracted from the fine-tune `{finetuned}` of `{base}` by truncated SVD of "
@@ -164,5 +166,6 @@ def extract_card(
     lines += [f"| `{m.name}` | {m.rank} | {m.kept:.2%} | {m.rel_error:.4f} |" for m in modules]
     if full:
         lines += ["", "Stored in full: " + ", ".join(f"`{f.name}` ({f.reason})" for f in full) + "."]
-    lines += made_by("lorasurgeon", "extract", base, finetuned, *method_flags(method), "-o", title)
+    words = command or ("lorasurgeon", "extract", base, finetuned)
+    lines += made_by(*words, *method_flags(method), "-o", title)
     return model_card(kind="adapter", base=base, title=title, lines=lines)

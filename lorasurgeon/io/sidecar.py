@@ -105,6 +105,8 @@ def edit_config(
         if dequantized:
             doc.pop("quantization_config", None)
             doc.pop("compression_config", None)
+            if isinstance(doc.get("quantization"), dict):  # MLX's own block, which mlx-lm reads first
+                doc.pop("quantization")
     return out
 
 

@@ -11,13 +11,13 @@ from typing import TYPE_CHECKING
 
 from ...errors import LorasurgeonError, UnsupportedError
 from ...io.checkpoint import Checkpoint, open_checkpoint
-from . import peft
+from . import gguf, mlx, peft
 from .base import AdapterFormat, AdapterWriter
 
 if TYPE_CHECKING:
     from ..weights import LoraAdapter
 
-ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (peft.FORMAT,)
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (gguf.FORMAT, mlx.FORMAT, peft.FORMAT)
 
 
 @dataclass

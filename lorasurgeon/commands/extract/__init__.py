@@ -139,10 +139,10 @@ def run(
         if base_src.path.resolve() == tuned_src.path.resolve():
             raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
         origin = Origin(base_src.label, tuned_src.label, str(out.path))
-        planned = _plan(b_raw, t_raw, origin, settings)
+        planned = plan_pair(b_raw, t_raw, origin, settings)
         if out.dry_run:
-            return _dry_report(planned, origin, settings)
-        report = _write(planned, out.where(), origin, settings, overwrite=out.overwrite, progress=out.progress)
+            return dry_report(planned, origin, settings)
+        report = write_adapter(planned, out.where(), origin, settings, overwrite=out.overwrite, progress=out.progress)
     for warning in report.warnings:  # the adapter may not be what was meant: said on stderr, kept in the report
         warnings.warn(warning, LorasurgeonWarning, stacklevel=3)
     if picture is not None:
@@ -152,7 +152,7 @@ def run(
 
 
 @dataclass(frozen=True)
-class _Planned:
+class Planned:
     """What extract will compare, from the headers: the plain (dequantized where quantized) checkpoints, the
     fine-tune's names, the ops, how many tensors the filters left out, and notes on how the inputs are read."""
 
@@ -164,7 +164,7 @@ class _Planned:
     read_as: list[str]
 
 
-def _plan(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: ExtractSettings) -> _Planned:
+def plan_pair(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: ExtractSettings) -> Planned:
     b_cfg, t_cfg = read_config(b_raw.folder), read_config(t_raw.folder)
     # a quantized base (QLoRA, then a full fine-tune) is read by its values: the change is measured
     # against the dequantized base
@@ -188,10 +188,10 @@ def _plan(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: Extrac
             f"{settings.budget_flag} with stacked MoE experts (target_parameters share one rank per module): "
             "use --rank or --energy, or --exclude the experts"
         )
-    return _Planned(b_ckpt, t_ckpt, tuned_names, ops, excluded, read_as)
+    return Planned(b_ckpt, t_ckpt, tuned_names, ops, excluded, read_as)
 
 
-def _dry_report(planned: _Planned, origin: Origin, settings: ExtractSettings) -> ExtractReport:
+def dry_report(planned: Planned, origin: Origin, settings: ExtractSettings) -> ExtractReport:
     """The plan as a report: what would be compared, and how."""
     ops = planned.ops
     counts = {k: sum(o.kind == k for o in ops) for k in (*FACTORED, "bias", "full", "skip")}
@@ -206,8 +206,8 @@ def _dry_report(planned: _Planned, origin: Origin, settings: ExtractSettings) ->
     )
 
 
-def _write(
-    planned: _Planned,
+def write_adapter(
+    planned: Planned,
     out: str | os.PathLike[str],
     origin: Origin,
     settings: ExtractSettings,
@@ -274,4 +274,5 @@ def _card(report: ExtractReport, title: str, origin: Origin) -> str:
         kept=report.totals.kept,
         parameters=report.totals.parameters,
         full=report.full,
+        command=origin.command,
     )

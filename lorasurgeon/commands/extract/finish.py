@@ -36,6 +36,7 @@ class Origin:
     base: str
     finetuned: str
     output: str
+    command: tuple[str, ...] = ()  # the command line that made it, before its sizing flags (default: extract's)
 
 
 def compress_targets(modules: set[str], all_modules: set[str], segments: int = 1) -> list[str]:

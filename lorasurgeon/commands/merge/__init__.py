@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 from ...adapter.config import CONFIG_NAME
 from ...adapter.weights import LoraAdapter, adapter_of
 from ...engine.execute import Progress, stream
-from ...errors import InvalidOptionError
+from ...errors import InvalidOptionError, UnsupportedError
 from ...formats.layout import QuantLayout
 from ...hub.cards import merge_card
 from ...hub.source import Source
@@ -255,6 +255,12 @@ def _plan(
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
         planned.names = model_names(ckpt.names(), planned.config)
         if settings.form == "augmented":
+            if planned.adapters[0].tuned:
+                kind = planned.adapters[0].config.peft_type
+                raise UnsupportedError(
+                    f"{planned.adapter_sources[0].label}: a {kind} adapter: the augmented form holds LoRA layers "
+                    "only (merge it in the merged form, or `convert ADAPTER --to lora` first)"
+                )
             ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype_name)
         else:
             ops, planned.untie = plan_merge(

@@ -8,9 +8,11 @@ from typing import TYPE_CHECKING
 
 from ...engine.execute import Outcome
 from ...engine.plan import Ref
+from ...errors import UnsupportedError
 from ...ops.lora import add_lora, add_lora_rowwise, dora_apply, replace_rows
+from ...ops.tuners import TUNERS
 from .._results import check_finite
-from .ops import BiasTerm, LoraTerm, MergeOp, RequantOp, TensorOp
+from .ops import BiasTerm, LoraTerm, MergeOp, RequantOp, TensorOp, TunerTerm
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +51,9 @@ def compute_merge(
     dora = any(isinstance(t, LoraTerm) and t.magnitude is not None for t in op.terms)
     cur = base.clone() if dora else base
     for term in op.terms:
+        if isinstance(term, TunerTerm):
+            cur = apply_tuner(op.name, term, cur, tensors, device)
+            continue
         b = tensors[term.b].to(device)
         if isinstance(term, BiasTerm):
             cur = cur + term.scale * b.to(torch.float32)
@@ -67,6 +72,29 @@ def compute_merge(
     if not allow_nonfinite and out.is_floating_point() and torch.finfo(out.dtype).max < torch.finfo(torch.float32).max:
         check_finite(op.name, out)  # a narrower dtype (float16) can overflow when rounding
     return Outcome([(op.name, out)], None)
+
+
+def apply_tuner(
+    name: str, term: TunerTerm, cur: torch.Tensor, tensors: Mapping[Ref, torch.Tensor], device: torch.device
+) -> torch.Tensor:
+    """One module of a tuner other than LoRA on ``cur`` (float32): ops.tuners' math, PEFT's merge or unmerge."""
+    tuner = TUNERS[term.tuner]
+    parts = {part: tensors[ref].to(device=device, dtype=torch.float32) for part, ref in term.parts}
+    if term.bias:
+        w0 = None if term.w0 is None else tensors[term.w0].to(device=device, dtype=torch.float32)
+        if w0 is not None and term.unmerge:  # the input holds the merged weight: W0 is its unmerge
+            w0 = tuner.unmerge(w0, parts, term.config)
+        done = (tuner.unmerge_bias if term.unmerge else tuner.merge_bias)(cur, parts, term.config, w0=w0)
+        return cur if done is None else done
+    if term.weight != 1.0:  # only additive tuners are planned with a weight: W ± weight·ΔW
+        delta = tuner.delta(cur, parts, term.config)
+        return cur - term.weight * delta if term.unmerge else cur + term.weight * delta
+    if not term.unmerge:
+        return tuner.merge(cur, parts, term.config)
+    undone = tuner.unmerge(cur, parts, term.config)
+    if undone is None:  # the plan refuses these first: a guard, not a path
+        raise UnsupportedError(f"{name}: {term.tuner} cannot be unmerged")
+    return undone
 
 
 def stacked(parts: tuple[tuple[Ref, ...], ...], tensors: Mapping[Ref, torch.Tensor]) -> torch.Tensor:

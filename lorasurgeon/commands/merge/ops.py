@@ -10,8 +10,9 @@ TensorOp computed in float32, then re-quantized into the stored parts (``quantiz
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
 
 from ...adapter.names import split_saved_key
 from ...engine.plan import Ref
@@ -51,7 +52,27 @@ class BiasTerm:
     scale: float
 
 
-Term = LoraTerm | BiasTerm
+@dataclass(frozen=True)
+class TunerTerm:
+    """One module of a PEFT tuner other than LoRA (``ops.tuners``: LoHa, LoKr, IA³, OFT, VeRA, ...) applied to
+    what the terms before it made of one weight -- or of its bias (``bias``: IA³ scales both). ``parts``: the
+    tuner's tensors by its names; ``config``: the module's settings (``Tuner.module_config``); ``weight``: the
+    merge weight an additive tuner's ΔW is scaled by; ``unmerge``: PEFT's inverse instead."""
+
+    tuner: str
+    parts: tuple[tuple[str, Ref], ...]
+    config: Mapping[str, Any] = field(compare=False, hash=False)
+    weight: float = 1.0
+    unmerge: bool = False
+    bias: bool = False
+    w0: Ref | None = None  # a bias term's weight, as the input holds it (GLoRA's bias change depends on it)
+
+    @property
+    def refs(self) -> list[Ref]:
+        return [ref for _, ref in self.parts] + ([self.w0] if self.w0 is not None else [])
+
+
+Term = LoraTerm | BiasTerm | TunerTerm
 
 
 @dataclass(frozen=True)
@@ -111,9 +132,12 @@ class TensorOp(DtypeByName):
         """The tensors of its terms and row patches."""
         refs: list[Ref] = []
         for t in self.terms:
-            refs += (
-                [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else []) if isinstance(t, LoraTerm) else [t.b]
-            )
+            if isinstance(t, TunerTerm):
+                refs += t.refs
+            elif isinstance(t, LoraTerm):
+                refs += [t.a, t.b] + ([t.magnitude] if t.magnitude is not None else [])
+            else:
+                refs.append(t.b)
         return refs + [p.values for p in self.rows]
 
     def refs(self) -> list[Ref]:
@@ -194,7 +218,10 @@ class Plan:
         found: dict[str, list[str]] = {}
         for op in self.ops:
             for term in merge_of(op).terms:
-                module = split_saved_key(term.b.key)[0]
+                if isinstance(term, TunerTerm):  # a tuner's part: base_model.model.<module>.<part>
+                    module = split_saved_key(term.parts[0][1].key)[0].rpartition(".")[0]
+                else:
+                    module = split_saved_key(term.b.key)[0]
                 if op.name not in found.setdefault(module, []):
                     found[module].append(op.name)
         return found
@@ -243,6 +270,10 @@ def _describe_op(op: MergeOp) -> str:
     elif plain.src.key != op.name or plain.src.source:
         line += f"  <- [{plain.src.source}] {plain.src.key}"
     for t in plain.terms:
+        if isinstance(t, TunerTerm):
+            line += f"  {'unmerge' if t.unmerge else 'merge'} [{t.parts[0][1].source}] {t.tuner}"
+            line += f" x {t.weight:g}" if t.weight != 1.0 else ""
+            continue
         what = "lora_bias" if isinstance(t, BiasTerm) else ("DoRA" if t.magnitude else t.kind.name)
         line += f"  {'+' if t.scale >= 0 else '-'} {abs(t.scale):.6g}·[{t.b.source}] {what}"
     for r in plain.rows:

@@ -18,6 +18,7 @@ from ...adapter.names import (
     ROLE_MAGNITUDE,
     Role,
 )
+from ...adapter.tuned import TunedModule
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...engine.plan import Ref
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
@@ -25,9 +26,10 @@ from ...io.checkpoint import Checkpoint
 from ...io.dtypes import is_floating, torch_name
 from ...names import ModelNames
 from ...ops.lora import CONV1D, LAYER_KINDS, LINEAR, LayerKind, LayerName
+from ...ops.tuners import TUNERS
 from .._inputs import FLOAT32_MAX
 from .experts import expert_terms
-from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term
+from .ops import Action, BiasTerm, LoraTerm, RowPatch, TensorOp, Term, TunerTerm
 
 # The roles of a LoRA module's own tensors, each of which must be a float tensor.
 _FLOAT_ROLES: tuple[Role, ...] = (ROLE_EMB_A, ROLE_EMB_B, ROLE_A, ROLE_B, ROLE_MAGNITUDE, ROLE_B_BIAS)
@@ -199,9 +201,40 @@ class Changes:
                 self.add_stacked_module(source, adapter, weight, module, stacked)
             else:
                 self.add_module(source, adapter, weight, module)
+        for tuned in adapter.tuned.values():
+            self.add_tuned(source, adapter, weight, tuned)
         self.add_saved_weights(source, adapter)
         self.add_replacements(source, adapter)
         self.add_token_deltas(source, adapter)
+
+    def add_tuned(self, source: int, adapter: LoraAdapter, weight: float, module: TunedModule) -> None:
+        """A module of a tuner other than LoRA (``ops.tuners``) on one weight, and on its bias where the tuner
+        changes that too (IA³, LN tuning); the module's settings read off the config now, from headers."""
+        tensors, tuner = self.tensors, TUNERS[module.tuner]
+        wname = tensors.target(module.weight_name, adapter, f"module {module.name!r}")
+        shape = tensors.shape_of(wname, adapter)
+        layer = tensors.layer_of(wname) or ("norm" if len(shape) == 1 else "conv" if len(shape) == 4 else "linear")
+        refs = {part: Ref(source, key) for part, key in module.keys.items()}
+        shapes = {part: adapter.checkpoint.info(ref.key).shape for part, ref in refs.items()}
+        what = f"{adapter.path}: {adapter.config.peft_type} module {module.name!r}"
+        try:
+            config = tuner.module_config(adapter.config.raw, module.name, shapes, layer=layer)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise AdapterConfigError(f"{what}: adapter_config.json does not say how to merge it ({exc})") from None
+        if weight != 1.0 and not tuner.additive:
+            raise UnsupportedError(f"{what}: {module.tuner} multiplies the weight, so it merges with weight 1 only")
+        if self.sign < 0 and not tuner.invertible:
+            raise UnsupportedError(
+                f"{what}: {module.tuner} cannot be unmerged from the merged weights alone "
+                "(PEFT keeps a copy of W0 for it, or has no unmerge)"
+            )
+        parts = tuple(refs.items())
+        self.terms.setdefault(wname, []).append(TunerTerm(module.tuner, parts, config, weight, self.sign < 0))
+        bname = tensors.plan_key(module.bias_name) if tuner.bias else None
+        if bname is not None:  # the bias's change may depend on the weight (GLoRA's): W as the input holds it
+            w0 = Ref(0, tensors.base_key(wname))
+            term = TunerTerm(module.tuner, parts, config, 1.0, self.sign < 0, True, w0)
+            self.terms.setdefault(bname, []).append(term)
 
     def add_stacked_module(
         self, source: int, adapter: LoraAdapter, weight: float, module: LoraModule, stacked: dict[str, str]
