@@ -116,7 +116,7 @@ def test_the_llama_cpp_fix_folds_the_scales_exactly(tmp_path, edit):
 def test_mistakes_are_named(tmp_path):
     r = run_cli("check", FIX_ADAPTER, "--for", "tgi")
     assert r.exit_code == 2 and "Invalid value for '--for'" in r.output
-    one_line_error(run_cli("check", FIX_BASE, "--for", "vllm"), "is a model, not a PEFT adapter")
+    one_line_error(run_cli("check", FIX_BASE, "--for", "vllm"), "is a model, not an adapter")
     one_line_error(run_cli("check", tmp_path / "nope", "--for", "vllm"), "no such file or folder")
 
 

@@ -60,3 +60,26 @@ def test_a_gguf_adapter_comes_back_as_peft_and_merges_the_same(tmp_path):
     no_base = run_cli("convert", tmp_path / "a.gguf", "--to", "peft", "-o", tmp_path / "x")
     assert no_base.exit_code == 2 and "needs --base BASE" in no_base.output
     assert not (tmp_path / "x").exists()
+
+
+def test_merge_takes_a_gguf_adapter_against_its_base_and_the_others_name_the_way(tmp_path):
+    """merge reads a llama.cpp .gguf adapter against the base it is given (the same bytes as merging the PEFT
+    adapter it came from); a command without a base names `convert --to peft --base`."""
+    pytest.importorskip("gguf")
+    assert run_cli("convert", FIX_ADAPTER, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path / "a.gguf").exit_code == 0
+    assert run_cli("merge", FIX_BASE, tmp_path / "a.gguf", "-o", tmp_path / "from-gguf", "-q").exit_code == 0
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "from-peft", "-q").exit_code == 0
+    assert run_cli("diff", tmp_path / "from-gguf", tmp_path / "from-peft").exit_code == 0
+    one_line_error(run_cli("resize", tmp_path / "a.gguf", "--rank", "2", "-o", tmp_path / "x"), "--to peft --base")
+    assert not (tmp_path / "x").exists()
+
+
+def test_check_says_what_a_consumer_reads_for_an_adapter_in_another_format(tmp_path):
+    """vLLM reads PEFT's files, llama.cpp GGUF: an MLX adapter is named as such, with the command that makes it."""
+    if "mlx" not in writable():
+        pytest.skip("no MLX writer registered")
+    assert run_cli("convert", FIX_ADAPTER, "--to", "mlx", "-o", tmp_path / "mx").exit_code == 0
+    vllm = run_cli("check", tmp_path / "mx", "--for", "vllm")
+    assert vllm.exit_code == 1 and "mlx's format" in vllm.output and "--to peft" in vllm.output
+    llama = run_cli("check", tmp_path / "mx", "--for", "llama.cpp")
+    assert llama.exit_code == 1 and "--to gguf --base BASE" in llama.output

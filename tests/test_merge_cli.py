@@ -318,9 +318,9 @@ def augmented(tmp_path_factory):
 WRONG_KIND = {  # arguments -> what the one line must say
     "merge swapped": (
         ["merge", "{adapter}", "{base}"],
-        ["BASE is a PEFT adapter, not a model", "look swapped", "takes BASE first, then ADAPTER"],
+        ["BASE is an adapter, not a model", "look swapped", "takes BASE first, then ADAPTER"],
     ),
-    "unmerge swapped": (["unmerge", "{adapter}", "{base}"], ["MERGED is a PEFT adapter", "MERGED first, then ADAPTER"]),
+    "unmerge swapped": (["unmerge", "{adapter}", "{base}"], ["MERGED is an adapter", "MERGED first, then ADAPTER"]),
     "augmented as adapter": (
         ["merge", "{base}", "{aug}"],
         ["ADAPTER is an augmented checkpoint", "lorasurgeon convert {aug} --to adapter -o OUT"],
@@ -331,11 +331,11 @@ WRONG_KIND = {  # arguments -> what the one line must say
     ),
     "model as adapter": (
         ["merge", "{base}", "{base}"],
-        ["ADAPTER is a model, not a PEFT adapter", "adapter_config.json and adapter_model.safetensors"],
+        ["ADAPTER is a model, not an adapter", "adapter_config.json and adapter_model.safetensors"],
     ),
     "adapter to extract": (
         ["extract", "{base}", "{adapter}", "--rank", "2"],
-        ["FINETUNED is a PEFT adapter, not a model", "lorasurgeon merge BASE {adapter} -o OUT"],
+        ["FINETUNED is an adapter, not a model", "lorasurgeon merge BASE {adapter} -o OUT"],
     ),
     "extract swapped": (["extract", "{adapter}", "{base}", "--rank", "2"], ["look swapped", "BASE, then FINETUNED"]),
     "augmented to extract": (
@@ -344,7 +344,7 @@ WRONG_KIND = {  # arguments -> what the one line must say
     ),
     "adapter to convert": (
         ["convert", "{adapter}", "--to", "merged"],
-        ["INPUT is a PEFT adapter", "to merge it into its base model: `lorasurgeon merge BASE "],
+        ["INPUT is an adapter", "to merge it into its base model: `lorasurgeon merge BASE "],
     ),
 }
 

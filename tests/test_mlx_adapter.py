@@ -223,11 +223,6 @@ def test_mlx_stands_before_peft_and_inspect_and_merge_reach_it(tiny, tmp_path):
     assert max((ours[k] - v).abs().max().item() for k, v in mlx_fused(model).items()) < 1e-6
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a command opens its input with io.checkpoint.open_checkpoint, whose FOLDER_LAYOUTS name no "
-    "adapters.safetensors: an MLX folder is reached through its adapters.safetensors file (load_adapter takes both)",
-)
 def test_a_command_takes_an_mlx_folder(tiny, tmp_path):
     _, base, *_ = tiny
     adapter = mlx_trained(base, tmp_path / "mlx")

@@ -76,7 +76,7 @@ def check_python_output(code: str, stdout: str) -> None:
     promised = [c.strip() for c in re.findall(r"print\(.*\)\s+# (.*)", code)]  # the comments beside prints
     assert promised and out[0].startswith(promised[0].removesuffix("..."))
     assert out[1] == promised[1]
-    assert out[-1].startswith("refused: fixtures/adapter: BASE is a PEFT adapter") and "look swapped" in out[-1]
+    assert out[-1].startswith("refused: fixtures/adapter: BASE is an adapter") and "look swapped" in out[-1]
 
 
 def test_the_quick_start_prints_what_the_readme_shows(tmp_path):

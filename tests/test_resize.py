@@ -147,7 +147,7 @@ def test_mistakes_are_named(tmp_path, second):
     one_line_error(run_cli("resize", FIX_ADAPTER, "-o", tmp_path / "x"), "give --rank N, --energy F or --budget")
     one_line_error(run_cli("resize", FIX_ADAPTER, "--rank", "2", "--energy", "0.5", "-o", tmp_path / "x"), "give one")
     one_line_error(run_cli("resize", FIX_ADAPTER, "--budget", "1KB", "-o", tmp_path / "x"), "less than rank 1")
-    one_line_error(run_cli("resize", FIX_BASE, "--rank", "2", "-o", tmp_path / "x"), "is a model, not a PEFT adapter")
+    one_line_error(run_cli("resize", FIX_BASE, "--rank", "2", "-o", tmp_path / "x"), "is a model, not an adapter")
     one_line_error(run_cli("combine", FIX_ADAPTER, "-o", tmp_path / "x"), "two adapters or more")
     one_line_error(run_cli("combine", FIX_ADAPTER, second, "--weight", "1", "-o", tmp_path / "x"), "one --weight per")
     dora = shutil.copytree(FIX_ADAPTER, tmp_path / "dora")

@@ -79,10 +79,12 @@ def prepare(
 
 @dataclass(frozen=True)
 class Opened:
-    """A resolved input and, where its kind was checked, its checkpoint, open (headers read once)."""
+    """A resolved input and, where its kind was checked, its checkpoint, open (headers read once); an adapter
+    read already (a llama.cpp .gguf one, which is read against the base: ``adapter``)."""
 
     source: Source
     checkpoint: Checkpoint | None
+    adapter: LoraAdapter | None = None
 
 
 class OpenedInputs(list[Opened]):
@@ -110,7 +112,9 @@ def open_inputs(
     try:
         for n, (wanted, source) in enumerate(zip(inputs, sources, strict=True)):
             ckpt = None
-            if wanted.want is not None:
+            if wanted.want == "adapter" and source.path.suffix.lower() == ".gguf":
+                opened.append(_gguf_adapter(source, opened, command))
+            elif wanted.want is not None:
                 ckpt = open_checkpoint(source.path)
                 opened.append(Opened(source, ckpt))
                 others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
@@ -128,6 +132,20 @@ def open_inputs(
     return opened
 
 
+def _gguf_adapter(source: Source, opened: Sequence[Opened], command: str) -> Opened:
+    """A llama.cpp .gguf adapter, read against the model given before it (its names, its heads), as PEFT's."""
+    from ..adapter.formats.gguf import adapter_with_base
+
+    base = next((o.checkpoint for o in opened if o.checkpoint is not None and o.adapter is None), None)
+    if base is None or input_kind(base) != "model":
+        raise UnsupportedError(
+            f"{source.label}: a llama.cpp .gguf adapter is read against its base model, which lorasurgeon {command} "
+            f"does not take: `lorasurgeon convert {source.label} --to peft --base BASE -o ADAPTER` makes it PEFT's"
+        )
+    adapter = adapter_with_base(source.path, base)
+    return Opened(source, adapter.checkpoint, adapter)
+
+
 def adapters_of(opened: Sequence[Opened]) -> list[LoraAdapter]:
     """Each input :func:`open_inputs` opened, read as an adapter from its open checkpoint (its headers not read
     again); the adapters own the checkpoints from here. On an error, those read are closed."""
@@ -135,7 +153,7 @@ def adapters_of(opened: Sequence[Opened]) -> list[LoraAdapter]:
     try:
         for o in opened:
             assert o.checkpoint is not None  # an adapter input's kind is checked, so it is open
-            adapters.append(adapter_of(o.checkpoint))
+            adapters.append(o.adapter if o.adapter is not None else adapter_of(o.checkpoint))
     except BaseException:
         for a in adapters:
             a.close()
@@ -255,7 +273,7 @@ _ORDER = {
 }
 _KIND_WORDS = {
     "model": "a model",
-    "adapter": "a PEFT adapter",
+    "adapter": "an adapter",
     "augmented": "an augmented checkpoint (a model with LoRA layers inside)",
 }
 
@@ -310,4 +328,6 @@ def check_kind(
             "convert",
         ): f"; it is already an adapter (`lorasurgeon merge BASE {label} --form augmented` makes the augmented form)",
     }
+    if command == "convert" and role != "INPUT":  # convert's other modes (--to mlx, --initial): no augmented hint
+        hints = {}
     raise IncompatibleError(what + (hint if hint is not None else hints.get((kind, command), "")))

@@ -40,6 +40,8 @@ class Consumer(ABC):
     label: str  # what messages call it: "vLLM"
     max_rank: int | None = None  # the largest rank it loads (None: any)
     rank_limit: str = ""  # that limit in words, for messages: "vLLM's largest max_lora_rank"
+    # what it reads, and how to make that from an adapter in another format (check's "format" problem)
+    reads: str = "it reads PEFT's (`lorasurgeon convert ADAPTER --to peft -o PEFT_ADAPTER` rewrites it, exactly)"
 
     @abstractmethod
     def check(self, adapter: LoraAdapter) -> Findings:
@@ -49,6 +51,8 @@ class Consumer(ABC):
         """The rules every consumer here shares: plain LoRA only, no trained biases, no token deltas."""
         cfg, raw, who = adapter.config, adapter.config.raw, self.label
         found = []
+        if adapter.format != "peft":
+            found.append(Problem("format", "error", f"an adapter in {adapter.format}'s format: {self.reads}"))
         if adapter.tuned:
             found.append(
                 Problem(

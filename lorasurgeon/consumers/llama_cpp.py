@@ -47,6 +47,7 @@ TRIMMED_VOCABULARY = ("Gemma3ForCausalLM",)
 class LlamaCpp(Consumer):
     name = "llama.cpp"
     label = name
+    reads = "llama.cpp loads GGUF (`lorasurgeon convert ADAPTER --to gguf --base BASE -o ADAPTER.gguf` makes it)"
 
     def check(self, adapter: LoraAdapter) -> Findings:
         cfg = adapter.config

@@ -38,6 +38,7 @@ FOLDER_LAYOUTS: tuple[tuple[str, CheckpointFormat], ...] = (
     (SAFETENSORS_INDEX, "safetensors-sharded"),
     ("model.safetensors", "safetensors"),
     ("adapter_model.safetensors", "safetensors"),
+    ("adapters.safetensors", "safetensors"),  # an MLX-LM adapter folder (adapter.formats.mlx)
     (BIN_INDEX, "pytorch-bin-sharded"),
     ("pytorch_model.bin", "pytorch-bin"),
     ("adapter_model.bin", "pytorch-bin"),

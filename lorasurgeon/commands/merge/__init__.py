@@ -251,7 +251,7 @@ def _plan(
             ckpt = view
         for src, w in zip(opened[1:], settings.weights, strict=True):
             assert src.checkpoint is not None
-            planned.adapters.append(adapter_of(src.checkpoint))
+            planned.adapters.append(src.adapter if src.adapter is not None else adapter_of(src.checkpoint))
             check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
         planned.names = model_names(ckpt.names(), planned.config)
         if settings.form == "augmented":
