@@ -41,9 +41,9 @@ def claimed(path: Path) -> str | None:
     return None if found is None else found.name
 
 
-def test_peft_is_the_last_format_and_every_format_is_named_once():
-    """PEFT's claim is the widest (an adapter_config.json beside an adapter_model file): the others stand first."""
-    assert registry.ADAPTER_FORMATS[-1] is peft.FORMAT
+def test_peft_is_the_first_format_and_every_format_is_named_once():
+    """The common case asks one format: PEFT's stands first (it claims none of the others' files)."""
+    assert registry.ADAPTER_FORMATS[0] is peft.FORMAT
     names = [f.name for f in registry.ADAPTER_FORMATS]
     assert len(names) == len(set(names))
     assert "PEFT (adapter_config.json + adapter_model.safetensors)" in registry.known()

@@ -204,12 +204,12 @@ def test_what_mlx_lm_does_not_hold_is_refused_by_name(tiny, tmp_path):
         to_format(saved, Output(tmp_path / "saved-mlx"), target="mlx")
 
 
-def test_mlx_stands_before_peft_and_inspect_and_merge_reach_it(tiny, tmp_path):
+def test_mlx_is_claimed_by_mlx_alone_and_inspect_and_merge_reach_it(tiny, tmp_path):
     _, base, *_ = tiny
-    names = [f.name for f in registry.ADAPTER_FORMATS]
-    assert names.index("mlx") < names.index("peft") and mlx_format.FORMAT.writer is not None
-    assert "mlx" in registry.writable()
+    assert mlx_format.FORMAT.writer is not None and "mlx" in registry.writable()
     adapter = mlx_trained(base, tmp_path / "mlx")
+    claimed = [f.name for f in registry.ADAPTER_FORMATS if f.claims(registry.Probe(adapter))]
+    assert claimed == ["mlx"]  # PEFT's rule does not claim it, whatever the registry's order
     assert registry.adapter_format(adapter) is mlx_format.FORMAT
     assert registry.adapter_format(adapter / "adapters.safetensors") is mlx_format.FORMAT
     result = run_cli("inspect", adapter / "adapters.safetensors")

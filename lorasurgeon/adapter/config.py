@@ -201,9 +201,18 @@ class AdapterConfig:
     @property
     def folded_tuner(self) -> bool:
         """A tuner other than LoRA whose math ``ops.tuners`` holds (LoHa, LoKr, IA³, OFT, VeRA, ...)."""
-        from ..ops.tuners import TUNERS  # torch-free at import
+        return self.tuner is not None
 
-        return self.peft_type.lower() in TUNERS
+    @property
+    def tuner(self) -> str | None:
+        """The ``ops.tuners`` key of a tuner other than LoRA whose math lorasurgeon holds (None for LoRA, or for
+        a peft_type it has none for: refused by ``unsupported``)."""
+        if self.peft_type.upper() == "LORA":
+            return None
+        from ..ops.tuners import TUNERS  # torch-free at import; asked only for another tuner's adapter
+
+        name = self.peft_type.lower()
+        return name if name in TUNERS else None
 
     @property
     def peft_version(self) -> tuple[int, int, int] | None:

@@ -31,14 +31,6 @@ class TunedModule:
         return f"{self.name}.bias"
 
 
-def tuner_of(config: AdapterConfig) -> str | None:
-    """The tuner of a config whose peft_type is one ``ops.tuners`` folds (None for LoRA, or one it does not)."""
-    from ..ops.tuners import TUNERS  # torch-free at import: the math imports torch when it runs
-
-    name = config.peft_type.lower()
-    return name if name in TUNERS else None
-
-
 def group_tuned(
     folder: Path, config: AdapterConfig, ckpt: Checkpoint, tuner: str
 ) -> tuple[dict[str, TunedModule], dict[str, str]]:

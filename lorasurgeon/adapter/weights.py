@@ -6,11 +6,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ..errors import AdapterConfigError, IncompatibleError
 from ..io.checkpoint import Checkpoint
 from .config import AdapterConfig
+
+if TYPE_CHECKING:
+    from .tuned import TunedModule
 from .names import (
     ROLE_A,
     ROLE_B,
@@ -22,7 +25,6 @@ from .names import (
     Role,
     split_saved_key,
 )
-from .tuned import TunedModule, group_tuned, tuner_of
 
 # What the adapter alone says a module is: "linear" stands for a Linear or GPT-2's Conv1D (the base
 # weight's shape tells them apart, commands.merge.plan.module_kind), "embedding", "conv".
@@ -101,9 +103,10 @@ def adapter_of(ckpt: Checkpoint) -> LoraAdapter:
 def adapter_from(folder: Path, config: AdapterConfig, ckpt: Checkpoint) -> LoraAdapter:
     """Group the saved-format keys of ``ckpt`` into modules (also used for views of augmented files); those of a
     tuner other than LoRA by its parts (``adapter.tuned``)."""
-    tuner = tuner_of(config)
-    if tuner is not None:
-        tuned, whole = group_tuned(folder, config, ckpt, tuner)
+    if config.tuner is not None:
+        from .tuned import group_tuned  # only for another tuner's adapter
+
+        tuned, whole = group_tuned(folder, config, ckpt, config.tuner)
         return LoraAdapter(folder, config, ckpt, {}, whole, {}, {}, tuned=tuned)
     groups: dict[str, dict[Role, str]] = {}
     replacements: dict[str, str] = {}

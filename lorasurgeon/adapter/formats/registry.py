@@ -17,7 +17,9 @@ from .base import AdapterFormat, AdapterWriter
 if TYPE_CHECKING:
     from ..weights import LoraAdapter
 
-ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (gguf.FORMAT, mlx.FORMAT, peft.FORMAT)
+# PEFT first: the common case asks one format; none of the others' files is claimed by PEFT's rule (no
+# adapter_model file, no PEFT key: MLX's adapters.safetensors, a .gguf), so the order changes no answer
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (peft.FORMAT, mlx.FORMAT, gguf.FORMAT)
 
 
 @dataclass
