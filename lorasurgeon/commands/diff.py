@@ -360,8 +360,8 @@ def run(a: str | os.PathLike[str], b: str | os.PathLike[str], out: Output, setti
     src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
     with open_checkpoint(src_a.path) as raw_a, open_checkpoint(src_b.path) as raw_b:
         # a quantized checkpoint is compared by its values (dequantized), not its stored codes
-        ca, _ = plain_weights(raw_a, read_config(raw_a.folder), role=f"{src_a.label}: A")
-        cb, _ = plain_weights(raw_b, read_config(raw_b.folder), role=f"{src_b.label}: B")
+        ca, _ = plain_weights(raw_a, read_config(raw_a), role=f"{src_a.label}: A")
+        cb, _ = plain_weights(raw_b, read_config(raw_b), role=f"{src_b.label}: B")
         names_a, names_b = _kept_names(ca, cb, keep)
         ops = _diff_ops(ca, cb, names_a, set(names_b))
         stats = engine_run(

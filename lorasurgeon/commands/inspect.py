@@ -138,10 +138,10 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
     elif form == "augmented" and has_config:  # the adapter inside, read as convert reads it
         from .merge.augmented import split_augmented  # the merge package only for this kind of checkpoint
 
-        _, adapter, _ = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), read_config(ckpt.folder))
+        _, adapter, _ = split_augmented(ckpt, AdapterConfig.load(ckpt.folder), read_config(ckpt))
     files = [ckpt.index_file] if ckpt.index_file else []
     files += list(ckpt.files)
-    config = read_config(ckpt.folder)
+    config = read_config(ckpt)
     report = CheckpointReport(
         path=str(root),
         format=ckpt.format,
@@ -250,7 +250,7 @@ def _gguf_architecture(gguf: GgufReport) -> ModelArchitecture:
 
 def _quantized(ckpt: Checkpoint) -> QuantizedWeights | None:
     try:
-        layout = find_layout(ckpt, read_config(ckpt.folder))
+        layout = find_layout(ckpt, read_config(ckpt))
     except LorasurgeonError as exc:
         return QuantizedWeights([], 0, str(exc))
     return None if layout is None else QuantizedWeights(layout.methods, len(layout.tensors))

@@ -32,7 +32,7 @@ else:
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # What a checkpoint's files are (Checkpoint.format).
-CheckpointFormat = Literal["safetensors", "safetensors-sharded", "pytorch-bin", "pytorch-bin-sharded"]
+CheckpointFormat = Literal["safetensors", "safetensors-sharded", "pytorch-bin", "pytorch-bin-sharded", "gguf"]
 # Folder layouts, most preferred first: (file to look for, format name).
 FOLDER_LAYOUTS: tuple[tuple[str, CheckpointFormat], ...] = (
     (SAFETENSORS_INDEX, "safetensors-sharded"),
@@ -304,6 +304,10 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         return _open_file(root.parent, root, fmt)
     if root.suffix == ".safetensors":
         return _open_file(root, root, "safetensors")
+    if root.suffix == ".gguf":  # a llama.cpp model, in transformers' names (io.gguf_model)
+        from .gguf_model import open_gguf_model
+
+        return open_gguf_model(root)
     if root.suffix in BIN_SUFFIXES:
         return _open_file(root, root, "pytorch-bin")
     raise CorruptCheckpointError(

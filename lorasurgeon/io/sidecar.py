@@ -16,6 +16,8 @@ from .dtypes import torch_name
 
 if TYPE_CHECKING:
     import torch
+
+    from .checkpoint import Checkpoint
 else:
     from .._lazy import torch
 
@@ -59,12 +61,17 @@ def sidecar_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and is_sidecar(p.name) and p.name not in _NOT_COPIED)
 
 
-def read_config(folder: Path) -> dict[str, Any]:
-    """config.json as a dict ({} when absent: it is optional for the math).
+def read_config(folder: Path | Checkpoint) -> dict[str, Any]:
+    """config.json as a dict ({} when absent: it is optional for the math); given a checkpoint, its folder's, or
+    the config it derives itself (a GGUF model's, from its metadata).
 
     Raises:
         CorruptCheckpointError: a config.json that is there but not a JSON object, by name.
     """
+    config = getattr(folder, "config", None)  # a checkpoint that derives its own (io.gguf_model: GGUF metadata)
+    if isinstance(config, dict):
+        return dict(config)
+    folder = folder if isinstance(folder, Path) else folder.folder
     path = folder / CONFIG
     if not path.exists():
         return {}

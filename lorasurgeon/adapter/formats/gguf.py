@@ -54,8 +54,7 @@ SUFFIX = ".gguf"
 LORA_A, LORA_B = ".lora_a", ".lora_b"
 NORM = "_norm.weight"  # llama.cpp's loader skips these (mergekit's layer norms, passed through by the converter)
 PLAIN = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # ggml type -> the dtype read where it lies
-# Checkpoint.format of the view (io.checkpoint's CheckpointFormat names no GGUF: its files are not opened there)
-GGUF_FORMAT = cast(CheckpointFormat, "gguf")
+GGUF_FORMAT: CheckpointFormat = "gguf"  # Checkpoint.format of the view
 
 
 @dataclass(frozen=True)
@@ -120,7 +119,8 @@ def read_gguf_adapter(path: Path, base: Path) -> LoraAdapter:
         IncompatibleError: a base of another architecture, or one the pairs do not fit.
         InputNotFoundError, CorruptCheckpointError: a file that is missing or cannot be read.
     """
-    _need_config(Path(base))
+    if Path(base).suffix.lower() != ".gguf":  # a GGUF model base carries its config (io.gguf_model)
+        _need_config(Path(base))
     with open_checkpoint(base) as ckpt:
         return adapter_with_base(path, ckpt)
 
@@ -132,8 +132,9 @@ def adapter_with_base(path: Path, base: Checkpoint) -> LoraAdapter:
 
     gguf = _gguf()
     found = read_header(Path(path))
-    _need_config(base.folder)
-    config = read_config(base.folder)
+    if base.format != "gguf":  # a GGUF model base carries its config (io.gguf_model)
+        _need_config(base.folder)
+    config = read_config(base)
     arch, arch_name, permuted = LLAMA_CPP.gguf_architecture(config)
     model_arch = getattr(gguf.MODEL_ARCH, arch_name)
     if gguf.MODEL_ARCH_NAMES[model_arch] != found.arch:

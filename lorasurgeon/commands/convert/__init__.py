@@ -115,7 +115,7 @@ def run(augmented: str | os.PathLike[str], out: Output, settings: ConvertSetting
         [Input(augmented, "INPUT")], out.path, command="convert", overwrite=overwrite, device=merge.device
     )
     with open_checkpoint(source.path) as ckpt:
-        config = read_config(ckpt.folder)
+        config = read_config(ckpt)
         kind = input_kind(ckpt)
         if kind == "model" and to != "adapter":
             return convert_model(ckpt, config, source, out.path, merge, overwrite, out.dry_run, out.progress)

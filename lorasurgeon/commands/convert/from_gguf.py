@@ -101,7 +101,7 @@ def from_gguf(
 
 def _check_merge(adapter: LoraAdapter, base: Checkpoint) -> None:
     """The adapter against the base's headers by merge's own plan: what merge refuses is refused here."""
-    config = read_config(base.folder)
+    config = read_config(base)
     weights, _ = plain_weights(base, config, role=f"{base.root}: the base model")
     plan_merge(weights, [adapter], [1.0], model_names(weights.names(), config), dtype=None)
 

@@ -68,7 +68,7 @@ def to_lora(
         assert base_ckpt is not None  # the base's kind is checked, so it is open
         (tuned,) = adapters_of(opened[:1])
         try:
-            config = read_config(base_ckpt.folder)
+            config = read_config(base_ckpt)
             if quant_config(config) is not None:
                 raise UnsupportedError(
                     f"{opened[1].source.label}: a quantized base: --to lora reads a plain one (convert it to a --dtype)"

@@ -165,7 +165,7 @@ class Planned:
 
 
 def plan_pair(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: ExtractSettings) -> Planned:
-    b_cfg, t_cfg = read_config(b_raw.folder), read_config(t_raw.folder)
+    b_cfg, t_cfg = read_config(b_raw), read_config(t_raw)
     # a quantized base (QLoRA, then a full fine-tune) is read by its values: the change is measured
     # against the dequantized base
     b_ckpt, b_quant = plain_weights(b_raw, b_cfg, role=f"{origin.base}: the base model")

@@ -233,7 +233,7 @@ def _plan(
     assert ckpt is not None  # every input's kind is checked, so each is open
     planned = _Planned(base_src, [o.source for o in opened[1:]], ckpt, [], {}, [], False, opened=opened)
     try:
-        planned.config = read_config(ckpt.folder)
+        planned.config = read_config(ckpt)
         role = "the merged model" if settings.unmerge else "the base model"
         keep = settings.quantize == "keep" or settings.dtype_name is None
         view, planned.layout = plain_weights(ckpt, planned.config, role=f"{base_src.label}: {role}", keep_static=keep)
