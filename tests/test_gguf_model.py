@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from helpers import FIX_ADAPTER, FIX_BASE
+from helpers import FIX_ADAPTER, FIX_BASE, one_line_error, run_cli
 from safetensors.torch import load_file
 
 from lorasurgeon.errors import UnsupportedError
@@ -137,3 +137,10 @@ def test_a_tensor_with_no_place_in_transformers_layout_refuses_the_model(tmp_pat
         open_gguf_model(path)
     assert "\n" not in str(e.value)
     assert open_gguf_model(write_llama_gguf(FIX_BASE, tmp_path / "ok.gguf", "F32", extra="rope_freqs.weight"))
+
+
+def test_quantize_keep_says_a_gguf_result_is_safetensors(tmp_path):
+    path = write_llama_gguf(FIX_BASE, tmp_path / "m.gguf", "Q8_0")
+    result = run_cli("merge", path, FIX_ADAPTER, "--quantize", "keep", "-o", tmp_path / "out")
+    one_line_error(result, "writing GGUF is not done yet", "--dtype")
+    assert not (tmp_path / "out").exists()

@@ -238,6 +238,11 @@ def _plan(
         keep = settings.quantize == "keep" or settings.dtype_name is None
         view, planned.layout = plain_weights(ckpt, planned.config, role=f"{base_src.label}: {role}", keep_static=keep)
         if planned.layout is None and settings.quantize == "keep":
+            if ckpt.format == "gguf":
+                raise UnsupportedError(
+                    f"{base_src.label}: a GGUF base is read dequantized and the result written as safetensors "
+                    "(writing GGUF is not done yet): drop --quantize keep, and give --dtype (e.g. bfloat16)"
+                )
             raise InvalidOptionError(f"{base_src.label}: {role} is not quantized: --quantize keep has nothing to keep")
         if planned.layout is not None:
             if keep and settings.form == "augmented":
