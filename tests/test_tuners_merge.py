@@ -88,6 +88,7 @@ def test_what_cannot_be_folded_is_refused_by_name(tmp_path):
     )
     # not LoRA factors: resize and vLLM's check name the way out
     one_line_error(run_cli("resize", tmp_path / "adapter", "--rank", "2", "-o", tmp_path / "x"), "IA3", "--to lora")
+    one_line_error(run_cli("convert", tmp_path / "adapter", "--to", "mlx", "-o", tmp_path / "x"), "IA3", "--to lora")
     checked = run_cli("check", tmp_path / "adapter", "--for", "vllm")
     assert checked.exit_code == 1 and "LoRA adapters only" in checked.output
     # a peft_type lorasurgeon has no math for

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 from ...adapter.formats.registry import adapter_writer, writable
 from ...engine.execute import Outcome, run
 from ...engine.plan import Ref
-from ...errors import InvalidOptionError
+from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, made_by, model_card
 from ...io.dtypes import itemsize
 from ...io.layout import human_bytes
@@ -77,6 +77,11 @@ def to_format(adapter: str | os.PathLike[str], out: Output, *, target: str, devi
     ) as opened:
         (source,) = adapters_of(opened)
     try:
+        if source.tuned and target != "peft":
+            raise UnsupportedError(
+                f"{adapter}: a {source.config.peft_type} adapter: {target}'s format holds LoRA (and DoRA) only; "
+                "`lorasurgeon convert ADAPTER --to lora --base BASE` gives its best LoRA first"
+            )
         ckpt = source.checkpoint
         ops = [
             TensorOp(k, Ref(0, k), math.prod(i.shape) * itemsize(i.dtype_name))
