@@ -123,6 +123,7 @@ def test_peft_written_as_mlx_is_loaded_and_fused_by_mlx_lm_as_peft_merges(tiny, 
     changed = [k for k in ours if k.removesuffix(".weight") in adapted]
     assert len(changed) == len(adapted) == (21 if which == "peft" else 6)
     worst = max((ours[k] - ref[k]).abs().max().item() for k in changed)
+    print(f"\nMLX fuse of our {which} vs PEFT merge_and_unload: max |diff| {worst:.2e}")
     assert worst < 1e-6, worst
     for k in set(ours) - set(changed):  # num_layers -1: the modules the file has nothing for change nothing
         torch.testing.assert_close(ours[k], ref[k], rtol=1e-6, atol=1e-6)
@@ -145,6 +146,7 @@ def test_an_adapter_saved_by_mlx_lm_is_read_and_merged_as_mlx_lm_fuses(tiny, tmp
     merge(base, [adapter / "adapters.safetensors"], tmp_path / "merged")
     ours = read_folder(tmp_path / "merged")
     worst = max((ours[k] - theirs[k]).abs().max().item() for k in theirs)
+    print(f"\nour merge of mlx-lm's {kind} vs mlx-lm fuse: max |diff| {worst:.2e}")
     assert worst < 1e-6, worst
     untouched = load_file(base / "model.safetensors")
     assert torch.equal(
