@@ -27,6 +27,7 @@ from ..io.checkpoint import Checkpoint, open_checkpoint
 from ..io.dtypes import is_floating, parse_dtype_name, safetensors_name, torch_name
 from ..io.layout import parse_size
 from ..io.publish import check_destination
+from ..words import plural
 
 if TYPE_CHECKING:
     import torch
@@ -215,6 +216,17 @@ def output_dtype(text: str | torch.dtype | None) -> str | None:
 
 
 FLOAT32_MAX = 3.4028234663852886e38  # torch.finfo(torch.float32).max
+
+
+def adapter_weights(weights: Sequence[float] | None, adapters: int) -> tuple[float, ...]:
+    """One weight per adapter (1.0 each when none is given), each checked (:func:`check_weights`)."""
+    chosen = tuple(weights) if weights else (1.0,) * adapters
+    if len(chosen) != adapters:
+        raise InvalidOptionError(
+            f"{plural(len(chosen), 'weight')} for {plural(adapters, 'adapter')}: give one --weight per adapter"
+        )
+    check_weights(chosen)
+    return chosen
 
 
 def check_weights(weights: Sequence[float]) -> None:

@@ -9,8 +9,7 @@ from typing import TYPE_CHECKING, Literal, cast, get_args
 
 from ...errors import InvalidOptionError
 from ...io.dtypes import torch_dtype, torch_name
-from ...words import plural
-from .._inputs import check_weights, output_dtype, parse_shard_size
+from .._inputs import adapter_weights, output_dtype, parse_shard_size
 
 if TYPE_CHECKING:
     import torch
@@ -56,12 +55,7 @@ class MergeSettings:
             raise InvalidOptionError(f"unknown form {form!r}: choose one of {', '.join(get_args(Form))}")
         if adapters < 1:
             raise InvalidOptionError("give at least one adapter")
-        chosen = tuple(weights) if weights else (1.0,) * adapters
-        if len(chosen) != adapters:
-            raise InvalidOptionError(
-                f"{plural(len(chosen), 'weight')} for {plural(adapters, 'adapter')}: give one --weight per adapter"
-            )
-        check_weights(chosen)
+        chosen = adapter_weights(weights, adapters)
         if form == "augmented" and (adapters != 1 or chosen[0] != 1.0 or unmerge):
             raise InvalidOptionError("the augmented form holds exactly one adapter, with weight 1")
         if quantize not in (None, *get_args(Quantize)):

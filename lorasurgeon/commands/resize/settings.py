@@ -9,8 +9,7 @@ from typing import Any
 
 from ...consumers import Consumer, consumer
 from ...errors import InvalidOptionError
-from ...words import plural
-from .._inputs import check_weights
+from .._inputs import adapter_weights
 from ..sizing import SizedBy, Sizing
 
 
@@ -63,12 +62,7 @@ class ResizeSettings(SizedBy):
             consumer(for_, "--for")
         if combining and adapters < 2:
             raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
-        chosen = tuple(weights) if weights else (1.0,) * adapters
-        if len(chosen) != adapters:
-            raise InvalidOptionError(
-                f"{plural(len(chosen), 'weight')} for {plural(adapters, 'adapter')}: give one --weight per adapter"
-            )
-        check_weights(chosen)
+        chosen = adapter_weights(weights, adapters)
         return cls(sizing, chosen, combining, for_, allow_different_bases, device)
 
     @property
