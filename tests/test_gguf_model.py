@@ -28,9 +28,12 @@ def llama_permute(w: np.ndarray, n_head: int) -> np.ndarray:
     return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def write_llama_gguf(base: Path, out: Path, qtype: str, arch: str = "llama", extra: str | None = None) -> Path:
+def write_llama_gguf(
+    base: Path, out: Path, qtype: str, arch: str = "llama", extra: str | None = None, encode=None
+) -> Path:
     """``base`` as convert_hf_to_gguf.py writes a Llama: metadata, names, permuted q/k, 2-D weights in ``qtype``
-    (Q8_0 falling back to F16 where a row is not whole blocks), 1-D tensors F32."""
+    (Q8_0 falling back to F16 where a row is not whole blocks), 1-D tensors F32. ``encode(data, kind)``: the
+    bytes of a 2-D weight, for a type gguf cannot encode (the K-quants)."""
     config = json.loads((base / "config.json").read_text())
     t = load_file(base / "model.safetensors")
     tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
@@ -53,7 +56,8 @@ def write_llama_gguf(base: Path, out: Path, qtype: str, arch: str = "llama", ext
             data = llama_permute(data, heads)
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else getattr(gguf.GGMLQuantizationType, qtype)
         try:
-            raw = gguf.quants.quantize(np.ascontiguousarray(data), kind)
+            encoder = encode if encode is not None and data.ndim == 2 else gguf.quants.quantize
+            raw = encoder(np.ascontiguousarray(data), kind)
         except gguf.QuantError:
             kind = gguf.GGMLQuantizationType.F16
             raw = gguf.quants.quantize(np.ascontiguousarray(data), kind)
@@ -139,8 +143,8 @@ def test_a_tensor_with_no_place_in_transformers_layout_refuses_the_model(tmp_pat
     assert open_gguf_model(write_llama_gguf(FIX_BASE, tmp_path / "ok.gguf", "F32", extra="rope_freqs.weight"))
 
 
-def test_quantize_keep_says_a_gguf_result_is_safetensors(tmp_path):
+def test_quantize_keep_into_a_folder_names_the_gguf_result(tmp_path):
     path = write_llama_gguf(FIX_BASE, tmp_path / "m.gguf", "Q8_0")
     result = run_cli("merge", path, FIX_ADAPTER, "--quantize", "keep", "-o", tmp_path / "out")
-    one_line_error(result, "writing GGUF is not done yet", "--dtype")
+    one_line_error(result, "keeps its types in a .gguf result", "-o NAME.gguf")
     assert not (tmp_path / "out").exists()

@@ -286,13 +286,13 @@ def test_a_picture_is_replaced_only_with_overwrite_and_only_a_picture(tmp_path, 
 SLOW_START = r"""
 import sys, time
 import lorasurgeon.commands.merge as merge_module
-real = merge_module._plan
+real = merge_module.plan_run
 def slow_plan(*args, **kwargs):  # a start-up stuck in C code (an import of seconds): no Python handler can run
     print("planning", flush=True)
     import ctypes
     ctypes.CDLL(None).sleep(30)
     return real(*args, **kwargs)
-merge_module._plan = slow_plan
+merge_module.plan_run = slow_plan
 from lorasurgeon.cli import main
 sys.argv = ["lorasurgeon", *sys.argv[1:]]
 main()

@@ -74,13 +74,17 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
 )
 @MERGING
 def merge_cmd(base: str, adapters: tuple[str, ...], **options: Any) -> None:
-    """Merge PEFT LoRA adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
+    """Merge adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
+
+    Adapters: PEFT's (LoRA and the tuners that fold), MLX-LM's, a llama.cpp .gguf LoRA. OUT is a folder of
+    safetensors, or for a .gguf BASE a NAME.gguf in the base's own types.
 
     \b
     Examples:
       lorasurgeon merge fixtures/base fixtures/adapter -o merged
       lorasurgeon merge ./Llama-3-8B ./my-lora --dtype bfloat16 -o ./Llama-3-8B-merged
       lorasurgeon merge BASE A1 A2 --weight 1 --weight 0.5 -o OUT
+      lorasurgeon merge model-Q8_0.gguf my-lora -o merged-Q8_0.gguf
     """
     from ..commands.merge import MergeSettings, run
 

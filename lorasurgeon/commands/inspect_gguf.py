@@ -9,13 +9,12 @@ are both stored {r, n}, so the rule is the same).
 
 from __future__ import annotations
 
-import os
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import CorruptCheckpointError, UnsupportedError
+from ..io.gguf_file import corrupt_gguf, open_reader, scalar, text
 
 MAGIC = b"GGUF"
 LORA_SUFFIXES = (".lora_a", ".lora_b")
@@ -76,65 +75,25 @@ def read_gguf(path: Path) -> tuple[GgufReport, list[GgufTensor], dict[str, str]]
         UnsupportedError: the gguf package is not installed.
         CorruptCheckpointError: a file GGUFReader cannot parse, or whose tensors run past its end.
     """
-    reader = _open(path)
+    reader = open_reader(path, "inspecting a .gguf")
     size = path.stat().st_size
     tensors = [_tensor(t) for t in reader.tensors]
     for t in reader.tensors:
         if int(t.data_offset) + int(t.n_bytes) > size:
-            raise _corrupt(path, f"tensor {t.name} runs past the end of the file ({size:,} bytes): truncated")
+            raise corrupt_gguf(path, f"tensor {t.name} runs past the end of the file ({size:,} bytes): truncated")
     meta = _metadata(reader)
     report = GgufReport(
-        version=int(_scalar(reader, "GGUF.version") or 0),
-        architecture=_text(reader, "general.architecture"),
+        version=int(scalar(reader, "GGUF.version") or 0),
+        architecture=text(reader, "general.architecture"),
         type=_kind(reader, tensors),
-        name=_text(reader, "general.name"),
-        adapter_type=_text(reader, "adapter.type"),
+        name=text(reader, "general.name"),
+        adapter_type=text(reader, "adapter.type"),
         lora_alpha=_float(reader, "adapter.lora.alpha"),
         model=_model_numbers(reader),
         file_bytes=size,
         **_pairs(tensors),
     )
     return report, tensors, meta
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise UnsupportedError(
-            "inspecting a .gguf needs the gguf package: pip install 'lorasurgeon[gguf]' (or pip install gguf)"
-        ) from None
-    return gguf
-
-
-def _open(path: Path) -> Any:
-    gguf = _gguf()
-    try:
-        return gguf.GGUFReader(os.fspath(path), "r")
-    except OSError as exc:
-        raise _corrupt(path, f"cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as exc:
-        raise _corrupt(path, _why(exc, path.stat().st_size)) from None
-
-
-# what gguf's reader says of a file it understands but refuses (numpy's messages, from reading past the end of
-# a short file, are said as what they mean)
-_GGUF_MESSAGES = ("magic", "version", "alignment", "uplicate", "field type", "not a valid")
-
-
-def _why(exc: Exception, size: int) -> str:
-    if size == 0:
-        return "an empty file"
-    message = str(exc)
-    if isinstance(exc, (ValueError, KeyError)) and any(m in message for m in _GGUF_MESSAGES):
-        return message.strip("'\"")
-    return f"its header or tensors run past the end of the file, {size:,} bytes"
-
-
-def _corrupt(path: Path, what: str) -> CorruptCheckpointError:
-    return CorruptCheckpointError(
-        f"{path}: not a readable GGUF file ({what}); it is damaged or truncated (download or write it again)"
-    )
 
 
 def _tensor(t: Any) -> GgufTensor:
@@ -147,35 +106,8 @@ def _tensor(t: Any) -> GgufTensor:
     )
 
 
-def _value(reader: Any, key: str) -> tuple[Any, Any] | None:
-    """The field's first type and its first value's array (None when absent or empty)."""
-    f = reader.fields.get(key)
-    if f is None or not f.types or not f.data:
-        return None
-    return f.types[0], f.parts[f.data[0]]
-
-
-def _scalar(reader: Any, key: str) -> str | int | float | bool | None:
-    """A string or number field's value; None for one that is absent or an array."""
-    found = _value(reader, key)
-    if found is None:
-        return None
-    kind, part = found
-    if kind.name == "STRING":
-        return bytes(part).decode("utf-8", errors="replace")
-    if kind.name == "ARRAY":
-        return None
-    value = part[0].item()
-    return value if isinstance(value, (int, float, bool)) else None
-
-
-def _text(reader: Any, key: str) -> str | None:
-    value = _scalar(reader, key)
-    return value if isinstance(value, str) else None
-
-
 def _float(reader: Any, key: str) -> float | None:
-    value = _scalar(reader, key)
+    value = scalar(reader, key)
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
@@ -183,26 +115,26 @@ def _metadata(reader: Any) -> dict[str, str]:
     """Every scalar key/value (arrays, e.g. the tokenizer's vocabulary, are left out), as text."""
     out = {}
     for key in reader.fields:
-        value = None if key.startswith("GGUF.") else _scalar(reader, key)
+        value = None if key.startswith("GGUF.") else scalar(reader, key)
         if value is not None:
             out[key] = str(value)
     return out
 
 
 def _kind(reader: Any, tensors: list[GgufTensor]) -> str:
-    declared = _text(reader, "general.type")
+    declared = text(reader, "general.type")
     if declared:
         return declared
     lora = any(t.name.endswith(LORA_SUFFIXES) for t in tensors)
-    return "adapter" if lora or _text(reader, "adapter.type") else "model"
+    return "adapter" if lora or text(reader, "adapter.type") else "model"
 
 
 def _model_numbers(reader: Any) -> dict[str, int]:
     """A model's {arch}.block_count, embedding_length, ... (those that are plain integers)."""
-    arch = _text(reader, "general.architecture")
+    arch = text(reader, "general.architecture")
     out = {}
     for key, name in MODEL_KEYS.items():
-        value = _scalar(reader, f"{arch}.{key}") if arch else None
+        value = scalar(reader, f"{arch}.{key}") if arch else None
         if isinstance(value, int) and not isinstance(value, bool):
             out[name] = value
     if "vocab_size" not in out and "tokenizer.ggml.tokens" in reader.fields:

@@ -9,12 +9,14 @@ reverse permute) -- applied lazily, one tensor at a time, when a tensor is read.
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..errors import CorruptCheckpointError, InputNotFoundError, UnsupportedError
+from ..errors import UnsupportedError
 from .checkpoint import Checkpoint, CheckpointFormat, Decoded, TensorInfo
+from .gguf_file import open_reader, tensor_header, text
 
 if TYPE_CHECKING:
     import torch
@@ -23,31 +25,36 @@ else:
 
 PLAIN = {"F32": "F32", "F16": "F16", "BF16": "BF16"}
 GGUF_MODEL: CheckpointFormat = "gguf"
+LLAMA_PERMUTED = ("llama", "mistral")  # transformers' LlamaConverter: q/k rows un-permuted, nothing else
 NOT_WEIGHTS = ("rope_freqs.weight",)  # llama.cpp's precomputed RoPE factors: transformers derives them from config
 
 
-class GgufModel(Checkpoint):
-    """A GGUF model's tensors under transformers' names; ``config`` is transformers' config.json for it."""
+@dataclass(frozen=True)
+class Stored:
+    """How a tensor lies in the GGUF file: its ggml type, and what reading it undoes -- LlamaModel.permute of q/k
+    rows in ``heads`` heads, or (``processed``) another transform of transformers' processor for the architecture."""
 
-    def __init__(self, path: Path, infos: list[TensorInfo], config: dict[str, Any]):
+    ggml: str
+    heads: int | None = None
+    processed: bool = False
+
+
+class GgufModel(Checkpoint):
+    """A GGUF model's tensors under transformers' names; ``config`` is transformers' config.json for it,
+    ``stored`` how each tensor lies in the file (by transformers' name; its GGUF name is its info's ``key``)."""
+
+    def __init__(self, path: Path, infos: list[TensorInfo], config: dict[str, Any], stored: dict[str, Stored]):
         super().__init__(path, GGUF_MODEL, [path], infos, {})
         self.config = config
+        self.stored = stored
 
     def _view(self, infos: list[TensorInfo]) -> Checkpoint:
-        return GgufModel(self.root, infos, self.config)
+        return GgufModel(self.root, infos, self.config, self.stored)
 
 
 def _reader(path: Path) -> Any:
-    from ..adapter.formats.gguf import _gguf, _text
-
-    gguf = _gguf()
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such file")
-    try:
-        reader = gguf.GGUFReader(os.fspath(path), "r")
-    except (OSError, ValueError, IndexError, KeyError, OverflowError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a readable GGUF file ({exc})") from None
-    if _text(reader, "general.type") == "adapter" or "adapter.type" in reader.fields:
+    reader = open_reader(path, "reading a GGUF model")
+    if text(reader, "general.type") == "adapter" or "adapter.type" in reader.fields:
         raise UnsupportedError(f"{path}: a llama.cpp adapter, not a model (merge it into a base instead)")
     if reader.byte_order != "I":
         raise UnsupportedError(f"{path}: a big-endian GGUF file, which is not read")
@@ -98,31 +105,40 @@ def open_gguf_model(path: str | os.PathLike[str]) -> GgufModel:
         UnsupportedError: an adapter .gguf, an architecture transformers cannot read, a tensor type gguf
             cannot dequantize. CorruptCheckpointError: an unreadable file.
     """
-    from ..adapter.formats.gguf import _tensor, _text
-
     p = Path(path)
     reader = _reader(p)
-    arch = _text(reader, "general.architecture") or "?"
+    arch = text(reader, "general.architecture") or "?"
     config = gguf_config(p)
     names, processor = _name_map(config, arch)
-    tensors = [_tensor(r) for r in reader.tensors]
+    tensors = [tensor_header(r) for r in reader.tensors]
     unmapped = [t.name for t in tensors if t.name not in names and t.name not in NOT_WEIGHTS]
     if unmapped:  # (MoE experts, which transformers' processors stack or rename, are not read yet)
         raise UnsupportedError(
             f"{p}: {len(unmapped)} tensors lorasurgeon cannot place in transformers' layout ({', '.join(unmapped[:3])}"
             f"{', ...' if len(unmapped) > 3 else ''}): refused rather than left out of the model"
         )
-    infos = [_info(p, t, names[t.name], arch, processor, names) for t in tensors if t.name in names]
-    return GgufModel(p, infos, config)
+    placed = [t for t in tensors if t.name in names]
+    stored = {names[t.name]: _stored(t, arch, processor, config) for t in placed}
+    infos = [_info(p, t, names[t.name], stored[names[t.name]], processor, names) for t in placed]
+    return GgufModel(p, infos, config, stored)
 
 
-def _info(path: Path, t: Any, name: str, arch: str, processor: Any, names: dict[str, str]) -> TensorInfo:
-    import gguf
+def _stored(t: Any, arch: str, processor: Any, config: dict[str, Any]) -> Stored:
     from transformers.modeling_gguf_pytorch_utils import TensorProcessor
 
-    custom = type(processor).process is not TensorProcessor.process
-    permuted = custom and (arch not in ("llama", "mistral") or ".attn_q." in t.name or ".attn_k." in t.name)
-    if t.ggml in PLAIN and not permuted:
+    if type(processor).process is TensorProcessor.process:
+        return Stored(t.ggml)
+    if arch not in LLAMA_PERMUTED:
+        return Stored(t.ggml, processed=True)
+    n_head = int(config["num_attention_heads"])
+    heads = {".attn_q.": n_head, ".attn_k.": int(config.get("num_key_value_heads") or n_head)}
+    return Stored(t.ggml, next((n for part, n in heads.items() if part in t.name), None))
+
+
+def _info(path: Path, t: Any, name: str, stored: Stored, processor: Any, names: dict[str, str]) -> TensorInfo:
+    import gguf
+
+    if t.ggml in PLAIN and not stored.heads and not stored.processed:
         return TensorInfo(name, PLAIN[t.ggml], t.shape, path, t.offset, key=t.name)
     qtype = gguf.GGMLQuantizationType[t.ggml]
     if t.ggml not in PLAIN and (

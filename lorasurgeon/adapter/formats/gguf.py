@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, cast
 
 from ...errors import CorruptCheckpointError, IncompatibleError, InputNotFoundError, UnsupportedError
 from ...io.checkpoint import Checkpoint, CheckpointFormat, Decoded, TensorInfo, open_checkpoint
+from ...io.gguf_file import SUFFIX, GgufTensor, gguf_module, open_reader, scalar, tensor_header, text
 from ..config import AdapterConfig
 from ..names import ROLE_A, ROLE_B, ROLE_EMB_A, ROLE_EMB_B, saved_key
 from ..weights import LoraAdapter, adapter_from
@@ -50,22 +51,10 @@ if TYPE_CHECKING:
 else:
     from ..._lazy import torch
 
-SUFFIX = ".gguf"
 LORA_A, LORA_B = ".lora_a", ".lora_b"
 NORM = "_norm.weight"  # llama.cpp's loader skips these (mergekit's layer norms, passed through by the converter)
 PLAIN = {"F32": "F32", "F16": "F16", "BF16": "BF16"}  # ggml type -> the dtype read where it lies
 GGUF_FORMAT: CheckpointFormat = "gguf"  # Checkpoint.format of the view
-
-
-@dataclass(frozen=True)
-class GgufTensor:
-    """One tensor of the file, from its header."""
-
-    name: str
-    ggml: str  # the ggml type's name: F32, F16, BF16, Q8_0, ...
-    shape: tuple[int, ...]  # numpy order (ggml's ne reversed): lora_a (r, in), lora_b (out, r)
-    offset: int  # absolute, in the file
-    nbytes: int
 
 
 @dataclass(frozen=True)
@@ -92,7 +81,7 @@ def claims(probe: Probe) -> bool:
         reader = gguf.GGUFReader(os.fspath(path), "r")
     except (OSError, ValueError, IndexError, KeyError, OverflowError, TypeError):
         return False
-    return _text(reader, "general.type") in ("adapter", None) and _text(reader, "adapter.type") == "lora"
+    return text(reader, "general.type") in ("adapter", None) and text(reader, "adapter.type") == "lora"
 
 
 def read(path: Path) -> LoraAdapter:
@@ -130,7 +119,7 @@ def adapter_with_base(path: Path, base: Checkpoint) -> LoraAdapter:
     from ...consumers.llama_cpp import LLAMA_CPP
     from ...io.sidecar import read_config
 
-    gguf = _gguf()
+    gguf = gguf_module("reading a GGUF adapter")
     found = read_header(Path(path))
     if base.format != "gguf":  # a GGUF model base carries its config (io.gguf_model)
         _need_config(base.folder)
@@ -175,16 +164,8 @@ def read_header(path: Path) -> GgufAdapter:
         UnsupportedError: a model .gguf, a control vector, aLoRA, a big-endian file; no gguf package.
         CorruptCheckpointError: a file gguf's reader cannot parse. InputNotFoundError: no such file.
     """
-    gguf = _gguf()
-    if not path.is_file():
-        raise InputNotFoundError(f"{path}: no such file")
-    try:
-        reader = gguf.GGUFReader(os.fspath(path), "r")
-    except OSError as exc:
-        raise CorruptCheckpointError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    except (ValueError, IndexError, KeyError, OverflowError, TypeError) as exc:
-        raise CorruptCheckpointError(f"{path}: not a readable GGUF file ({exc}); damaged or truncated?") from None
-    kind, adapter = _text(reader, "general.type"), _text(reader, "adapter.type")
+    reader = open_reader(path, "reading a GGUF adapter")
+    kind, adapter = text(reader, "general.type"), text(reader, "adapter.type")
     if kind not in ("adapter", None) or adapter != "lora":
         what = f"a llama.cpp {kind or 'model'} file" if adapter is None else f"a llama.cpp {adapter} adapter"
         raise UnsupportedError(f"{path}: {what}, not a LoRA adapter (general.type 'adapter', adapter.type 'lora')")
@@ -192,48 +173,16 @@ def read_header(path: Path) -> GgufAdapter:
         raise UnsupportedError(f"{path}: an aLoRA adapter (adapter.alora.invocation_tokens), which is not read")
     if reader.byte_order != "I":
         raise UnsupportedError(f"{path}: a big-endian GGUF file (--bigendian), which is not read")
-    alpha = _scalar(reader, "adapter.lora.alpha")
-    arch = _text(reader, "general.architecture")
+    alpha = scalar(reader, "adapter.lora.alpha")
+    arch = text(reader, "general.architecture")
     if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or arch is None:
         raise CorruptCheckpointError(f"{path}: a GGUF adapter without adapter.lora.alpha or general.architecture")
-    tensors = {t.name: _tensor(t) for t in reader.tensors}
+    tensors = {t.name: tensor_header(t) for t in reader.tensors}
     size = path.stat().st_size
     for t in tensors.values():
         if t.offset + t.nbytes > size:
             raise CorruptCheckpointError(f"{path}: tensor {t.name} runs past the end of the file: truncated")
     return GgufAdapter(path, arch, float(alpha), tensors)
-
-
-def _tensor(t: Any) -> GgufTensor:
-    shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-    return GgufTensor(str(t.name), str(t.tensor_type.name), shape, int(t.data_offset), int(t.n_bytes))
-
-
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise UnsupportedError(
-            "reading a GGUF adapter needs the gguf package: pip install 'lorasurgeon[gguf]' (or pip install gguf)"
-        ) from None
-    return gguf
-
-
-def _scalar(reader: Any, key: str) -> str | int | float | None:
-    """A string or number field's value (None: absent, empty or an array)."""
-    f = reader.fields.get(key)
-    if f is None or not f.types or not f.data or f.types[0].name == "ARRAY":
-        return None
-    part = f.parts[f.data[0]]
-    if f.types[0].name == "STRING":
-        return bytes(part).decode("utf-8", errors="replace")
-    value = part[0].item()
-    return value if isinstance(value, (int, float)) else None
-
-
-def _text(reader: Any, key: str) -> str | None:
-    value = _scalar(reader, key)
-    return value if isinstance(value, str) else None
 
 
 def _base_names(base: Checkpoint, config: Mapping[str, Any]) -> tuple[Checkpoint, ModelNames]:
@@ -342,7 +291,7 @@ def _stored(found: GgufAdapter, t: GgufTensor, name: str) -> TensorInfo:
     """The tensor ``t`` under ``name``: its bytes where they lie, or, quantized, dequantized when read."""
     if t.ggml in PLAIN:
         return TensorInfo(name, PLAIN[t.ggml], t.shape, found.path, t.offset, key=t.name)
-    gguf = _gguf()
+    gguf = gguf_module("reading a GGUF adapter")
     qtype = gguf.GGMLQuantizationType[t.ggml]
     if t.ggml.startswith(("I", "F")) or qtype not in getattr(gguf.quants, "_type_traits", {qtype: None}):
         raise UnsupportedError(f"{found.path}: {t.name} is stored as {t.ggml}, which is not read")

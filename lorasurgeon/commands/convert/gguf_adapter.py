@@ -26,8 +26,7 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -42,15 +41,11 @@ from ...errors import (
     CorruptCheckpointError,
     InputNotFoundError,
     InvalidOptionError,
-    LorasurgeonError,
-    OutputError,
-    OutputExistsError,
     UnsupportedError,
 )
 from ...io.checkpoint import FOLDER_LAYOUTS, open_checkpoint
+from ...io.gguf_file import check_gguf_destination, gguf_module, staged_gguf
 from ...io.layout import TensorSpec
-from ...io.publish import absolute, check_place, check_replaceable, earlier_file, publish
-from ...io.scratch import make_scratch, release
 from ...io.sidecar import CONFIG, read_json_object
 from ...names import model_names
 from ...ops.lora import LAYER_KINDS
@@ -62,8 +57,6 @@ if TYPE_CHECKING:
     import torch
 else:
     from ..._lazy import torch
-
-GGUF_FILE = earlier_file("GGUF", b"GGUF")  # what --overwrite may replace: an earlier .gguf
 
 
 @dataclass(frozen=True)
@@ -141,25 +134,6 @@ def _check_fits(adapter: LoraAdapter, where: Path, config: dict[str, Any]) -> No
         plan_merge(weights, [adapter], [1.0], names, dtype=None)
 
 
-def check_gguf_destination(
-    out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, overwrite: bool
-) -> Path:
-    """Where the .gguf may go, before any tensor is read: one file, by every result's rules
-    (``io.publish.check_place``: never an input, inside one or a protected folder), replacing only
-    an earlier .gguf (with ``overwrite``), in a folder that exists. Returns it, absolute."""
-    path = absolute(out)
-    if path.is_dir():
-        raise OutputExistsError(f"{path}: a folder; --to gguf writes one file (e.g. -o adapter.gguf)")
-    check_place(path, inputs)
-    if os.path.lexists(path):
-        if not overwrite:
-            raise OutputExistsError(f"{path}: already exists (pass --overwrite to replace an earlier result)")
-        check_replaceable(path, GGUF_FILE)
-    if not path.parent.is_dir():
-        raise OutputError(f"{path.parent}: no such folder")
-    return path
-
-
 def to_gguf(
     adapter: str | os.PathLike[str],
     out: str | os.PathLike[str] | None,
@@ -187,7 +161,7 @@ def to_gguf(
         OutputError: ``out`` is, or is inside, an input (or a protected folder), or not an earlier .gguf to replace.
         OutputExistsError: ``out`` exists (without ``overwrite``).
     """
-    gguf = _gguf()
+    gguf = gguf_module("--to gguf")
     # out=None: a .gguf is one file, whose place is checked below (check_gguf_destination), not a result folder
     adapter_input = Input(adapter, "ADAPTER", "adapter")
     with open_inputs([adapter_input], None, command="convert", overwrite=False, device="cpu") as opened:
@@ -256,22 +230,10 @@ def _hparam(config: dict[str, Any], *keys: str) -> Any:
     raise InvalidOptionError(f"the base's config.json has no {keys[0]} (llama.cpp's names depend on it)")
 
 
-def _gguf() -> Any:
-    try:
-        import gguf
-    except ImportError:
-        raise UnsupportedError(
-            "--to gguf needs the gguf package: pip install 'lorasurgeon[gguf]' (or pip install gguf)"
-        ) from None
-    return gguf
-
-
 def _write(out: Path, arch: str, alpha: float, pairs: list[tuple[str, torch.Tensor]], *, overwrite: bool) -> None:
     """The file written beside ``out`` (checked by check_gguf_destination) under a hidden name, fsynced, renamed."""
-    gguf = _gguf()
-    scratch = make_scratch(out, "partial")
-    partial = scratch / out.name
-    try:
+    gguf = gguf_module("--to gguf")
+    with staged_gguf(out, overwrite=overwrite) as partial:
         writer = gguf.GGUFWriter(str(partial), arch)
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
@@ -282,13 +244,3 @@ def _write(out: Path, arch: str, alpha: float, pairs: list[tuple[str, torch.Tens
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
         writer.close()
-        with open(partial, "rb+") as fh:
-            os.fsync(fh.fileno())
-        publish(partial, out, overwrite=overwrite, not_replaceable=GGUF_FILE)
-    except OSError as exc:
-        if isinstance(exc, LorasurgeonError):
-            raise
-        raise OutputError(f"{out}: cannot write ({exc.strerror or exc})") from None
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        release(scratch)

@@ -5,28 +5,20 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from ...adapter.config import CONFIG_NAME
-from ...adapter.weights import LoraAdapter, adapter_of
 from ...engine.execute import Progress, stream
-from ...errors import InvalidOptionError, UnsupportedError
-from ...formats.layout import QuantLayout
 from ...hub.cards import merge_card
-from ...hub.source import Source
-from ...io.checkpoint import Checkpoint
-from ...io.sidecar import config_bytes, edit_config, read_config
-from ...names import ModelNames, model_names
-from .._inputs import Input, OpenedInputs, Output, open_inputs, plain_weights
+from ...io.sidecar import config_bytes, edit_config
+from .._inputs import Output
 from .._timing import timed
-from . import augmented as augment
 from .compute import compute_op
-from .ops import MergeOp, Plan
-from .plan import check_supported, plan_merge
-from .quantized import keep_ops
+from .gguf_result import write_gguf
+from .ops import Plan
+from .prepare import AdapterPaths, Planned, plan_run
 from .report import MergeReport
 from .settings import Form, MergeSettings
 from .write import layout, report, write_model
@@ -38,7 +30,6 @@ else:
 
 __all__ = ["MergeReport", "MergeSettings", "Output", "iter_merged", "merge", "run", "unmerge"]
 
-AdapterPaths = Sequence[str | os.PathLike[str]]
 Paths = AdapterPaths | str | os.PathLike[str]  # what the public functions take: one adapter may come alone
 
 
@@ -174,122 +165,11 @@ def unmerge(
     return run(merged, adapters, Output(out, overwrite, dry_run, progress), settings)
 
 
-@dataclass
-class _Planned:
-    """A merge or unmerge planned from headers: its inputs, open, and its ops. ``close()`` when done."""
-
-    base: Source
-    adapter_sources: list[Source]
-    checkpoint: Checkpoint
-    adapters: list[LoraAdapter]
-    config: dict[str, Any]
-    ops: Sequence[MergeOp]
-    untie: bool
-    names: ModelNames | None = None
-    layout: QuantLayout | None = None  # the base is quantized
-    stored: Checkpoint | None = None  # the quantized base as stored, when the result keeps its format
-    opened: OpenedInputs | None = None  # the inputs as the kind check opened them (each header read once)
-
-    @property
-    def inputs(self) -> list[Checkpoint]:
-        stored = [self.stored] if self.stored is not None else []
-        return [self.checkpoint] + [a.checkpoint for a in self.adapters] + stored
-
-    @property
-    def stored_input(self) -> tuple[int, Checkpoint] | None:
-        return None if self.stored is None else (len(self.inputs) - 1, self.stored)
-
-    def close(self) -> None:
-        for a in self.adapters:
-            a.close()
-        self.checkpoint.close()
-        if self.stored is not None:
-            self.stored.close()
-        if self.opened is not None:
-            self.opened.close()
-
-
-def _plan(
-    base: str | os.PathLike[str],
-    adapters: AdapterPaths,
-    out: str | os.PathLike[str] | None,
-    settings: MergeSettings,
-    *,
-    overwrite: bool,
-) -> _Planned:
-    """Every check and the plan, from headers: inputs, kinds, output, quantization, PEFT variants, shapes."""
-    command = settings.command
-    opened = open_inputs(
-        [
-            Input(base, "MERGED" if settings.unmerge else "BASE", "model"),
-            *(Input(a, "ADAPTER", "adapter") for a in adapters),
-        ],
-        out,
-        command=command,
-        overwrite=overwrite,
-        device=settings.device,
-    )
-    base_src, ckpt = opened[0].source, opened[0].checkpoint
-    assert ckpt is not None  # every input's kind is checked, so each is open
-    planned = _Planned(base_src, [o.source for o in opened[1:]], ckpt, [], {}, [], False, opened=opened)
-    try:
-        planned.config = read_config(ckpt)
-        role = "the merged model" if settings.unmerge else "the base model"
-        keep = settings.quantize == "keep" or settings.dtype_name is None
-        view, planned.layout = plain_weights(ckpt, planned.config, role=f"{base_src.label}: {role}", keep_static=keep)
-        if planned.layout is None and settings.quantize == "keep":
-            if ckpt.format == "gguf":
-                raise UnsupportedError(
-                    f"{base_src.label}: a GGUF base is read dequantized and the result written as safetensors "
-                    "(writing GGUF is not done yet): drop --quantize keep, and give --dtype (e.g. bfloat16)"
-                )
-            raise InvalidOptionError(f"{base_src.label}: {role} is not quantized: --quantize keep has nothing to keep")
-        if planned.layout is not None:
-            if keep and settings.form == "augmented":
-                raise InvalidOptionError(
-                    f"{base_src.label}: {role} is quantized ({planned.layout.describe()}): the augmented form holds "
-                    "plain weights, give --dtype (e.g. bfloat16)"
-                )
-            planned.checkpoint, planned.stored = view, (ckpt if keep else None)
-            if not keep:
-                ckpt.close()
-            ckpt = view
-        for src, w in zip(opened[1:], settings.weights, strict=True):
-            assert src.checkpoint is not None
-            planned.adapters.append(src.adapter if src.adapter is not None else adapter_of(src.checkpoint))
-            check_supported(planned.adapters[-1], unmerge=settings.unmerge, weight=w)
-        planned.names = model_names(ckpt.names(), planned.config)
-        if settings.form == "augmented":
-            if planned.adapters[0].tuned:
-                kind = planned.adapters[0].config.peft_type
-                raise UnsupportedError(
-                    f"{planned.adapter_sources[0].label}: a {kind} adapter: the augmented form holds LoRA layers "
-                    "only (merge it in the merged form, or `convert ADAPTER --to lora` first)"
-                )
-            ops = augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype_name)
-        else:
-            ops, planned.untie = plan_merge(
-                ckpt,
-                planned.adapters,
-                list(settings.weights),
-                planned.names,
-                dtype=settings.dtype_name,
-                unmerge=settings.unmerge,
-            )
-        planned.ops = ops
-        if planned.layout is not None and planned.stored_input is not None:
-            planned.ops = keep_ops(ops, planned.layout, planned.stored_input[0])
-    except BaseException:
-        planned.close()
-        raise
-    return planned
-
-
 @timed
 def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, settings: MergeSettings) -> MergeReport:
     """The merge (or, with ``settings.unmerge``, the unmerge) of ``adapters`` into ``base``, as ``settings`` say,
     written to ``out``: what :func:`merge` and :func:`unmerge` build their two objects for, and the CLI calls."""
-    planned = _plan(base, adapters, out.path, settings, overwrite=out.overwrite)
+    planned = plan_run(base, adapters, out.path, settings, overwrite=out.overwrite)
     form = "unmerged" if settings.unmerge else settings.form
     try:
         ops, untie, config = planned.ops, planned.untie, planned.config
@@ -300,6 +180,10 @@ def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, setti
         )
         if out.dry_run:
             return report(out.path, form, plan, None, untie, _notes(planned))
+        if planned.gguf_path is not None and planned.gguf_targets is not None:
+            gguf_args = (planned.gguf_path, ops, planned.inputs, planned.gguf_targets, settings)
+            stats = write_gguf(*gguf_args, overwrite=out.overwrite, progress=out.progress)
+            return report(planned.gguf_path, form, plan, stats, untie, _notes(planned))
         where = out.where()
         plain = planned.layout is not None and planned.stored is None
         edited = edit_config(config, dtype=settings.dtype_name, untie=untie, dequantized=plain) if config else None
@@ -336,7 +220,7 @@ def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, setti
         planned.close()
 
 
-def _notes(planned: _Planned) -> tuple[str, ...]:
+def _notes(planned: Planned) -> tuple[str, ...]:
     layout = planned.layout
     if layout is None or not layout.static_scales:
         return ()
@@ -350,7 +234,7 @@ def _notes(planned: _Planned) -> tuple[str, ...]:
     )
 
 
-def _quantization_words(planned: _Planned) -> str:
+def _quantization_words(planned: Planned) -> str:
     if planned.layout is None:
         return ""
     if planned.stored is None:
@@ -393,7 +277,7 @@ def iter_merged(
     settings = MergeSettings.parse(
         adapters=len(adapters), weights=weights, dtype=dtype, device=device, allow_nonfinite=allow_nonfinite
     )
-    planned = _plan(base, adapters, None, settings, overwrite=False)
+    planned = plan_run(base, adapters, None, settings, overwrite=False)
 
     def tensors() -> Iterator[tuple[str, torch.Tensor]]:
         try:

@@ -49,7 +49,7 @@ class RequantReport:
         return dataclasses.asdict(self)
 
 
-def _change(w0: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> tuple[tuple[float, float], float]:
+def change_measures(w0: torch.Tensor, exact: torch.Tensor, stored: torch.Tensor) -> tuple[tuple[float, float], float]:
     """(‖ΔW‖, ‖stored − exact‖) and the share of ΔW the stored weight kept, ⟨stored − W0, ΔW⟩ / ‖ΔW‖²,
     computed a slice of rows at a time (temporaries of about CHUNK values, whatever the weight's size)."""
     rows = max(1, CHUNK // max(1, w0.shape[-1]))
@@ -105,7 +105,7 @@ def compute_requant(
         raise UnsupportedError(f"{op.name}: the merged tensor {list(exact.shape)} is not the stored {list(qt.shape)}")
     new_parts, done = codec.requantize(qt, parts, w0, exact)
     norm = float(torch.linalg.vector_norm(exact))
-    change, kept = _change(w0, exact, codec.dequantize(qt, {**parts, **new_parts}))
+    change, kept = change_measures(w0, exact, codec.dequantize(qt, {**parts, **new_parts}))
     report = RequantReport(
         op.name,
         codec.method,

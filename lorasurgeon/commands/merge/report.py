@@ -86,9 +86,10 @@ class MergeReport:
             f"share of ΔW kept median {median(x.change_kept for x in r):.2f}",
         ]
         if median(x.change_kept for x in r) < 0.5:
+            keeps = "-o FOLDER --dtype bfloat16" if any(x.method.startswith("GGUF") for x in r) else "--dtype bfloat16"
             lines.append(
                 "  warning: most of the change is finer than the format's steps and was lost in re-quantization: "
-                "--dtype bfloat16 keeps it"
+                f"{keeps} keeps it"
             )
         for x in sorted(r, key=lambda x: x.change_kept)[:3]:
             lines.append(
