@@ -24,7 +24,7 @@ KNOWN_KEYS = frozenset(
     megatron_config megatron_core modules_to_save monteclora_config peft_type peft_version qalora_group_size r
     rank_pattern revision runtime_config target_modules target_parameters task_type trainable_token_indices use_bdlora
     use_dora use_qalora use_rslora velora_config""".split()
-)
+) | {"lora_B_layout", "unsloth_fused_expert_lora"}  # Unsloth's record of its stacked-experts packing (expert_layouts)
 # LoraConfig.bias: which biases PEFT trains (and saves in full) beside the LoRA factors.
 Bias = Literal["none", "all", "lora_only"]
 # What PEFT's LoraConfig takes when the file does not say (its dataclass defaults).

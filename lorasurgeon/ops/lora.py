@@ -82,6 +82,15 @@ class _ConvKind(LayerKind):
         return tuple(range(1, ndim))
 
 
+def expert_columns(expert: int, experts: int, rank: int, *, grouped: bool = False) -> slice:
+    """The columns of a stacked-experts B (out, E·r) that are ``expert``'s, in rank order (A's rows e·r..(e+1)·r):
+    PEFT's ParamWrapper packs B rank-major, expert fastest (``reshape(out, r, E)``); ``grouped``: by expert
+    (``view(out, E, r)``), as Unsloth's grouped-GEMM forward read it before unsloth-zoo #1269."""
+    if grouped:
+        return slice(expert * rank, (expert + 1) * rank)
+    return slice(expert, experts * rank, experts)
+
+
 @dataclass(frozen=True)
 class ExpertSlice(LayerKind):
     """One expert's part of a LoRA on stacked experts, for a weight that holds expert ``expert`` alone
@@ -93,6 +102,7 @@ class ExpertSlice(LayerKind):
     experts: int = 1
     rows: tuple[int, int] | None = None
     cols: tuple[int, int] | None = None
+    grouped: bool = False  # B's columns grouped by expert (Unsloth's packing before unsloth-zoo #1269)
 
     def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
         d1, d2 = super().delta_shape(a_shape, b_shape)  # one expert's ΔW, oriented as the stack stores it
@@ -103,7 +113,7 @@ class ExpertSlice(LayerKind):
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         r = a.shape[0] // self.experts
         a_e = a[self.expert * r : (self.expert + 1) * r]  # expert-major rows
-        b_e = b[:, self.expert :: self.experts]  # rank-major columns, expert fastest
+        b_e = b[:, expert_columns(self.expert, self.experts, r, grouped=self.grouped)]
         left, right = super().factors(a_e, b_e)
         if self.rows:
             left = left[self.rows[0] : self.rows[1]]
@@ -123,6 +133,7 @@ class StackedExperts(LayerKind):
 
     matrix: bool = False
     experts: int = 1
+    grouped: bool = False  # B's columns grouped by expert (Unsloth's packing before unsloth-zoo #1269)
 
     def delta_shape(self, a_shape: tuple[int, ...], b_shape: tuple[int, ...]) -> tuple[int, ...]:
         return (self.experts, *super().delta_shape(a_shape, b_shape))
@@ -133,7 +144,10 @@ class StackedExperts(LayerKind):
     def delta(self, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
         e = self.experts
         a_e = a.to(torch.float32).reshape(e, -1, a.shape[-1])  # (E, r, in)
-        b_e = b.to(torch.float32).reshape(b.shape[0], -1, e).permute(2, 0, 1)  # (E, out, r)
+        if self.grouped:  # B.view(out, E, r)
+            b_e = b.to(torch.float32).reshape(b.shape[0], e, -1).permute(1, 0, 2)  # (E, out, r)
+        else:  # PEFT's B.reshape(out, r, E)
+            b_e = b.to(torch.float32).reshape(b.shape[0], -1, e).permute(2, 0, 1)
         product = torch.bmm(b_e, a_e) * scale
         return product.transpose(1, 2) if self.transposed else product
 

@@ -186,6 +186,8 @@ class MlxWriter(SpoolWriter):
         bad = peft.unsupported() + [f for f in ("lora_bias", "trainable_tokens") if f in peft.features()]
         if peft.raw.get("fan_in_fan_out"):
             bad.append("fan_in_fan_out (GPT-2's Conv1D layout)")
+        if peft.target_parameters:  # mlx-lm's experts are SwitchLinear layers, whose LoRA is laid out its own way
+            bad.append("target_parameters (a LoRA on stacked MoE experts)")
         if bad:
             raise UnsupportedError(f"{self.out}: MLX-LM's LoRALinear has no {', '.join(bad)}")
         ranks, scales = {}, {}

@@ -9,12 +9,19 @@ PEFT >= 0.19.1 stores A (E·r, in), B (out, E·r); earlier versions took (E, out
 (``ΔW[e]`` transposed), so where d1 == d2 only the version tells them apart, and an older adapter
 is refused. On disk the stack is whole (fused files) or one tensor per expert and part (the files
 transformers fuses on load: ``experts.N.w1`` + ``experts.N.w3`` -> ``gate_up_proj``).
+
+Which of B's E·r columns belong to expert e is PEFT's rank-major packing, or Unsloth's grouped-by-expert
+one where adapter_config.json declares it (``adapter.expert_layouts``): the shapes are the same, so an
+adapter Unsloth trained that does not declare it is refused. Other trainers' MoE LoRAs are not stacked:
+ms-swift/Megatron (mcore-bridge) and vLLM's 2-D format name each expert's gate_proj/up_proj/down_proj, and
+merge as Linear modules on the per-expert files.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ...adapter.expert_layouts import GROUPED_BY_EXPERT, lora_b_layout
 from ...adapter.names import ROLE_A, ROLE_B
 from ...adapter.weights import LoraAdapter, LoraModule
 from ...errors import IncompatibleError, UnsupportedError
@@ -35,6 +42,7 @@ class ExpertTarget:
     transposed: bool  # ΔW[e] = (s·B_e@A_e)ᵀ
     rank: int  # per expert
     scale: float  # alpha / r (or / sqrt(r)), before any merge weight
+    layout: str  # how B's E·r columns are packed: expert_layouts.RANK_MAJOR (PEFT's) or GROUPED_BY_EXPERT
     pieces: tuple[tuple[str, LayerKind], ...]  # file key -> how it gets its share
 
 
@@ -117,18 +125,20 @@ def resolve_expert_module(
     experts = shape[0]
     rank = a[0] // experts
     scale = adapter.config.scale(parameter, rank)
-    pieces = _pieces(names, base, parameter, experts, transposed)
-    return ExpertTarget(parameter, shape, transposed, rank, scale, pieces)
+    layout = lora_b_layout(adapter, parameter, experts, rank, where)
+    pieces = _pieces(names, base, parameter, experts, transposed, layout == GROUPED_BY_EXPERT)
+    return ExpertTarget(parameter, shape, transposed, rank, scale, layout, pieces)
 
 
 def _pieces(
-    names: ModelNames, base: Checkpoint, parameter: str, experts: int, transposed: bool
+    names: ModelNames, base: Checkpoint, parameter: str, experts: int, transposed: bool, grouped: bool = False
 ) -> tuple[tuple[str, LayerKind], ...]:
-    """The file tensors a stacked parameter's change lands in, each with the kind that computes its share."""
+    """The file tensors a stacked parameter's change lands in, each with the kind that computes its share
+    (``grouped``: B's columns grouped by expert, as Unsloth packed them before unsloth-zoo #1269)."""
     fused = names.fused.get(parameter)
     if fused is None:
         key = names.file_key(parameter) or parameter
-        return ((key, StackedExperts("experts", transposed, experts=experts)),)
+        return ((key, StackedExperts("experts", transposed, experts=experts, grouped=grouped)),)
     pieces: list[tuple[str, LayerKind]] = []
     start = 0
     for part in fused.parts:  # the parts are concatenated along the axis, in order (gate rows, then up rows)
@@ -136,7 +146,7 @@ def _pieces(
         span = (start, start + size)
         rows, cols = (span, None) if fused.axis == 1 else (None, span)
         for e, key in enumerate(part):
-            kind = ExpertSlice("experts", transposed, expert=e, experts=experts, rows=rows, cols=cols)
+            kind = ExpertSlice("experts", transposed, expert=e, experts=experts, rows=rows, cols=cols, grouped=grouped)
             pieces.append((key, kind))
         start += size
     return tuple(pieces)

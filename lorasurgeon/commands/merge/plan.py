@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 from ...adapter.names import (
     ROLE_A,
@@ -93,6 +94,9 @@ def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> No
             )
 
 
+_PER_EXPERT = re.compile(r"\.experts\.\d+\.")  # a per-expert module: mlp.experts.3.gate_proj
+
+
 @dataclasses.dataclass(frozen=True)
 class BaseTensors:
     """The base's tensors as adapters name them: file keys, and the tied tensors the files omit (views)."""
@@ -114,11 +118,28 @@ class BaseTensors:
         """The plan key of what ``adapter`` targets; refused by name when the base lacks it."""
         key = self.plan_key(name)
         if key is None:
+            stack = self.stacked_experts_of(name)
+            if stack is not None:
+                raise UnsupportedError(
+                    f"{adapter.path}: {what} is a LoRA on one expert ({name!r}: as transformers 4, ms-swift/Megatron "
+                    f"and vLLM's per-expert format name them), and the base's files hold {stack!r} stacked: a "
+                    "per-expert change into a stacked tensor is not merged yet (a base saved with per-expert "
+                    "files takes it)"
+                )
             raise IncompatibleError(
                 f"{adapter.path}: {what} targets {name!r}, which the base model does not have "
                 "(is this adapter for another model?)"
             )
         return key
+
+    def stacked_experts_of(self, name: str) -> str | None:
+        """For one expert's weight (``mlp.experts.3.gate_proj.weight``) the base lacks: the experts module whose
+        files hold its experts stacked (3-D), if they do."""
+        if not _PER_EXPERT.search(name):
+            return None
+        stack = _PER_EXPERT.sub(".experts.", name).rsplit(".", 2)[0]
+        held = (n for n in self.base.names() if n.startswith(stack + "."))
+        return stack if any(len(self.base.info(n).shape) == 3 for n in held) else None
 
     def base_key(self, key: str) -> str:
         """The file tensor behind a plan key: itself, or a tied view's source."""

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ...adapter.expert_layouts import check_pefts_packing
 from ...adapter.weights import LoraAdapter, adapter_of
 from ...errors import InvalidOptionError, UnsupportedError
 from ...formats.layout import QuantLayout
@@ -155,6 +156,7 @@ def _ops(planned: Planned, ckpt: Checkpoint, settings: MergeSettings) -> list[Te
                 f"{planned.adapter_sources[0].label}: a {kind} adapter: the augmented form holds LoRA layers "
                 "only (merge it in the merged form, or `convert ADAPTER --to lora` first)"
             )
+        check_pefts_packing(planned.adapters[0], planned.adapter_sources[0].label)
         return augment.augmented_ops(ckpt, planned.adapters[0], planned.names, settings.dtype_name)
     ops, planned.untie = plan_merge(
         ckpt, planned.adapters, list(settings.weights), planned.names, dtype=settings.dtype_name,
