@@ -301,3 +301,14 @@ def test_unsloths_layout_keys_are_read_not_called_unexpected(unsloth_adapter, tm
     raw = json.loads((marked / "adapter_config.json").read_text())
     assert not [w for w in peft_warnings(raw) if "lora_B_layout" in w or "unsloth" in w]
     assert [w for w in peft_warnings({**raw, "lora_B_layuot": "x"}) if "lora_B_layuot" in w]  # a typo still is
+
+
+def test_check_for_vllm_flags_a_packing_vllm_reads_otherwise(mixtral, unsloth_adapter, tmp_path):
+    """vLLM reads a stacked-experts B rank-major (_stack_moe_lora_weights): a grouped one loads and computes
+    another function, so check calls it an error; PEFT's own packing stays a note."""
+    grouped = with_config(unsloth_adapter, tmp_path / "grouped", **unsloth_marker("grouped_by_expert"))
+    result = run_cli("check", grouped, "--for", "vllm")
+    assert result.exit_code == 1 and "lora_B_layout" in result.output and "grouped_by_expert" in result.output
+    assert "tags it 'unsloth'" in run_cli("check", unsloth_adapter, "--for", "vllm").output
+    marked = with_config(unsloth_adapter, tmp_path / "marked", **unsloth_marker("rank_major"))
+    assert "lora_B_layout" not in run_cli("check", marked, "--for", "vllm").output

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from ..adapter.expert_layouts import check_pefts_packing
+from ..errors import UnsupportedError
 from ..words import plural
 from .base import Consumer, Findings, Problem
 
@@ -99,6 +101,10 @@ class Vllm(Consumer):
             found.append(
                 Problem("target_parameters", "note", "3-D expert LoRA: only for models vLLM marks is_3d_moe_weight")
             )
+            try:  # vLLM's _stack_moe_lora_weights reads B rank-major, as PEFT packs it
+                check_pefts_packing(adapter, str(adapter.path))
+            except UnsupportedError as exc:
+                found.append(Problem("lora_B_layout", "error", str(exc).split(": ", 1)[-1]))
         return found
 
 
