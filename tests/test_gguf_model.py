@@ -36,7 +36,9 @@ def write_llama_gguf(
     bytes of a 2-D weight, for a type gguf cannot encode (the K-quants)."""
     config = json.loads((base / "config.json").read_text())
     t = load_file(base / "model.safetensors")
-    tmap = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config["num_hidden_layers"])
+    permuted = arch != "qwen2"  # convert_hf_to_gguf's LlamaModel permutes q/k rows; Qwen2Model does not
+    model_arch = gguf.MODEL_ARCH.LLAMA if permuted else gguf.MODEL_ARCH.QWEN2
+    tmap = gguf.get_tensor_name_map(model_arch, config["num_hidden_layers"])
     w = gguf.GGUFWriter(str(out), arch)
     w.add_name("tiny")
     w.add_context_length(config["max_position_embeddings"])
@@ -48,10 +50,10 @@ def write_llama_gguf(
     w.add_layer_norm_rms_eps(config["rms_norm_eps"])
     w.add_rope_freq_base(config["rope_parameters"]["rope_theta"])
     w.add_vocab_size(config["vocab_size"])
-    w.add_rope_dimension_count(config["head_dim"])
+    w.add_rope_dimension_count(config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"])
     for name, tensor in t.items():
         data = tensor.float().numpy()
-        if name.endswith(("q_proj.weight", "k_proj.weight")):
+        if permuted and name.endswith(("q_proj.weight", "k_proj.weight")):
             heads = config["num_attention_heads" if "q_proj" in name else "num_key_value_heads"]
             data = llama_permute(data, heads)
         kind = gguf.GGMLQuantizationType.F32 if data.ndim == 1 else getattr(gguf.GGMLQuantizationType, qtype)

@@ -198,3 +198,31 @@ def test_dry_run_writes_nothing(tmp_path):
     result = run_cli("merge", base, FIX_ADAPTER, "-o", tmp_path / "m.gguf", "--dry-run")
     assert result.exit_code == 0, result.output
     assert listing(tmp_path) == {"base.gguf"}
+
+
+def test_a_qwen2_gguf_unpermuted_with_biases_merges_and_writes_back(tmp_path):
+    """Qwen2 (no q/k permutation in convert_hf_to_gguf, q/k/v biases): read through transformers' default
+    processor, written back as it lay; the merged weights are PEFT's on the transformers-loaded base."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    config = Qwen2Config(
+        hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=2,
+        vocab_size=128, max_position_embeddings=64, tie_word_embeddings=False,
+    )  # fmt: skip
+    Qwen2ForCausalLM(config).save_pretrained(tmp_path / "hf")
+    lora = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "down_proj"], init_lora_weights=False)
+    get_peft_model(Qwen2ForCausalLM(config), lora).save_pretrained(tmp_path / "adapter")
+    base = write_llama_gguf(tmp_path / "hf", tmp_path / "base.gguf", "Q8_0", arch="qwen2")
+    out = tmp_path / "merged.gguf"
+    assert run_cli("merge", base, tmp_path / "adapter", "-o", out).exit_code == 0
+    want, got, before = peft_merged(base, tmp_path / "adapter"), loaded(out), loaded(base)
+    changed = [n for n in want if not torch.equal(want[n], before[n])]
+    assert len(changed) == 6
+    for name in want:
+        if name in changed:
+            same = (got[name] == encoded_like(want[name], "Q8_0", None)).float().mean().item()
+            assert same > 0.999, (name, same)
+        else:
+            assert torch.equal(got[name], before[name]), name
