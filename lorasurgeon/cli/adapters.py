@@ -22,11 +22,18 @@ from .options import (
     sizing_options,
 )
 
+BASE = click.option(
+    "--base",
+    default=None,
+    metavar="BASE",
+    help="The base model (folder, file or Hub id) a llama.cpp .gguf adapter is read against; only with one.",
+)
+
 
 @cli.command("resize")
 @debug_option
 @click.argument("adapter")
-@option_group(WRITE, FOR, sizing_options(), DEVICE, PUSH)
+@option_group(WRITE, BASE, FOR, sizing_options(), DEVICE, PUSH)
 def resize_cmd(adapter: str, **options: Any) -> None:
     """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
 
@@ -34,6 +41,7 @@ def resize_cmd(adapter: str, **options: Any) -> None:
     Examples:
       lorasurgeon resize my-lora --rank 8 -o my-lora-r8
       lorasurgeon resize my-lora --budget 15MB -o my-lora-15mb
+      lorasurgeon resize my-lora.gguf --base my-base --rank 8 -o my-lora-r8
     """
     from ..commands.resize import ResizeSettings, run
 
@@ -52,6 +60,7 @@ def resize_cmd(adapter: str, **options: Any) -> None:
         is_flag=True,
         help="Combine adapters whose base_model_name_or_path differ (their shapes must still agree).",
     ),
+    BASE,
     FOR,
     sizing_options(),
     DEVICE,
@@ -77,8 +86,9 @@ def combine_cmd(adapters: tuple[str, ...], **options: Any) -> None:
 @debug_option
 @click.argument("adapter")
 @click.option("--for", "consumer", required=True, type=CONSUMERS, help=f"{CONSUMER}: its loader's rules are checked.")
+@BASE
 @click.option("--json", "as_json", is_flag=True, help="The report as JSON.")
-def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
+def check_cmd(adapter: str, consumer: str, base: str | None, as_json: bool) -> None:
     """What CONSUMER will refuse in ADAPTER, or compute otherwise than PEFT: exit 0 if it loads as PEFT
     computes it, 1 if not (each problem named, with the command that rewrites it where one is exact).
 
@@ -86,9 +96,10 @@ def check_cmd(adapter: str, consumer: str, as_json: bool) -> None:
     Examples:
       lorasurgeon check my-lora --for vllm
       lorasurgeon check my-lora --for llama.cpp --json
+      lorasurgeon check my-lora.gguf --base my-base --for llama.cpp
     """
     from ..commands.check import check
 
-    report = check(adapter, consumer=consumer)
+    report = check(adapter, consumer=consumer, base=base)
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.summary())
     sys.exit(report.exit_code)

@@ -118,7 +118,8 @@ def open_inputs(
             elif wanted.want is not None:
                 ckpt = open_checkpoint(source.path)
                 opened.append(Opened(source, ckpt))
-                others = [(s.path, s.label) for s in sources[1:]] if n == 0 else []
+                swappable = n == 0 and not wanted.role.startswith("--")  # an option's value is not an argument
+                others = [(s.path, s.label) for s in sources[1:]] if swappable else []
                 check_kind(
                     input_kind(ckpt), source.label, role=wanted.role, want=wanted.want, command=command, others=others
                 )
@@ -139,12 +140,37 @@ def _gguf_adapter(source: Source, opened: Sequence[Opened], command: str) -> Ope
 
     base = next((o.checkpoint for o in opened if o.checkpoint is not None and o.adapter is None), None)
     if base is None or input_kind(base) != "model":
+        what = f"{source.label}: a llama.cpp .gguf adapter is read against its base model"
+        if command in TAKES_BASE:
+            raise InvalidOptionError(f"{what}: give --base BASE, the model it was made for")
         raise UnsupportedError(
-            f"{source.label}: a llama.cpp .gguf adapter is read against its base model, which lorasurgeon {command} "
-            f"does not take: `lorasurgeon convert {source.label} --to peft --base BASE -o ADAPTER` makes it PEFT's"
+            f"{what}, which lorasurgeon {command} does not take: "
+            f"`lorasurgeon convert {source.label} --to peft --base BASE -o ADAPTER` makes it PEFT's"
         )
     adapter = adapter_with_base(source.path, base)
     return Opened(source, adapter.checkpoint, adapter)
+
+
+TAKES_BASE = ("resize", "combine", "check")  # the commands whose --base BASE a .gguf adapter is read against
+
+
+def is_gguf(spec: str | os.PathLike[str]) -> bool:
+    """Whether an input names a .gguf file (a Hub repo id is a folder): one read against a base model."""
+    return Path(spec).suffix.lower() == ".gguf"
+
+
+def with_base(adapters: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] | None) -> list[Input]:
+    """A command's ADAPTERs, after ``base`` (--base) where one is given: the model :func:`open_inputs` reads a
+    llama.cpp .gguf adapter among them against. A --base that no .gguf adapter needs is refused, not ignored."""
+    inputs = [Input(a, "ADAPTER", "adapter") for a in adapters]
+    if base is None:
+        return inputs
+    if not any(is_gguf(a) for a in adapters):
+        raise InvalidOptionError(
+            f"--base {base}: only a llama.cpp .gguf adapter is read against a base model, and no ADAPTER given is "
+            "one: leave --base out"
+        )
+    return [Input(base, "--base", "model"), *inputs]
 
 
 def adapters_of(opened: Sequence[Opened]) -> list[LoraAdapter]:

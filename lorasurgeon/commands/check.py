@@ -22,7 +22,7 @@ from ..consumers.vllm import PACKED as PACKED
 from ..consumers.vllm import VLLM_RANKS as VLLM_RANKS
 from ..consumers.vllm import VLLM_SAVE_OK as VLLM_SAVE_OK
 from ..consumers.vllm import vllm_loads_whole as vllm_loads_whole
-from ._inputs import Input, adapters_of, open_inputs
+from ._inputs import adapters_of, open_inputs, with_base
 
 
 @dataclass(frozen=True)
@@ -53,27 +53,29 @@ class CheckReport:
         return "\n".join(lines)
 
 
-def check(adapter: str | os.PathLike[str], *, consumer: str) -> CheckReport:
+def check(adapter: str | os.PathLike[str], *, consumer: str, base: str | os.PathLike[str] | None = None) -> CheckReport:
     """What ``consumer`` (one of ``lorasurgeon.consumers.CONSUMERS``: "vllm" or "llama.cpp") will refuse or
-    compute otherwise in a PEFT adapter, from its config and headers (no tensor is read).
+    compute otherwise in an adapter, from its config and headers (no tensor is read).
 
     Args:
-        adapter: a PEFT adapter folder (or Hub id).
+        adapter: an adapter folder (or Hub id), or a llama.cpp .gguf adapter file.
         consumer: "vllm" or "llama.cpp".
+        base: the base model a .gguf ``adapter`` is read against (its names and shapes); refused otherwise.
 
     Returns:
         A CheckReport: each problem with its severity and, where an exact rewrite exists, the command;
         for vLLM the smallest --max-lora-rank that admits it. ``exit_code`` is 1 unless it loads as is.
 
     Raises:
-        InvalidOptionError: an unknown consumer.
-        InputNotFoundError, AdapterConfigError, IncompatibleError: not a readable PEFT adapter.
+        InvalidOptionError: an unknown consumer; a .gguf adapter without ``base``, or ``base`` without one.
+        InputNotFoundError, AdapterConfigError, IncompatibleError: not a readable adapter (a .gguf one: not of
+            ``base``).
     """
     rules = consumer_named(consumer)
-    adapter_input = Input(adapter, "ADAPTER", "adapter")
-    with open_inputs([adapter_input], None, command="check", overwrite=False, device="cpu") as opened:
-        (loaded,) = adapters_of(opened)
-    source = opened[0].source
+    inputs = with_base([adapter], base)
+    with open_inputs(inputs, None, command="check", overwrite=False, device="cpu") as opened:
+        (loaded,) = adapters_of(opened[-1:])
+    source = opened[-1].source
     try:
         found = rules.check(loaded)
     finally:

@@ -40,8 +40,17 @@ class Consumer(ABC):
     label: str  # what messages call it: "vLLM"
     max_rank: int | None = None  # the largest rank it loads (None: any)
     rank_limit: str = ""  # that limit in words, for messages: "vLLM's largest max_lora_rank"
-    # what it reads, and how to make that from an adapter in another format (check's "format" problem)
-    reads: str = "it reads PEFT's (`lorasurgeon convert ADAPTER --to peft -o PEFT_ADAPTER` rewrites it, exactly)"
+    formats: tuple[str, ...] = ("peft",)  # the adapter formats its loader (or its converter) takes
+    # what it reads, and how to make that from an adapter in another format (check's "format" problem); {base}:
+    # " --base BASE" for an adapter read against its base model (a llama.cpp .gguf), else nothing
+    reads: str = "it reads PEFT's (`lorasurgeon convert ADAPTER --to peft{base} -o PEFT_ADAPTER` rewrites it, exactly)"
+
+    @staticmethod
+    def resize(adapter: LoraAdapter) -> str:
+        """The start of the resize command that rewrites ``adapter`` (with --base where its format needs it)."""
+        from ..adapter.formats.registry import read_against_base
+
+        return f"lorasurgeon resize {adapter.path}" + (" --base BASE" if read_against_base(adapter.format) else "")
 
     @abstractmethod
     def check(self, adapter: LoraAdapter) -> Findings:
@@ -51,8 +60,11 @@ class Consumer(ABC):
         """The rules every consumer here shares: plain LoRA only, no trained biases, no token deltas."""
         cfg, raw, who = adapter.config, adapter.config.raw, self.label
         found = []
-        if adapter.format != "peft":
-            found.append(Problem("format", "error", f"an adapter in {adapter.format}'s format: {self.reads}"))
+        if adapter.format not in self.formats:
+            from ..adapter.formats.registry import read_against_base
+
+            reads = self.reads.format(base=" --base BASE" if read_against_base(adapter.format) else "")
+            found.append(Problem("format", "error", f"an adapter in {adapter.format}'s format: {reads}"))
         if adapter.tuned:
             found.append(
                 Problem(

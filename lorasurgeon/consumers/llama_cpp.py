@@ -49,9 +49,28 @@ class LlamaCpp(Consumer):
     label = name
     reads = "llama.cpp loads GGUF (`lorasurgeon convert ADAPTER --to gguf --base BASE -o ADAPTER.gguf` makes it)"
 
+    formats = ("peft", "gguf")  # PEFT's through its converter (convert_lora_to_gguf.py), its own GGUF as it is
+
     def check(self, adapter: LoraAdapter) -> Findings:
-        cfg = adapter.config
-        found = self.common(adapter)
+        own = adapter.format == "gguf"  # its own file: the converter's rules are past
+        found = self.common(adapter) + (self._loaded(adapter) if own else self._converted(adapter))
+        return Findings(found + self._notes(adapter))
+
+    def _loaded(self, adapter: LoraAdapter) -> list[Problem]:
+        """A .gguf adapter read against the base (adapter.formats.gguf) passed llama-adapter.cpp's own checks."""
+        return [
+            Problem(
+                "gguf",
+                "note",
+                f"llama.cpp's own format: general.type adapter, adapter.type lora, adapter.lora.alpha, "
+                f"{len(adapter.modules)} .lora_a/.lora_b pairs of matching ranks, each fitting the base's weight, "
+                "as llama.cpp's loader requires; it scales each pair by alpha / rank, as read here",
+            )
+        ]
+
+    def _converted(self, adapter: LoraAdapter) -> list[Problem]:
+        """What convert_lora_to_gguf.py and llama.cpp's one alpha make of a PEFT adapter."""
+        cfg, found = adapter.config, []
         full = [k for k in adapter.replacements]
         if full:
             found.append(
@@ -75,15 +94,20 @@ class LlamaCpp(Consumer):
                     "folded into its B)",
                 )
             )
+        return found
+
+    def _notes(self, adapter: LoraAdapter) -> list[Problem]:
+        """What loads, with a condition to know: LoRA on the output head, 3-D expert LoRA."""
+        found = []
         if any(m.name.split(".")[-1] in ("lm_head", "embed_out") for m in adapter.modules.values()):
             found.append(
                 Problem("lm_head", "note", "LoRA on the output head fails on models with tied embeddings (#9065)")
             )
-        if cfg.target_parameters:
+        if adapter.config.target_parameters:
             found.append(
                 Problem("target_parameters", "note", "3-D expert LoRA: check that the converter maps the experts")
             )
-        return Findings(found)
+        return found
 
     def gguf_architecture(self, config: Mapping[str, Any]) -> tuple[str, str, bool]:
         """The base's HF architecture, its gguf MODEL_ARCH name and whether its q/k rows are permuted.

@@ -49,7 +49,7 @@ class Vllm(Consumer):
                     "rank",
                     "fix",
                     f"rank {top} is more than {self.rank_limit} ({VLLM_RANKS[-1]})",
-                    f"lorasurgeon resize {adapter.path} --for {self.name} --max-rank {VLLM_RANKS[-1]} --energy 1 "
+                    f"{self.resize(adapter)} --for {self.name} --max-rank {VLLM_RANKS[-1]} --energy 1 "
                     "-o OUT (the best factors of that rank)",
                 )
             )
@@ -94,7 +94,7 @@ class Vllm(Consumer):
                     "note",
                     "rank_pattern/alpha_pattern: read by vLLM's newer PEFTHelper only; older versions apply the "
                     "global alpha/r to every module",
-                    f"lorasurgeon resize {adapter.path} --rank R -o OUT (one rank, no patterns)",
+                    f"{self.resize(adapter)} --rank R -o OUT (one rank, no patterns)",
                 )
             )
         if cfg.target_parameters:

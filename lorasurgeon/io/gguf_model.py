@@ -55,7 +55,7 @@ class GgufModel(Checkpoint):
 def _reader(path: Path) -> Any:
     reader = open_reader(path, "reading a GGUF model")
     if text(reader, "general.type") == "adapter" or "adapter.type" in reader.fields:
-        raise UnsupportedError(f"{path}: a llama.cpp adapter, not a model (merge it into a base instead)")
+        raise UnsupportedError(f"{path}: a llama.cpp LoRA adapter, not a model (the base it is for is a model)")
     if reader.byte_order != "I":
         raise UnsupportedError(f"{path}: a big-endian GGUF file, which is not read")
     return reader

@@ -49,5 +49,8 @@ class AdapterFormat:
     # the same from the input's checkpoint, already open (its headers not read again; the adapter owns it);
     # None: ``read`` opens the files itself
     read_open: Callable[[Checkpoint], LoraAdapter] | None = None
+    # a format whose names and layout are the base model's (llama.cpp's GGUF LoRA): its files read against the base,
+    # open; None: ``read`` needs nothing else
+    read_with_base: Callable[[Path, Checkpoint], LoraAdapter] | None = None
     # an output folder to write an adapter into, in this format (None: lorasurgeon does not write it)
     writer: Callable[[str | os.PathLike[str], bool], AdapterWriter] | None = None

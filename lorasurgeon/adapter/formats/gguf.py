@@ -363,4 +363,5 @@ FORMAT = AdapterFormat(
     holds="llama.cpp GGUF LoRA (a .gguf file, read against its base model)",
     claims=claims,
     read=read,
+    read_with_base=adapter_with_base,
 )

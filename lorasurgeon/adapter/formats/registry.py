@@ -141,3 +141,8 @@ def writable() -> list[str]:
 def known() -> str:
     """Every registered format in words, as a refusal lists them."""
     return ", ".join(f.holds for f in ADAPTER_FORMATS)
+
+
+def read_against_base(name: str) -> bool:
+    """Whether adapters of format ``name`` are read against their base model (their names are the base's)."""
+    return any(f.name == name and f.read_with_base is not None for f in ADAPTER_FORMATS)

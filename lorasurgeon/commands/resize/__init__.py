@@ -30,7 +30,7 @@ from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, made_by, method_flags, method_words, model_card
 from ...io.dtypes import itemsize, torch_dtype
 from ...io.sidecar import config_bytes
-from .._inputs import Input, Output, adapters_of, open_inputs
+from .._inputs import Output, adapters_of, open_inputs, with_base
 from .compute import choose_ranks, factors, spectrum
 from .plan import CopyOp, ModuleOp, check_adapter, check_same_base, plan_modules
 from .report import ModuleResult, ResizeReport
@@ -64,6 +64,7 @@ def resize(
     budget_params: int | None = None,
     max_rank: int | None = None,
     for_: str | None = None,
+    base: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -73,7 +74,7 @@ def resize(
     found by QR of B and Aᵀ and the SVD of the small core, never forming the dense ΔW.
 
     Args:
-        adapter: a PEFT adapter folder (or Hub id).
+        adapter: an adapter folder (or Hub id) in a format lorasurgeon reads, or a llama.cpp .gguf adapter file.
         out: the new adapter folder (None with ``dry_run``).
         rank, energy, budget, budget_params: one of: a rank for every module; per module the smallest rank
             keeping this share of ‖ΔW‖²; a size ("15MB", in the adapter's dtype) or a number of parameters
@@ -81,6 +82,7 @@ def resize(
         max_rank: a cap per module.
         for_: "vllm" or "llama.cpp": make (or refuse by name) what that consumer needs: one alpha, scales in B
             (always), ranks within vLLM's 512, no whole tensors it refuses.
+        base: the base model (folder, file or Hub id) a .gguf ``adapter`` is read against; refused otherwise.
         device, overwrite, dry_run, progress: as for :func:`merge`.
 
     Returns:
@@ -99,6 +101,7 @@ def resize(
         max_rank=max_rank,
         for_=for_,
         device=device,
+        base=base,
     )
     return run([adapter], Output(out, overwrite, dry_run, progress), settings)
 
@@ -115,6 +118,7 @@ def combine(
     max_rank: int | None = None,
     for_: str | None = None,
     allow_different_bases: bool = False,
+    base: str | os.PathLike[str] | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -124,11 +128,11 @@ def combine(
     same QR + small-SVD route as :func:`resize` (PEFT's add_weighted_adapter "svd" forms each dense ΔW).
 
     Args:
-        adapters: PEFT adapter folders of the same base model.
+        adapters: adapters of the same base model (folders, Hub ids, llama.cpp .gguf files).
         weights: one per adapter (default 1.0 each).
         allow_different_bases: combine adapters whose configs name different base models (one model under
             two names); their shapes are checked all the same.
-        out, rank, energy, budget, budget_params, max_rank, for_, device, overwrite, dry_run, progress: as for
+        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, progress: as for
             :func:`resize` (no target: exact).
 
     Returns:
@@ -151,6 +155,7 @@ def combine(
         for_=for_,
         allow_different_bases=allow_different_bases,
         device=device,
+        base=base,
     )
     return run(list(adapters), Output(out, overwrite, dry_run, progress), settings)
 
@@ -159,10 +164,11 @@ def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSe
     """Resize the adapter at ``paths[0]``, or combine those at ``paths`` (``settings.combining``), as ``settings``
     say, into ``out``: what :func:`resize` and :func:`combine` build their two objects for, and the CLI calls."""
     command, profile = settings.command, settings.consumer
-    inputs = [Input(p, "ADAPTER", "adapter") for p in paths]
+    inputs = with_base(paths, settings.base)
     with open_inputs(inputs, out.path, command=command, overwrite=out.overwrite, device=settings.device) as opened:
-        adapters = adapters_of(opened)
-    labels = [o.source.label for o in opened]
+        read = opened[len(inputs) - len(paths) :]  # after --base, where given
+        adapters = adapters_of(read)
+    labels = [o.source.label for o in read]
     try:
         ops, copies = _plan(adapters, labels[0], settings)
         dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
@@ -203,7 +209,8 @@ def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSe
                 copied=[c.name for c in copies],
             )
             writer.add_file("resize_report.json", config_bytes(report.to_dict()))
-            writer.add_file(CARD_NAME, _card(report, command, Path(where).name, adapters[0].config.base_model))
+            card = _card(report, command, Path(where).name, adapters[0].config.base_model, settings.base)
+            writer.add_file(CARD_NAME, card)
             writer.finish(_config(adapters, results, top, settings.combining))
             return report
         except BaseException:
@@ -273,7 +280,10 @@ def _method(target: Target, for_: str | None = None) -> dict[str, Any]:
     return target.method() | ({"for": for_} if for_ else {})
 
 
-def _card(report: ResizeReport, command: str, title: str, base: str | None) -> str:
+def _card(
+    report: ResizeReport, command: str, title: str, base: str | None, given: str | os.PathLike[str] | None
+) -> str:
+    """The result's card; ``base``: its config's base model, ``given``: --base (a .gguf input's)."""
     what = (
         f"The weighted sum of {', '.join(f'`{a}` × {w:g}' for a, w in zip(report.inputs, report.weights, strict=True))}"
         if command == "combine"
@@ -284,5 +294,6 @@ def _card(report: ResizeReport, command: str, title: str, base: str | None) -> s
         f"({method_words(report.method)}).",
     ]
     weights = [f"--weight={w:g}" for w in report.weights] if any(w != 1.0 for w in report.weights) else []
-    lines += made_by("lorasurgeon", command, *report.inputs, *weights, *method_flags(report.method), "-o", title)
+    flags = [*weights, *method_flags(report.method), *([f"--base={given}"] if given is not None else [])]
+    lines += made_by("lorasurgeon", command, *report.inputs, *flags, "-o", title)
     return model_card(kind="adapter", base=base, title=title, lines=lines)

@@ -3,6 +3,7 @@ in parameters of the adapter's dtype."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,6 +25,7 @@ class ResizeSettings(SizedBy):
         for_: a consumer's name: what it needs made, or refused by name.
         allow_different_bases: combine adapters whose configs name different base models.
         device: where the QR and SVDs run.
+        base: the base model a llama.cpp .gguf adapter among the inputs is read against (--base; None: none).
     """
 
     sizing: Sizing
@@ -32,6 +34,7 @@ class ResizeSettings(SizedBy):
     for_: str | None = None
     allow_different_bases: bool = False
     device: str = "cpu"
+    base: str | os.PathLike[str] | None = None
 
     @classmethod
     def parse(
@@ -48,6 +51,7 @@ class ResizeSettings(SizedBy):
         for_: str | None = None,
         allow_different_bases: bool = False,
         device: str = "cpu",
+        base: str | os.PathLike[str] | None = None,
     ) -> ResizeSettings:
         """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
         sizing = Sizing.parse(
@@ -63,7 +67,7 @@ class ResizeSettings(SizedBy):
         if combining and adapters < 2:
             raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
         chosen = adapter_weights(weights, adapters)
-        return cls(sizing, chosen, combining, for_, allow_different_bases, device)
+        return cls(sizing, chosen, combining, for_, allow_different_bases, device, base)
 
     @property
     def command(self) -> str:
