@@ -70,7 +70,7 @@ def test_merge_takes_a_gguf_adapter_against_its_base_and_the_others_name_the_way
     assert run_cli("merge", FIX_BASE, tmp_path / "a.gguf", "-o", tmp_path / "from-gguf", "-q").exit_code == 0
     assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "from-peft", "-q").exit_code == 0
     assert run_cli("diff", tmp_path / "from-gguf", tmp_path / "from-peft").exit_code == 0
-    one_line_error(run_cli("resize", tmp_path / "a.gguf", "--rank", "2", "-o", tmp_path / "x"), "--to peft --base")
+    one_line_error(run_cli("resize", tmp_path / "a.gguf", "--rank", "2", "-o", tmp_path / "x"), "give --base BASE")
     assert not (tmp_path / "x").exists()
 
 
