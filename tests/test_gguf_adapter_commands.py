@@ -255,3 +255,49 @@ def test_check_for_llama_cpp_of_a_gguf_with_alpha_zero_and_two_ranks_asks_no_fix
     report = ls.check(alpha_zero_gguf(tmp_path / "z.gguf"), consumer="llama.cpp", base=FIX_BASE)
     assert report.exit_code == 0 and [p.rule for p in report.problems] == ["gguf"]
     assert "2 .lora_a/.lora_b pairs" in report.problems[0].message
+
+
+# --- convert: --to lora and --to mlx read it against --base, as --to peft does ------------------------------------
+
+
+def test_convert_to_lora_of_a_gguf_adapter_is_that_of_its_peft_adapter(tmp_path, gguf_adapter):
+    got = run_cli("convert", gguf_adapter, "--to", "lora", "--base", FIX_BASE, "--rank", "4", "-o", tmp_path / "g")
+    assert got.exit_code == 0, got.output
+    want = run_cli("convert", FIX_ADAPTER, "--to", "lora", "--base", FIX_BASE, "--rank", "4", "-o", tmp_path / "p")
+    assert want.exit_code == 0, want.output
+    a, b = tensors(tmp_path / "g"), tensors(tmp_path / "p")
+    assert set(a) == set(b) and a
+    for name, t in b.items():  # the same change, factored again: equal up to float32 rounding
+        assert torch.allclose(a[name].float(), t.float(), atol=1e-5), name
+
+
+def test_convert_to_mlx_of_a_gguf_adapter_is_that_of_its_peft_adapter(tmp_path, gguf_adapter):
+    got = run_cli("convert", gguf_adapter, "--to", "mlx", "--base", FIX_BASE, "-o", tmp_path / "g")
+    assert got.exit_code == 0, got.output
+    back = run_cli("convert", FIX_ADAPTER, "--to", "peft", "-o", tmp_path / "peft")  # PEFT's, as the .gguf holds it
+    assert back.exit_code == 0, back.output
+    from_gguf = run_cli("convert", gguf_adapter, "--to", "peft", "--base", FIX_BASE, "-o", tmp_path / "gp")
+    assert from_gguf.exit_code == 0, from_gguf.output
+    want = run_cli("convert", tmp_path / "gp", "--to", "mlx", "-o", tmp_path / "p")
+    assert want.exit_code == 0, want.output
+    assert_same_tensors_named(tmp_path / "g" / "adapters.safetensors", tmp_path / "p" / "adapters.safetensors")
+
+
+def assert_same_tensors_named(got: Path, want: Path) -> None:
+    a, b = load_file(got), load_file(want)
+    assert set(a) == set(b) and a
+    for name, t in b.items():
+        assert torch.equal(a[name], t), name
+
+
+@pytest.mark.parametrize("to", ["mlx", "peft", "lora"])
+def test_convert_of_a_gguf_adapter_without_base_names_base(tmp_path, gguf_adapter, to):
+    sizing = ["--rank", "2"] if to == "lora" else []
+    got = run_cli("convert", gguf_adapter, "--to", to, *sizing, "-o", tmp_path / "o")
+    assert got.exit_code == 2 and "needs --base BASE" in got.stderr, got.output  # click's usage error
+    assert "Traceback" not in got.stderr and not (tmp_path / "o").exists()
+
+
+def test_convert_of_a_gguf_adapter_to_gguf_is_refused(tmp_path, gguf_adapter):
+    got = run_cli("convert", gguf_adapter, "--to", "gguf", "--base", FIX_BASE, "-o", tmp_path / "b.gguf")
+    assert one_line_error(got, "a llama.cpp GGUF adapter already") and not (tmp_path / "b.gguf").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..errors import AdapterConfigError
 from ..io.checkpoint import Checkpoint
+from ..words import article
 from .config import AdapterConfig
 from .names import SAVED_PREFIX, strip_prefix
 
@@ -52,7 +53,8 @@ def group_tuned(
             others.append(key)
     if not parts:
         raise AdapterConfigError(
-            f"{folder}: a {config.peft_type} adapter with none of its tensors ({', '.join(spec.module_suffixes)})"
+            f"{folder}: {article(config.peft_type)} adapter with none of its tensors "
+            f"({', '.join(spec.module_suffixes)})"
         )
     modules: dict[str, TunedModule] = {}
     shared: set[str] = set()

@@ -32,7 +32,9 @@ SIZING = ("rank", "energy", "budget", "budget_params", "max_rank")  # --to lora'
     "in that adapter format (a model is converted with --dtype alone).",
 )
 @click.option(
-    "--base", default=None, help="With --to gguf, --to lora, or a .gguf adapter's --to peft: the base model's folder."
+    "--base",
+    default=None,
+    help="With --to gguf, --to lora, or a .gguf adapter's --to peft or mlx: the base model's folder.",
 )
 @click.option(
     "--initial",
@@ -91,7 +93,7 @@ def convert_cmd(
     elif to in ADAPTER_FORMATS:
         from ..commands.convert.adapter_format import to_format
 
-        job.finish(to_format(augmented, job.output(), target=to, device=device))
+        job.finish(to_format(augmented, job.output(), target=to, base=base, device=device))
     elif to == "gguf":
         from ..commands.convert import to_gguf
 
@@ -119,9 +121,9 @@ def _check(
     if for_ is not None and to is not None:
         raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
     gguf_in = augmented.lower().endswith(".gguf")
-    if base is not None and to not in ("gguf", "lora") and not (to == "peft" and gguf_in):
-        raise click.UsageError("--base goes with --to gguf, --to lora, or a .gguf adapter's --to peft")
-    if gguf_in and to == "peft" and base is None:
+    if base is not None and to not in ("gguf", "lora") and not (to in ADAPTER_FORMATS and gguf_in):
+        raise click.UsageError("--base goes with --to gguf, --to lora, or a .gguf adapter's --to peft or mlx")
+    if gguf_in and to in ADAPTER_FORMATS and base is None:
         raise click.UsageError("a .gguf adapter needs --base BASE: the model it was made for (its names, its heads)")
     if to == "lora" and base is None:
         raise click.UsageError("--to lora needs --base BASE: the model the adapter is for (its change depends on it)")

@@ -110,11 +110,13 @@ def open_inputs(
     read instead of opening it again. The caller closes them (``with``); on an error they are closed here."""
     sources = [resolve_source(i.spec) for i in inputs]
     opened = OpenedInputs()
+    gguf_at: list[int] = []  # the .gguf adapters, read once every other input is open (their base may come later)
     try:
         for n, (wanted, source) in enumerate(zip(inputs, sources, strict=True)):
             ckpt = None
             if wanted.want == "adapter" and source.path.suffix.lower() == ".gguf":
-                opened.append(_gguf_adapter(source, opened, command))
+                gguf_at.append(n)
+                opened.append(Opened(source, None))
             elif wanted.want is not None:
                 ckpt = open_checkpoint(source.path)
                 opened.append(Opened(source, ckpt))
@@ -125,6 +127,8 @@ def open_inputs(
                 )
             else:
                 opened.append(Opened(source, None))
+        for n in gguf_at:
+            opened[n] = _gguf_adapter(sources[n], opened, command)
         if out is not None:
             check_output(out, [s.path for s in sources], overwrite=overwrite)
         check_device(device)
@@ -135,11 +139,12 @@ def open_inputs(
 
 
 def _gguf_adapter(source: Source, opened: Sequence[Opened], command: str) -> Opened:
-    """A llama.cpp .gguf adapter, read against the model given before it (its names, its heads), as PEFT's."""
+    """A llama.cpp .gguf adapter, read against the model among the inputs (its names, its heads), as PEFT's."""
     from ..adapter.formats.gguf import adapter_with_base
 
-    base = next((o.checkpoint for o in opened if o.checkpoint is not None and o.adapter is None), None)
-    if base is None or input_kind(base) != "model":
+    models = (o.checkpoint for o in opened if o.checkpoint is not None and o.adapter is None)
+    base = next((c for c in models if input_kind(c) == "model"), None)
+    if base is None:
         what = f"{source.label}: a llama.cpp .gguf adapter is read against its base model"
         if command in TAKES_BASE:
             raise InvalidOptionError(f"{what}: give --base BASE, the model it was made for")
@@ -151,7 +156,7 @@ def _gguf_adapter(source: Source, opened: Sequence[Opened], command: str) -> Ope
     return Opened(source, adapter.checkpoint, adapter)
 
 
-TAKES_BASE = ("resize", "combine", "check")  # the commands whose --base BASE a .gguf adapter is read against
+TAKES_BASE = ("resize", "combine", "check", "convert")  # the commands whose --base BASE a .gguf adapter is read against
 
 
 def is_gguf(spec: str | os.PathLike[str]) -> bool:

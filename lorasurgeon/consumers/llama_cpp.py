@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..adapter.names import ROLE_MAGNITUDE
 from ..errors import UnsupportedError
+from ..words import article
 from .base import Consumer, Findings, Problem
 
 if TYPE_CHECKING:
@@ -130,7 +131,8 @@ class LlamaCpp(Consumer):
         found = []
         if adapter.tuned:
             found.append(
-                f"a {adapter.config.peft_type} adapter (LoRA only: `lorasurgeon convert ADAPTER --to lora` first)"
+                f"{article(adapter.config.peft_type)} adapter (LoRA only: "
+                "`lorasurgeon convert ADAPTER --to lora --base BASE --rank N` first)"
             )
         if adapter.config.use_dora or any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values()):
             found.append("DoRA")

@@ -18,8 +18,8 @@ from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, made_by, model_card
 from ...io.dtypes import itemsize
 from ...io.layout import human_bytes
-from ...words import plural
-from .._inputs import Input, Output, adapters_of, open_inputs
+from ...words import article, plural
+from .._inputs import Output, adapters_of, open_inputs, with_base
 from .._timing import rate, timed
 
 if TYPE_CHECKING:
@@ -68,18 +68,25 @@ class FormatReport:
 
 
 @timed
-def to_format(adapter: str | os.PathLike[str], out: Output, *, target: str, device: str = "cpu") -> FormatReport:
-    """``adapter`` (any format lorasurgeon reads) written as an adapter in the format called ``target``."""
+def to_format(
+    adapter: str | os.PathLike[str],
+    out: Output,
+    *,
+    target: str,
+    base: str | os.PathLike[str] | None = None,
+    device: str = "cpu",
+) -> FormatReport:
+    """``adapter`` (any format lorasurgeon reads; a llama.cpp .gguf one read against ``base``) written as an
+    adapter in the format called ``target``."""
     if target not in writable():
         raise InvalidOptionError(f"--to {target}: lorasurgeon writes adapters as {', '.join(writable())}")
-    with open_inputs(
-        [Input(adapter, "ADAPTER", "adapter")], out.path, command="convert", overwrite=out.overwrite, device=device
-    ) as opened:
-        (source,) = adapters_of(opened)
+    inputs = with_base([adapter], base)
+    with open_inputs(inputs, out.path, command="convert", overwrite=out.overwrite, device=device) as opened:
+        (source,) = adapters_of(opened[-1:])
     try:
         if source.tuned and target != "peft":
             raise UnsupportedError(
-                f"{adapter}: a {source.config.peft_type} adapter: {target}'s format holds LoRA (and DoRA) only; "
+                f"{adapter}: {article(source.config.peft_type)} adapter: {target}'s format holds LoRA (and DoRA) only; "
                 "`lorasurgeon convert ADAPTER --to lora --base BASE` gives its best LoRA first"
             )
         ckpt = source.checkpoint

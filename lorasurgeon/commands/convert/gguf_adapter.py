@@ -50,7 +50,7 @@ from ...io.sidecar import CONFIG, read_json_object
 from ...names import model_names
 from ...ops.lora import LAYER_KINDS
 from ...words import plural
-from .._inputs import Input, adapters_of, open_inputs, plain_weights
+from .._inputs import Input, adapters_of, is_gguf, open_inputs, plain_weights
 from ..merge.plan import plan_merge
 
 if TYPE_CHECKING:
@@ -161,6 +161,8 @@ def to_gguf(
         OutputError: ``out`` is, or is inside, an input (or a protected folder), or not an earlier .gguf to replace.
         OutputExistsError: ``out`` exists (without ``overwrite``).
     """
+    if is_gguf(adapter):
+        raise UnsupportedError(f"{adapter} is a llama.cpp GGUF adapter already: --to gguf writes one from another")
     gguf = gguf_module("--to gguf")
     # out=None: a .gguf is one file, whose place is checked below (check_gguf_destination), not a result folder
     adapter_input = Input(adapter, "ADAPTER", "adapter")

@@ -69,7 +69,10 @@ def check_adapter(adapter: LoraAdapter, *, combining: bool) -> None:
     cfg = adapter.config
     found = cfg.unsupported()
     if adapter.tuned:
-        found.append(f"peft_type {cfg.peft_type} (not LoRA factors: `lorasurgeon convert ADAPTER --to lora` first)")
+        found.append(
+            f"peft_type {cfg.peft_type} (not LoRA factors: "
+            "`lorasurgeon convert ADAPTER --to lora --base BASE --rank N` first)"
+        )
     if any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values()):
         found.append("DoRA (its magnitude depends on the base weights, not on the factors)")
     if any(ROLE_B_BIAS in m.keys for m in adapter.modules.values()):
