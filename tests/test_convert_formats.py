@@ -21,11 +21,17 @@ def _tensors(folder):
         adapter.close()
 
 
+DIFFUSION = ("kohya", "diffusers")  # formats of diffusion pipelines' LoRAs
+
+
 def test_every_writable_format_round_trips_the_fixture_adapter_exactly(tmp_path):
     original, _ = _tensors(FIX_ADAPTER)
     for target in writable():
         out = tmp_path / target
         done = run_cli("convert", FIX_ADAPTER, "--to", target, "-o", out)
+        if target in DIFFUSION:  # an LLM's adapter has no pipeline component to name (tests/test_diffusion_formats)
+            one_line_error(done, "names no pipeline component")
+            continue
         assert done.exit_code == 0, done.output
         assert f"({target} adapter)" in done.output
         back = tmp_path / f"{target}-back"

@@ -92,8 +92,27 @@ def test_overwrite_replaces_an_earlier_result_and_an_empty_folder(tmp_path):
 def test_a_file_is_never_replaced(tmp_path):
     target = tmp_path / "model.safetensors"
     target.write_bytes(b"not ours")
-    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target, "--overwrite"), "not a folder")
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target, "--overwrite"), "not a safetensors file")
     assert target.read_bytes() == b"not ours"
+    folder = tmp_path / "other"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("keep me")
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", folder, "--overwrite"), "notes.txt")
+    assert (folder / "notes.txt").read_text() == "keep me"
+
+
+def test_a_safetensors_path_is_a_one_file_result_replaced_only_by_overwrite(tmp_path):
+    """-o NAME.safetensors: the merged tensors alone, in one file renamed into place; an earlier one replaced with
+    --overwrite only, and no hidden debris left beside it."""
+    target = tmp_path / "merged.safetensors"
+    done = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target)
+    assert done.exit_code == 0, done.output
+    assert target.is_file() and listing(tmp_path) == {"merged.safetensors"}
+    first = target.read_bytes()
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", target), "already exists")
+    again = run_cli("merge", FIX_BASE, FIX_ADAPTER, "--weight", "0.5", "-o", target, "--overwrite")
+    assert again.exit_code == 0, again.output
+    assert target.read_bytes() != first and listing(tmp_path) == {"merged.safetensors"}
 
 
 @pytest.mark.parametrize("spelling", [".", "$PWD", "..", "$HOME", "/"])

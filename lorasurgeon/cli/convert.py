@@ -34,7 +34,7 @@ SIZING = ("rank", "energy", "budget", "budget_params", "max_rank")  # --to lora'
 @click.option(
     "--base",
     default=None,
-    help="With --to gguf, --to lora, or a .gguf adapter's --to peft or mlx: the base model's folder.",
+    help="With --to gguf, --to lora, or an adapter read against its base (a .gguf, a kohya file): the base model.",
 )
 @click.option(
     "--initial",
@@ -86,7 +86,7 @@ def convert_cmd(
         dtype = "float32" if options["dtype"] == "auto" else options["dtype"]
         assert base is not None  # _check: --to lora needs it
         job.finish(to_lora(augmented, base, job.output(), ExtractSettings.parse(**sizing, dtype=dtype, device=device)))
-    elif to == "peft" and base is not None:  # a llama.cpp .gguf adapter, read back against its base (_check)
+    elif to == "peft" and base is not None and augmented.lower().endswith(".gguf"):  # read back against its base
         from ..commands.convert.from_gguf import from_gguf
 
         job.finish(from_gguf(augmented, base, job.output(), device=device))
@@ -121,8 +121,11 @@ def _check(
     if for_ is not None and to is not None:
         raise click.UsageError("--for rewrites an adapter as an adapter: it goes without --to")
     gguf_in = augmented.lower().endswith(".gguf")
-    if base is not None and to not in ("gguf", "lora") and not (to in ADAPTER_FORMATS and gguf_in):
-        raise click.UsageError("--base goes with --to gguf, --to lora, or a .gguf adapter's --to peft or mlx")
+    if base is not None and to not in ("gguf", "lora", *ADAPTER_FORMATS):
+        raise click.UsageError(
+            "--base goes with --to gguf, --to lora, or an adapter format for an adapter read against its base "
+            "(a .gguf, a kohya file)"
+        )
     if gguf_in and to in ADAPTER_FORMATS and base is None:
         raise click.UsageError("a .gguf adapter needs --base BASE: the model it was made for (its names, its heads)")
     if to == "lora" and base is None:

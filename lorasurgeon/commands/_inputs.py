@@ -12,11 +12,13 @@ import numbers
 import os
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from ..adapter.formats.registry import is_adapter
+from ..adapter.formats.base import AdapterFormat
+from ..adapter.formats.gguf import FORMAT as GGUF
+from ..adapter.formats.registry import Probe, claiming, is_adapter
 from ..adapter.names import AUGMENTED_SUFFIX
 from ..adapter.weights import LoraAdapter, adapter_of
 from ..engine.execute import Progress
@@ -110,12 +112,12 @@ def open_inputs(
     read instead of opening it again. The caller closes them (``with``); on an error they are closed here."""
     sources = [resolve_source(i.spec) for i in inputs]
     opened = OpenedInputs()
-    gguf_at: list[int] = []  # the .gguf adapters, read once every other input is open (their base may come later)
+    based: dict[int, AdapterFormat] = {}  # adapters read against the base, once every other input is open
     try:
         for n, (wanted, source) in enumerate(zip(inputs, sources, strict=True)):
             ckpt = None
             if wanted.want == "adapter" and source.path.suffix.lower() == ".gguf":
-                gguf_at.append(n)
+                based[n] = GGUF
                 opened.append(Opened(source, None))
             elif wanted.want is not None:
                 ckpt = open_checkpoint(source.path)
@@ -125,10 +127,15 @@ def open_inputs(
                 check_kind(
                     input_kind(ckpt), source.label, role=wanted.role, want=wanted.want, command=command, others=others
                 )
+                found = claiming(Probe.of(ckpt)) if wanted.want == "adapter" else None
+                if found is not None and found.read_with_base is not None:  # its names are the base's
+                    ckpt.close()
+                    based[n] = found
+                    opened[n] = Opened(source, None)
             else:
                 opened.append(Opened(source, None))
-        for n in gguf_at:
-            opened[n] = _gguf_adapter(sources[n], opened, command)
+        for n, found in based.items():
+            opened[n] = _based_adapter(sources[n], found, opened, command)
         if out is not None:
             check_output(out, [s.path for s in sources], overwrite=overwrite)
         check_device(device)
@@ -138,22 +145,34 @@ def open_inputs(
     return opened
 
 
-def _gguf_adapter(source: Source, opened: Sequence[Opened], command: str) -> Opened:
-    """A llama.cpp .gguf adapter, read against the model among the inputs (its names, its heads), as PEFT's."""
-    from ..adapter.formats.gguf import adapter_with_base
-
+def _based_adapter(source: Source, found: AdapterFormat, opened: Sequence[Opened], command: str) -> Opened:
+    """An adapter whose names are its base's (a llama.cpp .gguf, a kohya file), read against the model among
+    the inputs, as the common adapter."""
     models = (o.checkpoint for o in opened if o.checkpoint is not None and o.adapter is None)
     base = next((c for c in models if input_kind(c) == "model"), None)
+    if base is None and found.base_optional and found.read_as_named is not None:
+        adapter = replace(found.read_as_named(source.path), format=found.name)
+        return Opened(source, adapter.checkpoint, adapter)
     if base is None:
-        what = f"{source.label}: a llama.cpp .gguf adapter is read against its base model"
+        what = (
+            f"{source.label}: {BASED_WORDS.get(found.name, f'a {found.name} adapter')} is read against its base model"
+        )
         if command in TAKES_BASE:
             raise InvalidOptionError(f"{what}: give --base BASE, the model it was made for")
         raise UnsupportedError(
             f"{what}, which lorasurgeon {command} does not take: "
             f"`lorasurgeon convert {source.label} --to peft --base BASE -o ADAPTER` makes it PEFT's"
         )
-    adapter = adapter_with_base(source.path, base)
+    assert found.read_with_base is not None  # the formats put here have it
+    adapter = replace(found.read_with_base(source.path, base), format=found.name)
     return Opened(source, adapter.checkpoint, adapter)
+
+
+BASED_WORDS = {
+    "gguf": "a llama.cpp .gguf adapter",
+    "kohya": "a kohya LoRA",
+    "diffusers": "a diffusers LoRA",
+}  # as the refusal names them
 
 
 TAKES_BASE = ("resize", "combine", "check", "convert")  # the commands whose --base BASE a .gguf adapter is read against
@@ -164,13 +183,22 @@ def is_gguf(spec: str | os.PathLike[str]) -> bool:
     return Path(spec).suffix.lower() == ".gguf"
 
 
+def needs_base(spec: str | os.PathLike[str]) -> bool:
+    """Whether an input is an adapter read against its base model (a .gguf; a file of a format whose names are
+    the base's, such as kohya's): headers only. A path that is not there needs none (its error comes later)."""
+    if is_gguf(spec):
+        return True
+    found = claiming(Probe(Path(spec))) if Path(spec).exists() else None
+    return found is not None and found.read_with_base is not None
+
+
 def with_base(adapters: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] | None) -> list[Input]:
     """A command's ADAPTERs, after ``base`` (--base) where one is given: the model :func:`open_inputs` reads a
     llama.cpp .gguf adapter among them against. A --base that no .gguf adapter needs is refused, not ignored."""
     inputs = [Input(a, "ADAPTER", "adapter") for a in adapters]
     if base is None:
         return inputs
-    if not any(is_gguf(a) for a in adapters):
+    if not any(needs_base(a) for a in adapters):
         raise InvalidOptionError(
             f"--base {base}: only a llama.cpp .gguf adapter is read against a base model, and no ADAPTER given is "
             "one: leave --base out"

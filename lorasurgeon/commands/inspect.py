@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from ..adapter.config import CONFIG_NAME, AdapterConfig
-from ..adapter.weights import LoraAdapter, LoraModule, load_adapter
+from ..adapter.weights import load_adapter
 from ..errors import LorasurgeonError
 from ..formats.detect import Quantization, detect
 from ..formats.layout import find_layout
@@ -19,6 +19,7 @@ from ..io.sidecar import read_config
 from ..names.builtin import is_tied
 from ..words import plural
 from ._inputs import input_kind
+from .inspect_adapter import AdapterReport, adapter_lines, adapter_report, read_as_named
 from .inspect_gguf import GgufReport, is_gguf, read_gguf
 
 
@@ -26,33 +27,6 @@ from .inspect_gguf import GgufReport, is_gguf, read_gguf
 class DtypeCount:
     tensors: int
     parameters: int
-
-
-@dataclass(frozen=True)
-class ModuleReport:
-    name: str
-    kind: str  # linear | embedding | conv | experts (a stacked MoE parameter: rank is E·r, alpha and
-    # scale follow from the base's expert count, so they are None here)
-    rank: int
-    alpha: float | None
-    scale: float | None
-
-
-@dataclass(frozen=True)
-class AdapterReport:
-    peft_type: str
-    base_model: str | None
-    r: int
-    lora_alpha: float
-    target_modules: list[str] | str | None
-    features: list[str]
-    unsupported: list[str]
-    modules_to_save: list[str]
-    replaced_tensors: list[str]
-    modules: list[ModuleReport]
-    target_parameters: list[str] = field(default_factory=list)
-    format: str = "peft"  # the adapter format it is in (adapter.formats.registry)
-    tuner: str | None = None  # PEFT's tuner other than LoRA (ops.tuners) whose modules it holds; r, alpha are LoRA's
 
 
 @dataclass(frozen=True)
@@ -135,6 +109,9 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         ckpt.close()
         adapter = load_adapter(ckpt.folder)
         ckpt = adapter.checkpoint
+    elif form == "adapter" and (named := read_as_named(ckpt)) is not None:  # a kohya / diffusers file
+        adapter = named
+        adapter.close()  # headers only: the counts below are the file's own (its alphas too)
     elif form == "augmented" and has_config:  # the adapter inside, read as convert reads it
         from .merge.augmented import split_augmented  # the merge package only for this kind of checkpoint
 
@@ -151,7 +128,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         bytes=ckpt.nbytes,
         dtypes=_dtypes((i.dtype_name, i.numel) for i in ckpt.infos()),
         metadata=dict(ckpt.metadata),
-        adapter=_adapter_report(adapter) if adapter else None,
+        adapter=adapter_report(adapter) if adapter else None,
         quantization=detect(((i.name, i.dtype_name) for i in ckpt.infos()), config),
         form=form,
         quantized=_quantized(ckpt),
@@ -263,49 +240,6 @@ def _rel(path: Path, folder: Path) -> Path:
         return path
 
 
-def _adapter_report(adapter: LoraAdapter) -> AdapterReport:
-    cfg = adapter.config
-    kinds = {m.kind for m in adapter.modules.values()}
-    features = cfg.features() + sorted(k for k in kinds if k != "linear")
-    if adapter.tuner is not None:  # a tuner other than LoRA: its parts per module, no rank or scale of LoRA's
-        features = [f"{adapter.tuner} (merged as PEFT merges it; `convert --to lora` gives its best LoRA)"]
-    if adapter.base_weights:
-        features.append("base_layer_weights")
-    target = cfg.target_modules
-    return AdapterReport(
-        peft_type=cfg.peft_type,
-        base_model=cfg.base_model,
-        r=cfg.r,
-        lora_alpha=cfg.lora_alpha,
-        target_modules=sorted(target) if isinstance(target, tuple) else target,
-        features=features,
-        unsupported=cfg.unsupported(),
-        modules_to_save=list(cfg.modules_to_save),
-        replaced_tensors=sorted(adapter.replacements),
-        modules=[_module_report(m, cfg, set(adapter.modules)) for m in adapter.modules.values()]
-        + [ModuleReport(m.name, m.tuner, 0, None, None) for m in adapter.tuned.values()],
-        target_parameters=list(cfg.target_parameters),
-        format=adapter.format,
-        tuner=adapter.tuner,
-    )
-
-
-def _module_report(module: LoraModule, cfg: AdapterConfig, modules: set[str]) -> ModuleReport:
-    """A module's line; a ParamWrapper on stacked experts has rank E·r, and E is the base's. Told from the
-    adapter alone: wrappers nest (``experts.base_layer``), the module is named in a dotted target
-    parameter (``experts.gate_up_proj``), or is transformers' ``experts``."""
-    owners = {
-        t.rpartition(".")[0].rpartition(".")[2]
-        for t in cfg.target_parameters
-        if "." in t and t.rpartition(".")[2] not in ("weight", "bias")
-    }
-    leaf = module.name.replace(".base_layer", "").rpartition(".")[2]
-    nested = ".base_layer" in module.name or f"{module.name}.base_layer" in modules
-    if cfg.target_parameters and (nested or leaf in owners or leaf == "experts"):
-        return ModuleReport(module.name, "experts", module.rank, None, None)
-    return ModuleReport(module.name, module.kind, module.rank, module.alpha, module.scale)
-
-
 _FORMS = {
     "model": "model",
     "adapter": "adapter ({format} format)",
@@ -337,31 +271,8 @@ def format_report(report: CheckpointReport) -> str:
                 f"{', '.join(q.methods)}, "
                 "read dequantized by every command (merge keeps the format unless --dtype)"
             )
-    a = report.adapter
-    if a is None:
-        return "\n".join(lines)
-    target = a.target_modules if isinstance(a.target_modules, str) else ", ".join(a.target_modules or [])
-    lines += [
-        f"  adapter     {a.peft_type}, "
-        + ("" if a.tuner else f"r={a.r}, lora_alpha={a.lora_alpha:g}, ")
-        + f"base={a.base_model or '?'}",
-        f"  targets     {target}" + (f"; parameters {', '.join(a.target_parameters)}" if a.target_parameters else ""),
-        f"  features    {', '.join(a.features) or 'plain LoRA'}",
-    ]
-    if a.unsupported:
-        lines.append(f"  unsupported {'; '.join(a.unsupported)}")
-    if a.replaced_tensors:
-        lines.append(f"  replaces    {', '.join(a.replaced_tensors)}")
-    if a.modules:
-        width = max(len(m.name) for m in a.modules)
-        lines.append(f"  {'module'.ljust(width)}  {'kind':<9} {'rank':>4} {'alpha':>7} {'scale':>8}")
-        for m in a.modules:
-            if m.kind not in ("linear", "embedding", "conv", "experts"):  # a tuner's module: no LoRA rank
-                lines.append(f"  {m.name.ljust(width)}  {m.kind:<9}")
-            elif m.alpha is None or m.scale is None:  # stacked experts: E·r rows, E known from the base
-                lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {'(E·r)':>16}")
-            else:
-                lines.append(f"  {m.name.ljust(width)}  {m.kind:<9} {m.rank:>4} {m.alpha:>7g} {m.scale:>8.4g}")
+    if report.adapter is not None:
+        lines += adapter_lines(report.adapter)
     return "\n".join(lines)
 
 

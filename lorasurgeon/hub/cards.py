@@ -11,13 +11,14 @@ from .. import __version__
 CARD_NAME = "README.md"
 
 
-def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str]) -> str:
+def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str], library: str | None = None) -> str:
     """README.md text: metadata (base_model, base_model_relation, library_name, tags) + body.
 
     ``title``: the result folder's name (``-o out1/sub`` -> ``sub``), the name the result goes by on the Hub;
     each card's "Made by" command writes that same folder (``-o sub``), so the card holds no local path of
     the output. ``kind``: "merged" (relation merge, library transformers), "adapter" / "augmented"
-    (relation adapter, library peft), "unmerged" (a base model recovered: no relation).
+    (relation adapter, library peft), "unmerged" (a base model recovered: no relation). ``library``: the
+    library that loads it, where not those (diffusers, for a pipeline).
     """
     from huggingface_hub import ModelCard, ModelCardData
 
@@ -25,7 +26,7 @@ def model_card(*, kind: str, base: str | None, title: str, lines: Sequence[str])
     data = ModelCardData(
         base_model=base,
         base_model_relation=relation,
-        library_name="peft" if kind in ("adapter", "augmented") else "transformers",
+        library_name=library or ("peft" if kind in ("adapter", "augmented") else "transformers"),
         tags=["lora", "lorasurgeon"] + (["merge"] if kind == "merged" else []),
     )
     text = (
@@ -81,8 +82,10 @@ def merge_card(
     dtype: str,
     untied: bool,
     quantization: str = "",
+    library: str | None = None,
 ) -> str:
-    """The card of a merge or unmerge; ``quantization``: a sentence on a quantized base's format."""
+    """The card of a merge or unmerge; ``quantization``: a sentence on a quantized base's format; ``library``:
+    the library that loads the result, where not transformers (model_card)."""
     verb = "unmerge" if unmerge else "merge"
     flags = [f"--weight={w:g}" for w in weights] if any(w != 1.0 for w in weights) else []
     if form != "merged":
@@ -106,7 +109,7 @@ def merge_card(
         )
     lines += ["", "Made by:"] + command("lorasurgeon", verb, base, *adapters, *flags, "-o", title)
     kind = "unmerged" if unmerge else ("augmented" if form == "augmented" else "merged")
-    return model_card(kind=kind, base=base, title=title, lines=lines)
+    return model_card(kind=kind, base=base, title=title, lines=lines, library=library)
 
 
 def convert_card(*, title: str, source: str, base: str | None, to: str) -> str:

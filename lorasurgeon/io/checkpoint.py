@@ -32,16 +32,23 @@ else:
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 BIN_INDEX = "pytorch_model.bin.index.json"
 # What a checkpoint's files are (Checkpoint.format).
-CheckpointFormat = Literal["safetensors", "safetensors-sharded", "pytorch-bin", "pytorch-bin-sharded", "gguf"]
+CheckpointFormat = Literal[
+    "safetensors", "safetensors-sharded", "pytorch-bin", "pytorch-bin-sharded", "gguf", "pipeline"
+]
 # Folder layouts, most preferred first: (file to look for, format name).
 FOLDER_LAYOUTS: tuple[tuple[str, CheckpointFormat], ...] = (
     (SAFETENSORS_INDEX, "safetensors-sharded"),
     ("model.safetensors", "safetensors"),
     ("adapter_model.safetensors", "safetensors"),
     ("adapters.safetensors", "safetensors"),  # an MLX-LM adapter folder (adapter.formats.mlx)
+    # a diffusers model folder (one component of a pipeline: unet/, transformer/, vae/)
+    ("diffusion_pytorch_model.safetensors.index.json", "safetensors-sharded"),
+    ("diffusion_pytorch_model.safetensors", "safetensors"),
+    ("pytorch_lora_weights.safetensors", "safetensors"),  # a diffusers LoRA folder (adapter.formats.diffusers)
     (BIN_INDEX, "pytorch-bin-sharded"),
     ("pytorch_model.bin", "pytorch-bin"),
     ("adapter_model.bin", "pytorch-bin"),
+    ("diffusion_pytorch_model.bin", "pytorch-bin"),
 )
 BIN_SUFFIXES = (".bin", ".pt", ".pth")
 
@@ -277,7 +284,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
     Args:
         path: a folder (model.safetensors, a sharded index, a PEFT adapter, pytorch_model.bin with or
-            without its index) or a single .safetensors / .bin / .index.json file.
+            without its index, a diffusers model or pipeline folder) or a single .safetensors / .bin /
+            .index.json / .gguf file.
 
     Returns:
         A Checkpoint: its tensors' names, dtypes and shapes, each read on demand with ``read(name)``.
@@ -291,10 +299,17 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     if not root.exists():
         raise InputNotFoundError(f"{root}: no such file or folder")
     if root.is_dir():
+        if (root / "model_index.json").is_file():  # a diffusers pipeline: its components as one (io.pipeline)
+            from .pipeline import open_pipeline
+
+            return open_pipeline(root)
         for filename, fmt in FOLDER_LAYOUTS:
             if (root / filename).is_file():
                 return _open_file(root, root / filename, fmt)
         found = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json") + BIN_SUFFIXES)
+        single = [f for f in found if f.endswith(".safetensors")]
+        if len(single) == 1 and not any(f.endswith(".index.json") for f in found):  # a LoRA file's own folder
+            return _open_file(root, root / single[0], "safetensors")
         raise InputNotFoundError(
             f"{root}: no checkpoint found (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)}; "
             f"found {', '.join(found) or 'nothing usable'})"

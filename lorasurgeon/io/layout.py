@@ -43,8 +43,9 @@ class TensorSpec(DtypeByName):
 class Shard:
     """One output file and its tensors, in the order their bytes are laid out."""
 
-    filename: str
+    filename: str  # relative to the result folder: "unet/diffusion_pytorch_model.safetensors" in a pipeline's
     tensors: tuple[TensorSpec, ...]
+    strip: str = ""  # a prefix of every tensor's name not written in this file (a pipeline component's "unet.")
 
     @property
     def nbytes(self) -> int:

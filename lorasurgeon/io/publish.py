@@ -35,7 +35,7 @@ import shutil
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..errors import OutputError, OutputExistsError
+from ..errors import LorasurgeonError, OutputError, OutputExistsError
 from .scratch import make_scratch, release, rename_noreplace
 from .sidecar import SIDECARS
 
@@ -65,7 +65,8 @@ def absolute(path: str | os.PathLike[str]) -> Path:
 def check_destination(
     out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]], *, overwrite: bool
 ) -> None:
-    """Refuse, before any work, an output that would lose or damage anything.
+    """Refuse, before any work, an output that would lose or damage anything (a ``.safetensors`` path is a
+    one-file result: :func:`is_file_result`).
 
     Raises:
         OutputError: ``out`` overlaps an input, is a protected folder, or is not ours to replace.
@@ -75,7 +76,30 @@ def check_destination(
     if os.path.lexists(target):
         if not overwrite:
             raise OutputExistsError(f"{out}: already exists (pass --overwrite to replace an earlier result)")
-        check_replaceable(target)
+        check_replaceable(target, not_a_safetensors_file if is_file_result(target) else None)
+
+
+def is_file_result(out: str | os.PathLike[str]) -> bool:
+    """Whether a result goes to one file, not a folder: ``-o NAME.safetensors`` (a kohya LoRA, a single-file
+    checkpoint), which holds the tensors alone."""
+    return str(out).endswith(".safetensors")
+
+
+def not_a_safetensors_file(path: Path) -> str | None:
+    """Why what is at ``path`` is not an earlier one-file result (a plain .safetensors file whose header
+    reads), None when it is one."""
+    from .header import read_header  # only for a file result that exists
+
+    if path.is_symlink() or not path.is_file():
+        return "it is not a safetensors file"
+    try:
+        with open(path, "rb") as fh:
+            read_header(path, os.fstat(fh.fileno()).st_size, fh)
+    except OSError as exc:
+        return f"it cannot be read ({exc.strerror or exc})"
+    except LorasurgeonError:
+        return "it is not a safetensors file"
+    return None
 
 
 def check_place(out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]]) -> Path:

@@ -8,8 +8,10 @@ holds adapter-sized data (a few % of a model), so the extra copy is cheap.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
+from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -17,7 +19,7 @@ from ..errors import LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import FileSlice, TensorInfo, pread_into
 from .direct import copy_range, pwrite_all
 from .layout import TensorSpec, plan_shards
-from .publish import absolute, check_replaceable
+from .publish import absolute, check_replaceable, is_file_result, not_a_safetensors_file
 from .scratch import clean_stale, make_scratch, release
 from .writer import CheckpointWriter, tensor_bytes
 
@@ -43,7 +45,7 @@ class SpoolWriter:
         if os.path.lexists(self.out):
             if not overwrite:
                 raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace an earlier result)")
-            check_replaceable(self.out)
+            check_replaceable(self.out, not_a_safetensors_file if is_file_result(self.out) else None)
         self._dir: Path | None = None
         self._fd = -1
         try:
@@ -84,6 +86,13 @@ class SpoolWriter:
             raise OutputError(f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc})") from None
         self._items[name] = TensorInfo.of(name, tensor.dtype, tuple(tensor.shape), self._path, self._end)
         self._end += nbytes
+
+    def rename(self, names: Mapping[str, str]) -> None:
+        """Give spooled tensors other names (``names``: old -> new; others keep theirs), in the order written."""
+        items = [dataclasses.replace(i, name=names.get(n, n)) for n, i in self._items.items()]
+        self._items = {i.name: i for i in items}
+        if len(self._items) != len(items):
+            raise ValueError("two tensors renamed to one name")
 
     def discard(self, name: str) -> None:
         self._items.pop(name, None)

@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import json
 import os
+import posixpath
 import queue
+import re
 import shutil
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -31,7 +33,7 @@ from .checkpoint import SAFETENSORS_INDEX, FileSlice
 from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
-from .publish import absolute, check_replaceable, not_a_result_folder, publish
+from .publish import absolute, check_replaceable, is_file_result, not_a_result_folder, not_a_safetensors_file, publish
 from .scratch import clean_stale, make_scratch, release
 
 if TYPE_CHECKING:
@@ -43,6 +45,7 @@ else:
 # Results smaller than this go through the page cache: O_DIRECT's gain is in the bytes, its cost (an
 # aligned buffer, synchronous writes) is per file.
 DIRECT_MIN_BYTES = 64 << 20
+SHARD_NAME = re.compile(r"(-\d{5}-of-\d{5})?\.safetensors$")  # a shard's file name, less its stem
 
 
 def _fsync_dir(path: Path) -> None:
@@ -88,6 +91,10 @@ class CheckpointWriter:
     ):
         self.out = absolute(out)
         self.shards = list(shards)
+        # a one-file result (-o NAME.safetensors, io.publish.is_file_result): its one shard alone, renamed into place
+        self.single = is_file_result(self.out)
+        if self.single and len(self.shards) != 1:
+            raise OutputError(f"{self.out}: a one-file result holds one file, and this one needs {len(self.shards)}")
         self.index_name = index_name if len(self.shards) > 1 else None
         names = [t.name for s in self.shards for t in s.tensors]
         if len(set(names)) != len(names):
@@ -96,7 +103,7 @@ class CheckpointWriter:
         if os.path.lexists(self.out) and not checked:
             if not overwrite:
                 raise OutputExistsError(f"{self.out}: already exists (pass --overwrite to replace an earlier result)")
-            check_replaceable(self.out)
+            check_replaceable(self.out, self._not_replaceable)
         self._files: dict[str, BufferedFile | DirectFile] = {}
         # O_DIRECT where the filesystem takes it: for results of DIRECT_MIN_BYTES or more (None), for any (True),
         # never (False); and the aligned buffers it writes from
@@ -142,8 +149,12 @@ class CheckpointWriter:
         if self._direct or (self._direct is None and big):
             self._io = AlignedWrites()
         for shard in self.shards:
-            header, offsets = build_header([(t.name, t.dtype_name, t.shape) for t in shard.tensors], meta)
+            names = [t.name.removeprefix(shard.strip) for t in shard.tensors]
+            header, offsets = build_header(
+                [(n, t.dtype_name, t.shape) for n, t in zip(names, shard.tensors, strict=True)], meta
+            )
             size = len(header) + shard.nbytes
+            (self.partial_dir / shard.filename).parent.mkdir(parents=True, exist_ok=True)
             file = open_shard(self.partial_dir / shard.filename, size, io=self._io)
             self._files[shard.filename] = file
             file.write(memoryview(header), 0)
@@ -228,8 +239,14 @@ class CheckpointWriter:
             self._syncer.join()
             self._syncer = None
 
+    @property
+    def _not_replaceable(self) -> Callable[[Path], str | None]:
+        return not_a_safetensors_file if self.single else not_a_result_folder
+
     def add_file(self, relname: str, data: bytes | str) -> None:
-        """Put a small file (config, model card) into the result."""
+        """Put a small file (config, model card) into the result (a one-file result holds the tensors alone)."""
+        if self.single:
+            return
         path = self.partial_dir / relname
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -238,7 +255,9 @@ class CheckpointWriter:
             raise OutputError(f"{self.out}: cannot write {relname} ({exc.strerror or exc}); nothing was kept") from None
 
     def copy_file(self, src: Path, relname: str | None = None) -> None:
-        """Copy a file (tokenizer, generation config) into the result."""
+        """Copy a file (tokenizer, generation config) into the result (not into a one-file result)."""
+        if self.single:
+            return
         dst = self.partial_dir / (relname or src.name)
         try:
             dst.parent.mkdir(parents=True, exist_ok=True)
@@ -269,10 +288,12 @@ class CheckpointWriter:
                 if path.is_file() and path.suffix != ".safetensors":
                     with open(path, "rb+") as fh:
                         os.fsync(fh.fileno())
-            if self.index_name:
-                self._write_index()
+            self._write_indexes()
             _fsync_dir(tmp)
-            publish(tmp, self.out, overwrite=self.overwrite, not_replaceable=not_a_result_folder)
+            staged = tmp / self.shards[0].filename if self.single else tmp
+            publish(staged, self.out, overwrite=self.overwrite, not_replaceable=self._not_replaceable)
+            if self.single:  # the file went out of its hidden folder, left empty
+                shutil.rmtree(tmp, ignore_errors=True)
             release(tmp)
             self._tmp = None
         except BaseException as exc:
@@ -288,14 +309,30 @@ class CheckpointWriter:
         self.commit_seconds = time.perf_counter() - began
         return self.out
 
-    def _write_index(self) -> None:
-        weight_map = {t.name: s.filename for s in self.shards for t in s.tensors}
+    def _write_indexes(self) -> None:
+        """The index of the shards at the top (``index_name``, if there are several), and one in each folder of a
+        pipeline's component written in several, named after its shards (diffusion_pytorch_model.safetensors.
+        index.json), their names as the files hold them."""
+        folders: dict[str, list[Shard]] = {}
+        for shard in self.shards:
+            folders.setdefault(posixpath.dirname(shard.filename), []).append(shard)
+        for folder, shards in folders.items():
+            if folder == "" and self.index_name and len(shards) > 1:
+                self._write_index(self.index_name, shards)
+            elif folder and len(shards) > 1:
+                stem = SHARD_NAME.sub("", posixpath.basename(shards[0].filename))
+                self._write_index(f"{folder}/{stem}.safetensors.index.json", shards)
+
+    def _write_index(self, relname: str, shards: list[Shard]) -> None:
+        base = posixpath.dirname(relname)
+        weight_map = {
+            t.name.removeprefix(s.strip): posixpath.relpath(s.filename, base or ".") for s in shards for t in s.tensors
+        }
         doc = {
-            "metadata": {"total_size": sum(s.nbytes for s in self.shards)},
+            "metadata": {"total_size": sum(s.nbytes for s in shards)},
             "weight_map": dict(sorted(weight_map.items())),
         }
-        assert self.index_name is not None
-        path = self.partial_dir / self.index_name
+        path = self.partial_dir / relname
         with open(path, "w", encoding="utf-8") as fh:
             fh.write(json.dumps(doc, indent=2) + "\n")
             fh.flush()

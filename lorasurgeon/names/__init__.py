@@ -12,6 +12,7 @@ from .builtin import builtin, is_tied
 from .cache import remembered, remembered_keys
 from .from_transformers import from_transformers, saved_keys
 from .model import FusedExperts, ModelNames
+from .single_file import single_file_names
 
 __all__ = ["FusedExperts", "ModelNames", "is_tied", "model_names", "names_of_memory"]
 
@@ -29,6 +30,9 @@ def _cached(file_keys: tuple[str, ...], config_json: str) -> ModelNames:
     config = json.loads(config_json)
 
     def compute() -> ModelNames:
+        single = single_file_names(file_keys) if not config.get("model_type") else None
+        if single is not None:  # a single-file Stable Diffusion checkpoint: diffusers' names in memory
+            return single
         found = from_transformers(file_keys, config)
         return found if isinstance(found, ModelNames) else builtin(file_keys, config, found)
 

@@ -52,5 +52,12 @@ class AdapterFormat:
     # a format whose names and layout are the base model's (llama.cpp's GGUF LoRA): its files read against the base,
     # open; None: ``read`` needs nothing else
     read_with_base: Callable[[Path, Checkpoint], LoraAdapter] | None = None
+    # the same, its modules under the file's own names, no base needed: what inspect shows of such a format
+    read_as_named: Callable[[Path], LoraAdapter] | None = None
+    # those names are whole without the base (a diffusers LoRA's: the pipeline's own): read so where a command
+    # is given no base, instead of refused
+    base_optional: bool = False
+    # resize and combine write their result in this format too (its writer holds a rank per module), not PEFT's
+    written_back: bool = False
     # an output folder to write an adapter into, in this format (None: lorasurgeon does not write it)
     writer: Callable[[str | os.PathLike[str], bool], AdapterWriter] | None = None

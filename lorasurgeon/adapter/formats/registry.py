@@ -5,13 +5,14 @@ module exposing its ``FORMAT`` and one line here (CONTRIBUTING.md, "Adding an ad
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import LorasurgeonError, UnsupportedError
 from ...io.checkpoint import Checkpoint, open_checkpoint
-from . import gguf, mlx, peft
+from . import diffusers, gguf, kohya, mlx, peft
 from .base import AdapterFormat, AdapterWriter
 
 if TYPE_CHECKING:
@@ -19,7 +20,7 @@ if TYPE_CHECKING:
 
 # PEFT first: the common case asks one format; none of the others' files is claimed by PEFT's rule (no
 # adapter_model file, no PEFT key: MLX's adapters.safetensors, a .gguf), so the order changes no answer
-ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (peft.FORMAT, mlx.FORMAT, gguf.FORMAT)
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (peft.FORMAT, mlx.FORMAT, gguf.FORMAT, kohya.FORMAT, diffusers.FORMAT)
 
 
 @dataclass
@@ -146,3 +147,13 @@ def known() -> str:
 def read_against_base(name: str) -> bool:
     """Whether adapters of format ``name`` are read against their base model (their names are the base's)."""
     return any(f.name == name and f.read_with_base is not None for f in ADAPTER_FORMATS)
+
+
+def result_format(names: Sequence[str]) -> str:
+    """The format resize and combine write the result of adapters in these formats in: theirs where they share
+    one whose writer holds any rank per module (``written_back``: a kohya file stays one), else PEFT's."""
+    found = {f.name: f for f in ADAPTER_FORMATS}
+    kinds = set(names)
+    if len(kinds) == 1 and (only := found.get(next(iter(kinds)))) is not None and only.written_back:
+        return only.name
+    return "peft"

@@ -55,7 +55,7 @@ class Conversion:
     shards: list[Shard]
     untie: bool
     extra: dict[str, bytes]  # file name -> its bytes (config, model card)
-    copies: list[Path]  # sidecar files copied as they are
+    copies: list[tuple[Path, str]]  # sidecar files copied as they are, each with its name in the result
     index_name: str | None  # the shard index, when sharded
 
 
@@ -72,7 +72,7 @@ def to_merged(
     extra: dict[str, bytes] = {}
     if config:
         extra["config.json"] = config_bytes(edit_config(config, dtype=settings.dtype_name, untie=untie))
-    copies = [p for p in sidecar_files(ckpt.folder) if p.name not in extra]
+    copies = [(p, p.name) for p in sidecar_files(ckpt.folder) if p.name not in extra]
     shards = layout(ops, base, settings.max_shard_size)
     return Conversion(ops, [base, adapter.checkpoint], shards, untie, extra, copies, "model.safetensors.index.json")
 

@@ -58,6 +58,7 @@ def convert_model(
         card=convert_card(title=Path(out).name, source=source.label, base=source.label, to=target),
         folder=ckpt.folder,
         overwrite=overwrite,
+        base_format=ckpt.format,
         progress=progress,
     )
     return report(out, "converted", plan, stats, untie)

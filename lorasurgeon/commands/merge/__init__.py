@@ -198,6 +198,7 @@ def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, setti
             adapters=[a.label for a in planned.adapter_sources],
             weights=settings.weights,
             untied=untie,
+            library="diffusers" if planned.checkpoint.format == "pipeline" or "_diffusers_version" in config else None,
             dtype=settings.dtype_words,
             quantization=_quantization_words(planned),
         )
@@ -214,6 +215,7 @@ def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, setti
             overwrite=out.overwrite,
             progress=out.progress,
             extra=extra,
+            base_format=planned.checkpoint.format,
         )
         return report(where, form, plan, stats, untie, _notes(planned))
     finally:

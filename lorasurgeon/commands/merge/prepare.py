@@ -150,6 +150,11 @@ def _ops(planned: Planned, ckpt: Checkpoint, settings: MergeSettings) -> list[Te
     """The plan's ops: the augmented form's, or the merge's (``planned.untie`` set where a tied head is untied)."""
     assert planned.names is not None
     if settings.form == "augmented":
+        if ckpt.format == "pipeline":
+            raise UnsupportedError(
+                f"{planned.base.label}: a diffusers pipeline has no augmented form (diffusers loads a LoRA from "
+                "its own file, beside the pipeline): merge it, or keep the adapter as it is"
+            )
         if planned.adapters[0].tuned:
             kind = planned.adapters[0].config.peft_type
             raise UnsupportedError(

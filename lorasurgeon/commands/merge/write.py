@@ -13,8 +13,9 @@ from ...engine.execute import ExecStats, Progress, run
 from ...hub.cards import CARD_NAME
 from ...io.checkpoint import SAFETENSORS_INDEX, Checkpoint
 from ...io.layout import Shard, parse_size, plan_shards, shards_like
+from ...io.pipeline import pipeline_files, pipeline_shards
 from ...io.sidecar import config_bytes, sidecar_files
-from ...io.writer import CheckpointWriter
+from ...io.writer import SHARD_NAME, CheckpointWriter
 from .compute import compute_op
 from .ops import ACTIONS, MergeOp, Plan, RequantOp
 from .quantized import RequantReport
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     pass
 
 DEFAULT_SHARD = "5GB"
+DIFFUSERS_STEM = "diffusion_pytorch_model"  # a diffusers model folder's weights (unet/, transformer/, vae/)
 REQUANT_NAME = "requantization.json"  # per re-quantized weight, what keeping the base's format cost
 
 
@@ -40,23 +42,33 @@ def layout(
     ``stored``: (input number, checkpoint) of a quantized base as it is on disk, whose stored parts a
     re-quantized result writes back each to its own file."""
     specs = [spec for op in ops for spec in op.specs]
+    if base.format == "pipeline":  # each component in its own folder, in files of the base's names
+        return pipeline_shards(specs, _homes(ops, base, stored), base.root, max_shard_size)
+    if base.root.is_dir() and base.files and base.files[0].name.startswith(DIFFUSERS_STEM):
+        prefix = DIFFUSERS_STEM  # a diffusers model folder's files keep their name, or diffusers finds none
     if max_shard_size is not None:
         return plan_shards(specs, max_shard_size=max_shard_size, prefix=prefix)
     if base.format == "safetensors-sharded":
         # Each tensor goes to the shard its source lives in (the base's own, for a tensor the
         # adapter replaced): the base's file names and layout, also for renamed views.
-        weight_map: dict[str, str] = {}
-        for op in ops:
-            if isinstance(op, RequantOp):
-                weight_map.update((i.name, i.file.name) for _, i in op.tensor.parts)
-            elif stored is not None and op.src.source == stored[0]:
-                weight_map[op.name] = stored[1].info(op.src.key).file.name
-            elif (home := op.src.key if op.src.source == 0 else op.name) in base:
-                weight_map[op.name] = base.info(home).file.name
+        weight_map = {name: file.name for name, file in _homes(ops, base, stored).items()}
         return shards_like(specs, weight_map, fallback=base.files[-1].name)
     if base.format == "safetensors":
         return plan_shards(specs, max_shard_size=None, prefix=prefix)
     return plan_shards(specs, max_shard_size=parse_size(DEFAULT_SHARD), prefix=prefix)
+
+
+def _homes(ops: Sequence[MergeOp], base: Checkpoint, stored: tuple[int, Checkpoint] | None) -> dict[str, Path]:
+    """The base file each result tensor comes from (the base's own, for a tensor the adapter replaced)."""
+    homes: dict[str, Path] = {}
+    for op in ops:
+        if isinstance(op, RequantOp):
+            homes.update((i.name, i.file) for _, i in op.tensor.parts)
+        elif stored is not None and op.src.source == stored[0]:
+            homes[op.name] = stored[1].info(op.src.key).file
+        elif (home := op.src.key if op.src.source == 0 else op.name) in base:
+            homes[op.name] = base.info(home).file
+    return homes
 
 
 def write(
@@ -67,14 +79,14 @@ def write(
     settings: MergeSettings,
     *,
     extra_files: dict[str, bytes],
-    copy_files: list[Path],
+    copy_files: list[tuple[Path, str]],
     overwrite: bool,
     progress: Progress | None,
     index_name: str | None = SAFETENSORS_INDEX,
 ) -> ExecStats[RequantReport | None]:
     with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
-        for path in copy_files:
-            writer.copy_file(path)
+        for path, relname in copy_files:
+            writer.copy_file(path, relname)
         for name, data in extra_files.items():
             writer.add_file(name, data)
         workers, threads = settings.compute_workers()
@@ -111,16 +123,21 @@ def write_model(
     overwrite: bool,
     progress: Progress | None,
     extra: Mapping[str, bytes] | None = None,
+    base_format: str = "safetensors",
 ) -> ExecStats[RequantReport | None]:
     """:func:`write` for a model: its config.json (as edited), ``extra`` files, the model card, and the
-    sidecar files of ``folder`` that none of those replaces."""
+    sidecar files of ``folder`` that none of those replaces (of a pipeline's, ``base_format`` "pipeline": every
+    file but the weights, in its folder)."""
     files = {"config.json": config_bytes(config)} if config else {}
     files |= dict(extra or {})
     files[CARD_NAME] = card.encode()
-    copies = [p for p in sidecar_files(folder) if p.name not in files]
+    around = pipeline_files(folder) if base_format == "pipeline" else [(p, p.name) for p in sidecar_files(folder)]
+    copies = [(p, rel) for p, rel in around if rel not in files]
+    stem = SHARD_NAME.sub("", shards[0].filename) if shards else "model"  # model, diffusion_pytorch_model
     return write(
-        out, ops, inputs, shards, settings, extra_files=files, copy_files=copies, overwrite=overwrite, progress=progress
-    )
+        out, ops, inputs, shards, settings, extra_files=files, copy_files=copies, overwrite=overwrite,
+        progress=progress, index_name=f"{stem}.safetensors.index.json",
+    )  # fmt: skip
 
 
 def report(

@@ -21,7 +21,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-from ...adapter.formats.registry import adapter_writer
+from ...adapter.formats.registry import adapter_writer, result_format
 from ...adapter.weights import LoraAdapter
 from ...consumers import Consumer
 from ...engine.execute import Discard, Progress
@@ -184,7 +184,7 @@ def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSe
         where = out.where()
         ranks = _ranks(ops, copies, adapters, target, settings.device, profile)
         top = max(ranks.values())
-        writer = adapter_writer(where, overwrite=out.overwrite)
+        writer = adapter_writer(where, overwrite=out.overwrite, name=result_format([a.format for a in adapters]))
         try:
             every: list[ModuleOp | CopyOp] = [*ops, *copies]
             stats = engine_run(

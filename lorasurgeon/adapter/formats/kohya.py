@@ -1,0 +1,228 @@
+"""kohya-ss's LoRA format (sd-scripts' ``networks/lora.py``; what ComfyUI, Forge and A1111 load): one
+.safetensors of ``lora_unet_<module>`` / ``lora_te_<module>`` (SD 1.x), ``lora_te1_`` / ``lora_te2_`` (SDXL's two
+text encoders) keys, the module's path with every ``.`` written ``_``, each with ``.lora_down.weight``
+([r, in] or a conv's [r, in, kh, kw]), ``.lora_up.weight`` ([out, r] or [out, r, 1, 1]) and a 0-dim ``.alpha``
+(absent: the rank). ΔW = alpha / r · up @ down -- PEFT's LoRA (a conv's as PEFT's Conv2d LoRA), down as lora_A.
+
+The flattened names cannot be split back on their own (``down_blocks_0`` and ``to_out_0`` hold ``_`` too),
+so the file is read against its base: each base module's name flattened the same way says which it is
+(``pipeline_names``: a pipeline's components, or a lone denoiser's folder, which takes the ``lora_unet_``
+modules only). Keys for no module of the base are refused by name.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from ...errors import IncompatibleError, UnsupportedError
+from ...io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from ...io.spool import SpoolWriter
+from ..names import ROLE_A, ROLE_B, saved_key
+from ..weights import LoraAdapter
+from .base import AdapterFormat
+from .pipeline_names import CLIP_INNER, FileModule, PairsWriter, lora_of_pairs, module_aliases, pair
+
+if TYPE_CHECKING:
+    import torch
+
+    from .registry import Probe
+else:
+    from ..._lazy import torch
+
+# a key's prefix -> the pipeline components its modules are in, in the order asked (Flux's and SD3's
+# denoiser is a transformer; SD 1.x's one text encoder is lora_te_, SDXL's two lora_te1_ / lora_te2_)
+PREFIXES: dict[str, tuple[str, ...]] = {
+    "lora_unet_": ("unet", "transformer"),
+    "lora_te_": ("text_encoder",),
+    "lora_te1_": ("text_encoder",),
+    "lora_te2_": ("text_encoder_2",),
+    "lora_te3_": ("text_encoder_3",),
+}
+PREFIXES_OF = {c: tuple(p for p, held in PREFIXES.items() if c in held) for cs in PREFIXES.values() for c in cs}
+LEAVES = ("lora_down.weight", "lora_up.weight", "alpha")
+# LyCORIS's algorithms in the same files, under PEFT's part names (PEFT's LoHa and LoKr are LyCORIS's math)
+LYCORIS = {
+    "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
+    "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
+}
+# other trainers' leaves in the same files, named in the refusal: what each is
+CLAIMED = (".lora_down.weight", *(f".{leaf}" for leaf in ("hada_w1_a", "lokr_w1", "lokr_w1_a")))
+OTHER_LEAVES = {
+    "lora_mid.weight": "LyCORIS LoCon's Tucker (lora_mid)",
+    "dora_scale": "DoRA (dora_scale)",
+    "diff": "a full weight difference (diff)",
+    "diff_b": "a full bias difference (diff_b)",
+    "w_norm": "LyCORIS's norm",
+    "oft_blocks": "LyCORIS OFT",
+    "oft_diag": "LyCORIS OFT",
+}
+WRITTEN = "lora"  # the file a kohya result folder holds: lora.safetensors
+WRITTEN_PREFIX = {
+    "unet": "lora_unet_",
+    "transformer": "lora_unet_",
+    "text_encoder": "lora_te_",
+    "text_encoder_2": "lora_te2_",
+    "text_encoder_3": "lora_te3_",
+}
+_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
+
+
+def claims(probe: Probe) -> bool:
+    """A kohya LoRA: a lora_down key (or a LyCORIS LoHa / LoKr part) under a prefix of PREFIXES."""
+    return any(k.startswith(tuple(PREFIXES)) and k.endswith(CLAIMED) for k in probe.names())
+
+
+def read(path: Path) -> LoraAdapter:
+    raise UnsupportedError(
+        f"{path}: a kohya LoRA names modules with '.' written '_', which only the base model tells apart: "
+        "give the base model (merge BASE ADAPTER, or --base BASE)"
+    )
+
+
+def read_with_base(path: Path, base: Checkpoint) -> LoraAdapter:
+    """The kohya file at ``path`` as the common adapter, its modules named as ``base`` names them.
+
+    Raises:
+        UnsupportedError: another trainer's tensors in it (LoHa, LoKr, DoRA, ...), by name.
+        IncompatibleError: modules the base does not have, by name (a LoRA for another model).
+    """
+    ckpt = open_checkpoint(path)
+    try:
+        return _read(path, ckpt, base)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def read_as_named(path: Path) -> LoraAdapter:
+    """The file as the common adapter, its modules under the file's own names (inspect)."""
+    ckpt = open_checkpoint(path)
+    try:
+        return _read(path, ckpt, None)
+    except BaseException:
+        ckpt.close()
+        raise
+
+
+def _read(path: Path, ckpt: Checkpoint, base: Checkpoint | None) -> LoraAdapter:
+    found = {}
+    for kohya, leaves in _modules(path, ckpt).items():
+        alpha = leaves.pop("alpha", None)
+        value = None if alpha is None else float(ckpt.read_info(alpha).item())
+        found[kohya] = _module(path, kohya, leaves, value)
+    where = _module_map(base) if base is not None else {}
+    return lora_of_pairs(path, ckpt, base, found, where, lambda k: PREFIXES[_prefix(k)])
+
+
+def _module(path: Path, kohya: str, leaves: dict[str, TensorInfo], alpha: float | None) -> FileModule:
+    """One module's tensors as a LoRA pair, or LyCORIS's LoHa / LoKr parts (PEFT's names and math: its
+    ``lycoris_utils``), its rank as LyCORIS takes it for the scale alpha / rank."""
+    tuner = max(LYCORIS, key=lambda t: len(LYCORIS[t].intersection(leaves)))
+    tuner = tuner if LYCORIS[tuner].intersection(leaves) else "lora"
+    if tuner == "lora":
+        if set(leaves) != {"lora_down.weight", "lora_up.weight"}:
+            raise IncompatibleError(
+                f"{path}: {kohya} has {', '.join(sorted(leaves))}: lora_down and lora_up go together"
+            )
+        return pair(leaves["lora_down.weight"], leaves["lora_up.weight"], alpha)
+    stray = set(leaves) - LYCORIS[tuner]
+    if stray:
+        raise UnsupportedError(
+            f"{path}: {kohya}: {tuner} parts with {', '.join(sorted(stray))}, which go with no {tuner}"
+        )
+    if tuner == "loha":
+        return FileModule(tuner, leaves, leaves["hada_w1_b"].shape[0], alpha)
+    factored = [leaves[k] for k in ("lokr_w2_b", "lokr_w1_b") if k in leaves]
+    if not factored:  # both Kronecker factors whole: LyCORIS scales by 1, whatever alpha says
+        return FileModule(tuner, leaves, 1, 1.0)
+    return FileModule(tuner, leaves, factored[0].shape[0], alpha)
+
+
+def _prefix(kohya: str) -> str:
+    return next(p for p in PREFIXES if kohya.startswith(p))
+
+
+def _modules(path: Path, ckpt: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
+    """The file's modules (their kohya names) -> leaf -> tensor; another trainer's leaf refused by name."""
+    parts: dict[str, dict[str, TensorInfo]] = {}
+    for info in ckpt.infos():
+        found = _KEY.match(info.name)
+        if found is None or not found[1].startswith(tuple(PREFIXES)):
+            raise UnsupportedError(f"{path}: tensor {info.name!r} is not a kohya LoRA key (lora_unet_*, lora_te*_*)")
+        module, leaf = found[1], found[2]
+        if leaf not in LEAVES and not any(leaf in parts for parts in LYCORIS.values()):
+            what = OTHER_LEAVES.get(leaf, f"a tensor kohya's LoRA does not hold ({leaf})")
+            raise UnsupportedError(f"{path}: {module}: {what}, which lorasurgeon does not read in kohya files yet")
+        parts.setdefault(module, {})[leaf] = info
+    return parts
+
+
+def _module_map(base: Checkpoint) -> dict[str, str]:
+    """kohya name -> the base's module, for every name the base's modules may go by (pipeline_names)."""
+    found: dict[str, str] = {}
+    for alias, module in module_aliases(base).items():
+        component, _, inner = alias.partition(".")
+        for prefix in PREFIXES_OF.get(component, ()):
+            found[prefix + inner.replace(".", "_")] = module
+    return found
+
+
+class KohyaWriter(PairsWriter):
+    """A kohya LoRA file as sd-scripts writes it (one .safetensors of lora_unet_* / lora_te*_* keys, lora_down,
+    lora_up and a float32 .alpha = scale · rank per module), in the result folder; ComfyUI and Forge load it."""
+
+    format_words = "a kohya LoRA"
+
+    def __init__(self, out: str | os.PathLike[str], overwrite: bool = False):
+        super().__init__(out, overwrite, prefix=WRITTEN)
+
+    def name_pairs(self, scales: Mapping[str, tuple[int, float]]) -> None:
+        two = any(m.startswith("text_encoder_2.") for m in scales)  # SDXL: lora_te1_ / lora_te2_
+        names: dict[str, str] = {}
+        for module, (rank, scale) in scales.items():
+            try:
+                kohya = kohya_name(module, two)
+            except UnsupportedError as exc:
+                raise UnsupportedError(f"{self.out}: {exc}") from None
+            names |= {
+                saved_key(module, ROLE_A): f"{kohya}.lora_down.weight",
+                saved_key(module, ROLE_B): f"{kohya}.lora_up.weight",
+            }
+            self.write_alpha(f"{kohya}.alpha", scale * rank)
+        self.rename(names)
+
+    def write_alpha(self, name: str, alpha: float) -> None:
+        SpoolWriter.write(self, name, torch.tensor(alpha, dtype=torch.float32))
+
+
+def kohya_name(module: str, two_encoders: bool) -> str:
+    """The kohya name of a pipeline module (``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q``;
+    CLIP's under ``text_model``, as kohya's); a module of no pipeline component is refused by name."""
+    component, _, inner = module.partition(".")
+    if component not in WRITTEN_PREFIX or not inner:
+        raise UnsupportedError(
+            f"module {module!r} names no pipeline component ({', '.join(WRITTEN_PREFIX)}): a kohya LoRA names "
+            "each module under its component (convert a diffusion pipeline's adapter)"
+        )
+    prefix = WRITTEN_PREFIX[component]
+    if component == "text_encoder" and two_encoders:
+        prefix = "lora_te1_"
+    if component.startswith("text_encoder") and not inner.startswith(CLIP_INNER):
+        inner = CLIP_INNER + inner
+    return prefix + inner.replace(".", "_")
+
+
+FORMAT = AdapterFormat(
+    name="kohya",
+    holds="kohya LoRA (lora_unet_* / lora_te*_* .safetensors)",
+    claims=claims,
+    read=read,
+    read_with_base=read_with_base,
+    read_as_named=read_as_named,
+    written_back=True,
+    writer=KohyaWriter,
+)
