@@ -24,7 +24,7 @@ from diffusion_models import (  # noqa: E402  (after the skip: it imports diffus
     tiny_pipeline,
 )
 
-from lorasurgeon.names.ldm_unet import ldm_unet_keys, ldm_unet_map  # noqa: E402
+from lorasurgeon.names.ldm_unet import ldm_unet_keys  # noqa: E402
 
 TOL = 1e-6  # float32: one rounding of the same sum
 
@@ -130,36 +130,64 @@ def test_what_we_write_diffusers_loads_to_the_same_fused_weights(made, reference
         assert max_error(fused_reference(made["pipeline"], written, family), reference) <= TOL, written
 
 
-def single_file(pipeline: Path, out: Path) -> Path:
-    """The pipeline's UNet and first text encoder as one file in the original layout (LDM names, the CLIP
-    under cond_stage_model.transformer.text_model.)."""
-    unet = load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+CLIP_L = {"sd15": "cond_stage_model.transformer.text_model.", "sdxl": "conditioner.embedders.0.transformer.text_model."}
+OPENCLIP = "conditioner.embedders.1.model.transformer.resblocks."  # SDXL's second text encoder's layers
+OPENCLIP_NAMES = (("self_attn.", "attn."), ("layer_norm1.", "ln_1."), ("layer_norm2.", "ln_2."),
+                  ("mlp.fc1.", "mlp.c_fc."), ("mlp.fc2.", "mlp.c_proj."))  # fmt: skip
+
+
+def openclip(clip: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' CLIP layers (``encoder.layers.N...``, with or without ``text_model.``) as OpenCLIP holds them
+    in a single file: q, k and v concatenated in in_proj_weight / in_proj_bias (what diffusers'
+    convert_open_clip_checkpoint splits); the embeddings and projection left out."""
+    out: dict[str, torch.Tensor] = {}
+    for name, value in clip.items():
+        layer = name.removeprefix("text_model.").removeprefix("encoder.layers.")
+        if layer == name.removeprefix("text_model.") or ".self_attn.k_proj." in name or ".self_attn.v_proj." in name:
+            continue
+        n, rest = layer.split(".", 1)
+        if rest.startswith("self_attn.q_proj."):
+            leaf = rest.rsplit(".", 1)[1]
+            parts = [clip[name.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"]
+            out[f"{OPENCLIP}{n}.attn.in_proj_{leaf}"] = torch.cat(parts)
+            continue
+        for new, old in OPENCLIP_NAMES:
+            rest = rest.replace(new, old)
+        out[f"{OPENCLIP}{n}.{rest}"] = value
+    return out
+
+
+def as_single_file(tensors: dict[str, torch.Tensor], family: str) -> dict[str, torch.Tensor]:
+    """A pipeline's tensors (``read_pipeline``'s names) as one file in the original layout: the UNet's LDM/SGM
+    names, CLIP-L under its prefix, SDXL's OpenCLIP with q/k/v fused."""
+    unet = {k.removeprefix("unet."): v for k, v in tensors.items() if k.startswith("unet.")}
     names = ldm_unet_keys(unet)
     assert names is not None
-    clip = load_file(pipeline / "text_encoder" / "model.safetensors")
-    inner = "" if any(k.startswith("text_model.") for k in clip) else "text_model."
-    tensors = {names[k]: v for k, v in unet.items()}
-    tensors |= {f"cond_stage_model.transformer.{inner}{k}": v for k, v in clip.items()}
-    save_file(tensors, out)
+    out = {names[k]: v for k, v in unet.items()}
+    clip = {k.removeprefix("text_encoder."): v for k, v in tensors.items() if k.startswith("text_encoder.")}
+    out |= {CLIP_L[family] + k.removeprefix("text_model."): v for k, v in clip.items()}
+    if family == "sdxl":
+        out |= openclip(
+            {k.removeprefix("text_encoder_2."): v for k, v in tensors.items() if k.startswith("text_encoder_2.")}
+        )
     return out
 
 
 @pytest.mark.parametrize("fmt", ["diffusers", "kohya"])
 def test_merge_into_a_single_file_checkpoint(made, reference, fmt, tmp_path):
-    if str(made["family"]) == "sdxl":
-        pytest.skip("SDXL's single file holds OpenCLIP's fused q/k/v for its second text encoder: not read yet")
-    base = single_file(made["pipeline"], tmp_path / "base.safetensors")
+    """The pipeline as ComfyUI's single file (SDXL's second text encoder OpenCLIP, q/k/v fused): the merge is the
+    fused pipeline's weights in the file's own names, one file (a LoRA on q_proj changes its third of in_proj)."""
+    family = str(made["family"])
+    base = tmp_path / "base.safetensors"
+    save_file(as_single_file(read_pipeline(made["pipeline"]), family), base)
     out = tmp_path / "merged.safetensors"
     done = run_cli("merge", base, made[fmt], "-o", out)
     assert done.exit_code == 0, done.output
+    want = as_single_file(read_pipeline(made["pipeline"]) | reference, family)
     got = load_file(out)
-    assert got.keys() == load_file(base).keys()  # the file's own names, one file
-    unet = ldm_unet_map(got)
-    assert unet is not None
-    prefix = "cond_stage_model.transformer.text_model."
-    named = {f"unet.{d}": got[f] for d, f in unet.items()}
-    named |= {f"text_encoder.{k.removeprefix(prefix)}": v for k, v in got.items() if k.startswith(prefix)}
-    assert max_error({k: named[k] for k in reference}, reference) <= TOL
+    assert max_error(got, want) <= TOL
+    if family == "sdxl":  # the text-encoder LoRA reached OpenCLIP's fused rows
+        assert any(not torch.equal(got[k], v) for k, v in load_file(base).items() if k.endswith(".in_proj_weight"))
 
 
 # --- what is refused, by name, before anything is written -------------------------------------------------------
@@ -269,3 +297,41 @@ def test_sharded_components_keep_their_names_and_indexes(made, reference, tmp_pa
     again = tmp_path / "again"
     assert run_cli("merge", out, made["kohya"], "--weight", "0", "-o", again).exit_code == 0
     assert sorted(p.name for p in (again / "unet").iterdir()) == unet
+
+
+def sgm_kohya(kohya: Path, pipeline: Path, out: Path) -> Path:
+    """The kohya file with its UNet modules under the original (SGM/LDM) names, as sd-scripts writes an SDXL
+    LoRA (lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q): diffusers' names mapped by ldm_unet."""
+    unet = load_file(pipeline / "unet" / "diffusion_pytorch_model.safetensors")
+    original = ldm_unet_keys(unet, prefix="")
+    assert original is not None
+    flat = {
+        "lora_unet_" + name.removesuffix(".weight").replace(".", "_"): "lora_unet_"
+        + key.removesuffix(".weight").replace(".", "_")
+        for name, key in original.items()
+        if name.endswith(".weight")
+    }
+    tensors = {}
+    for name, value in load_file(kohya).items():
+        module, _, leaf = name.partition(".")
+        tensors[f"{flat.get(module, module)}.{leaf}"] = value
+    assert any("input_blocks" in k for k in tensors) and not any("down_blocks" in k for k in tensors)
+    save_file(tensors, out)
+    return out
+
+
+def test_kohya_original_unet_names_merge_into_pipeline_and_single_file(made, reference, tmp_path):
+    """sd-scripts names an SDXL LoRA's UNet modules as the original layout does: read against a diffusers
+    pipeline (ldm_unet's names mapped back) and against a single file (its own keys)."""
+    family = str(made["family"])
+    sgm = sgm_kohya(made["kohya"], made["pipeline"], tmp_path / "sgm.safetensors")
+    done = run_cli("merge", made["pipeline"], sgm, "-o", tmp_path / "m")
+    assert done.exit_code == 0, done.output
+    got = read_pipeline(tmp_path / "m")
+    assert max_error({k: got[k] for k in reference}, reference) <= TOL
+    base = tmp_path / "base.safetensors"
+    save_file(as_single_file(read_pipeline(made["pipeline"]), family), base)
+    done = run_cli("merge", base, sgm, "-o", tmp_path / "m.safetensors")
+    assert done.exit_code == 0, done.output
+    want = as_single_file(read_pipeline(made["pipeline"]) | reference, family)
+    assert max_error(load_file(tmp_path / "m.safetensors"), want) <= TOL

@@ -10,9 +10,14 @@ from typing import Any
 
 from .builtin import builtin, is_tied
 from .cache import remembered, remembered_keys
+from .flux import flux_names
 from .from_transformers import from_transformers, saved_keys
 from .model import FusedExperts, ModelNames
 from .single_file import single_file_names
+
+# the diffusion families whose single files name their tensors otherwise than diffusers does: each one module's
+# function of the file keys (None: not its file), asked in this order
+SINGLE_FILES = (single_file_names, flux_names)
 
 __all__ = ["FusedExperts", "ModelNames", "is_tied", "model_names", "names_of_memory"]
 
@@ -30,9 +35,10 @@ def _cached(file_keys: tuple[str, ...], config_json: str) -> ModelNames:
     config = json.loads(config_json)
 
     def compute() -> ModelNames:
-        single = single_file_names(file_keys) if not config.get("model_type") else None
-        if single is not None:  # a single-file Stable Diffusion checkpoint: diffusers' names in memory
-            return single
+        if not config.get("model_type"):  # a single-file diffusion checkpoint: diffusers' names in memory
+            single = next((n for family in SINGLE_FILES if (n := family(file_keys)) is not None), None)
+            if single is not None:
+                return single
         found = from_transformers(file_keys, config)
         return found if isinstance(found, ModelNames) else builtin(file_keys, config, found)
 

@@ -74,6 +74,7 @@ def to_json(names: ModelNames) -> dict[str, Any]:
         "layers": dict(names.layers),
         "stacked": {k: list(v) for k, v in names.stacked.items()},
         "model_type": names.model_type,
+        "row_blocks": {k: list(v) for k, v in names.row_blocks.items()},
     }
 
 
@@ -92,6 +93,7 @@ def from_json(doc: dict[str, Any]) -> ModelNames:
         layers=doc["layers"],
         stacked={k: tuple(v) for k, v in doc["stacked"].items()},
         model_type=doc["model_type"],
+        row_blocks={k: (v[0], v[1], v[2], v[3]) for k, v in doc.get("row_blocks", {}).items()},
     )
 
 

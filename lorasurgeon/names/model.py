@@ -55,6 +55,10 @@ class ModelNames:
     # nests one ParamWrapper per targeted parameter in that order: the first is the innermost)
     stacked: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     model_type: str | None = None  # config.json's model_type these names were made for (None: it names none)
+    # in-memory tensor -> (file key, start, stop, of): a block of rows of a fused file tensor, rows
+    # [rows·start/of, rows·stop/of) (OpenCLIP's in_proj_weight holds q, k, v: 0-1, 1-2, 2-3 of 3), which a LoRA
+    # on the in-memory module changes alone
+    row_blocks: Mapping[str, tuple[str, int, int, int]] = field(default_factory=dict)
 
     def file_key(self, name: str) -> str | None:
         """The file key of an in-memory tensor name the files hold whole (None if they do not)."""

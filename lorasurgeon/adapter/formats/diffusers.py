@@ -28,7 +28,7 @@ from ..config import pattern_key
 from ..names import ROLE_A, ROLE_B, saved_key
 from ..weights import LoraAdapter
 from .base import AdapterFormat
-from .pipeline_names import FileModule, PairsWriter, lora_of_pairs, module_aliases, pair
+from .pipeline_names import FileModule, PairsWriter, lora_of_pairs, module_aliases, pair, split_component
 
 if TYPE_CHECKING:
     from .registry import Probe
@@ -168,16 +168,17 @@ class DiffusersWriter(PairsWriter):
         ranks: dict[str, dict[str, int]] = {}
         alphas: dict[str, dict[str, float]] = {}
         for module, (rank, scale) in scales.items():
-            component, _, inner = module.partition(".")
-            if component not in COMPONENTS or not inner:
+            split = split_component(module, COMPONENTS)
+            if split is None:
                 raise UnsupportedError(
                     f"{self.out}: module {module!r} names no pipeline component ({', '.join(COMPONENTS[:3])}, ...): "
                     "a diffusers LoRA names each module under its component (convert from a pipeline's adapter)"
                 )
+            component, inner = split
             ranks.setdefault(component, {})[inner] = rank
             alphas.setdefault(component, {})[inner] = scale * rank
-            names[saved_key(module, ROLE_A)] = module + DOWN[0]
-            names[saved_key(module, ROLE_B)] = module + UP[0]
+            names[saved_key(module, ROLE_A)] = f"{component}.{inner}{DOWN[0]}"
+            names[saved_key(module, ROLE_B)] = f"{component}.{inner}{UP[0]}"
         self.rename(names)
         metadata: dict[str, Any] = {}
         for component in ranks:

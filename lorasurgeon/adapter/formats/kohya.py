@@ -21,10 +21,20 @@ from typing import TYPE_CHECKING
 from ...errors import IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
 from ...io.spool import SpoolWriter
+from ...names import flux
 from ..names import ROLE_A, ROLE_B, saved_key
 from ..weights import LoraAdapter
 from .base import AdapterFormat
-from .pipeline_names import CLIP_INNER, FileModule, PairsWriter, lora_of_pairs, module_aliases, pair
+from .pipeline_names import (
+    CLIP_INNER,
+    FileModule,
+    PairsWriter,
+    lora_of_pairs,
+    module_aliases,
+    pair,
+    rows_of,
+    split_component,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -68,6 +78,8 @@ WRITTEN_PREFIX = {
     "text_encoder_2": "lora_te2_",
     "text_encoder_3": "lora_te3_",
 }
+SWAPPED = "lora_unet_final_layer_adaLN_modulation_1"  # Flux's, whose halves diffusers swaps (names.flux)
+_DIFFUSERS_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 _KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
 
 
@@ -115,7 +127,60 @@ def _read(path: Path, ckpt: Checkpoint, base: Checkpoint | None) -> LoraAdapter:
         value = None if alpha is None else float(ckpt.read_info(alpha).item())
         found[kohya] = _module(path, kohya, leaves, value)
     where = _module_map(base) if base is not None else {}
+    if base is not None:
+        found, where = _split_fused(path, found, where, base)
     return lora_of_pairs(path, ckpt, base, found, where, lambda k: PREFIXES[_prefix(k)])
+
+
+def _split_fused(
+    path: Path, found: dict[str, FileModule], where: dict[str, str], base: Checkpoint
+) -> tuple[dict[str, FileModule], dict[str, str]]:
+    """A module of the file the base holds otherwise (Flux's original names against diffusers': ``img_mlp.0`` is
+    ``ff.net.0.proj``, ``img_attn.qkv`` is ``to_q``, ``to_k``, ``to_v``): one LoRA per part, lora_down shared,
+    each its block of lora_up's rows (the same ΔW, row for row). Others as they are."""
+    fused = _fused_modules(base)
+    if SWAPPED in found and SWAPPED not in where and fused:
+        raise UnsupportedError(
+            f"{path}: {SWAPPED}: Flux's final_layer.adaLN_modulation.1 is diffusers' norm_out.linear with its two "
+            "halves of rows swapped, which is not merged into a diffusers transformer yet (an original-layout "
+            "single file takes it as it is)"
+        )
+    split: dict[str, FileModule] = {}
+    names = dict(where)
+    for kohya, module in found.items():
+        parts = fused.get(kohya) if kohya not in where else None
+        if parts is None:
+            split[kohya] = module
+            continue
+        if module.tuner != "lora":
+            raise UnsupportedError(f"{path}: {kohya}: a fused module's {module.tuner} is not split into the base's")
+        for target, start, stop, of in parts:
+            name = f"{kohya}[{target}]"
+            down, up = module.parts[ROLE_A], module.parts[ROLE_B]
+            split[name] = FileModule("lora", {ROLE_A: down, ROLE_B: rows_of(path, up, start, stop, of)}, module.rank,
+                                     module.alpha)  # fmt: skip
+            names[name] = target
+    return split, names
+
+
+def _fused_modules(base: Checkpoint) -> dict[str, list[tuple[str, int, int, int]]]:
+    """kohya name of an original-layout module the base holds otherwise (names.flux: renamed, or as several) -> its
+    parts there."""
+    aliases = module_aliases(base)
+    counts: dict[str, int] = {}
+    for found_block in filter(None, map(_DIFFUSERS_BLOCK.match, aliases)):
+        counts[found_block[1]] = max(counts.get(found_block[1], 0), int(found_block[2]) + 1)
+    originals = [f"double_blocks.{n}.{k}" for n in range(counts.get("transformer_blocks", 0)) for k in flux.DOUBLE]
+    singles = range(counts.get("single_transformer_blocks", 0))
+    originals += [f"single_blocks.{n}.{k}" for n in singles for k in flux.SINGLE]
+    originals += list(flux.GLOBAL) if counts else []
+    found: dict[str, list[tuple[str, int, int, int]]] = {}
+    for original in originals:
+        parts = flux.diffusers_parts(original) or ()
+        held = [(aliases[f"transformer.{p}"], a, b, of) for p, a, b, of in parts if f"transformer.{p}" in aliases]
+        if parts and len(held) == len(parts):
+            found["lora_unet_" + original.replace(".", "_")] = held
+    return found
 
 
 def _module(path: Path, kohya: str, leaves: dict[str, TensorInfo], alpha: float | None) -> FileModule:
@@ -202,12 +267,13 @@ class KohyaWriter(PairsWriter):
 def kohya_name(module: str, two_encoders: bool) -> str:
     """The kohya name of a pipeline module (``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q``;
     CLIP's under ``text_model``, as kohya's); a module of no pipeline component is refused by name."""
-    component, _, inner = module.partition(".")
-    if component not in WRITTEN_PREFIX or not inner:
+    split = split_component(module, list(WRITTEN_PREFIX))
+    if split is None:
         raise UnsupportedError(
             f"module {module!r} names no pipeline component ({', '.join(WRITTEN_PREFIX)}): a kohya LoRA names "
             "each module under its component (convert a diffusion pipeline's adapter)"
         )
+    component, inner = split
     prefix = WRITTEN_PREFIX[component]
     if component == "text_encoder" and two_encoders:
         prefix = "lora_te1_"

@@ -11,16 +11,19 @@ use for each of the base's modules.
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import re
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
 from ...io.checkpoint import Checkpoint, FileSlice, TensorInfo
+from ...io.dtypes import itemsize
 from ...io.spool import SpoolWriter
 from ...words import plural
 from ..config import AdapterConfig
@@ -32,6 +35,7 @@ if TYPE_CHECKING:
 
 DENOISERS = ("unet", "transformer")  # the component a lone model folder is taken to be
 CLIP_INNER = "text_model."  # CLIPTextModel's inner module: in LoRA files' names, not in transformers 5's files
+UNET_FILE_PREFIX = "model.diffusion_model."  # a single file's denoiser (SD's, and Flux's as ComfyUI saves it)
 
 
 def weight_modules(base: Checkpoint) -> set[str]:
@@ -44,7 +48,8 @@ def _memory_names(base: Checkpoint) -> list[str]:
     from ...io.sidecar import read_config
     from ...names import model_names
 
-    return list(model_names(base.names(), read_config(base)).file_of)
+    names = model_names(base.names(), read_config(base))
+    return [*names.file_of, *names.row_blocks]
 
 
 def _pipeline_named(base: Checkpoint, modules: set[str]) -> bool:
@@ -67,7 +72,45 @@ def module_aliases(base: Checkpoint) -> dict[str, str]:
         if component.startswith("text_encoder"):
             other = inner.removeprefix(CLIP_INNER) if inner.startswith(CLIP_INNER) else CLIP_INNER + inner
             found[f"{component}.{other}"] = module
+    return _original_names(base, modules) | found
+
+
+def _original_names(base: Checkpoint, modules: set[str]) -> dict[str, str]:
+    """The denoiser's modules under its original names (a kohya SDXL file's ``input_blocks_4_1_...``, a kohya Flux
+    file's ``double_blocks_0_img_attn_qkv``): a single file's own keys (which the merge plan takes as they are),
+    or a diffusers UNet's named back (``names.ldm_unet``)."""
+    from ...names.ldm_unet import ldm_unet_keys
+
+    found: dict[str, str] = {}
+    pipeline = base.format == "pipeline"
+    if not pipeline:
+        for name in base.names():
+            module = name.rpartition(".")[0]
+            if name.endswith(".weight") and module not in modules:
+                found.update((f"{d}.{module.removeprefix(UNET_FILE_PREFIX)}", module) for d in DENOISERS)
+    inner = "unet." if pipeline else ""
+    unet = [n.removeprefix(inner) for n in base.names() if n.startswith(inner)]
+    for name, key in (ldm_unet_keys(unet, prefix="") or {}).items():
+        module = f"{inner}{name.rpartition('.')[0]}"
+        if name.endswith(".weight") and module in modules:
+            found.update((f"{d}.{key.rpartition('.')[0]}", module) for d in (("unet",) if pipeline else DENOISERS))
     return found
+
+
+# a lone denoiser's module names (no component before them) -> the component they are: diffusers' block names
+LONE_DENOISER = (
+    (("transformer_blocks.", "single_transformer_blocks."), "transformer"),
+    (("down_blocks.", "mid_block.", "up_blocks."), "unet"),
+)
+
+
+def split_component(module: str, known: Sequence[str]) -> tuple[str, str] | None:
+    """(component, module within it) of an adapter's module: the component it is named under (one of
+    ``known``), or, for a lone denoiser's module, the one its diffusers block names say (None: neither)."""
+    component, _, inner = module.partition(".")
+    if component in known and inner:
+        return component, inner
+    return next(((c, module) for starts, c in LONE_DENOISER if module.startswith(starts) and c in known), None)
 
 
 def components_of(base: Checkpoint) -> set[str]:
@@ -88,6 +131,17 @@ class FileModule:
     parts: Mapping[str, TensorInfo]
     rank: int
     alpha: float | None
+
+
+def rows_of(path: Path, info: TensorInfo, start: int, stop: int, of: int) -> TensorInfo:
+    """A block of a tensor's rows, rows·start/of to rows·stop/of, as a tensor of its own, read where it lies."""
+    if info.offset is None or info.decoded is not None:
+        raise UnsupportedError(f"{path}: {info.name} is split by rows, which only a .safetensors file is read in")
+    rows = info.shape[0]
+    first, end = rows * start // of, rows * stop // of
+    step = math.prod(info.shape[1:]) * itemsize(info.dtype_name)
+    shape = (end - first, *info.shape[1:])
+    return dataclasses.replace(info, offset=info.offset + first * step, shape=shape, key=info.file_key)
 
 
 def pair(down: TensorInfo, up: TensorInfo, alpha: float | None) -> FileModule:

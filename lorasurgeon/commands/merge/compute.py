@@ -62,6 +62,9 @@ def compute_merge(
         if term.magnitude is not None:
             delta = term.kind.delta(a, b, term.scale)
             cur = dora_apply(base, cur, delta, tensors[term.magnitude].to(device), term.kind)
+        elif term.rows is not None:  # a module fused into these rows (the plan refuses DoRA there)
+            start, stop = term.rows
+            cur[start:stop] = add_lora(cur[start:stop], a, b, term.scale, term.kind, inplace=True)
         else:
             cur = add_lora(cur, a, b, term.scale, term.kind, inplace=not dora)
     for patch in op.rows:
@@ -118,7 +121,7 @@ def _rowwise(op: TensorOp, src: torch.Tensor) -> bool:
         and src.is_floating_point()
         and op.dtype.is_floating_point
         and not op.rows
-        and all(isinstance(t, LoraTerm) and t.kind.matrix and t.magnitude is None for t in op.terms)
+        and all(isinstance(t, LoraTerm) and t.kind.matrix and t.magnitude is None and t.rows is None for t in op.terms)
     )
 
 

@@ -42,6 +42,7 @@ class LoraTerm:
     b: Ref
     scale: float
     magnitude: Ref | None = None
+    rows: tuple[int, int] | None = None  # the block of the weight's rows ΔW is (a module fused into it), else all
 
 
 @dataclass(frozen=True)

@@ -114,9 +114,24 @@ class BaseTensors:
             return name
         return name if name in self.views else None
 
+    def block_of(self, name: str) -> tuple[str, int, int] | None:
+        """(file key, first row, end row) of an in-memory tensor that is a block of a fused file tensor's rows."""
+        block = self.names.row_blocks.get(name)
+        if block is None or block[0] not in self.base:
+            return None
+        key, start, stop, of = block
+        rows = self.base.info(key).shape[0]
+        return key, rows * start // of, rows * stop // of
+
     def target(self, name: str, adapter: LoraAdapter, what: str) -> str:
         """The plan key of what ``adapter`` targets; refused by name when the base lacks it."""
         key = self.plan_key(name)
+        block = self.block_of(name) if key is None else None
+        if block is not None:
+            raise UnsupportedError(
+                f"{adapter.path}: {what} targets {name!r}, rows {block[1]}:{block[2]} of the base's fused "
+                f"{block[0]!r}: only a LoRA pair (no DoRA, no lora_bias, no other tuner) is merged into fused rows"
+            )
         if key is None:
             stack = self.stacked_experts_of(name)
             if stack is not None:
@@ -276,6 +291,10 @@ class Changes:
     def add_module(self, source: int, adapter: LoraAdapter, weight: float, module: LoraModule) -> None:
         """A LoRA module on one weight (DoRA's magnitude included), and its lora_bias."""
         tensors = self.tensors
+        block = tensors.block_of(module.weight_name) if tensors.plan_key(module.weight_name) is None else None
+        if block is not None and set(module.keys) == {ROLE_A, ROLE_B}:
+            self.add_block(source, adapter, weight, module, block)
+            return
         wname = tensors.target(module.weight_name, adapter, f"module {module.name!r}")
         kind = module_kind(module, tensors.shape_of(wname, adapter), tensors.layer_of(wname), adapter)
         a_role, b_role = kind.lora_roles
@@ -288,6 +307,18 @@ class Changes:
         if ROLE_B_BIAS in module.keys:
             bname = tensors.target(module.bias_name, adapter, f"lora_bias of {module.name!r}")
             self.terms.setdefault(bname, []).append(BiasTerm(Ref(source, module.keys[ROLE_B_BIAS]), scale))
+
+    def add_block(
+        self, source: int, adapter: LoraAdapter, weight: float, module: LoraModule, block: tuple[str, int, int]
+    ) -> None:
+        """A LoRA module on a block of rows of a fused tensor (q_proj in OpenCLIP's in_proj_weight): its term on
+        the fused tensor, adding to those rows alone."""
+        key, start, stop = block
+        full = self.tensors.shape_of(key, adapter)
+        kind = module_kind(module, (stop - start, *full[1:]), "linear", adapter)
+        a, b = Ref(source, module.keys[ROLE_A]), Ref(source, module.keys[ROLE_B])
+        scale = signed_scale(adapter, module, weight, module.scale, self.sign)
+        self.terms.setdefault(key, []).append(LoraTerm(kind, a, b, scale, rows=(start, stop)))
 
     def add_saved_weights(self, source: int, adapter: LoraAdapter) -> None:
         """W0 itself: merge adds to it, unmerge restores it."""
