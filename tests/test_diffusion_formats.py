@@ -335,3 +335,11 @@ def test_kohya_original_unet_names_merge_into_pipeline_and_single_file(made, ref
     assert done.exit_code == 0, done.output
     want = as_single_file(read_pipeline(made["pipeline"]) | reference, family)
     assert max_error(load_file(tmp_path / "m.safetensors"), want) <= TOL
+
+
+def test_a_diffusion_lora_into_an_llm_is_refused_as_for_another_model(made, tmp_path):
+    from helpers import FIX_BASE
+
+    done = run_cli("merge", FIX_BASE, made["kohya"], "-o", tmp_path / "m")
+    one_line_error(done, "none of its", "a LoRA for another model?")
+    assert listing(tmp_path) == set()

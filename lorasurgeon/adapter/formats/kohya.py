@@ -95,11 +95,12 @@ def read(path: Path) -> LoraAdapter:
     )
 
 
-def read_with_base(path: Path, base: Checkpoint) -> LoraAdapter:
-    """The kohya file at ``path`` as the common adapter, its modules named as ``base`` names them.
+def read_with_base(path: Path, base: Checkpoint | None) -> LoraAdapter:
+    """The kohya file at ``path`` as the common adapter, its modules named as ``base`` names them (no base: as
+    the file names them, what inspect shows).
 
     Raises:
-        UnsupportedError: another trainer's tensors in it (LoHa, LoKr, DoRA, ...), by name.
+        UnsupportedError: another trainer's tensors in it (DoRA, LoCon's Tucker, ...), by name.
         IncompatibleError: modules the base does not have, by name (a LoRA for another model).
     """
     ckpt = open_checkpoint(path)
@@ -112,12 +113,7 @@ def read_with_base(path: Path, base: Checkpoint) -> LoraAdapter:
 
 def read_as_named(path: Path) -> LoraAdapter:
     """The file as the common adapter, its modules under the file's own names (inspect)."""
-    ckpt = open_checkpoint(path)
-    try:
-        return _read(path, ckpt, None)
-    except BaseException:
-        ckpt.close()
-        raise
+    return read_with_base(path, None)
 
 
 def _read(path: Path, ckpt: Checkpoint, base: Checkpoint | None) -> LoraAdapter:

@@ -191,6 +191,11 @@ def _check_found(
 ) -> None:
     """Every module of ``pairs`` has a name in ``where``, or the refusal names the first that has not."""
     missing = sorted(k for k in pairs if k not in where)
+    if missing and len(missing) == len(pairs):
+        raise IncompatibleError(
+            f"{path}: none of its {len(pairs)} modules ({missing[0]}, ...) is in {base.root}: a LoRA for another "
+            "model? (a kohya or diffusers LoRA goes with the diffusion pipeline, or single file, it was made for)"
+        )
     held = components_of(base)
     elsewhere = [k for k in missing if not held.intersection(components(k))]
     if elsewhere:
