@@ -9,6 +9,7 @@ from click.testing import Result
 
 ROOT = Path(__file__).resolve().parents[1]
 FIX_BASE, FIX_ADAPTER = ROOT / "fixtures" / "base", ROOT / "fixtures" / "adapter"
+FIX_SD_PIPELINE, FIX_SD_LORA = ROOT / "fixtures" / "sd-pipeline", ROOT / "fixtures" / "sd-lora.safetensors"
 
 
 def run_cli(*args: object) -> Result:

@@ -105,14 +105,19 @@ class Format:
     codecs: tuple[type[Codec], ...]  # the Codec classes its weights carry
     # without a quant_method in config.json: a tensor name that shows the format (None: only by quant_method)
     marks: Callable[[str], bool] | None = None
+    # ... or a tensor's name and stored dtype (a float8 weight with nothing beside it: fp8_tensor's)
+    stores: Callable[[str, str], bool] | None = None
 
-    def claims(self, qconfig: Mapping[str, Any], names: Sequence[str]) -> bool:
-        """Whether a checkpoint with this quantization block (``{}`` if none) and these tensor names is
-        in this format: named by its quant_method, or, where none is named, shown by a tensor's name."""
+    def claims(self, qconfig: Mapping[str, Any], names: Sequence[str], stored: Mapping[str, str] | None = None) -> bool:
+        """Whether a checkpoint with this quantization block (``{}`` if none) and these tensor names (``stored``:
+        their dtypes) is in this format: named by its quant_method, or, where none is named, shown by a
+        tensor's name or by how it is stored."""
         method = quant_method(qconfig)
         if method:
             return method == self.name
-        return self.marks is not None and any(self.marks(n) for n in names)
+        if self.marks is not None and any(self.marks(n) for n in names):
+            return True
+        return self.stores is not None and stored is not None and any(self.stores(n, d) for n, d in stored.items())
 
 
 # (strings: torch is imported when first used, not when this module is)

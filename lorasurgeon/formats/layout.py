@@ -28,7 +28,8 @@ else:
 
 # Per-module activation scales of a quantized checkpoint: meaningless in a plain one, and possibly
 # stale once a merge changes the weight before them.
-STATIC_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale")
+# activation scales (and ComfyUI's scaled_fp8 marker): kept beside a kept format, dropped from a dequantized one
+STATIC_SCALES = (".input_scale", ".output_scale", ".k_scale", ".v_scale", ".scale_input", "scaled_fp8")
 READS = reads()  # "block FP8, compressed-tensors (...), ...": what a refusal says lorasurgeon reads
 
 
@@ -67,7 +68,7 @@ def find_layout(ckpt: Checkpoint, config: Mapping[str, Any]) -> QuantLayout | No
         return None
     qconfig: Mapping[str, Any] = qc.block if qc is not None else {}
     names = list(infos)
-    fmt = claiming(qconfig, names)
+    fmt = claiming(qconfig, names, {n: i.dtype_name for n, i in infos.items()})
     if fmt is None:
         raise UnsupportedError(
             f"{ckpt.root}: quantized as {found.describe()}, a format lorasurgeon does not read (it reads {READS})"

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import bnb, compressed, fp8, mlx, mxfp4
+from . import bnb, compressed, fp8, fp8_tensor, mlx, mxfp4
 from .base import Format
 
 FORMATS: tuple[Format, ...] = (
@@ -19,13 +19,18 @@ FORMATS: tuple[Format, ...] = (
     mxfp4.FORMAT,
     bnb.FORMAT,
     mlx.FORMAT,
+    fp8_tensor.FORMAT,  # last: claims by how tensors are stored, where no other format's names do
 )
 
 
-def claiming(qconfig: Mapping[str, Any], names: Sequence[str]) -> Format | None:
-    """The format a checkpoint with this quantization block (``{}`` if none) and these tensor names is in,
-    or None if none of the registered formats claims it."""
-    return next((f for f in FORMATS if f.claims(qconfig, names)), None)
+def claiming(
+    qconfig: Mapping[str, Any], names: Sequence[str], stored: Mapping[str, str] | None = None
+) -> Format | None:
+    """The format a checkpoint with this quantization block (``{}`` if none) and these tensor names (``stored``:
+    their dtypes) is in, or None if none of the registered formats claims it: a name or block first, in
+    registry order, then how the tensors are stored."""
+    by_name = next((f for f in FORMATS if f.claims(qconfig, names)), None)
+    return by_name or next((f for f in FORMATS if f.claims(qconfig, names, stored)), None)
 
 
 def reads() -> str:

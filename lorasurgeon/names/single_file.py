@@ -21,6 +21,8 @@ from .ldm_unet import ldm_unet_map
 from .model import ModelNames
 
 UNET_PREFIX = "model.diffusion_model."
+# what a quantized single file holds beside the UNet's tensors (formats.fp8_tensor): under their own names
+QUANT_SIDE = (".scale_weight", ".scale_input", "scaled_fp8")
 # the file's prefix of a CLIP text encoder held under transformers' names -> the pipeline component it is
 CLIP_PREFIXES = (
     ("cond_stage_model.transformer.", "text_encoder"),  # SD 1.x
@@ -42,13 +44,13 @@ def single_file_names(file_keys: Sequence[str]) -> ModelNames | None:
     """The names of a single-file SD 1.x / 2.x / SDXL checkpoint (None: the keys are not one)."""
     if not any(k.startswith(UNET_PREFIX) for k in file_keys):
         return None
-    unet = ldm_unet_map(file_keys, prefix=UNET_PREFIX)
+    unet = ldm_unet_map([k for k in file_keys if not k.endswith(QUANT_SIDE)], prefix=UNET_PREFIX)
     if unet is None:
         return None
     file_of = {f"unet.{name}": key for name, key in unet.items()}
     blocks: dict[str, tuple[str, int, int, int]] = {}
     for key in file_keys:
-        if key.startswith(UNET_PREFIX):
+        if key.startswith(UNET_PREFIX) and not key.endswith(QUANT_SIDE):
             continue
         clip = next(((p, c) for p, c in CLIP_PREFIXES if key.startswith(p)), None)
         openclip = next(((p, c) for p, c in OPENCLIP_PREFIXES if key.startswith(p + "transformer.")), None)
