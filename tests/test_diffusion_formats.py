@@ -343,3 +343,9 @@ def test_a_diffusion_lora_into_an_llm_is_refused_as_for_another_model(made, tmp_
     done = run_cli("merge", FIX_BASE, made["kohya"], "-o", tmp_path / "m")
     one_line_error(done, "none of its", "a LoRA for another model?")
     assert listing(tmp_path) == set()
+
+
+def test_a_pipeline_into_one_file_is_refused_before_writing(made, tmp_path):
+    done = run_cli("merge", made["pipeline"], made["kohya"], "-o", tmp_path / "m.safetensors")
+    one_line_error(done, "a one-file result", "give a folder")
+    assert listing(tmp_path) == set()

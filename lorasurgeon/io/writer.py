@@ -94,7 +94,10 @@ class CheckpointWriter:
         # a one-file result (-o NAME.safetensors, io.publish.is_file_result): its one shard alone, renamed into place
         self.single = is_file_result(self.out)
         if self.single and len(self.shards) != 1:
-            raise OutputError(f"{self.out}: a one-file result holds one file, and this one needs {len(self.shards)}")
+            raise OutputError(
+                f"{self.out}: a .safetensors path is a one-file result, and this one is {len(self.shards)} files "
+                "(a sharded base or component, or --max-shard-size): give a folder"
+            )
         self.index_name = index_name if len(self.shards) > 1 else None
         names = [t.name for s in self.shards for t in s.tensors]
         if len(set(names)) != len(names):
