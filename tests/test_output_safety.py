@@ -268,3 +268,20 @@ def test_an_unwritable_folder_is_one_line_exit_2(tmp_path):
         f"error: {locked / 'out'}: cannot write the result here (Permission denied)"
     ]
     assert listing(locked) == set()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["convert", FIX_ADAPTER, "--to", "peft"],
+        ["convert", FIX_ADAPTER, "--to", "mlx"],
+        ["resize", FIX_ADAPTER, "--rank", "2"],
+    ],
+    ids=["peft", "mlx", "resize"],
+)
+def test_an_adapter_with_its_config_beside_it_is_never_one_file(tmp_path, args):
+    """-o NAME.safetensors is a one-file result: PEFT's and MLX-LM's adapters need their config beside the
+    weights, so they are refused, not written without it."""
+    done = run_cli(*args, "-o", tmp_path / "a.safetensors")
+    one_line_error(done, "is a folder", "--to kohya")
+    assert listing(tmp_path) == set()

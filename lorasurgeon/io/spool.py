@@ -29,6 +29,15 @@ else:
     from .._lazy import torch
 
 
+def folder_only(out: str | os.PathLike[str], what: str) -> None:
+    """Refuse a one-file result (``-o NAME.safetensors``) for an adapter whose config is a file beside its weights."""
+    if is_file_result(out):
+        raise OutputError(
+            f"{out}: {what} is a folder (its config beside its weights): give -o FOLDER (a LoRA as one .safetensors "
+            "file is kohya's: `lorasurgeon convert ADAPTER --to kohya -o NAME.safetensors`)"
+        )
+
+
 class SpoolWriter:
     """Collect tensors of any shape, in any order; write them as one checkpoint at commit."""
 

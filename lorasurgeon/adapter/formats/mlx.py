@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from ...errors import AdapterConfigError, UnsupportedError
 from ...io.checkpoint import Checkpoint, Decoded, FileSlice, TensorInfo, open_checkpoint, pread_into
 from ...io.sidecar import config_bytes, read_json_object
-from ...io.spool import SpoolWriter
+from ...io.spool import SpoolWriter, folder_only
 from ..config import CONFIG_NAME, AdapterConfig
 from ..names import ROLE_A, ROLE_B, ROLE_MAGNITUDE, Role, saved_key, split_saved_key
 from ..weights import LoraAdapter, adapter_from
@@ -155,6 +155,7 @@ class MlxWriter(SpoolWriter):
     adapters.safetensors; adapter_config.json with fine_tune_type, num_layers and lora_parameters."""
 
     def __init__(self, out: str | os.PathLike[str], overwrite: bool = False):
+        folder_only(out, "an MLX-LM adapter")
         super().__init__(out, prefix=PREFIX, overwrite=overwrite, metadata={"format": "mlx"})
         self._roles: dict[str, dict[Role, tuple[int, ...]]] = {}  # module -> role -> PEFT's shape
 

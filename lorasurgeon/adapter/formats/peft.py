@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...io.checkpoint import Checkpoint, open_checkpoint
 from ...io.sidecar import config_bytes
-from ...io.spool import SpoolWriter
+from ...io.spool import SpoolWriter, folder_only
 from ..config import CONFIG_NAME, AdapterConfig
 from ..names import AUGMENTED_SUFFIX, ROLE_A, ROLE_EMB_A, ROLE_TOKENS_DELTA, SAVED_PREFIX, SAVED_SUFFIX
 from ..weights import LoraAdapter, adapter_from
@@ -50,6 +50,7 @@ class PeftWriter(SpoolWriter):
     adapter_model.safetensors, the config as adapter_config.json."""
 
     def __init__(self, out: str | os.PathLike[str], overwrite: bool = False):
+        folder_only(out, "a PEFT adapter")
         super().__init__(out, prefix=PREFIX, overwrite=overwrite)
 
     def finish(self, config: Mapping[str, Any]) -> Path:
