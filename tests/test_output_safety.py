@@ -285,3 +285,16 @@ def test_an_adapter_with_its_config_beside_it_is_never_one_file(tmp_path, args):
     done = run_cli(*args, "-o", tmp_path / "a.safetensors")
     one_line_error(done, "is a folder", "--to kohya")
     assert listing(tmp_path) == set()
+
+
+def test_a_folder_of_one_shard_is_not_taken_for_a_whole_checkpoint(tmp_path):
+    """A folder holding one .safetensors is opened as that file (a LoRA's own folder), but never one shard of
+    several whose index is missing: that would merge half a model without a word."""
+    folder = tmp_path / "half"
+    folder.mkdir()
+    (folder / "model-00001-of-00002.safetensors").write_bytes((FIX_BASE / "model.safetensors").read_bytes())
+    one_line_error(run_cli("merge", folder, FIX_ADAPTER, "-o", tmp_path / "m"), "no checkpoint found")
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "weights.safetensors").write_bytes((FIX_BASE / "model.safetensors").read_bytes())
+    assert run_cli("inspect", alone).exit_code == 0

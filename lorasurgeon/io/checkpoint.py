@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -308,7 +309,8 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
                 return _open_file(root, root / filename, fmt)
         found = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json") + BIN_SUFFIXES)
         single = [f for f in found if f.endswith(".safetensors")]
-        if len(single) == 1 and not any(f.endswith(".index.json") for f in found):  # a LoRA file's own folder
+        whole = len(single) == 1 and not re.search(r"-\d{5}-of-\d{5}\.safetensors$", single[0])
+        if whole and not any(f.endswith(".index.json") for f in found):  # a LoRA file's own folder, not a shard
             return _open_file(root, root / single[0], "safetensors")
         raise InputNotFoundError(
             f"{root}: no checkpoint found (looked for {', '.join(f for f, _ in FOLDER_LAYOUTS)}; "
