@@ -349,3 +349,19 @@ def test_a_pipeline_into_one_file_is_refused_before_writing(made, tmp_path):
     done = run_cli("merge", made["pipeline"], made["kohya"], "-o", tmp_path / "m.safetensors")
     one_line_error(done, "a one-file result", "give a folder")
     assert listing(tmp_path) == set()
+
+
+@pytest.mark.parametrize("to", ["kohya", "diffusers"])
+def test_extract_writes_the_lora_in_kohya_or_diffusers_keys(made, reference, to, tmp_path):
+    """extract --to kohya|diffusers: the full-rank LoRA of the merged pipeline's change, in that format, merges
+    back to the merged pipeline (3×3 convs included)."""
+    merged = tmp_path / "merged"
+    assert run_cli("merge", made["pipeline"], made["kohya"], "-o", merged).exit_code == 0
+    out = tmp_path / ("x.safetensors" if to == "kohya" else "x")
+    done = run_cli("extract", made["pipeline"], merged, "--rank", "8", "--to", to, "-o", out)
+    assert done.exit_code == 0, done.output
+    assert f"adapter ({to} format)" in run_cli("inspect", out).output
+    again = tmp_path / "again"
+    assert run_cli("merge", made["pipeline"], out, "-o", again).exit_code == 0
+    got = read_pipeline(again)
+    assert max_error({k: got[k] for k in reference}, reference) <= 1e-5

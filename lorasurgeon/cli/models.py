@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from ..adapter.formats.registry import writable
 from ..commands.sizing import BUDGET_RANK
 from ..console import Dtype, debug_option, progress_bar
 from . import cli
@@ -156,18 +157,27 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     default=None,
     help="Also draw it: kept share and rank per module, singular-value decay (.png/.pdf/.svg; lorasurgeon[plot]).",
 )
+@click.option(
+    "--to",
+    "to",
+    default="peft",
+    show_default=True,
+    type=click.Choice(writable()),
+    help="The adapter format written: kohya's is one file (-o NAME.safetensors), for ComfyUI, Forge and A1111.",
+)
 @option_group(DEVICE, NONFINITE, PUSH)
 def extract_cmd(base: str, finetuned: str, **options: Any) -> None:
-    """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD.
+    """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD (or, with --to, in another format).
 
     Writes OUT/adapter_config.json, OUT/adapter_model.safetensors and OUT/extract_report.json
-    (per module: rank, share of ‖ΔW‖² kept, relative error).
+    (per module: rank, share of ‖ΔW‖² kept, relative error); --to kohya -o NAME.safetensors: one file.
 
     \b
     Examples:
       lorasurgeon extract ./Llama-3-8B ./my-finetune --rank 16 -o my-lora
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
       lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
+      lorasurgeon extract ./sd15-pipeline ./my-sd15-finetune --rank 32 --to kohya -o my_lora.safetensors
     """
     from ..commands.extract import ExtractSettings, run
 

@@ -62,6 +62,7 @@ def extract(
     dry_run: bool = False,
     allow_nonfinite: bool = False,
     plot: str | os.PathLike[str] | None = None,
+    to: str = "peft",
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD, streamed tensor by tensor.
@@ -87,6 +88,8 @@ def extract(
         overwrite, dry_run, allow_nonfinite: as for :func:`merge` (a dry run reads nothing beyond headers).
         plot: a picture to write (.png, .pdf, .svg; needs matplotlib) once the adapter is: per module the
             share of ‖ΔW‖² kept and the rank, and the singular-value decay of the largest changes.
+        to: the adapter format written: "peft" (a folder), "mlx", "kohya" (``out`` a .safetensors file, or a
+            folder holding one), "diffusers"; kohya's and diffusers' name a pipeline's modules.
         progress: told the bytes to read and each tensor done (the CLI's progress bar).
 
     Returns:
@@ -117,6 +120,7 @@ def extract(
         device=device,
         allow_nonfinite=allow_nonfinite,
         plot=plot,
+        to=to,
     )
     return run(base, finetuned, Output(out, overwrite, dry_run, progress), settings)
 
@@ -223,7 +227,7 @@ def write_adapter(
     report, card, and the adapter is published."""
     factors = SpoolWriter(out, prefix="factors", overwrite=overwrite)  # the first pass's results, never published
     try:
-        adapter = adapter_writer(out, overwrite=overwrite)
+        adapter = adapter_writer(out, overwrite=overwrite, name=settings.to)
     except BaseException:
         factors.abort()
         raise

@@ -49,6 +49,7 @@ class ExtractSettings(SizedBy):
         device: where the SVDs run ("cpu", "cuda", "cuda:N").
         allow_nonfinite: go on past NaN/Inf in a change instead of stopping.
         plot: a picture of the result to write once the adapter is (.png, .pdf, .svg).
+        to: the adapter format it is written in (peft, mlx, kohya, diffusers).
     """
 
     sizing: Sizing
@@ -63,6 +64,7 @@ class ExtractSettings(SizedBy):
     device: str = "cpu"
     allow_nonfinite: bool = False
     plot: str | os.PathLike[str] | None = None
+    to: str = "peft"  # the adapter format written (adapter.formats.registry.writable(): kohya's is one file)
     names: NameFilter = field(init=False, repr=False, compare=False)
     budget_params: int | None = field(init=False, repr=False, compare=False)  # the budget in parameters of dtype
 
@@ -103,6 +105,10 @@ class ExtractSettings(SizedBy):
         if not is_floating(dtype):
             raise InvalidOptionError(f"--dtype must be a floating dtype, not {torch_name(dtype)}")
         check_device(self.device)
+        from ...adapter.formats.registry import writable  # the registry, only to check the name
+
+        if self.to not in writable():
+            raise InvalidOptionError(f"--to {self.to}: lorasurgeon writes adapters as {', '.join(writable())}")
         if self.for_ is not None:
             consumer(self.for_, "--for")  # an unknown name refused by name
         object.__setattr__(self, "dtype", dtype)
