@@ -77,8 +77,7 @@ def extract(
             ``budget``, a floor per module.
         budget: the adapter's size, "15MB" (in ``dtype``) or a number of parameters (int): each module's
             rank chosen to keep the most of Σ‖ΔW‖² within it, the whole tensors stored charged too.
-        for_: "vllm" or "llama.cpp": one alpha with each module's scale in its B, and what that consumer
-            cannot take (experts, biases, whole tensors, vLLM ranks above 512) refused by name.
+        for_: "vllm" or "llama.cpp": one alpha, each module's scale in its B; what it cannot take refused.
         include / exclude: regexes on tensor names (re.search) choosing what is compared.
         embeddings: embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
@@ -86,10 +85,8 @@ def extract(
         device: where the SVDs run: "cpu", "cuda" or "cuda:N".
         dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
         overwrite, dry_run, allow_nonfinite: as for :func:`merge` (a dry run reads nothing beyond headers).
-        plot: a picture to write (.png, .pdf, .svg; needs matplotlib) once the adapter is: per module the
-            share of ‖ΔW‖² kept and the rank, and the singular-value decay of the largest changes.
-        to: the adapter format written: "peft" (a folder), "mlx", "kohya" (``out`` a .safetensors file, or a
-            folder holding one), "diffusers"; kohya's and diffusers' name a pipeline's modules.
+        plot: a picture (.png, .pdf, .svg; needs matplotlib): per module the share kept and the rank.
+        to: the format written: "peft", "mlx", "kohya" (``out`` may be one .safetensors), "diffusers".
         progress: told the bytes to read and each tensor done (the CLI's progress bar).
 
     Returns:
