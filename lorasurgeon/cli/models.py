@@ -165,6 +165,13 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     type=click.Choice(writable()),
     help="The adapter format written: kohya's is one file (-o NAME.safetensors), for ComfyUI, Forge and A1111.",
 )
+@click.option(
+    "--conv-rank",
+    type=click.IntRange(min=0),
+    default=None,
+    help="A fixed rank for k×k convolutions (a UNet's resnets; kohya's --conv_dim), 0 to leave them out "
+    "[default: sized like the rest].",
+)
 @option_group(DEVICE, NONFINITE, PUSH)
 def extract_cmd(base: str, finetuned: str, **options: Any) -> None:
     """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD (or, with --to, in another format).
@@ -178,6 +185,7 @@ def extract_cmd(base: str, finetuned: str, **options: Any) -> None:
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
       lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
       lorasurgeon extract ./sd15-pipeline ./my-sd15-finetune --rank 32 --to kohya -o my_lora.safetensors
+      lorasurgeon extract ./sd15-pipeline ./my-sd15-finetune --rank 32 --conv-rank 8 --to kohya -o locon.safetensors
     """
     from ..commands.extract import ExtractSettings, run
 

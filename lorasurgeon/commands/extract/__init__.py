@@ -63,6 +63,7 @@ def extract(
     allow_nonfinite: bool = False,
     plot: str | os.PathLike[str] | None = None,
     to: str = "peft",
+    conv_rank: int | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD, streamed tensor by tensor.
@@ -87,6 +88,7 @@ def extract(
         overwrite, dry_run, allow_nonfinite: as for :func:`merge` (a dry run reads nothing beyond headers).
         plot: a picture (.png, .pdf, .svg; needs matplotlib): per module the share kept and the rank.
         to: the format written: "peft", "mlx", "kohya" (``out`` may be one .safetensors), "diffusers".
+        conv_rank: a fixed rank for k×k convolutions (kohya's --conv_dim), 0 to leave them out; None: as the rest.
         progress: told the bytes to read and each tensor done (the CLI's progress bar).
 
     Returns:
@@ -102,23 +104,10 @@ def extract(
         NonFiniteError: a change holds NaN or Inf (unless ``allow_nonfinite``).
     """
     settings = ExtractSettings.parse(
-        rank=rank,
-        energy=energy,
-        budget=budget,
-        max_rank=max_rank,
-        for_=for_,
-        include=include,
-        exclude=exclude,
-        embeddings=embeddings,
-        extras=extras,
-        solver=solver,
-        seed=seed,
-        dtype=dtype,
-        device=device,
-        allow_nonfinite=allow_nonfinite,
-        plot=plot,
-        to=to,
-    )
+        rank=rank, energy=energy, budget=budget, max_rank=max_rank, for_=for_, include=include, exclude=exclude,
+        embeddings=embeddings, extras=extras, solver=solver, seed=seed, dtype=dtype, device=device,
+        allow_nonfinite=allow_nonfinite, plot=plot, to=to, conv_rank=conv_rank,
+    )  # fmt: skip
     return run(base, finetuned, Output(out, overwrite, dry_run, progress), settings)
 
 

@@ -40,7 +40,12 @@ def spend(
     """
     budget = settings.budget_params
     assert budget is not None
-    lowrank = [i for i in infos if i.status == "lowrank" and i.stats is not None and i.op.experts is None]
+    lowrank = [
+        i
+        for i in infos
+        if i.status == "lowrank" and i.stats is not None and i.op.experts is None
+        and settings.fixed_rank(i.op.kind, i.op.shape) is None  # --conv-rank's: charged whole, as stored
+    ]  # fmt: skip
     keys = [tuple(saved_key(i.op.module, role) for role in LAYER_KINDS[i.op.kind].lora_roles) for i in lowrank]
     factored = {k for pair in keys for k in pair}
     fixed = sum(math.prod(factors.info(n).shape) for n in factors.names() if n not in factored)  # lora_B.bias

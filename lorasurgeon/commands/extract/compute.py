@@ -61,12 +61,13 @@ def compute_extract(
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     layer = LAYER_KINDS[op.kind]
     m = delta.T if layer.transposed else delta.reshape(delta.shape[0], -1)
-    budget = settings.budget_params is not None  # the factors up to a cap; extract's finish truncates them
+    fixed = settings.fixed_rank(op.kind, op.shape)  # --conv-rank's, outside the sizing (and the budget)
+    budget = settings.budget_params is not None and fixed is None  # factors up to a cap; finish truncates them
     lr = factorize(
         m,
-        rank=min(settings.max_rank or BUDGET_RANK, *m.shape) if budget else settings.rank,
-        energy=None if budget else settings.energy,
-        max_rank=None if budget else settings.max_rank,
+        rank=fixed or (min(settings.max_rank or BUDGET_RANK, *m.shape) if budget else settings.rank),
+        energy=None if budget or fixed else settings.energy,
+        max_rank=None if budget or fixed else settings.max_rank,
         solver=settings.solver,
         seed=settings.seed + zlib.crc32(op.name.encode()),
         total=total,

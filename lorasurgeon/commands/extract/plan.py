@@ -215,6 +215,8 @@ def plan_extract(
             kind, base_ref = "full", None
         if not is_floating(t_info.dtype_name):
             kind = settings.extras
+        if settings.fixed_rank(kind, t_info.shape) == 0:  # --conv-rank 0: k×k convolutions left out
+            kind = "skip"
         module = name.rpartition(".")[0]
         if kind in FACTORED:
             lora_modules.add(module)

@@ -108,6 +108,10 @@ class ExtractReport:
             f"{t.parameters:,} parameters ({human_bytes(t.bytes)}); kept {t.kept:.2%} of the "
             f"fine-tune's change; {plural(self.skipped.unchanged, 'tensor')} unchanged; {self.wall or t.seconds:.1f} s."
         )
+        if self.skipped.not_stored:
+            lines.append(
+                f"not stored: {plural(len(self.skipped.not_stored), 'changed tensor')} (the options left them out)"
+            )
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"Wrote {self.plot}"] if self.plot else []
         return "\n".join(lines)

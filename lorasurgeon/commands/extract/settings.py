@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
@@ -50,6 +51,9 @@ class ExtractSettings(SizedBy):
         allow_nonfinite: go on past NaN/Inf in a change instead of stopping.
         plot: a picture of the result to write once the adapter is (.png, .pdf, .svg).
         to: the adapter format it is written in (peft, mlx, kohya, diffusers).
+        conv_rank: a fixed rank for every k×k convolution (kernel above 1×1: a UNet's resnets, LoCon in kohya's
+            files), whatever the sizing says for the rest; 0 leaves their changes out (reported as skipped);
+            None: sized like every other module. kohya's extract_lora_from_models.py ``--conv_dim``.
     """
 
     sizing: Sizing
@@ -65,6 +69,7 @@ class ExtractSettings(SizedBy):
     allow_nonfinite: bool = False
     plot: str | os.PathLike[str] | None = None
     to: str = "peft"  # the adapter format written (adapter.formats.registry.writable(): kohya's is one file)
+    conv_rank: int | None = None
     names: NameFilter = field(init=False, repr=False, compare=False)
     budget_params: int | None = field(init=False, repr=False, compare=False)  # the budget in parameters of dtype
 
@@ -105,6 +110,10 @@ class ExtractSettings(SizedBy):
         if not is_floating(dtype):
             raise InvalidOptionError(f"--dtype must be a floating dtype, not {torch_name(dtype)}")
         check_device(self.device)
+        if self.conv_rank is not None and (isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int)):
+            raise InvalidOptionError(f"--conv-rank must be a whole number, not {self.conv_rank!r}")
+        if self.conv_rank is not None and self.conv_rank < 0:
+            raise InvalidOptionError(f"--conv-rank must be 0 (k×k convolutions left out) or more: {self.conv_rank}")
         from ...adapter.formats.registry import writable  # the registry, only to check the name
 
         if self.to not in writable():
@@ -138,4 +147,17 @@ class ExtractSettings(SizedBy):
             "dtype": torch_name(self.dtype).removeprefix("torch."),
             "embeddings": self.embeddings,
             "extras": self.extras,
+            "conv_rank": self.conv_rank,
         }
+
+    def fixed_rank(self, kind: str, shape: Sequence[int]) -> int | None:
+        """The rank --conv-rank fixes for a module of this kind and weight shape (a k×k convolution's), or None:
+        sized as the sizing says."""
+        if self.conv_rank is None or not is_kxk_conv(kind, shape):
+            return None
+        return self.conv_rank
+
+
+def is_kxk_conv(kind: str, shape: Sequence[int]) -> bool:
+    """A convolution with a kernel above 1×1 (kohya's LoCon modules: a 1×1 one is a plain LoRA's)."""
+    return kind == "conv" and len(shape) == 4 and shape[2] * shape[3] > 1
