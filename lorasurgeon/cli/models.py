@@ -77,8 +77,10 @@ def inspect_cmd(path: str, as_json: bool, check: bool) -> None:
 def merge_cmd(base: str, adapters: tuple[str, ...], **options: Any) -> None:
     """Merge adapters into BASE: W = W0 + Σ w·(α/r)·B·A, streamed tensor by tensor.
 
-    Adapters: PEFT's (LoRA and the tuners that fold), MLX-LM's, a llama.cpp .gguf LoRA. OUT is a folder of
-    safetensors, or for a .gguf BASE a NAME.gguf in the base's own types.
+    Adapters: PEFT's (LoRA and the tuners that fold), MLX-LM's, a llama.cpp .gguf LoRA; diffusion LoRAs
+    (kohya's, LyCORIS's, diffusers'). OUT is a folder of safetensors; NAME.safetensors, one file (a
+    single-file checkpoint's merge: SD, SDXL, Flux as ComfyUI holds them); or for a .gguf BASE a NAME.gguf
+    in the base's own types.
 
     \b
     Examples:
@@ -86,6 +88,7 @@ def merge_cmd(base: str, adapters: tuple[str, ...], **options: Any) -> None:
       lorasurgeon merge ./Llama-3-8B ./my-lora --dtype bfloat16 -o ./Llama-3-8B-merged
       lorasurgeon merge BASE A1 A2 --weight 1 --weight 0.5 -o OUT
       lorasurgeon merge model-Q8_0.gguf my-lora -o merged-Q8_0.gguf
+      lorasurgeon merge flux1-dev.safetensors my_flux_lora.safetensors -o flux1-dev-merged.safetensors
     """
     from ..commands.merge import MergeSettings, run
 

@@ -83,7 +83,7 @@ PUSH = option_group(
     click.option("--private", is_flag=True, help="With --push-to-hub: create the repo private."),
 )
 MERGING = option_group(
-    WRITE,
+    write_options("Result folder; NAME.safetensors: one file (a single-file base); NAME.gguf for a .gguf base."),
     click.option(
         "--weight", "weights", type=float, multiple=True, help="Weight of each adapter, in order (default 1.0 each)."
     ),
