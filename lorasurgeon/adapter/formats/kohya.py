@@ -3,6 +3,10 @@
 text encoders) keys, the module's path with every ``.`` written ``_``, each with ``.lora_down.weight``
 ([r, in] or a conv's [r, in, kh, kw]), ``.lora_up.weight`` ([out, r] or [out, r, 1, 1]) and a 0-dim ``.alpha``
 (absent: the rank). ΔW = alpha / r · up @ down -- PEFT's LoRA (a conv's as PEFT's Conv2d LoRA), down as lora_A.
+OneTrainer's ``lora_transformer_`` (a transformer's modules in diffusers' names) is read too, and written for a
+transformer named as diffusers names it: ComfyUI maps that prefix for Flux, not ``lora_unet_`` + diffusers' names
+(``comfy/lora.py``: ``model_lora_keys_unet``). An original single file's modules are written ``lora_unet_`` + their
+name below ``diffusion_model.`` (kohya's own Flux and SGM names).
 
 The flattened names cannot be split back on their own (``down_blocks_0`` and ``to_out_0`` hold ``_`` too),
 so the file is read against its base: each base module's name flattened the same way says which it is
@@ -47,6 +51,7 @@ else:
 # denoiser is a transformer; SD 1.x's one text encoder is lora_te_, SDXL's two lora_te1_ / lora_te2_)
 PREFIXES: dict[str, tuple[str, ...]] = {
     "lora_unet_": ("unet", "transformer"),
+    "lora_transformer_": ("transformer",),  # OneTrainer's: a transformer's modules in diffusers' names
     "lora_te_": ("text_encoder",),
     "lora_te1_": ("text_encoder",),
     "lora_te2_": ("text_encoder_2",),
@@ -73,14 +78,26 @@ OTHER_LEAVES = {
 WRITTEN = "lora"  # the file a kohya result folder holds: lora.safetensors
 WRITTEN_PREFIX = {
     "unet": "lora_unet_",
-    "transformer": "lora_unet_",
+    "transformer": "lora_transformer_",  # diffusers' names: lora_unet_ + them is no name ComfyUI maps (Flux, SD3)
     "text_encoder": "lora_te_",
     "text_encoder_2": "lora_te2_",
     "text_encoder_3": "lora_te3_",
 }
 SWAPPED = "lora_unet_final_layer_adaLN_modulation_1"  # Flux's, whose halves diffusers swaps (names.flux)
 _DIFFUSERS_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
-_KEY = re.compile(r"^(lora_(?:unet|te\d?)_[^.]+)\.(.+)$")
+_KEY = re.compile(r"^(lora_(?:unet|transformer|te\d?)_[^.]+)\.(.+)$")
+# an original single file's denoiser (SD's UNet under diffusion_model., Flux's blocks bare or under it): lora_unet_
+ORIGINAL_DENOISER = ("model.diffusion_model.", "diffusion_model.")
+BFL_TOP = (
+    "double_blocks.",
+    "single_blocks.",
+    "final_layer.",
+    "img_in",
+    "txt_in",
+    "time_in.",
+    "vector_in.",
+    "guidance_in.",
+)
 
 
 def claims(probe: Probe) -> bool:
@@ -264,6 +281,9 @@ def kohya_name(module: str, two_encoders: bool) -> str:
     """The kohya name of a pipeline module (``unet.down_blocks.0...to_q`` -> ``lora_unet_down_blocks_0_..._to_q``;
     CLIP's under ``text_model``, as kohya's); a module of no pipeline component is refused by name."""
     split = split_component(module, list(WRITTEN_PREFIX))
+    original = _original_denoiser(module)
+    if split is None and original is not None:
+        return "lora_unet_" + original.replace(".", "_")
     if split is None:
         raise UnsupportedError(
             f"module {module!r} names no pipeline component ({', '.join(WRITTEN_PREFIX)}): a kohya LoRA names "
@@ -276,6 +296,15 @@ def kohya_name(module: str, two_encoders: bool) -> str:
     if component.startswith("text_encoder") and not inner.startswith(CLIP_INNER):
         inner = CLIP_INNER + inner
     return prefix + inner.replace(".", "_")
+
+
+def _original_denoiser(module: str) -> str | None:
+    """The name below ``diffusion_model.`` of a module of an original single file's denoiser (kohya's and
+    ComfyUI's lora_unet_ names), or None."""
+    for prefix in ORIGINAL_DENOISER:
+        if module.startswith(prefix):
+            return module.removeprefix(prefix)
+    return module if module.startswith(BFL_TOP) else None
 
 
 FORMAT = AdapterFormat(
