@@ -8,6 +8,10 @@ transformer named as diffusers names it: ComfyUI maps that prefix for Flux, not 
 (``comfy/lora.py``: ``model_lora_keys_unet``). An original single file's modules are written ``lora_unet_`` + their
 name below ``diffusion_model.`` (kohya's own Flux and SGM names).
 
+LyCORIS's LoCon writes the same keys with two more leaves (docs/formats.md §12): ``dora_scale``, its DoRA
+magnitude, read as PEFT's lora_magnitude_vector where it is one value per output unit; and a k×k conv's Tucker core
+``lora_mid.weight``, read as a plain conv LoRA whose lora_A is the core contracted with lora_down, computed when read.
+
 The flattened names cannot be split back on their own (``down_blocks_0`` and ``to_out_0`` hold ``_`` too),
 so the file is read against its base: each base module's name flattened the same way says which it is
 (``pipeline_names``: a pipeline's components, or a lone denoiser's folder, which takes the ``lora_unet_``
@@ -16,6 +20,7 @@ modules only). Keys for no module of the base are refused by name.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 from collections.abc import Mapping
@@ -23,10 +28,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import IncompatibleError, UnsupportedError
-from ...io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from ...io.checkpoint import Checkpoint, Decoded, TensorInfo, open_checkpoint
 from ...io.spool import SpoolWriter
 from ...names import flux
-from ..names import ROLE_A, ROLE_B, saved_key
+from ..names import ROLE_A, ROLE_B, ROLE_MAGNITUDE, saved_key
 from ..weights import LoraAdapter
 from .base import AdapterFormat
 from .pipeline_names import (
@@ -59,16 +64,17 @@ PREFIXES: dict[str, tuple[str, ...]] = {
 }
 PREFIXES_OF = {c: tuple(p for p, held in PREFIXES.items() if c in held) for cs in PREFIXES.values() for c in cs}
 LEAVES = ("lora_down.weight", "lora_up.weight", "alpha")
+# LyCORIS LoCon's leaves beside a LoRA pair (lycoris/modules/locon.py:30-36): a conv's Tucker core, DoRA's magnitude
+MID, DORA = "lora_mid.weight", "dora_scale"
 # LyCORIS's algorithms in the same files, under PEFT's part names (PEFT's LoHa and LoKr are LyCORIS's math)
 LYCORIS = {
     "loha": {"hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2"},
     "lokr": {"lokr_w1", "lokr_w1_a", "lokr_w1_b", "lokr_w2", "lokr_w2_a", "lokr_w2_b", "lokr_t2"},
 }
+LABELS = {"loha": "LoHa", "lokr": "LoKr"}
 # other trainers' leaves in the same files, named in the refusal: what each is
 CLAIMED = (".lora_down.weight", *(f".{leaf}" for leaf in ("hada_w1_a", "lokr_w1", "lokr_w1_a")))
 OTHER_LEAVES = {
-    "lora_mid.weight": "LyCORIS LoCon's Tucker (lora_mid)",
-    "dora_scale": "DoRA (dora_scale)",
     "diff": "a full weight difference (diff)",
     "diff_b": "a full bias difference (diff_b)",
     "w_norm": "LyCORIS's norm",
@@ -117,7 +123,8 @@ def read_with_base(path: Path, base: Checkpoint | None) -> LoraAdapter:
     the file names them, what inspect shows).
 
     Raises:
-        UnsupportedError: another trainer's tensors in it (DoRA, LoCon's Tucker, ...), by name.
+        UnsupportedError: another trainer's tensors in it (a full diff, OFT, DoRA on the input axis or on LoHa /
+            LoKr, ...), by name.
         IncompatibleError: modules the base does not have, by name (a LoRA for another model).
     """
     ckpt = open_checkpoint(path)
@@ -167,11 +174,10 @@ def _split_fused(
             continue
         if module.tuner != "lora":
             raise UnsupportedError(f"{path}: {kohya}: a fused module's {module.tuner} is not split into the base's")
-        for target, start, stop, of in parts:
+        for target, start, stop, of in parts:  # DoRA's norm is per output row: its magnitude splits by rows too
             name = f"{kohya}[{target}]"
-            down, up = module.parts[ROLE_A], module.parts[ROLE_B]
-            split[name] = FileModule("lora", {ROLE_A: down, ROLE_B: rows_of(path, up, start, stop, of)}, module.rank,
-                                     module.alpha)  # fmt: skip
+            rows = {role: rows_of(path, info, start, stop, of) for role, info in module.parts.items() if role != ROLE_A}
+            split[name] = FileModule("lora", {ROLE_A: module.parts[ROLE_A], **rows}, module.rank, module.alpha)
             names[name] = target
     return split, names
 
@@ -197,16 +203,19 @@ def _fused_modules(base: Checkpoint) -> dict[str, list[tuple[str, int, int, int]
 
 
 def _module(path: Path, kohya: str, leaves: dict[str, TensorInfo], alpha: float | None) -> FileModule:
-    """One module's tensors as a LoRA pair, or LyCORIS's LoHa / LoKr parts (PEFT's names and math: its
-    ``lycoris_utils``), its rank as LyCORIS takes it for the scale alpha / rank."""
+    """One module's tensors as a LoRA pair (LyCORIS's LoCon: with its Tucker core, its DoRA magnitude), or LyCORIS's
+    LoHa / LoKr parts (PEFT's names and math: its ``lycoris_utils``), its rank as LyCORIS takes it for the scale
+    alpha / rank."""
     tuner = max(LYCORIS, key=lambda t: len(LYCORIS[t].intersection(leaves)))
     tuner = tuner if LYCORIS[tuner].intersection(leaves) else "lora"
+    dora = leaves.pop(DORA, None)
     if tuner == "lora":
-        if set(leaves) != {"lora_down.weight", "lora_up.weight"}:
-            raise IncompatibleError(
-                f"{path}: {kohya} has {', '.join(sorted(leaves))}: lora_down and lora_up go together"
-            )
-        return pair(leaves["lora_down.weight"], leaves["lora_up.weight"], alpha)
+        return _locon(path, kohya, leaves, dora, alpha)
+    if dora is not None:
+        raise UnsupportedError(
+            f"{path}: {kohya}: DoRA (dora_scale) on a LyCORIS {LABELS[tuner]} module, which PEFT's {LABELS[tuner]} "
+            "has no form of (lorasurgeon reads DoRA on LoRA / LoCon modules only)"
+        )
     stray = set(leaves) - LYCORIS[tuner]
     if stray:
         raise UnsupportedError(
@@ -218,6 +227,65 @@ def _module(path: Path, kohya: str, leaves: dict[str, TensorInfo], alpha: float 
     if not factored:  # both Kronecker factors whole: LyCORIS scales by 1, whatever alpha says
         return FileModule(tuner, leaves, 1, 1.0)
     return FileModule(tuner, leaves, factored[0].shape[0], alpha)
+
+
+def _locon(
+    path: Path, kohya: str, leaves: dict[str, TensorInfo], dora: TensorInfo | None, alpha: float | None
+) -> FileModule:
+    """A LoRA pair, lora_down contracted with LoCon's Tucker core where there is one, and DoRA's magnitude."""
+    if set(leaves) - {MID} != {"lora_down.weight", "lora_up.weight"}:
+        raise IncompatibleError(f"{path}: {kohya} has {', '.join(sorted(leaves))}: lora_down and lora_up go together")
+    down, up = leaves["lora_down.weight"], leaves["lora_up.weight"]
+    if MID in leaves:
+        down = _tucker_down(path, kohya, down, leaves[MID], up)
+    module = pair(down, up, alpha)
+    if dora is None:
+        return module
+    parts = {**module.parts, ROLE_MAGNITUDE: _magnitude(path, kohya, dora, up.shape[0], down.shape)}
+    return dataclasses.replace(module, parts=parts)
+
+
+def _tucker_down(path: Path, kohya: str, down: TensorInfo, mid: TensorInfo, up: TensorInfo) -> TensorInfo:
+    """LoCon's Tucker conv (lycoris/modules/locon.py:92-97: lora_down [r, in, 1, 1], lora_mid [r, r, kh, kw], lora_up
+    [out, r, 1, 1]) as PEFT's conv LoRA: ΔW = up · (mid ×₂ down) (functional/locon.py:50-51, general.py:12-14), so
+    lora_A [r, in, kh, kw] = Σ_j mid[i, j] · down[j, q], computed in float32 when read."""
+    r = mid.shape[0]
+    if (
+        len(mid.shape) < 3
+        or len(down.shape) != len(mid.shape)
+        or any(k != 1 for k in (*down.shape[2:], *up.shape[2:]))
+        or (mid.shape[1], down.shape[0], up.shape[1]) != (r, r, r)
+    ):
+        raise IncompatibleError(
+            f"{path}: {kohya}: LyCORIS LoCon's Tucker (lora_mid) {list(mid.shape)} with lora_down {list(down.shape)} "
+            f"and lora_up {list(up.shape)} is not its layout ([r, r, kh, kw] between [r, in, 1, 1] and [out, r, 1, 1])"
+        )
+    shape = (r, down.shape[1], *mid.shape[2:])
+    return TensorInfo(down.name, "F32", shape, down.file, None, decoded=Decoded((mid, down), _tucker))
+
+
+def _tucker(parts: list[torch.Tensor]) -> torch.Tensor:
+    mid, down = (p.to(torch.float32) for p in parts)
+    return torch.einsum("ij...,jq->iq...", mid, down.flatten(1)).contiguous()
+
+
+def _magnitude(path: Path, kohya: str, dora: TensorInfo, out: int, a_shape: tuple[int, ...]) -> TensorInfo:
+    """LyCORIS's ``dora_scale`` as PEFT's magnitude, where it is one: W' = (W0 + ΔW) · m / (‖W0 + ΔW‖ + eps)
+    (functional/general.py:117-139), the norm over each output row when made with ``wd_on_out`` ([out, 1, ...],
+    modules/locon.py:119-126), as PEFT's DoRA without its eps; stored as PEFT stores it: [out] for a Linear,
+    [1, out, 1, ...] for a conv (peft/tuners/lora/dora.py:90, :212)."""
+    n = len(dora.shape)
+    if len(a_shape) == n and dora.shape == (out, *[1] * (n - 1)):
+        return dataclasses.replace(dora, shape=(out,) if n == 2 else (1, out, *[1] * (n - 2)))
+    if len(a_shape) == n and dora.shape == (1, a_shape[1], *[1] * (n - 2)):
+        raise UnsupportedError(
+            f"{path}: {kohya}: DoRA (dora_scale) {list(dora.shape)} normalised over the input axis (LyCORIS's "
+            "wd_on_out=False), which PEFT's DoRA, one magnitude per output unit, cannot hold"
+        )
+    raise IncompatibleError(
+        f"{path}: {kohya}: DoRA (dora_scale) {list(dora.shape)} is one value per neither output nor input unit of "
+        f"a weight of {out} outputs and lora_down {list(a_shape)}"
+    )
 
 
 def _prefix(kohya: str) -> str:
@@ -232,7 +300,7 @@ def _modules(path: Path, ckpt: Checkpoint) -> dict[str, dict[str, TensorInfo]]:
         if found is None or not found[1].startswith(tuple(PREFIXES)):
             raise UnsupportedError(f"{path}: tensor {info.name!r} is not a kohya LoRA key (lora_unet_*, lora_te*_*)")
         module, leaf = found[1], found[2]
-        if leaf not in LEAVES and not any(leaf in parts for parts in LYCORIS.values()):
+        if leaf not in (*LEAVES, MID, DORA) and not any(leaf in parts for parts in LYCORIS.values()):
             what = OTHER_LEAVES.get(leaf, f"a tensor kohya's LoRA does not hold ({leaf})")
             raise UnsupportedError(f"{path}: {module}: {what}, which lorasurgeon does not read in kohya files yet")
         parts.setdefault(module, {})[leaf] = info

@@ -27,7 +27,7 @@ from ...io.dtypes import itemsize
 from ...io.spool import SpoolWriter
 from ...words import plural
 from ..config import AdapterConfig
-from ..names import ROLE_A, ROLE_B, SAVED_PREFIX, Role, saved_key, split_saved_key
+from ..names import ROLE_A, ROLE_B, ROLE_MAGNITUDE, SAVED_PREFIX, Role, saved_key, split_saved_key
 from ..weights import LoraAdapter, adapter_from
 
 if TYPE_CHECKING:
@@ -124,8 +124,8 @@ def components_of(base: Checkpoint) -> set[str]:
 @dataclass(frozen=True)
 class FileModule:
     """One module of a diffusion LoRA file: its tuner ("lora", or LyCORIS's "loha" / "lokr", PEFT's tuners of
-    the same math), its tensors by PEFT's part names (a LoRA's "A" and "B": ROLE_A, ROLE_B), its rank and its
-    alpha (None: the rank, a scale of 1)."""
+    the same math), its tensors by PEFT's part names (a LoRA's "A" and "B": ROLE_A, ROLE_B; DoRA's ROLE_MAGNITUDE),
+    its rank and its alpha (None: the rank, a scale of 1)."""
 
     tuner: str
     parts: Mapping[str, TensorInfo]
@@ -160,7 +160,7 @@ def lora_of_pairs(
     """The common adapter of a file's modules (its own module name -> tensors), each named as ``base`` names it
     (``where``: a file name -> the base's; no base: under the file's own names). A module the base lacks is
     refused by name: as one of a component the base does not hold (``components``: the components a file name
-    may be in), or as a LoRA for another model; a file of two tuners is refused."""
+    may be in), or as a LoRA for another model; a file of two tuners, or of DoRA on some modules only, is refused."""
     if base is None:
         where = {k: k for k in found}
     else:
@@ -168,6 +168,12 @@ def lora_of_pairs(
     tuners = sorted({m.tuner for m in found.values()})
     if len(tuners) != 1:
         raise UnsupportedError(f"{path}: modules of {' and '.join(tuners) or 'no tuner'}: one adapter holds one kind")
+    plain = [k for k, m in found.items() if ROLE_MAGNITUDE not in m.parts]
+    if plain and len(plain) < len(found):
+        raise UnsupportedError(
+            f"{path}: DoRA on {len(found) - len(plain)} of its {len(found)} modules, not on {plain[0]}: PEFT's "
+            "use_dora is one setting for every module of an adapter"
+        )
     infos: list[TensorInfo] = []
     ranks: dict[str, int] = {}
     alphas: dict[str, float] = {}
@@ -177,9 +183,9 @@ def lora_of_pairs(
         alphas[module] = float(m.rank) if m.alpha is None else m.alpha
         for part, info in m.parts.items():
             key = saved_key(module, cast(Role, part)) if m.tuner == "lora" else f"{SAVED_PREFIX}{module}.{part}"
-            infos.append(TensorInfo(key, info.dtype_name, info.shape, info.file, info.offset, key=info.file_key))
+            infos.append(dataclasses.replace(info, name=key, key=info.file_key))  # a computed one stays computed
     view = Checkpoint(ckpt.root, ckpt.format, list(ckpt.files), infos, ckpt.metadata)
-    return adapter_from(path, AdapterConfig.from_dict(_config(tuners[0], ranks, alphas)), view)
+    return adapter_from(path, AdapterConfig.from_dict(_config(tuners[0], ranks, alphas, not plain)), view)
 
 
 def _check_found(
@@ -212,9 +218,10 @@ def _check_found(
         )
 
 
-def _config(tuner: str, ranks: dict[str, int], alphas: dict[str, float]) -> dict[str, object]:
+def _config(tuner: str, ranks: dict[str, int], alphas: dict[str, float], dora: bool) -> dict[str, object]:
     """PEFT's config of the file (LoraConfig, LoHaConfig, LoKrConfig): the commonest rank and alpha, and each
-    module that differs as a pattern of its own (PEFT's rank_pattern / alpha_pattern, the full name escaped)."""
+    module that differs as a pattern of its own (PEFT's rank_pattern / alpha_pattern, the full name escaped);
+    ``use_dora`` when its modules hold DoRA's magnitudes."""
     rank = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     return {
@@ -224,7 +231,7 @@ def _config(tuner: str, ranks: dict[str, int], alphas: dict[str, float]) -> dict
         "target_modules": sorted({m.rpartition(".")[2] for m in ranks}),
         "rank_pattern": {re.escape(m): r for m, r in sorted(ranks.items()) if r != rank},
         "alpha_pattern": {re.escape(m): a for m, a in sorted(alphas.items()) if a != alpha},
-        "use_dora": False,
+        "use_dora": dora,
         "use_rslora": False,
         "bias": "none",
         "inference_mode": True,
