@@ -150,3 +150,14 @@ def test_kohya_sv_fro_is_energy_squared(merged, target, tmp_path):
             assert module["rank"] == want, module["name"]
             compared += 1
     assert compared > 20
+
+
+def test_the_capped_rank_note_names_the_option_that_asked(merged, tmp_path):
+    """--conv-rank's convs are not 'capped by --rank'; a --conv-rank above a conv's own rank is noted as its."""
+    done = run_cli("extract", FIX_SD_PIPELINE, merged, "--rank", "4", "--conv-rank", "2", "-o", tmp_path / "a")
+    assert done.exit_code == 0, done.output
+    assert "is more than" not in done.output  # every linear holds rank 4, every conv was asked for 2
+    done = run_cli("extract", FIX_SD_PIPELINE, merged, "--rank", "2", "--conv-rank", "40", "-o", tmp_path / "b")
+    assert done.exit_code == 0, done.output
+    assert "note: --conv-rank 40 is more than 16 modules' matrices allow" in done.output
+    assert "--rank 2 is more than" not in done.output

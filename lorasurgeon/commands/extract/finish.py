@@ -193,11 +193,17 @@ class _Parts:
         return {op.name: op.rank for op in self.stack_ops}
 
     def note_capped_ranks(self, settings: ExtractSettings) -> None:
-        rank = settings.rank
-        capped = sorted((s.rank, s.name) for s in self.lowrank.values() if rank is not None and s.rank < rank)
-        if capped:
+        """A note per fixed rank (--rank, --conv-rank's for k×k convs) that some modules' matrices were below."""
+        asked: dict[str, list[tuple[int, str]]] = {}
+        for s in self.lowrank.values():
+            conv = settings.fixed_rank(s.kind, s.shape)
+            flag, rank = ("--conv-rank", conv) if conv is not None else ("--rank", settings.rank)
+            if rank is not None and s.rank < rank:
+                asked.setdefault(f"{flag} {rank}", []).append((s.rank, s.name))
+        for option, capped in asked.items():
+            capped.sort()
             self.notes.append(
-                f"--rank {rank} is more than {len(capped)} modules' matrices allow; each of those got "
+                f"{option} is more than {len(capped)} modules' matrices allow; each of those got "
                 f"its full rank instead (the smallest: {capped[0][1]}, rank {capped[0][0]}); the config's r and "
                 "rank_pattern give the ranks stored"
             )
