@@ -286,13 +286,20 @@ class PairsWriter(SpoolWriter):
         self._modules.setdefault(module, {})[cast(Role, role)] = tuple(tensor.shape)
         super().write(name, tensor)
 
-    def finish(self, config: Mapping[str, Any]) -> Path:
+    @classmethod
+    def refusal(cls, config: Mapping[str, Any]) -> str | None:
+        """Why the format cannot hold an adapter of this PEFT config, from headers (None: it can)."""
         peft = AdapterConfig.from_dict(config)
         bad = peft.unsupported() + [f for f in peft.features() if f in ("dora", "lora_bias", "trainable_tokens")]
         if peft.tuner is not None or bad:
-            raise UnsupportedError(
-                f"{self.out}: {self.format_words} holds plain LoRA pairs, not {', '.join(bad) or peft.peft_type}"
-            )
+            return f"{cls.format_words} holds plain LoRA pairs, not {', '.join(bad) or peft.peft_type}"
+        return None
+
+    def finish(self, config: Mapping[str, Any]) -> Path:
+        why = self.refusal(config)
+        if why is not None:
+            raise UnsupportedError(f"{self.out}: {why}")
+        peft = AdapterConfig.from_dict(config)
         scales: dict[str, tuple[int, float]] = {}
         for module, roles in self._modules.items():
             if ROLE_A not in roles or ROLE_B not in roles:

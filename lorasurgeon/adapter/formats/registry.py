@@ -5,10 +5,10 @@ module exposing its ``FORMAT`` and one line here (CONTRIBUTING.md, "Adding an ad
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...errors import LorasurgeonError, UnsupportedError
 from ...io.checkpoint import Checkpoint, open_checkpoint
@@ -132,6 +132,14 @@ def adapter_writer(out: str | os.PathLike[str], *, overwrite: bool, name: str = 
         writable = ", ".join(f.name for f in ADAPTER_FORMATS if f.writer is not None)
         raise UnsupportedError(f"lorasurgeon does not write {name!r} adapters (it writes {writable})")
     return found.writer(out, overwrite)
+
+
+def writer_refusal(name: str, config: Mapping[str, Any]) -> str | None:
+    """Why the writer of format ``name`` would refuse an adapter of this PEFT config, known from headers before
+    anything is written (a writer's ``refusal``, where it has one), or None."""
+    found = next((f for f in ADAPTER_FORMATS if f.name == name), None)
+    check = getattr(found.writer, "refusal", None) if found is not None else None
+    return check(config) if check is not None else None
 
 
 def writable() -> list[str]:

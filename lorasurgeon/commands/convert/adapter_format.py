@@ -11,7 +11,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ...adapter.formats.registry import adapter_writer, writable
+from ...adapter.formats.registry import adapter_writer, writable, writer_refusal
 from ...engine.execute import Outcome, run
 from ...engine.plan import Ref
 from ...errors import InvalidOptionError, UnsupportedError
@@ -89,6 +89,9 @@ def to_format(
                 f"{adapter}: {article(source.config.peft_type)} adapter: {target}'s format holds LoRA (and DoRA) only; "
                 "`lorasurgeon convert ADAPTER --to lora --base BASE` gives its best LoRA first"
             )
+        why = writer_refusal(target, source.config.raw)
+        if why is not None:
+            raise UnsupportedError(f"{adapter}: {why} (the {target} format cannot hold it)")
         ckpt = source.checkpoint
         ops = [
             TensorOp(k, Ref(0, k), math.prod(i.shape) * itemsize(i.dtype_name))
