@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...errors import LorasurgeonError, UnsupportedError
 from ...io.checkpoint import Checkpoint, open_checkpoint
-from . import diffusers, gguf, kohya, mlx, peft
+from . import comfyui, diffusers, gguf, kohya, mlx, peft
 from .base import AdapterFormat, AdapterWriter
 
 if TYPE_CHECKING:
@@ -20,7 +20,14 @@ if TYPE_CHECKING:
 
 # PEFT first: the common case asks one format; none of the others' files is claimed by PEFT's rule (no
 # adapter_model file, no PEFT key: MLX's adapters.safetensors, a .gguf), so the order changes no answer
-ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (peft.FORMAT, mlx.FORMAT, gguf.FORMAT, kohya.FORMAT, diffusers.FORMAT)
+ADAPTER_FORMATS: tuple[AdapterFormat, ...] = (
+    peft.FORMAT,
+    mlx.FORMAT,
+    gguf.FORMAT,
+    kohya.FORMAT,
+    diffusers.FORMAT,
+    comfyui.FORMAT,
+)
 
 
 @dataclass
