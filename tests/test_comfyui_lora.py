@@ -114,3 +114,14 @@ def test_without_a_base_it_asks_for_one(files, tmp_path):
     done = run_cli("resize", files["lora"], "--rank", "1", "-o", tmp_path / "r.safetensors")
     one_line_error(done, "--base BASE")
     assert listing(tmp_path) == set()
+
+
+def test_a_text_encoder_no_component_stands_for_is_refused_by_its_comfyui_name(files, tmp_path):
+    lora = load_file(files["lora"])
+    lora["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_down.weight"] = torch.zeros(2, 4)
+    lora["text_encoders.t5xxl.transformer.encoder.block.0.layer.0.SelfAttention.q.lora_up.weight"] = torch.zeros(4, 2)
+    path = tmp_path / "t5.safetensors"
+    save_file(lora, path)
+    done = run_cli("merge", files["base"], path, "-o", tmp_path / "m.safetensors")
+    one_line_error(done, "text_encoders.t5xxl")
+    assert listing(tmp_path) == {"t5.safetensors"}

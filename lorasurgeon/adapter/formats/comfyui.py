@@ -98,7 +98,10 @@ def _pipeline_names(module: str) -> list[str]:
 
 
 def _components(module: str) -> tuple[str, ...]:
-    return tuple(name.partition(".")[0] for name in _pipeline_names(module)) or ("(none)",)
+    """The pipeline components a ComfyUI module may be in; one ComfyUI has that no pipeline component is mapped
+    from (Flux's and SD3's t5xxl) by ComfyUI's own name, for the refusal."""
+    found = tuple(name.partition(".")[0] for name in _pipeline_names(module))
+    return found or (".".join(module.split(".")[:2]),)
 
 
 def _module_map(base: Checkpoint) -> dict[str, str]:
