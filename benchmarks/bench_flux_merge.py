@@ -1,7 +1,7 @@
 """A Flux.1-dev-shaped merge: lorasurgeon against cp and kohya-ss sd-scripts' flux_merge_lora.py, same files.
 
     python benchmarks/bench_flux_merge.py --workdir /big/disk                    # Flux.1-dev's shapes: 23.8 GB
-    python benchmarks/bench_flux_merge.py --double 2 --single 4 --no-kohya       # smoke (1.6 GB)
+    python benchmarks/bench_flux_merge.py --double 2 --single 4 --no-kohya       # smoke (2.6 GB)
     python benchmarks/bench_flux_merge.py --kohya "cd sd-scripts && venv/bin/python networks/flux_merge_lora.py \
         --flux_model {base} --models {lora} --ratios 1.0 --precision float --save_precision bf16 \
         --loading_device cpu --working_device cpu --mem_eff_load_save --save_to {out}"
@@ -12,7 +12,7 @@ lorasurgeon's own writer, so it needs no RAM) and a kohya LoRA of rank 16 on eve
 (``lora_unet_double_blocks_0_img_attn_qkv.lora_down.weight`` ..., bf16, as sd-scripts' lora_flux.py saves), then
 times, each in its own process under /usr/bin/time -v (wall and peak RSS), after a sync:
 
-- ``cp`` of the checkpoint + sync (the physical limit of a merge that writes a whole new file);
+- ``cp`` of the checkpoint + sync (what copying the file through the page cache costs on this disk);
 - ``lorasurgeon merge BASE LORA -o merged.safetensors``;
 - the kohya command (``--kohya``, with {base}, {lora}, {out}): sd-scripts' networks/flux_merge_lora.py.
 
