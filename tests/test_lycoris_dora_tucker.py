@@ -24,6 +24,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import listing, one_line_error, run_cli
+from lycoris_models import WEIGHTS, kohya, lone_unet, randomize, tiny_unet
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("lycoris")
@@ -35,7 +36,6 @@ from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 TOL = 1e-6  # relative to the module's largest weight, float32
 FORWARD_TOL = 1e-5  # LyCORIS's forward against the base op with W' (a conv's sums in another order)
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32
 FF_OUT = "down_blocks.0.attentions.0.transformer_blocks.0.ff.net.2"  # Linear 128 -> 32
@@ -69,41 +69,10 @@ VARIANTS = {
 }
 
 
-def kohya(module: str) -> str:
-    return "lora_unet_" + module.replace(".", "_")
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        sample_size=16,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def unet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, dict[str, torch.Tensor]]:
     """A lone UNet folder (kohya's lora_unet_ modules map onto it), the model, and its saved tensors."""
-    model = tiny_unet()
-    folder = tmp_path_factory.mktemp("locon") / "unet"
-    model.save_pretrained(folder)
-    return folder, model, load_file(folder / WEIGHTS)
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter of the LyCORIS module seeded, non-zero, ~0.1 (LyCORIS zero-inits lora_up)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_((torch.randn(p.shape, generator=g) * 0.1 + 0.05).to(p.dtype))
+    return lone_unet(tmp_path_factory.mktemp("locon"))
 
 
 def base_op(org: torch.nn.Module, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from helpers import one_line_error, run_cli
+from lycoris_models import WEIGHTS, kohya, lone_unet, randomize
 from safetensors.torch import load_file, save_file
 
 pytest.importorskip("lycoris")
@@ -34,7 +35,6 @@ from lycoris.modules.loha import LohaModule  # noqa: E402  (after the skips)
 from lycoris.modules.lokr import LokrModule  # noqa: E402
 
 TOL = 1e-6
-WEIGHTS = "diffusion_pytorch_model.safetensors"
 
 TO_Q = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q"  # Linear 32 -> 32
 TO_K = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_k"
@@ -114,41 +114,10 @@ VARIANTS = {
 LOADER_FAILS = {"loha-no-alpha", "lokr-no-alpha", "lokr-linear-w1-factored-only", "lokr-conv3x3-tucker"}
 
 
-def kohya(module: str) -> str:
-    return "lora_unet_" + module.replace(".", "_")
-
-
-def tiny_unet():
-    from diffusers import UNet2DConditionModel
-
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        block_out_channels=(32, 64),
-        layers_per_block=1,
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=32,
-        attention_head_dim=8,
-        norm_num_groups=32,
-        sample_size=16,
-    ).eval()
-
-
 @pytest.fixture(scope="module")
 def unet(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, torch.nn.Module, dict[str, torch.Tensor]]:
     """A lone UNet folder (kohya's lora_unet_ modules map onto it), the model, and its saved tensors."""
-    model = tiny_unet()
-    folder = tmp_path_factory.mktemp("lycoris") / "unet"
-    model.save_pretrained(folder)
-    return folder, model, load_file(folder / WEIGHTS)
-
-
-def randomize(module: torch.nn.Module, seed: int) -> None:
-    """Every parameter of the LyCORIS module seeded, non-zero, ~0.1 (LyCORIS zero-inits one factor)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            p.copy_((torch.randn(p.shape, generator=g) * 0.1 + 0.05).to(p.dtype))
+    return lone_unet(tmp_path_factory.mktemp("lycoris"))
 
 
 def lycoris_module(model: torch.nn.Module, variant: Variant, seed: int):
