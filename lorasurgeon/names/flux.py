@@ -50,6 +50,8 @@ GLOBAL: dict[str, str] = {
     "guidance_in.out_layer": "time_text_embed.guidance_embedder.linear_2",
     "final_layer.linear": "proj_out",
 }
+# the first part of every original-layout module name (the blocks, the embedders, the final layer)
+TOP = frozenset({"double_blocks", "single_blocks", *(m.partition(".")[0] for m in GLOBAL)})
 NORMS = {  # the q/k norms' scale -> diffusers' weight
     "img_attn.norm.query_norm.scale": "attn.norm_q.weight",
     "img_attn.norm.key_norm.scale": "attn.norm_k.weight",

@@ -16,10 +16,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import IncompatibleError, UnsupportedError
-from ...io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from ...io.checkpoint import Checkpoint, TensorInfo
 from ..weights import LoraAdapter
 from .base import AdapterFormat
-from .pipeline_names import FileModule, lora_of_pairs, module_aliases, pair
+from .pipeline_names import FileModule, lora_of_pairs, module_aliases, pair, read_file
 
 if TYPE_CHECKING:
     from .registry import Probe
@@ -51,14 +51,8 @@ def read_with_base(path: Path, base: Checkpoint | None) -> LoraAdapter:
         UnsupportedError: whole-tensor changes (.diff) and other leaves, by name.
         IncompatibleError: modules the base does not have, a down without its up, by name.
     """
-    ckpt = open_checkpoint(path)
-    try:
-        found = _pairs(path, ckpt)
-        where = _module_map(base) if base is not None else {}
-        return lora_of_pairs(path, ckpt, base, found, where, _components)
-    except BaseException:
-        ckpt.close()
-        raise
+    where = _module_map(base) if base is not None else {}
+    return read_file(path, lambda ckpt: lora_of_pairs(path, ckpt, base, _pairs(path, ckpt), where, _components))
 
 
 def read_as_named(path: Path) -> LoraAdapter:

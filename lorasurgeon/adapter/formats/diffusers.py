@@ -23,12 +23,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
-from ...io.checkpoint import Checkpoint, TensorInfo, open_checkpoint
+from ...io.checkpoint import Checkpoint, TensorInfo
 from ..config import pattern_key
 from ..names import ROLE_A, ROLE_B, saved_key
 from ..weights import LoraAdapter
 from .base import AdapterFormat
-from .pipeline_names import FileModule, PairsWriter, lora_of_pairs, module_aliases, pair, split_component
+from .pipeline_names import FileModule, PairsWriter, lora_of_pairs, module_aliases, pair, read_file, split_component
 
 if TYPE_CHECKING:
     from .registry import Probe
@@ -69,14 +69,13 @@ def read_with_base(path: Path, base: Checkpoint | None) -> LoraAdapter:
         AdapterConfigError: lora_adapter_metadata that is not diffusers'. IncompatibleError: modules the base
             does not have, or a down without its up, by name.
     """
-    ckpt = open_checkpoint(path)
-    try:
+    where = module_aliases(base) if base is not None else {}
+
+    def build(ckpt: Checkpoint) -> LoraAdapter:
         pairs = _pairs(path, ckpt, _metadata(path, ckpt.metadata))
-        where = module_aliases(base) if base is not None else {}
         return lora_of_pairs(path, ckpt, base, pairs, where, lambda k: (k.partition(".")[0],))
-    except BaseException:
-        ckpt.close()
-        raise
+
+    return read_file(path, build)
 
 
 def read_as_named(path: Path) -> LoraAdapter:

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ...errors import IncompatibleError, UnsupportedError
-from ...io.checkpoint import Checkpoint, Decoded, TensorInfo, open_checkpoint
+from ...io.checkpoint import Checkpoint, Decoded, TensorInfo
 from ...io.spool import SpoolWriter
 from ...names import flux
 from ..names import ROLE_A, ROLE_B, ROLE_MAGNITUDE, saved_key
@@ -36,11 +36,13 @@ from ..weights import LoraAdapter
 from .base import AdapterFormat
 from .pipeline_names import (
     CLIP_INNER,
+    UNET_FILE_PREFIX,
     FileModule,
     PairsWriter,
     lora_of_pairs,
     module_aliases,
     pair,
+    read_file,
     rows_of,
     split_component,
 )
@@ -93,17 +95,7 @@ SWAPPED = "lora_unet_final_layer_adaLN_modulation_1"  # Flux's, whose halves dif
 _DIFFUSERS_BLOCK = re.compile(r"^transformer\.(transformer_blocks|single_transformer_blocks)\.(\d+)\.")
 _KEY = re.compile(r"^(lora_(?:unet|transformer|te\d?)_[^.]+)\.(.+)$")
 # an original single file's denoiser (SD's UNet under diffusion_model., Flux's blocks bare or under it): lora_unet_
-ORIGINAL_DENOISER = ("model.diffusion_model.", "diffusion_model.")
-BFL_TOP = (
-    "double_blocks.",
-    "single_blocks.",
-    "final_layer.",
-    "img_in",
-    "txt_in",
-    "time_in.",
-    "vector_in.",
-    "guidance_in.",
-)
+ORIGINAL_DENOISER = (UNET_FILE_PREFIX, UNET_FILE_PREFIX.removeprefix("model."))
 
 
 def claims(probe: Probe) -> bool:
@@ -127,12 +119,7 @@ def read_with_base(path: Path, base: Checkpoint | None) -> LoraAdapter:
             LoKr, ...), by name.
         IncompatibleError: modules the base does not have, by name (a LoRA for another model).
     """
-    ckpt = open_checkpoint(path)
-    try:
-        return _read(path, ckpt, base)
-    except BaseException:
-        ckpt.close()
-        raise
+    return read_file(path, lambda ckpt: _read(path, ckpt, base))
 
 
 def read_as_named(path: Path) -> LoraAdapter:
@@ -372,7 +359,7 @@ def _original_denoiser(module: str) -> str | None:
     for prefix in ORIGINAL_DENOISER:
         if module.startswith(prefix):
             return module.removeprefix(prefix)
-    return module if module.startswith(BFL_TOP) else None
+    return module if module.partition(".")[0] in flux.TOP else None
 
 
 FORMAT = AdapterFormat(

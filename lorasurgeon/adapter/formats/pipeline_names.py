@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from ...errors import AdapterConfigError, IncompatibleError, UnsupportedError
-from ...io.checkpoint import Checkpoint, FileSlice, TensorInfo
+from ...io.checkpoint import Checkpoint, FileSlice, TensorInfo, open_checkpoint
 from ...io.dtypes import itemsize
 from ...io.spool import SpoolWriter
 from ...words import plural
@@ -147,6 +147,17 @@ def rows_of(path: Path, info: TensorInfo, start: int, stop: int, of: int) -> Ten
 def pair(down: TensorInfo, up: TensorInfo, alpha: float | None) -> FileModule:
     """A LoRA module: down (PEFT's lora_A), up (lora_B)."""
     return FileModule("lora", {ROLE_A: down, ROLE_B: up}, down.shape[0], alpha)
+
+
+def read_file(path: Path, build: Callable[[Checkpoint], LoraAdapter]) -> LoraAdapter:
+    """The adapter ``build`` makes of the file at ``path``, opened here; closed again if ``build`` raises (an
+    adapter that is made keeps it open: it reads its tensors from there)."""
+    ckpt = open_checkpoint(path)
+    try:
+        return build(ckpt)
+    except BaseException:
+        ckpt.close()
+        raise
 
 
 def lora_of_pairs(
