@@ -40,3 +40,10 @@ def one_line_error(result: Result, *phrases: str) -> str:
     for phrase in phrases:
         assert phrase in lines[0], lines[0]
     return lines[0]
+
+
+def byte_tokenizer(folder: Path, chat_template: str | None = None) -> Path:
+    """A byte-level tokenizer (ids 0..255, the tiny Llama's vocabulary) saved into ``folder``: make_fixtures'."""
+    from make_fixtures import byte_tokenizer as make
+
+    return make(folder, chat_template)

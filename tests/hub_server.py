@@ -3,7 +3,9 @@
 It implements the endpoints that ``snapshot_download``, ``create_repo`` and ``upload_folder``
 use: repo info, tree listing, file resolve (HEAD/GET), repo creation, pre-upload and commit
 (every file is "regular": inlined base64, no LFS/Xet). Repos live in memory as commits of
-{path: bytes}. It records every request, so tests can check what was downloaded.
+{path: bytes}. Dataset repos (``add_folder(..., repo_type="dataset")``) are read through the same
+endpoints under ``/api/datasets/`` and ``/datasets/``. It records every request, so tests can check
+what was downloaded.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class HubStandIn:
 
     def __init__(self) -> None:
         self.repos: dict[str, Repo] = {}
+        self.datasets: dict[str, Repo] = {}  # dataset repos: their own namespace, as on the Hub
         self.requests: list[tuple[str, str]] = []
         self.token_seen: list[str | None] = []
         self.validated: list[str] = []  # README.md contents upload_folder asked to validate
@@ -62,9 +65,13 @@ class HubStandIn:
         self._server.server_close()
 
     # --- test helpers ---------------------------------------------------------------
-    def add_folder(self, repo_id: str, folder: Path, *, branch: str = "main", gated: bool = False) -> str:
-        """Publish every file of ``folder`` as a new commit on ``branch``; returns the commit sha."""
-        repo = self.repos.setdefault(repo_id, Repo(gated=gated))
+    def add_folder(
+        self, repo_id: str, folder: Path, *, branch: str = "main", gated: bool = False, repo_type: str = "model"
+    ) -> str:
+        """Publish every file of ``folder`` as a new commit on ``branch`` of a model (or dataset) repo; returns
+        the commit sha."""
+        repos = self.datasets if repo_type == "dataset" else self.repos
+        repo = repos.setdefault(repo_id, Repo(gated=gated))
         parent = repo.refs.get(branch)
         files = dict(repo.commits.get(parent, {}))
         files.update({str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()})
@@ -85,6 +92,7 @@ class HubStandIn:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            repo_type = "model"  # the request's: set by _route
 
             def log_message(self, *args) -> None:  # quiet
                 pass
@@ -107,12 +115,12 @@ class HubStandIn:
                 self._send(status, {"error": message}, {"X-Error-Code": code, "X-Error-Message": message}, head)
 
             def _repo(self, repo_id: str, head: bool = False) -> Repo | None:
-                repo = hub.repos.get(repo_id)
+                repo = (hub.datasets if self.repo_type == "dataset" else hub.repos).get(repo_id)
                 if repo is None:
                     self._error(404, "RepoNotFound", f"Repository {repo_id} not found", head)
                     return None
                 if repo.gated:
-                    self._error(403, "GatedRepo", f"Access to model {repo_id} is restricted", head)
+                    self._error(403, "GatedRepo", f"Access to {self.repo_type} {repo_id} is restricted", head)
                     return None
                 return repo
 
@@ -130,6 +138,11 @@ class HubStandIn:
                 length = int(self.headers.get("Content-Length") or 0)
                 body = self.rfile.read(length) if length else b""
                 head = method == "HEAD"
+                self.repo_type = "model"  # one handler serves a kept-alive connection's every request
+                if parts[:2] == ["api", "datasets"]:  # a dataset repo: the models' endpoints, on its namespace
+                    self.repo_type, parts = "dataset", ["api", "models", *parts[2:]]
+                elif parts[0] == "datasets" and len(parts) >= 6 and parts[3] == "resolve":
+                    self.repo_type, parts = "dataset", parts[1:]
                 if parts[:2] == ["api", "models"] and len(parts) == 4 and method == "GET":
                     parts += ["revision", "main"]  # model_info without a revision
                 if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] in ("revision", "tree"):

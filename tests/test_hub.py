@@ -85,6 +85,7 @@ def test_only_the_needed_files_are_fetched(hub, tmp_path):
         "generation_config.json",
         "model.safetensors",
         "tokenizer.json",
+        "tokenizer_config.json",
     ]
     sharded = mf.save_model(mf.build_model(mf.llama_config()), tmp_path / "sharded", max_shard_size="60KB")
     torch.save({}, sharded / "pytorch_model.bin")  # a second format, which must not be fetched
@@ -102,9 +103,16 @@ def test_push_merged_and_adapter_folders_with_cards(hub, tmp_path):
         "merge", "org/base", "org/adapter", "-o", tmp_path / "merged", "--push-to-hub", "me/merged", "--private"
     )
     assert r.exit_code == 0, r.stderr
-    assert "Pushed 4 files to me/merged" in r.stdout
+    assert "Pushed 6 files to me/merged" in r.stdout
     files = hub.files("me/merged")
-    assert sorted(files) == ["README.md", "config.json", "generation_config.json", "model.safetensors"]
+    assert sorted(files) == [
+        "README.md",
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    ]
     assert files["model.safetensors"] == (tmp_path / "merged" / "model.safetensors").read_bytes()
     assert hub.repos["me/merged"].private
     card = files["README.md"].decode()
@@ -227,7 +235,7 @@ def test_a_failed_push_keeps_the_result_and_says_how_to_retry(hub, tmp_path):
     assert (out / "model.safetensors").is_file() and (out / "README.md").is_file()
     hub.read_only_orgs.clear()  # the user is given the rights; the printed command now works
     again = run_cli("push", out, "someone-else/merged", "--private")
-    assert again.exit_code == 0 and "Pushed 4 files to someone-else/merged" in again.stdout
+    assert again.exit_code == 0 and "Pushed 6 files to someone-else/merged" in again.stdout
 
 
 def test_a_quantized_repo_fetches_only_the_weights_it_needs(hub, tmp_path):
@@ -246,6 +254,8 @@ def test_a_quantized_repo_fetches_only_the_weights_it_needs(hub, tmp_path):
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
     ]
     assert run_cli("convert", repo, "--dtype", "bfloat16", "-o", tmp_path / "local").exit_code == 0
     a, b = read_folder(tmp_path / "from_hub"), read_folder(tmp_path / "local")

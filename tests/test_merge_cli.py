@@ -26,6 +26,8 @@ def test_quick_start_on_committed_fixtures(tmp_path):
         "config.json",
         "generation_config.json",
         "model.safetensors",
+        "tokenizer.json",  # the base's tokenizer, carried as it is
+        "tokenizer_config.json",
     ]
     card = (tmp_path / "merged" / "README.md").read_text()
     assert f"base_model: {FIX_BASE}" in card and "base_model_relation: merge" in card and "- lorasurgeon" in card
@@ -72,7 +74,11 @@ def test_overwrite(tmp_path):
     assert (
         run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "m", "--overwrite", "--weight", "0.5").exit_code == 0
     )
-    assert listing(tmp_path) == {"m", "m/README.md", "m/config.json", "m/generation_config.json", "m/model.safetensors"}
+    assert listing(tmp_path) == {
+        "m",
+        *(f"m/{n}" for n in ("README.md", "config.json", "generation_config.json", "model.safetensors")),
+        *(f"m/{n}" for n in ("tokenizer.json", "tokenizer_config.json")),
+    }
 
 
 def test_sharded_base_keeps_its_layout_unless_asked(llama_sharded_dir, adapter_dir, tmp_path):

@@ -22,6 +22,8 @@ CASES = {
     "embedding": (dict(target_modules=["embed_tokens", "q_proj"]), True),
     "lm_head": (dict(target_modules=["lm_head"]), True),
     "embedding+lm_head": (dict(target_modules=["embed_tokens", "lm_head"]), True),
+    # PEFT ties the head's LoRA to the embedding's (and saves both): each tensor gets the one change
+    "ensure_weight_tying": (dict(target_modules=["embed_tokens", "q_proj"], ensure_weight_tying=True), True),
     "trainable tokens": (dict(target_modules=["q_proj"], trainable_token_indices={"embed_tokens": [3, 9]}), False),
     "modules_to_save lm_head": (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), True),
 }

@@ -8,7 +8,13 @@ import pytest
 import torch
 
 from lorasurgeon.ops.lowrank import factorize
-from lorasurgeon.ops.whitened import output_error, regularized_cholesky, whitened_factorize
+from lorasurgeon.ops.whitened import (
+    Whitening,
+    errors_by_rank,
+    output_error,
+    regularized_cholesky,
+    whitened_factorize,
+)
 
 
 def problem(out: int = 24, inp: int = 16, samples: int = 64, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -74,3 +80,50 @@ def test_shapes_that_do_not_go_together_are_refused():
         whitened_factorize(delta.T, g, 2)
     with pytest.raises(ValueError, match="rank"):
         whitened_factorize(delta, g, -1)
+
+
+def root_of(g: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric square root of G + λI (G given whole or as its diagonal) and its inverse."""
+    full = torch.diag(g) if g.ndim == 1 else g
+    w, q = torch.linalg.eigh(full + lam * torch.eye(full.shape[0], dtype=torch.float64))
+    return q @ torch.diag(w.sqrt()) @ q.T, q @ torch.diag(w.rsqrt()) @ q.T
+
+
+@pytest.mark.parametrize("diagonal", [False, True])
+def test_rows_weighted_too_the_factors_are_the_two_sided_closed_form(diagonal):
+    """A tied embedding and head share one change: the inputs' moment on one side, the head's on the other
+    (an embedding's moment is diagonal: one-hot inputs). The optimum is Sr⁻¹·[Srᵀ·ΔW·Sc]_k·Sc⁻¹, whatever roots."""
+    delta, g_rows = problem(out=16, inp=16, seed=3)
+    g_cols = torch.rand(16, dtype=torch.float64) if diagonal else problem(out=1, inp=16, seed=4)[1]
+    got = whitened_factorize(delta, g_cols, 3, rows=g_rows)
+    lam_r = 1e-4 * float(torch.diagonal(g_rows).mean())
+    (sr, sr_inv), (sc, sc_inv) = root_of(g_rows, lam_r), root_of(g_cols, got.ridge)
+    u, s, vh = torch.linalg.svd(sr @ delta @ sc)
+    want = sr_inv @ u[:, :3] @ torch.diag(s[:3]) @ vh[:3] @ sc_inv
+    product = got.b.double() @ got.a.double()
+    assert float((product - want).abs().max() / want.abs().max()) <= 1e-5
+
+
+def test_the_plain_svds_weighted_error_at_every_rank_is_measured_as_formed_densely():
+    delta, g = problem(out=20, inp=12, seed=5)
+    rows = torch.rand(20, dtype=torch.float64) + 0.1
+    whitening = Whitening.of(g, rows)
+    u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+    got = whitening.plain_errors(whitening.whiten(delta), u, s, vh)
+    reg = g + whitening.ridge * torch.eye(12, dtype=torch.float64)
+    lam_r = 1e-4 * float(rows.mean())
+    for k in range(len(s) + 1):
+        residual = delta - u[:, :k] @ torch.diag(s[:k]) @ vh[:k]
+        want = float(torch.einsum("ij,i,ik,jk->", residual, rows + lam_r, residual, reg))
+        assert float(got[k]) == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_errors_by_rank_of_a_product_given_as_factors_are_those_of_the_product_formed():
+    g = torch.Generator().manual_seed(6)
+    p, q = torch.randn(20, 5, generator=g, dtype=torch.float64), torch.randn(5, 12, generator=g, dtype=torch.float64)
+    b, a = torch.randn(20, 4, generator=g, dtype=torch.float64), torch.randn(4, 12, generator=g, dtype=torch.float64)
+    got = errors_by_rank((p, q), b, a)
+    for k in range(5):
+        want = float((p @ q - b[:, :k] @ a[:k]).square().sum())
+        assert float(got[k]) == pytest.approx(want, rel=1e-9)
+    assert torch.allclose(got, errors_by_rank(p @ q, b, a), rtol=1e-9)

@@ -11,6 +11,7 @@ import click
 from ..console import debug_option
 from . import cli
 from .options import (
+    CALIBRATION,
     CONSUMER,
     CONSUMERS,
     DEVICE,
@@ -26,14 +27,15 @@ BASE = click.option(
     "--base",
     default=None,
     metavar="BASE",
-    help="The base model (folder, file or Hub id) a llama.cpp .gguf adapter is read against; only with one.",
+    help="The base model (folder, file or Hub id): a llama.cpp .gguf adapter is read against it, --calibration runs "
+    "it; only with one of those.",
 )
 
 
 @cli.command("resize")
 @debug_option
 @click.argument("adapter")
-@option_group(WRITE, BASE, FOR, sizing_options(), DEVICE, PUSH)
+@option_group(WRITE, BASE, FOR, sizing_options(), CALIBRATION, DEVICE, PUSH)
 def resize_cmd(adapter: str, **options: Any) -> None:
     """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
 
@@ -42,6 +44,7 @@ def resize_cmd(adapter: str, **options: Any) -> None:
       lorasurgeon resize my-lora --rank 8 -o my-lora-r8
       lorasurgeon resize my-lora --budget 15MB -o my-lora-15mb
       lorasurgeon resize my-lora.gguf --base my-base --rank 8 -o my-lora-r8
+      lorasurgeon resize my-lora --budget 15MB --base my-base --calibration prompts.jsonl -o my-lora-15mb
     """
     from ..commands.resize import ResizeSettings, run
 
@@ -63,6 +66,7 @@ def resize_cmd(adapter: str, **options: Any) -> None:
     BASE,
     FOR,
     sizing_options(),
+    CALIBRATION,
     DEVICE,
     PUSH,
 )

@@ -13,6 +13,7 @@ from ..commands.sizing import BUDGET_RANK
 from ..console import Dtype, debug_option, progress_bar
 from . import cli
 from .options import (
+    CALIBRATION,
     DEVICE,
     DTYPES,
     FILTERS,
@@ -175,6 +176,7 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     help="A fixed rank for k×k convolutions (a UNet's resnets; kohya's --conv_dim), 0 to leave them out "
     "[default: sized like the rest].",
 )
+@CALIBRATION
 @option_group(DEVICE, NONFINITE, PUSH)
 def extract_cmd(base: str, finetuned: str, **options: Any) -> None:
     """Extract a PEFT LoRA adapter from FINETUNED − BASE by truncated SVD (or, with --to, in another format).
@@ -187,6 +189,7 @@ def extract_cmd(base: str, finetuned: str, **options: Any) -> None:
       lorasurgeon extract ./Llama-3-8B ./my-finetune --rank 16 -o my-lora
       lorasurgeon extract BASE TUNED --energy 0.9 --max-rank 128 -o lora
       lorasurgeon extract BASE TUNED --budget 15MB -o lora-15mb --plot lora-15mb.png
+      lorasurgeon extract BASE TUNED --budget 15MB --dtype bf16 --calibration prompts.jsonl -o lora-15mb
       lorasurgeon extract ./sd15-pipeline ./my-sd15-finetune --rank 32 --to kohya -o my_lora.safetensors
       lorasurgeon extract ./sd15-pipeline ./my-sd15-finetune --rank 32 --conv-rank 8 --to kohya -o locon.safetensors
     """

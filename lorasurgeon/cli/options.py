@@ -72,6 +72,29 @@ FILTERS = option_group(
     click.option("--include", default=None, help="Regex: only tensors whose name matches."),
     click.option("--exclude", default=None, help="Regex: leave out tensors whose name matches."),
 )
+CALIBRATION = option_group(
+    click.option(
+        "--calibration",
+        default=None,
+        metavar="SOURCE",
+        help="Samples to run the model on (a .txt or .jsonl file -- chat messages in the model's chat template -- "
+        "or a Hub dataset id): factors and --budget chosen by each module's output error on them, not by ‖ΔW‖.",
+    ),
+    click.option("--calibration-samples", type=int, default=None, help="How many samples to use [default: 128]."),
+    click.option("--max-length", type=int, default=None, help="Tokens per sample, at most [default: 512]."),
+    click.option("--calibration-split", default=None, help="With a Hub dataset: the split to read [default: train]."),
+    click.option(
+        "--calibration-column",
+        default=None,
+        help="The field of each record to use [default: messages, text, prompt + completion, or content].",
+    ),
+    click.option(
+        "--calibration-model",
+        default=None,
+        type=click.Choice(["finetuned", "base"]),
+        help="Whose activations are measured [default: finetuned].",
+    ),
+)
 PUSH = option_group(
     click.option(
         "--push-to-hub",

@@ -192,13 +192,16 @@ def needs_base(spec: str | os.PathLike[str]) -> bool:
     return found is not None and found.read_with_base is not None
 
 
-def with_base(adapters: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] | None) -> list[Input]:
+def with_base(
+    adapters: Sequence[str | os.PathLike[str]], base: str | os.PathLike[str] | None, *, needed: bool = False
+) -> list[Input]:
     """A command's ADAPTERs, after ``base`` (--base) where one is given: the model :func:`open_inputs` reads a
-    llama.cpp .gguf adapter among them against. A --base that no .gguf adapter needs is refused, not ignored."""
+    llama.cpp .gguf adapter among them against (or, ``needed``, one the command runs: --calibration). A --base
+    that nothing needs is refused, not ignored."""
     inputs = [Input(a, "ADAPTER", "adapter") for a in adapters]
     if base is None:
         return inputs
-    if not any(needs_base(a) for a in adapters):
+    if not needed and not any(needs_base(a) for a in adapters):
         raise InvalidOptionError(
             f"--base {base}: only a llama.cpp .gguf adapter is read against a base model, and no ADAPTER given is "
             "one: leave --base out"

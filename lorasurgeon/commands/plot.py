@@ -23,7 +23,7 @@ from ..io.scratch import writing
 
 if TYPE_CHECKING:
     from .diff import DiffReport, TensorDiff
-    from .extract.report import ExtractReport
+    from .extract.report import ExtractReport, ModuleStats
 
 FORMATS = (".png", ".pdf", ".svg")
 DPI = 100
@@ -254,17 +254,28 @@ def extract_figure(report: ExtractReport, *, largest: int = 6) -> Any:
     """Per module, the share of ‖ΔW‖² kept at the chosen rank (and the rank), as layers × module-kind heatmaps;
     and the singular-value decay (σᵢ / σ₁) of the ``largest`` modules by ‖ΔW‖², the chosen rank marked."""
     _, figure = _matplotlib()
-    kept = grid((m.name, m.kept, "") for m in report.modules)
+    calibrated = [m for m in report.modules if m.output is not None]
+    first: tuple[str, str, Scale, str]
+    if calibrated:  # the share of the output error left, by the factors stored (whitened SVD)
+        kept = grid((m.name, _left(m), "") for m in report.modules)
+        first = ("output error left (share of E‖ΔW·x‖²)", "left", "change", "viridis_r")
+    else:
+        kept = grid((m.name, m.kept, "") for m in report.modules)
+        first = ("share of ‖ΔW‖² kept", "kept", "share", "viridis")
     ranks = grid((m.name, float(m.rank), "") for m in report.modules)
     size = _heatmap_size(kept) if kept.layers else _bars_size(kept.apart)
     fig = figure(figsize=(2 * size[0] + SIGMA_WIDTH, size[1]), dpi=DPI, layout="constrained")
     axes = _panels(fig, [size[0], size[0], SIGMA_WIDTH])
     if kept.layers:
-        _heatmap(fig, axes[0], kept, "share of ‖ΔW‖² kept", "kept", scale="share", cmap="viridis")
+        _heatmap(fig, axes[0], kept, first[0], first[1], scale=first[2], cmap=first[3])
         _heatmap(fig, axes[1], ranks, "rank chosen", "rank", scale="rank", cmap="magma")
     else:
-        _bars(axes[0], kept.apart, "share of ‖ΔW‖² kept", "kept")
+        _bars(axes[0], kept.apart, first[0], first[1])
         _bars(axes[1], ranks.apart, "rank chosen", "rank")
+    if calibrated:
+        _against_plain(axes[2], calibrated)
+        fig.suptitle(f"{report.finetuned} − {report.base}, calibrated", fontsize=10)
+        return fig
     top = sorted((m for m in report.modules if m.sigma), key=lambda m: -m.energy)[:largest]
     ax = axes[2]
     for m in top:
@@ -279,6 +290,34 @@ def extract_figure(report: ExtractReport, *, largest: int = 6) -> Any:
         ax.legend(fontsize=7)
     fig.suptitle(f"{report.finetuned} − {report.base}", fontsize=10)
     return fig
+
+
+def _left(m: ModuleStats) -> float:
+    """The share of a calibrated module's output error its factors leave (NaN for a module not calibrated)."""
+    if m.output is None:
+        return math.nan
+    return m.output.after / m.output.before if m.output.before else 0.0
+
+
+def _against_plain(ax: Any, modules: Sequence[ModuleStats]) -> None:
+    """Each calibrated module's output error left by its factors against the plain SVD's of the same rank
+    (relative to E‖W·x‖², log-log): below the diagonal, calibration did better."""
+    plain = [max(m.output.plain_svd, 1e-12) for m in modules if m.output is not None]
+    ours = [max(m.output.after, 1e-12) for m in modules if m.output is not None]
+    ax.loglog(plain, ours, "o", ms=4, alpha=0.8, color="tab:blue")
+    low, high = min(plain + ours), max(plain + ours)
+    ax.plot([low, high], [low, high], "--", color="grey", lw=1)
+    better = sum(o < p for o, p in zip(ours, plain, strict=True))
+    ax.set_title(
+        f"output error at the rank chosen: {better} of {len(ours)}\nbelow plain SVD's (Σ {sum(ours):.3g} vs "
+        f"{sum(plain):.3g})",
+        fontsize=10,
+    )
+    matplotlib, _ = _matplotlib()
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+    ax.set_xlabel("plain SVD (relative to E‖W·x‖²)")
+    ax.set_ylabel("calibrated (whitened SVD)")
 
 
 PICTURE_MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}

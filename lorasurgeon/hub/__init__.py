@@ -1,1 +1,2 @@
-"""The Hugging Face Hub: resolving inputs (``source``), pushing results (``push``), model cards (``cards``)."""
+"""The Hugging Face Hub: resolving inputs (``source``), a dataset's split (``dataset``), pushing results (``push``),
+model cards (``cards``)."""

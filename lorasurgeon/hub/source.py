@@ -53,12 +53,12 @@ def resolve_source(spec: str | os.PathLike[str]) -> Source:
     match = REPO_ID.match(str(spec))
     if not match or Path(str(spec).split("/", 1)[0]).exists():
         # Not a repo id, or its first part is a local folder: a path with a typo, not a Hub repo.
-        raise InputNotFoundError(f"{spec}: no such file or folder{_did_you_mean(path)}")
+        raise InputNotFoundError(f"{spec}: no such file or folder{did_you_mean(path)}")
     repo_id, revision = match.group("repo"), match.group("rev")
     return Source(download(repo_id, revision), repo_id, revision)
 
 
-def _did_you_mean(path: Path) -> str:
+def did_you_mean(path: Path) -> str:
     """A near miss among the names beside the deepest part of ``path`` that exists."""
     parent = path.parent
     while not parent.exists() and parent != parent.parent:

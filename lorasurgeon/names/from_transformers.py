@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     from ..ops.lora import LayerName
 
 
-def _meta_model(config: Mapping[str, Any]) -> Any:
+def meta_model(config: Mapping[str, Any]) -> Any:
     """The checkpoint's model class, built on the meta device from its config (raises on failure)."""
     import torch
     import transformers
@@ -61,7 +61,7 @@ def from_transformers(file_keys: Sequence[str], config: Mapping[str, Any]) -> Mo
     except ImportError:
         return "transformers is not installed"
     try:
-        model = _meta_model(config)
+        model = meta_model(config)
     except Exception as exc:  # custom code, an unknown or broken config: say so, do not guess
         return f"transformers {transformers.__version__} cannot build it ({type(exc).__name__}: {exc})"
     transforms = conversion_mapping.get_model_conversion_mapping(model)
@@ -160,7 +160,7 @@ def saved_keys(shapes: Mapping[str, tuple[int, ...]], config: Mapping[str, Any])
         import torch
         from transformers.core_model_loading import revert_weight_conversion
 
-        model = _meta_model(config)
+        model = meta_model(config)
         meta = {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
         return list(revert_weight_conversion(model, meta))
     except Exception:  # not installed, custom code, a conversion that refuses these shapes: no answer

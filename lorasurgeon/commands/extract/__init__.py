@@ -7,9 +7,10 @@ import warnings
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ...adapter.formats.registry import adapter_writer
+from ...calibration import measure, tokenizer_folder
 from ...engine.execute import Progress
 from ...engine.execute import run as engine_run
 from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
@@ -24,6 +25,7 @@ from .._timing import timed
 from ..plot import check_plot_path, extract_figure, save
 from .assemble import Factors
 from .budget import spend
+from .calibrated import calibrate_ops
 from .compute import compute_extract
 from .finish import Origin, adapter_rank, finish_adapter
 from .plan import FACTORED, ExtractOp, plan_extract
@@ -64,6 +66,12 @@ def extract(
     plot: str | os.PathLike[str] | None = None,
     to: str = "peft",
     conv_rank: int | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_samples: int | None = None,
+    max_length: int | None = None,
+    calibration_split: str | None = None,
+    calibration_column: str | None = None,
+    calibration_model: str | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD, streamed tensor by tensor.
@@ -82,13 +90,16 @@ def extract(
         include / exclude: regexes on tensor names (re.search) choosing what is compared.
         embeddings: embedding changes (and a tied head's) as LoRA factors, stored whole, or left out.
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
-        solver, seed: "randomized" (block Krylov, from ``seed``), "exact" (full SVD), or "auto".
-        device: where the SVDs run: "cpu", "cuda" or "cuda:N".
+        solver, seed: "randomized" (block Krylov, from ``seed``), "exact" (full SVD), or "auto"; device: "cpu", "cuda".
         dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
         overwrite, dry_run, allow_nonfinite: as for :func:`merge` (a dry run reads nothing beyond headers).
         plot: a picture (.png, .pdf, .svg; needs matplotlib): per module the share kept and the rank.
         to: the format written: "peft", "mlx", "kohya" (``out`` may be one .safetensors), "diffusers".
         conv_rank: a fixed rank for k×k convolutions (kohya's --conv_dim), 0 to leave them out; None: as the rest.
+        calibration: samples (a text or JSONL file, chat messages in the model's chat template; a Hub dataset id,
+            ``calibration_split`` / ``_column``): each module factored, and ``budget`` spent, by its output error on
+            ``calibration_samples`` (128) of ≤ ``max_length`` (512) tokens, the fine-tune run layer by layer (or
+            ``calibration_model="base"``).
         progress: told the bytes to read and each tensor done (the CLI's progress bar).
 
     Returns:
@@ -106,7 +117,9 @@ def extract(
     settings = ExtractSettings.parse(
         rank=rank, energy=energy, budget=budget, max_rank=max_rank, for_=for_, include=include, exclude=exclude,
         embeddings=embeddings, extras=extras, solver=solver, seed=seed, dtype=dtype, device=device,
-        allow_nonfinite=allow_nonfinite, plot=plot, to=to, conv_rank=conv_rank,
+        allow_nonfinite=allow_nonfinite, plot=plot, to=to, conv_rank=conv_rank, calibration=calibration,
+        calibration_samples=calibration_samples, max_length=max_length, calibration_split=calibration_split,
+        calibration_column=calibration_column, calibration_model=calibration_model,
     )  # fmt: skip
     return run(base, finetuned, Output(out, overwrite, dry_run, progress), settings)
 
@@ -130,6 +143,7 @@ def run(
             raise InvalidOptionError(f"{finetuned}: the base and the fine-tune are the same checkpoint")
         origin = Origin(base_src.label, tuned_src.label, str(out.path))
         planned = plan_pair(b_raw, t_raw, origin, settings)
+        planned = replace(planned, folders=(tuned_src.path, base_src.path))
         if out.dry_run:
             return dry_report(planned, origin, settings)
         report = write_adapter(planned, out.where(), origin, settings, overwrite=out.overwrite, progress=out.progress)
@@ -152,6 +166,10 @@ class Planned:
     ops: list[ExtractOp]
     excluded: int
     read_as: list[str]
+    base_names: ModelNames | None = None
+    configs: tuple[dict[str, Any], dict[str, Any]] = ({}, {})  # the base's and the fine-tune's config.json
+    folders: tuple[Path, ...] = ()  # the fine-tune's and the base's (their tokenizers, for --calibration)
+    tied_head: bool = False  # the head is the embedding's tensor in both checkpoints
 
 
 def plan_pair(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: ExtractSettings) -> Planned:
@@ -166,19 +184,18 @@ def plan_pair(b_raw: Checkpoint, t_raw: Checkpoint, origin: Origin, settings: Ex
         if q is not None
     ]
     tuned_names = model_names(t_ckpt.names(), t_cfg)
-    ops, excluded = plan_extract(
-        b_ckpt,
-        t_ckpt,
-        base_model=model_names(b_ckpt.names(), b_cfg),
-        tuned_model=tuned_names,
-        settings=settings,
-    )
+    base_names = model_names(b_ckpt.names(), b_cfg)
+    ops, excluded = plan_extract(b_ckpt, t_ckpt, base_model=base_names, tuned_model=tuned_names, settings=settings)
     if settings.budget_params is not None and any(o.experts is not None for o in ops):
         raise UnsupportedError(
             f"{settings.budget_flag} with stacked MoE experts (target_parameters share one rank per module): "
             "use --rank or --energy, or --exclude the experts"
         )
-    return Planned(b_ckpt, t_ckpt, tuned_names, ops, excluded, read_as)
+    head = tuned_names.head
+    tied = head is not None and all(
+        head in names.tied_absent(set(ckpt)) for names, ckpt in ((base_names, b_ckpt), (tuned_names, t_ckpt))
+    )
+    return Planned(b_ckpt, t_ckpt, tuned_names, ops, excluded, read_as, base_names, (b_cfg, t_cfg), (), tied)
 
 
 def dry_report(planned: Planned, origin: Origin, settings: ExtractSettings) -> ExtractReport:
@@ -189,6 +206,20 @@ def dry_report(planned: Planned, origin: Origin, settings: ExtractSettings) -> E
         f"{n} {k}" for k, n in counts.items() if n
     )
     notes = [compared, *planned.read_as, *(o.note for o in ops if o.note)]
+    if settings.calibration is not None:  # the samples are read (and checked); the model is not run
+        from ...calibration.samples import read_samples
+
+        cal = settings.calibration
+        samples = read_samples(
+            cal.source,
+            tokenizer_folder(*planned.folders),
+            samples=cal.samples,
+            max_length=cal.max_length,
+            split=cal.split,
+            column=cal.column,
+        )
+        whose = "the base's" if cal.model == "base" else "the fine-tune's"
+        notes.append(f"would calibrate on {samples.source}: {whose} activations, measured layer by layer")
     nothing = Totals(0, 0, 0.0, 0.0, 0.0, "", [])
     skipped = Skipped(0, planned.excluded, [])
     return ExtractReport(
@@ -212,18 +243,27 @@ def write_adapter(
     (extract.assemble) writes each adapter tensor once from the scratch spool or the fine-tune; then config,
     report, card, and the adapter is published."""
     factors = SpoolWriter(out, prefix="factors", overwrite=overwrite)  # the first pass's results, never published
+    scratch = [factors]
     try:
+        if settings.calibration is not None:  # each module's input moments, never published
+            scratch.append(SpoolWriter(out, prefix="calibration", overwrite=overwrite))
         adapter = adapter_writer(out, overwrite=overwrite, name=settings.to)
     except BaseException:
-        factors.abort()
+        for spool in scratch:
+            spool.abort()
         raise
     try:
         compute = partial(compute_extract, settings=settings)
-        inputs = [planned.base, planned.tuned]
-        stats = engine_run(planned.ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
+        inputs: list[Checkpoint | Factors] = [planned.base, planned.tuned]
+        ops, notes, tied_once = planned.ops, list(planned.read_as), False
+        if settings.calibration is not None:
+            ops, more, tied_once = calibrate(planned, settings, scratch[1], progress)
+            inputs.append(Factors(scratch[1]))
+            notes += more
+        stats = engine_run(ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
         if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
             raise LorasurgeonError(f"{origin.finetuned}: no tensor differs from the base: there is nothing to extract")
-        infos, notes, computed = list(stats.infos), list(planned.read_as), Factors(factors)
+        infos, computed = list(stats.infos), Factors(factors)
         if settings.budget_params is not None:
             infos, spent = spend(infos, computed, planned.tuned, settings)
             notes.append(spent)
@@ -243,6 +283,7 @@ def write_adapter(
             excluded=planned.excluded,
             seconds=stats.seconds,
             notes_before=notes,
+            tied_once=tied_once,
         )
         adapter.add_file(CARD_NAME, _card(report, Path(out).name, origin))
         adapter.finish(config)
@@ -250,8 +291,34 @@ def write_adapter(
         adapter.abort()
         raise
     finally:
-        factors.abort()
+        for spool in scratch:
+            spool.abort()
     return report
+
+
+def calibrate(
+    planned: Planned, settings: ExtractSettings, spool: SpoolWriter, progress: Progress | None
+) -> tuple[list[ExtractOp], list[str], bool]:
+    """--calibration: the chosen model run on the samples layer by layer, its moments spooled; the ops told where
+    their statistics are (extract.calibrated), notes saying what was measured, and whether a tied pair is stored
+    once."""
+    cal = settings.calibration
+    assert cal is not None and planned.base_names is not None
+    on_base = cal.model == "base"
+    measured = measure(
+        cal,
+        planned.base if on_base else planned.tuned,
+        planned.base_names if on_base else planned.tuned_names,
+        planned.configs[0 if on_base else 1],
+        planned.folders,
+        spool,
+        whose="the base's" if on_base else "the fine-tune's",
+        device=settings.device,
+        progress=progress,
+    )
+    tie = planned.tied_head and settings.to == "peft"  # PEFT can load one change for both (ensure_weight_tying)
+    ops, notes, once = calibrate_ops(planned.ops, measured.gathered, planned.tuned_names.head, tie)
+    return ops, [measured.describe(), *notes], once
 
 
 def _card(report: ExtractReport, title: str, origin: Origin) -> str:

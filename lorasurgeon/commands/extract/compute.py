@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import zlib
 from collections.abc import Mapping
 from typing import TYPE_CHECKING
@@ -13,6 +14,7 @@ from ...ops.compare import rounding_units
 from ...ops.lora import CONV, LAYER_KINDS
 from ...ops.lowrank import difference, factorize, relative_error, squared_norm
 from .._results import check_finite
+from .calibrated import factor_calibrated
 from .plan import ExpertsOf, ExtractOp
 from .report import ModuleStats, OpInfo
 from .settings import BUDGET_RANK, ExtractSettings
@@ -61,6 +63,9 @@ def compute_extract(
     # Orient ΔW as PEFT's B @ A: (out, in) for Linear; transposed for Conv1D and Embedding.
     layer = LAYER_KINDS[op.kind]
     m = delta.T if layer.transposed else delta.reshape(delta.shape[0], -1)
+    if op.moments is not None:  # --calibration: best on the data (extract.calibrated)
+        w = base.T if layer.transposed else base.reshape(base.shape[0], -1)  # the base weight, as m is oriented
+        return _calibrated(op, m, w, tensors, settings, total, rounding)
     fixed = settings.fixed_rank(op.kind, op.shape)  # --conv-rank's, outside the sizing (and the budget)
     budget = settings.budget_params is not None and fixed is None  # factors up to a cap; finish truncates them
     lr = factorize(
@@ -82,6 +87,30 @@ def compute_extract(
     outputs = [(saved_key(op.module, a_role), a), (saved_key(op.module, b_role), b)]
     spectrum = stored_spectrum(a, b) if budget else None
     return Outcome(outputs, OpInfo(op, "lowrank", total, stats, rounding, spectrum))
+
+
+def _calibrated(
+    op: ExtractOp,
+    m: torch.Tensor,
+    w: torch.Tensor,
+    tensors: Mapping[Ref, torch.Tensor],
+    settings: ExtractSettings,
+    total: float,
+    rounding: float | None,
+) -> Outcome[OpInfo]:
+    """A linear module or embedding factored by its output error on the calibration inputs; under --budget up to
+    the cap, with the whitened spectrum and the per-rank curves the budget is spent by."""
+    a64, b64, stats, curves = factor_calibrated(op, m, w, tensors, settings, total)
+    a, b = a64.to(settings.factor_dtype), b64.to(settings.factor_dtype)
+    if settings.budget_params is None:  # the rank is final: the relative error measured on the factors as stored
+        error = relative_error(m, a, b, total=total)
+        stats = dataclasses.replace(stats, rel_error=error, kept=max(0.0, 1.0 - error**2))
+    outputs = [
+        (saved_key(op.module, role), t.cpu()) for role, t in zip(LAYER_KINDS[op.kind].lora_roles, (a, b), strict=True)
+    ]
+    budget = settings.budget_params is not None
+    spectrum = (curves.output[:-1] - curves.output[1:]).clamp_min(0.0).sqrt() if budget else None
+    return Outcome(outputs, OpInfo(op, "lowrank", total, stats, rounding, spectrum, curves if budget else None))
 
 
 def stored_spectrum(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

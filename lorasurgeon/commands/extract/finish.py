@@ -127,11 +127,13 @@ def finish_adapter(
     excluded: int,
     seconds: float,
     notes_before: Sequence[str] = (),
+    tied_once: bool = False,
 ) -> tuple[ExtractReport, dict[str, Any]]:
     """Decide what the adapter holds from the first pass's results (``infos``, each module's rank final, its B's
     ``scales`` for --for) and ``factors`` (its scratch spool: headers only here), write it into ``spool`` as
     the finishing pass, add extract_report.json; return the report and the adapter's PEFT config. Adapter keys are
-    in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes."""
+    in-memory names (``names``), as PEFT names modules; ``notes_before`` lead its notes; ``tied_once``: a tied head's
+    change is the embedding's factors alone, and the config says so (ensure_weight_tying)."""
     parts = _Parts.of(factors, infos, tuned, names, settings, notes_before)
     parts.leave_out_containers()
     bias_mode = parts.place_biases(settings)
@@ -139,6 +141,8 @@ def finish_adapter(
     seconds += run(parts.final_ops(factors, tuned, scales), [factors, tuned], spool, compute=assemble).seconds
     kept = (parts.lowrank, parts.stacks, parts.full_modules)
     config = _config(settings, origin, *kept, bias_mode, parts.bias_modules, names, set(parts.in_memory))
+    if tied_once:  # PEFT ties the head's LoRA to the embedding's as it loads (peft.LoraConfig.ensure_weight_tying)
+        config["ensure_weight_tying"] = True
     shown = {**parts.lowrank, **_expert_stats(parts.infos)}  # each stacked parameter's experts as one line
     report = _report(
         spool, parts.infos, tuned, shown, parts.full_modules, settings, origin, excluded, seconds, parts.notes

@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from ...engine.plan import Ref
 from ...errors import IncompatibleError, InvalidOptionError
@@ -20,6 +20,9 @@ from ...names import ModelNames
 from ...names.tables import INPUT_EMBEDDINGS
 from ...ops.lora import LayerName
 from .settings import ExtractSettings
+
+if TYPE_CHECKING:
+    from .calibrated import Moments
 
 # A layer's kind (its change becomes LoRA factors), "bias" (a lora_B.bias), "full" (stored whole), "skip"
 ExtractKind = LayerName | Literal["bias", "full", "skip"]
@@ -40,11 +43,13 @@ class ExtractOp:
     note: str = ""
     byte_copy: TensorSpec | None = None  # every op is computed: whether it changed is known only then
     experts: ExpertsOf | None = None  # kind "experts": which stacked parameter, and how it is stored
+    moments: Moments | None = None  # --calibration: its statistics in the moments spool (extract.calibrated)
 
     def refs(self) -> list[Ref]:
         if self.experts is not None and self.experts.parts:
             return [r for pair in self.experts.parts for r in pair]
-        return [self.tuned] + ([self.base] if self.base is not None else [])
+        moments = self.moments.refs() if self.moments is not None else []
+        return [self.tuned] + ([self.base] if self.base is not None else []) + moments
 
 
 @dataclass(frozen=True)

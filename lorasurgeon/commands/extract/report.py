@@ -13,8 +13,21 @@ from .plan import ExtractOp
 if TYPE_CHECKING:
     import torch
 
+    from .calibrated import Curves
+
 # unchanged (equal values) | lowrank (LoRA factors) | bias (a lora_B.bias) | full (stored whole) | skipped
 Status = Literal["unchanged", "lowrank", "bias", "full", "skipped"]
+
+
+@dataclass(frozen=True)
+class OutputError:
+    """A calibrated module's output error on the calibration inputs, E‖·x‖² relative to its output E‖W·x‖² (W the
+    base's; the ridge λ included): of the whole change (``before``), left by the factors stored (``after``), and
+    left by the plain SVD's of the same rank (``plain_svd``)."""
+
+    before: float
+    after: float
+    plain_svd: float
 
 
 @dataclass(frozen=True)
@@ -28,6 +41,8 @@ class ModuleStats:
     solver: str
     energy: float = 0.0  # ‖ΔW‖²
     sigma: list[float] = field(default_factory=list)  # ΔW's leading singular values, as many as the solver found
+    # (--calibration: ΔW·L's, whose squares are output errors)
+    output: OutputError | None = None  # --calibration only
 
 
 @dataclass(frozen=True)
@@ -48,6 +63,8 @@ class OpInfo:
     rounding: float | None = None  # ‖ΔW‖ / (eps · ‖W‖) in the fine-tune's dtype (ops.compare.rounding_units)
     # --budget: the factors' singular values as stored (σⱼ = ‖Aⱼ‖·‖Bⱼ‖, float64), what the budget is spent by
     spectrum: torch.Tensor | None = field(default=None, repr=False, compare=False)
+    # --calibration with --budget: the errors at every rank (extract.calibrated.Curves)
+    curves: Curves | None = field(default=None, repr=False, compare=False)
 
 
 @dataclass(frozen=True)
@@ -87,7 +104,11 @@ class ExtractReport:
     plot: str | None = None  # the picture drawn, once it is written
 
     def to_dict(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if k not in ("dry_run", "wall", "plot")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("dry_run", "wall", "plot")}
+        for module in out["modules"]:
+            if module["output"] is None:  # calibrated modules only: without --calibration the report is as it was
+                del module["output"]
+        return out
 
     def summary(self) -> str:
         if self.dry_run:
@@ -95,12 +116,21 @@ class ExtractReport:
         lines = []
         if self.modules:
             width = max(len(m.name) for m in self.modules)
-            lines.append(f"{'module'.ljust(width)}  {'kind':<9} {'rank':>5} {'kept':>8} {'rel.err':>8}")
+            calibrated = any(m.output is not None for m in self.modules)
+            extra = f" {'out.err':>9} {'plain':>9}" if calibrated else ""  # relative to E‖W·x‖², and plain SVD's
+            lines.append(f"{'module'.ljust(width)}  {'kind':<9} {'rank':>5} {'kept':>8} {'rel.err':>8}{extra}")
             lines += [
-                f"{m.name.ljust(width)}  {m.kind:<9} {m.rank:>5} {m.kept:>8.2%} {m.rel_error:>8.4f}"
+                f"{m.name.ljust(width)}  {m.kind:<9} {m.rank:>5} {m.kept:>8.2%} {m.rel_error:>8.4f}{_output(m)}"
                 for m in self.modules
             ]
         lines += [f"stored in full: {f.name} ({f.reason})" for f in self.full]
+        outputs = [m.output for m in self.modules if m.output is not None]
+        if outputs:
+            lines.append(
+                f"output error on the calibration samples (out.err: relative to E‖W·x‖², Σ over modules): "
+                f"{sum(o.after for o in outputs):.4g}, against {sum(o.plain_svd for o in outputs):.4g} for the plain "
+                "SVD at the same ranks"
+            )
         t = self.totals
         lines.append(
             f"Wrote {self.output}: {plural(len(self.modules), 'low-rank module')}, "
@@ -115,3 +145,10 @@ class ExtractReport:
         lines += [f"note: {n}" for n in self.notes]
         lines += [f"Wrote {self.plot}"] if self.plot else []
         return "\n".join(lines)
+
+
+def _output(m: ModuleStats) -> str:
+    """A calibrated module's output error left, and the plain SVD's at its rank (relative to E‖W·x‖²)."""
+    if m.output is None:
+        return ""
+    return f" {m.output.after:>9.3g} {m.output.plain_svd:>9.3g}"

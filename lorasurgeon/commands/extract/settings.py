@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, get_args
 
+from ...calibration import Calibration, calibration_of
 from ...consumers import consumer
 from ...errors import InvalidOptionError
 from ...io.dtypes import is_floating, itemsize, parse_dtype_name, safetensors_name, torch_dtype, torch_name
@@ -54,6 +55,8 @@ class ExtractSettings(SizedBy):
         conv_rank: a fixed rank for every k×k convolution (kernel above 1×1: a UNet's resnets, LoCon in kohya's
             files), whatever the sizing says for the rest; 0 leaves their changes out (reported as skipped);
             None: sized like every other module. kohya's extract_lora_from_models.py ``--conv_dim``.
+        calibration: samples to run the model on (``calibration.Calibration``): each linear module and embedding
+            factored, and a budget spent, by the output error on them instead of ‖ΔW‖.
     """
 
     sizing: Sizing
@@ -70,6 +73,7 @@ class ExtractSettings(SizedBy):
     plot: str | os.PathLike[str] | None = None
     to: str = "peft"  # the adapter format written (adapter.formats.registry.writable(): kohya's is one file)
     conv_rank: int | None = None
+    calibration: Calibration | None = None  # --calibration: factors chosen by output error on data
     names: NameFilter = field(init=False, repr=False, compare=False)
     budget_params: int | None = field(init=False, repr=False, compare=False)  # the budget in parameters of dtype
 
@@ -82,10 +86,20 @@ class ExtractSettings(SizedBy):
         budget: str | int | None = None,
         budget_params: int | None = None,
         max_rank: int | None = None,
+        calibration: str | os.PathLike[str] | Calibration | None = None,
+        calibration_samples: int | None = None,
+        max_length: int | None = None,
+        calibration_split: str | None = None,
+        calibration_column: str | None = None,
+        calibration_model: str | None = None,
         **options: Any,
     ) -> ExtractSettings:
         """Validated settings: the sizing options by extract's rules (a budget's ranks capped at BUDGET_RANK
-        unless ``max_rank``, an energy with a budget a floor per module), ``options`` the other fields."""
+        unless ``max_rank``, an energy with a budget a floor per module), the calibration's options (each only
+        with ``calibration``), ``options`` the other fields."""
+        calibration = calibration_of(
+            calibration, calibration_samples, max_length, calibration_split, calibration_column, calibration_model
+        )
         sizing = Sizing.parse(
             rank=rank,
             energy=energy,
@@ -95,7 +109,7 @@ class ExtractSettings(SizedBy):
             default_max_rank=BUDGET_RANK,
             energy_floors=True,
         )
-        return cls(sizing, **options)
+        return cls(sizing, calibration=calibration, **options)
 
     def __post_init__(self) -> None:
         if self.sizing.exact:  # Sizing.parse(required=True) says so first; a Sizing made by hand may not
@@ -148,7 +162,7 @@ class ExtractSettings(SizedBy):
             "embeddings": self.embeddings,
             "extras": self.extras,
             "conv_rank": self.conv_rank,
-        }
+        } | ({"calibration": self.calibration.method()} if self.calibration is not None else {})
 
     def fixed_rank(self, kind: str, shape: Sequence[int]) -> int | None:
         """The rank --conv-rank fixes for a module of this kind and weight shape (a k×k convolution's), or None:

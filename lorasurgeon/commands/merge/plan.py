@@ -66,8 +66,6 @@ def module_kind(
 def check_supported(adapter: LoraAdapter, *, unmerge: bool, weight: float) -> None:
     """Refuse, by name, what cannot be merged (or unmerged) as plain LoRA."""
     found = adapter.config.unsupported()
-    if adapter.config.raw.get("ensure_weight_tying"):
-        found.append("ensure_weight_tying (adapters tied between embedding and lm_head)")
     if found:
         raise UnsupportedError(f"{adapter.path}: not plain LoRA, cannot be merged: {'; '.join(found)}")
     has_dora = any(ROLE_MAGNITUDE in m.keys for m in adapter.modules.values())
@@ -409,6 +407,10 @@ def plan_merge(
         view: tensor_op(changes, view, tensors.base_key(view), adapters, dtype=dtype, unmerge=unmerge)
         for view in tensors.views
     }
+    if any(a.config.raw.get("ensure_weight_tying") for a in adapters):
+        # PEFT ties a tied module's LoRA to its source's (LoraConfig.ensure_weight_tying): a tied head the adapter
+        # does not change on its own changes with the embedding, and stays tied
+        own = {v: by_name[tensors.base_key(v)] if op.action == "copy" else op for v, op in own.items()}
     untie = any(
         (op.src, op.terms, op.rows, op.src_dtype_name) != (held.src, held.terms, held.rows, held.src_dtype_name)
         for op, held in ((own[v], by_name[tensors.base_key(v)]) for v in tensors.views)

@@ -24,13 +24,17 @@ from typing import Any
 from ...adapter.formats.registry import adapter_writer, result_format
 from ...adapter.weights import LoraAdapter
 from ...consumers import Consumer
-from ...engine.execute import Discard, Progress
+from ...engine.execute import Discard, Progress, Readable
 from ...engine.execute import run as engine_run
 from ...errors import InvalidOptionError, UnsupportedError
 from ...hub.cards import CARD_NAME, made_by, method_flags, method_words, model_card
+from ...io.checkpoint import Checkpoint
 from ...io.dtypes import itemsize, torch_dtype
-from ...io.sidecar import config_bytes
-from .._inputs import Output, adapters_of, open_inputs, with_base
+from ...io.sidecar import config_bytes, read_config
+from ...io.spool import SpoolWriter
+from .._inputs import Output, adapters_of, open_inputs, plain_weights, with_base
+from ..extract.assemble import Factors
+from .calibrated import attach, measure_for
 from .compute import choose_ranks, factors, spectrum
 from .plan import CopyOp, ModuleOp, check_adapter, check_same_base, plan_modules
 from .report import ModuleResult, ResizeReport
@@ -65,6 +69,12 @@ def resize(
     max_rank: int | None = None,
     for_: str | None = None,
     base: str | os.PathLike[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_samples: int | None = None,
+    max_length: int | None = None,
+    calibration_split: str | None = None,
+    calibration_column: str | None = None,
+    calibration_model: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -82,7 +92,12 @@ def resize(
         max_rank: a cap per module.
         for_: "vllm" or "llama.cpp": make (or refuse by name) what that consumer needs: one alpha, scales in B
             (always), ranks within vLLM's 512, no whole tensors it refuses.
-        base: the base model (folder, file or Hub id) a .gguf ``adapter`` is read against; refused otherwise.
+        base: the base model (folder, file or Hub id) a .gguf ``adapter`` is read against, and ``calibration`` runs;
+            refused otherwise.
+        calibration, calibration_samples, max_length, calibration_split, calibration_column, calibration_model: as
+            for :func:`extract`: each module's new factors (and a budget's ranks) chosen by the output error on the
+            samples, the model run being ``base`` with the adapter merged in (``calibration_model="base"``: the
+            base alone).
         device, overwrite, dry_run, progress: as for :func:`merge`.
 
     Returns:
@@ -102,6 +117,12 @@ def resize(
         for_=for_,
         device=device,
         base=base,
+        calibration=calibration,
+        calibration_samples=calibration_samples,
+        max_length=max_length,
+        calibration_split=calibration_split,
+        calibration_column=calibration_column,
+        calibration_model=calibration_model,
     )
     return run([adapter], Output(out, overwrite, dry_run, progress), settings)
 
@@ -119,6 +140,12 @@ def combine(
     for_: str | None = None,
     allow_different_bases: bool = False,
     base: str | os.PathLike[str] | None = None,
+    calibration: str | os.PathLike[str] | None = None,
+    calibration_samples: int | None = None,
+    max_length: int | None = None,
+    calibration_split: str | None = None,
+    calibration_column: str | None = None,
+    calibration_model: str | None = None,
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
@@ -132,8 +159,8 @@ def combine(
         weights: one per adapter (default 1.0 each).
         allow_different_bases: combine adapters whose configs name different base models (one model under
             two names); their shapes are checked all the same.
-        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, progress: as for
-            :func:`resize` (no target: exact).
+        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, progress, and
+            the calibration's options: as for :func:`resize` (no target: exact; --calibration needs one).
 
     Returns:
         A ResizeReport.
@@ -156,6 +183,12 @@ def combine(
         allow_different_bases=allow_different_bases,
         device=device,
         base=base,
+        calibration=calibration,
+        calibration_samples=calibration_samples,
+        max_length=max_length,
+        calibration_split=calibration_split,
+        calibration_column=calibration_column,
+        calibration_model=calibration_model,
     )
     return run(list(adapters), Output(out, overwrite, dry_run, progress), settings)
 
@@ -163,62 +196,49 @@ def combine(
 def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSettings) -> ResizeReport:
     """Resize the adapter at ``paths[0]``, or combine those at ``paths`` (``settings.combining``), as ``settings``
     say, into ``out``: what :func:`resize` and :func:`combine` build their two objects for, and the CLI calls."""
-    command, profile = settings.command, settings.consumer
-    inputs = with_base(paths, settings.base)
-    with open_inputs(inputs, out.path, command=command, overwrite=out.overwrite, device=settings.device) as opened:
+    inputs = with_base(paths, settings.base, needed=settings.calibration is not None)
+    with open_inputs(
+        inputs, out.path, command=settings.command, overwrite=out.overwrite, device=settings.device
+    ) as opened:  # the base (--base) stays open while --calibration runs it
         read = opened[len(inputs) - len(paths) :]  # after --base, where given
         adapters = adapters_of(read)
-    labels = [o.source.label for o in read]
-    try:
-        ops, copies = _plan(adapters, labels[0], settings)
-        dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
-        target = Target.of(settings.sizing, itemsize(dtype))
-        parameters_in = sum(op.rank * op.cost for op in ops)
-        method = _method(target, settings.for_)
-        if out.dry_run:
-            results = [ModuleResult(op.name, op.rank, op.rank, 1.0, 0.0) for op in ops]
-            planned_at = None if out.path is None else str(out.path)
-            return ResizeReport(
-                planned_at, labels, list(settings.weights), method, results, parameters_in, 0, 1.0, True
-            )
-        where = out.where()
-        ranks = _ranks(ops, copies, adapters, target, settings.device, profile)
-        top = max(ranks.values())
-        writer = adapter_writer(where, overwrite=out.overwrite, name=result_format([a.format for a in adapters]))
         try:
-            every: list[ModuleOp | CopyOp] = [*ops, *copies]
-            stats = engine_run(
-                every,
-                [a.checkpoint for a in adapters],
-                writer,
-                compute=partial(factors, exact=target.exact, ranks=ranks, top=top, dtype=torch_dtype(dtype)),
-                device=settings.device,
-                progress=out.progress,
-            )
-            results = [i for i in stats.infos if isinstance(i, ModuleResult)]
-            total = sum(r.energy for r in results)
-            report = ResizeReport(
-                str(where),
-                labels,
-                list(settings.weights),
-                method,
-                results,
-                parameters_in,
-                sum(r.rank * op.cost for r, op in zip(results, ops, strict=True)),
-                sum(r.kept * r.energy for r in results) / total if total else 1.0,
-                copied=[c.name for c in copies],
-            )
-            writer.add_file("resize_report.json", config_bytes(report.to_dict()))
-            card = _card(report, command, Path(where).name, adapters[0].config.base_model, settings.base)
-            writer.add_file(CARD_NAME, card)
-            writer.finish(_config(adapters, results, top, settings.combining))
-            return report
-        except BaseException:
-            writer.abort()
-            raise
+            base = opened[0].checkpoint if settings.calibration is not None else None
+            return _run(adapters, base, [o.source.label for o in read], out, settings)
+        finally:
+            for adapter in adapters:
+                adapter.close()
+
+
+def _run(
+    adapters: list[LoraAdapter], base: Checkpoint | None, labels: list[str], out: Output, settings: ResizeSettings
+) -> ResizeReport:
+    ops, copies = _plan(adapters, labels[0], settings)
+    dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
+    target = Target.of(settings.sizing, itemsize(dtype))
+    parameters_in = sum(op.rank * op.cost for op in ops)
+    method = _method(target, settings.for_) | (
+        {"calibration": settings.calibration.method()} if settings.calibration is not None else {}
+    )
+    if out.dry_run:
+        results = [ModuleResult(op.name, op.rank, op.rank, 1.0, 0.0) for op in ops]
+        planned_at = None if out.path is None else str(out.path)
+        return ResizeReport(planned_at, labels, list(settings.weights), method, results, parameters_in, 0, 1.0, True)
+    where = out.where()
+    inputs: list[Readable] = [a.checkpoint for a in adapters]
+    scratch: list[SpoolWriter] = []
+    try:
+        notes: list[str] = []
+        if settings.calibration is not None:
+            assert base is not None  # settings require --base with --calibration
+            scratch.append(SpoolWriter(where, prefix="calibration", overwrite=out.overwrite))
+            ops, notes, plain_base = _calibrate(ops, adapters, base, scratch[0], out, settings)
+            inputs += [Factors(scratch[0]), plain_base]
+        ranks = _ranks(ops, copies, inputs, target, settings.device, settings.consumer)
+        return _write(ops, copies, inputs, adapters, ranks, labels, parameters_in, method, notes, where, out, settings)
     finally:
-        for adapter in adapters:
-            adapter.close()
+        for spool in scratch:
+            spool.abort()
 
 
 def _plan(adapters: Sequence[LoraAdapter], label: str, settings: ResizeSettings) -> tuple[list[ModuleOp], list[CopyOp]]:
@@ -251,20 +271,91 @@ def _copies_for(
     return copies
 
 
+def _calibrate(
+    ops: list[ModuleOp],
+    adapters: Sequence[LoraAdapter],
+    base: Checkpoint,
+    spool: SpoolWriter,
+    out: Output,
+    settings: ResizeSettings,
+) -> tuple[list[ModuleOp], list[str], Checkpoint]:
+    """--calibration: the model run on the samples layer by layer (resize.calibrated); the ops told where their
+    moments and base weights are (inputs n and n + 1), a note saying what was measured, and the base as plain
+    weights (a quantized one dequantized)."""
+    assert settings.calibration is not None
+    plain, _ = plain_weights(base, read_config(base), role=f"--base {settings.base}")
+    measured, names = measure_for(
+        settings.calibration, adapters, settings.weights, plain, spool, device=settings.device, progress=out.progress
+    )
+    return attach(ops, measured, names, len(adapters)), [measured.describe()], plain
+
+
+def _write(
+    ops: list[ModuleOp],
+    copies: list[CopyOp],
+    inputs: list[Readable],
+    adapters: Sequence[LoraAdapter],
+    ranks: dict[str, int],
+    labels: list[str],
+    parameters_in: int,
+    method: dict[str, Any],
+    notes: list[str],
+    where: str | os.PathLike[str],
+    out: Output,
+    settings: ResizeSettings,
+) -> ResizeReport:
+    """The second pass: each module's factors at its rank written, then the report, card and config."""
+    top = max(ranks.values())
+    dtype = adapters[0].checkpoint.info(ops[0].a_key).dtype_name
+    exact = Target.of(settings.sizing, itemsize(dtype)).exact
+    writer = adapter_writer(where, overwrite=out.overwrite, name=result_format([a.format for a in adapters]))
+    try:
+        every: list[ModuleOp | CopyOp] = [*ops, *copies]
+        stats = engine_run(
+            every,
+            inputs,
+            writer,
+            compute=partial(factors, exact=exact, ranks=ranks, top=top, dtype=torch_dtype(dtype)),
+            device=settings.device,
+            progress=out.progress,
+        )
+        results = [i for i in stats.infos if isinstance(i, ModuleResult)]
+        total = sum(r.energy for r in results)
+        report = ResizeReport(
+            str(where),
+            labels,
+            list(settings.weights),
+            method,
+            results,
+            parameters_in,
+            sum(r.rank * op.cost for r, op in zip(results, ops, strict=True)),
+            sum(r.kept * r.energy for r in results) / total if total else 1.0,
+            copied=[c.name for c in copies],
+            notes=notes,
+        )
+        writer.add_file("resize_report.json", config_bytes(report.to_dict()))
+        card = _card(report, settings.command, Path(where).name, adapters[0].config.base_model, settings.base)
+        writer.add_file(CARD_NAME, card)
+        writer.finish(_config(adapters, results, top, settings.combining))
+        return report
+    except BaseException:
+        writer.abort()
+        raise
+
+
 def _ranks(
     ops: Sequence[ModuleOp],
     copies: Sequence[CopyOp],
-    adapters: Sequence[LoraAdapter],
+    inputs: Sequence[Readable],
     target: Target,
     device: str,
     profile: Consumer | None,
 ) -> dict[str, int]:
-    """Each module's rank: from the target, after a first pass for each module's spectrum where it needs one;
-    refused where the largest is more than ``profile`` loads."""
+    """Each module's rank: from the target, after a first pass for each module's spectrum where it needs one
+    (under --calibration, the whitened one); refused where the largest is more than ``profile`` loads."""
     fixed = sum(math.prod(c.spec.shape) for c in copies)  # whole tensors are charged to a budget too
     spectra = None
     if target.energy is not None or target.budget is not None:  # a first pass: each module's spectrum
-        inputs = [a.checkpoint for a in adapters]
         spectra = list(engine_run(ops, inputs, Discard(), compute=spectrum, device=device).infos)
     ranks = {op.name: k for op, k in zip(ops, choose_ranks(ops, spectra, target, fixed), strict=True)}
     top = max(ranks.values())

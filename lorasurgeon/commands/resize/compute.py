@@ -12,6 +12,9 @@ from ...engine.execute import Outcome
 from ...engine.plan import Ref
 from ...errors import InvalidOptionError, UnsupportedError
 from ...ops.lowrank import OverBudget, allocate, product_svd, rank_for_energy, split
+from ...ops.whitened import errors_by_rank
+from ..extract.report import OutputError
+from .calibrated import whitened_svd
 from .plan import CopyOp, ModuleOp
 from .report import ModuleResult
 from .settings import Target
@@ -41,6 +44,9 @@ def spectrum(op: ModuleOp | CopyOp, tensors: Mapping[Ref, torch.Tensor], device:
     if isinstance(op, CopyOp):
         return Outcome([], None)
     b, a = stacked(op, tensors)
+    if op.moments is not None:  # calibrated: the whitened spectrum, relative to the module's output
+        w = whitened_svd(op, b.to(device), a.to(device), tensors)
+        return Outcome([], (w.s / w.signal**0.5).cpu())
     return Outcome([], product_svd(b.to(device), a.to(device))[1].cpu())
 
 
@@ -59,9 +65,18 @@ def factors(
     if isinstance(op, CopyOp):
         return Outcome([(op.name, tensors[op.src])], None)
     b, a = stacked(op, tensors)
+    k = ranks[op.name]
+    if op.moments is not None and not exact:  # calibrated: the best rank-k factors on the samples
+        w = whitened_svd(op, b.to(device), a.to(device), tensors)
+        nb64, na64 = w.factors(k)
+        left = errors_by_rank((b.to(device), a.to(device)), nb64, na64)  # ‖ΔW − B_j A_j‖², j = 0..k, ΔW never formed
+        energy = float(left[0])
+        kept = 1.0 - float(left[-1]) / energy if energy else 1.0
+        result = ModuleResult(op.name, op.rank, k, kept, energy, OutputError(*w.errors(k)))
+        nb, na = nb64.to(torch.float32).cpu(), na64.to(torch.float32).cpu()
+        return Outcome(shaped(op, nb * (k / top), na, dtype), result)
     u, s, vh = product_svd(b.to(device), a.to(device))
     energy = float(torch.sum(s**2))
-    k = ranks[op.name]
     if exact:  # the stacked factors themselves: the weighted sum, exactly
         return Outcome(shaped(op, b * (k / top), a, dtype), ModuleResult(op.name, op.rank, k, 1.0, energy))
     nb, na = split(u.cpu(), s.cpu(), vh.cpu(), k)

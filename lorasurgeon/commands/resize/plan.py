@@ -10,6 +10,7 @@ from pathlib import PurePosixPath
 
 from ...adapter.names import ROLE_B_BIAS, ROLE_MAGNITUDE
 from ...adapter.weights import LoraAdapter, LoraModule
+from ...calibration import Moments
 from ...engine.plan import Ref
 from ...errors import IncompatibleError, UnsupportedError
 from ...io.dtypes import itemsize
@@ -31,9 +32,12 @@ class ModuleOp:
     ranks: tuple[int, ...]  # of each term
     nbytes: int
     byte_copy: TensorSpec | None = None
+    moments: Moments | None = None  # --calibration: its statistics (resize.calibrated)
+    weight: Ref | None = None  # --calibration: the base's weight, what its output error is relative to
 
     def refs(self) -> list[Ref]:
-        return [r for a, b, _ in self.terms for r in (a, b)]
+        extra = [*self.moments.refs(), self.weight] if self.moments is not None and self.weight is not None else []
+        return [r for a, b, _ in self.terms for r in (a, b)] + extra
 
     @property
     def cost(self) -> int:

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ...words import plural
+from ..extract.report import OutputError
 
 
 @dataclass(frozen=True)
@@ -16,6 +17,7 @@ class ModuleResult:
     rank: int  # kept
     kept: float  # share of ‖ΔW‖² kept
     energy: float  # ‖ΔW‖²
+    output: OutputError | None = None  # --calibration only: output errors on the samples, as extract reports them
 
 
 @dataclass(frozen=True)
@@ -32,11 +34,18 @@ class ResizeReport:
     kept: float  # Σ kept σ² / Σ ‖ΔW‖² over all modules
     dry_run: bool = False
     copied: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # --calibration: what was measured, and how
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
 
-        return asdict(self)
+        out = asdict(self)
+        for module in out["modules"]:
+            if module["output"] is None:  # without --calibration, resize_report.json is as it was
+                del module["output"]
+        if not out["notes"]:
+            del out["notes"]
+        return out
 
     def summary(self) -> str:
         head = f"{'Would write' if self.dry_run else 'Wrote'} {self.output}: {plural(len(self.modules), 'module')}"
@@ -49,4 +58,12 @@ class ResizeReport:
         ]
         ranks = sorted({(m.rank_in, m.rank) for m in self.modules})
         lines.append("  ranks (in -> out): " + ", ".join(f"{a}->{b}" for a, b in ranks[:12]))
+        outputs = [m.output for m in self.modules if m.output is not None]
+        if outputs:
+            ours, plain = sum(o.after for o in outputs), sum(o.plain_svd for o in outputs)
+            lines.append(
+                f"  output error on the samples (Σ over modules, relative to E‖W·x‖²): {ours:.4g} calibrated, "
+                f"{plain:.4g} by the plain SVD at the same ranks"
+            )
+        lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from ...calibration import Calibration, calibration_of
 from ...consumers import Consumer, consumer
 from ...errors import InvalidOptionError
 from .._inputs import adapter_weights
@@ -35,6 +36,7 @@ class ResizeSettings(SizedBy):
     allow_different_bases: bool = False
     device: str = "cpu"
     base: str | os.PathLike[str] | None = None
+    calibration: Calibration | None = None  # --calibration (with --base): factors best on the samples
 
     @classmethod
     def parse(
@@ -52,8 +54,16 @@ class ResizeSettings(SizedBy):
         allow_different_bases: bool = False,
         device: str = "cpu",
         base: str | os.PathLike[str] | None = None,
+        calibration: str | os.PathLike[str] | Calibration | None = None,
+        calibration_samples: int | None = None,
+        max_length: int | None = None,
+        calibration_split: str | None = None,
+        calibration_column: str | None = None,
+        calibration_model: str | None = None,
     ) -> ResizeSettings:
-        """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
+        """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise); the
+        calibration's options only with ``calibration``, which needs ``base`` (the model run on the samples) and a
+        target (without one, combine's stacked factors are exact: there is nothing to choose)."""
         sizing = Sizing.parse(
             rank=rank,
             energy=energy,
@@ -67,7 +77,17 @@ class ResizeSettings(SizedBy):
         if combining and adapters < 2:
             raise InvalidOptionError("combine takes two adapters or more (resize takes one)")
         chosen = adapter_weights(weights, adapters)
-        return cls(sizing, chosen, combining, for_, allow_different_bases, device, base)
+        cal = calibration_of(
+            calibration, calibration_samples, max_length, calibration_split, calibration_column, calibration_model
+        )
+        command = "combine" if combining else "resize"
+        if cal is not None and base is None:
+            raise InvalidOptionError(f"{command} --calibration needs --base BASE: the model run on the samples")
+        if cal is not None and sizing.exact:
+            raise InvalidOptionError(
+                "combine --calibration needs a target (--rank, --energy or --budget): the stacked factors are exact"
+            )
+        return cls(sizing, chosen, combining, for_, allow_different_bases, device, base, cal)
 
     @property
     def command(self) -> str:

@@ -1,0 +1,190 @@
+"""Calibration: what a model computes on data, for the commands that choose factors by it (extract --calibration).
+
+``Calibration`` is the options, checked once; :func:`measure` reads the samples (``samples``), runs the chosen model
+on them layer by layer (``layerwise``) and leaves each linear module's input second moment, and the embedding's
+token counts, in a scratch spool the engine reads like any checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, cast, get_args
+
+from ..engine.plan import Ref
+from ..errors import InvalidOptionError, UnsupportedError
+from ..ops.whitened import Whitening
+
+if TYPE_CHECKING:
+    from collections.abc import Mapping
+
+    import torch
+
+    from ..engine.execute import Progress
+    from ..io.checkpoint import Checkpoint
+    from ..io.spool import SpoolWriter
+    from ..names import ModelNames
+    from .layerwise import Gathered
+else:
+    from .._lazy import torch
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Where an op's calibration statistics are in the moments spool (the engine's third input)."""
+
+    inputs: Ref | None = None  # E[x xᵀ] of a linear module's inputs
+    tokens: Ref | None = None  # an embedding's token counts
+    rows: Ref | None = None  # a tied head's input moment: the weight on an embedding's rows
+
+    def refs(self) -> list[Ref]:
+        return [r for r in (self.inputs, self.tokens, self.rows) if r is not None]
+
+
+def whitening_of(moments: Moments, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Whitening:
+    """The op's change of variables from its statistics, on ``device``: its inputs' moment, or its tokens'
+    frequencies (and a tied head's rows)."""
+    if moments.inputs is not None:
+        return Whitening.of(tensors[moments.inputs].to(device))
+    assert moments.tokens is not None
+    counts = tensors[moments.tokens].to(device=device, dtype=torch.float64)
+    p = counts / max(1.0, float(counts.sum()))
+    if moments.rows is None:
+        return Whitening.of(p)
+    return Whitening.of(1.0 + len(p) * p, tensors[moments.rows].to(device))
+
+
+Whose = Literal["finetuned", "base"]  # whose activations are measured: the fine-tune's (default) or the base's
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """--calibration SOURCE and its options: the samples (a text or JSONL file, or a Hub dataset id with its split
+    and column), how many and how long, and whose activations are measured."""
+
+    source: str
+    samples: int = 128
+    max_length: int = 512
+    split: str = "train"
+    column: str | None = None
+    model: Whose = "finetuned"
+
+    def __post_init__(self) -> None:
+        if not str(self.source).strip():
+            raise InvalidOptionError("--calibration needs a text or JSONL file, or a Hub dataset id")
+        for flag, value in (("--calibration-samples", self.samples), ("--max-length", self.max_length)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidOptionError(f"{flag} must be a whole number of at least 1, not {value!r}")
+        if self.model not in get_args(Whose):
+            raise InvalidOptionError(f"--calibration-model {self.model!r}: choose {', '.join(get_args(Whose))}")
+        object.__setattr__(self, "source", os.fspath(self.source))
+
+    def method(self) -> dict[str, Any]:
+        """What the report's and the card's ``method`` say of it."""
+        return {
+            "source": self.source,
+            "samples": self.samples,
+            "max_length": self.max_length,
+            "split": self.split,
+            "column": self.column,
+            "activations": self.model,
+        }
+
+
+def calibration_of(
+    source: str | os.PathLike[str] | Calibration | None,
+    samples: int | None = None,
+    max_length: int | None = None,
+    split: str | None = None,
+    column: str | None = None,
+    model: str | None = None,
+) -> Calibration | None:
+    """The options as the CLI and the library take them (None: not given) as one Calibration, or None without
+    ``source``; an option given without it refused by name."""
+    given = {
+        "--calibration-samples": samples,
+        "--max-length": max_length,
+        "--calibration-split": split,
+        "--calibration-column": column,
+        "--calibration-model": model,
+    }
+    if source is None or isinstance(source, Calibration):
+        flag = next((f for f, v in given.items() if v is not None), None)
+        if source is None and flag is not None:
+            raise InvalidOptionError(f"{flag} goes with --calibration SOURCE (the samples to run the model on)")
+        return source
+    defaults = Calibration("-")
+    return Calibration(
+        os.fspath(source),
+        samples=defaults.samples if samples is None else samples,
+        max_length=defaults.max_length if max_length is None else max_length,
+        split=defaults.split if split is None else split,
+        column=column,
+        model=defaults.model if model is None else cast(Whose, model),  # checked by Calibration
+    )
+
+
+@dataclass(frozen=True)
+class Measured:
+    """What calibration measured, and where: the spool's keys (``gathered``), and a line saying what was read."""
+
+    gathered: Gathered
+    source: str  # the samples, as read
+    whose: str  # "the fine-tune's" or "the base's"
+
+    def describe(self) -> str:
+        g = self.gathered
+        return (
+            f"calibrated on {self.source}: {self.whose} activations, measured layer by layer over {g.layers} layers "
+            f"({g.seconds:.1f} s)"
+        )
+
+
+def tokenizer_folder(*folders: Path) -> Path:
+    """The first of ``folders`` (the fine-tune's, then the base's) that holds a tokenizer; the first if none does
+    (reading the samples then refuses by name)."""
+    for folder in folders:
+        folder = folder if folder.is_dir() else folder.parent
+        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+            return folder
+    first = folders[0]
+    return first if first.is_dir() else first.parent
+
+
+def measure(
+    calibration: Calibration,
+    model: Checkpoint,
+    names: ModelNames,
+    config: Mapping[str, Any],
+    folders: tuple[Path, ...],
+    out: SpoolWriter,
+    *,
+    whose: str,
+    device: str = "cpu",
+    progress: Progress | None = None,
+) -> Measured:
+    """The samples read (the tokenizer of the first of ``folders`` that has one) and ``model`` run on them layer by
+    layer; each module's input moment spooled to ``out``.
+
+    Raises:
+        InvalidOptionError, InputNotFoundError, UnsupportedError: samples that cannot be had, or a model that
+            cannot be run this way (each by name).
+    """
+    from .layerwise import gather
+    from .samples import read_samples
+
+    try:
+        import transformers  # noqa: F401  (the model is transformers' own class)
+    except ImportError:
+        raise UnsupportedError("--calibration runs the model with transformers: pip install transformers") from None
+    samples = read_samples(
+        calibration.source,
+        tokenizer_folder(*folders),
+        samples=calibration.samples,
+        max_length=calibration.max_length,
+        split=calibration.split,
+        column=calibration.column,
+    )
+    gathered = gather(model, names, config, samples.ids, out, device=device, progress=progress)
+    return Measured(gathered, samples.source, whose)
