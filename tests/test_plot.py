@@ -227,6 +227,18 @@ def test_figures_are_sized_to_their_grid(tmp_path, merged):
     assert 300 <= eh and ew <= 1600
 
 
+def test_a_calibrated_extract_plot_draws_the_output_error_left_against_the_plain_svds(tmp_path, merged):
+    report = ls.extract(FIX_BASE, merged, tmp_path / "lora", rank=3, calibration=FIX_BASE.parent / "calibration.txt")
+    drawn = values_of(extract_figure(report))
+    modules = {f"{m.name}.weight": m for m in report.modules}
+    left = {n: m.output.after / m.output.before for n, m in modules.items() if m.output is not None}
+    want, _ = expected_grid(left)
+    np.testing.assert_array_equal(np.ma.filled(drawn["output error left (share of E‖ΔW·x‖²)"], np.nan), want)
+    (title,) = [t for t in drawn if t.startswith("output error at the rank chosen")]
+    assert drawn[title]["modules"] == [max(m.output.after, 1e-12) for m in report.modules if m.output is not None]
+    assert all(m.output is not None and m.output.after <= m.output.plain_svd for m in report.modules)
+
+
 def test_extract_plot_says_where_it_wrote_and_sizes_in_words(tmp_path, merged):
     picture = tmp_path / "e.png"
     done = run_cli("extract", FIX_BASE, merged, "--rank", "4", "-o", tmp_path / "lora", "--plot", picture)

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from ..engine.plan import Ref
 from ..errors import InvalidOptionError, UnsupportedError
-from ..ops.whitened import Whitening
+from ..ops.whitened import RIDGE, Whitening
 
 if TYPE_CHECKING:
     from collections.abc import Mapping
@@ -89,6 +89,7 @@ class Calibration:
             "split": self.split,
             "column": self.column,
             "activations": self.model,
+            "ridge": RIDGE,  # λ = ridge × mean(diag G), added to each module's G (ops.whitened)
         }
 
 

@@ -304,7 +304,7 @@ def _against_plain(ax: Any, modules: Sequence[ModuleStats]) -> None:
     (relative to E‖W·x‖², log-log): below the diagonal, calibration did better."""
     plain = [max(m.output.plain_svd, 1e-12) for m in modules if m.output is not None]
     ours = [max(m.output.after, 1e-12) for m in modules if m.output is not None]
-    ax.loglog(plain, ours, "o", ms=4, alpha=0.8, color="tab:blue")
+    ax.loglog(plain, ours, "o", ms=4, alpha=0.8, color="tab:blue", label="modules")
     low, high = min(plain + ours), max(plain + ours)
     ax.plot([low, high], [low, high], "--", color="grey", lw=1)
     better = sum(o < p for o, p in zip(ours, plain, strict=True))

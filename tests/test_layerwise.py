@@ -1,0 +1,83 @@
+"""calibration.layerwise: the moments of every module's inputs, gathered with one decoder layer in memory at a
+time, equal those of a whole-model forward with hooks (the oracle: transformers' own model run whole)."""
+
+from __future__ import annotations
+
+import make_fixtures as mf
+import pytest
+import torch
+
+from lorasurgeon.calibration.layerwise import TOKENS, gather
+from lorasurgeon.errors import UnsupportedError
+from lorasurgeon.io.checkpoint import open_checkpoint
+from lorasurgeon.io.sidecar import read_config
+from lorasurgeon.io.spool import SpoolWriter
+from lorasurgeon.names import model_names
+
+SAMPLES = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 11, 5)]
+
+
+def hooked_moments(model) -> dict[str, torch.Tensor]:
+    from transformers.pytorch_utils import Conv1D
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def record(_m, args, _o):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+
+        return record
+
+    for name, mod in model.named_modules():
+        if isinstance(mod, torch.nn.Linear | Conv1D):
+            mod.register_forward_hook(hook(name))
+    with torch.no_grad():
+        for s in SAMPLES:
+            model(input_ids=torch.tensor([s]), use_cache=False)
+    return {k: (sums[k] / rows[k]).float() for k in sums}
+
+
+@pytest.mark.parametrize("config", ["llama tied", "llama", "gpt2"])
+def test_layer_by_layer_moments_equal_a_whole_model_forward_with_hooks(tmp_path, config):
+    cfg = mf.gpt2_config() if config == "gpt2" else mf.llama_config(tied=config == "llama tied", layers=3)
+    model = mf.build_model(cfg, seed=0).eval()
+    mf.save_model(model, tmp_path / "m")
+    want = hooked_moments(model)
+    ckpt = open_checkpoint(tmp_path / "m")
+    spool = SpoolWriter(tmp_path / "out", prefix="moments")
+    try:
+        got = gather(ckpt, model_names(ckpt.names(), read_config(ckpt)), read_config(ckpt), SAMPLES, spool)
+        assert set(got.moments) == set(want)  # every Linear (Conv1D) the model has, the head included
+        for module, key in got.moments.items():
+            assert torch.equal(spool.read(key), want[module]), module
+        counts = spool.read(TOKENS)
+        assert counts.shape == (256,) and float(counts.sum()) == sum(map(len, SAMPLES)) == got.tokens
+        assert got.layers == (cfg.n_layer if config == "gpt2" else 3)
+        # q, k and v read one tensor: its moment is spooled once
+        assert len(set(got.moments.values())) < len(got.moments) or config == "gpt2"
+    finally:
+        spool.abort()
+        ckpt.close()
+
+
+def test_a_model_transformers_converts_on_load_is_refused_by_name(tmp_path):
+    """Weights the files hold under other names (fused MoE experts) cannot be loaded layer by layer as they are."""
+    from transformers import Qwen2MoeConfig
+
+    cfg = Qwen2MoeConfig(
+        vocab_size=256, hidden_size=32, intermediate_size=32, moe_intermediate_size=16,
+        shared_expert_intermediate_size=16, num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1,
+        num_experts=2, num_experts_per_tok=1,
+    )  # fmt: skip
+    mf.save_model(mf.build_model(cfg, seed=0), tmp_path / "moe")
+    ckpt = open_checkpoint(tmp_path / "moe")
+    spool = SpoolWriter(tmp_path / "out", prefix="moments")
+    try:
+        with pytest.raises(UnsupportedError, match="calibrating it is not supported"):
+            gather(ckpt, model_names(ckpt.names(), read_config(ckpt)), read_config(ckpt), SAMPLES, spool)
+    finally:
+        spool.abort()
+        ckpt.close()
