@@ -16,6 +16,8 @@ Computed in float32 (whatever the checkpoint's dtype), moments summed in float64
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -97,7 +99,7 @@ class _Moments:
     def spool(self, out: SpoolWriter, moments: dict[str, str]) -> None:
         """Each distinct input's E[x xᵀ] written (float32) and freed; ``moments`` told each module's key."""
         for module, total in self.sums.items():
-            out.write(module, (total / max(1, self.rows[module])).to(torch.float32).cpu())
+            out.write(module, total.div_(max(1, self.rows[module])).to(torch.float32).cpu())
         for module, owner in self.same.items():
             moments[module] = owner
         self.sums.clear()
@@ -162,6 +164,7 @@ def gather(
         calls = _catch_inputs(model, stack[0], ids)
         moments: dict[str, str] = {}
         hidden = [c[1] for c in calls]
+        calls = [(args, None, kwargs) for args, _, kwargs in calls]  # layer 0's inputs: held once, in hidden
         as_tuple = False
         if progress is not None:
             progress.start(sum(load.nbytes for load in loads[1:]))
@@ -169,6 +172,7 @@ def gather(
             _materialize(model, layer, next(tensors), dev)
             hidden, as_tuple = _run_layer(layer, f"{stack_name}.{i}", calls, hidden, out, moments)
             layer.to("meta")
+            give_back_freed_memory()
             if progress is not None:
                 progress.advance(loads[i + 1].nbytes)
         if progress is not None:
@@ -225,6 +229,24 @@ def _stream_groups(loads: list[_Load], ckpt: Checkpoint, dev: torch.device) -> I
             close()
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc: nothing to give back this way
+        return None
+
+
+def give_back_freed_memory() -> None:
+    """Return the heap a layer freed to the system (glibc's malloc_trim). Without it glibc keeps it: its adaptive
+    mmap threshold puts every tensor under 32 MiB on the heap, and the freed space, interleaved with what lives
+    on (the next layer's activations, read buffers), is neither returned nor fully reused -- memory grew by
+    40-80 MiB a layer (benchmarks/bench_calibration.py) where the live tensors did not grow at all."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
 def _load_outside(model: Any, stack_name: str, stack: Any, tensors: dict[str, torch.Tensor], dev: torch.device) -> None:
     """Everything but the layers made real on ``dev``: the stack set aside (it stays on meta), the rest emptied,
     its computed buffers (rotary tables) made by the model's own initializer as from_pretrained makes them, its
@@ -247,7 +269,7 @@ def _materialize(model: Any, module: Any, tensors: dict[str, torch.Tensor], dev:
     for mod in module.modules():
         if getattr(mod, "_non_persistent_buffers_set", None):
             model._init_weights(mod)
-    missing, unexpected = module.load_state_dict(tensors, strict=False)
+    missing, unexpected = module.load_state_dict(tensors, strict=False, assign=True)  # no second copy
     missing = [m for m in missing if not _tied_in(model, module, m)]
     if missing or unexpected:
         raise UnsupportedError(

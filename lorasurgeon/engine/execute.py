@@ -469,6 +469,7 @@ def stream(
             outcome = compute(op, item.tensors, dev)
             del item
             yield from outcome.outputs
+            del outcome  # not held while the next op is read and computed
     finally:
         stages.stop.set()  # done, failed, or closed by the caller: the reader stops within one op
         stages.join()
