@@ -15,12 +15,12 @@ import os
 import re
 import sys
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
-from ..errors import InputNotFoundError, LorasurgeonError
-from .source import is_transport_error, offline
+from ..errors import InputNotFoundError
+from .source import hub_errors, offline
 
 SPLIT_KEYWORDS = {
     "train": ("train", "training"),
@@ -118,7 +118,7 @@ class DatasetSplit:
             return self.folder / file
         from huggingface_hub import hf_hub_download
 
-        with _hub_errors(self.repo_id, self.name), _quiet():
+        with _errors(self.repo_id, self.name), _quiet():
             endpoint, token = _endpoint_and_token()
             return Path(
                 hf_hub_download(
@@ -138,7 +138,7 @@ def open_split(repo_id: str, revision: str | None, split: str) -> DatasetSplit:
     from huggingface_hub import HfApi, snapshot_download
 
     name = repo_id + (f"@{revision}" if revision else "")
-    with _hub_errors(repo_id, name), _quiet():
+    with _errors(repo_id, name), _quiet():
         if offline():
             folder = Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, local_files_only=True))
             files = [p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()]
@@ -169,42 +169,7 @@ def _quiet() -> Iterator[None]:
             enable_progress_bars()
 
 
-@contextmanager
-def _hub_errors(repo_id: str, name: str) -> Iterator[None]:
-    """huggingface_hub's and the network's errors as one-line LorasurgeonErrors (as ``hub.source`` maps a
-    model repo's)."""
-    from huggingface_hub import errors as hf
-
-    try:
-        yield
-    except LorasurgeonError:
-        raise
-    except hf.GatedRepoError:
-        raise LorasurgeonError(
-            f"--calibration {name}: this dataset is gated: accept its terms on the Hub, then set HF_TOKEN"
-        ) from None
-    except hf.RevisionNotFoundError:
-        raise InputNotFoundError(f"--calibration {name}: no such revision of the dataset on the Hub") from None
-    except hf.RepositoryNotFoundError:
-        raise InputNotFoundError(
-            f"--calibration {repo_id}: not a local file or folder, and no such dataset on the Hub (private? set "
-            "HF_TOKEN)"
-        ) from None
-    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
-        raise InputNotFoundError(
-            f"--calibration {name}: offline (HF_HUB_OFFLINE) and not in the local cache; download it once online"
-        ) from None
-    except hf.HfHubHTTPError as exc:
-        raise LorasurgeonError(f"--calibration {name}: the Hub answered {str(exc).splitlines()[0]}") from None
-    except OSError as exc:  # connection refused, DNS, disk
-        raise LorasurgeonError(
-            f"--calibration {name}: cannot download from the Hub ({exc.__class__.__name__}: {exc})"
-        ) from None
-    except Exception as exc:  # httpx transport errors are not OSErrors
-        if is_transport_error(exc):
-            endpoint = os.environ.get("HF_ENDPOINT") or "huggingface.co"
-            raise LorasurgeonError(
-                f"--calibration {name}: no such local file or folder, and the Hub at {endpoint}, where it would be a "
-                f"dataset id, cannot be reached ({exc})"
-            ) from None
-        raise
+def _errors(repo_id: str, name: str) -> AbstractContextManager[None]:
+    """The Hub's and the network's errors as one-line LorasurgeonErrors, as ``hub.source`` maps a model repo's."""
+    missing = f"{repo_id}: not a local file or folder, and no such dataset on the Hub"
+    return hub_errors(name, missing, kind="dataset", label="--calibration ")

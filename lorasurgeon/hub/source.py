@@ -14,6 +14,8 @@ import fnmatch
 import os
 import re
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -120,14 +122,52 @@ def download(repo_id: str, revision: str | None) -> Path:
             enable_progress_bars()
 
 
+@contextmanager
+def hub_errors(name: str, missing: str, *, kind: str = "repo", label: str = "") -> Iterator[None]:
+    """huggingface_hub's and the network's errors as one-line LorasurgeonErrors: ``name`` is what the user gave
+    (repo[@revision]), ``missing`` what a repo the Hub does not have is (its line, before the HF_TOKEN hint),
+    ``kind`` repo or dataset, ``label`` the option it was given to ("--calibration ")."""
+    from huggingface_hub import errors as hf
+
+    what = f"{label}{name}"
+    try:
+        yield
+    except LorasurgeonError:
+        raise
+    except hf.GatedRepoError:
+        raise LorasurgeonError(
+            f"{what}: this {kind} is gated: accept its terms on the Hub, then set HF_TOKEN"
+        ) from None
+    except hf.RevisionNotFoundError:
+        of = "" if kind == "repo" else f" of the {kind}"
+        raise InputNotFoundError(f"{what}: no such revision{of} on the Hub") from None
+    except hf.RepositoryNotFoundError:
+        raise InputNotFoundError(f"{label}{missing} (private? set HF_TOKEN)") from None
+    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
+        raise InputNotFoundError(
+            f"{what}: offline (HF_HUB_OFFLINE) and not in the local cache; download it once online"
+        ) from None
+    except hf.HfHubHTTPError as exc:
+        raise LorasurgeonError(f"{what}: the Hub answered {str(exc).splitlines()[0]}") from None
+    except OSError as exc:  # connection refused, DNS, disk
+        raise LorasurgeonError(f"{what}: cannot download from the Hub ({exc.__class__.__name__}: {exc})") from None
+    except Exception as exc:  # httpx transport errors are not OSErrors
+        if is_transport_error(exc):
+            endpoint = os.environ.get("HF_ENDPOINT") or "huggingface.co"
+            raise LorasurgeonError(
+                f"{what}: no such local file or folder, and the Hub at {endpoint}, where it would be a {kind} id, "
+                f"cannot be reached ({exc})"
+            ) from None
+        raise
+
+
 def _download(repo_id: str, revision: str | None) -> Path:
     from huggingface_hub import HfApi, snapshot_download
-    from huggingface_hub import errors as hf
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or None
     name = repo_id + (f"@{revision}" if revision else "")
-    try:
+    with hub_errors(name, f"{repo_id}: not a local path, and not found on the Hub"):
         if offline():
             return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
         info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
@@ -139,26 +179,3 @@ def _download(repo_id: str, revision: str | None) -> Path:
         return Path(
             snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint, token=token)
         )
-    except hf.GatedRepoError:
-        raise LorasurgeonError(f"{name}: this repo is gated: accept its terms on the Hub, then set HF_TOKEN") from None
-    except hf.RevisionNotFoundError:
-        raise InputNotFoundError(f"{name}: no such revision on the Hub") from None
-    except hf.RepositoryNotFoundError:
-        raise InputNotFoundError(
-            f"{repo_id}: not a local path, and not found on the Hub (private? set HF_TOKEN)"
-        ) from None
-    except (hf.LocalEntryNotFoundError, hf.OfflineModeIsEnabled):
-        raise InputNotFoundError(
-            f"{name}: offline (HF_HUB_OFFLINE) and not in the local cache; download it once online"
-        ) from None
-    except hf.HfHubHTTPError as exc:
-        raise LorasurgeonError(f"{name}: the Hub answered {str(exc).splitlines()[0]}") from None
-    except OSError as exc:  # connection refused, DNS, disk
-        raise LorasurgeonError(f"{name}: cannot download from the Hub ({exc.__class__.__name__}: {exc})") from None
-    except Exception as exc:  # httpx transport errors are not OSErrors
-        if is_transport_error(exc):
-            raise LorasurgeonError(
-                f"{name}: no such local file or folder, and the Hub at {endpoint or 'huggingface.co'}, where it would "
-                f"be a repo id, cannot be reached ({exc})"
-            ) from None
-        raise
