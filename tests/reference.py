@@ -66,3 +66,32 @@ def logits(model, ids: torch.Tensor = IDS) -> torch.Tensor:
         g = torch.Generator().manual_seed(0)
         return model(pixel_values=torch.randn(2, 3, 32, 32, generator=g)).logits.float()
     return model(input_ids=ids).logits.float()
+
+
+def input_moments(model, samples) -> dict[str, torch.Tensor]:
+    """E[x xᵀ] (float64) of every Linear's (and GPT-2's Conv1D's) inputs over ``samples`` (each a (1, L) tensor of
+    token ids): the model run whole, with forward hooks -- what calibration gathers layer by layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def hook(name):
+        def record(_m, args, _o):
+            x = args[0].reshape(-1, args[0].shape[-1]).double()
+            sums[name] = sums.get(name, 0) + x.T @ x
+            rows[name] = rows.get(name, 0) + x.shape[0]
+
+        return record
+
+    handles = [
+        m.register_forward_hook(hook(n)) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear | Conv1D)
+    ]
+    try:
+        with torch.no_grad():
+            for x in samples:
+                model(input_ids=x, use_cache=False)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {k: sums[k] / rows[k] for k in sums}

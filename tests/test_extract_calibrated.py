@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import FIX_ADAPTER, FIX_BASE, byte_tokenizer, one_line_error, run_cli
-from reference import peft_model
+from reference import input_moments, peft_model
 from safetensors.torch import load_file
 
 import lorasurgeon as ls
@@ -77,24 +77,7 @@ def whole_model_moments(model_dir: Path, texts: list[str]) -> dict[str, torch.Te
     import transformers
 
     model = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-
-    def hook(name):
-        def record(_m, args, _o):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            rows[name] = rows.get(name, 0) + x.shape[0]
-
-        return record
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear):
-            mod.register_forward_hook(hook(name))
-    with torch.no_grad():
-        for x in ids_of(texts):
-            model(input_ids=x, use_cache=False)
-    return {k: sums[k] / rows[k] for k in sums}
+    return input_moments(model, ids_of(texts))
 
 
 def closed_form(delta: torch.Tensor, g: torch.Tensor, rank: int) -> torch.Tensor:
@@ -270,10 +253,7 @@ def merged_model_moments(texts: list[str]) -> dict[str, torch.Tensor]:
 def test_resize_calibrated_is_the_closed_form_on_the_merged_models_moments(tuned, tmp_path):
     """resize --calibration --base: each module's rank-2 factors of its own s·B·A, best on the inputs the base with
     the adapter merged in sees -- the dense closed form of that weighted problem, formed here."""
-    home = tmp_path / "base"
-    shutil.copytree(FIX_BASE, home)
-    byte_tokenizer(home)
-    report = ls.resize(FIX_ADAPTER, tmp_path / "r2", rank=2, base=home, calibration=prompts(tuned))
+    report = ls.resize(FIX_ADAPTER, tmp_path / "r2", rank=2, base=FIX_BASE, calibration=prompts(tuned))
     moments = merged_model_moments(CALIBRATION)
     before = load_file(FIX_ADAPTER / "adapter_model.safetensors")
     after = load_file(tmp_path / "r2" / "adapter_model.safetensors")
@@ -314,9 +294,6 @@ def test_resize_and_combine_calibration_mistakes(tuned, tmp_path):
 
 
 def test_combine_calibrated_leaves_less_output_error_than_the_plain_svd_at_every_module(tuned, tmp_path):
-    home = tmp_path / "base"
-    shutil.copytree(FIX_BASE, home)
-    byte_tokenizer(home)
     r = run_cli(
         "combine",
         FIX_ADAPTER,
@@ -328,7 +305,7 @@ def test_combine_calibrated_leaves_less_output_error_than_the_plain_svd_at_every
         "--rank",
         "3",
         "--base",
-        home,
+        FIX_BASE,  # it carries a tokenizer
         "--calibration",
         prompts(tuned),
         "--calibration-model",

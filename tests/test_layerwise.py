@@ -6,6 +6,7 @@ from __future__ import annotations
 import make_fixtures as mf
 import pytest
 import torch
+from reference import input_moments
 
 from lorasurgeon.calibration.layerwise import TOKENS, gather
 from lorasurgeon.errors import UnsupportedError
@@ -17,35 +18,12 @@ from lorasurgeon.names import model_names
 SAMPLES = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (7, 11, 5)]
 
 
-def hooked_moments(model) -> dict[str, torch.Tensor]:
-    from transformers.pytorch_utils import Conv1D
-
-    sums: dict[str, torch.Tensor] = {}
-    rows: dict[str, int] = {}
-
-    def hook(name):
-        def record(_m, args, _o):
-            x = args[0].reshape(-1, args[0].shape[-1]).double()
-            sums[name] = sums.get(name, 0) + x.T @ x
-            rows[name] = rows.get(name, 0) + x.shape[0]
-
-        return record
-
-    for name, mod in model.named_modules():
-        if isinstance(mod, torch.nn.Linear | Conv1D):
-            mod.register_forward_hook(hook(name))
-    with torch.no_grad():
-        for s in SAMPLES:
-            model(input_ids=torch.tensor([s]), use_cache=False)
-    return {k: (sums[k] / rows[k]).float() for k in sums}
-
-
 @pytest.mark.parametrize("config", ["llama tied", "llama", "gpt2"])
 def test_layer_by_layer_moments_equal_a_whole_model_forward_with_hooks(tmp_path, config):
     cfg = mf.gpt2_config() if config == "gpt2" else mf.llama_config(tied=config == "llama tied", layers=3)
     model = mf.build_model(cfg, seed=0).eval()
     mf.save_model(model, tmp_path / "m")
-    want = hooked_moments(model)
+    want = {k: v.float() for k, v in input_moments(model, [torch.tensor([s]) for s in SAMPLES]).items()}
     ckpt = open_checkpoint(tmp_path / "m")
     spool = SpoolWriter(tmp_path / "out", prefix="moments")
     try:

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from ..io.spool import SpoolWriter
     from ..names import ModelNames
     from .layerwise import Gathered
+    from .samples import Samples
 else:
     from .._lazy import torch
 
@@ -145,12 +146,29 @@ class Measured:
 def tokenizer_folder(*folders: Path) -> Path:
     """The first of ``folders`` (the fine-tune's, then the base's) that holds a tokenizer; the first if none does
     (reading the samples then refuses by name)."""
+    from .samples import TOKENIZER_FILES
+
     for folder in folders:
         folder = folder if folder.is_dir() else folder.parent
-        if any((folder / name).is_file() for name in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
+        if any((folder / name).is_file() for name in TOKENIZER_FILES):
             return folder
     first = folders[0]
     return first if first.is_dir() else first.parent
+
+
+def samples_for(calibration: Calibration, folders: tuple[Path, ...]) -> Samples:
+    """The calibration's samples, tokenized by the first of ``folders`` that holds a tokenizer (what a dry run
+    checks, and the run measures on)."""
+    from .samples import read_samples
+
+    return read_samples(
+        calibration.source,
+        tokenizer_folder(*folders),
+        samples=calibration.samples,
+        max_length=calibration.max_length,
+        split=calibration.split,
+        column=calibration.column,
+    )
 
 
 def measure(
@@ -173,19 +191,11 @@ def measure(
             cannot be run this way (each by name).
     """
     from .layerwise import gather
-    from .samples import read_samples
 
     try:
         import transformers  # noqa: F401  (the model is transformers' own class)
     except ImportError:
         raise UnsupportedError("--calibration runs the model with transformers: pip install transformers") from None
-    samples = read_samples(
-        calibration.source,
-        tokenizer_folder(*folders),
-        samples=calibration.samples,
-        max_length=calibration.max_length,
-        split=calibration.split,
-        column=calibration.column,
-    )
+    samples = samples_for(calibration, folders)
     gathered = gather(model, names, config, samples.ids, out, device=device, progress=progress)
     return Measured(gathered, samples.source, whose)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ...adapter.formats.registry import adapter_writer
-from ...calibration import measure, tokenizer_folder
+from ...calibration import measure, samples_for
 from ...engine.execute import Progress
 from ...engine.execute import run as engine_run
 from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
@@ -207,17 +207,8 @@ def dry_report(planned: Planned, origin: Origin, settings: ExtractSettings) -> E
     )
     notes = [compared, *planned.read_as, *(o.note for o in ops if o.note)]
     if settings.calibration is not None:  # the samples are read (and checked); the model is not run
-        from ...calibration.samples import read_samples
-
         cal = settings.calibration
-        samples = read_samples(
-            cal.source,
-            tokenizer_folder(*planned.folders),
-            samples=cal.samples,
-            max_length=cal.max_length,
-            split=cal.split,
-            column=cal.column,
-        )
+        samples = samples_for(cal, planned.folders)
         whose = "the base's" if cal.model == "base" else "the fine-tune's"
         notes.append(f"would calibrate on {samples.source}: {whose} activations, measured layer by layer")
     nothing = Totals(0, 0, 0.0, 0.0, 0.0, "", [])
