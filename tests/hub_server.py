@@ -5,7 +5,8 @@ use: repo info, tree listing, file resolve (HEAD/GET), repo creation, pre-upload
 (every file is "regular": inlined base64, no LFS/Xet). Repos live in memory as commits of
 {path: bytes}. Dataset repos (``add_folder(..., repo_type="dataset")``) are read through the same
 endpoints under ``/api/datasets/`` and ``/datasets/``. It records every request, so tests can check
-what was downloaded.
+what was downloaded; a file's GET honours ``Range: bytes=a-b`` (206), the bytes each file's GETs sent are
+counted (``served``), and ``drop`` cuts that many of the next file responses off halfway, closing the connection.
 """
 
 from __future__ import annotations
@@ -41,6 +42,14 @@ class Repo:
         return self.refs.get(rev) or (rev if rev in self.commits else None)
 
 
+class _Quiet(ThreadingHTTPServer):
+    def handle_error(self, request, client_address) -> None:  # a client that hangs up mid-file is no news
+        import sys
+
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 class HubStandIn:
     """Start with ``with HubStandIn() as hub:``; ``hub.url`` is the endpoint."""
 
@@ -52,7 +61,12 @@ class HubStandIn:
         self.validated: list[str] = []  # README.md contents upload_folder asked to validate
         self.tokens: set[str] | None = None  # the tokens the Hub knows (None: any token is a user's)
         self.read_only_orgs: set[str] = set()  # namespaces the user cannot create repos in
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
+        self.served: dict[str, int] = {}  # a file's path in its repo -> the bytes its GETs sent
+        self.ranges: list[tuple[str, str | None]] = []  # (path, the Range header) of every file GET
+        self.drop = 0  # the next file responses cut off halfway (connection closed), then served whole
+        self.serve_ranges = True  # False: a Range header is ignored (200, the whole file), as some servers do
+        self.lock = threading.Lock()
+        self._server = _Quiet(("127.0.0.1", 0), self._handler())
         self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
         self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
 
@@ -158,7 +172,10 @@ class HubStandIn:
                                 "id": f"{parts[2]}/{parts[3]}",
                                 "sha": sha,
                                 "private": repo.private,
-                                "siblings": [{"rfilename": p} for p in sorted(files)],
+                                "siblings": [
+                                    {"rfilename": p, **({"size": len(d)} if "blobs=true" in url.query else {})}
+                                    for p, d in sorted(files.items())
+                                ],
                             },
                         )
                     return self._send(
@@ -174,7 +191,7 @@ class HubStandIn:
                     data = repo.commits[sha].get(path)
                     if data is None:
                         return self._error(404, "EntryNotFound", f"{path} not found", head)
-                    return self._send(200, data, {"X-Repo-Commit": sha, "ETag": f'"{_sha(data)}"'}, head)
+                    return self._file(path, data, {"X-Repo-Commit": sha, "ETag": f'"{_sha(data)}"'}, head)
                 if parts == ["api", "repos", "create"] and method == "POST":
                     doc = json.loads(body)
                     repo_id = f"{doc['organization']}/{doc['name']}" if doc.get("organization") else doc["name"]
@@ -250,6 +267,36 @@ class HubStandIn:
                         return self._error(401, "Unauthorized", "Invalid credentials in Authorization header")
                     return self._send(200, {"type": "user", "name": "tester", "orgs": []})
                 self._error(404, "NotImplemented", f"stand-in has no {method} {url.path}")
+
+            def _file(self, path: str, data: bytes, headers: dict, head: bool) -> None:
+                """A file's bytes, or the range asked of them; counted; cut off halfway while ``drop`` lasts."""
+                wanted = self.headers.get("Range")
+                status, part = 200, data
+                if wanted and not head and hub.serve_ranges:
+                    first, _, last = wanted.removeprefix("bytes=").partition("-")
+                    start, end = int(first), min(int(last) if last else len(data) - 1, len(data) - 1)
+                    if start >= len(data):
+                        return self._error(416, "RangeNotSatisfiable", f"{wanted} of {len(data)} bytes")
+                    status, part = 206, data[start : end + 1]
+                    headers = {**headers, "Content-Range": f"bytes {start}-{end}/{len(data)}"}
+                with hub.lock:
+                    hub.ranges.append((path, wanted))
+                    cut = hub.drop > 0 and not head and len(part) > 1
+                    hub.drop -= cut
+                if not cut:
+                    with hub.lock:
+                        hub.served[path] = hub.served.get(path, 0) + (0 if head else len(part))
+                    return self._send(status, part, headers, head)
+                self.send_response(status)  # the whole length announced, half of it sent, the connection closed
+                self.send_header("Content-Length", str(len(part)))
+                for k, v in headers.items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(part[: len(part) // 2])
+                self.wfile.flush()
+                with hub.lock:
+                    hub.served[path] = hub.served.get(path, 0) + len(part) // 2
+                self.close_connection = True
 
             def _commit(self, repo_id: str, rev: str, body: bytes) -> None:
                 repo = self._repo(repo_id)

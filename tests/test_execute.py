@@ -278,3 +278,61 @@ def test_workers_mistakes_are_named(tmp_path):
         run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "o", "--workers", "2", "--device", "cuda"), "--workers"
     )
     assert not (tmp_path / "o").exists()
+
+
+def test_each_device_gets_a_worker_and_worker_i_computes_on_device_i_mod_n(tmp_path):
+    """--device with several devices: at least one worker on each, worker i on device i mod n (a meta device
+    stands in for a second GPU: the compute records where it was sent and computes on the CPU)."""
+    import threading
+
+    from lorasurgeon.engine.execute import Outcome
+
+    ckpt = make(tmp_path, n=24)
+    ops = [TensorOp(i.name, Ref(0, i.name), torch.bfloat16, i.shape, "merge") for i in ckpt.infos()]
+    seen: list[tuple[str, str]] = []
+
+    def compute(op, tensors, device):
+        seen.append((threading.current_thread().name, str(device)))
+        return Outcome([(op.name, tensors[op.src].to(torch.bfloat16))], None)
+
+    written: list[str] = []
+
+    class Sink:
+        def write(self, name, tensor):
+            written.append(name)
+
+    run(ops, [ckpt], Sink(), compute=compute, device=["cpu", "meta", "cpu"], workers=1)
+    assert written == [o.name for o in ops]
+    for thread, device in seen:
+        worker = int(thread.rsplit("-", 1)[1])  # lorasurgeon-compute-N: never the calling thread
+        assert device == ["cpu", "meta", "cpu"][worker % 3]
+
+
+@pytest.mark.parametrize(
+    ("spec", "devices"),
+    [("cpu", ["cpu"]), ("cuda:0,1", ["cuda:0", "cuda:1"]), ("cuda:1, 3", ["cuda:1", "cuda:3"]), ("cuda:2", ["cuda:2"])],
+)
+def test_device_lists(spec, devices):
+    from lorasurgeon.engine.devices import devices_of
+
+    assert devices_of(spec) == devices
+
+
+@pytest.mark.parametrize(
+    ("spec", "phrase"),
+    [("cuda:0,0", "each GPU once"), ("cpu,cuda:0", "no CPU beside"), ("tpu", "unknown device"), ("mps", "unsupported")],
+)
+def test_device_list_mistakes_are_named(tmp_path, spec, phrase):
+    from helpers import FIX_ADAPTER, FIX_BASE, one_line_error, run_cli
+
+    one_line_error(run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "o", "--device", spec), phrase)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a machine without a GPU")
+def test_gpus_asked_for_without_one_are_refused_by_name(tmp_path):
+    from helpers import FIX_ADAPTER, FIX_BASE, one_line_error, run_cli
+
+    for spec in ("cuda", "cuda:0,1"):
+        r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "o", "--device", spec)
+        one_line_error(r, "torch sees no CUDA GPU")

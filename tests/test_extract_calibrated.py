@@ -6,6 +6,7 @@ held-out text."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -320,3 +321,16 @@ def test_combine_calibrated_leaves_less_output_error_than_the_plain_svd_at_every
     assert sum(m["output"]["after"] for m in doc["modules"]) < 0.9 * sum(
         m["output"]["plain_svd"] for m in doc["modules"]
     )
+
+
+def test_fewer_tokens_than_inputs_is_warned_and_noted(tuned, tmp_path):
+    few = tmp_path / "few.txt"
+    few.write_text("a short sample\n")  # about 15 byte tokens; the MLP's down_proj has 128 inputs
+    r = run_cli("extract", FIX_BASE, tuned, "--rank", "2", "--calibration", few, "-o", tmp_path / "out")
+    assert r.exit_code == 0, r.stderr
+    said = re.search(r"warning: --calibration: (\d+) tokens for modules of up to 128 inputs", r.stderr)
+    assert said and int(said.group(1)) < 128, r.stderr
+    notes = json.loads((tmp_path / "out" / "extract_report.json").read_text())["notes"]
+    assert any(f"{said.group(1)} tokens for modules of up to 128 inputs" in n for n in notes)
+    enough = run_cli("extract", FIX_BASE, tuned, "--rank", "2", "--calibration", prompts(tuned), "-o", tmp_path / "ok")
+    assert enough.exit_code == 0 and "warning" not in enough.stderr, enough.stderr

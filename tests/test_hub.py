@@ -80,7 +80,7 @@ def test_only_the_needed_files_are_fetched(hub, tmp_path):
     (repo / "training_args.bin").write_bytes(b"\0" * 8)
     hub.add_folder("org/busy", repo)
     assert run_cli("inspect", "org/busy").exit_code == 0
-    assert sorted(p.rsplit("/", 1)[-1] for p in hub.downloaded()) == [
+    assert sorted({p.rsplit("/", 1)[-1] for p in hub.downloaded()}) == [  # the weights' headers only, by range
         "config.json",
         "generation_config.json",
         "model.safetensors",
@@ -93,7 +93,7 @@ def test_only_the_needed_files_are_fetched(hub, tmp_path):
     hub.requests.clear()
     r = run_cli("inspect", "org/sharded")
     assert r.exit_code == 0, r.stderr
-    fetched = sorted(p.rsplit("/", 1)[-1] for p in hub.downloaded())
+    fetched = sorted({p.rsplit("/", 1)[-1] for p in hub.downloaded()})
     shards = sorted(p.name for p in sharded.glob("model-*.safetensors"))
     assert fetched == sorted(["config.json", "generation_config.json", "model.safetensors.index.json", *shards])
 
@@ -250,7 +250,7 @@ def test_a_quantized_repo_fetches_only_the_weights_it_needs(hub, tmp_path):
     hub.add_folder("org/fp8", repo)
     r = run_cli("convert", "org/fp8", "--dtype", "bfloat16", "-o", tmp_path / "from_hub")
     assert r.exit_code == 0, r.stderr
-    assert sorted(p.rsplit("/", 1)[-1] for p in hub.downloaded()) == [
+    assert sorted({p.rsplit("/", 1)[-1] for p in hub.downloaded()}) == [  # the weights' headers only, by range
         "config.json",
         "generation_config.json",
         "model.safetensors",

@@ -8,12 +8,13 @@ token counts, in a scratch spool the engine reads like any checkpoint.
 from __future__ import annotations
 
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, cast, get_args
 
 from ..engine.plan import Ref
-from ..errors import InvalidOptionError, UnsupportedError
+from ..errors import InvalidOptionError, LorasurgeonWarning, UnsupportedError
 from ..ops.whitened import RIDGE, Whitening
 
 if TYPE_CHECKING:
@@ -139,7 +140,18 @@ class Measured:
         g = self.gathered
         return (
             f"calibrated on {self.source}: {self.whose} activations, measured layer by layer over {g.layers} layers "
-            f"({g.seconds:.1f} s)"
+            f"({g.seconds:.1f} s)" + (f"; {self.too_few()}" if self.too_few() else "")
+        )
+
+    def too_few(self) -> str:
+        """What is wrong with fewer tokens than a module has inputs ('' when there are enough)."""
+        g = self.gathered
+        if g.tokens >= g.widest:
+            return ""
+        return (
+            f"{g.tokens:,} tokens for modules of up to {g.widest:,} inputs: most of their input directions are never "
+            "seen, count by the ridge only, and the adapter may be worse than plain SVD's on other inputs; give more "
+            "samples (--calibration-samples, --max-length)"
         )
 
 
@@ -198,4 +210,7 @@ def measure(
         raise UnsupportedError("--calibration runs the model with transformers: pip install transformers") from None
     samples = samples_for(calibration, folders)
     gathered = gather(model, names, config, samples.ids, out, device=device, progress=progress)
-    return Measured(gathered, samples.source, whose)
+    measured = Measured(gathered, samples.source, whose)
+    if measured.too_few():
+        warnings.warn(f"--calibration: {measured.too_few()}", LorasurgeonWarning, stacklevel=2)
+    return measured

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from ..engine.devices import devices_of
 from ..engine.execute import Outcome, Progress, stream
 from ..engine.plan import Ref
 from ..errors import UnsupportedError
@@ -49,6 +50,7 @@ class Gathered:
     layers: int
     seconds: float
     vocab: int = 0  # rows of the token counts (TOKENS), the embedding's
+    widest: int = 0  # the most inputs a measured module of a layer has (its E[x xᵀ] is widest × widest)
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ def gather(
         model = meta_model(config).eval()
     except Exception as exc:  # transformers' own refusal, whatever its class
         raise UnsupportedError(f"--calibration: transformers cannot build this model ({exc})") from None
-    dev = torch.device(device)
+    dev = torch.device(devices_of(device)[0])  # the layers run in turn: on the first device given
     stack_name, stack = decoder_layers(model)
     loads = _loads(model, stack_name, stack, ckpt, names)
     tensors = _stream_groups(loads, ckpt, dev)
@@ -180,7 +182,13 @@ def gather(
         _run_head(model, stack, names, ids, hidden, as_tuple, out, moments)
     vocab = _token_counts(model, samples, out)
     tokens = sum(len(s) for s in samples)
-    return Gathered(moments, tokens, len(samples), len(stack), time.perf_counter() - start, vocab)
+    widest = max((_inputs(mod) for _, mod in linear_modules(stack[0], "")), default=0)
+    return Gathered(moments, tokens, len(samples), len(stack), time.perf_counter() - start, vocab, widest)
+
+
+def _inputs(module: Any) -> int:
+    """A Linear's in_features, a Conv1D's (its weight is held (in, out))."""
+    return int(module.weight.shape[1] if isinstance(module, torch.nn.Linear) else module.weight.shape[0])
 
 
 def _loads(model: Any, stack_name: str, stack: Any, ckpt: Checkpoint, names: ModelNames) -> list[_Load]:

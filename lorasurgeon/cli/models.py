@@ -21,6 +21,7 @@ from .options import (
     MERGING,
     NONFINITE,
     PUSH,
+    STREAM,
     WRITE,
     Job,
     option_group,
@@ -245,8 +246,17 @@ def push_cmd(
 @click.option("--overwrite", is_flag=True, help="Replace an earlier picture at the --plot path.")
 @option_group(FILTERS, DEVICE)
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@STREAM
 def diff_cmd(
-    a: str, b: str, as_json: bool, top: int, plot: str | None, overwrite: bool, quiet: bool, **options: Any
+    a: str,
+    b: str,
+    as_json: bool,
+    top: int,
+    plot: str | None,
+    overwrite: bool,
+    quiet: bool,
+    stream: bool,
+    **options: Any,
 ) -> None:
     """Compare checkpoints A and B tensor by tensor; exit 0 if identical, 1 if not, 2 on error.
 
@@ -259,6 +269,7 @@ def diff_cmd(
     from ..commands._inputs import Output
     from ..commands.diff import DiffSettings, run
 
-    report = run(a, b, Output(plot, overwrite, progress=progress_bar(quiet)), DiffSettings.parse(**options))
+    out = Output(plot, overwrite, progress=progress_bar(quiet), stream=stream)
+    report = run(a, b, out, DiffSettings.parse(**options))
     click.echo(json.dumps(report.to_dict(), indent=2) if as_json else report.table(top))
     sys.exit(report.exit_code)

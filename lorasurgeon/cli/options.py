@@ -33,8 +33,17 @@ def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 # --- the option groups -------------------------------------------------------------------------
+STREAM = click.option(
+    "--stream",
+    is_flag=True,
+    help="Read a Hub input's weights in place, by HTTP range, as they are needed, instead of downloading them: "
+    "the disk holds the result only.",
+)
+
+
 def write_options(out_help: str = "Result folder.") -> Callable[[F], F]:
-    """-o, --overwrite, --dry-run, --quiet; ``out_help``: what -o is, where a command writes something else."""
+    """-o, --overwrite, --dry-run, --quiet, --stream; ``out_help``: what -o is, where a command writes something
+    else."""
     return option_group(
         click.option("-o", "--output", "out", required=True, type=click.Path(), help=out_help),
         click.option(
@@ -44,6 +53,7 @@ def write_options(out_help: str = "Result folder.") -> Callable[[F], F]:
         ),
         click.option("--dry-run", is_flag=True, help="Print the plan; write nothing."),
         click.option("--quiet", "-q", is_flag=True, help="No progress bar or report."),
+        STREAM,
     )
 
 
@@ -144,11 +154,12 @@ class Job:
     quiet: bool = False
     push_to_hub: str | None = None
     private: bool = False
+    stream: bool = False
 
     @classmethod
     def pop(cls, options: dict[str, Any]) -> Job:
         """The shared options, removed from ``options``; a --push-to-hub target checked now."""
-        fields = ("out", "overwrite", "dry_run", "quiet", "push_to_hub", "private")
+        fields = ("out", "overwrite", "dry_run", "quiet", "push_to_hub", "private", "stream")
         job = cls(**{f: options.pop(f) for f in fields if f in options})
         check_push(job.push_to_hub, job.dry_run)
         return job
@@ -157,7 +168,7 @@ class Job:
         """Where the command writes, with the progress bar unless --quiet (or --dry-run)."""
         from ..commands._inputs import Output
 
-        return Output(self.out, self.overwrite, self.dry_run, progress_bar(self.quiet, self.dry_run))
+        return Output(self.out, self.overwrite, self.dry_run, progress_bar(self.quiet, self.dry_run), self.stream)
 
     def finish(self, report: Any) -> None:
         """Print the report, then push the result if asked."""

@@ -21,6 +21,7 @@ from ..adapter.formats.gguf import FORMAT as GGUF
 from ..adapter.formats.registry import Probe, claiming, is_adapter
 from ..adapter.names import AUGMENTED_SUFFIX
 from ..adapter.weights import LoraAdapter, adapter_of
+from ..engine.devices import check_devices
 from ..engine.execute import Progress
 from ..errors import IncompatibleError, InvalidOptionError, UnsupportedError
 from ..formats.layout import QuantLayout, dequantized, find_layout
@@ -47,12 +48,20 @@ class Output:
         overwrite: replace what is at ``path`` if it is an earlier lorasurgeon result (or empty).
         dry_run: plan only: headers are read, nothing is written.
         progress: told the bytes to handle and each tensor done.
+        stream: a Hub input's weights read in place, by range, as the plan reads them, instead of downloaded
+            (a dry run reads a Hub input's headers so, always).
     """
 
     path: str | os.PathLike[str] | None
     overwrite: bool = False
     dry_run: bool = False
     progress: Progress | None = None
+    stream: bool = False
+
+    @property
+    def in_place(self) -> bool:
+        """Whether Hub inputs' weights are read in place (by range) rather than downloaded."""
+        return self.dry_run or self.stream
 
     def where(self) -> str | os.PathLike[str]:
         """The path to write to: refused by name when there is none (only a dry run goes without)."""
@@ -71,12 +80,18 @@ class Input:
 
 
 def prepare(
-    inputs: Sequence[Input], out: str | os.PathLike[str] | None, *, command: str, overwrite: bool, device: str
+    inputs: Sequence[Input],
+    out: str | os.PathLike[str] | None,
+    *,
+    command: str,
+    overwrite: bool,
+    device: str,
+    in_place: bool = False,
 ) -> list[Source]:
     """Every command's first step, before any tensor is read: resolve each input (a path, or a Hub repo
     id), check its kind (the first one's message names swapped arguments), check the output's place
     and the device. Returns the resolved inputs, in order."""
-    with open_inputs(inputs, out, command=command, overwrite=overwrite, device=device) as opened:
+    with open_inputs(inputs, out, command=command, overwrite=overwrite, device=device, in_place=in_place) as opened:
         return [o.source for o in opened]
 
 
@@ -106,11 +121,18 @@ class OpenedInputs(list[Opened]):
 
 
 def open_inputs(
-    inputs: Sequence[Input], out: str | os.PathLike[str] | None, *, command: str, overwrite: bool, device: str
+    inputs: Sequence[Input],
+    out: str | os.PathLike[str] | None,
+    *,
+    command: str,
+    overwrite: bool,
+    device: str,
+    in_place: bool = False,
 ) -> OpenedInputs:
     """:func:`prepare`, keeping open the checkpoint of each input whose kind it checked, for the command to
-    read instead of opening it again. The caller closes them (``with``); on an error they are closed here."""
-    sources = [resolve_source(i.spec) for i in inputs]
+    read instead of opening it again. The caller closes them (``with``); on an error they are closed here.
+    ``in_place``: Hub inputs' weights are read by range, not downloaded (hub.stream)."""
+    sources = [resolve_source(i.spec, in_place=in_place) for i in inputs]
     opened = OpenedInputs()
     based: dict[int, AdapterFormat] = {}  # adapters read against the base, once every other input is open
     try:
@@ -308,16 +330,8 @@ def parse_shard_size(text: str | int | None) -> int | None:
 
 
 def check_device(device: str) -> None:
-    if device == "cpu":  # known without asking torch (and without importing it)
-        return
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise InvalidOptionError(f"unknown device {device!r}: use cpu, cuda or cuda:N") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise InvalidOptionError(f"device {device!r} asked for, but torch sees no CUDA GPU")
-    if dev.type not in ("cpu", "cuda"):
-        raise InvalidOptionError(f"unsupported device {device!r}: use cpu, cuda or cuda:N")
+    """cpu, cuda (every GPU torch sees), cuda:N or cuda:0,1,... (engine.devices), each one torch sees."""
+    check_devices(device)
 
 
 def plain_weights(

@@ -73,7 +73,7 @@ def check(adapter: str | os.PathLike[str], *, consumer: str, base: str | os.Path
     """
     rules = consumer_named(consumer)
     inputs = with_base([adapter], base)
-    with open_inputs(inputs, None, command="check", overwrite=False, device="cpu") as opened:
+    with open_inputs(inputs, None, command="check", overwrite=False, device="cpu", in_place=True) as opened:
         (loaded,) = adapters_of(opened[-1:])
     source = opened[-1].source
     try:

@@ -293,6 +293,7 @@ def diff(
     seed: int = 0,
     plot: str | os.PathLike[str] | None = None,
     overwrite: bool = False,
+    stream: bool = False,
     progress: Progress | None = None,
 ) -> DiffReport:
     """Compare two checkpoints tensor by tensor (any layouts the reader supports), streamed.
@@ -307,6 +308,7 @@ def diff(
         plot: a picture to write (.png, .pdf, .svg; needs matplotlib): a layers × module-kind heatmap of
             relative change (and of rank_90 with ``rank_profile``), the tensors outside the layers apart.
         overwrite: replace an earlier picture at ``plot``.
+        stream: a Hub input's weights read in place, by HTTP range, instead of downloaded.
         progress: told the bytes to read and each tensor done.
 
     Returns:
@@ -322,7 +324,7 @@ def diff(
     settings = DiffSettings.parse(
         rank_profile=rank_profile, atol=atol, include=include, exclude=exclude, device=device, seed=seed
     )
-    return run(a, b, Output(plot, overwrite, progress=progress), settings)
+    return run(a, b, Output(plot, overwrite, progress=progress, stream=stream), settings)
 
 
 @dataclass(frozen=True)
@@ -357,7 +359,9 @@ def run(a: str | os.PathLike[str], b: str | os.PathLike[str], out: Output, setti
     :func:`diff` builds its two objects for, and the CLI calls."""
     picture = check_plot_path(out.path, [a, b], overwrite=out.overwrite)
     device, keep = settings.device, settings.names
-    src_a, src_b = prepare([Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device)
+    src_a, src_b = prepare(
+        [Input(a, "A"), Input(b, "B")], None, command="diff", overwrite=False, device=device, in_place=out.stream
+    )
     with open_checkpoint(src_a.path) as raw_a, open_checkpoint(src_b.path) as raw_b:
         # a quantized checkpoint is compared by its values (dequantized), not its stored codes
         ca, _ = plain_weights(raw_a, read_config(raw_a), role=f"{src_a.label}: A")

@@ -98,7 +98,7 @@ def inspect(path: str | os.PathLike[str]) -> CheckpointReport:
         AdapterConfigError: an adapter whose adapter_config.json is invalid.
         UnsupportedError: a .gguf, without the gguf package installed.
     """
-    root = resolve(path)
+    root = resolve(path, in_place=True)  # a Hub repo's headers by range: no weights downloaded
     if is_gguf(root):
         return _gguf_report(root)
     ckpt = open_checkpoint(root)

@@ -25,6 +25,7 @@ from ..errors import LorasurgeonError
 from ..io.buffers import ReadBuffers
 from ..io.checkpoint import FileSlice, TensorInfo
 from ..io.dtypes import itemsize
+from .devices import devices_of
 from .plan import Op, Ref
 
 if TYPE_CHECKING:
@@ -267,7 +268,7 @@ def run(
     sink: Sink,
     *,
     compute: Compute[OpT, InfoT],
-    device: str = "cpu",
+    device: str | Sequence[str] = "cpu",
     progress: Progress | None = None,
     read_ahead: int = READ_AHEAD_BYTES,
     unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None = None,
@@ -285,47 +286,53 @@ def run(
     to the writer in plan order; at most ``workers`` results wait for their turn, so memory stays
     bounded by a few tensors per worker. ``threads``: torch's intra-op threads while the run computes
     (torch's own setting, process-wide, put back afterwards); None leaves it as it is.
+
+    ``device``: one device, several (``cuda:0,1``; ``cuda``: every GPU, engine.devices) or a list of them:
+    at least one worker on each, worker *i* on device *i* mod *n*.
     """
     start = time.perf_counter()
     stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=True, tolerate_unreadable=unreadable is not None)
-    job = _Run(stages, sink, _Compute(compute, device, threads, unreadable), progress, workers)
+    devices = devices_of(device) if isinstance(device, str) else list(device)
+    job = _Run(stages, sink, _Compute(compute, devices, threads, unreadable), progress, max(workers, len(devices)))
     written, infos = job.execute()
     return ExecStats(len(ops), written, time.perf_counter() - start, tuple(infos), dict(stages.seconds))
 
 
 class _Compute(Generic[OpT, InfoT]):
-    """What computing one fetched op takes: the compute function, its device (made, and torch's threads set,
-    when the first tensor is computed), and the report of an unreadable input."""
+    """What computing one fetched op takes: the compute function, the devices (worker *i* computes on device
+    *i* mod *n*; torch's threads set when the first tensor is computed), and the report of an unreadable input."""
 
     def __init__(
         self,
         compute: Compute[OpT, InfoT],
-        device: str,
+        devices: list[str],
         threads: int | None,
         unreadable: Callable[[OpT, LorasurgeonError], InfoT] | None,
     ):
-        self.compute, self.device, self.threads, self.unreadable = compute, device, threads, unreadable
-        self._dev: torch.device | None = None
+        self.compute, self.devices, self.threads, self.unreadable = compute, devices, threads, unreadable
+        self._made: dict[int, torch.device] = {}
         self._previous_threads: int | None = None
         self._lock = threading.Lock()
 
-    def _device(self) -> torch.device:
+    def _device(self, worker: int) -> torch.device:
         with self._lock:
-            if self._dev is None:
-                if self.threads is not None:
-                    self._previous_threads = torch.get_num_threads()
-                    torch.set_num_threads(self.threads)
-                self._dev = torch.device(self.device)
-            return self._dev
+            if not self._made and self.threads is not None:
+                self._previous_threads = torch.get_num_threads()
+                torch.set_num_threads(self.threads)
+            slot = worker % len(self.devices)
+            if slot not in self._made:
+                self._made[slot] = torch.device(self.devices[slot])
+            return self._made[slot]
 
-    def settle(self, op: OpT, item: _Fetched) -> tuple[list[tuple[str, Written]], list[InfoT], float]:
-        """An op's outputs, what it reports (none for a copy), and the seconds its compute took."""
+    def settle(self, op: OpT, item: _Fetched, worker: int = 0) -> tuple[list[tuple[str, Written]], list[InfoT], float]:
+        """An op's outputs, what it reports (none for a copy), and the seconds its compute took on ``worker``'s
+        device."""
         if item.piece is not None:
             return [(op.name, item.piece)], [], 0.0
         if item.error is not None:
             assert self.unreadable is not None
             return [], [self.unreadable(op, item.error)], 0.0
-        on = self._device()
+        on = self._device(worker)
         began = time.perf_counter()
         outcome = self.compute(op, item.tensors, on)
         return list(outcome.outputs), [outcome.info], time.perf_counter() - began
@@ -354,7 +361,8 @@ class _Run(Generic[OpT, InfoT]):
         stages.threads.append(threading.Thread(target=self._write_stage, name="lorasurgeon-write"))
         if workers > 1:
             stages.threads += [
-                threading.Thread(target=self._compute_stage, name=f"lorasurgeon-compute-{i}") for i in range(workers)
+                threading.Thread(target=self._compute_stage, args=(i,), name=f"lorasurgeon-compute-{i}")
+                for i in range(workers)
             ]
 
     def execute(self) -> tuple[int, list[InfoT]]:
@@ -405,14 +413,14 @@ class _Run(Generic[OpT, InfoT]):
         except BaseException as exc:
             stages.fail(exc)
 
-    def _compute_stage(self) -> None:
-        """A worker: the next fetched op, computed; its result kept until its turn (while fewer than
-        ``workers`` results wait)."""
+    def _compute_stage(self, worker: int) -> None:
+        """A worker: the next fetched op, computed (on its device); its result kept until its turn (while fewer
+        than ``workers`` results wait)."""
         stages, turn = self.stages, self.turn
         try:
             for op, item in stages.fetched():
                 index = item.index
-                outputs, info, seconds = self.computer.settle(op, item)
+                outputs, info, seconds = self.computer.settle(op, item, worker)
                 del item
                 with turn:
                     stages.seconds["compute"] += seconds
@@ -461,7 +469,7 @@ def stream(
     are no file-to-file copies when the caller wants tensors). Closing the iterator early stops the
     reader.
     """
-    dev = torch.device(device)
+    dev = torch.device(devices_of(device)[0])  # one consumer in order: the first device
     stages = _Stages(ops, inputs, read_ahead=read_ahead, byte_copies=False, tolerate_unreadable=False)
     try:
         stages.start()

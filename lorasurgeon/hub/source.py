@@ -42,8 +42,10 @@ class Source:
         return self.repo_id + (f"@{self.revision}" if self.revision else "")
 
 
-def resolve_source(spec: str | os.PathLike[str]) -> Source:
-    """A local path if one exists, else a Hub repo id downloaded into the cache.
+def resolve_source(spec: str | os.PathLike[str], *, in_place: bool = False) -> Source:
+    """A local path if one exists, else a Hub repo id downloaded into the cache -- or, ``in_place``, only its
+    small files downloaded and its safetensors weights read by range when read (hub.stream); also in place,
+    with a warning, when the weights do not fit in the free space of the cache's disk.
 
     Raises:
         InputNotFoundError: neither a local path nor a Hub repo (or revision) that can be had.
@@ -57,7 +59,7 @@ def resolve_source(spec: str | os.PathLike[str]) -> Source:
         # Not a repo id, or its first part is a local folder: a path with a typo, not a Hub repo.
         raise InputNotFoundError(f"{spec}: no such file or folder{did_you_mean(path)}")
     repo_id, revision = match.group("repo"), match.group("rev")
-    return Source(download(repo_id, revision), repo_id, revision)
+    return Source(download(repo_id, revision, in_place=in_place), repo_id, revision)
 
 
 def did_you_mean(path: Path) -> str:
@@ -73,9 +75,9 @@ def did_you_mean(path: Path) -> str:
     return f" (did you mean {parent / close[0] if str(parent) != '.' else close[0]}?)" if close else ""
 
 
-def resolve(spec: str | os.PathLike[str]) -> Path:
+def resolve(spec: str | os.PathLike[str], *, in_place: bool = False) -> Path:
     """The local path for an input (see :func:`resolve_source`)."""
-    return resolve_source(spec).path
+    return resolve_source(spec, in_place=in_place).path
 
 
 def needed_files(files: list[str]) -> list[str]:
@@ -108,15 +110,16 @@ def offline() -> bool:
     return constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-def download(repo_id: str, revision: str | None) -> Path:
-    """Fetch what a command needs from a Hub repo (or find it in the cache when offline)."""
+def download(repo_id: str, revision: str | None, *, in_place: bool = False) -> Path:
+    """Fetch what a command needs from a Hub repo (or find it in the cache when offline); ``in_place``: its
+    weights are read by range instead (see :func:`resolve_source`)."""
     from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     quiet = not sys.stderr.isatty() and not are_progress_bars_disabled()
     if quiet:  # huggingface_hub's bars only where someone watches
         disable_progress_bars()
     try:
-        return _download(repo_id, revision)
+        return _download(repo_id, revision, in_place)
     finally:
         if quiet:
             enable_progress_bars()
@@ -161,8 +164,10 @@ def hub_errors(name: str, missing: str, *, kind: str = "repo", label: str = "") 
         raise
 
 
-def _download(repo_id: str, revision: str | None) -> Path:
+def _download(repo_id: str, revision: str | None, in_place: bool) -> Path:
     from huggingface_hub import HfApi, snapshot_download
+
+    from .stream import in_place as read_in_place
 
     endpoint = os.environ.get("HF_ENDPOINT") or None
     token = os.environ.get("HF_TOKEN") or None
@@ -170,12 +175,41 @@ def _download(repo_id: str, revision: str | None) -> Path:
     with hub_errors(name, f"{repo_id}: not a local path, and not found on the Hub"):
         if offline():
             return Path(snapshot_download(repo_id, revision=revision, local_files_only=True))
-        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision)
-        files = [s.rfilename for s in info.siblings or []]
+        info = HfApi(endpoint=endpoint, token=token).model_info(repo_id, revision=revision, files_metadata=True)
+        sizes = {s.rfilename: s.size for s in info.siblings or []}
         try:
-            patterns = needed_files(files)
+            patterns = needed_files(list(sizes))
         except InputNotFoundError as exc:
             raise InputNotFoundError(f"{name}: {exc}") from None
+        if in_place or _too_big(name, {f: sizes[f] for f in patterns}):
+            assert info.sha is not None
+            return read_in_place(repo_id, {f: sizes[f] for f in patterns}, info.sha)
         return Path(
             snapshot_download(repo_id, revision=revision, allow_patterns=patterns, endpoint=endpoint, token=token)
         )
+
+
+def _too_big(name: str, sizes: dict[str, int | None]) -> bool:
+    """Whether the weights' download would not fit in the free space of the cache's disk (then they are read in
+    place, and a warning says so)."""
+    import shutil
+    import warnings
+
+    from huggingface_hub import constants
+
+    from ..errors import LorasurgeonWarning
+
+    need = sum(s or 0 for f, s in sizes.items() if f.endswith(".safetensors"))
+    cache = Path(constants.HF_HUB_CACHE)
+    while not cache.exists() and cache != cache.parent:
+        cache = cache.parent
+    free = shutil.disk_usage(cache).free
+    if need <= free:
+        return False
+    warnings.warn(
+        f"{name}: its weights ({need / 1e9:.1f} GB) do not fit in the {free / 1e9:.1f} GB free at {cache}; "
+        "they are read in place from the Hub, by range, as --stream reads them",
+        LorasurgeonWarning,
+        stacklevel=2,
+    )
+    return True

@@ -24,6 +24,7 @@ from ..errors import CorruptCheckpointError, InputNotFoundError, UnsupportedErro
 from .dtypes import DtypeByName, itemsize, safetensors_name
 from .header import read_header
 from .legacy import LegacyFile
+from .remote import file_size, is_file, open_binary, remote_of
 
 if TYPE_CHECKING:
     import torch
@@ -89,8 +90,8 @@ class TensorInfo(DtypeByName):
 
     def file_slice(self) -> FileSlice | None:
         """Where this tensor's bytes lie in its file (None for a pickle, whose layout is not ours to read)."""
-        if self.offset is None or self.decoded is not None:
-            return None
+        if self.offset is None or self.decoded is not None or remote_of(self.file) is not None:
+            return None  # a pickle, a decoded tensor, or a file read in place (its bytes go through memory)
         return FileSlice(self.file, self.offset, self.nbytes, self.dtype_name, self.shape)
 
 
@@ -268,6 +269,10 @@ class Checkpoint:
 
 
 def pread_into(path: Path, view: memoryview, offset: int) -> None:
+    remote = remote_of(path)
+    if remote is not None:
+        remote.read_into(view, offset)
+        return
     fd = os.open(path, os.O_RDONLY)
     try:
         done = 0
@@ -305,7 +310,7 @@ def open_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
 
             return open_pipeline(root)
         for filename, fmt in FOLDER_LAYOUTS:
-            if (root / filename).is_file():
+            if is_file(root / filename):
                 return _open_file(root, root / filename, fmt)
         found = sorted(p.name for p in root.iterdir() if p.suffix in (".safetensors", ".json") + BIN_SUFFIXES)
         single = [f for f in found if f.endswith(".safetensors")]
@@ -354,8 +359,8 @@ def _open_file(root: Path, file: Path, fmt: CheckpointFormat) -> Checkpoint:
 
 def _scan(file: Path) -> tuple[list[TensorInfo], dict[str, str]]:
     if file.suffix == ".safetensors":
-        size = file.stat().st_size
-        with open(file, "rb") as fh:
+        size = file_size(file)
+        with open_binary(file) as fh:
             header = read_header(file, size, fh)
         infos = [TensorInfo(e.name, e.dtype_name, e.shape, file, e.begin) for e in header.entries]
         return infos, header.metadata
@@ -385,7 +390,7 @@ def _read_index(index: Path) -> dict[Path, list[str]]:
             )
         shards.setdefault(shard, []).append(name)
     for shard in shards:
-        if not shard.is_file():
+        if not is_file(shard):
             raise InputNotFoundError(
                 f"{index}: names shard {shard.name}, which is not there "
                 "(download the missing shard, or pass a complete checkpoint)"

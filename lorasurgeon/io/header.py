@@ -12,7 +12,7 @@ import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Protocol
 
 from ..errors import CorruptCheckpointError, UnsupportedError
 from .dtypes import ITEMSIZE, DtypeByName, itemsize, safetensors_name
@@ -50,7 +50,13 @@ def _fail(path: Path, what: str) -> CorruptCheckpointError:
     return CorruptCheckpointError(f"{path}: {what}; the file is damaged or not safetensors (download or save it again)")
 
 
-def read_header(path: Path, file_size: int, fh: BinaryIO) -> Header:
+class Reads(Protocol):
+    """What a header is read from: an open file, or a remote one (io.remote.Sequential)."""
+
+    def read(self, n: int = -1, /) -> bytes: ...
+
+
+def read_header(path: Path, file_size: int, fh: Reads) -> Header:
     """Parse and validate the header of an open safetensors file.
 
     Everything is checked against the file's real size before any tensor is read: header

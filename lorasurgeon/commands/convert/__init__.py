@@ -48,6 +48,7 @@ def convert(
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    stream: bool = False,
     allow_nonfinite: bool = False,
     progress: Progress | None = None,
 ) -> MergeReport:
@@ -60,7 +61,7 @@ def convert(
         out: the result folder; may be None with ``dry_run``.
         to: "merged" (the same as merging its adapter into its base) or "adapter" (the adapter folder);
             needed for an augmented checkpoint, None (or "merged") for a model.
-        dtype, device, max_shard_size, overwrite, dry_run, allow_nonfinite, progress: as for :func:`merge`.
+        dtype, device, max_shard_size, overwrite, dry_run, stream, allow_nonfinite, progress: as for :func:`merge`.
 
     Returns:
         A MergeReport (form "merged" or "adapter").
@@ -77,7 +78,7 @@ def convert(
     settings = ConvertSettings.parse(
         to=to, dtype=dtype, device=device, max_shard_size=max_shard_size, allow_nonfinite=allow_nonfinite
     )
-    return run(augmented, Output(out, overwrite, dry_run, progress), settings)
+    return run(augmented, Output(out, overwrite, dry_run, progress, stream), settings)
 
 
 @dataclass(frozen=True)
@@ -112,7 +113,12 @@ def run(augmented: str | os.PathLike[str], out: Output, settings: ConvertSetting
     :func:`convert` builds its two objects for, and the CLI calls."""
     to, merge, overwrite = settings.to, settings.merge, out.overwrite
     (source,) = prepare(
-        [Input(augmented, "INPUT")], out.path, command="convert", overwrite=overwrite, device=merge.device
+        [Input(augmented, "INPUT")],
+        out.path,
+        command="convert",
+        overwrite=overwrite,
+        device=merge.device,
+        in_place=out.in_place,
     )
     with open_checkpoint(source.path) as ckpt:
         config = read_config(ckpt)

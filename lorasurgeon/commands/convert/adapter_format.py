@@ -81,7 +81,9 @@ def to_format(
     if target not in writable():
         raise InvalidOptionError(f"--to {target}: lorasurgeon writes adapters as {', '.join(writable())}")
     inputs = with_base([adapter], base)
-    with open_inputs(inputs, out.path, command="convert", overwrite=out.overwrite, device=device) as opened:
+    with open_inputs(
+        inputs, out.path, command="convert", overwrite=out.overwrite, device=device, in_place=out.in_place
+    ) as opened:
         (source,) = adapters_of(opened[-1:])
     try:
         if source.tuned and target != "peft":

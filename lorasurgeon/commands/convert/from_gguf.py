@@ -84,7 +84,9 @@ def from_gguf(
         OutputError, OutputExistsError: ``out`` cannot or may not be written.
     """
     inputs = [Input(adapter_gguf, "ADAPTER"), Input(base, "BASE", "model")]
-    with open_inputs(inputs, out.path, command="convert", overwrite=out.overwrite, device=device) as opened:
+    with open_inputs(
+        inputs, out.path, command="convert", overwrite=out.overwrite, device=device, in_place=out.in_place
+    ) as opened:
         source, based = opened
         assert based.checkpoint is not None  # the base's kind was checked: it is open
         adapter = adapter_with_base(source.source.path, based.checkpoint)

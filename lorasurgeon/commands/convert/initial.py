@@ -100,7 +100,9 @@ def from_initial(
 ) -> InitialReport:
     """The plain LoRA of ``adapter`` (trained from a PiSSA/OLoRA/CorDA init) given its ``initial`` adapter."""
     inputs = [Input(adapter, "ADAPTER", "adapter"), Input(initial, "INITIAL", "adapter")]
-    with open_inputs(inputs, out.path, command="convert", overwrite=out.overwrite, device=device) as opened:
+    with open_inputs(
+        inputs, out.path, command="convert", overwrite=out.overwrite, device=device, in_place=out.in_place
+    ) as opened:
         trained, start = adapters_of(opened)
     try:
         init = _check(trained, start)

@@ -62,7 +62,7 @@ def to_lora(
     """The LoRA of the change ``adapter`` makes to ``base``, sized and written as ``settings`` and ``out`` say."""
     inputs = [Input(adapter, "INPUT", "adapter"), Input(base, "BASE", "model")]  # the command line's order
     with open_inputs(
-        inputs, out.path, command="convert", overwrite=out.overwrite, device=settings.device
+        inputs, out.path, command="convert", overwrite=out.overwrite, device=settings.device, in_place=out.in_place
     ) as opened:  # each checkpoint opened once, by the kind check
         base_ckpt = opened[1].checkpoint
         assert base_ckpt is not None  # the base's kind is checked, so it is open

@@ -62,6 +62,7 @@ def extract(
     dtype: str | torch.dtype = "float32",
     overwrite: bool = False,
     dry_run: bool = False,
+    stream: bool = False,
     allow_nonfinite: bool = False,
     plot: str | os.PathLike[str] | None = None,
     to: str = "peft",
@@ -92,7 +93,7 @@ def extract(
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
         solver, seed: "randomized" (block Krylov, from ``seed``), "exact" (full SVD), or "auto"; device: "cpu", "cuda".
         dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
-        overwrite, dry_run, allow_nonfinite: as for :func:`merge` (a dry run reads nothing beyond headers).
+        overwrite, dry_run, stream, allow_nonfinite, progress: as for :func:`merge` (a dry run reads only headers).
         plot: a picture (.png, .pdf, .svg; needs matplotlib): per module the share kept and the rank.
         to: the format written: "peft", "mlx", "kohya" (``out`` may be one .safetensors), "diffusers".
         conv_rank: a fixed rank for k×k convolutions (kohya's --conv_dim), 0 to leave them out; None: as the rest.
@@ -100,7 +101,6 @@ def extract(
             ``calibration_split`` / ``_column``): each module factored, and ``budget`` spent, by its output error on
             ``calibration_samples`` (128) of ≤ ``max_length`` (512) tokens, the fine-tune run layer by layer (or
             ``calibration_model="base"``).
-        progress: told the bytes to read and each tensor done (the CLI's progress bar).
 
     Returns:
         An ExtractReport: per module rank, kept share of ‖ΔW‖² and relative error; what was stored
@@ -121,7 +121,7 @@ def extract(
         calibration_samples=calibration_samples, max_length=max_length, calibration_split=calibration_split,
         calibration_column=calibration_column, calibration_model=calibration_model,
     )  # fmt: skip
-    return run(base, finetuned, Output(out, overwrite, dry_run, progress), settings)
+    return run(base, finetuned, Output(out, overwrite, dry_run, progress, stream), settings)
 
 
 @timed
@@ -135,7 +135,7 @@ def run(
     picture = check_plot_path(settings.plot, [base, finetuned], overwrite=out.overwrite)
     inputs = [Input(base, "BASE", "model"), Input(finetuned, "FINETUNED", "model")]
     with open_inputs(
-        inputs, out.path, command="extract", overwrite=out.overwrite, device=settings.device
+        inputs, out.path, command="extract", overwrite=out.overwrite, device=settings.device, in_place=out.in_place
     ) as opened:  # each checkpoint the kind check opened, read from here (its header parsed once)
         (base_src, b_raw), (tuned_src, t_raw) = ((o.source, o.checkpoint) for o in opened)
         assert b_raw is not None and t_raw is not None  # both kinds are checked, so both are open

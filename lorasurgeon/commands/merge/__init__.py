@@ -52,6 +52,7 @@ def merge(
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    stream: bool = False,
     unmerge: bool = False,
     allow_nonfinite: bool = False,
     workers: int | None = None,
@@ -73,7 +74,9 @@ def merge(
         device: "cpu", "cuda" or "cuda:N" for the arithmetic.
         max_shard_size: e.g. "5GB"; by default the base's file names and shard layout are kept.
         overwrite: replace ``out`` if it is an earlier lorasurgeon result (or empty).
-        dry_run: plan only: headers are read, nothing is written.
+        dry_run: plan only: headers are read, nothing is written (a Hub input's by range: no weights downloaded).
+        stream: a Hub input's weights read in place, by HTTP range, as the plan reads them, instead of downloaded:
+            the disk holds the result only.
         unmerge: deprecated: call :func:`unmerge` (this warns, and does the same).
         allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
         workers: tensors computed at once on the CPU (default: one per core the reader and writer leave, at
@@ -108,7 +111,7 @@ def merge(
         unmerge=unmerge,
         workers=workers,
     )
-    return run(base, adapters, Output(out, overwrite, dry_run, progress), settings)
+    return run(base, adapters, Output(out, overwrite, dry_run, progress, stream), settings)
 
 
 @timed
@@ -124,6 +127,7 @@ def unmerge(
     max_shard_size: str | int | None = None,
     overwrite: bool = False,
     dry_run: bool = False,
+    stream: bool = False,
     allow_nonfinite: bool = False,
     workers: int | None = None,
     progress: Progress | None = None,
@@ -135,7 +139,7 @@ def unmerge(
 
     Args:
         merged: the merged model (folder, file or Hub repo id).
-        adapters, out, weights, dtype, quantize, device, max_shard_size, overwrite, dry_run, allow_nonfinite,
+        adapters, out, weights, dtype, quantize, device, max_shard_size, overwrite, dry_run, stream, allow_nonfinite,
             workers, progress: as for :func:`merge`.
 
     Returns:
@@ -162,14 +166,14 @@ def unmerge(
         unmerge=True,
         workers=workers,
     )
-    return run(merged, adapters, Output(out, overwrite, dry_run, progress), settings)
+    return run(merged, adapters, Output(out, overwrite, dry_run, progress, stream), settings)
 
 
 @timed
 def run(base: str | os.PathLike[str], adapters: AdapterPaths, out: Output, settings: MergeSettings) -> MergeReport:
     """The merge (or, with ``settings.unmerge``, the unmerge) of ``adapters`` into ``base``, as ``settings`` say,
     written to ``out``: what :func:`merge` and :func:`unmerge` build their two objects for, and the CLI calls."""
-    planned = plan_run(base, adapters, out.path, settings, overwrite=out.overwrite)
+    planned = plan_run(base, adapters, out.path, settings, overwrite=out.overwrite, in_place=out.in_place)
     form = "unmerged" if settings.unmerge else settings.form
     try:
         ops, untie, config = planned.ops, planned.untie, planned.config

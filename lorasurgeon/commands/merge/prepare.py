@@ -75,6 +75,7 @@ def plan_run(
     settings: MergeSettings,
     *,
     overwrite: bool,
+    in_place: bool = False,
 ) -> Planned:
     """Every check and the plan, from headers: inputs, kinds, output, quantization, PEFT variants, shapes."""
     command = settings.command
@@ -88,6 +89,7 @@ def plan_run(
         command=command,
         overwrite=overwrite,
         device=settings.device,
+        in_place=in_place,
     )
     base_src, ckpt = opened[0].source, opened[0].checkpoint
     assert ckpt is not None  # every input's kind is checked, so each is open

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
+from ...engine.devices import devices_of
 from ...errors import InvalidOptionError
 from ...io.dtypes import torch_dtype, torch_name
 from .._inputs import adapter_weights, output_dtype, parse_shard_size
@@ -85,9 +86,9 @@ class MergeSettings:
     def compute_workers(self) -> tuple[int, int | None]:
         """(ops computed at once, torch threads each) for the engine: on the CPU one op per core the reader
         and writer leave (at most 8), each single-threaded (the row-block kernel loses more to thread
-        hand-offs than it gains: docs/benchmarks.md); on a GPU one op, torch's threads untouched."""
+        hand-offs than it gains: docs/benchmarks.md); on GPUs one op on each, torch's threads untouched."""
         if self.device != "cpu":
-            return 1, None
+            return len(devices_of(self.device)), None
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         return self.workers or max(1, min(8, cores - 1)), 1
 

@@ -78,6 +78,7 @@ def resize(
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
+    stream: bool = False,
     progress: Progress | None = None,
 ) -> ResizeReport:
     """An adapter at a lower rank: per module the best rank-k factors of its own B A (Eckart–Young),
@@ -98,7 +99,7 @@ def resize(
             for :func:`extract`: each module's new factors (and a budget's ranks) chosen by the output error on the
             samples, the model run being ``base`` with the adapter merged in (``calibration_model="base"``: the
             base alone).
-        device, overwrite, dry_run, progress: as for :func:`merge`.
+        device, overwrite, dry_run, stream, progress: as for :func:`merge`.
 
     Returns:
         A ResizeReport: per module the rank in and out and the share of ‖ΔW‖² kept.
@@ -124,7 +125,7 @@ def resize(
         calibration_column=calibration_column,
         calibration_model=calibration_model,
     )
-    return run([adapter], Output(out, overwrite, dry_run, progress), settings)
+    return run([adapter], Output(out, overwrite, dry_run, progress, stream), settings)
 
 
 def combine(
@@ -149,6 +150,7 @@ def combine(
     device: str = "cpu",
     overwrite: bool = False,
     dry_run: bool = False,
+    stream: bool = False,
     progress: Progress | None = None,
 ) -> ResizeReport:
     """One adapter for Σ wᵢ·ΔWᵢ: exact at rank Σ rᵢ (the factors stacked), or truncated optimally by the
@@ -159,8 +161,8 @@ def combine(
         weights: one per adapter (default 1.0 each).
         allow_different_bases: combine adapters whose configs name different base models (one model under
             two names); their shapes are checked all the same.
-        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, progress, and
-            the calibration's options: as for :func:`resize` (no target: exact; --calibration needs one).
+        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, stream, progress,
+            and the calibration's options: as for :func:`resize` (no target: exact; --calibration needs one).
 
     Returns:
         A ResizeReport.
@@ -190,7 +192,7 @@ def combine(
         calibration_column=calibration_column,
         calibration_model=calibration_model,
     )
-    return run(list(adapters), Output(out, overwrite, dry_run, progress), settings)
+    return run(list(adapters), Output(out, overwrite, dry_run, progress, stream), settings)
 
 
 def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSettings) -> ResizeReport:
@@ -198,7 +200,12 @@ def run(paths: Sequence[str | os.PathLike[str]], out: Output, settings: ResizeSe
     say, into ``out``: what :func:`resize` and :func:`combine` build their two objects for, and the CLI calls."""
     inputs = with_base(paths, settings.base, needed=settings.calibration is not None)
     with open_inputs(
-        inputs, out.path, command=settings.command, overwrite=out.overwrite, device=settings.device
+        inputs,
+        out.path,
+        command=settings.command,
+        overwrite=out.overwrite,
+        device=settings.device,
+        in_place=out.in_place,
     ) as opened:  # the base (--base) stays open while --calibration runs it
         read = opened[len(inputs) - len(paths) :]  # after --base, where given
         adapters = adapters_of(read)
