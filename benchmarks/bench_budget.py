@@ -27,6 +27,9 @@ distributions to the fine-tune's over the answer positions of the held-out promp
 <|im_end|> included), in how many of the fact prompts its greedy answer names Reykjavík ('avík'), and the
 extraction's wall time.
 --reuse DIR takes the models, tokenizer and prompts built by an earlier run kept with --keep.
+--calibration-paragraphs N adds N paragraphs of that corpus (a fixed-seed draw: what C4 or WikiText are to a real
+model) to the calibration prompts, --calibration-train the fine-tune's own 16 training chats (answers included);
+--only-calibrated extracts the calibrated adapter alone (docs/benchmarks.md has the runs).
 """
 
 from __future__ import annotations

@@ -111,7 +111,7 @@ def main() -> None:
                 seconds = lorasurgeon(cmd, env)
                 sent = sum(v for k, v in hub.served.items() if k.endswith(".safetensors"))
                 asks = sum(1 for p, _ in hub.ranges if p.endswith(".safetensors"))
-                out = Path(cmd[cmd.index("-o") + 1])
+                out = Path(cmd[cmd.index("-o") + 1]) if "-o" in cmd else root / "x"
                 same = "—"
                 if out.name in ("s", "d"):
                     files = [p.name for p in (root / "downloaded").glob("*.safetensors")]

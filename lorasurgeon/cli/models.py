@@ -14,6 +14,7 @@ from ..console import Dtype, debug_option, progress_bar
 from . import cli
 from .options import (
     CALIBRATION,
+    CLUSTER,
     DEVICE,
     DTYPES,
     FILTERS,
@@ -139,6 +140,7 @@ def unmerge_cmd(merged: str, adapters: tuple[str, ...], **options: Any) -> None:
     type=click.Choice(["full", "skip"]),
     help="Changed norms, biases and other non-matrix tensors.",
 )
+@CLUSTER
 @click.option(
     "--solver",
     default="auto",

@@ -33,6 +33,13 @@ def option_group(*decorators: Callable[[F], F]) -> Callable[[F], F]:
 
 
 # --- the option groups -------------------------------------------------------------------------
+CLUSTER = click.option(
+    "--cluster",
+    type=click.Choice(["ray"]),
+    default=None,
+    help="Run on a Ray cluster (RAY_ADDRESS, else a local one): merge one task per result shard, extract one per "
+    "layer; inputs and -o on storage every node sees (docs/cluster.md); needs lorasurgeon[ray].",
+)
 STREAM = click.option(
     "--stream",
     is_flag=True,
@@ -135,6 +142,7 @@ MERGING = option_group(
         default=None,
         help="Tensors computed at once on the CPU (default: one per core the reader and writer leave, at most 8).",
     ),
+    CLUSTER,
     SHARDS,
     NONFINITE,
     PUSH,

@@ -24,13 +24,15 @@ import re
 import shutil
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import CorruptCheckpointError, LorasurgeonError, OutputError, OutputExistsError
 from .checkpoint import SAFETENSORS_INDEX, FileSlice
-from .direct import AlignedWrites, BufferedFile, DirectFile, open_shard
+from .direct import AlignedWrites, BufferedFile, DirectFile, copy_range, open_shard, pwrite_all
+from .dtypes import safetensors_name
 from .header import build_header
 from .layout import Shard, TensorSpec, human_bytes
 from .publish import absolute, check_replaceable, is_file_result, not_a_result_folder, not_a_safetensors_file, publish
@@ -60,6 +62,54 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """A tensor's bytes in C order, as safetensors stores them (a CPU copy only if needed)."""
     flat = tensor.detach().to("cpu").contiguous().reshape(-1)
     return flat.view(torch.uint8).numpy().data.cast("B")  # the array's own buffer, no copy
+
+
+@dataclass(frozen=True)
+class Placed:
+    """Where one planned tensor goes in a result being written: its shard file, offset, dtype and shape."""
+
+    path: str
+    offset: int
+    dtype_name: str
+    shape: tuple[int, ...]
+
+
+class PlacedSink:
+    """Tensors written into shard files another process laid out (CheckpointWriter.placed), each at its place:
+    what a Ray task writes its share of a result with. ``close()`` fsyncs every file it wrote."""
+
+    def __init__(self, places: Mapping[str, Placed]):
+        self.places = places
+        self.fds: dict[str, int] = {}
+        self.names: list[str] = []
+
+    def write(self, name: str, tensor: torch.Tensor | FileSlice) -> None:
+        place = self.places[name]
+        got = tensor.dtype_name if isinstance(tensor, FileSlice) else safetensors_name(tensor.dtype)
+        if got != place.dtype_name or tuple(tensor.shape) != place.shape:
+            raise ValueError(
+                f"tensor {name!r}: planned {place.dtype_name}{list(place.shape)}, got {got}{list(tensor.shape)}"
+            )
+        if place.path not in self.fds:
+            self.fds[place.path] = os.open(place.path, os.O_WRONLY)
+        fd, offset = self.fds[place.path], place.offset
+        if isinstance(tensor, FileSlice):
+            for part in tensor.ranges():
+                copy_range(part.path, part.offset, fd, offset, part.nbytes)
+                offset += part.nbytes
+        else:
+            pwrite_all(fd, tensor_bytes(tensor), offset)
+        self.names.append(name)
+
+    def close(self) -> None:
+        """Every file written fsynced (on shared storage, what the driver's commit then finds), and closed."""
+        try:
+            for fd in self.fds.values():
+                os.fsync(fd)
+        finally:
+            for fd in self.fds.values():
+                os.close(fd)
+            self.fds.clear()
 
 
 class CheckpointWriter:
@@ -213,6 +263,24 @@ class CheckpointWriter:
             raise OutputError(
                 f"{self.out}: cannot write tensor {name!r} ({exc.strerror or exc}); nothing was kept"
             ) from None
+
+    def placed(self) -> dict[str, Placed]:
+        """Where each tensor not yet written goes: its file (absolute) and offset, dtype and shape -- what a
+        writer in another process (a Ray task: engine.cluster) needs to write it into this result. The
+        shard files' headers are on disk already unless the writer holds them in O_DIRECT blocks (direct=False
+        where other processes write)."""
+        if self._io is not None:
+            raise ValueError("a result other processes write into is written through the page cache (direct=False)")
+        return {
+            name: Placed(str(self.partial_dir / filename), offset, spec.dtype_name, spec.shape)
+            for name, (filename, offset, spec) in self._slots.items()
+        }
+
+    def written_elsewhere(self, names: Sequence[str]) -> None:
+        """``names`` were written (and fsynced) by another process, at the places :meth:`placed` gave."""
+        for name in names:
+            filename, _, _ = self._slots.pop(name)
+            self._unwritten[filename] -= 1
 
     def _sync_early(self, fd: int) -> None:
         """A complete shard goes to disk now, from a thread of its own, while the next is produced.

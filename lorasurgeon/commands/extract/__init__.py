@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
@@ -11,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 from ...adapter.formats.registry import adapter_writer
 from ...calibration import measure, samples_for
-from ...engine.execute import Progress
+from ...engine.execute import Progress, Readable
 from ...engine.execute import run as engine_run
 from ...errors import InvalidOptionError, LorasurgeonError, LorasurgeonWarning, UnsupportedError
 from ...hub.cards import CARD_NAME, extract_card
@@ -73,6 +75,7 @@ def extract(
     calibration_split: str | None = None,
     calibration_column: str | None = None,
     calibration_model: str | None = None,
+    cluster: str | None = None,
     progress: Progress | None = None,
 ) -> ExtractReport:
     """Extract a PEFT LoRA adapter from ``finetuned`` − ``base`` by truncated SVD, streamed tensor by tensor.
@@ -93,7 +96,7 @@ def extract(
         extras: changed norms, biases and other non-matrix tensors: stored whole, or left out.
         solver, seed: "randomized" (block Krylov, from ``seed``), "exact" (full SVD), or "auto"; device: "cpu", "cuda".
         dtype: of the LoRA factors (tensors stored whole keep the fine-tune's dtype).
-        overwrite, dry_run, stream, allow_nonfinite, progress: as for :func:`merge` (a dry run reads only headers).
+        overwrite, dry_run, stream, allow_nonfinite, cluster, progress: as for :func:`merge` (a dry run: headers).
         plot: a picture (.png, .pdf, .svg; needs matplotlib): per module the share kept and the rank.
         to: the format written: "peft", "mlx", "kohya" (``out`` may be one .safetensors), "diffusers".
         conv_rank: a fixed rank for k×k convolutions (kohya's --conv_dim), 0 to leave them out; None: as the rest.
@@ -103,8 +106,7 @@ def extract(
             ``calibration_model="base"``).
 
     Returns:
-        An ExtractReport: per module rank, kept share of ‖ΔW‖² and relative error; what was stored
-        whole and why; totals. Its ``to_dict()`` is the extract_report.json written in ``out``.
+        An ExtractReport (``to_dict()``: extract_report.json): per module rank, kept energy, error; tensors whole.
 
     Raises:
         InvalidOptionError: an option that cannot be used (both or neither of rank and energy, ...).
@@ -119,7 +121,7 @@ def extract(
         embeddings=embeddings, extras=extras, solver=solver, seed=seed, dtype=dtype, device=device,
         allow_nonfinite=allow_nonfinite, plot=plot, to=to, conv_rank=conv_rank, calibration=calibration,
         calibration_samples=calibration_samples, max_length=max_length, calibration_split=calibration_split,
-        calibration_column=calibration_column, calibration_model=calibration_model,
+        calibration_column=calibration_column, calibration_model=calibration_model, cluster=cluster,
     )  # fmt: skip
     return run(base, finetuned, Output(out, overwrite, dry_run, progress, stream), settings)
 
@@ -251,7 +253,10 @@ def write_adapter(
             ops, more, tied_once = calibrate(planned, settings, scratch[1], progress)
             inputs.append(Factors(scratch[1]))
             notes += more
-        stats = engine_run(ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
+        if settings.cluster == "ray":  # each layer's modules a task; their factors sent back into the spool
+            stats = _on_ray(ops, inputs, factors, compute, progress)
+        else:
+            stats = engine_run(ops, inputs, factors, compute=compute, device=settings.device, progress=progress)
         if not any(i.status in ("lowrank", "full", "bias") for i in stats.infos):
             raise LorasurgeonError(f"{origin.finetuned}: no tensor differs from the base: there is nothing to extract")
         infos, computed = list(stats.infos), Factors(factors)
@@ -285,6 +290,22 @@ def write_adapter(
         for spool in scratch:
             spool.abort()
     return report
+
+
+def _on_ray(
+    ops: Sequence[ExtractOp], inputs: Sequence[Readable], spool: SpoolWriter, compute: Any, progress: Any
+) -> Any:
+    """--cluster ray: the first pass, one Ray task per decoder layer (and one for the rest), each on as many torch
+    threads as this process has (the SVDs' sums split the same way: the same factors, bit for bit)."""
+    import torch
+
+    from ...engine.cluster import groups_by, run_on_ray
+
+    layer = re.compile(r"\.(\d+)\.")
+    groups = groups_by(ops, lambda op: f"layer {m.group(1)}" if (m := layer.search(op.name)) else "the rest")
+    threads = torch.get_num_threads()
+    stats, _ = run_on_ray(groups, inputs, spool, compute=compute, threads=threads, progress=progress)
+    return stats
 
 
 def calibrate(

@@ -57,6 +57,7 @@ class ExtractSettings(SizedBy):
             None: sized like every other module. kohya's extract_lora_from_models.py ``--conv_dim``.
         calibration: samples to run the model on (``calibration.Calibration``): each linear module and embedding
             factored, and a budget spent, by the output error on them instead of ‖ΔW‖.
+        cluster: "ray": each layer's modules factored by a Ray task (engine.cluster), the rest in this process.
     """
 
     sizing: Sizing
@@ -74,6 +75,7 @@ class ExtractSettings(SizedBy):
     to: str = "peft"  # the adapter format written (adapter.formats.registry.writable(): kohya's is one file)
     conv_rank: int | None = None
     calibration: Calibration | None = None  # --calibration: factors chosen by output error on data
+    cluster: str | None = None  # "ray": the first pass's groups of modules (a layer each) as Ray tasks
     names: NameFilter = field(init=False, repr=False, compare=False)
     budget_params: int | None = field(init=False, repr=False, compare=False)  # the budget in parameters of dtype
 
@@ -124,6 +126,12 @@ class ExtractSettings(SizedBy):
         if not is_floating(dtype):
             raise InvalidOptionError(f"--dtype must be a floating dtype, not {torch_name(dtype)}")
         check_device(self.device)
+        if self.cluster not in (None, "ray"):
+            raise InvalidOptionError(f"unknown --cluster {self.cluster!r}: choose ray")
+        if self.cluster is not None and self.device != "cpu":
+            raise InvalidOptionError(
+                "--cluster ray computes on the workers' CPUs: leave --device out (GPU tasks: not yet)"
+            )
         if self.conv_rank is not None and (isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int)):
             raise InvalidOptionError(f"--conv-rank must be a whole number, not {self.conv_rank!r}")
         if self.conv_rank is not None and self.conv_rank < 0:

@@ -56,6 +56,7 @@ def merge(
     unmerge: bool = False,
     allow_nonfinite: bool = False,
     workers: int | None = None,
+    cluster: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Merge PEFT LoRA adapters into a base model: W = W0 + Σ wᵢ·ΔWᵢ in float32, rounded once, streamed.
@@ -81,6 +82,8 @@ def merge(
         allow_nonfinite: write results holding NaN/Inf instead of stopping at the first one.
         workers: tensors computed at once on the CPU (default: one per core the reader and writer leave, at
             most 8, each on one torch thread); the result is the same bytes whatever the number.
+        cluster: "ray": one Ray task per result shard on the cluster at RAY_ADDRESS (else a local one), inputs and
+            ``out`` on storage every node sees; the same bytes as one process (engine.cluster).
         progress: told the bytes to write and each tensor written (the CLI's progress bar).
 
     Returns:
@@ -110,6 +113,7 @@ def merge(
         allow_nonfinite=allow_nonfinite,
         unmerge=unmerge,
         workers=workers,
+        cluster=cluster,
     )
     return run(base, adapters, Output(out, overwrite, dry_run, progress, stream), settings)
 
@@ -130,6 +134,7 @@ def unmerge(
     stream: bool = False,
     allow_nonfinite: bool = False,
     workers: int | None = None,
+    cluster: str | None = None,
     progress: Progress | None = None,
 ) -> MergeReport:
     """Take adapters back out of a merged model: W0 = W − Σ wᵢ·ΔWᵢ, or an adapter's own saved W0, exactly.
@@ -140,7 +145,7 @@ def unmerge(
     Args:
         merged: the merged model (folder, file or Hub repo id).
         adapters, out, weights, dtype, quantize, device, max_shard_size, overwrite, dry_run, stream, allow_nonfinite,
-            workers, progress: as for :func:`merge`.
+            workers, cluster, progress: as for :func:`merge`.
 
     Returns:
         A MergeReport (form "unmerged").
@@ -165,6 +170,7 @@ def unmerge(
         allow_nonfinite=allow_nonfinite,
         unmerge=True,
         workers=workers,
+        cluster=cluster,
     )
     return run(merged, adapters, Output(out, overwrite, dry_run, progress, stream), settings)
 

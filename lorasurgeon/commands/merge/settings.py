@@ -22,6 +22,9 @@ Target = Literal["merged", "adapter"]  # what convert turns an augmented checkpo
 Quantize = Literal["keep"]  # a quantized base's result in the base's own format
 
 
+Cluster = Literal["ray"]
+
+
 @dataclass(frozen=True)
 class MergeSettings:
     """How to merge. Make it with :meth:`parse`, which checks every option by name."""
@@ -35,6 +38,7 @@ class MergeSettings:
     unmerge: bool = False
     quantize: Quantize | None = None  # None: keep for a quantized base unless a dtype is given
     workers: int | None = None  # tensors computed at once on the CPU; None: compute_workers()
+    cluster: Cluster | None = None  # "ray": one Ray task per result shard (engine.cluster)
 
     @classmethod
     def parse(
@@ -50,6 +54,7 @@ class MergeSettings:
         unmerge: bool = False,
         quantize: str | None = None,
         workers: int | None = None,
+        cluster: str | None = None,
     ) -> MergeSettings:
         """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise)."""
         if form not in get_args(Form):
@@ -64,7 +69,13 @@ class MergeSettings:
         if workers is not None and (not isinstance(workers, int) or workers < 1):
             raise InvalidOptionError(f"--workers must be at least 1, got {workers}")
         if workers is not None and workers > 1 and device != "cpu":
-            raise InvalidOptionError(f"--workers is for the CPU: on {device} one tensor is computed at a time")
+            raise InvalidOptionError(f"--workers is for the CPU: on {device} one tensor per GPU is computed at a time")
+        if cluster not in (None, *get_args(Cluster)):
+            raise InvalidOptionError(f"unknown --cluster {cluster!r}: choose ray")
+        if cluster is not None and device != "cpu":
+            raise InvalidOptionError(
+                "--cluster ray computes on the workers' CPUs: leave --device out (GPU tasks: not yet)"
+            )
         out_dtype = output_dtype(dtype)
         if quantize == "keep" and out_dtype is not None:
             raise InvalidOptionError(
@@ -81,6 +92,7 @@ class MergeSettings:
             unmerge,
             cast(Quantize | None, quantize),
             workers,
+            cast(Cluster | None, cluster),
         )
 
     def compute_workers(self) -> tuple[int, int | None]:

@@ -84,22 +84,27 @@ def write(
     progress: Progress | None,
     index_name: str | None = SAFETENSORS_INDEX,
 ) -> ExecStats[RequantReport | None]:
-    with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name) as writer:
+    direct = False if settings.cluster else None  # other processes write into it: headers on disk at once
+    with CheckpointWriter(out, shards, overwrite=overwrite, index_name=index_name, direct=direct) as writer:
         for path, relname in copy_files:
             writer.copy_file(path, relname)
         for name, data in extra_files.items():
             writer.add_file(name, data)
         workers, threads = settings.compute_workers()
-        stats = run(
-            ops,
-            inputs,
-            writer,
-            device=settings.device,
-            progress=progress,
-            compute=partial(compute_op, allow_nonfinite=settings.allow_nonfinite),
-            workers=workers,
-            threads=threads,
-        )
+        compute = partial(compute_op, allow_nonfinite=settings.allow_nonfinite)
+        if settings.cluster == "ray":
+            stats = _on_ray(ops, inputs, writer, compute, progress)
+        else:
+            stats = run(
+                ops,
+                inputs,
+                writer,
+                device=settings.device,
+                progress=progress,
+                compute=compute,
+                workers=workers,
+                threads=threads,
+            )
         requantized = [i.to_dict() for i in stats.infos if i is not None]
         if requantized:
             writer.add_file(REQUANT_NAME, config_bytes({"weights": requantized}))
@@ -108,6 +113,25 @@ def write(
     return dataclasses.replace(
         stats, stages=stats.stages | {"sync": writer.sync_seconds, "commit": writer.commit_seconds}
     )
+
+
+def _on_ray(
+    ops: Sequence[MergeOp],
+    inputs: Sequence[Checkpoint],
+    writer: CheckpointWriter,
+    compute: Any,
+    progress: Progress | None,
+) -> ExecStats[RequantReport | None]:
+    """--cluster ray: one task per result shard (its ops: those whose tensor lands in it), each writing into
+    the shard file the writer laid out; the writer told what they wrote."""
+    from ...engine.cluster import groups_by, run_on_ray
+
+    places = writer.placed()
+    groups = groups_by(ops, lambda op: Path(places[op.name].path).name if op.name in places else "")
+    # a task asks Ray for one CPU: it computes on one thread
+    stats, names = run_on_ray(groups, inputs, places, compute=compute, threads=1, progress=progress)
+    writer.written_elsewhere(names)
+    return stats
 
 
 def write_model(
