@@ -172,3 +172,28 @@ def test_a_calibrated_extract_on_ray_is_the_same_adapter(cluster, tmp_path):
     assert result.exit_code == 0, result.stderr
     name = "adapter_model.safetensors"
     assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes()
+
+
+def test_hub_inputs_read_in_place_are_read_so_by_the_tasks_too(cluster, tmp_path, monkeypatch):
+    from hub_server import HubStandIn
+    from huggingface_hub import constants
+
+    with HubStandIn() as hub:
+        monkeypatch.setenv("HF_ENDPOINT", hub.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+        hub.add_folder("org/base", FIX_BASE)
+        result = run_cli("merge", "org/base", FIX_ADAPTER, "--stream", "--cluster", "ray", "-o", tmp_path / "ray")
+        assert result.exit_code == 0, result.stderr
+        assert hub.served["model.safetensors"] >= (FIX_BASE / "model.safetensors").stat().st_size
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "one").exit_code == 0
+    same_folders(tmp_path / "one", tmp_path / "ray")
+    assert not list((tmp_path / "hf_cache").rglob("*.safetensors"))
+
+
+def test_a_gguf_result_is_not_written_on_a_cluster(tmp_path):
+    r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out.gguf", "--cluster", "ray")
+    one_line_error(r, "--cluster ray", ".gguf")
+    assert not (tmp_path / "out.gguf").exists()

@@ -22,10 +22,12 @@ from typing import Any, Generic
 
 from ..errors import LorasurgeonError, UnsupportedError
 from ..io.checkpoint import FileSlice
+from ..io.remote import register, registered
 from ..io.writer import Placed, PlacedSink
 from .execute import Compute, ExecStats, InfoT, OpT, Progress, Readable, Sink, run
 
 RETRIES = 3  # runs of a task after its worker died (Ray's own default for tasks)
+HUB_ENV = ("HF_ENDPOINT", "HF_TOKEN", "HF_HOME", "HF_HUB_CACHE", "HF_HUB_DOWNLOAD_TIMEOUT")  # as the driver has them
 
 
 @dataclass(frozen=True)
@@ -74,9 +76,12 @@ def run_on_ray(
         # a task asks for the CPUs its torch threads use (at most a node's): its arithmetic is the same as a process
         # on that many threads (a matrix product's sums are split by thread), so the bytes are too
         cpus = min(threads or 1, max(int(n["Resources"].get("CPU", 1)) for n in ray.nodes() if n["Alive"]))
-        task = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=cpus)(_run_group)
+        remotes = registered()  # Hub files read in place: the tasks read them so too, with the driver's Hub settings
+        env = {"env_vars": {"HF_HUB_OFFLINE": "0"} | {k: os.environ[k] for k in HUB_ENV if k in os.environ}}
+        options = {"runtime_env": env} if remotes else {}
+        task = ray.remote(max_retries=RETRIES, retry_exceptions=False, num_cpus=cpus, **options)(_run_group)
         sink, where = (None, dict(places)) if isinstance(places, Mapping) else (places, None)
-        shared = ray.put(list(inputs)), ray.put(where)
+        shared = ray.put(list(inputs)), ray.put(where), ray.put(remotes)
         pending = {task.remote(g.ops, *shared, compute, device, workers, threads): g for g in groups}
         if progress is not None:
             progress.start(sum(op.nbytes for g in groups for op in g.ops))
@@ -154,13 +159,17 @@ def _run_group(
     ops: list[Any],
     inputs: list[Readable],
     places: dict[str, Placed] | None,
+    remotes: dict[Any, Any],
     compute: Compute[Any, Any],
     device: str,
     workers: int,
     threads: int | None,
 ) -> tuple[list[Any], list[Any], int, dict[str, float]]:
     """In a Ray worker: one group through the engine into the result's files (``places``), or into a list sent
-    back; what it wrote (names, or (name, tensor) pairs) and reported."""
+    back; what it wrote (names, or (name, tensor) pairs) and reported. ``remotes``: the driver's files read in
+    place (io.remote), registered here too."""
+    for path, remote in remotes.items():
+        register(path, remote)
     if places is None:
         kept = _Kept()
         stats = run(ops, inputs, kept, compute=compute, device=device, workers=workers, threads=threads)

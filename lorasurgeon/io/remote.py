@@ -44,6 +44,12 @@ def register(path: Path, remote: RemoteFile) -> None:
         _REMOTE[Path(path)] = remote
 
 
+def registered() -> dict[Path, RemoteFile]:
+    """Every registered file (what another process -- a Ray task -- registers again to read the same inputs)."""
+    with _LOCK:
+        return dict(_REMOTE)
+
+
 def remote_of(path: Path) -> RemoteFile | None:
     """The remote file ``path`` is read from, or None when it is on disk (or was never registered)."""
     with _LOCK:

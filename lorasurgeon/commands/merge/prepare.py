@@ -80,6 +80,8 @@ def plan_run(
     """Every check and the plan, from headers: inputs, kinds, output, quantization, PEFT variants, shapes."""
     command = settings.command
     gguf_out = wants_gguf(out)  # one file, whose place is checked below (check_gguf_destination)
+    if gguf_out and settings.cluster is not None:
+        raise InvalidOptionError("--cluster ray writes safetensors shards: a .gguf result is written by one process")
     opened = open_inputs(
         [
             Input(base, "MERGED" if settings.unmerge else "BASE", "model"),
