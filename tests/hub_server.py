@@ -25,6 +25,11 @@ def _sha(data: bytes) -> str:
     return hashlib.sha1(data).hexdigest()
 
 
+def _git_hash(data: bytes) -> str:
+    """git's blob id of ``data`` (what the Hub gives as a regular file's oid)."""
+    return hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+
+
 @dataclass
 class Repo:
     commits: dict[str, dict[str, bytes]] = field(default_factory=dict)  # sha -> files
@@ -64,6 +69,7 @@ class HubStandIn:
         self.served: dict[str, int] = {}  # a file's path in its repo -> the bytes its GETs sent
         self.ranges: list[tuple[str, str | None]] = []  # (path, the Range header) of every file GET
         self.drop = 0  # the next file responses cut off halfway (connection closed), then served whole
+        self.uploaded: list[tuple[str, int]] = []  # (path, bytes) of every file a commit carried
         self.serve_ranges = True  # False: a Range header is ignored (200, the whole file), as some servers do
         self.lock = threading.Lock()
         self._server = _Quiet(("127.0.0.1", 0), self._handler())
@@ -180,7 +186,10 @@ class HubStandIn:
                         )
                     return self._send(
                         200,
-                        [{"type": "file", "oid": _sha(d), "size": len(d), "path": p} for p, d in sorted(files.items())],
+                        [
+                            {"type": "file", "oid": _git_hash(d), "size": len(d), "path": p}
+                            for p, d in sorted(files.items())
+                        ],
                     )
                 if len(parts) >= 5 and parts[2] == "resolve":
                     repo = self._repo(f"{parts[0]}/{parts[1]}", head)
@@ -213,11 +222,18 @@ class HubStandIn:
                     repo = self._repo(f"{parts[2]}/{parts[3]}")
                     if repo:
                         files = json.loads(body)["files"]
-                        return self._send(
+                        held = repo.commits.get(repo.resolve("/".join(parts[5:])) or "", {})
+                        return self._send(  # each file's oid where the revision holds it, as the Hub answers
                             200,
                             {
                                 "files": [
-                                    {"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files
+                                    {
+                                        "path": f["path"],
+                                        "uploadMode": "regular",
+                                        "shouldIgnore": False,
+                                        "oid": _git_hash(held[f["path"]]) if f["path"] in held else None,
+                                    }
+                                    for f in files
                                 ]
                             },
                         )
@@ -312,6 +328,7 @@ class HubStandIn:
                 for line in lines:
                     if line["key"] == "file":
                         files[line["value"]["path"]] = base64.b64decode(line["value"]["content"])
+                        hub.uploaded.append((line["value"]["path"], len(files[line["value"]["path"]])))
                     elif line["key"] == "deletedFile":
                         files.pop(line["value"]["path"], None)
                 sha = repo.commit(files, parent, header.get("summary", ""))

@@ -260,3 +260,26 @@ def test_a_quantized_repo_fetches_only_the_weights_it_needs(hub, tmp_path):
     assert run_cli("convert", repo, "--dtype", "bfloat16", "-o", tmp_path / "local").exit_code == 0
     a, b = read_folder(tmp_path / "from_hub"), read_folder(tmp_path / "local")
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_push_uploads_only_the_files_the_hub_does_not_hold(hub, tmp_path):
+    """huggingface_hub asks the Hub for each file's oid first (preupload) and leaves out of the commit every file
+    whose content the Hub already holds there: a re-push of an unchanged result uploads no file, a changed merge
+    only the files that changed."""
+    merged = tmp_path / "merged"
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", merged, "--push-to-hub", "me/m").exit_code == 0
+    first = dict(hub.uploaded)
+    assert set(first) == {p.name for p in merged.iterdir()}
+    hub.uploaded.clear()
+    r = run_cli("push", merged, "me/m")
+    assert r.exit_code == 0, r.stderr
+    assert hub.uploaded == []  # nothing the Hub holds is sent again
+    assert "Pushed 6 files to me/m (0 uploaded, 6 the Hub already held)" in r.stdout
+    again = tmp_path / "again"
+    assert run_cli("merge", FIX_BASE, FIX_ADAPTER, "--weight", "0.5", "-o", again, "-q").exit_code == 0
+    r = run_cli("push", again, "me/m")
+    assert r.exit_code == 0, r.stderr
+    changed = {p.name for p in again.iterdir() if p.read_bytes() != (merged / p.name).read_bytes()}
+    assert {path for path, _ in hub.uploaded} == changed and "model.safetensors" in changed
+    assert "tokenizer.json" not in changed
+    assert f"({len(changed)} uploaded, {6 - len(changed)} the Hub already held)" in r.stdout

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from .. import __version__
 from ..errors import InputNotFoundError, InvalidOptionError, LorasurgeonError
@@ -17,9 +18,16 @@ class PushReport:
     repo_id: str
     url: str  # the commit, or the pull request with create_pr
     files: int
+    held: int = 0  # of them, files the Hub already held there, byte for byte: not uploaded again
 
     def summary(self) -> str:
-        return f"Pushed {plural(self.files, 'file')} to {self.repo_id}: {self.url}"
+        if not self.held:
+            return f"Pushed {plural(self.files, 'file')} to {self.repo_id}: {self.url}"
+        sent = self.files - self.held
+        return (
+            f"Pushed {plural(self.files, 'file')} to {self.repo_id} ({sent} uploaded, {self.held} the Hub already "
+            f"held): {self.url}"
+        )
 
 
 def check_push_target(repo_id: str) -> None:
@@ -101,6 +109,7 @@ def push(
         api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
         if revision and not create_pr:
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        held = _held(api, repo_id, revision, path, files)
         info = api.upload_folder(
             folder_path=path,
             repo_id=repo_id,
@@ -116,4 +125,32 @@ def push(
         if is_transport_error(exc):
             raise LorasurgeonError(f"{repo_id}: cannot reach the Hub ({exc})") from None
         raise
-    return PushReport(repo_id, info.pr_url or info.commit_url, len(files))
+    return PushReport(repo_id, info.pr_url or info.commit_url, len(files), held)
+
+
+def _held(api: Any, repo_id: str, revision: str | None, folder: Path, files: list[Path]) -> int:
+    """How many of ``files`` the repo's revision already holds, byte for byte (huggingface_hub leaves those out of
+    the commit: it asks the Hub for each file's oid first). Compared by size, then by the Hub's own hash: the
+    sha256 of an LFS file, git's blob id of a regular one."""
+    import hashlib
+
+    from huggingface_hub.hf_api import RepoFile
+    from huggingface_hub.utils.sha import git_hash
+
+    tree = {
+        f.path: f for f in api.list_repo_tree(repo_id, revision=revision, recursive=True) if isinstance(f, RepoFile)
+    }
+    held = 0
+    for file in files:
+        remote = tree.get(file.relative_to(folder).as_posix())
+        if remote is None or remote.size != file.stat().st_size:
+            continue
+        if remote.lfs is not None:
+            digest = hashlib.sha256()
+            with open(file, "rb") as fh:
+                while chunk := fh.read(16 << 20):
+                    digest.update(chunk)
+            held += digest.hexdigest() == remote.lfs.sha256
+        else:
+            held += git_hash(file.read_bytes()) == remote.blob_id
+    return held
