@@ -147,3 +147,13 @@ def test_weights_too_big_for_the_disk_are_read_in_place_with_a_warning(hub, tmp_
     assert result.exit_code == 0, result.stderr
     assert "do not fit in the 0.0 GB free" in result.stderr and "read in place" in result.stderr
     assert weights_in_cache(tmp_path) == []
+
+
+def test_offline_after_reading_in_place_is_a_clear_line(hub, tmp_path, monkeypatch):
+    from huggingface_hub import constants
+
+    assert run_cli("inspect", "org/base").exit_code == 0  # small files cached, weights read in place only
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    one_line_error(run_cli("merge", "org/base", FIX_ADAPTER, "-o", tmp_path / "m"), "offline", "not in the local cache")
+    assert not (tmp_path / "m").exists()
