@@ -15,6 +15,8 @@ import base64
 import hashlib
 import json
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -345,3 +347,18 @@ class HubStandIn:
                 self._route("POST")
 
         return Handler
+
+
+@contextmanager
+def serving(monkeypatch, cache: Path) -> Iterator[HubStandIn]:
+    """A stand-in running, and this process's huggingface_hub pointed at it: its endpoint, a token, online, the
+    Hub cache at ``cache`` (pytest's ``monkeypatch`` puts everything back)."""
+    from huggingface_hub import constants
+
+    with HubStandIn() as server:
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
+        yield server

@@ -10,7 +10,7 @@ import json
 import sys
 
 import pytest
-from hub_server import HubStandIn
+from hub_server import serving
 
 from lorasurgeon.calibration.samples import Samples, read_samples
 from lorasurgeon.errors import InputNotFoundError, InvalidOptionError, LorasurgeonError, UnsupportedError
@@ -401,14 +401,7 @@ def write_parquet(path, columns) -> None:
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    with HubStandIn() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    with serving(monkeypatch, tmp_path / "hf_cache") as server:
         yield server
 
 

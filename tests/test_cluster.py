@@ -7,6 +7,8 @@ import os
 import signal
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import make_fixtures as mf
@@ -73,14 +75,15 @@ def ray_task_pids() -> list[int]:
     return found
 
 
-def test_a_worker_killed_mid_run_is_retried_and_the_bytes_are_the_same(cluster, sharded, tmp_path):
-    base, adapter = sharded
-    assert run_cli("merge", base, adapter, "-o", tmp_path / "one").exit_code == 0
+@contextmanager
+def killing_a_busy_worker(kill: bool = True) -> Iterator[list[int]]:
+    """While the block runs, SIGKILL the first Ray worker seen running one of our tasks (when ``kill``); the
+    list of the pids killed."""
     killed: list[int] = []
     stop = threading.Event()
 
     def killer() -> None:
-        while not stop.is_set() and not killed:
+        while kill and not stop.is_set() and not killed:
             for pid in ray_task_pids():
                 os.kill(pid, signal.SIGKILL)
                 killed.append(pid)
@@ -90,10 +93,17 @@ def test_a_worker_killed_mid_run_is_retried_and_the_bytes_are_the_same(cluster, 
     watcher = threading.Thread(target=killer)
     watcher.start()
     try:
-        result = run_cli("merge", base, adapter, "-o", tmp_path / "ray", "--cluster", "ray")
+        yield killed
     finally:
         stop.set()
         watcher.join()
+
+
+def test_a_worker_killed_mid_run_is_retried_and_the_bytes_are_the_same(cluster, sharded, tmp_path):
+    base, adapter = sharded
+    assert run_cli("merge", base, adapter, "-o", tmp_path / "one").exit_code == 0
+    with killing_a_busy_worker() as killed:
+        result = run_cli("merge", base, adapter, "-o", tmp_path / "ray", "--cluster", "ray")
     assert killed, "no task was caught running"
     assert result.exit_code == 0, result.stderr
     same_folders(tmp_path / "one", tmp_path / "ray")
@@ -139,24 +149,8 @@ def test_an_extract_on_ray_is_the_same_adapter_with_or_without_a_killed_worker(
     base, _ = sharded
     args = ("extract", base, merged, "--budget", "200KB", "--dtype", "bf16")
     assert run_cli(*args, "-o", tmp_path / "one").exit_code == 0
-    killed: list[int] = []
-    stop = threading.Event()
-
-    def killer() -> None:
-        while kill and not stop.is_set() and not killed:
-            for pid in ray_task_pids():
-                os.kill(pid, signal.SIGKILL)
-                killed.append(pid)
-                break
-            time.sleep(0.002)
-
-    watcher = threading.Thread(target=killer)
-    watcher.start()
-    try:
+    with killing_a_busy_worker(kill) as killed:
         result = run_cli(*args, "-o", tmp_path / "ray", "--cluster", "ray")
-    finally:
-        stop.set()
-        watcher.join()
     assert result.exit_code == 0, result.stderr
     assert bool(killed) == kill
     for name in ("adapter_model.safetensors", "adapter_config.json"):
@@ -175,15 +169,9 @@ def test_a_calibrated_extract_on_ray_is_the_same_adapter(cluster, tmp_path):
 
 
 def test_hub_inputs_read_in_place_are_read_so_by_the_tasks_too(cluster, tmp_path, monkeypatch):
-    from hub_server import HubStandIn
-    from huggingface_hub import constants
+    from hub_server import serving
 
-    with HubStandIn() as hub:
-        monkeypatch.setenv("HF_ENDPOINT", hub.url)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    with serving(monkeypatch, tmp_path / "hf_cache") as hub:
         hub.add_folder("org/base", FIX_BASE)
         result = run_cli("merge", "org/base", FIX_ADAPTER, "--stream", "--cluster", "ray", "-o", tmp_path / "ray")
         assert result.exit_code == 0, result.stderr

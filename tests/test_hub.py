@@ -12,21 +12,14 @@ import make_fixtures as mf
 import pytest
 import torch
 from helpers import FIX_ADAPTER, FIX_BASE, run_cli
-from hub_server import HubStandIn
+from hub_server import HubStandIn, serving
 from reference import read_folder
 from safetensors.torch import load_file
 
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    with HubStandIn() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    with serving(monkeypatch, tmp_path / "hf_cache") as server:
         server.add_folder("org/base", FIX_BASE)
         server.add_folder("org/adapter", FIX_ADAPTER)
         yield server

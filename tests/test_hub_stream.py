@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import FIX_ADAPTER, FIX_BASE, listing, one_line_error, run_cli
-from hub_server import HubStandIn
+from hub_server import serving
 from reference import read_folder
 
 from lorasurgeon.hub import stream
@@ -18,14 +18,7 @@ from lorasurgeon.hub import stream
 
 @pytest.fixture
 def hub(tmp_path, monkeypatch):
-    from huggingface_hub import constants
-
-    with HubStandIn() as server:
-        monkeypatch.setenv("HF_ENDPOINT", server.url)
-        monkeypatch.setenv("HF_TOKEN", "hf_test_token")
-        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-        monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-        monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf_cache"))
+    with serving(monkeypatch, tmp_path / "hf_cache") as server:
         monkeypatch.setattr(stream, "WAIT", 0.01)
         server.add_folder("org/base", FIX_BASE)
         server.add_folder("org/adapter", FIX_ADAPTER)
