@@ -3,6 +3,7 @@ it is allowed: does it finish, and what does its peak hold?
 
     sudo python benchmarks/bench_calibration.py                               # 2.4 GB model in 1.25 GiB; 4.8 GB
     sudo python benchmarks/bench_calibration.py --layers 4                     # smoke (0.2 GB and 0.4 GB, 1 min)
+    sudo python benchmarks/bench_calibration.py --fisher                      # with the backward (calibration.backward)
 
 Writes a Llama-shaped bf16 checkpoint (hidden 1536, intermediate 3072, 12 heads / 4 KV heads, vocab 8192, 58
 layers: 2.42 GB; weights N(0, 0.02), norms 1) into a temporary folder (--workdir, not a tmpfs), one safetensors
@@ -203,8 +204,8 @@ class Layers:
         pass
 
 
-def child(model: Path, spool: Path, samples: int, length: int, trim: bool) -> None:
-    """One gather over ``samples`` random sequences; its figures printed as JSON lines."""
+def child(model: Path, spool: Path, samples: int, length: int, trim: bool, fisher: bool) -> None:
+    """One gather over ``samples`` random sequences (``fisher``: run back too); its figures printed as JSON lines."""
     import torch
     import transformers  # noqa: F401  (the import baseline counts it: gather imports it)
 
@@ -223,7 +224,7 @@ def child(model: Path, spool: Path, samples: int, length: int, trim: bool) -> No
     print("BASELINE " + json.dumps(status("VmRSS", "RssAnon", "RssFile")), flush=True)
     began = time.perf_counter()
     try:
-        got = gather(ckpt, names, config, ids, out, progress=Layers(trim))
+        got = gather(ckpt, names, config, ids, out, progress=Layers(trim), fisher=fisher)
     finally:
         out.abort()
     seconds = time.perf_counter() - began
@@ -286,7 +287,8 @@ def run_child(model: Path, work: Path, args: argparse.Namespace, limit: int | No
     # The child puts itself into the group before it execs Python: everything it allocates is charged there.
     cgroup = Cgroup(f"lorasurgeon-bench-calibration-{os.getpid()}", limit)
     cmd = ["sh", "-c", 'echo $$ > "$0" && exec "$@"', str(cgroup.path / "cgroup.procs"), sys.executable, __file__]
-    cmd += ["--child", str(model), str(spool), str(args.samples), str(args.length), "trim" if trim else "-"]
+    flags = ",".join(f for f, on in (("trim", trim), ("fisher", args.fisher)) if on) or "-"
+    cmd += ["--child", str(model), str(spool), str(args.samples), str(args.length), flags]
     began = time.perf_counter()
     with cgroup:
         res = subprocess.run(cmd, capture_output=True, text=True)
@@ -411,11 +413,12 @@ def main() -> None:
     p.add_argument("--limit-mib", type=int, default=1280)
     p.add_argument("--deeper", action=argparse.BooleanOptionalAction, default=True, help="also 2x the layers")
     p.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()), help="not a tmpfs: it is memory")
+    p.add_argument("--fisher", action="store_true", help="gather(fisher=True): the layers run back from the head too")
     p.add_argument("--child", nargs=5, help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.child:
-        model, spool, n, length, trim = args.child
-        child(Path(model), Path(spool), int(n), int(length), trim == "trim")
+        model, spool, n, length, flags = args.child
+        child(Path(model), Path(spool), int(n), int(length), "trim" in flags, "fisher" in flags)
         return
     if not os.access(CGROUPS, os.W_OK):
         raise SystemExit(f"{CGROUPS}: not writable (a cgroup v1 memory controller, and root, are needed)")

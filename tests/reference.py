@@ -95,3 +95,48 @@ def input_moments(model, samples) -> dict[str, torch.Tensor]:
         for handle in handles:
             handle.remove()
     return {k: sums[k] / rows[k] for k in sums}
+
+
+def output_moments(model, samples, seed: int) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """The Fisher's output side, the model run whole with autograd: E[g gᵀ] (float64) of the loss gradient at every
+    decoder-layer Linear's (Conv1D's) output, the loss the log-likelihood of a token drawn at every position from
+    the model's own next-token distribution (one generator seeded ``seed``, the samples in turn); E[g gᵀ] at the
+    embedding's output; and the head's Fisher diagonal E[p(1 − p)] -- what calibration gathers layer by layer."""
+    from transformers.pytorch_utils import Conv1D
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
+
+    def add(name, g):
+        g = g.reshape(-1, g.shape[-1]).double()
+        sums[name] = sums.get(name, 0) + g.T @ g
+        rows[name] = rows.get(name, 0) + g.shape[0]
+
+    def hook(name):
+        def record(_m, _args, out):
+            out.register_hook(lambda g: add(name, g))
+
+        return record
+
+    layers = [n for n, m in model.named_modules() if isinstance(m, torch.nn.ModuleList)][0]
+    handles = [
+        m.register_forward_hook(hook(n))
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear | Conv1D) and n.startswith(f"{layers}.")
+    ]
+    handles.append(model.get_input_embeddings().register_forward_hook(hook("@embedding")))
+    model.requires_grad_(True)  # a merged PEFT model's weights come frozen
+    gen = torch.Generator().manual_seed(seed)
+    fisher, tokens = 0, 0
+    try:
+        for x in samples:
+            logits = model(input_ids=x, use_cache=False).logits.float().reshape(-1, model.config.vocab_size)
+            p = logits.detach().softmax(-1)
+            drawn = torch.multinomial(p, 1, generator=gen)[:, 0]
+            torch.nn.functional.cross_entropy(logits, drawn, reduction="sum").backward()
+            fisher, tokens = fisher + (p * (1 - p)).sum(0, dtype=torch.float64), tokens + x.numel()
+    finally:
+        for handle in handles:
+            handle.remove()
+    embedding = sums.pop("@embedding") / rows.pop("@embedding")
+    return {k: sums[k] / rows[k] for k in sums}, embedding, fisher / tokens

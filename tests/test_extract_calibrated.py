@@ -13,10 +13,11 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import FIX_ADAPTER, FIX_BASE, byte_tokenizer, one_line_error, run_cli
-from reference import input_moments, peft_model
+from reference import input_moments, output_moments, peft_model
 from safetensors.torch import load_file
 
 import lorasurgeon as ls
+from lorasurgeon.calibration import backward
 
 TRAIN = [
     "The quick brown fox jumps over the lazy dog while the farmer sleeps.",
@@ -81,21 +82,34 @@ def whole_model_moments(model_dir: Path, texts: list[str]) -> dict[str, torch.Te
     return input_moments(model, ids_of(texts))
 
 
-def closed_form(delta: torch.Tensor, g: torch.Tensor, rank: int) -> torch.Tensor:
-    """[ΔW·S]_k·S⁻¹, S the symmetric root of G + λI (λ = 1e-4 · mean diag G; G a vector: a diagonal)."""
+def _roots(g: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The symmetric root of G + λI and its inverse (λ = 1e-4 · mean diag G; G a vector: a diagonal)."""
     full = torch.diag(g) if g.ndim == 1 else g
     lam = 1e-4 * float(torch.diagonal(full).mean())
     w, q = torch.linalg.eigh(full + lam * torch.eye(full.shape[0], dtype=torch.float64))
-    root, inv = q @ torch.diag(w.sqrt()) @ q.T, q @ torch.diag(w.rsqrt()) @ q.T
-    u, s, vh = torch.linalg.svd(delta @ root)
-    return u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank] @ inv
+    return q @ torch.diag(w.sqrt()) @ q.T, q @ torch.diag(w.rsqrt()) @ q.T
+
+
+def closed_form(delta: torch.Tensor, g: torch.Tensor, rank: int, rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Sr⁻¹·[Sr·ΔW·Sc]_k·Sc⁻¹: the rank-k minimiser of ‖Sr·(ΔW − X)·Sc‖, Sc and Sr the symmetric roots of the
+    inputs' moment G and the output weight (identity without ``rows``)."""
+    root, inv = _roots(g)
+    left, left_inv = _roots(rows) if rows is not None else (torch.eye(delta.shape[0], dtype=torch.float64),) * 2
+    u, s, vh = torch.linalg.svd(left @ delta @ root)
+    return left_inv @ u[:, :rank] @ torch.diag(s[:rank]) @ vh[:rank] @ inv
 
 
 def test_the_calibrated_factors_are_the_closed_form_optimum_on_moments_gathered_whole(tuned, tmp_path):
+    """Each module's factors minimise its error weighed by its inputs' moment and its output gradients' (the
+    Fisher's K-FAC factors), both gathered here by the model run whole with hooks and autograd."""
+    import transformers
+
     out = tmp_path / "cal"
     report = ls.extract(FIX_BASE, tuned, out, rank=3, solver="exact", calibration=prompts(tuned), extras="skip")
     factors = load_file(out / "adapter_model.safetensors")
     moments = whole_model_moments(tuned, CALIBRATION)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tuned, dtype=torch.float32).eval()
+    outputs, embedding, head = output_moments(model, ids_of(CALIBRATION), backward.SEED)
     base, fine = load_file(FIX_BASE / "model.safetensors"), load_file(tuned / "model.safetensors")
     checked = 0
     for module in report.modules:
@@ -103,19 +117,45 @@ def test_the_calibrated_factors_are_the_closed_form_optimum_on_moments_gathered_
         delta = fine[f"{module.name}.weight"].double() - base[f"{module.name}.weight"].double()
         if module.kind == "embedding":
             counts = torch.bincount(torch.cat([i[0] for i in ids_of(CALIBRATION)]), minlength=delta.shape[0])
-            want = closed_form(delta.T, counts.double() / counts.sum(), 3)
+            want = closed_form(delta.T, counts.double() / counts.sum(), 3, embedding)
             got = factors[f"{key}.lora_embedding_B"].double() @ factors[f"{key}.lora_embedding_A"].double()
         else:
-            want = closed_form(delta, moments[module.name], 3)
+            rows = outputs.get(module.name, head)  # the head's: its logits' Fisher diagonal
+            want = closed_form(delta, moments[module.name], 3, rows)
             got = factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double()
-        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5, module.name
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-4, module.name
         assert module.output is not None and module.output.after <= module.output.plain_svd * (1 + 1e-6)
         checked += 1
     assert checked == 2 * 7 + 2  # every linear of both layers, the embedding and the head
     doc = json.loads((out / "extract_report.json").read_text())
     assert doc["method"]["calibration"]["activations"] == "finetuned"
+    assert doc["method"]["calibration"]["weight"] == "inputs and output gradients (K-FAC Fisher)"
     assert set(doc["modules"][0]["output"]) == {"before", "after", "plain_svd"}
-    assert any("layer by layer" in n for n in doc["notes"])
+    assert any("activations and output gradients, measured layer by layer" in n for n in doc["notes"])
+
+
+def test_without_the_backward_the_factors_are_the_input_whitened_optimum(tuned, tmp_path):
+    """Calibration(fisher=False): each module's error weighed by its inputs' moment alone (no backward run), as the
+    method says."""
+    from lorasurgeon.calibration import Calibration
+
+    out = tmp_path / "inputs"
+    calibration = Calibration(str(prompts(tuned)), fisher=False)
+    report = ls.extract(FIX_BASE, tuned, out, rank=3, solver="exact", calibration=calibration, extras="skip")
+    factors = load_file(out / "adapter_model.safetensors")
+    moments = whole_model_moments(tuned, CALIBRATION)
+    base, fine = load_file(FIX_BASE / "model.safetensors"), load_file(tuned / "model.safetensors")
+    linear = [m for m in report.modules if m.kind == "linear"]
+    for module in linear:
+        key = f"base_model.model.{module.name}"
+        delta = fine[f"{module.name}.weight"].double() - base[f"{module.name}.weight"].double()
+        want = closed_form(delta, moments[module.name], 3)
+        got = factors[f"{key}.lora_B.weight"].double() @ factors[f"{key}.lora_A.weight"].double()
+        assert float((got - want).abs().max() / want.abs().max()) <= 1e-5, module.name
+    assert len(linear) == 2 * 7 + 1
+    doc = json.loads((out / "extract_report.json").read_text())
+    assert doc["method"]["calibration"]["weight"] == "inputs"
+    assert not any("output gradients" in n for n in doc["notes"])
 
 
 def kl_to_tuned(adapter: Path, tuned: Path) -> float:
@@ -240,22 +280,22 @@ def test_a_tied_head_is_stored_once_and_peft_ties_it_back(tmp_path):
         assert torch.allclose(peft(input_ids=x).logits, merged(input_ids=x).logits, atol=1e-4)
 
 
-def merged_model_moments(texts: list[str]) -> dict[str, torch.Tensor]:
-    """The inputs' moments of the committed base with the committed adapter merged in (PEFT's merge_and_unload),
-    by a whole-model forward with hooks."""
-    import tempfile
-
+def merged_model_moments(texts: list[str]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """The inputs' moments and the output gradients' of the committed base with the committed adapter merged in
+    (PEFT's merge_and_unload), by the model run whole with hooks and autograd."""
     model, _ = peft_model(FIX_BASE, [FIX_ADAPTER], dtype=torch.float32)
-    with tempfile.TemporaryDirectory() as d:
-        model.merge_and_unload().save_pretrained(d)
-        return whole_model_moments(Path(d), texts)
+    merged = model.merge_and_unload().eval()
+    with torch.no_grad():
+        inputs = input_moments(merged, ids_of(texts))
+    return inputs, output_moments(merged, ids_of(texts), backward.SEED)[0]
 
 
 def test_resize_calibrated_is_the_closed_form_on_the_merged_models_moments(tuned, tmp_path):
     """resize --calibration --base: each module's rank-2 factors of its own s·B·A, best on the inputs the base with
-    the adapter merged in sees -- the dense closed form of that weighted problem, formed here."""
+    the adapter merged in sees and weighed by the gradients at its output -- the dense closed form of that weighted
+    problem, formed here."""
     report = ls.resize(FIX_ADAPTER, tmp_path / "r2", rank=2, base=FIX_BASE, calibration=prompts(tuned))
-    moments = merged_model_moments(CALIBRATION)
+    moments, outputs = merged_model_moments(CALIBRATION)
     before = load_file(FIX_ADAPTER / "adapter_model.safetensors")
     after = load_file(tmp_path / "r2" / "adapter_model.safetensors")
     config = json.loads((tmp_path / "r2" / "adapter_config.json").read_text())
@@ -263,7 +303,7 @@ def test_resize_calibrated_is_the_closed_form_on_the_merged_models_moments(tuned
     for module in report.modules:
         key = f"base_model.model.{module.name}"
         delta = scale_in * before[f"{key}.lora_B.weight"].double() @ before[f"{key}.lora_A.weight"].double()
-        want = closed_form(delta, moments[module.name], 2)
+        want = closed_form(delta, moments[module.name], 2, outputs[module.name])
         got = after[f"{key}.lora_B.weight"].double() @ after[f"{key}.lora_A.weight"].double()
         got *= config["lora_alpha"] / config["r"]
         assert float((got - want).abs().max() / want.abs().max()) <= 1e-5, module.name

@@ -6,8 +6,9 @@ from __future__ import annotations
 import make_fixtures as mf
 import pytest
 import torch
-from reference import input_moments
+from reference import input_moments, output_moments
 
+from lorasurgeon.calibration import backward
 from lorasurgeon.calibration.layerwise import TOKENS, gather
 from lorasurgeon.errors import UnsupportedError
 from lorasurgeon.io.checkpoint import open_checkpoint
@@ -36,6 +37,32 @@ def test_layer_by_layer_moments_equal_a_whole_model_forward_with_hooks(tmp_path,
         assert got.layers == (cfg.n_layer if config == "gpt2" else 3)
         # q, k and v read one tensor: its moment is spooled once
         assert len(set(got.moments.values())) < len(got.moments) or config == "gpt2"
+    finally:
+        spool.abort()
+        ckpt.close()
+
+
+@pytest.mark.parametrize("config", ["llama tied", "gpt2"])
+def test_layer_by_layer_output_gradients_equal_a_whole_model_backward_with_hooks(tmp_path, config):
+    """fisher: the layers run back one at a time from the head give each module's E[g gᵀ] at its output, the
+    embedding's and the head's Fisher diagonal, as the model run whole with autograd does."""
+    cfg = mf.gpt2_config() if config == "gpt2" else mf.llama_config(tied=True, layers=3)
+    model = mf.build_model(cfg, seed=0).eval()
+    mf.save_model(model, tmp_path / "m")
+    want, embedding, head = output_moments(model, [torch.tensor([s]) for s in SAMPLES], backward.SEED)
+    ckpt = open_checkpoint(tmp_path / "m")
+    spool = SpoolWriter(tmp_path / "out", prefix="moments")
+    try:
+        got = gather(ckpt, model_names(ckpt.names(), read_config(ckpt)), read_config(ckpt), SAMPLES, spool, fisher=True)
+        heads = {m for m, key in got.outputs.items() if key == backward.HEAD}  # the head's: its Fisher diagonal
+        assert len(heads) == 1 and set(got.outputs) - heads == set(want)  # every Linear (Conv1D) of every layer
+        for module, key in got.outputs.items():
+            if module in heads:
+                continue
+            torch.testing.assert_close(spool.read(key).double(), want[module], rtol=1e-4, atol=1e-9, msg=module)
+        torch.testing.assert_close(spool.read(backward.EMBEDDING).double(), embedding, rtol=1e-4, atol=1e-9)
+        torch.testing.assert_close(spool.read(backward.HEAD).double(), head, rtol=1e-4, atol=1e-9)
+        assert not [n for n in spool.names() if n.startswith("@inputs")]  # the kept inputs let go of
     finally:
         spool.abort()
         ckpt.close()

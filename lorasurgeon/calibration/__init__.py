@@ -39,22 +39,64 @@ class Moments:
     inputs: Ref | None = None  # E[x xᵀ] of a linear module's inputs
     tokens: Ref | None = None  # an embedding's token counts
     rows: Ref | None = None  # a tied head's input moment: the weight on an embedding's rows
+    outputs: Ref | None = None  # E[g gᵀ] of the loss gradient at its output (a head's: its Fisher diagonal)
+    head: Ref | None = None  # a tied head's Fisher diagonal, for the embedding that shares its change
 
     def refs(self) -> list[Ref]:
-        return [r for r in (self.inputs, self.tokens, self.rows) if r is not None]
+        return [r for r in (self.inputs, self.tokens, self.rows, self.outputs, self.head) if r is not None]
+
+
+def linear_moments(gathered: Gathered, module: str, source: int) -> Moments | None:
+    """Where a linear module's statistics are (the engine's input ``source`` is the spool): its inputs' moment, and
+    its output gradients' where the backward ran; None where the run did not reach it."""
+    if module not in gathered.moments:
+        return None
+    outputs = gathered.outputs.get(module)
+    return Moments(
+        inputs=Ref(source, gathered.moments[module]), outputs=None if outputs is None else Ref(source, outputs)
+    )
+
+
+def embedding_moments(gathered: Gathered, source: int, tied_head: str | None = None) -> Moments:
+    """An embedding's: its tokens' counts (and its output gradients'); with ``tied_head`` (a head sharing its one
+    change) that head's input moment and Fisher diagonal weighing its rows."""
+    from .backward import EMBEDDING
+    from .layerwise import TOKENS
+
+    rows = None if tied_head is None else Ref(source, gathered.moments[tied_head])
+    if not gathered.outputs:
+        return Moments(tokens=Ref(source, TOKENS), rows=rows)
+    head = gathered.outputs.get(tied_head) if tied_head is not None else None
+    return Moments(
+        tokens=Ref(source, TOKENS),
+        rows=rows,
+        outputs=Ref(source, EMBEDDING),
+        head=None if head is None else Ref(source, head),
+    )
 
 
 def whitening_of(moments: Moments, tensors: Mapping[Ref, torch.Tensor], device: torch.device) -> Whitening:
     """The op's change of variables from its statistics, on ``device``: its inputs' moment, or its tokens'
-    frequencies (and a tied head's rows)."""
+    frequencies (and a tied head's rows), each weighed on the output side by its gradients' where measured."""
+
+    def get(ref: Ref | None) -> torch.Tensor | None:
+        return None if ref is None else tensors[ref].to(device=device, dtype=torch.float64)
+
+    outputs = get(moments.outputs)
     if moments.inputs is not None:
-        return Whitening.of(tensors[moments.inputs].to(device))
-    assert moments.tokens is not None
-    counts = tensors[moments.tokens].to(device=device, dtype=torch.float64)
+        return Whitening.of(tensors[moments.inputs].to(device), outputs)
+    counts = get(moments.tokens)
+    assert counts is not None
     p = counts / max(1.0, float(counts.sum()))
-    if moments.rows is None:
-        return Whitening.of(p)
-    return Whitening.of(1.0 + len(p) * p, tensors[moments.rows].to(device))
+    rows, head = get(moments.rows), get(moments.head)
+    if outputs is None:  # inputs only: each row counted once for the head, and by how often the embedding reads it
+        return Whitening.of(p if rows is None else 1.0 + len(p) * p, rows)
+    if rows is None or head is None:  # the embedding alone: its tokens, its output's gradients
+        return Whitening.of(p, outputs)
+    # A tied pair: the head's cost Σ_v F_v·eᵥᵀ·H·eᵥ plus the embedding's Σ_v p_v·eᵥᵀ·G₀·eᵥ (eᵥ: row v's error), one
+    # Kronecker product when G₀ is taken as H scaled to its trace: rows H, each vocabulary row F_v + α·p_v.
+    alpha = float(torch.trace(outputs) / torch.trace(rows).clamp_min(torch.finfo(torch.float64).tiny))
+    return Whitening.of(head + alpha * p, rows)
 
 
 Whose = Literal["finetuned", "base"]  # whose activations are measured: the fine-tune's (default) or the base's
@@ -71,6 +113,7 @@ class Calibration:
     split: str = "train"
     column: str | None = None
     model: Whose = "finetuned"
+    fisher: bool = True  # each module's rows weighed by its output gradients (calibration.backward) too
 
     def __post_init__(self) -> None:
         if not str(self.source).strip():
@@ -92,6 +135,8 @@ class Calibration:
             "column": self.column,
             "activations": self.model,
             "ridge": RIDGE,  # λ = ridge × mean(diag G), added to each module's G (ops.whitened)
+            # each module's error weighed by its inputs' second moment, and with fisher by its output gradients' too
+            "weight": "inputs and output gradients (K-FAC Fisher)" if self.fisher else "inputs",
         }
 
 
@@ -139,8 +184,10 @@ class Measured:
     def describe(self) -> str:
         g = self.gathered
         return (
-            f"calibrated on {self.source}: {self.whose} activations, measured layer by layer over {g.layers} layers "
-            f"({g.seconds:.1f} s)" + (f"; {self.too_few()}" if self.too_few() else "")
+            f"calibrated on {self.source}: {self.whose} activations"
+            + (" and output gradients" if g.outputs else "")
+            + f", measured layer by layer over {g.layers} layers ({g.seconds:.1f} s)"
+            + (f"; {self.too_few()}" if self.too_few() else "")
         )
 
     def too_few(self) -> str:
@@ -209,7 +256,9 @@ def measure(
     except ImportError:
         raise UnsupportedError("--calibration runs the model with transformers: pip install transformers") from None
     samples = samples_for(calibration, folders)
-    gathered = gather(model, names, config, samples.ids, out, device=device, progress=progress)
+    gathered = gather(
+        model, names, config, samples.ids, out, device=device, progress=progress, fisher=calibration.fisher
+    )
     measured = Measured(gathered, samples.source, whose)
     if measured.too_few():
         warnings.warn(f"--calibration: {measured.too_few()}", LorasurgeonWarning, stacklevel=2)

@@ -30,6 +30,7 @@ from ..errors import UnsupportedError
 from ..io.checkpoint import Checkpoint
 from ..io.spool import SpoolWriter
 from ..names import ModelNames
+from . import backward
 
 if TYPE_CHECKING:
     import torch
@@ -51,6 +52,7 @@ class Gathered:
     seconds: float
     vocab: int = 0  # rows of the token counts (TOKENS), the embedding's
     widest: int = 0  # the most inputs a measured module of a layer has (its E[x xᵀ] is widest × widest)
+    outputs: dict[str, str] = field(default_factory=dict)  # module -> its output gradients' E[g gᵀ] (fisher)
 
 
 @dataclass(frozen=True)
@@ -142,9 +144,11 @@ def gather(
     *,
     device: str = "cpu",
     progress: Progress | None = None,
+    fisher: bool = False,
 ) -> Gathered:
     """Run ``ckpt`` (its ``names`` and ``config``) on ``samples`` layer by layer; each linear module's E[x xᵀ]
-    spooled to ``out`` under its name (shared where modules share an input), the token counts under TOKENS.
+    spooled to ``out`` under its name (shared where modules share an input), the token counts under TOKENS; with
+    ``fisher`` each one's output-gradient moment too (``backward``: the layers run back once more).
 
     Raises:
         UnsupportedError: transformers cannot build the model, or its weights are not held as it names them.
@@ -157,6 +161,7 @@ def gather(
     except Exception as exc:  # transformers' own refusal, whatever its class
         raise UnsupportedError(f"--calibration: transformers cannot build this model ({exc})") from None
     dev = torch.device(devices_of(device)[0])  # the layers run in turn: on the first device given
+    fisher = fisher and _has_head(model)  # without a head there is no loss to differentiate: inputs only
     stack_name, stack = decoder_layers(model)
     loads = _loads(model, stack_name, stack, ckpt, names)
     tensors = _stream_groups(loads, ckpt, dev)
@@ -169,21 +174,69 @@ def gather(
         calls = [(args, None, kwargs) for args, _, kwargs in calls]  # layer 0's inputs: held once, in hidden
         as_tuple = False
         if progress is not None:
-            progress.start(sum(load.nbytes for load in loads[1:]))
+            progress.start(sum(load.nbytes for load in loads[1:]) * (2 if fisher else 1))
         for i, layer in enumerate(stack):
             _materialize(model, layer, next(tensors), dev)
+            if fisher:
+                backward.keep_inputs(out, i, hidden)
             hidden, as_tuple = _run_layer(layer, f"{stack_name}.{i}", calls, hidden, out, moments)
             layer.to("meta")
             give_back_freed_memory()
             if progress is not None:
                 progress.advance(loads[i + 1].nbytes)
-        if progress is not None:
-            progress.finish()
         _run_head(model, stack, names, ids, hidden, as_tuple, out, moments)
+    outputs: dict[str, str] = {}
+    if fisher:
+        _run_back(model, (stack_name, stack), loads, ckpt, dev, (ids, calls, hidden, as_tuple), out, outputs, progress)
+        head = names.head.rpartition(".")[0] if names.head else None
+        if head in moments:
+            outputs[head] = backward.HEAD  # the head's output weight: its logits' Fisher diagonal
+    if progress is not None:
+        progress.finish()
     vocab = _token_counts(model, samples, out)
     tokens = sum(len(s) for s in samples)
     widest = max((_inputs(mod) for _, mod in linear_modules(stack[0], "")), default=0)
-    return Gathered(moments, tokens, len(samples), len(stack), time.perf_counter() - start, vocab, widest)
+    seconds = time.perf_counter() - start
+    return Gathered(moments, tokens, len(samples), len(stack), seconds, vocab, widest, outputs)
+
+
+def _has_head(model: Any) -> bool:
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return head is not None
+
+
+def _run_back(
+    model: Any,
+    named_stack: tuple[str, Any],
+    loads: list[_Load],
+    ckpt: Checkpoint,
+    dev: torch.device,
+    run: tuple[list[torch.Tensor], list[Any], list[Any], bool],
+    out: SpoolWriter,
+    outputs: dict[str, str],
+    progress: Progress | None,
+) -> None:
+    """The backward half of ``fisher``: the head's gradient, then each layer from the last, read again (the engine
+    reading the one before it meanwhile); the output-gradient moments spooled, ``outputs`` told where."""
+    stack_name, stack = named_stack
+    ids, calls, hidden, as_tuple = run
+    model.requires_grad_(False)
+    grads, head = backward.head_gradients(model, stack, ids, hidden, as_tuple)
+    out.write(backward.HEAD, (head / sum(x.numel() for x in ids)).to(torch.float32).cpu())
+    hidden.clear()
+
+    def done(i: int) -> None:
+        give_back_freed_memory()
+        if progress is not None:
+            progress.advance(loads[i + 1].nbytes)
+
+    layers = _stream_groups(loads[1:][::-1], ckpt, dev)
+
+    def put(layer: Any, tensors: dict[str, torch.Tensor]) -> None:
+        _materialize(model, layer, tensors, dev)
+
+    grads = backward.backward_layers(stack, stack_name, layers, put, calls, grads, out, outputs, done)
+    backward.spool_moment(out, backward.EMBEDDING, grads)
 
 
 def _inputs(module: Any) -> int:

@@ -316,8 +316,8 @@ def _against_plain(ax: Any, modules: Sequence[ModuleStats]) -> None:
     matplotlib, _ = _matplotlib()
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
-    ax.set_xlabel("plain SVD (relative to E‖W·x‖²)")
-    ax.set_ylabel("calibrated (whitened SVD)")
+    ax.set_xlabel("plain SVD (relative to E‖W·x‖², weighed alike)")
+    ax.set_ylabel("calibrated (weighted SVD)")
 
 
 PICTURE_MAGIC = {".png": b"\x89PNG", ".pdf": b"%PDF", ".svg": b"<?xml"}

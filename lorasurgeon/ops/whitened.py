@@ -65,8 +65,9 @@ def regularized_cholesky(g: torch.Tensor, ridge: float = RIDGE) -> tuple[torch.T
 @dataclass(frozen=True)
 class Whitening:
     """One module's weighted problem as a change of variables: its error ‖Lrᵀ·(ΔW − BA)·Lc‖² with Lc Lcᵀ = Gc + λI
-    (Gc: the second moment of its inputs) and Lr Lrᵀ = Gr + λI (Gr: a weight on its output rows -- a tied head's
-    inputs, for the embedding it shares a change with -- or none: Lr = I). A diagonal G (an embedding's token
+    (Gc: the second moment of its inputs) and Lr Lrᵀ = Gr + λI (Gr: a weight on its output rows -- the loss
+    gradients' second moment at its output, K-FAC's factor of the Fisher, or a tied head's inputs, for the embedding
+    it shares a change with -- or none: Lr = I). A diagonal G (an embedding's token
     frequencies: its inputs are one-hot) is held as the vector of its roots. Float64 throughout."""
 
     cols: torch.Tensor  # (n, n) lower-triangular, or (n,): a diagonal's roots
@@ -82,6 +83,14 @@ class Whitening:
     def whiten(self, m: torch.Tensor) -> torch.Tensor:
         """Lrᵀ·M·Lc: the matrix whose plain truncated SVD is the weighted problem's (Eckart–Young)."""
         return _left(self.rows, _right(m.to(torch.float64), self.cols))
+
+    def left(self, b: torch.Tensor) -> torch.Tensor:
+        """Lrᵀ·B: a product B·A's left factor whitened (float64)."""
+        return _left(self.rows, b.to(torch.float64))
+
+    def right(self, a: torch.Tensor) -> torch.Tensor:
+        """A·Lc: a product B·A's right factor whitened (float64)."""
+        return _right(a.to(torch.float64), self.cols)
 
     def factors(self, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The whitened factors mapped back: A·Lc⁻¹ and Lr⁻ᵀ·B (float64)."""

@@ -1,12 +1,17 @@
-"""extract --calibration: each module's factors chosen by its output error on the calibration inputs, not by ‖ΔW‖.
+"""extract --calibration: each module's factors chosen by what its error costs on the calibration samples, not by
+‖ΔW‖.
 
-A module's error on inputs x is E‖(ΔW − BA)·x‖² = ‖(ΔW − BA)·L‖² with L Lᵀ = G + λI (G = E[x xᵀ], measured by
-``calibration.layerwise``): the truncated SVD of ΔW·L mapped back by L⁻¹ is its optimum (``ops.whitened``), and its
-σⱼ² are each component's gain in output error -- the units ``--budget`` compares modules in. An embedding's inputs
-are one-hot: G is the diagonal of its tokens' frequencies in the samples. A tied embedding and head share one
-change, stored once (PEFT's ensure_weight_tying): its rows weighted by the head's input moment, each vocabulary
-row by 1 + V·p(t) -- once for the head, which computes every row at every position, and by how often the embedding
-reads it.
+A module's error E = ΔW − BA costs, to second order and with K-FAC's independence (``calibration.backward``),
+‖Lrᵀ·E·Lc‖² with Lc Lcᵀ = Gc + λI (Gc = E[x xᵀ] of its inputs, ``calibration.layerwise``) and Lr Lrᵀ = Gr + λI
+(Gr = E[g gᵀ] of the loss gradient at its output): the truncated SVD of Lrᵀ·ΔW·Lc mapped back is its optimum
+(``ops.whitened``), and its σⱼ² are each component's gain -- the units ``--budget`` compares modules in. Input
+whitening alone (Gr = I, ``Calibration(fisher=False)``) lowered each module's output error and still lost end to end
+on a SmolLM2-shaped fine-tune (docs/benchmarks.md): the output side is what tells which directions the layers after
+a module respond to. An embedding's inputs are one-hot: Gc is the diagonal of its tokens' frequencies, Gr the
+gradients' at its output. A tied embedding and head share one change, stored once (PEFT's ensure_weight_tying):
+its rows weighted by the head's input moment H, each vocabulary row by F(v) + α·p(v) -- the head's Fisher diagonal,
+and how often the embedding reads it, its gradients' moment taken as H scaled to its trace (α) so that the two
+costs make one Kronecker product (without the backward: 1 + V·p(v)).
 
 For the report, the plain SVD's output error at every rank is measured too (``Whitening.plain_errors``), and the
 factors' ‖ΔW − B_k A_k‖² at every rank (``errors_by_rank``), so that ``--budget`` can say both once it has chosen.
@@ -20,8 +25,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from ...calibration import Moments, whitening_of
-from ...calibration.layerwise import TOKENS, Gathered
+from ...calibration import embedding_moments, linear_moments, whitening_of
+from ...calibration.layerwise import Gathered
 from ...engine.plan import Ref
 from ...ops.lowrank import rank_for_energy, top_singular
 from ...ops.whitened import errors_by_rank
@@ -121,11 +126,12 @@ def calibrate_ops(
     for op in ops:
         if once and op is head_op:
             continue
-        if op.kind in ("linear", "conv1d") and op.module in moments:
-            op = dataclasses.replace(op, moments=Moments(inputs=Ref(2, moments[op.module])))
+        found = linear_moments(gathered, op.module, 2) if op.kind in ("linear", "conv1d") else None
+        if found is not None:
+            op = dataclasses.replace(op, moments=found)
         elif op is embedding:
-            rows = Ref(2, moments[head_op.module]) if once and head_op is not None else None
-            op = dataclasses.replace(op, moments=Moments(tokens=Ref(2, TOKENS), rows=rows))
+            tied = head_op.module if once and head_op is not None else None
+            op = dataclasses.replace(op, moments=embedding_moments(gathered, 2, tied))
         elif op.kind in ("linear", "conv1d", "embedding", "conv", "experts"):
             plain.append(op.name)
         out.append(op)

@@ -22,7 +22,7 @@ from ...ops.lora import LayerName
 from .settings import ExtractSettings
 
 if TYPE_CHECKING:
-    from .calibrated import Moments
+    from ...calibration import Moments
 
 # A layer's kind (its change becomes LoRA factors), "bias" (a lora_B.bias), "full" (stored whole), "skip"
 ExtractKind = LayerName | Literal["bias", "full", "skip"]

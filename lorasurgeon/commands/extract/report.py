@@ -127,7 +127,8 @@ class ExtractReport:
         outputs = [m.output for m in self.modules if m.output is not None]
         if outputs:
             lines.append(
-                f"output error on the calibration samples (out.err: relative to E‖W·x‖², Σ over modules): "
+                f"output error on the calibration samples (out.err: relative to E‖W·x‖², both weighed by the method's "
+                f"calibration weight; Σ over modules): "
                 f"{sum(o.after for o in outputs):.4g}, against {sum(o.plain_svd for o in outputs):.4g} for the plain "
                 "SVD at the same ranks"
             )

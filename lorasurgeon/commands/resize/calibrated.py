@@ -1,13 +1,13 @@
-"""resize --calibration and combine --calibration: each module's new factors best on the calibration inputs, still
+"""resize --calibration and combine --calibration: each module's new factors best on the calibration samples, still
 without forming the dense ΔW.
 
-For a module's change B·A (the adapters' factors stacked) and its inputs' moment G = L Lᵀ (+ λI, measured by running
-the base, or the base with the adapters merged in, layer by layer: ``calibration``), the best rank-k factors on the
-data are the truncated SVD of B·(A·L) -- a product of thin factors, by QR and a small core as resize does -- with
-A mapped back by L⁻¹ (``ops.whitened``). σⱼ², relative to the module's output E‖W·x‖² (W the base's weight), are each
-component's gain in output error: what --energy and --budget spend by. The plain SVD's output error at the same rank
-is Σ_{j≥k} sⱼ²·‖vⱼᵀ·L‖² (the product's own singular triplets), reported beside it.
-"""
+For a module's change B·A (the adapters' factors stacked), its inputs' moment Gc = Lc Lcᵀ and its output gradients'
+Gr = Lr Lrᵀ (+ λI, measured by running the base, or the base with the adapters merged in, layer by layer and back:
+``calibration``), the best rank-k factors on the data are the truncated SVD of (Lrᵀ·B)·(A·Lc) -- a product of thin
+factors, by QR and a small core as resize does -- mapped back (``ops.whitened``). σⱼ², relative to the module's
+output weighed alike (W the base's weight), are each component's gain: what --energy and --budget spend by. The
+plain SVD's error at the same rank is measured in the same weighted norm (``errors_by_rank`` on the factors),
+reported beside it."""
 
 from __future__ import annotations
 
@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 from ...adapter.weights import LoraAdapter
-from ...calibration import Calibration, Measured, Moments, measure, whitening_of
-from ...calibration.layerwise import TOKENS
+from ...calibration import Calibration, Measured, embedding_moments, linear_moments, measure, whitening_of
 from ...engine.plan import Ref
 from ...errors import UnsupportedError
 from ...io.checkpoint import Checkpoint
@@ -25,7 +24,7 @@ from ...io.sidecar import read_config
 from ...io.spool import SpoolWriter
 from ...names import ModelNames, model_names
 from ...ops.lowrank import product_svd
-from ...ops.whitened import Whitening
+from ...ops.whitened import Whitening, errors_by_rank
 from .plan import ModuleOp
 
 if TYPE_CHECKING:
@@ -64,15 +63,13 @@ def whitened_svd(op: ModuleOp, b: torch.Tensor, a: torch.Tensor, tensors: Mappin
     """The stacked factors (``b``, ``a``: B·A is the module's change, PEFT's orientation) in the op's whitened space."""
     assert op.moments is not None and op.weight is not None
     whitening = whitening_of(op.moments, tensors, b.device)
-    b64, a64 = b.to(torch.float64), a.to(torch.float64)
-    u, s, vh = product_svd(b64, whitening.whiten(a64))
+    left, right = whitening.left(b), whitening.right(a)
+    u, s, vh = product_svd(left, right)
     w = tensors[op.weight].to(device=b.device, dtype=torch.float64)
     w = w.T if op.kind == "embedding" else w.reshape(w.shape[0], -1)  # (vocab, hidden) as PEFT's (hidden, vocab)
     signal = float(whitening.whiten(w).square().sum()) or 1.0
-    _, ps, pvh = product_svd(b64, a64)
-    tail = (ps**2) * whitening.whiten(pvh).square().sum(1)  # sⱼ²·‖vⱼᵀ·L‖²: each plain component's output error
-    zero = torch.zeros(1, dtype=torch.float64, device=tail.device)
-    plain = torch.cat([tail.flip(0).cumsum(0).flip(0), zero])
+    pu, ps, pvh = product_svd(b.to(torch.float64), a.to(torch.float64))
+    plain = errors_by_rank((left, right), whitening.left(pu * ps), whitening.right(pvh))  # the plain SVD's, per rank
     plain = torch.cat([plain, plain.new_zeros(max(0, len(s) + 1 - len(plain)))])
     return WhitenedSvd(u, s, vh, signal, whitening, plain)
 
@@ -112,18 +109,17 @@ def attach(ops: Sequence[ModuleOp], measured: Measured, names: ModelNames, n: in
     """The ops told where their moments (input ``n``, after the n adapters: the spool) and base weights (input
     n + 1: the base) are; a module the run does not reach (a convolution) refused by name -- its factors would not
     be on the data."""
-    moments, vocab = measured.gathered.moments, measured.gathered.vocab
+    gathered = measured.gathered
     out = []
     for op in ops:
         weight = f"{op.name}.weight"
         key = names.file_key(names.tied.get(weight, weight)) if weight not in names.file_of else names.file_key(weight)
         if key is None:
             raise UnsupportedError(f"--calibration: module {op.name!r} has no weight in the base to measure it by")
-        if op.kind == "linear" and op.name in moments:
-            found = Moments(inputs=Ref(n, moments[op.name]))
-        elif op.kind == "embedding" and op.a_shape[1] == vocab:
-            found = Moments(tokens=Ref(n, TOKENS))
-        else:
+        found = linear_moments(gathered, op.name, n) if op.kind == "linear" else None
+        if found is None and op.kind == "embedding" and op.a_shape[1] == gathered.vocab:
+            found = embedding_moments(gathered, n)
+        if found is None:
             raise UnsupportedError(
                 f"--calibration: module {op.name!r} ({op.kind}) is not reached by running the model layer by layer: "
                 "resize it without --calibration"

@@ -62,8 +62,8 @@ class ResizeReport:
         if outputs:
             ours, plain = sum(o.after for o in outputs), sum(o.plain_svd for o in outputs)
             lines.append(
-                f"  output error on the samples (Σ over modules, relative to E‖W·x‖²): {ours:.4g} calibrated, "
-                f"{plain:.4g} by the plain SVD at the same ranks"
+                f"  output error on the samples (Σ over modules, relative to E‖W·x‖², both weighed by the calibration "
+                f"weight): {ours:.4g} calibrated, {plain:.4g} by the plain SVD at the same ranks"
             )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
