@@ -1,5 +1,5 @@
-"""merge and extract --cluster ray on a local Ray cluster, against one process: time, and the bytes, with a worker
-killed.
+"""merge, extract and resize --cluster ray on a local Ray cluster, against one process: time, and the bytes,
+with a worker killed.
 
     python benchmarks/bench_cluster.py                   # a 0.31 GB bf16 Llama in 6 shards, ~2 min on 2 cores
     python benchmarks/bench_cluster.py --hidden 512 --layers 2   # smoke
@@ -9,8 +9,9 @@ v_proj) sharded at --shard-mb (50), then runs in child processes: ``lorasurgeon 
 default compute workers); ``--cluster ray`` with no RAY_ADDRESS (a local cluster started by the run and stopped
 after it: its start-up counted); and ``--cluster ray`` again with this script SIGKILLing the first worker seen
 running a task (Ray titles it ``ray::_run_group``); then ``extract --rank 16 --dtype bf16`` of the merged result
-against the base, the same three ways (one task per decoder layer). Per run: wall seconds, and whether every
-output file is the single-process result's, byte for byte. Prints a markdown table (docs/benchmarks.md).
+against the base, the same three ways (one task per decoder layer); then ``resize --rank 8`` of that adapter,
+in one process and on Ray. Per run: wall seconds, and whether every output file is the single-process result's,
+byte for byte. Prints a markdown table (docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -108,6 +109,14 @@ def main() -> None:
             _, differ, missing = filecmp.cmpfiles(root / "extract-0", out, ["adapter_model.safetensors"], shallow=False)
             same = "—" if not n else ("NO" if differ or missing else "yes")
             rows.append(f"| extract --rank 16, {label} | {seconds:.1f} | {len(killed)} | {same} |")
+            print(rows[-1], flush=True)
+        for n, (label, extra, _) in enumerate(runs):
+            out = root / f"resize-{n}"
+            cmd = ["resize", str(root / "extract-0"), "--rank", "8", "-o", str(out)]
+            seconds, _ = lorasurgeon(cmd + extra, False)
+            _, differ, missing = filecmp.cmpfiles(root / "resize-0", out, ["adapter_model.safetensors"], shallow=False)
+            same = "—" if not n else ("NO" if differ or missing else "yes")
+            rows.append(f"| resize --rank 8, {label} | {seconds:.1f} | 0 | {same} |")
             print(rows[-1], flush=True)
         print("\n| run | s | workers killed | bytes = one process's |\n|---|---:|---:|---|")
         print("\n".join(rows))

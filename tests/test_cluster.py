@@ -3,6 +3,7 @@ killed mid-run, and a task that fails for a real reason failing the whole comman
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import threading
@@ -185,3 +186,38 @@ def test_a_gguf_result_is_not_written_on_a_cluster(tmp_path):
     r = run_cli("merge", FIX_BASE, FIX_ADAPTER, "-o", tmp_path / "out.gguf", "--cluster", "ray")
     one_line_error(r, "--cluster ray", ".gguf")
     assert not (tmp_path / "out.gguf").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("resize", "{adapter}", "--budget", "300KB"),
+        ("combine", "{adapter}", "{adapter}", "--weight", "1", "--weight", "0.5", "--rank", "4"),
+        ("resize", "{fixture}", "--rank", "2", "--base", "{base}", "--calibration", "{calibration}"),
+    ],
+    ids=["resize", "combine", "resize calibrated"],
+)
+def test_resize_and_combine_on_ray_are_the_same_adapter(cluster, sharded, tmp_path, args):
+    """One task per layer's modules (and one for the rest), the tensors sent back and written by the driver."""
+    _, adapter = sharded
+    where = {
+        "adapter": adapter,
+        "fixture": FIX_ADAPTER,
+        "base": FIX_BASE,
+        "calibration": FIX_BASE.parent / "calibration.txt",
+    }
+    args = tuple(a.format(**where) for a in args)
+    assert run_cli(*args, "-o", tmp_path / "one").exit_code == 0
+    result = run_cli(*args, "-o", tmp_path / "ray", "--cluster", "ray")
+    assert result.exit_code == 0, result.stderr
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "ray" / name).read_bytes(), name
+    one = json.loads((tmp_path / "one" / "resize_report.json").read_text())
+    on_ray = json.loads((tmp_path / "ray" / "resize_report.json").read_text())
+    assert one["modules"] == on_ray["modules"]  # the report in the plan's order, wherever each was computed
+
+
+def test_resize_cluster_mistakes_are_named(tmp_path):
+    r = run_cli("resize", FIX_ADAPTER, "--rank", "2", "-o", tmp_path / "o", "--cluster", "ray", "--device", "cuda")
+    one_line_error(r, "--cluster ray")
+    assert not (tmp_path / "o").exists()

@@ -12,6 +12,7 @@ from ..console import debug_option
 from . import cli
 from .options import (
     CALIBRATION,
+    CLUSTER,
     CONSUMER,
     CONSUMERS,
     DEVICE,
@@ -35,7 +36,7 @@ BASE = click.option(
 @cli.command("resize")
 @debug_option
 @click.argument("adapter")
-@option_group(WRITE, BASE, FOR, sizing_options(), CALIBRATION, DEVICE, PUSH)
+@option_group(WRITE, BASE, FOR, sizing_options(), CALIBRATION, DEVICE, CLUSTER, PUSH)
 def resize_cmd(adapter: str, **options: Any) -> None:
     """An ADAPTER at a lower rank: the best rank-k factors of each module's own B·A, never forming ΔW.
 
@@ -68,6 +69,7 @@ def resize_cmd(adapter: str, **options: Any) -> None:
     sizing_options(),
     CALIBRATION,
     DEVICE,
+    CLUSTER,
     PUSH,
 )
 def combine_cmd(adapters: tuple[str, ...], **options: Any) -> None:

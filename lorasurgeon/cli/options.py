@@ -37,8 +37,8 @@ CLUSTER = click.option(
     "--cluster",
     type=click.Choice(["ray"]),
     default=None,
-    help="Run on a Ray cluster (RAY_ADDRESS, else a local one): merge one task per result shard, extract one per "
-    "layer; inputs and -o on storage every node sees (docs/cluster.md); needs lorasurgeon[ray].",
+    help="Run on a Ray cluster (RAY_ADDRESS, else a local one): merge one task per result shard, extract, resize "
+    "and combine one per layer; inputs and -o on storage every node sees (docs/cluster.md); needs lorasurgeon[ray].",
 )
 STREAM = click.option(
     "--stream",

@@ -61,3 +61,11 @@ def check_devices(spec: str) -> list[str]:
         if index >= count:
             raise InvalidOptionError(f"device {dev!r} asked for, but torch sees {count} GPU{'s' * (count != 1)}")
     return found
+
+
+def check_cluster(cluster: str | None, device: str) -> None:
+    """--cluster: ray or none, and the workers' CPUs (InvalidOptionError naming what is wrong)."""
+    if cluster not in (None, "ray"):
+        raise InvalidOptionError(f"unknown --cluster {cluster!r}: choose ray")
+    if cluster is not None and device != "cpu":
+        raise InvalidOptionError("--cluster ray computes on the workers' CPUs: leave --device out (GPU tasks: not yet)")

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any, Literal, get_args
 
 from ...calibration import Calibration, calibration_of
 from ...consumers import consumer
+from ...engine.devices import check_cluster
 from ...errors import InvalidOptionError
 from ...io.dtypes import is_floating, itemsize, parse_dtype_name, safetensors_name, torch_dtype, torch_name
 from ...ops.lowrank import Solver
@@ -126,12 +127,7 @@ class ExtractSettings(SizedBy):
         if not is_floating(dtype):
             raise InvalidOptionError(f"--dtype must be a floating dtype, not {torch_name(dtype)}")
         check_device(self.device)
-        if self.cluster not in (None, "ray"):
-            raise InvalidOptionError(f"unknown --cluster {self.cluster!r}: choose ray")
-        if self.cluster is not None and self.device != "cpu":
-            raise InvalidOptionError(
-                "--cluster ray computes on the workers' CPUs: leave --device out (GPU tasks: not yet)"
-            )
+        check_cluster(self.cluster, self.device)
         if self.conv_rank is not None and (isinstance(self.conv_rank, bool) or not isinstance(self.conv_rank, int)):
             raise InvalidOptionError(f"--conv-rank must be a whole number, not {self.conv_rank!r}")
         if self.conv_rank is not None and self.conv_rank < 0:

@@ -7,7 +7,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal, cast, get_args
 
-from ...engine.devices import devices_of
+from ...engine.devices import check_cluster, devices_of
 from ...errors import InvalidOptionError
 from ...io.dtypes import torch_dtype, torch_name
 from .._inputs import adapter_weights, output_dtype, parse_shard_size
@@ -70,12 +70,7 @@ class MergeSettings:
             raise InvalidOptionError(f"--workers must be at least 1, got {workers}")
         if workers is not None and workers > 1 and device != "cpu":
             raise InvalidOptionError(f"--workers is for the CPU: on {device} one tensor per GPU is computed at a time")
-        if cluster not in (None, *get_args(Cluster)):
-            raise InvalidOptionError(f"unknown --cluster {cluster!r}: choose ray")
-        if cluster is not None and device != "cpu":
-            raise InvalidOptionError(
-                "--cluster ray computes on the workers' CPUs: leave --device out (GPU tasks: not yet)"
-            )
+        check_cluster(cluster, device)
         out_dtype = output_dtype(dtype)
         if quantize == "keep" and out_dtype is not None:
             raise InvalidOptionError(

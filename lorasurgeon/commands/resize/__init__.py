@@ -79,6 +79,7 @@ def resize(
     overwrite: bool = False,
     dry_run: bool = False,
     stream: bool = False,
+    cluster: str | None = None,
     progress: Progress | None = None,
 ) -> ResizeReport:
     """An adapter at a lower rank: per module the best rank-k factors of its own B A (Eckart–Young),
@@ -100,6 +101,8 @@ def resize(
             samples, the model run being ``base`` with the adapter merged in (``calibration_model="base"``: the
             base alone).
         device, overwrite, dry_run, stream, progress: as for :func:`merge`.
+        cluster: "ray": each layer's modules resized by a Ray task (on the cluster at RAY_ADDRESS, else a local
+            one; the adapter and ``out`` on storage every node sees), the same bytes as one process.
 
     Returns:
         A ResizeReport: per module the rank in and out and the share of ‖ΔW‖² kept.
@@ -124,6 +127,7 @@ def resize(
         calibration_split=calibration_split,
         calibration_column=calibration_column,
         calibration_model=calibration_model,
+        cluster=cluster,
     )
     return run([adapter], Output(out, overwrite, dry_run, progress, stream), settings)
 
@@ -151,6 +155,7 @@ def combine(
     overwrite: bool = False,
     dry_run: bool = False,
     stream: bool = False,
+    cluster: str | None = None,
     progress: Progress | None = None,
 ) -> ResizeReport:
     """One adapter for Σ wᵢ·ΔWᵢ: exact at rank Σ rᵢ (the factors stacked), or truncated optimally by the
@@ -161,8 +166,8 @@ def combine(
         weights: one per adapter (default 1.0 each).
         allow_different_bases: combine adapters whose configs name different base models (one model under
             two names); their shapes are checked all the same.
-        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, stream, progress,
-            and the calibration's options: as for :func:`resize` (no target: exact; --calibration needs one).
+        out, rank, energy, budget, budget_params, max_rank, for_, base, device, overwrite, dry_run, stream, cluster,
+            progress, and the calibration's options: as for :func:`resize` (no target: exact; --calibration needs one).
 
     Returns:
         A ResizeReport.
@@ -191,6 +196,7 @@ def combine(
         calibration_split=calibration_split,
         calibration_column=calibration_column,
         calibration_model=calibration_model,
+        cluster=cluster,
     )
     return run(list(adapters), Output(out, overwrite, dry_run, progress, stream), settings)
 
@@ -318,15 +324,13 @@ def _write(
     writer = adapter_writer(where, overwrite=out.overwrite, name=result_format([a.format for a in adapters]))
     try:
         every: list[ModuleOp | CopyOp] = [*ops, *copies]
-        stats = engine_run(
-            every,
-            inputs,
-            writer,
-            compute=partial(factors, exact=exact, ranks=ranks, top=top, dtype=torch_dtype(dtype)),
-            device=settings.device,
-            progress=out.progress,
-        )
-        results = [i for i in stats.infos if isinstance(i, ModuleResult)]
+        compute = partial(factors, exact=exact, ranks=ranks, top=top, dtype=torch_dtype(dtype))
+        if settings.cluster == "ray":
+            stats = _on_ray(every, inputs, writer, compute, out.progress)
+        else:
+            stats = engine_run(every, inputs, writer, compute=compute, device=settings.device, progress=out.progress)
+        by_name = {i.name: i for i in stats.infos if isinstance(i, ModuleResult)}
+        results = [by_name[op.name] for op in ops]  # in the plan's order, wherever they were computed
         total = sum(r.energy for r in results)
         report = ResizeReport(
             str(where),
@@ -395,3 +399,16 @@ def _card(
     flags = [*weights, *method_flags(report.method), *([f"--base={given}"] if given is not None else [])]
     lines += made_by("lorasurgeon", command, *report.inputs, *flags, "-o", title)
     return model_card(kind="adapter", base=base, title=title, lines=lines)
+
+
+def _on_ray(every: list[ModuleOp | CopyOp], inputs: list[Readable], writer: Any, compute: Any, progress: Any) -> Any:
+    """--cluster ray: the second pass, one Ray task per decoder layer's modules (and one for the rest), each on as
+    many torch threads as this process has (the same factors, bit for bit); the tensors sent back and written here."""
+    import torch
+
+    from ...engine.cluster import groups_by, run_on_ray
+
+    layer = re.compile(r"\.(\d+)\.")
+    groups = groups_by(every, lambda op: f"layer {m.group(1)}" if (m := layer.search(op.name)) else "the rest")
+    stats, _ = run_on_ray(groups, inputs, writer, compute=compute, threads=torch.get_num_threads(), progress=progress)
+    return stats

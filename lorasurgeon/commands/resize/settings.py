@@ -10,6 +10,7 @@ from typing import Any
 
 from ...calibration import Calibration, calibration_of
 from ...consumers import Consumer, consumer
+from ...engine.devices import check_cluster
 from ...errors import InvalidOptionError
 from .._inputs import adapter_weights
 from ..sizing import SizedBy, Sizing
@@ -27,6 +28,7 @@ class ResizeSettings(SizedBy):
         allow_different_bases: combine adapters whose configs name different base models.
         device: where the QR and SVDs run.
         base: the base model a llama.cpp .gguf adapter among the inputs is read against (--base; None: none).
+        cluster: "ray": the modules' new factors computed by Ray tasks, a layer's modules each (engine.cluster).
     """
 
     sizing: Sizing
@@ -37,6 +39,7 @@ class ResizeSettings(SizedBy):
     device: str = "cpu"
     base: str | os.PathLike[str] | None = None
     calibration: Calibration | None = None  # --calibration (with --base): factors best on the samples
+    cluster: str | None = None  # "ray": the second pass's groups of modules (a layer each) as Ray tasks
 
     @classmethod
     def parse(
@@ -60,6 +63,7 @@ class ResizeSettings(SizedBy):
         calibration_split: str | None = None,
         calibration_column: str | None = None,
         calibration_model: str | None = None,
+        cluster: str | None = None,
     ) -> ResizeSettings:
         """Validated settings for ``adapters`` adapters (InvalidOptionError naming the option otherwise); the
         calibration's options only with ``calibration``, which needs ``base`` (the model run on the samples) and a
@@ -87,7 +91,8 @@ class ResizeSettings(SizedBy):
             raise InvalidOptionError(
                 "combine --calibration needs a target (--rank, --energy or --budget): the stacked factors are exact"
             )
-        return cls(sizing, chosen, combining, for_, allow_different_bases, device, base, cal)
+        check_cluster(cluster, device)
+        return cls(sizing, chosen, combining, for_, allow_different_bases, device, base, cal, cluster)
 
     @property
     def command(self) -> str:
