@@ -42,14 +42,27 @@ def test_layer_by_layer_moments_equal_a_whole_model_forward_with_hooks(tmp_path,
         ckpt.close()
 
 
-@pytest.mark.parametrize("config", ["llama tied", "gpt2"])
+def gemma2_config():
+    from transformers import Gemma2Config
+
+    return Gemma2Config(
+        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=32,
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["llama tied", "gpt2", "gemma2"])
 def test_layer_by_layer_output_gradients_equal_a_whole_model_backward_with_hooks(tmp_path, config):
     """fisher: the layers run back one at a time from the head give each module's E[g gᵀ] at its output, the
-    embedding's and the head's Fisher diagonal, as the model run whole with autograd does."""
-    cfg = mf.gpt2_config() if config == "gpt2" else mf.llama_config(tied=True, layers=3)
+    embedding's and the head's Fisher diagonal, as the model run whole with autograd does. Gemma's embedding scales
+    its rows by √hidden: a change of a row costs hidden times its output gradients' moment."""
+    configs = {"gpt2": mf.gpt2_config, "gemma2": gemma2_config}
+    cfg = configs.get(config, lambda: mf.llama_config(tied=True, layers=3))()
     model = mf.build_model(cfg, seed=0).eval()
     mf.save_model(model, tmp_path / "m")
     want, embedding, head = output_moments(model, [torch.tensor([s]) for s in SAMPLES], backward.SEED)
+    if config == "gemma2":
+        embedding = embedding * cfg.hidden_size  # (√hidden)²
     ckpt = open_checkpoint(tmp_path / "m")
     spool = SpoolWriter(tmp_path / "out", prefix="moments")
     try:

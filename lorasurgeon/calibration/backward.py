@@ -15,7 +15,8 @@ again, re-run on its kept inputs with autograd, and the carried gradient sent ba
 each linear module's output (float64). Memory: one layer, the samples' hidden states and their gradients; disk:
 the hidden states once per layer (float32, in the scratch spool, gone with it). A model without a head (nothing to
 differentiate) is measured on its inputs only (``layerwise.gather``). The gradient reaching layer 0's input is
-the embedding's output weight; the head's own is the diagonal of the Fisher of its logits, E[p(1 − p)] per token.
+the embedding's output weight (times c², where its output is c times its rows: Gemma's √hidden); the head's own is
+the diagonal of the Fisher of its logits, E[p(1 − p)] per token.
 """
 
 from __future__ import annotations
@@ -170,12 +171,27 @@ def backward_layers(
     return grads
 
 
-def spool_moment(out: SpoolWriter, key: str, grads: Sequence[torch.Tensor]) -> None:
-    """E[g gᵀ] over every position of ``grads`` (float64 sums, stored float32)."""
+def embedding_scale(model: Any, ids: torch.Tensor) -> float:
+    """c where the input embedding's output is c times its rows (Gemma's √hidden; 1 for most): a change of its
+    weight moves the output c times as far, so its cost is c² times the gradients' moment at its output. 1 where the
+    output is not a multiple of the rows."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    if embedding is None or getattr(embedding, "weight", None) is None:
+        return 1.0
+    with torch.no_grad():
+        got = embedding(ids).float()
+        rows = torch.nn.functional.embedding(ids, embedding.weight).float()
+    norm = float(rows.square().sum())
+    c = float((got * rows).sum()) / norm if norm else 1.0
+    return c if norm and torch.allclose(got, c * rows, rtol=1e-5, atol=1e-7) else 1.0
+
+
+def spool_moment(out: SpoolWriter, key: str, grads: Sequence[torch.Tensor], scale: float = 1.0) -> None:
+    """E[g gᵀ] over every position of ``grads`` (float64 sums, stored float32), times ``scale``²."""
     total, rows = None, 0
     for g in grads:
         flat = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
         total = flat.T @ flat if total is None else total.addmm_(flat.T, flat)
         rows += flat.shape[0]
     assert total is not None
-    out.write(key, (total / max(1, rows)).to(torch.float32).cpu())
+    out.write(key, (total * scale**2 / max(1, rows)).to(torch.float32).cpu())

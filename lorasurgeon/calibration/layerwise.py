@@ -236,7 +236,7 @@ def _run_back(
         _materialize(model, layer, tensors, dev)
 
     grads = backward.backward_layers(stack, stack_name, layers, put, calls, grads, out, outputs, done)
-    backward.spool_moment(out, backward.EMBEDDING, grads)
+    backward.spool_moment(out, backward.EMBEDDING, grads, backward.embedding_scale(model, ids[0]))
 
 
 def _inputs(module: Any) -> int:
