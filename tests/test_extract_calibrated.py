@@ -138,6 +138,10 @@ def test_without_the_backward_the_factors_are_the_input_whitened_optimum(tuned, 
     """Calibration(fisher=False): each module's error weighed by its inputs' moment alone (no backward run), as the
     method says."""
     from lorasurgeon.calibration import Calibration
+    from lorasurgeon.errors import InvalidOptionError
+
+    with pytest.raises(InvalidOptionError, match="fisher"):
+        Calibration(str(prompts(tuned)), fisher="no")  # type: ignore[arg-type]
 
     out = tmp_path / "inputs"
     calibration = Calibration(str(prompts(tuned)), fisher=False)

@@ -121,6 +121,8 @@ class Calibration:
         for flag, value in (("--calibration-samples", self.samples), ("--max-length", self.max_length)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise InvalidOptionError(f"{flag} must be a whole number of at least 1, not {value!r}")
+        if not isinstance(self.fisher, bool):
+            raise InvalidOptionError(f"Calibration(fisher=...) is True or False, not {self.fisher!r}")
         if self.model not in get_args(Whose):
             raise InvalidOptionError(f"--calibration-model {self.model!r}: choose {', '.join(get_args(Whose))}")
         object.__setattr__(self, "source", os.fspath(self.source))
