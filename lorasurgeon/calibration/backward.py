@@ -76,12 +76,9 @@ class _Outputs:
         return on_output
 
     def add(self, module: str, g: torch.Tensor) -> None:
-        flat = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
-        if module in self.sums:
-            self.sums[module].addmm_(flat.T, flat)
-        else:
-            self.sums[module] = flat.T @ flat
-        self.rows[module] = self.rows.get(module, 0) + flat.shape[0]
+        from .layerwise import add_gram
+
+        add_gram(self.sums, self.rows, module, g)
 
     def spool(self, out: SpoolWriter, keys: dict[str, str]) -> None:
         for module, total in self.sums.items():
@@ -94,23 +91,12 @@ def head_gradients(
     model: Any, stack: Any, ids: Sequence[torch.Tensor], hidden: Sequence[torch.Tensor], as_tuple: bool
 ) -> tuple[list[torch.Tensor], torch.Tensor]:
     """The loss gradient at the last layer's output, per sample, and the Fisher diagonal of the logits summed over
-    positions: the model run with every layer passing its input on and the last giving its recorded result, so
-    that the final norm and the head run as the model runs them."""
-    current: list[Any] = []
+    positions: the model run with its layers replaying their recorded results (``layerwise.replaying``)."""
+    from .layerwise import replaying
 
-    def through(*args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        return (h,) if as_tuple else h
-
-    def last(*args: Any, **kwargs: Any) -> Any:
-        return (current[0],) if as_tuple else current[0]
-
-    for layer in stack:
-        layer.forward = through
-    stack[-1].forward = last
     gen = torch.Generator(device=hidden[0].device).manual_seed(SEED)
     grads, fisher = [], None
-    try:
+    with replaying(stack, as_tuple) as current:
         for x, h in zip(ids, hidden, strict=True):
             h = h.detach().requires_grad_(True)
             current[:] = [h]
@@ -124,9 +110,6 @@ def head_gradients(
             fisher = part if fisher is None else fisher + part
             assert h.grad is not None
             grads.append(h.grad)
-    finally:
-        for layer in stack:
-            del layer.forward
     assert fisher is not None
     return grads, fisher
 
@@ -188,10 +171,10 @@ def embedding_scale(model: Any, ids: torch.Tensor) -> float:
 
 def spool_moment(out: SpoolWriter, key: str, grads: Sequence[torch.Tensor], scale: float = 1.0) -> None:
     """E[g gᵀ] over every position of ``grads`` (float64 sums, stored float32), times ``scale``²."""
-    total, rows = None, 0
+    from .layerwise import add_gram
+
+    sums: dict[str, torch.Tensor] = {}
+    rows: dict[str, int] = {}
     for g in grads:
-        flat = g.detach().reshape(-1, g.shape[-1]).to(torch.float64)
-        total = flat.T @ flat if total is None else total.addmm_(flat.T, flat)
-        rows += flat.shape[0]
-    assert total is not None
-    out.write(key, (total * scale**2 / max(1, rows)).to(torch.float32).cpu())
+        add_gram(sums, rows, key, g)
+    out.write(key, (sums[key] * scale**2 / max(1, rows[key])).to(torch.float32).cpu())

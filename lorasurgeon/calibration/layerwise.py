@@ -20,6 +20,7 @@ import ctypes
 import functools
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -88,12 +89,7 @@ class _Moments:
                 return
             self._seen[id(x)] = (module, x)
             self.same[module] = module
-            flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-            if module in self.sums:
-                self.sums[module].addmm_(flat.T, flat)
-            else:
-                self.sums[module] = flat.T @ flat
-            self.rows[module] = self.rows.get(module, 0) + flat.shape[0]
+            add_gram(self.sums, self.rows, module, x)
 
         return record
 
@@ -107,6 +103,40 @@ class _Moments:
         for module, owner in self.same.items():
             moments[module] = owner
         self.sums.clear()
+
+
+def add_gram(sums: dict[str, torch.Tensor], rows: dict[str, int], key: str, x: torch.Tensor) -> None:
+    """Σ xᵀx of ``x``'s rows (its last dimension the features) added to ``sums[key]`` in float64, the rows counted."""
+    flat = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+    if key in sums:
+        sums[key].addmm_(flat.T, flat)
+    else:
+        sums[key] = flat.T @ flat
+    rows[key] = rows.get(key, 0) + flat.shape[0]
+
+
+@contextmanager
+def replaying(stack: Any, as_tuple: bool) -> Iterator[list[Any]]:
+    """The model's layers replaced while it runs again: each passing its input on, the last giving what the
+    yielded list holds (a sample's recorded result), so that what follows the layers (the final norm, the head)
+    runs as the model runs it."""
+    current: list[Any] = []
+
+    def through(*args: Any, **kwargs: Any) -> Any:
+        h = args[0] if args else kwargs["hidden_states"]
+        return (h,) if as_tuple else h
+
+    def last(*args: Any, **kwargs: Any) -> Any:
+        return (current[0],) if as_tuple else current[0]
+
+    for layer in stack:
+        layer.forward = through
+    stack[-1].forward = last
+    try:
+        yield current
+    finally:
+        for layer in stack:
+            del layer.forward
 
 
 def linear_modules(root: Any, prefix: str) -> Iterator[tuple[str, Any]]:
@@ -405,35 +435,20 @@ def _run_head(
     out: SpoolWriter,
     moments: dict[str, str],
 ) -> None:
-    """The head's input measured: the model run again with every layer replaced, the last by its recorded result
-    for the sample, the others by passing their input on, so that what follows the layers (the final norm) runs
-    as the model runs it."""
+    """The head's input measured: the model run again with its layers replaying their recorded results."""
     head = names.head.rpartition(".")[0] if names.head else None
     if head is None or not isinstance(model.get_submodule(head), torch.nn.Linear):
         return
-    current: list[Any] = []
-
-    def through(*args: Any, **kwargs: Any) -> Any:
-        h = args[0] if args else kwargs["hidden_states"]
-        return (h,) if as_tuple else h
-
-    def last(*args: Any, **kwargs: Any) -> Any:
-        return (current[0],) if as_tuple else current[0]
-
-    for layer in stack:
-        layer.forward = through
-    stack[-1].forward = last
     sums = _Moments("")
     hook = model.get_submodule(head).register_forward_hook(sums.hook(head))
     try:
-        for x, h in zip(ids, hidden, strict=True):
-            current[:] = [h]
-            sums.next_call()
-            model(input_ids=x, use_cache=False)
+        with replaying(stack, as_tuple) as current:
+            for x, h in zip(ids, hidden, strict=True):
+                current[:] = [h]
+                sums.next_call()
+                model(input_ids=x, use_cache=False)
     finally:
         hook.remove()
-        for layer in stack:
-            del layer.forward
     sums.spool(out, moments)
 
 
